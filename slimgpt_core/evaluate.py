@@ -1,0 +1,59 @@
+"""Perplexity on non-overlapping windows of a token stream (SparseGPT/SlimGPT protocol)."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import PruningCancelled, SlimGPTError, out_of_memory_message
+
+
+@dataclass
+class PerplexityResult:
+    dataset: str
+    seqlen: int
+    windows: int
+    tokens: int
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    ppl: float
+    seconds: float
+
+
+def perplexity(model, tokens: torch.Tensor, seqlen: int = 128, batch_size: int = 8, max_windows: int | None = None,
+               device: torch.device | str = "cpu", dataset: str = "", progress: Callable[[int, int], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> PerplexityResult:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if seqlen < 2:
+        raise SlimGPTError(f"evaluation length must be >= 2, got {seqlen}")
+    if limit and seqlen > limit:
+        raise SlimGPTError(f"evaluation length {seqlen} exceeds the model's context of {limit} tokens")
+    n_windows = tokens.numel() // seqlen
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows == 0:
+        raise SlimGPTError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    windows = tokens[: n_windows * seqlen].view(n_windows, seqlen)
+    t0 = time.perf_counter()
+    nll_sum, count = 0.0, 0
+    model_device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for s in range(0, n_windows, batch_size):
+                if should_stop is not None and should_stop():
+                    raise PruningCancelled("evaluation was cancelled")
+                ids = windows[s:s + batch_size].to(model_device)
+                logits = model(ids, use_cache=False).logits.float()
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                       reduction="sum")
+                nll_sum += float(loss)
+                count += ids[:, 1:].numel()
+                if progress is not None:
+                    progress(min(s + batch_size, n_windows), n_windows)
+    except torch.cuda.OutOfMemoryError:
+        raise SlimGPTError(out_of_memory_message("evaluating perplexity", str(device))) from None
+    nll = nll_sum / count
+    return PerplexityResult(dataset, seqlen, n_windows, count, nll, math.exp(nll), time.perf_counter() - t0)

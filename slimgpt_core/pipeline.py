@@ -1,0 +1,320 @@
+"""The sequential layer-wise driver (SPEC §2.4): hooks, forward passes, events. Math lives in obs.py."""
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from . import obs
+from .errors import PruningCancelled, SlimGPTError, out_of_memory_message
+from .events import Callback, FFNScores, HeadImportance, LayerDone, ModuleMeasured, Progress, PruneReport
+from .schedule import SCHEDULES, check_ratio, custom_ratios, layer_ratios, units_to_remove
+from .surgery import count_parameters, keep_channels, keep_kv_groups, layer_shape, update_config
+
+
+@dataclass
+class PruneSettings:
+    ratio: float = 0.2
+    schedule: str = "log"  # log | linear | uniform
+    shape: float = 4.0  # last/first layer ratio for log and linear
+    head_ratio: float | None = None  # mean ratio for heads only (default: ratio)
+    ffn_ratio: float | None = None  # mean ratio for FFN channels only (default: ratio)
+    head_ratios: list[float] | None = None  # custom per-layer ratios (override the schedule)
+    ffn_ratios: list[float] | None = None
+    keep_heads: list[int] | None = None  # custom per-layer query heads to keep (override ratios)
+    keep_ffn: list[int] | None = None  # custom per-layer FFN channels to keep
+    damp: float = 0.01
+    head_error: str = "exact"  # exact | approx (authors' code)
+    ffn_group_floor: int = 64
+    ffn_group_ceiling: int = 1024
+    sequential: bool = True  # False: every layer calibrated on the dense model's inputs
+    batch_size: int = 8
+    device: str = "auto"
+
+
+def _validate(settings: PruneSettings) -> None:
+    check_ratio(settings.ratio)
+    for name in ("head_ratio", "ffn_ratio"):
+        if getattr(settings, name) is not None:
+            check_ratio(getattr(settings, name), name.replace("_", " "))
+    if settings.schedule not in SCHEDULES:
+        raise SlimGPTError(f"unknown schedule {settings.schedule!r} (choose from {', '.join(SCHEDULES)})")
+    if not settings.damp >= 0:
+        raise SlimGPTError(f"damping must be >= 0, got {settings.damp}")
+    if settings.head_error not in ("exact", "approx"):
+        raise SlimGPTError(f"head error must be 'exact' or 'approx', got {settings.head_error!r}")
+    if settings.batch_size < 1:
+        raise SlimGPTError(f"batch size must be >= 1, got {settings.batch_size}")
+    obs.dynamic_group_sizes(0, settings.ffn_group_floor, settings.ffn_group_ceiling)
+
+
+def plan_removals(model, settings: PruneSettings) -> tuple[list[float], list[float], list[int], list[int]]:
+    """Per-layer ratios and how many KV groups / channels each layer loses. Validates against the model."""
+    _validate(settings)
+    layers = model.model.layers
+    n = len(layers)
+    head_r = custom_ratios(settings.head_ratios, n) if settings.head_ratios is not None else layer_ratios(
+        n, settings.head_ratio if settings.head_ratio is not None else settings.ratio, settings.schedule, settings.shape)
+    ffn_r = custom_ratios(settings.ffn_ratios, n) if settings.ffn_ratios is not None else layer_ratios(
+        n, settings.ffn_ratio if settings.ffn_ratio is not None else settings.ratio, settings.schedule, settings.shape)
+    head_rm, ffn_rm = [], []
+    for i, layer in enumerate(layers):
+        q, kv, f = layer_shape(layer)
+        rep = q // kv
+        if settings.keep_heads is not None:
+            if len(settings.keep_heads) != n:
+                raise SlimGPTError(f"keep_heads has {len(settings.keep_heads)} entries but the model has {n} layers")
+            keep = settings.keep_heads[i]
+            if not 1 <= keep <= q:
+                raise SlimGPTError(f"layer {i} has {q} query heads: cannot keep {keep} (keep between 1 and {q})")
+            if keep % rep:
+                raise SlimGPTError(f"layer {i}: cannot keep {keep} query heads: under GQA heads go in groups of "
+                                   f"{rep} sharing one KV head, so keep a multiple of {rep}")
+            head_rm.append(kv - keep // rep)
+            head_r[i] = 1 - keep / q
+        else:
+            head_rm.append(units_to_remove(kv, head_r[i]))
+        if settings.keep_ffn is not None:
+            if len(settings.keep_ffn) != n:
+                raise SlimGPTError(f"keep_ffn has {len(settings.keep_ffn)} entries but the model has {n} layers")
+            keep = settings.keep_ffn[i]
+            if not 1 <= keep <= f:
+                raise SlimGPTError(f"layer {i} has {f} FFN channels: cannot keep {keep}")
+            ffn_rm.append(f - keep)
+            ffn_r[i] = 1 - keep / f
+        else:
+            ffn_rm.append(units_to_remove(f, ffn_r[i]))
+    return head_r, ffn_r, head_rm, ffn_rm
+
+
+class _StopForward(Exception):
+    """Raised in a hook once the needed inputs are captured, to skip the rest of the forward."""
+
+
+def _to(obj, device):
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    return obj
+
+
+def capture_layer_inputs(model, tokens: torch.Tensor, batch_size: int, device: torch.device):
+    """Hidden states entering layer 0 for every calibration sample, and the layer's other kwargs.
+
+    Uses a forward pre-hook with kwargs (transformers 5 passes position_embeddings etc. as kwargs).
+    Kwargs come from a batch of one so that they broadcast over any batch size; caches are dropped."""
+    layer0 = model.model.layers[0]
+    embed_device = model.get_input_embeddings().weight.device
+    captured: dict = {}
+    chunks: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if not captured:
+            captured.update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values",
+                                                                          "past_key_value", "use_cache")})
+        else:
+            chunks.append(hidden.detach().to(device))
+        raise _StopForward
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for start in [-1] + list(range(0, tokens.shape[0], batch_size)):
+                ids = tokens[:1] if start < 0 else tokens[start:start + batch_size]
+                try:
+                    model(ids.to(embed_device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return torch.cat(chunks), _to(captured, device)
+
+
+def run_layer(layer, x: torch.Tensor, kwargs: dict, batch_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    out = torch.empty_like(x) if out is None else out
+    with torch.no_grad():
+        for s in range(0, x.shape[0], batch_size):
+            y = layer(x[s:s + batch_size], **kwargs)
+            out[s:s + batch_size] = y[0] if isinstance(y, tuple) else y
+    return out
+
+
+def collect_hessian(layer, linear: torch.nn.Linear, x: torch.Tensor, kwargs: dict, batch_size: int) -> torch.Tensor:
+    """H = 2XXᵀ/N of `linear`'s inputs when `layer` runs on x; the forward stops at `linear`."""
+    acc = obs.HessianAccumulator(linear.in_features, device=linear.weight.device)
+
+    def hook(module, args):
+        acc.add_batch(args[0])
+        raise _StopForward
+
+    handle = linear.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for s in range(0, x.shape[0], batch_size):
+                try:
+                    layer(x[s:s + batch_size], **kwargs)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return acc.H
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+def _ffn_summary(layer_idx: int, scores: Sequence[float], n_removed: int, steps: list[int]) -> FFNScores:
+    s = torch.tensor(scores, dtype=torch.float64)
+    s = s[torch.isfinite(s)].clamp_min(1e-30).log10()
+    qs = {f"q{int(q * 100)}": float(torch.quantile(s, q)) for q in (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)}
+    lo, hi = float(s.min()), float(s.max())
+    hi = hi if hi > lo else lo + 1e-6
+    counts = torch.histc(s, bins=20, min=lo, max=hi)
+    edges = torch.linspace(lo, hi, 21)
+    return FFNScores(layer_idx, len(scores), n_removed, qs, [int(c) for c in counts], edges.tolist(), steps)
+
+
+def prune_model(model, tokens: torch.Tensor, settings: PruneSettings, callback: Callback | None = None,
+                should_stop: Callable[[], bool] | None = None, model_name: str = "") -> PruneReport:
+    """Prune `model` in place with SlimGPT on calibration `tokens` [N, seqlen]; return the report.
+
+    The model may live on the CPU: each decoder layer is moved to the compute device in turn."""
+    from .models import resolve_device
+
+    device = resolve_device(settings.device)
+    head_r, ffn_r, head_rm, ffn_rm = plan_removals(model, settings)
+    layers = model.model.layers
+    n = len(layers)
+    t_start = time.perf_counter()
+    report = PruneReport(model_name, asdict(settings), head_r, ffn_r, count_parameters(model), 0,
+                         count_parameters(layers), 0, device=str(device))
+
+    def emit(event) -> None:
+        report.add(event)
+        if callback is not None:
+            callback(event)
+    phase_t = report.phase_seconds
+
+    def phase(layer_idx: int, name: str) -> float:
+        if should_stop is not None and should_stop():
+            raise PruningCancelled()
+        emit(Progress(layer_idx, n, name, time.perf_counter() - t_start))
+        return time.perf_counter()
+
+    def done(name: str, t0: float) -> None:
+        phase_t[name] = phase_t.get(name, 0.0) + time.perf_counter() - t0
+
+    try:
+        t0 = phase(0, "capture")
+        dense_in, kwargs = capture_layer_inputs(model, tokens, settings.batch_size, device)
+        pruned_in = dense_in.clone()
+        dense_out, pruned_out = torch.empty_like(dense_in), torch.empty_like(dense_in)
+        done("capture", t0)
+        for i in range(n):
+            t_layer = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            home = next(layers[i].parameters()).device
+            layer = layers[i].to(device)
+            t0 = phase(i, "dense")
+            run_layer(layer, dense_in, kwargs, settings.batch_size, dense_out)  # the dense model's reference
+            done("dense", t0)
+            calib_in = pruned_in if settings.sequential else dense_in
+            _prune_attention(layer, i, calib_in, kwargs, settings, head_r[i], head_rm[i], emit, phase, done)
+            _prune_mlp(layer, i, calib_in, kwargs, settings, ffn_r[i], ffn_rm[i], emit, phase, done)
+            t0 = phase(i, "outputs")
+            run_layer(layer, pruned_in, kwargs, settings.batch_size, pruned_out)
+            done("outputs", t0)
+            acc = float((pruned_out - dense_out).float().norm() / dense_out.float().norm().clamp_min(1e-30))
+            layers[i] = layer.to(home)
+            q, kv, f = layer_shape(layer)
+            emit(LayerDone(i, q, kv, f, acc, time.perf_counter() - t_layer, _peak_memory_mb(device)))
+            dense_in, dense_out = dense_out, dense_in
+            pruned_in, pruned_out = pruned_out, pruned_in
+    except torch.cuda.OutOfMemoryError:
+        raise SlimGPTError(out_of_memory_message("pruning", str(device))) from None
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc).lower():
+            raise SlimGPTError(out_of_memory_message("pruning", str(device))) from None
+        raise
+    update_config(model)
+    model.config.slimgpt = {"source_model": model_name, "method": "slimgpt", **asdict(settings),
+                            "head_ratios": head_r, "ffn_ratios": ffn_r}
+    report.params_after = count_parameters(model)
+    report.layer_params_after = count_parameters(layers)
+    report.total_seconds = time.perf_counter() - t_start
+    report.peak_memory_mb = _peak_memory_mb(device)
+    emit(Progress(n - 1, n, "done", report.total_seconds))
+    return report
+
+
+def _prune_attention(layer, i, x, kwargs, settings, ratio, n_remove, emit, phase, done):
+    attn = layer.self_attn
+    t0 = phase(i, "attn-stats")
+    H = collect_hessian(layer, attn.o_proj, x, kwargs, settings.batch_size)
+    done("attn-stats", t0)
+    t0 = phase(i, "attn-prune")
+    rep = attn.num_key_value_groups
+    n_units = attn.k_proj.out_features // attn.head_dim
+    w0 = attn.o_proj.weight.data.float()
+    res = obs.prune_head_groups(w0, H, attn.head_dim * rep, n_remove, settings.damp, settings.head_error)
+    attn.o_proj.weight.data = res.weight.to(attn.o_proj.weight.dtype)
+    denom = obs.quadratic_error(w0, H)
+    rel = obs.relative_error(w0, res.weight, H)
+    keep_kv_groups(layer, sorted(set(range(n_units)) - set(res.removed)))
+    done("attn-prune", t0)
+    emit(HeadImportance(i, res.first_scores, res.removed, rep))
+    emit(ModuleMeasured(i, "attn", n_units, n_remove, ratio, rel, res.predicted_error / denom if denom else 0.0,
+                        res.damping, time.perf_counter() - t0))
+
+
+def _prune_mlp(layer, i, x, kwargs, settings, ratio, n_remove, emit, phase, done):
+    mlp = layer.mlp
+    t0 = phase(i, "mlp-stats")
+    H = collect_hessian(layer, mlp.down_proj, x, kwargs, settings.batch_size)
+    done("mlp-stats", t0)
+    t0 = phase(i, "mlp-prune")
+    n_ch = mlp.down_proj.in_features
+    w0 = mlp.down_proj.weight.data.float()
+    res = obs.prune_channels(w0, H, n_remove, settings.damp, settings.ffn_group_floor, settings.ffn_group_ceiling)
+    mlp.down_proj.weight.data = res.weight.to(mlp.down_proj.weight.dtype)
+    denom = obs.quadratic_error(w0, H)
+    rel = obs.relative_error(w0, res.weight, H)
+    keep_channels(layer, sorted(set(range(n_ch)) - set(res.removed)))
+    done("mlp-prune", t0)
+    emit(_ffn_summary(i, res.first_scores, n_remove, res.steps))
+    emit(ModuleMeasured(i, "mlp", n_ch, n_remove, ratio, rel, res.predicted_error / denom if denom else 0.0,
+                        res.damping, time.perf_counter() - t0))
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(model, nsamples: int, seqlen: int, device: torch.device) -> None:
+    """Refuse before starting when the four calibration activation buffers cannot fit."""
+    dtype_bytes = next(model.parameters()).element_size()
+    need = 4 * nsamples * seqlen * model.config.hidden_size * dtype_bytes
+    have = available_memory_bytes(device)
+    if have is not None and need > 0.9 * have:
+        raise SlimGPTError(
+            f"calibration activations need {need / 2**30:.1f} GiB but {device} has {have / 2**30:.1f} GiB free: "
+            + out_of_memory_message("pruning", str(device)).split(": ", 1)[1])

@@ -87,6 +87,8 @@ def documents(source: str, split: str = "train") -> tuple[Iterator[str], str]:
         if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
             raise SlimGPTError(f"{source} ({split}) is not in the offline assets and the hub is switched off "
                                f"(HF_HUB_OFFLINE): set {assets.ENV_VAR} or pass a local .txt/.jsonl file")
+        from .models import require_hub
+        require_hub(f"dataset {source} ({split})")
         return _hub_documents(source, split), f"hub:{source}:{split}"
     path = Path(source).expanduser()
     if not path.exists():

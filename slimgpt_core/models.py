@@ -56,6 +56,34 @@ def hub_error(what: str, exc: Exception) -> SlimGPTError:
     )
 
 
+_HUB_REACHABLE: bool | None = None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub, so that an offline machine hears so in seconds, not after retries."""
+    global _HUB_REACHABLE
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    if _HUB_REACHABLE is None:
+        import socket
+        from urllib.parse import urlparse
+
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            _HUB_REACHABLE = True
+        except OSError:
+            _HUB_REACHABLE = False
+    return _HUB_REACHABLE
+
+
+def require_hub(what: str) -> None:
+    if not hub_reachable():
+        raise SlimGPTError(
+            f"cannot get {what}: the Hugging Face hub is not reachable (offline); give a local folder or "
+            f".gguf file, or set {assets.ENV_VAR} to the offline asset folder")
+
+
 def _resolve_alias(name: str) -> str:
     if name in ("smollm2", "default"):
         path = assets.smollm2_gguf()
@@ -139,6 +167,7 @@ def load_config(name: str):
         return AutoConfig.from_pretrained(path), str(path)
     if _looks_like_path(src):
         raise SlimGPTError(f"model not found: {name} (no such file or folder)")
+    require_hub(f"model {name}")
     try:
         return AutoConfig.from_pretrained(src), src
     except (OSError, ValueError) as exc:

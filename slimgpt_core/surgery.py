@@ -84,7 +84,9 @@ def update_config(model) -> None:
     config = model.config
     config.head_dim = head_dim(config)
     lists = describe_layers(model)
-    if all(len(set(v)) == 1 for v in lists.values()):
+    uniform = all(len(set(v)) == 1 for v in lists.values())
+    # stock configs insist that hidden_size is a multiple of the head count, even with an explicit head_dim
+    if uniform and config.hidden_size % lists["layer_num_attention_heads"][0] == 0:
         config.num_attention_heads = lists["layer_num_attention_heads"][0]
         config.num_key_value_heads = lists["layer_num_key_value_heads"][0]
         config.intermediate_size = lists["layer_intermediate_size"][0]

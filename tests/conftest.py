@@ -42,3 +42,12 @@ def assets_root():
     root = asset_root(required=True)
     assert (root / "models" / "stories260k" / "model.safetensors").exists()
     return root
+
+
+@pytest.fixture(autouse=True)
+def _transformers_logs_through_pytest():
+    """transformers binds its log handler to the stderr of the moment; capsys swaps stderr between tests."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    yield

@@ -13,7 +13,10 @@ import torch
 
 from . import assets
 from .errors import SlimGPTError
-from .surgery import SUPPORTED_ARCHITECTURES, apply_layer_shapes, is_heterogeneous
+from .modeling_slimgpt import CLASSES, register_auto_classes
+from .surgery import SUPPORTED_ARCHITECTURES, base_model_type, is_heterogeneous
+
+register_auto_classes()
 
 ALIASES = {"smollm2": "SmolLM2-135M-Instruct (offline GGUF)", "default": "the offline default (SmolLM2)",
            "stories260k": "stories260k (offline)"}
@@ -146,7 +149,7 @@ def gguf_to_folder(gguf: Path) -> Path:
 
 
 def _check_architecture(config, name: str) -> None:
-    mt = getattr(config, "model_type", None)
+    mt = base_model_type(config)
     if mt not in SUPPORTED_ARCHITECTURES:
         raise SlimGPTError(f"unsupported architecture: {mt} in {name} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
 
@@ -196,12 +199,20 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     config, where = load_config(name)
     _check_architecture(config, name)
     try:
-        if is_heterogeneous(config):
-            model = _load_heterogeneous(Path(where), config, torch_dtype)
+        # our own heterogeneous runs resolve to the registered SlimGPT classes: no remote code runs
+        if is_heterogeneous(config) and not config.model_type.startswith("slimgpt_"):
+            # an early run layout: stock model_type with per-layer lists
+            config_cls, model_cls = CLASSES[config.model_type]
+            d = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
+            model = model_cls.from_pretrained(where, config=config_cls(**d), dtype=torch_dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(where)
     except SlimGPTError:
+        raise
+    except RuntimeError as exc:
+        if "mismatch" in str(exc):
+            raise SlimGPTError(f"the weights in {where} do not match the shapes its config.json describes") from None
         raise
     except OSError as exc:
         if Path(where).is_dir():
@@ -212,29 +223,6 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     model.eval()
     model.config.use_cache = False
     return LoadedModel(model, tokenizer, name, where)
-
-
-def _load_heterogeneous(folder: Path, config, dtype: torch.dtype):
-    """A pruned run: build the stock model, give each layer its pruned shape, load the safetensors."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    apply_layer_shapes(model, config)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise SlimGPTError(f"no .safetensors weights in {folder}")
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise SlimGPTError(f"weights in {folder} do not match its config: missing {sorted(set(missing) - tied)[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]}")
-    if tied:
-        model.tie_weights()
-    return model.to(dtype)
 
 
 def read_json(path: Path) -> dict:

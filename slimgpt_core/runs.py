@@ -1,15 +1,16 @@
-"""A pruning run on disk: the pruned model (safetensors + config with per-layer shapes), tokenizer, report.json.
+"""Folders written all at once: into a temporary sibling, renamed into place at the end.
 
-Written into a temporary folder beside `out` and renamed at the end, so a failure leaves nothing."""
+A failure or interruption midway leaves neither a half-written folder nor the temporary one."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from .errors import SlimGPTError
-from .events import PruneReport
 
 
 def check_output_folder(out: str | Path, overwrite: bool = False) -> Path:
@@ -26,18 +27,42 @@ def check_output_folder(out: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
-def save_run(model, tokenizer, report: PruneReport, out: str | Path, overwrite: bool = False) -> Path:
+@contextlib.contextmanager
+def atomic_folder(out: str | Path, overwrite: bool = False):
+    """Yield a temporary folder; on success it replaces `out`, on any error it is removed."""
     out = check_output_folder(out, overwrite)
     tmp = Path(tempfile.mkdtemp(dir=out.resolve().parent, prefix=f".{out.name}.tmp-"))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        report.save(tmp / "report.json")
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except OSError as exc:
-        raise SlimGPTError(f"could not write the run to {out}: {exc.strerror or exc} (disk full?); nothing was kept") from None
+        hint = " (disk full)" if exc.errno == errno.ENOSPC else ""
+        raise SlimGPTError(f"could not write {out}: {exc.strerror or exc}{hint}; nothing was kept") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_zip(folder: Path, zip_path: Path) -> Path:
+    """Zip `folder` into `zip_path` via a temporary file."""
+    zip_path = Path(zip_path)
+    tmp_base = zip_path.parent / f".{zip_path.stem}.tmp-{os.getpid()}"
+    try:
+        made = Path(shutil.make_archive(str(tmp_base), "zip", root_dir=folder))
+        os.replace(made, zip_path)
+    except OSError as exc:
+        Path(str(tmp_base) + ".zip").unlink(missing_ok=True)
+        raise SlimGPTError(f"could not write {zip_path}: {exc.strerror or exc}") from None
+    return zip_path
+
+
+def save_run(model, tokenizer, report, out: str | Path, overwrite: bool = False) -> Path:
+    """A pruning run: the checkpoint (see export.write_checkpoint) plus report.json."""
+    from .export import write_checkpoint
+
+    out = Path(out)
+    with atomic_folder(out, overwrite) as tmp:
+        write_checkpoint(model, tokenizer, tmp, report=report)
+        report.save(tmp / "report.json")
     return out

@@ -1,0 +1,144 @@
+"""Decoder LMs whose layers have different head counts and FFN widths, as SlimGPT Studio writes them.
+
+Self-contained (torch + transformers only): exported checkpoints ship this file as `modeling_slimgpt.py`
+and load with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`. Inside the project the
+classes are registered with the Auto classes, so our own runs load without remote code.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+LAYER_KEYS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size")
+
+
+def sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    """A new Linear holding only the given output rows / input columns of `linear`."""
+    w = linear.weight.data
+    if rows is not None:
+        w = w[rows]
+    if cols is not None:
+        w = w[:, cols]
+    new = nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+    new.weight.data = w.contiguous()
+    if linear.bias is not None:
+        new.bias.data = (linear.bias.data[rows] if rows is not None else linear.bias.data).contiguous()
+    return new
+
+
+def _unit_rows(units, size: int, device) -> torch.Tensor:
+    if not len(units):
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat([torch.arange(u * size, (u + 1) * size, device=device) for u in units])
+
+
+def keep_kv_groups(layer, keep) -> None:
+    """Keep only these KV groups (one k/v head and its query heads each; under MHA a group is one head)."""
+    attn = layer.self_attn
+    d, rep = attn.head_dim, attn.num_key_value_groups
+    dev = attn.q_proj.weight.device
+    q_rows, kv_rows = _unit_rows(keep, d * rep, dev), _unit_rows(keep, d, dev)
+    attn.q_proj = sliced_linear(attn.q_proj, rows=q_rows)
+    attn.k_proj = sliced_linear(attn.k_proj, rows=kv_rows)
+    attn.v_proj = sliced_linear(attn.v_proj, rows=kv_rows)
+    attn.o_proj = sliced_linear(attn.o_proj, cols=q_rows)
+
+
+def keep_channels(layer, keep) -> None:
+    mlp = layer.mlp
+    idx = torch.as_tensor(list(keep), dtype=torch.long, device=mlp.down_proj.weight.device)
+    mlp.gate_proj = sliced_linear(mlp.gate_proj, rows=idx)
+    mlp.up_proj = sliced_linear(mlp.up_proj, rows=idx)
+    mlp.down_proj = sliced_linear(mlp.down_proj, cols=idx)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(idx)
+
+
+def layer_shape(layer) -> tuple[int, int, int]:
+    """(query heads, KV heads, FFN channels) as the layer's weights say."""
+    attn = layer.self_attn
+    return (attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim,
+            layer.mlp.down_proj.in_features)
+
+
+def resize_layer(layer, n_heads: int, n_kv: int, d_ff: int) -> None:
+    """Give a freshly built layer a pruned shape (its weights are loaded afterwards)."""
+    q0, kv0, f0 = layer_shape(layer)
+    if (n_heads, n_kv, d_ff) == (q0, kv0, f0):
+        return
+    if n_heads * kv0 != n_kv * q0 or not (1 <= n_kv <= kv0 and 1 <= d_ff <= f0):
+        raise ValueError(f"layer shape {n_heads} heads / {n_kv} KV heads / {d_ff} channels does not fit {q0}/{kv0}/{f0}")
+    keep_kv_groups(layer, list(range(n_kv)))
+    keep_channels(layer, list(range(d_ff)))
+
+
+def _shrink_layers(model) -> None:
+    config = model.config
+    lists = [getattr(config, key) for key in LAYER_KEYS]
+    for i, layer in enumerate(model.model.layers):
+        resize_layer(layer, lists[0][i], lists[1][i], lists[2][i])
+
+
+class SlimGPTLlamaConfig(LlamaConfig):
+    model_type = "slimgpt_llama"
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
+
+
+class SlimGPTMistralConfig(MistralConfig):
+    model_type = "slimgpt_mistral"
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
+
+
+class SlimGPTQwen2Config(Qwen2Config):
+    model_type = "slimgpt_qwen2"
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
+
+
+class SlimGPTLlamaForCausalLM(LlamaForCausalLM):
+    config_class = SlimGPTLlamaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _shrink_layers(self)
+
+
+class SlimGPTMistralForCausalLM(MistralForCausalLM):
+    config_class = SlimGPTMistralConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _shrink_layers(self)
+
+
+class SlimGPTQwen2ForCausalLM(Qwen2ForCausalLM):
+    config_class = SlimGPTQwen2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        _shrink_layers(self)
+
+
+# base model_type -> (config class, model class)
+CLASSES = {"llama": (SlimGPTLlamaConfig, SlimGPTLlamaForCausalLM),
+           "mistral": (SlimGPTMistralConfig, SlimGPTMistralForCausalLM),
+           "qwen2": (SlimGPTQwen2Config, SlimGPTQwen2ForCausalLM)}
+
+
+def register_auto_classes() -> None:
+    """Let AutoConfig / AutoModelForCausalLM load our checkpoints in-process without remote code."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for config_cls, model_cls in CLASSES.values():
+        try:
+            AutoConfig.register(config_cls.model_type, config_cls)
+            AutoModelForCausalLM.register(config_cls, model_cls)
+        except ValueError:  # already registered
+            pass

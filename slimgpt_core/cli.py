@@ -89,13 +89,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    e = sub.add_parser("eval", help="perplexity of a model (dense or pruned)")
+    e = sub.add_parser("eval", help="perplexity, zero-shot tasks and speed of a model (dense or pruned)")
     _common(e)
-    e.add_argument("--ppl", default="wikitext2", help="wikitext2, tinystories, c4, or a local .txt/.jsonl file")
-    e.add_argument("--seqlen", type=_positive, default=128, help="window length")
-    e.add_argument("--max-windows", type=_positive, help="at most this many windows (default: all)")
+    e.add_argument("--ppl", help="perplexity text: wikitext2, tinystories, c4, or a local .txt/.jsonl file "
+                                 "(default wikitext2 when neither --tasks nor --speed is given)")
+    e.add_argument("--seqlen", type=_positive, default=128, help="perplexity window length")
+    e.add_argument("--max-windows", type=_positive, help="at most this many perplexity windows (default: all)")
+    e.add_argument("--tasks", help="zero-shot tasks, comma separated: boolq,piqa,hellaswag,winogrande,arc_easy,"
+                                   "arc_challenge,openbookqa")
+    e.add_argument("--limit", type=_positive, help="at most this many documents per task")
+    e.add_argument("--speed", action="store_true", help="measure prefill latency and decode tokens/s")
+    e.add_argument("--speed-batches", type=_ints, default=[1, 8], help="batch sizes for --speed")
+    e.add_argument("--speed-lengths", type=_ints, default=[128, 512], help="prompt lengths for --speed")
+    e.add_argument("--new-tokens", type=_positive, default=32, help="tokens generated per point for --speed")
+    e.add_argument("--baseline", help="also evaluate this model (e.g. the dense source) the same way, side by side")
+    e.add_argument("--no-cache", action="store_true", help="recompute instead of reusing cached results")
     e.add_argument("--json", help="write the results here as JSON")
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    x = sub.add_parser("export", help="write a checkpoint that transformers loads (and optionally a zip)")
+    x.add_argument("--model", required=True, help="a pruned run folder or any model")
+    x.add_argument("--out", required=True, help="checkpoint folder to write (must not exist)")
+    x.add_argument("--zip", action="store_true", help="also write OUT.zip")
+    x.add_argument("--dtype", default="auto", help="weights' dtype: auto (as stored), float32, float16, bfloat16")
+    x.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    c = sub.add_parser("cache", help="show or clear cache/")
+    c.add_argument("action", choices=["info", "clear"])
+    c.add_argument("--kind", choices=["models", "tokens", "stats", "results"], help="only this part of the cache")
     return parser
 
 
@@ -121,22 +142,24 @@ class _TerminalProgress:
             self.bar.close()
 
 
-def _ppl(model, tokenizer, source, seqlen, windows, batch, device, quiet, label):
+def _bar(quiet: bool, desc: str, unit: str):
     from tqdm import tqdm
-    from .data import evaluation_tokens
-    from .evaluate import perplexity
+    bar = None if quiet else tqdm(desc=desc, unit=unit, file=sys.stderr)
 
-    tokens = evaluation_tokens(tokenizer, source)
-    bar = None if quiet else tqdm(desc=f"ppl {label}", unit="window", file=sys.stderr)
-
-    def progress(done, total):
+    def update(done, total, *_):
         if bar is not None:
             bar.total = total
             bar.n = done
             bar.refresh()
+    return bar, update
 
+
+def _ppl(model, tokenizer, source, seqlen, windows, batch, device, quiet, label, use_cache=True):
+    from .evaluate import cached_perplexity
+
+    bar, update = _bar(quiet, f"ppl {label}".strip(), "window")
     try:
-        return perplexity(model, tokens, seqlen, batch, windows, device, source, progress)
+        return cached_perplexity(model, tokenizer, source, seqlen, batch, windows, device, update, use_cache=use_cache)
     finally:
         if bar is not None:
             bar.close()
@@ -194,30 +217,97 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from .models import load_model, resolve_device
+def _evaluate_one(name, args, device) -> dict:
+    from .models import load_model
+    from .speed import measure_speed
+    from .zeroshot import zero_shot
 
+    loaded = load_model(name, args.device, args.dtype)
+    model = loaded.model.to(device)
+    out: dict = {"model": name}
+    if args.ppl:
+        out["perplexity"] = asdict(_ppl(model, loaded.tokenizer, args.ppl, args.seqlen, args.max_windows,
+                                        args.batch_size, device, args.quiet, name, not args.no_cache))
+    if args.tasks:
+        bar, update = _bar(args.quiet, f"tasks {name}", "task")
+        try:
+            results = zero_shot(model, loaded.tokenizer, args.tasks, args.limit, args.batch_size, update,
+                                use_cache=not args.no_cache)
+        finally:
+            if bar is not None:
+                bar.close()
+        out["tasks"] = {t: asdict(r) for t, r in results.items()}
+        out["tasks_mean_acc"] = sum(r.acc for r in results.values()) / len(results)
+    if args.speed:
+        out["speed"] = asdict(measure_speed(model, args.speed_batches, args.speed_lengths, args.new_tokens,
+                                            folder=loaded.path))
+    return out
+
+
+def cmd_eval(args) -> int:
+    from .models import resolve_device
+    from .zeroshot import parse_tasks
+
+    if not (args.ppl or args.tasks or args.speed):
+        args.ppl = "wikitext2"
+    if args.tasks:
+        args.tasks = parse_tasks(args.tasks)
     device = resolve_device(args.device)
-    loaded = load_model(args.model, args.device, args.dtype)
-    loaded.model.to(device)
-    result = _ppl(loaded.model, loaded.tokenizer, args.ppl, args.seqlen, args.max_windows, args.batch_size, device,
-                  args.quiet, "")
-    payload = {"model": args.model, "perplexity": asdict(result)}
+    payload = _evaluate_one(args.model, args, device)
+    if args.baseline:
+        payload["baseline"] = _evaluate_one(args.baseline, args, device)
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(payload, indent=1))
         tmp.replace(path)
-    print(json.dumps({"ppl": round(result.ppl, 4), "dataset": result.dataset, "seqlen": result.seqlen,
-                      "windows": result.windows}))
+    print(json.dumps(_eval_summary(payload)))
+    return 0
+
+
+def _eval_summary(payload: dict) -> dict:
+    summary = {"model": payload["model"]}
+    if "perplexity" in payload:
+        p = payload["perplexity"]
+        summary.update(ppl=round(p["ppl"], 4), dataset=p["dataset"], seqlen=p["seqlen"], windows=p["windows"])
+    if "tasks" in payload:
+        summary["acc"] = {t: round(r["acc"], 4) for t, r in payload["tasks"].items()}
+        summary["mean_acc"] = round(payload["tasks_mean_acc"], 4)
+    if "speed" in payload:
+        summary["decode_tokens_per_s"] = {f"b{p['batch']}x{p['prompt_len']}": round(p["decode_tokens_per_s"], 1)
+                                          for p in payload["speed"]["points"]}
+        summary["prefill_ms"] = {f"b{p['batch']}x{p['prompt_len']}": round(p["prefill_ms"], 1)
+                                 for p in payload["speed"]["points"]}
+    if "baseline" in payload:
+        summary["baseline"] = _eval_summary(payload["baseline"])
+    return summary
+
+
+def cmd_export(args) -> int:
+    from .export import export_model
+
+    result = export_model(args.model, args.out, args.zip, args.force, args.dtype)
+    print(json.dumps({"out": str(result.folder), "zip": str(result.zip_path) if result.zip_path else None,
+                      "remote_code": result.heterogeneous, "parameters": result.parameters, "files": result.files}))
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from . import cache
+
+    if args.action == "clear":
+        freed = cache.clear(args.kind)
+        print(json.dumps({"cleared": args.kind or "all", "bytes_freed": freed}))
+    else:
+        print(json.dumps(cache.info(), indent=1))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"prune": cmd_prune, "eval": cmd_eval}[args.command](args)
+        return {"prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "cache": cmd_cache}[args.command](args)
     except SlimGPTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -108,27 +107,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _cached_tensor(key: str, compute) -> torch.Tensor:
-    """Content-addressed tensor cache (safetensors); an unreadable entry is recomputed."""
-    from safetensors.torch import load_file, save_file
-
-    folder = assets.cache_root() / "tokens"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".safetensors")
-    if path.exists():
-        try:
-            return load_file(str(path))["tokens"]
-        except Exception:
-            path.unlink(missing_ok=True)
-    tensor = compute()
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"tokens": tensor.contiguous()}, tmp, metadata={"key": key})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return tensor
+    from .cache import get_tensors
+    return get_tensors("tokens", key, lambda: {"tokens": compute()})["tokens"]
 
 
 def _tokenize_docs(tokenizer, docs: Iterator[str], max_tokens: int | None, joiner: str) -> torch.Tensor:

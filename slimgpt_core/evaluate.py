@@ -57,3 +57,24 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = 128, batch_size: int =
         raise SlimGPTError(out_of_memory_message("evaluating perplexity", str(device))) from None
     nll = nll_sum / count
     return PerplexityResult(dataset, seqlen, n_windows, count, nll, math.exp(nll), time.perf_counter() - t0)
+
+
+def cached_perplexity(model, tokenizer, source: str, seqlen: int = 128, batch_size: int = 8,
+                      max_windows: int | None = None, device: torch.device | str = "cpu",
+                      progress: Callable[[int, int], None] | None = None,
+                      should_stop: Callable[[], bool] | None = None, use_cache: bool = True) -> PerplexityResult:
+    """Perplexity on a named text or file, cached per (model fingerprint, text, length, windows)."""
+    from dataclasses import asdict
+
+    from .cache import lookup_json, model_fingerprint, store_json
+    from .data import evaluation_tokens
+
+    tokens = evaluation_tokens(tokenizer, source)
+    key = f"ppl|{model_fingerprint(model)}|{source}|{tokens.numel()}|{seqlen}|{max_windows}"
+    hit = lookup_json("results", key) if use_cache else None
+    if hit is not None:
+        return PerplexityResult(**hit)
+    result = perplexity(model, tokens, seqlen, batch_size, max_windows, device, source, progress, should_stop)
+    if use_cache:
+        store_json("results", key, asdict(result))
+    return result

@@ -89,6 +89,7 @@ class PruneReport:
     peak_memory_mb: float = 0.0
     device: str = "cpu"
     evaluation: dict = field(default_factory=dict)
+    reused_statistics: int = 0  # Hessians read from cache/stats instead of recomputed
 
     @property
     def requested_ratio(self) -> float:

@@ -183,11 +183,42 @@ def _ffn_summary(layer_idx: int, scores: Sequence[float], n_removed: int, steps:
     return FFNScores(layer_idx, len(scores), n_removed, qs, [int(c) for c in counts], edges.tolist(), steps)
 
 
+MAX_CACHED_STATISTIC_BYTES = 256 * 2**20  # larger Hessians are recomputed rather than cached
+
+
+class _StatisticsCache:
+    """Dense per-layer Hessians in cache/stats, keyed by model fingerprint, calibration tokens, layer, module."""
+
+    def __init__(self, model, tokens: torch.Tensor, enabled: bool):
+        from . import cache
+        self.enabled = enabled
+        self.prefix = f"stats|{cache.model_fingerprint(model)}|{cache.tokens_digest(tokens)}" if enabled else ""
+        self.reused = 0
+
+    def hessian(self, layer_idx: int, module: str, compute: Callable[[], torch.Tensor], dense: bool) -> torch.Tensor:
+        if not (self.enabled and dense):
+            return compute()
+        from . import cache
+        key = f"{self.prefix}|{layer_idx}|{module}"
+        found = cache.peek_tensors("stats", key)
+        if found is not None:
+            self.reused += 1
+            return found["H"]
+        H = compute()
+        if H.numel() * 4 <= MAX_CACHED_STATISTIC_BYTES:
+            cache.put_tensors("stats", key, {"H": H})
+        return H
+
+
 def prune_model(model, tokens: torch.Tensor, settings: PruneSettings, callback: Callback | None = None,
-                should_stop: Callable[[], bool] | None = None, model_name: str = "") -> PruneReport:
+                should_stop: Callable[[], bool] | None = None, model_name: str = "",
+                use_cache: bool = True) -> PruneReport:
     """Prune `model` in place with SlimGPT on calibration `tokens` [N, seqlen]; return the report.
 
-    The model may live on the CPU: each decoder layer is moved to the compute device in turn."""
+    The model may live on the CPU: each decoder layer is moved to the compute device in turn. With
+    `use_cache`, dense statistics of layers whose inputs are the dense model's are read from / written to
+    cache/stats (layer 0 always; every layer with dense inputs)."""
+    from .cache import forget_fingerprint
     from .models import resolve_device
 
     device = resolve_device(settings.device)
@@ -213,6 +244,7 @@ def prune_model(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
     def done(name: str, t0: float) -> None:
         phase_t[name] = phase_t.get(name, 0.0) + time.perf_counter() - t0
 
+    stats = _StatisticsCache(model, tokens, use_cache)
     try:
         t0 = phase(0, "capture")
         dense_in, kwargs = capture_layer_inputs(model, tokens, settings.batch_size, device)
@@ -229,8 +261,11 @@ def prune_model(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
             run_layer(layer, dense_in, kwargs, settings.batch_size, dense_out)  # the dense model's reference
             done("dense", t0)
             calib_in = pruned_in if settings.sequential else dense_in
-            _prune_attention(layer, i, calib_in, kwargs, settings, head_r[i], head_rm[i], emit, phase, done)
-            _prune_mlp(layer, i, calib_in, kwargs, settings, ffn_r[i], ffn_rm[i], emit, phase, done)
+            dense = i == 0 or not settings.sequential  # these inputs are exactly the dense model's
+            _prune_attention(layer, i, calib_in, kwargs, settings, head_r[i], head_rm[i], emit, phase, done,
+                             stats, dense)
+            _prune_mlp(layer, i, calib_in, kwargs, settings, ffn_r[i], ffn_rm[i], emit, phase, done,
+                       stats, dense and head_rm[i] == 0)
             t0 = phase(i, "outputs")
             run_layer(layer, pruned_in, kwargs, settings.batch_size, pruned_out)
             done("outputs", t0)
@@ -246,6 +281,8 @@ def prune_model(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
         if "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc).lower():
             raise SlimGPTError(out_of_memory_message("pruning", str(device))) from None
         raise
+    forget_fingerprint(model)
+    report.reused_statistics = stats.reused
     update_config(model)
     model.config.slimgpt = {"source_model": model_name, "method": "slimgpt", **asdict(settings),
                             "head_ratios": head_r, "ffn_ratios": ffn_r}
@@ -257,10 +294,11 @@ def prune_model(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
     return report
 
 
-def _prune_attention(layer, i, x, kwargs, settings, ratio, n_remove, emit, phase, done):
+def _prune_attention(layer, i, x, kwargs, settings, ratio, n_remove, emit, phase, done, stats, dense):
     attn = layer.self_attn
     t0 = phase(i, "attn-stats")
-    H = collect_hessian(layer, attn.o_proj, x, kwargs, settings.batch_size)
+    H = stats.hessian(i, "attn", lambda: collect_hessian(layer, attn.o_proj, x, kwargs, settings.batch_size),
+                      dense).to(attn.o_proj.weight.device)
     done("attn-stats", t0)
     t0 = phase(i, "attn-prune")
     rep = attn.num_key_value_groups
@@ -277,10 +315,11 @@ def _prune_attention(layer, i, x, kwargs, settings, ratio, n_remove, emit, phase
                         res.damping, time.perf_counter() - t0))
 
 
-def _prune_mlp(layer, i, x, kwargs, settings, ratio, n_remove, emit, phase, done):
+def _prune_mlp(layer, i, x, kwargs, settings, ratio, n_remove, emit, phase, done, stats, dense):
     mlp = layer.mlp
     t0 = phase(i, "mlp-stats")
-    H = collect_hessian(layer, mlp.down_proj, x, kwargs, settings.batch_size)
+    H = stats.hessian(i, "mlp", lambda: collect_hessian(layer, mlp.down_proj, x, kwargs, settings.batch_size),
+                      dense).to(mlp.down_proj.weight.device)
     done("mlp-stats", t0)
     t0 = phase(i, "mlp-prune")
     n_ch = mlp.down_proj.in_features
@@ -318,3 +357,66 @@ def check_memory(model, nsamples: int, seqlen: int, device: torch.device) -> Non
         raise SlimGPTError(
             f"calibration activations need {need / 2**30:.1f} GiB but {device} has {have / 2**30:.1f} GiB free: "
             + out_of_memory_message("pruning", str(device)).split(": ", 1)[1])
+
+
+@dataclass
+class DenseStatistics:
+    """First-step OBS scores of every head group and FFN channel of the dense model on dense inputs."""
+    head_scores: list[list[float]]  # [layer][KV group]
+    heads_per_unit: list[int]
+    ffn_scores: list[list[float]]  # [layer][channel]
+
+    def preview_removed(self, head_ratios: Sequence[float]) -> list[list[int]]:
+        """The KV groups each layer would lose at these ratios, cheapest first (first-step ranking)."""
+        out = []
+        for scores, r in zip(self.head_scores, head_ratios):
+            k = units_to_remove(len(scores), r)
+            out.append(sorted(range(len(scores)), key=lambda u: scores[u])[:k])
+        return out
+
+
+def dense_statistics(model, tokens: torch.Tensor, damp: float = 0.01, batch_size: int = 8, device: str = "auto",
+                     progress: Callable[[int, int], None] | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> DenseStatistics:
+    """One dense pass collecting every layer's Hessians (cached) and scoring heads and channels.
+
+    With the cache warm this reads files only: the app previews head importance for any ratio at once."""
+    from .models import resolve_device
+
+    dev = resolve_device(device)
+    stats = _StatisticsCache(model, tokens, True)
+    layers = model.model.layers
+    x, kwargs = None, None
+    head_scores, per_unit, ffn_scores = [], [], []
+    for i, layer in enumerate(layers):
+        if should_stop is not None and should_stop():
+            raise PruningCancelled("statistics were cancelled")
+        home = next(layer.parameters()).device
+        layer.to(dev)
+
+        def inputs():
+            nonlocal x, kwargs
+            if x is None:
+                x, kwargs = capture_layer_inputs(model, tokens, batch_size, dev)
+                for j in range(i):  # catch up through earlier layers whose statistics were cached
+                    layers[j].to(dev)
+                    x = run_layer(layers[j], x, kwargs, batch_size)
+                    layers[j].to(home)
+            return x
+
+        attn, mlp = layer.self_attn, layer.mlp
+        H_attn = stats.hessian(i, "attn", lambda: collect_hessian(layer, attn.o_proj, inputs(), kwargs, batch_size),
+                               True).to(dev)
+        H_mlp = stats.hessian(i, "mlp", lambda: collect_hessian(layer, mlp.down_proj, inputs(), kwargs, batch_size),
+                              True).to(dev)
+        rep = attn.num_key_value_groups
+        res = obs.prune_head_groups(attn.o_proj.weight.data.float(), H_attn, attn.head_dim * rep, 0, damp)
+        head_scores.append(res.first_scores)
+        per_unit.append(rep)
+        ffn_scores.append(obs.prune_channels(mlp.down_proj.weight.data.float(), H_mlp, 0, damp).first_scores)
+        if x is not None and i + 1 < len(layers):
+            x = run_layer(layer, x, kwargs, batch_size)
+        layer.to(home)
+        if progress is not None:
+            progress(i + 1, len(layers))
+    return DenseStatistics(head_scores, per_unit, ffn_scores)

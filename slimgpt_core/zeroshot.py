@@ -57,18 +57,47 @@ def task_source(task: str) -> Path | None:
 
 def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,
               progress: Callable[[int, int, str], None] | None = None,
-              should_stop: Callable[[], bool] | None = None) -> dict[str, TaskResult]:
-    """Evaluate each task in turn (progress per task); acc and acc_norm per task."""
+              should_stop: Callable[[], bool] | None = None, use_cache: bool = True) -> dict[str, TaskResult]:
+    """Evaluate each task in turn (progress per task); acc and acc_norm per task.
+
+    Results are cached per (model fingerprint, task, limit, task source)."""
+    from dataclasses import asdict
+
+    from .cache import lookup_json, model_fingerprint, store_json
+
+    tasks = parse_tasks(tasks)
+    results: dict[str, TaskResult] = {}
+    keys = {}
+    for task in tasks:
+        path = task_source(task)
+        keys[task] = f"task|{model_fingerprint(model)}|{task}|{limit}|{path.name if path else 'standard'}"
+        hit = lookup_json("results", keys[task]) if use_cache else None
+        if hit is not None:
+            results[task] = TaskResult(**hit)
+    todo = [t for t in tasks if t not in results]
+    if todo:
+        fresh = _zero_shot(model, tokenizer, todo, limit, batch_size, progress, should_stop)
+        for task in todo:
+            results[task] = fresh[task]
+            if use_cache:
+                store_json("results", keys[task], asdict(fresh[task]))
+    elif progress is not None:
+        progress(len(tasks), len(tasks), "done")
+    return {t: results[t] for t in tasks}
+
+
+def _zero_shot(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int,
+               progress: Callable[[int, int, str], None] | None,
+               should_stop: Callable[[], bool] | None) -> dict[str, TaskResult]:
     import time
 
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    tasks = parse_tasks(tasks)
     if limit is not None and limit < 1:
         raise SlimGPTError(f"--limit must be >= 1, got {limit}")
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-document truncation notes drown progress
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
               max_length=getattr(model.config, "max_position_embeddings", None), truncation=True)

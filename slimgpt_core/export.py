@@ -48,7 +48,8 @@ def _fmt_params(n: int) -> str:
 
 def model_card(model, report=None, evaluation: dict | None = None, source: str = "", hetero: bool = False) -> str:
     settings = (report.settings if report is not None else None) or dict(getattr(model.config, "slimgpt", None) or {})
-    source = source or (report.model if report is not None else "") or settings.get("source_model", "") or "unknown"
+    # the model that was pruned, when known, names the card; else whatever was exported
+    source = (report.model if report is not None else "") or settings.get("source_model", "") or source or "unknown"
     lists = describe_layers(model)
     lines = ["---", "library_name: transformers", "tags: [pruned, structured-pruning, slimgpt]", "---", "",
              f"# {source} pruned with SlimGPT", "",

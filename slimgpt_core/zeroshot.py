@@ -38,8 +38,8 @@ def parse_tasks(text: str | list[str]) -> list[str]:
     return names
 
 
-def _task_yaml(task: str, data_file: Path) -> str:
-    lines = [f"task: {task}", "dataset_path: json", "dataset_kwargs:", "  data_files:",
+def _task_yaml(task: str, data_file: Path, name: str | None = None) -> str:
+    lines = [f"task: {name or task}", "dataset_path: json", "dataset_kwargs:", "  data_files:",
              f"    validation: {str(data_file)!r}", "validation_split: validation", "output_type: multiple_choice"]
     if task == "winogrande":  # partial scoring: each option is a context, the continuation is scored
         lines += ["doc_to_text: gold", "doc_to_target: continuation", "doc_to_choice: context_options"]
@@ -49,6 +49,18 @@ def _task_yaml(task: str, data_file: Path) -> str:
               "  - metric: acc_norm", "    aggregation: mean", "    higher_is_better: true", "metadata:",
               "  version: 1.0"]
     return "\n".join(lines) + "\n"
+
+
+def write_task_yamls(folder: str | Path, tasks=TASKS, prefix: str = "") -> list[str]:
+    """Task YAMLs over the offline asset files, for lm-eval's `--include_path`; returns the task names."""
+    names = []
+    for task in tasks:
+        path = task_source(task)
+        if path is None:
+            raise SlimGPTError(f"offline data for {task} not found under the asset root: set {assets.ENV_VAR}")
+        Path(folder, f"{prefix}{task}.yaml").write_text(_task_yaml(task, path, f"{prefix}{task}"))
+        names.append(f"{prefix}{task}")
+    return names
 
 
 def task_source(task: str) -> Path | None:

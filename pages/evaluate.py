@@ -1,0 +1,87 @@
+"""Perplexity, zero-shot tasks and speed: dense and pruned side by side."""
+import pandas as pd
+import streamlit as st
+
+from slimgpt_core.jobs import start_job
+from slimgpt_core.studio import evaluate
+from slimgpt_core.zeroshot import TASKS
+from ui import charts
+from ui.state import job, require_model, runs
+
+st.title("Evaluate")
+loaded = require_model()
+if loaded is None:
+    st.stop()
+all_runs = runs()
+labels = {rid: run.label for rid, run in all_runs.items()}
+chosen = st.multiselect("Pruned runs", list(labels), default=list(labels)[-1:], format_func=labels.get,
+                        key="eval_runs")
+include_dense = st.checkbox("Include the dense model", value=True, key="eval_dense")
+c1, c2, c3 = st.columns(3)
+ppl = c1.selectbox("Perplexity text", ["wikitext2", "tinystories", "c4", "none"], key="eval_ppl")
+seqlen = c2.number_input("Window length", 16, 4096, 128, step=16, key="eval_seqlen")
+windows = c3.number_input("Windows (0: all)", 0, 100000, 32, key="eval_windows")
+t1, t2, t3 = st.columns([3, 1, 1])
+tasks = t1.multiselect("Zero-shot tasks", list(TASKS), default=[], key="eval_tasks")
+limit = t2.number_input("Limit per task", 1, 100000, 50, key="eval_limit")
+speed = t3.checkbox("Speed and memory", key="eval_speed")
+
+eval_job = job("eval")
+if st.button("Evaluate", type="primary", disabled=bool(eval_job and eval_job.running)
+             or not (chosen or include_dense)):
+    models = {}
+    if include_dense:
+        models["dense"] = (loaded.model, loaded.tokenizer)
+    for rid in chosen:
+        models[labels[rid]] = (all_runs[rid].model, all_runs[rid].tokenizer)
+    st.session_state.jobs["eval"] = start_job(
+        "eval", evaluate, models, None if ppl == "none" else ppl, int(seqlen), int(windows) or None, tasks,
+        int(limit), speed, st.session_state.get("device", "auto"))
+
+
+def show_results() -> None:
+    ej = job("eval")
+    if ej is None:
+        return
+    if ej.running:
+        progress = [e for e in ej.events if e.kind == "progress"]
+        last = progress[-1] if progress else None
+        st.progress(last.layer / max(1, last.n_layers) if last else 0.0,
+                    text=f"{last.phase} · {ej.elapsed:.0f} s" if last else "starting…")
+        if st.button("Cancel evaluation"):
+            ej.cancel()
+        return
+    if ej.state == "failed":
+        st.error(ej.error)
+        return
+    if ej.state == "cancelled":
+        st.warning("Evaluation was cancelled.")
+        return
+    results = ej.result
+    st.session_state.evals["latest"] = results
+    rows = []
+    for r in results:
+        row = {"model": r.label, "parameters (M)": round(r.parameters / 1e6, 3)}
+        if r.perplexity:
+            row[f"ppl ({r.perplexity['dataset']}, {r.perplexity['seqlen']})"] = round(r.perplexity["ppl"], 3)
+        for t, v in r.tasks.items():
+            row[f"{t} acc"] = round(v["acc"], 4)
+        if r.tasks:
+            row["mean acc"] = round(sum(v["acc"] for v in r.tasks.values()) / len(r.tasks), 4)
+        if r.speed:
+            for p in r.speed["points"]:
+                row[f"decode tok/s b{p['batch']}"] = round(p["decode_tokens_per_s"], 1)
+                row[f"prefill ms b{p['batch']}"] = round(p["prefill_ms"], 1)
+            row["weights MB"] = round(r.speed["weights_mb"], 1)
+            row["KV KB/token"] = round(r.speed["kv_cache_kb_per_token"], 2)
+        rows.append(row)
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    c1, c2 = st.columns(2)
+    if any(r.perplexity for r in results):
+        c1.plotly_chart(charts.perplexity_bars(results), key="eval_ppl_chart")
+    if any(r.tasks for r in results):
+        c2.plotly_chart(charts.evaluation_bars(results), key="eval_task_chart")
+
+
+running = bool(eval_job and eval_job.running)
+st.fragment(run_every=1.0 if running else None)(show_results)()

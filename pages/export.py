@@ -1,0 +1,48 @@
+"""Download the pruned model as a zip, or get its folder and a load snippet; the model card."""
+from pathlib import Path
+
+import streamlit as st
+
+from slimgpt_core.assets import cache_root
+from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.studio import export_run
+from ui.state import runs
+
+st.title("Export")
+all_runs = runs()
+if not all_runs:
+    st.info("No runs yet: prune on the **Prune** page first.")
+    st.stop()
+labels = {rid: run.label for rid, run in all_runs.items()}
+rid = st.selectbox("Run", list(labels), format_func=labels.get, index=len(labels) - 1, key="export_run")
+run = all_runs[rid]
+c1, c2 = st.columns([1, 3])
+dtype = c1.selectbox("Weights dtype", ["as loaded", "float16", "bfloat16", "float32"], key="export_dtype")
+folder = c2.text_input("Folder", str(cache_root() / "exports" / f"run-{rid}"), key="export_folder")
+MAX_DOWNLOAD = 2 * 2**30  # larger zips are not held in memory for the browser
+
+if st.button("Export", type="primary"):
+    with st.spinner("Writing safetensors, config, tokenizer and model card…"):
+        try:
+            st.session_state.exports[rid] = export_run(run, folder, make_zip=True, dtype=dtype)
+        except SlimGPTError as exc:
+            st.error(str(exc))
+
+result = st.session_state.exports.get(rid)
+if result is not None:
+    size = result.zip_path.stat().st_size if result.zip_path and result.zip_path.exists() else None
+    st.success(f"Written to `{result.folder}` ({', '.join(result.files)})")
+    if size is not None and size <= MAX_DOWNLOAD:
+        st.download_button(f"Download {result.zip_path.name} ({size / 2**20:.1f} MB)",
+                           data=lambda p=result.zip_path: Path(p).read_bytes(), file_name=result.zip_path.name,
+                           mime="application/zip", type="primary", key="download_zip", on_click="ignore")
+    else:
+        st.info("Too large to hand to the browser: use the folder directly.")
+    remote = ", trust_remote_code=True" if result.heterogeneous else ""
+    st.code("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"model = AutoModelForCausalLM.from_pretrained({str(result.folder)!r}{remote})\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({str(result.folder)!r})", language="python")
+    card = Path(result.folder) / "README.md"
+    if card.exists():
+        with st.expander("Model card", expanded=True):
+            st.markdown(card.read_text().split("---", 2)[-1])

@@ -1,0 +1,82 @@
+"""Error accumulation made visible: runs overlaid, dense-input twins, per-layer detail."""
+import dataclasses
+
+import streamlit as st
+
+from slimgpt_core.jobs import start_job
+from slimgpt_core.pipeline import PruneSettings
+from slimgpt_core.studio import run_pruning
+from ui import charts
+from ui.state import job, require_model, runs
+
+st.title("Inspect")
+all_runs = runs()
+if not all_runs:
+    st.info("No runs yet: prune on the **Prune** page first.")
+    st.stop()
+labels = {rid: run.label for rid, run in all_runs.items()}
+chosen = st.multiselect("Runs to compare", list(labels), default=list(labels)[-3:], format_func=labels.get,
+                        key="inspect_runs")
+if chosen:
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(charts.accumulated_error({labels[r]: all_runs[r].report.layers for r in chosen}),
+                    key="inspect_acc")
+    c2.plotly_chart(charts.reconstruction_error({labels[r]: all_runs[r].report.modules for r in chosen}),
+                    key="inspect_recon")
+
+# a dense-input twin shows what the sequential pipeline's error accumulation costs
+st.subheader("Sequential vs dense inputs")
+base_id = st.selectbox("Run", list(labels), format_func=labels.get, index=len(labels) - 1, key="twin_base")
+base = all_runs[base_id]
+loaded = require_model()
+twin_job = job("twin")
+if loaded is not None and base.model_name == loaded.name:
+    mode = "dense inputs" if base.report.settings.get("sequential", True) else "sequential inputs"
+    if st.button(f"Run its twin with {mode}", disabled=bool(twin_job and twin_job.running)):
+        keys = {f.name for f in dataclasses.fields(PruneSettings)}
+        settings = PruneSettings(**{k: v for k, v in base.report.settings.items() if k in keys})
+        settings.sequential = not settings.sequential
+        st.session_state.jobs["twin"] = start_job("twin", run_pruning, loaded, settings, base.calib["source"],
+                                                  base.calib["nsamples"], base.calib["seqlen"], base.calib["seed"],
+                                                  label=f"{base.label} · twin ({mode})")
+
+
+def twin_status() -> None:
+    tj = job("twin")
+    if tj is None:
+        return
+    if tj.running:
+        n = len(loaded.model.model.layers) if loaded else 1
+        st.progress(len([e for e in tj.events if e.kind == "layer"]) / n, text=f"twin run · {tj.elapsed:.0f} s")
+        if st.button("Cancel twin"):
+            tj.cancel()
+    elif tj.state == "done" and tj.result.id not in st.session_state.runs:
+        st.session_state.runs[tj.result.id] = tj.result
+        st.session_state.inspect_runs = list(dict.fromkeys([base_id, tj.result.id]))
+        st.rerun(scope="app")
+    elif tj.state == "failed":
+        st.error(tj.error)
+
+
+tj_running = bool(twin_job and twin_job.running)
+st.fragment(run_every=1.0 if tj_running else None)(twin_status)()
+
+# per-layer detail
+st.subheader("Layer detail")
+d1, d2 = st.columns([2, 3])
+detail_id = d1.selectbox("Run ", list(labels), format_func=labels.get, index=len(labels) - 1, key="detail_run")
+report = all_runs[detail_id].report
+layer = d2.slider("Layer", 0, len(report.layers) - 1, 0, key="detail_layer")
+heads = [h for h in report.heads if h.layer == layer]
+ffn = [f for f in report.ffn if f.layer == layer]
+c1, c2 = st.columns(2)
+if heads:
+    c1.plotly_chart(charts.head_scores_bar(heads[0]), key="detail_heads")
+if ffn:
+    c2.plotly_chart(charts.ffn_histogram(ffn[0]), key="detail_ffn")
+c3, c4 = st.columns(2)
+c3.plotly_chart(charts.predicted_vs_measured(report.modules), key="detail_pred")
+rows = [{"module": m.module, "removed": f"{m.units_removed}/{m.units_total}", "requested": round(m.ratio_requested, 3),
+         "measured error": f"{m.rel_error:.3e}", "predicted": f"{m.predicted_rel_error:.3e}", "damping": m.damping}
+        for m in report.modules if m.layer == layer]
+c4.dataframe(rows, hide_index=True)

@@ -1,0 +1,54 @@
+"""Choose and load a model; show its architecture."""
+import streamlit as st
+
+from slimgpt_core import assets
+from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.studio import describe_model
+from ui.state import cached_model
+
+st.title("Model")
+OPTIONS = {"Offline default: SmolLM2-135M-Instruct (GGUF)": "default",
+           "stories260k (tiny, offline)": "stories260k",
+           "Hugging Face hub id": "hub",
+           "Local folder or .gguf file": "local"}
+choice = st.radio("Model", list(OPTIONS), key="model_source")
+kind = OPTIONS[choice]
+name = kind
+if kind == "hub":
+    name = st.text_input("Hub id", placeholder="HuggingFaceTB/SmolLM2-135M", key="hub_id").strip()
+elif kind == "local":
+    name = st.text_input("Path", placeholder="/models/my-llama or model.gguf", key="local_path").strip()
+c1, c2 = st.columns(2)
+device = c1.selectbox("Device", ["auto", "cpu", "cuda"], key="device",
+                      help="auto: CUDA when available. Pruning moves one layer at a time to this device.")
+dtype = c2.selectbox("Weights dtype", ["auto", "float32", "float16", "bfloat16"], key="dtype",
+                     help="auto: float32 on CPU, float16 on CUDA. Statistics are always float32.")
+if assets.asset_root() is None:
+    st.warning(f"Offline asset folder not found: set {assets.ENV_VAR} to use the offline models and data.")
+
+if st.button("Load model", type="primary", disabled=not name):
+    with st.spinner(f"Loading {name} (a GGUF file is converted once, then cached)…"):
+        try:
+            cached_model(name, device, dtype)
+            st.session_state["model_spec"] = (name, device, dtype)
+        except SlimGPTError as exc:
+            st.error(str(exc))
+
+spec = st.session_state.get("model_spec")
+if spec:
+    try:
+        info = describe_model(cached_model(*spec))
+    except SlimGPTError as exc:
+        st.error(str(exc))
+    else:
+        st.subheader(f"Loaded: {info.name}")
+        cols = st.columns(6)
+        for col, (label, value) in zip(cols, [("layers", info.layers), ("heads", info.heads),
+                                              ("KV heads", info.kv_heads), ("FFN width", info.ffn),
+                                              ("hidden", info.hidden),
+                                              ("parameters", f"{info.parameters / 1e6:.2f} M")]):
+            col.metric(label, value)
+        st.caption(f"{info.architecture} · head dim {info.head_dim} · vocab {info.vocab} · context {info.context} · "
+                   f"{info.dtype} · decoder layers hold {info.layer_parameters / 1e6:.2f} M parameters · {info.path}")
+        if info.kv_heads < info.heads:
+            st.info(f"Grouped-query attention: heads are pruned in whole KV groups of {info.heads // info.kv_heads}.")

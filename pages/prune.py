@@ -1,0 +1,187 @@
+"""Calibration, method, schedule editor with instant preview, and the pruning run with live charts."""
+import streamlit as st
+
+from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.jobs import start_job
+from slimgpt_core.pipeline import PruneSettings
+from slimgpt_core.schedule import layer_ratios
+from slimgpt_core.studio import head_importance, preview_schedule, run_pruning
+from ui import charts
+from ui.state import job, require_model
+
+st.title("Prune")
+loaded = require_model()
+if loaded is None:
+    st.stop()
+n_layers = len(loaded.model.model.layers)
+ss = st.session_state
+
+# --- calibration and method -------------------------------------------------------------------
+with st.expander("Calibration data and method", expanded=False):
+    c1, c2, c3, c4 = st.columns(4)
+    calib = c1.selectbox("Calibration text", ["c4", "wikitext2", "tinystories", "file…"], key="calib_source")
+    if calib == "file…":
+        calib = st.text_input("Path to a .txt or .jsonl file", key="calib_path").strip() or "c4"
+    context = getattr(loaded.model.config, "max_position_embeddings", 2048) or 2048
+    nsamples = c2.number_input("Samples", 1, 1024, 32, key="nsamples")
+    seqlen = c3.number_input("Sequence length", 16, int(context), min(256, int(context)), step=16, key="seqlen")
+    seed = c4.number_input("Seed", 0, 10**6, 0, key="seed")
+    m1, m2, m3, m4, m5 = st.columns(5)
+    damp = m1.number_input("Damping λ", 0.0, 1.0, 0.01, step=0.005, format="%.3f", key="damp")
+    head_error = m2.selectbox("Head error", ["exact", "approx"], key="head_error",
+                              help="exact group OBS error, or the authors' cheaper diagonal approximation")
+    floor = m3.number_input("FFN group floor", 1, 4096, 64, key="ffn_floor")
+    ceiling = m4.number_input("FFN group ceiling", 1, 8192, 1024, key="ffn_ceiling")
+    dense_inputs = m5.checkbox("Dense inputs", key="dense_inputs",
+                               help="calibrate every layer on the dense model's inputs (no error accumulation)")
+
+
+# --- schedule editor ----------------------------------------------------------------------------
+def apply_preset() -> None:
+    try:
+        heads = layer_ratios(n_layers, ss.target_ratio, ss.preset, ss.shape)
+        ffn = layer_ratios(n_layers, ss.ffn_target if ss.separate else ss.target_ratio, ss.preset, ss.shape)
+    except SlimGPTError as exc:
+        ss.preset_error = str(exc)
+        return
+    ss.preset_error = None
+    for i in range(n_layers):
+        ss[f"hr_{i}"] = round(heads[i], 4)
+        ss[f"fr_{i}"] = round(ffn[i], 4)
+
+
+ss.setdefault("target_ratio", 0.2)
+ss.setdefault("ffn_target", 0.2)
+ss.setdefault("shape", 4.0)
+ss.setdefault("preset", "log")
+ss.setdefault("separate", False)
+if f"hr_{n_layers - 1}" not in ss or ss.get("schedule_layers") != n_layers:
+    ss.schedule_layers = n_layers
+    apply_preset()
+
+st.subheader("Schedule")
+p1, p2, p3, p4, p5 = st.columns([1.2, 1.5, 1, 1, 1.5])
+p1.selectbox("Preset", ["log", "linear", "uniform"], key="preset", on_change=apply_preset,
+             help="log: Incremental Pruning Ratio (SlimGPT)")
+p2.slider("Target mean ratio", 0.0, 0.9, key="target_ratio", step=0.01, on_change=apply_preset)
+p3.number_input("Shape (last/first)", 1.0, 20.0, key="shape", step=0.5, on_change=apply_preset)
+p4.checkbox("Separate FFN target", key="separate", on_change=apply_preset)
+if ss.separate:
+    p5.slider("FFN mean ratio", 0.0, 0.9, key="ffn_target", step=0.01, on_change=apply_preset)
+if ss.get("preset_error"):
+    st.error(ss.preset_error)
+
+with st.expander("Per-layer ratios (drag to edit)", expanded=n_layers <= 8):
+    h_col, f_col = st.columns(2)
+    h_col.caption("Attention heads")
+    f_col.caption("FFN channels")
+    for i in range(n_layers):
+        h_col.slider(f"layer {i} heads", 0.0, 0.95, key=f"hr_{i}", step=0.01)
+        f_col.slider(f"layer {i} FFN", 0.0, 0.95, key=f"fr_{i}", step=0.01)
+
+head_ratios = [ss[f"hr_{i}"] for i in range(n_layers)]
+ffn_ratios = [ss[f"fr_{i}"] for i in range(n_layers)]
+settings = PruneSettings(ratio=ss.target_ratio, schedule=ss.preset, shape=ss.shape, head_ratios=head_ratios,
+                         ffn_ratios=ffn_ratios, damp=damp, head_error=head_error, ffn_group_floor=int(floor),
+                         ffn_group_ceiling=int(ceiling), sequential=not dense_inputs, device=ss.get("device", "auto"))
+try:
+    preview = preview_schedule(loaded.model, settings)
+except SlimGPTError as exc:
+    st.error(str(exc))
+    st.stop()
+
+info_cols = st.columns(4)
+info_cols[0].metric("Parameters after", f"{preview.params_after / 1e6:.2f} M",
+                    f"-{(preview.params_before - preview.params_after) / 1e6:.2f} M")
+info_cols[1].metric("Achieved (decoder layers)", f"{preview.achieved_layer_ratio:.1%}",
+                    help="rounded to whole heads / KV groups")
+info_cols[2].metric("Achieved (whole model)", f"{preview.achieved_ratio:.1%}")
+info_cols[3].metric("Requested mean", f"{sum(head_ratios + ffn_ratios) / (2 * n_layers):.1%}")
+q0 = [layer.self_attn.q_proj.out_features // layer.self_attn.head_dim for layer in loaded.model.model.layers]
+f0 = [layer.mlp.down_proj.in_features for layer in loaded.model.model.layers]
+st.plotly_chart(charts.schedule_curve(head_ratios, ffn_ratios, [k / q for k, q in zip(preview.heads_kept, q0)],
+                                      [k / f for k, f in zip(preview.ffn_kept, f0)]), key="schedule_chart")
+
+# --- head-importance preview from cached dense statistics -------------------------------------
+stats_key = (ss.model_spec, calib, int(nsamples), int(seqlen), int(seed), float(damp))
+stats = ss.head_stats.get(stats_key)
+st.subheader("Head importance preview")
+if stats is not None:
+    removed = stats.preview_removed(head_ratios)
+    st.plotly_chart(charts.head_heatmap(stats.head_scores, removed, stats.heads_per_unit,
+                                        "Dense head importance; ✕ = would be removed at these ratios"),
+                    key="preview_heatmap")
+else:
+    st.caption("Scores every head group of the dense model once (cached), then marks what each layer would lose as "
+               "you drag.")
+    if st.button("Compute head importance", disabled=bool(job("stats") and job("stats").running)):
+        ss.jobs["stats"] = start_job("stats", head_importance, loaded, calib, int(nsamples), int(seqlen), int(seed),
+                                     float(damp), ss.get("device", "auto"))
+        ss.stats_key_pending = stats_key
+
+# --- the run --------------------------------------------------------------------------------------
+st.subheader("Run")
+prune_job = job("prune")
+if st.button("Start pruning", type="primary", disabled=bool(prune_job and prune_job.running)):
+    ss.jobs["prune"] = start_job("prune", run_pruning, loaded, settings, calib, int(nsamples), int(seqlen),
+                                 int(seed))
+
+
+def live_view() -> None:
+    """Polled while a job runs; never blocks. The job thread itself never touches Streamlit."""
+    sj = job("stats")
+    if sj is not None and not sj.running and ss.get("stats_key_pending") is not None:
+        if sj.state == "done":
+            ss.head_stats[ss.stats_key_pending] = sj.result
+        elif sj.error:
+            st.error(sj.error)
+        ss.stats_key_pending = None
+        st.rerun()
+    elif sj is not None and sj.running:
+        progress = [e for e in sj.events if e.kind == "progress"]
+        done = progress[-1].layer + 1 if progress else 0
+        st.progress(done / n_layers, text=f"dense statistics: layer {done}/{n_layers}")
+
+    pj = job("prune")
+    if pj is None:
+        return
+    events = list(pj.events)
+    progress = [e for e in events if e.kind == "progress"]
+    layers_done = [e for e in events if e.kind == "layer"]
+    if pj.running:
+        last = progress[-1] if progress else None
+        text = f"layer {last.layer + 1}/{last.n_layers} · {last.phase} · {pj.elapsed:.0f} s" if last else "starting…"
+        st.progress(len(layers_done) / n_layers, text=text)
+        if st.button("Cancel", key="cancel_prune"):
+            pj.cancel()
+    elif pj.state == "done":
+        run = pj.result
+        if run.id not in ss.runs:
+            ss.runs[run.id] = run
+            ss.current_run = run.id
+        r = run.report
+        st.success(f"Done in {r.total_seconds:.1f} s: {r.params_before / 1e6:.2f} M → {r.params_after / 1e6:.2f} M "
+                   f"parameters, achieved {r.achieved_layer_ratio:.1%} of layer parameters "
+                   f"({r.achieved_ratio:.1%} of all). Evaluate or export it on the next pages.")
+    elif pj.state == "cancelled":
+        st.warning("Pruning was cancelled; the loaded model is unchanged.")
+    elif pj.state == "failed":
+        st.error(pj.error)
+    modules = [e for e in events if e.kind == "module"]
+    heads = [e for e in events if e.kind == "heads"]
+    if modules:
+        c1, c2 = st.columns(2)
+        c1.plotly_chart(charts.reconstruction_error({"this run": modules}), key="live_recon")
+        c2.plotly_chart(charts.accumulated_error({"this run": layers_done}), key="live_acc")
+    if heads:
+        st.plotly_chart(charts.head_heatmap([h.scores for h in heads], [h.removed for h in heads],
+                                            heads[0].heads_per_unit), key="live_heatmap")
+    if pj.running or (sj is not None and sj.running):
+        pass  # the fragment's timer brings the next update
+    elif pj.finished and pj.finished > ss.get("last_prune_seen", 0):
+        ss.last_prune_seen = pj.finished
+        st.rerun()  # refresh the whole page (sidebar, buttons) once the job has ended
+
+
+busy = any(j.running for j in ss.jobs.values())
+st.fragment(run_every=1.0 if busy else None)(live_view)()

@@ -1,0 +1,202 @@
+"""What the Streamlit pages call: one function per action, plain dataclasses back. No Streamlit here."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .data import calibration_tokens
+from .events import Progress, PruneReport
+from .models import LoadedModel, load_model
+from .pipeline import DenseStatistics, PruneSettings, dense_statistics, plan_removals, prune_model
+from .surgery import count_parameters, layer_shape
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: str
+    architecture: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    parameters: int
+    layer_parameters: int
+    dtype: str
+    context: int | None
+
+
+def describe_model(loaded: LoadedModel) -> ModelInfo:
+    m, c = loaded.model, loaded.model.config
+    q, kv, f = layer_shape(m.model.layers[0])
+    return ModelInfo(loaded.name, loaded.path, c.model_type, len(m.model.layers), c.hidden_size, q, kv,
+                     m.model.layers[0].self_attn.head_dim, f, c.vocab_size, count_parameters(m),
+                     count_parameters(m.model.layers), str(next(m.parameters()).dtype).replace("torch.", ""),
+                     getattr(c, "max_position_embeddings", None))
+
+
+@dataclass
+class SchedulePreview:
+    head_ratios: list[float]
+    ffn_ratios: list[float]
+    heads_kept: list[int]  # query heads per layer
+    kv_kept: list[int]
+    ffn_kept: list[int]
+    layer_params_before: int
+    layer_params_after: int
+    params_before: int
+    params_after: int
+
+    @property
+    def achieved_layer_ratio(self) -> float:
+        return 1 - self.layer_params_after / self.layer_params_before
+
+    @property
+    def achieved_ratio(self) -> float:
+        return 1 - self.params_after / self.params_before
+
+
+def _layer_params(layer, q: int, kv: int, f: int) -> int:
+    attn, mlp = layer.self_attn, layer.mlp
+    d, hidden = attn.head_dim, attn.q_proj.in_features
+    n = hidden * d * (2 * q + 2 * kv) + 3 * hidden * f
+    n += sum(int(lin.bias is not None) * size for lin, size in
+             ((attn.q_proj, q * d), (attn.k_proj, kv * d), (attn.v_proj, kv * d), (attn.o_proj, hidden),
+              (mlp.gate_proj, f), (mlp.up_proj, f), (mlp.down_proj, hidden)))
+    norms = sum(p.numel() for name, p in layer.named_parameters() if "norm" in name)
+    return n + norms
+
+
+def preview_schedule(model, settings: PruneSettings) -> SchedulePreview:
+    """What a schedule would give, from arithmetic alone (instant; validates like a real run)."""
+    head_r, ffn_r, head_rm, ffn_rm = plan_removals(model, settings)
+    heads, kvs, ffns, before, after = [], [], [], 0, 0
+    for layer, hr, fr in zip(model.model.layers, head_rm, ffn_rm):
+        q, kv, f = layer_shape(layer)
+        rep = q // kv
+        heads.append((kv - hr) * rep)
+        kvs.append(kv - hr)
+        ffns.append(f - fr)
+        before += _layer_params(layer, q, kv, f)
+        after += _layer_params(layer, (kv - hr) * rep, kv - hr, f - fr)
+    total = count_parameters(model)
+    return SchedulePreview(head_r, ffn_r, heads, kvs, ffns, before, after, total, total - before + after)
+
+
+@dataclass
+class PruneRun:
+    """A finished pruning run held in memory by the app."""
+    id: str
+    label: str
+    model_name: str
+    model: torch.nn.Module
+    tokenizer: object
+    report: PruneReport
+    calib: dict = field(default_factory=dict)
+
+
+def run_pruning(loaded: LoadedModel, settings: PruneSettings, calib: str, nsamples: int, seqlen: int, seed: int = 0,
+                label: str = "", callback: Callable | None = None,
+                should_stop: Callable[[], bool] | None = None) -> PruneRun:
+    """Prune a copy of the loaded model (the dense one stays intact for comparison)."""
+    emit = callback or (lambda e: None)
+    emit(Progress(0, len(loaded.model.model.layers), "calibration data", 0.0))
+    tokens = calibration_tokens(loaded.tokenizer, calib, nsamples, seqlen, seed)
+    model = copy.deepcopy(loaded.model)
+    report = prune_model(model, tokens, settings, callback, should_stop, model_name=loaded.name)
+    report.settings.update(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    run_id = time.strftime("%H%M%S") + f"-{int(time.time() * 1000) % 1000:03d}"
+    mode = "seq" if settings.sequential else "dense-in"
+    label = label or f"{settings.schedule} {settings.ratio:.0%} {mode} ({run_id})"
+    return PruneRun(run_id, label, loaded.name, model, loaded.tokenizer, report,
+                    {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed})
+
+
+def head_importance(loaded: LoadedModel, calib: str, nsamples: int, seqlen: int, seed: int = 0, damp: float = 0.01,
+                    device: str = "auto", callback: Callable | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> DenseStatistics:
+    """Dense per-layer statistics (cached) scoring every head group and channel, for instant previews."""
+    tokens = calibration_tokens(loaded.tokenizer, calib, nsamples, seqlen, seed)
+    n = len(loaded.model.model.layers)
+
+    def progress(done, total):
+        if callback is not None:
+            callback(Progress(min(done, n - 1), n, "dense statistics" if done < total else "done", 0.0))
+
+    return dense_statistics(loaded.model, tokens, damp, device=device, progress=progress, should_stop=should_stop)
+
+
+@dataclass
+class EvalResult:
+    label: str
+    perplexity: dict | None
+    tasks: dict[str, dict]
+    speed: dict | None
+    parameters: int
+
+
+def evaluate(models: dict[str, tuple], ppl_source: str | None, seqlen: int, max_windows: int | None,
+             tasks: list[str], limit: int | None, speed: bool, device: str = "auto", batch_size: int = 8,
+             callback: Callable | None = None, should_stop: Callable[[], bool] | None = None) -> list[EvalResult]:
+    """Evaluate several (model, tokenizer) pairs the same way; progress events name the model and step."""
+    from .evaluate import cached_perplexity
+    from .models import resolve_device
+    from .speed import measure_speed
+    from .zeroshot import zero_shot
+
+    dev = resolve_device(device)
+    emit = callback or (lambda e: None)
+    steps = [(label, what) for label in models for what in
+             (["perplexity"] if ppl_source else []) + list(tasks) + (["speed"] if speed else [])]
+    done = 0
+    results = []
+    for label, (model, tokenizer) in models.items():
+        home = next(model.parameters()).device
+        model.to(dev)
+        res = EvalResult(label, None, {}, None, count_parameters(model))
+        try:
+            if ppl_source:
+                emit(Progress(done, len(steps), f"{label}: perplexity", 0.0))
+                res.perplexity = asdict(cached_perplexity(model, tokenizer, ppl_source, seqlen, batch_size,
+                                                          max_windows, dev, should_stop=should_stop))
+                done += 1
+            for task in tasks:
+                emit(Progress(done, len(steps), f"{label}: {task}", 0.0))
+                res.tasks[task] = asdict(zero_shot(model, tokenizer, [task], limit, batch_size,
+                                                   should_stop=should_stop)[task])
+                done += 1
+            if speed:
+                emit(Progress(done, len(steps), f"{label}: speed", 0.0))
+                res.speed = asdict(measure_speed(model, (1, 4), (128,), 16, 2))
+                done += 1
+        finally:
+            model.to(home)
+        results.append(res)
+    emit(Progress(len(steps), len(steps), "done", 0.0))
+    return results
+
+
+def export_run(run: PruneRun, out: str | Path, make_zip: bool = True, dtype: str | None = None,
+               evaluation: dict | None = None, overwrite: bool = True):
+    """Write a run held in memory as a loadable checkpoint (+ zip)."""
+    from .export import ExportResult, write_checkpoint
+    from .models import DTYPES
+    from .runs import atomic_folder, atomic_zip
+
+    model = run.model
+    if dtype and dtype != "as loaded":
+        model = copy.deepcopy(model).to(DTYPES[dtype])
+    out = Path(out)
+    with atomic_folder(out, overwrite) as tmp:
+        hetero = write_checkpoint(model, run.tokenizer, tmp, run.report, evaluation)
+        run.report.save(tmp / "report.json")
+    zip_path = atomic_zip(out, out.with_suffix(".zip")) if make_zip else None
+    return ExportResult(out, zip_path, hetero, count_parameters(model), sorted(p.name for p in out.iterdir()))

@@ -1,0 +1,122 @@
+"""Plotly figures from the engine's plain data (events, reports, statistics). Pure functions, no Streamlit."""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import plotly.graph_objects as go
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str, log_y: bool = False) -> go.Figure:
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, height=340, margin=dict(l=50, r=20, t=50, b=40),
+                      legend=dict(orientation="h", y=-0.25))
+    if log_y:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def schedule_curve(head_ratios: Sequence[float], ffn_ratios: Sequence[float], heads_kept_frac: Sequence[float] = (),
+                   ffn_kept_frac: Sequence[float] = ()) -> go.Figure:
+    layers = list(range(len(head_ratios)))
+    fig = go.Figure()
+    fig.add_scatter(x=layers, y=list(head_ratios), name="heads (requested)", mode="lines+markers")
+    fig.add_scatter(x=layers, y=list(ffn_ratios), name="FFN (requested)", mode="lines+markers")
+    if heads_kept_frac:
+        fig.add_scatter(x=layers, y=[1 - k for k in heads_kept_frac], name="heads (achieved, whole groups)",
+                        mode="markers", marker_symbol="square-open")
+    if ffn_kept_frac:
+        fig.add_scatter(x=layers, y=[1 - k for k in ffn_kept_frac], name="FFN (achieved)", mode="markers",
+                        marker_symbol="diamond-open")
+    fig.update_yaxes(range=[0, 1])
+    return _layout(fig, "Pruning ratio per layer", "layer", "ratio")
+
+
+def reconstruction_error(runs: dict[str, Iterable]) -> go.Figure:
+    """Relative reconstruction error per layer, attention and MLP, for one or more runs (ModuleMeasured events)."""
+    fig = go.Figure()
+    for k, (label, modules) in enumerate(runs.items()):
+        modules = list(modules)
+        for module, dash in (("attn", "solid"), ("mlp", "dot")):
+            pts = [m for m in modules if m.module == module]
+            fig.add_scatter(x=[m.layer for m in pts], y=[max(m.rel_error, 1e-12) for m in pts], mode="lines+markers",
+                            name=f"{label} · {module}", line=dict(dash=dash, color=COLORS[k % len(COLORS)]))
+    return _layout(fig, "Reconstruction error ‖WX−ŴX‖²/‖WX‖²", "layer", "relative error", log_y=True)
+
+
+def accumulated_error(runs: dict[str, Iterable]) -> go.Figure:
+    """‖h_pruned − h_dense‖/‖h_dense‖ after each layer (LayerDone events), one line per run."""
+    fig = go.Figure()
+    for k, (label, layers) in enumerate(runs.items()):
+        layers = list(layers)
+        fig.add_scatter(x=[e.layer for e in layers], y=[e.accumulated_error for e in layers], mode="lines+markers",
+                        name=label, line=dict(color=COLORS[k % len(COLORS)]))
+    return _layout(fig, "Accumulated error along depth", "layer", "relative distance to dense")
+
+
+def head_heatmap(scores: Sequence[Sequence[float]], removed: Sequence[Sequence[int]] = (), heads_per_unit: int = 1,
+                 title: str = "Head importance (log10 OBS error of removing each group)") -> go.Figure:
+    """Layers × heads (KV groups under GQA); removed ones marked with ✕."""
+    n_units = max((len(s) for s in scores), default=0)
+    z = [[math.log10(v) if v is not None and v > 0 and math.isfinite(v) else None for v in row]
+         + [None] * (n_units - len(row)) for row in scores]
+    unit = "KV group" if heads_per_unit > 1 else "head"
+    fig = go.Figure(go.Heatmap(z=z, x=list(range(n_units)), y=list(range(len(scores))), colorscale="Viridis",
+                               colorbar=dict(title="log10 ε"), name="importance"))
+    xs = [u for i, row in enumerate(removed) for u in row]
+    ys = [i for i, row in enumerate(removed) for _ in row]
+    fig.add_scatter(x=xs, y=ys, mode="markers", name="removed", marker=dict(symbol="x", size=12, color="red"))
+    label = f"{unit} ({heads_per_unit} query heads each)" if heads_per_unit > 1 else unit
+    fig = _layout(fig, title, label, "layer")
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def predicted_vs_measured(modules: Iterable) -> go.Figure:
+    modules = list(modules)
+    fig = go.Figure()
+    for module in ("attn", "mlp"):
+        pts = [m for m in modules if m.module == module and m.rel_error > 0]
+        fig.add_scatter(x=[m.predicted_rel_error for m in pts], y=[m.rel_error for m in pts], mode="markers",
+                        name=module, text=[f"layer {m.layer}" for m in pts])
+    vals = [v for m in modules for v in (m.rel_error, m.predicted_rel_error) if v > 0]
+    if vals:
+        lo, hi = min(vals), max(vals)
+        fig.add_scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", line=dict(dash="dash", color="gray"))
+    fig = _layout(fig, "OBS-predicted vs measured error", "predicted", "measured")
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(type="log")
+    return fig
+
+
+def ffn_histogram(ffn) -> go.Figure:
+    """Distribution of first-step channel scores of one layer (FFNScores event)."""
+    edges = ffn.histogram_edges
+    centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    fig = go.Figure(go.Bar(x=centers, y=ffn.histogram_counts, name="channels"))
+    fig.add_vline(x=ffn.quantiles.get("q50", 0), line_dash="dash", annotation_text="median")
+    return _layout(fig, f"Layer {ffn.layer}: FFN channel scores ({ffn.n_removed} of {ffn.n_channels} removed)",
+                   "log10 OBS error", "channels")
+
+
+def head_scores_bar(head) -> go.Figure:
+    colors = ["red" if u in head.removed else "steelblue" for u in range(len(head.scores))]
+    fig = go.Figure(go.Bar(x=list(range(len(head.scores))), y=head.scores, marker_color=colors, name="ε"))
+    return _layout(fig, f"Layer {head.layer}: error of removing each group (red: removed)", "group", "OBS error",
+                   log_y=True)
+
+
+def evaluation_bars(results: Sequence, metric: str = "acc") -> go.Figure:
+    fig = go.Figure()
+    for res in results:
+        tasks = list(res.tasks)
+        fig.add_bar(x=tasks, y=[res.tasks[t][metric] for t in tasks], name=res.label)
+    fig.update_layout(barmode="group")
+    return _layout(fig, f"Zero-shot {metric}", "task", metric)
+
+
+def perplexity_bars(results: Sequence) -> go.Figure:
+    fig = go.Figure(go.Bar(x=[r.label for r in results if r.perplexity],
+                           y=[r.perplexity["ppl"] for r in results if r.perplexity]))
+    return _layout(fig, "Perplexity (lower is better)", "model", "perplexity")

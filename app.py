@@ -3,14 +3,14 @@ import streamlit as st
 
 from ui.state import init_state, sidebar
 
-st.set_page_config(page_title="SlimGPT Studio", page_icon="✂️", layout="wide")
+st.set_page_config(page_title="SlimGPT Studio", page_icon=":material/content_cut:", layout="wide")
 init_state()
 page = st.navigation([
-    st.Page("pages/model.py", title="Model", icon="📦", default=True),
-    st.Page("pages/prune.py", title="Prune", icon="✂️"),
-    st.Page("pages/inspect_runs.py", title="Inspect", icon="🔍"),
-    st.Page("pages/evaluate.py", title="Evaluate", icon="📊"),
-    st.Page("pages/export.py", title="Export", icon="💾"),
+    st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),
+    st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:"),
+    st.Page("pages/inspect_runs.py", title="Inspect", icon=":material/query_stats:"),
+    st.Page("pages/evaluate.py", title="Evaluate", icon=":material/leaderboard:"),
+    st.Page("pages/export.py", title="Export", icon=":material/download:"),
 ])
 sidebar()
 page.run()

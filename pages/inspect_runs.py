@@ -15,6 +15,8 @@ if not all_runs:
     st.info("No runs yet: prune on the **Prune** page first.")
     st.stop()
 labels = {rid: run.label for rid, run in all_runs.items()}
+if "inspect_select_next" in st.session_state:  # set by the twin run, applied before the widget exists
+    st.session_state.inspect_runs = st.session_state.pop("inspect_select_next")
 chosen = st.multiselect("Runs to compare", list(labels), default=list(labels)[-3:], format_func=labels.get,
                         key="inspect_runs")
 if chosen:
@@ -52,7 +54,7 @@ def twin_status() -> None:
             tj.cancel()
     elif tj.state == "done" and tj.result.id not in st.session_state.runs:
         st.session_state.runs[tj.result.id] = tj.result
-        st.session_state.inspect_runs = list(dict.fromkeys([base_id, tj.result.id]))
+        st.session_state.inspect_select_next = list(dict.fromkeys([base_id, tj.result.id]))
         st.rerun(scope="app")
     elif tj.state == "failed":
         st.error(tj.error)

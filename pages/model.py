@@ -3,6 +3,7 @@ import streamlit as st
 
 from slimgpt_core import assets
 from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.models import ALIASES
 from slimgpt_core.studio import describe_model
 from ui.state import cached_model
 
@@ -33,6 +34,8 @@ if st.button("Load model", type="primary", disabled=not name):
             st.session_state["model_spec"] = (name, device, dtype)
         except SlimGPTError as exc:
             st.error(str(exc))
+        else:
+            st.rerun()  # the sidebar was drawn before the load
 
 spec = st.session_state.get("model_spec")
 if spec:
@@ -41,7 +44,7 @@ if spec:
     except SlimGPTError as exc:
         st.error(str(exc))
     else:
-        st.subheader(f"Loaded: {info.name}")
+        st.subheader(f"Loaded: {ALIASES.get(info.name, info.name)}")
         cols = st.columns(6)
         for col, (label, value) in zip(cols, [("layers", info.layers), ("heads", info.heads),
                                               ("KV heads", info.kv_heads), ("FFN width", info.ffn),

@@ -108,7 +108,7 @@ stats = ss.head_stats.get(stats_key)
 st.subheader("Head importance preview")
 if stats is not None:
     removed = stats.preview_removed(head_ratios)
-    st.plotly_chart(charts.head_heatmap(stats.head_scores, removed, stats.heads_per_unit,
+    st.plotly_chart(charts.head_heatmap(stats.head_scores, removed, max(stats.heads_per_unit),
                                         "Dense head importance; ✕ = would be removed at these ratios"),
                     key="preview_heatmap")
 else:

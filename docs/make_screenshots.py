@@ -1,0 +1,39 @@
+"""Screenshots of every page of the studio, driven in headless Chromium: `python docs/make_screenshots.py`."""
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from browser import browser_page, go, prune_default_model, set_number, studio_server, wait_idle  # noqa: E402
+
+
+def main() -> None:
+    with studio_server() as url, browser_page(1440, 1000) as page:
+        prune_default_model(page, url, shots=HERE, nsamples=16, seqlen=128)
+        page.get_by_role("button", name="Compute head importance").click()
+        page.get_by_text("Dense head importance").wait_for(timeout=600_000)
+        wait_idle(page)
+        page.screenshot(path=str(HERE / "prune.png"), full_page=True)
+        go(page, "Inspect")
+        page.get_by_role("button", name="Run its twin with dense inputs").click()
+        page.get_by_text("twin (dense inputs)").first.wait_for(timeout=600_000)
+        wait_idle(page)
+        page.screenshot(path=str(HERE / "inspect.png"), full_page=True)
+        go(page, "Evaluate")
+        set_number(page, "Windows (0: all)", 16)
+        page.get_by_label("Speed and memory").check()
+        wait_idle(page)
+        page.get_by_role("button", name="Evaluate", exact=True).click()
+        page.get_by_text("parameters (M)").wait_for(timeout=600_000)
+        wait_idle(page)
+        page.screenshot(path=str(HERE / "evaluate.png"), full_page=True)
+        go(page, "Export")
+        page.get_by_role("button", name="Export", exact=True).click()
+        page.get_by_role("button", name="Download").wait_for(timeout=300_000)
+        wait_idle(page)
+        page.screenshot(path=str(HERE / "export.png"), full_page=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Drive the studio in a real headless Chromium (Debian's, through Playwright). Used by the test and by
+docs/make_screenshots.py."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("SLIMGPT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def studio_server(env: dict | None = None):
+    port = free_port()
+    log = open(ROOT / "cache" / f".streamlit-{port}.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port",
+                             str(port), "--server.address", "127.0.0.1", "--server.headless", "true",
+                             "--browser.gatherUsageStats", "false"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("streamlit did not start")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@contextmanager
+def browser_page(width: int = 1440, height: int = 900):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
+        page = context.new_page()
+        page.set_default_timeout(120_000)
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def wait_idle(page, timeout: float = 120) -> None:
+    """Wait until Streamlit finished the current script run."""
+    page.wait_for_timeout(400)
+    page.wait_for_selector("[data-testid='stStatusWidget']", state="detached", timeout=timeout * 1000)
+
+
+def go(page, title: str) -> None:
+    page.locator("[data-testid='stSidebarNav'] a", has_text=title).first.click()
+    page.get_by_role("heading", name=title).first.wait_for()
+    wait_idle(page)
+
+
+def set_number(page, label: str, value) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(str(value))
+    box.press("Enter")
+    wait_idle(page)
+
+
+def prune_default_model(page, url: str, shots: Path | None = None, nsamples: int = 4, seqlen: int = 64) -> None:
+    """Load the offline default model, run a small prune, wait for the live charts."""
+    page.goto(url)
+    page.get_by_role("button", name="Load model").click()
+    page.get_by_text("Loaded:").wait_for(timeout=300_000)
+    wait_idle(page)
+    if shots:
+        page.screenshot(path=str(shots / "model.png"), full_page=True)
+    go(page, "Prune")
+    page.get_by_text("Calibration data and method").click()
+    set_number(page, "Samples", nsamples)
+    set_number(page, "Sequence length", seqlen)
+    page.get_by_role("button", name="Start pruning").click()
+    page.get_by_text("Done in").wait_for(timeout=600_000)
+    wait_idle(page)

@@ -1,0 +1,202 @@
+"""Every page of the studio through Streamlit's AppTest, driving the real engine on stories260k."""
+import json
+import os
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from conftest import ROOT
+
+APP = str(ROOT / "app.py")
+
+
+def figures(at) -> dict[str, dict]:
+    """Plotly figures on the page by title."""
+    out = {}
+    for chart in at.get("plotly_chart"):
+        spec = json.loads(chart.proto.spec)
+        title = spec["layout"].get("title", {}).get("text", "")
+        out[title] = spec
+    return out
+
+
+def settle(at, job_name: str, timeout: float = 300) -> AppTest:
+    job = at.session_state["jobs"][job_name]
+    job.wait(timeout)
+    assert job.state == "done", job.error
+    at.run()
+    at.run()  # the page reruns itself once a job has ended
+    assert not at.exception, at.exception
+    return at
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.run()
+    assert not at.exception
+    return at
+
+
+def load_stories(at) -> AppTest:
+    at.radio(key="model_source").set_value("stories260k (tiny, offline)").run()
+    next(b for b in at.button if b.label == "Load model").click().run()
+    assert not at.exception and not at.error
+    return at
+
+
+def button(at, label):
+    return next(b for b in at.button if b.label == label)
+
+
+def small_calibration(at) -> None:
+    at.number_input(key="nsamples").set_value(8).run()
+    at.number_input(key="seqlen").set_value(64).run()
+
+
+def test_model_page(app):
+    assert app.radio(key="model_source").options[0].startswith("Offline default")
+    assert {s.label for s in app.selectbox} == {"Device", "Weights dtype"}
+    load_stories(app)
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["layers"] == "5" and metrics["heads"] == "8" and metrics["KV heads"] == "4"
+    assert metrics["FFN width"] == "172"
+    assert any("KV groups of 2" in i.value for i in app.info)
+    assert app.session_state["model_spec"] == ("stories260k", "auto", "auto")
+
+
+def test_model_page_offline_hub_id_is_a_readable_error(app):
+    app.radio(key="model_source").set_value("Hugging Face hub id").run()
+    app.text_input(key="hub_id").set_value("someorg/some-model").run()
+    button(app, "Load model").click().run()
+    assert not app.exception
+    assert "hub" in app.error[0].value and "offline" in app.error[0].value
+
+
+def test_pages_without_a_model_or_run_say_what_to_do(app):
+    for page, text in (("pages/prune.py", "Load a model"), ("pages/inspect_runs.py", "No runs yet"),
+                       ("pages/evaluate.py", "Load a model"), ("pages/export.py", "No runs yet")):
+        app.switch_page(page).run()
+        assert not app.exception
+        assert any(text in i.value for i in app.info), page
+
+
+def test_schedule_editor_presets_sliders_and_preview(app):
+    load_stories(app)
+    app.switch_page("pages/prune.py").run()
+    assert len([s for s in app.slider if s.label.startswith("layer ")]) == 10  # heads and FFN per layer
+    before = [app.slider(key=f"hr_{i}").value for i in range(5)]
+    assert before == sorted(before) and before[0] < before[-1]  # log increase
+    app.slider(key="target_ratio").set_value(0.5).run()
+    after = [app.slider(key=f"hr_{i}").value for i in range(5)]
+    assert sum(after) / 5 == pytest.approx(0.5, abs=0.01)
+    achieved = {m.label: m.value for m in app.metric}["Achieved (decoder layers)"]
+    app.selectbox(key="preset").set_value("uniform").run()
+    assert {app.slider(key=f"hr_{i}").value for i in range(5)} == {0.5}
+    app.slider(key="hr_0").set_value(0.0).run()  # drag one layer: fewer parameters removed
+    assert {m.label: m.value for m in app.metric}["Achieved (decoder layers)"] != achieved
+    curve = figures(app)["Pruning ratio per layer"]
+    assert curve["data"][0]["y"][0] == 0.0 and curve["data"][0]["y"][1] == 0.5
+
+
+def test_prune_run_produces_live_charts_and_heatmap(app):
+    load_stories(app)
+    app.switch_page("pages/prune.py").run()
+    small_calibration(app)
+    button(app, "Start pruning").click().run()
+    settle(app, "prune")
+    assert "Done in" in app.success[0].value
+    run = next(iter(app.session_state["runs"].values()))
+    figs = figures(app)
+    recon = figs["Reconstruction error ‖WX−ŴX‖²/‖WX‖²"]
+    attn = [t for t in recon["data"] if t["name"].endswith("attn")][0]
+    assert attn["x"] == [0, 1, 2, 3, 4]
+    assert attn["y"] == pytest.approx([max(m.rel_error, 1e-12) for m in run.report.modules if m.module == "attn"])
+    acc = figs["Accumulated error along depth"]["data"][0]
+    assert acc["y"] == pytest.approx([e.accumulated_error for e in run.report.layers])
+    heat = figs["Head importance (log10 OBS error of removing each group)"]
+    assert len(heat["data"][0]["z"]) == 5 and len(heat["data"][0]["z"][0]) == 4  # layers × KV groups
+    marked = heat["data"][1]
+    assert len(marked["x"]) == sum(len(h.removed) for h in run.report.heads) > 0
+    assert app.session_state["current_run"] == run.id
+
+
+def test_head_importance_preview_marks_what_the_sliders_remove(app):
+    load_stories(app)
+    app.switch_page("pages/prune.py").run()
+    small_calibration(app)
+    button(app, "Compute head importance").click().run()
+    settle(app, "stats")
+    heat = figures(app)["Dense head importance; ✕ = would be removed at these ratios"]
+    n_marked = len(heat["data"][1]["x"])
+    app.selectbox(key="preset").set_value("uniform").run()
+    app.slider(key="target_ratio").set_value(0.5).run()  # 2 of 4 groups in every layer
+    heat = figures(app)["Dense head importance; ✕ = would be removed at these ratios"]
+    assert len(heat["data"][1]["x"]) == 10 != n_marked
+
+
+def test_inspect_evaluate_export(app, tmp_path):
+    load_stories(app)
+    app.switch_page("pages/prune.py").run()
+    small_calibration(app)
+    button(app, "Start pruning").click().run()
+    settle(app, "prune")
+    # Inspect: a dense-input twin, overlaid
+    app.switch_page("pages/inspect_runs.py").run()
+    assert not app.exception
+    button(app, "Run its twin with dense inputs").click().run()
+    settle(app, "twin")
+    assert len(app.session_state["runs"]) == 2
+    acc = figures(app)["Accumulated error along depth"]
+    assert len(acc["data"]) == 2 and any("twin" in t["name"] for t in acc["data"])
+    assert "OBS-predicted vs measured error" in figures(app)
+    app.slider(key="detail_layer").set_value(4).run()
+    assert any(t.startswith("Layer 4: FFN channel scores") for t in figures(app))
+    # Evaluate: dense and pruned side by side
+    app.switch_page("pages/evaluate.py").run()
+    app.selectbox(key="eval_ppl").set_value("tinystories").run()
+    app.number_input(key="eval_seqlen").set_value(256).run()
+    app.number_input(key="eval_windows").set_value(4).run()
+    app.multiselect(key="eval_tasks").set_value(["piqa"]).run()
+    app.number_input(key="eval_limit").set_value(3).run()
+    button(app, "Evaluate").click().run()
+    settle(app, "eval")
+    table = app.dataframe[0].value
+    assert list(table["model"])[0] == "dense" and len(table) == 2
+    assert table["ppl (tinystories, 256)"][0] < table["ppl (tinystories, 256)"][1]
+    assert {"Perplexity (lower is better)", "Zero-shot acc"} <= set(figures(app))
+    # Export: folder, zip, model card
+    app.switch_page("pages/export.py").run()
+    app.text_input(key="export_folder").set_value(str(tmp_path / "exported")).run()
+    button(app, "Export").click().run()
+    assert not app.exception and not app.error
+    assert (tmp_path / "exported" / "model.safetensors").exists() and (tmp_path / "exported.zip").exists()
+    assert any("Download exported.zip" in str(e.proto) for e in app.get("download_button"))
+    assert any("pruned with SlimGPT" in m.value for m in app.markdown)
+
+
+def test_jobs_cancel_and_fail_cleanly():
+    import time
+
+    from slimgpt_core.errors import SlimGPTError
+    from slimgpt_core.jobs import start_job
+
+    def slow(callback=None, should_stop=None):
+        from slimgpt_core.errors import PruningCancelled
+        for i in range(1000):
+            callback(i)
+            if should_stop():
+                raise PruningCancelled()
+            time.sleep(0.01)
+
+    job = start_job("slow", slow)
+    time.sleep(0.05)
+    job.cancel()
+    assert job.wait(5).state == "cancelled" and job.events
+
+    def bad(callback=None, should_stop=None):
+        raise SlimGPTError("ratio must be in [0, 1)")
+
+    job = start_job("bad", bad)
+    assert job.wait(5).state == "failed" and job.error == "ratio must be in [0, 1)"

@@ -10,6 +10,7 @@ page = st.navigation([
     st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:"),
     st.Page("pages/inspect_runs.py", title="Inspect", icon=":material/query_stats:"),
     st.Page("pages/evaluate.py", title="Evaluate", icon=":material/leaderboard:"),
+    st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
     st.Page("pages/export.py", title="Export", icon=":material/download:"),
 ])
 sidebar()

@@ -9,7 +9,7 @@ from browser import browser_page, go, prune_default_model, set_number, studio_se
 
 
 def main() -> None:
-    with studio_server() as url, browser_page(1440, 1000) as page:
+    with studio_server() as url, browser_page(1440, 2000) as page:
         prune_default_model(page, url, shots=HERE, nsamples=16, seqlen=128)
         page.get_by_role("button", name="Compute head importance").click()
         page.get_by_text("Dense head importance").wait_for(timeout=600_000)
@@ -22,7 +22,7 @@ def main() -> None:
         page.screenshot(path=str(HERE / "inspect.png"), full_page=True)
         go(page, "Evaluate")
         set_number(page, "Windows (0: all)", 16)
-        page.get_by_label("Speed and memory").check()
+        page.get_by_text("Speed and memory").click()
         wait_idle(page)
         page.get_by_role("button", name="Evaluate", exact=True).click()
         page.get_by_text("parameters (M)").wait_for(timeout=600_000)

@@ -83,5 +83,5 @@ def show_results() -> None:
         c2.plotly_chart(charts.evaluation_bars(results), key="eval_task_chart")
 
 
-running = bool(eval_job and eval_job.running)
+running = bool(job("eval") and job("eval").running)  # after the button: a job it started counts
 st.fragment(run_every=1.0 if running else None)(show_results)()

@@ -17,8 +17,9 @@ if not all_runs:
 labels = {rid: run.label for rid, run in all_runs.items()}
 if "inspect_select_next" in st.session_state:  # set by the twin run, applied before the widget exists
     st.session_state.inspect_runs = st.session_state.pop("inspect_select_next")
-chosen = st.multiselect("Runs to compare", list(labels), default=list(labels)[-3:], format_func=labels.get,
-                        key="inspect_runs")
+st.session_state.setdefault("inspect_runs", list(labels)[-3:])
+st.session_state.inspect_runs = [r for r in st.session_state.inspect_runs if r in labels]  # runs may be gone
+chosen = st.multiselect("Runs to compare", list(labels), format_func=labels.get, key="inspect_runs")
 if chosen:
     c1, c2 = st.columns(2)
     c1.plotly_chart(charts.accumulated_error({labels[r]: all_runs[r].report.layers for r in chosen}),
@@ -60,7 +61,7 @@ def twin_status() -> None:
         st.error(tj.error)
 
 
-tj_running = bool(twin_job and twin_job.running)
+tj_running = bool(job("twin") and job("twin").running)  # after the button: a job it started counts
 st.fragment(run_every=1.0 if tj_running else None)(twin_status)()
 
 # per-layer detail

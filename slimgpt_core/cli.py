@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl", help="also measure dense and pruned perplexity on this text (e.g. wikitext2)")
     p.add_argument("--ppl-seqlen", type=_positive, default=128, help="perplexity window length")
     p.add_argument("--ppl-windows", type=_positive, help="at most this many perplexity windows")
+    p.add_argument("--method", choices=["slimgpt", "magnitude", "wanda-sp", "surgeon"], default="slimgpt",
+                   help="SlimGPT, or a baseline from the seed papers (same pipeline, events and export)")
+    p.add_argument("--no-compensation", action="store_true", help="ablation: OBS choice without weight update")
+    p.add_argument("--shots", type=_positive, default=3, help="surgeon: passes with linearly rising sparsity")
+    p.add_argument("--target-config", help="prune to another model's shape: its config.json (or folder / hub id)")
     p.add_argument("--out", required=True, help="folder for the pruned model and report.json (must not exist)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -113,6 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--zip", action="store_true", help="also write OUT.zip")
     x.add_argument("--dtype", default="auto", help="weights' dtype: auto (as stored), float32, float16, bfloat16")
     x.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    g = sub.add_parser("compare", help="grid of methods and ablations × ratios, table and plots")
+    g.add_argument("--model", default="default")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--ratios", default="0.2,0.5")
+    g.add_argument("--variants", default="slimgpt,magnitude,wanda-sp,surgeon,slimgpt-nocomp,slimgpt-approx,"
+                                         "slimgpt-greedy,slimgpt-dense,slimgpt-uniform,slimgpt-linear")
+    g.add_argument("--calib", default="c4")
+    g.add_argument("--nsamples", type=_positive, default=32)
+    g.add_argument("--seqlen", type=_positive, default=256)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--ppl", default="wikitext2")
+    g.add_argument("--ppl-seqlen", type=_positive, default=128)
+    g.add_argument("--ppl-windows", type=_positive, default=64)
+    g.add_argument("--tasks", help="zero-shot tasks, comma separated (default: none)")
+    g.add_argument("--limit", type=_positive, default=50)
+    g.add_argument("--out", required=True, help="folder for compare.md, compare.csv, compare.json and plots")
+    g.add_argument("--quiet", action="store_true")
 
     c = sub.add_parser("cache", help="show or clear cache/")
     c.add_argument("action", choices=["info", "clear"])
@@ -177,10 +200,13 @@ def cmd_prune(args) -> int:
         ffn_ratio=args.ffn_ratio, head_ratios=args.head_ratios, ffn_ratios=args.ffn_ratios,
         keep_heads=args.keep_heads, keep_ffn=args.keep_ffn, damp=args.damp, head_error=args.head_error,
         ffn_group_floor=args.ffn_group_floor, ffn_group_ceiling=args.ffn_group_ceiling,
-        sequential=not args.dense_inputs, batch_size=args.batch_size, device=args.device)
+        sequential=not args.dense_inputs, batch_size=args.batch_size, device=args.device, method=args.method,
+        compensate=not args.no_compensation, shots=args.shots)
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.device, args.dtype)
     model = loaded.model
+    if args.target_config:
+        settings.keep_heads, settings.keep_ffn = _target(args.target_config, model)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and args.seqlen > limit:
         raise SlimGPTError(f"--seqlen {args.seqlen} exceeds the model's context of {limit} tokens")
@@ -242,6 +268,45 @@ def _evaluate_one(name, args, device) -> dict:
         out["speed"] = asdict(measure_speed(model, args.speed_batches, args.speed_lengths, args.new_tokens,
                                             folder=loaded.path))
     return out
+
+
+def _target(spec: str, model):
+    from .models import load_config
+    from .surgery import target_shape
+
+    path = Path(spec)
+    if path.is_file():
+        try:
+            config = json.loads(path.read_text())
+        except ValueError:
+            raise SlimGPTError(f"{spec} is not a JSON config") from None
+    else:
+        config = load_config(spec)[0].to_dict()
+    return target_shape(config, model)
+
+
+def cmd_compare(args) -> int:
+    from .compare import parse_variants, run_grid, write_outputs
+    from .zeroshot import parse_tasks
+
+    variants = parse_variants(args.variants)
+    tasks = parse_tasks(args.tasks) if args.tasks else []
+    ratios = [float(r) for r in args.ratios.split(",")]
+    for r in ratios:
+        if not 0 <= r < 1:
+            raise SlimGPTError(f"ratio must be in [0, 1), got {r}")
+    progress = _TerminalProgress(args.quiet)
+    rows = run_grid(args.model, ratios, variants, args.calib, args.nsamples, args.seqlen, args.seed, args.ppl,
+                    args.ppl_seqlen, args.ppl_windows, tasks, args.limit, device=args.device, callback=progress)
+    progress.close()
+    command = "python -m slimgpt_core compare " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["compare"] else ""
+    paths = write_outputs(rows, args.out, command, {"model": args.model, "calibration":
+                                                     f"{args.calib} {args.nsamples}x{args.seqlen} seed {args.seed}",
+                                                     "perplexity": f"{args.ppl} windows of {args.ppl_seqlen}, "
+                                                                   f"at most {args.ppl_windows}",
+                                                     "tasks": f"{','.join(tasks) or 'none'} limit {args.limit}"})
+    print(json.dumps({"rows": len(rows), "files": [str(p) for p in paths]}))
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -307,7 +372,8 @@ def cmd_cache(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "cache": cmd_cache}[args.command](args)
+        return {"prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "cache": cmd_cache,
+                "compare": cmd_compare}[args.command](args)
     except SlimGPTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

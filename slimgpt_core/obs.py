@@ -189,3 +189,41 @@ def prune_channels(W: torch.Tensor, H: torch.Tensor, n_remove: int, damp: float 
         removed.extend(cols.tolist())
         steps.append(cnt)
     return PruneResult(W, removed, first, predicted, lam, steps)
+
+
+# --- baselines and ablations (SPEC §3): same interface, same PruneResult ---------------------------------
+
+def unit_scores(W: torch.Tensor, H: torch.Tensor | None, group: int, method: str) -> torch.Tensor:
+    """Score of every unit of `group` consecutive input columns; the lowest are removed.
+
+    magnitude: ‖W_Q‖_F (column norms, no data). wanda-sp: Σ |W_ij|·‖X_j‖₂ over the unit (Wanda's score,
+    structured as in FLAP); ‖X_j‖₂ ∝ sqrt(H_jj)."""
+    Wf = W.float()
+    if method == "magnitude":
+        per_col = Wf.pow(2).sum(0)
+        return per_col.reshape(-1, group).sum(1).sqrt()
+    if method == "wanda-sp":
+        x_norm = torch.diag(H).clamp_min(0).sqrt()
+        per_col = Wf.abs().sum(0) * x_norm
+        return per_col.reshape(-1, group).sum(1)
+    raise SlimGPTError(f"unknown scoring method {method!r}")
+
+
+def prune_by_score(W: torch.Tensor, H: torch.Tensor | None, group: int, n_remove: int, method: str) -> PruneResult:
+    """Remove the lowest-scoring units at once, no weight update."""
+    scores = unit_scores(W, H, group, method)
+    removed = torch.topk(scores, n_remove, largest=False).indices.tolist() if n_remove else []
+    Wn = W.float().clone()
+    for u in removed:
+        Wn[:, u * group:(u + 1) * group] = 0.0
+    predicted = quadratic_error(Wn - W.float(), H) if H is not None else 0.0
+    return PruneResult(Wn, removed, scores.tolist(), predicted, 0.0, [len(removed)] if removed else [])
+
+
+def without_compensation(W: torch.Tensor, H: torch.Tensor, result: PruneResult, group: int) -> PruneResult:
+    """Ablation: keep the OBS choice of units but drop the weight update (removed columns zeroed only)."""
+    Wn = W.float().clone()
+    for u in result.removed:
+        Wn[:, u * group:(u + 1) * group] = 0.0
+    return PruneResult(Wn, result.removed, result.first_scores, quadratic_error(Wn - W.float(), H), result.damping,
+                       result.steps)

@@ -34,6 +34,12 @@ class PruneSettings:
     sequential: bool = True  # False: every layer calibrated on the dense model's inputs
     batch_size: int = 8
     device: str = "auto"
+    method: str = "slimgpt"  # slimgpt | magnitude | wanda-sp | surgeon
+    compensate: bool = True  # False (ablation): OBS chooses what to remove, weights are not updated
+    shots: int = 3  # surgeon: passes over the model, sparsity rising linearly across them
+
+
+METHODS = ("slimgpt", "magnitude", "wanda-sp", "surgeon")
 
 
 def _validate(settings: PruneSettings) -> None:
@@ -49,6 +55,10 @@ def _validate(settings: PruneSettings) -> None:
         raise SlimGPTError(f"head error must be 'exact' or 'approx', got {settings.head_error!r}")
     if settings.batch_size < 1:
         raise SlimGPTError(f"batch size must be >= 1, got {settings.batch_size}")
+    if settings.method not in METHODS:
+        raise SlimGPTError(f"unknown method {settings.method!r} (choose from {', '.join(METHODS)})")
+    if settings.shots < 1:
+        raise SlimGPTError(f"shots must be >= 1, got {settings.shots}")
     obs.dynamic_group_sizes(0, settings.ffn_group_floor, settings.ffn_group_ceiling)
 
 
@@ -213,7 +223,46 @@ class _StatisticsCache:
 def prune_model(model, tokens: torch.Tensor, settings: PruneSettings, callback: Callback | None = None,
                 should_stop: Callable[[], bool] | None = None, model_name: str = "",
                 use_cache: bool = True) -> PruneReport:
-    """Prune `model` in place with SlimGPT on calibration `tokens` [N, seqlen]; return the report.
+    """Prune `model` in place on calibration `tokens` [N, seqlen] with `settings.method`; return the report."""
+    if settings.method != "surgeon":
+        return _prune_pass(model, tokens, settings, callback, should_stop, model_name, use_cache)
+    return _prune_multishot(model, tokens, settings, callback, should_stop, model_name, use_cache)
+
+
+def _prune_multishot(model, tokens, settings, callback, should_stop, model_name, use_cache) -> PruneReport:
+    """LLM-Surgeon-style: `shots` passes over the whole model; after shot s each layer has lost s/shots of its
+    final target (linear schedule across shots). Every pass re-collects the curvature (layer-wise Hessians)
+    from the partially pruned model and updates the remaining weights with OBS. The report's per-layer events
+    are the last shot's (measured against the model entering it); parameters and times cover all shots."""
+    from dataclasses import replace
+
+    _, _, head_rm, ffn_rm = plan_removals(model, settings)
+    shapes = [layer_shape(layer) for layer in model.model.layers]
+    params_before, layer_params_before = count_parameters(model), count_parameters(model.model.layers)
+    phases: dict[str, float] = {}
+    total = 0.0
+    report = None
+    for shot in range(1, settings.shots + 1):
+        keep_heads = [q - round(h * shot / settings.shots) * (q // kv) for (q, kv, _), h in zip(shapes, head_rm)]
+        keep_ffn = [f - round(c * shot / settings.shots) for (_, _, f), c in zip(shapes, ffn_rm)]
+        shot_settings = replace(settings, method="slimgpt", keep_heads=keep_heads, keep_ffn=keep_ffn)
+        report = _prune_pass(model, tokens, shot_settings, callback, should_stop, model_name, use_cache)
+        for k, v in report.phase_seconds.items():
+            phases[k] = phases.get(k, 0.0) + v
+        total += report.total_seconds
+    report.settings = asdict(settings)
+    report.head_ratios = [h / kv for (_, kv, _), h in zip(shapes, head_rm)]
+    report.ffn_ratios = [c / f for (_, _, f), c in zip(shapes, ffn_rm)]
+    report.params_before, report.layer_params_before = params_before, layer_params_before
+    report.phase_seconds, report.total_seconds = phases, total
+    model.config.slimgpt = {"source_model": model_name, **asdict(settings)}
+    return report
+
+
+def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: Callback | None = None,
+                should_stop: Callable[[], bool] | None = None, model_name: str = "",
+                use_cache: bool = True) -> PruneReport:
+    """One sequential pass of SlimGPT (or a scoring baseline) over the model.
 
     The model may live on the CPU: each decoder layer is moved to the compute device in turn. With
     `use_cache`, dense statistics of layers whose inputs are the dense model's are read from / written to
@@ -284,8 +333,8 @@ def prune_model(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
     forget_fingerprint(model)
     report.reused_statistics = stats.reused
     update_config(model)
-    model.config.slimgpt = {"source_model": model_name, "method": "slimgpt", **asdict(settings),
-                            "head_ratios": head_r, "ffn_ratios": ffn_r}
+    model.config.slimgpt = {"source_model": model_name, **asdict(settings), "head_ratios": head_r,
+                            "ffn_ratios": ffn_r}
     report.params_after = count_parameters(model)
     report.layer_params_after = count_parameters(layers)
     report.total_seconds = time.perf_counter() - t_start
@@ -304,7 +353,13 @@ def _prune_attention(layer, i, x, kwargs, settings, ratio, n_remove, emit, phase
     rep = attn.num_key_value_groups
     n_units = attn.k_proj.out_features // attn.head_dim
     w0 = attn.o_proj.weight.data.float()
-    res = obs.prune_head_groups(w0, H, attn.head_dim * rep, n_remove, settings.damp, settings.head_error)
+    group = attn.head_dim * rep
+    if settings.method in ("magnitude", "wanda-sp"):
+        res = obs.prune_by_score(w0, H, group, n_remove, settings.method)
+    else:
+        res = obs.prune_head_groups(w0, H, group, n_remove, settings.damp, settings.head_error)
+        if not settings.compensate:
+            res = obs.without_compensation(w0, H, res, group)
     attn.o_proj.weight.data = res.weight.to(attn.o_proj.weight.dtype)
     denom = obs.quadratic_error(w0, H)
     rel = obs.relative_error(w0, res.weight, H)
@@ -324,7 +379,12 @@ def _prune_mlp(layer, i, x, kwargs, settings, ratio, n_remove, emit, phase, done
     t0 = phase(i, "mlp-prune")
     n_ch = mlp.down_proj.in_features
     w0 = mlp.down_proj.weight.data.float()
-    res = obs.prune_channels(w0, H, n_remove, settings.damp, settings.ffn_group_floor, settings.ffn_group_ceiling)
+    if settings.method in ("magnitude", "wanda-sp"):
+        res = obs.prune_by_score(w0, H, 1, n_remove, settings.method)
+    else:
+        res = obs.prune_channels(w0, H, n_remove, settings.damp, settings.ffn_group_floor, settings.ffn_group_ceiling)
+        if not settings.compensate:
+            res = obs.without_compensation(w0, H, res, 1)
     mlp.down_proj.weight.data = res.weight.to(mlp.down_proj.weight.dtype)
     denom = obs.quadratic_error(w0, H)
     rel = obs.relative_error(w0, res.weight, H)

@@ -73,3 +73,23 @@ def count_parameters(module: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+def target_shape(target_config: dict, model) -> tuple[list[int], list[int]]:
+    """Per-layer query heads and FFN widths to keep so that `model` takes the shape of `target_config`
+    (another model's config.json: per-layer lists or uniform num_attention_heads / intermediate_size)."""
+    from .errors import SlimGPTError
+
+    n = len(model.model.layers)
+    tn = target_config.get("num_hidden_layers", n)
+    if tn != n:
+        raise SlimGPTError(f"target architecture has {tn} layers but the model has {n}: only widths can be pruned")
+    heads = target_config.get("layer_num_attention_heads") or [target_config.get("num_attention_heads")] * n
+    ffn = target_config.get("layer_intermediate_size") or [target_config.get("intermediate_size")] * n
+    if None in heads or None in ffn:
+        raise SlimGPTError("target config needs num_attention_heads and intermediate_size (or per-layer lists)")
+    src_dim = head_dim(model.config)
+    tgt_dim = target_config.get("head_dim") or target_config.get("hidden_size", 0) // max(1, heads[0])
+    if tgt_dim and tgt_dim != src_dim:
+        raise SlimGPTError(f"target head size {tgt_dim} differs from the model's {src_dim}: heads cannot be resized")
+    return [int(h) for h in heads], [int(f) for f in ffn]

@@ -76,7 +76,8 @@ def test_model_page_offline_hub_id_is_a_readable_error(app):
 
 def test_pages_without_a_model_or_run_say_what_to_do(app):
     for page, text in (("pages/prune.py", "Load a model"), ("pages/inspect_runs.py", "No runs yet"),
-                       ("pages/evaluate.py", "Load a model"), ("pages/export.py", "No runs yet")):
+                       ("pages/evaluate.py", "Load a model"), ("pages/export.py", "No runs yet"),
+                       ("pages/compare.py", "Load a model")):
         app.switch_page(page).run()
         assert not app.exception
         assert any(text in i.value for i in app.info), page
@@ -200,3 +201,23 @@ def test_jobs_cancel_and_fail_cleanly():
 
     job = start_job("bad", bad)
     assert job.wait(5).state == "failed" and job.error == "ratio must be in [0, 1)"
+
+
+def test_compare_page_runs_a_grid(app):
+    load_stories(app)
+    app.switch_page("pages/compare.py").run()
+    assert not app.exception
+    app.multiselect(key="cmp_variants").set_value(["slimgpt", "magnitude"]).run()
+    app.multiselect(key="cmp_ratios").set_value([0.3]).run()
+    app.selectbox(key="cmp_calib").set_value("tinystories").run()
+    app.number_input(key="cmp_nsamples").set_value(8).run()
+    app.number_input(key="cmp_seqlen").set_value(64).run()
+    app.selectbox(key="cmp_ppl").set_value("tinystories").run()
+    app.number_input(key="cmp_windows").set_value(3).run()
+    button(app, "Run grid").click().run()
+    settle(app, "compare")
+    table = app.dataframe[0].value
+    assert list(table["variant"]) == ["slimgpt", "magnitude"]
+    assert table["achieved_layer_ratio"][0] == table["achieved_layer_ratio"][1]
+    ppl = figures(app)["Perplexity by variant (lower is better)"]
+    assert ppl["data"][0]["x"] == ["slimgpt", "magnitude"]

@@ -5,7 +5,7 @@ import zipfile
 
 import pytest
 
-from browser import browser_page, go, prune_default_model, studio_server, wait_idle
+from browser import browser_page, go, prune_default_model, set_number, studio_server
 
 
 
@@ -19,6 +19,12 @@ def test_studio_end_to_end_in_chromium(tmp_path):
         heatmap.first.wait_for()
         assert heatmap.count() >= 1
         assert page.locator("[data-testid='stPlotlyChart']").filter(has_text="Accumulated error").count() == 1
+        # evaluation runs as a polled background job too
+        go(page, "Evaluate")
+        set_number(page, "Windows (0: all)", 2)
+        page.get_by_role("button", name="Evaluate", exact=True).click()
+        page.get_by_text("parameters (M)").wait_for(timeout=300_000)
+        assert page.locator("[data-testid='stPlotlyChart']").filter(has_text="Perplexity").count() == 1
         go(page, "Export")
         page.get_by_role("button", name="Export", exact=True).click()
         download_button = page.get_by_role("button", name="Download")

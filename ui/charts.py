@@ -69,6 +69,7 @@ def head_heatmap(scores: Sequence[Sequence[float]], removed: Sequence[Sequence[i
     fig.add_scatter(x=xs, y=ys, mode="markers", name="removed", marker=dict(symbol="x", size=12, color="red"))
     label = f"{unit} ({heads_per_unit} query heads each)" if heads_per_unit > 1 else unit
     fig = _layout(fig, title, label, "layer")
+    fig.update_xaxes(dtick=1)
     fig.update_yaxes(autorange="reversed")
     return fig
 

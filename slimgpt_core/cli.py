@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compensation", action="store_true", help="ablation: OBS choice without weight update")
     p.add_argument("--shots", type=_positive, default=3, help="surgeon: passes with linearly rising sparsity")
     p.add_argument("--target-config", help="prune to another model's shape: its config.json (or folder / hub id)")
+    p.add_argument("--offload-activations", choices=["auto", "never", "always"], default="auto",
+                   help="calibration activations in pinned CPU memory (auto: when they do not fit the GPU)")
+    p.add_argument("--tf32", action="store_true", help="TF32 for layer forwards on CUDA (statistics stay fp32)")
+    p.add_argument("--no-accumulation", action="store_true",
+                   help="skip the reference forward that measures accumulated error (faster)")
     p.add_argument("--out", required=True, help="folder for the pruned model and report.json (must not exist)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -188,7 +193,38 @@ def _ppl(model, tokenizer, source, seqlen, windows, batch, device, quiet, label,
             bar.close()
 
 
+def _init_distributed(device: str) -> tuple[int, int, str]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; gloo on CPU, NCCL on GPUs (one per rank)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return dist.get_rank(), world, device
+
+
 def cmd_prune(args) -> int:
+    rank, world, args.device = _init_distributed(args.device)
+    try:
+        return _cmd_prune(args, rank)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _cmd_prune(args, rank: int) -> int:
     from .data import calibration_tokens
     from .models import load_model, resolve_device
     from .pipeline import PruneSettings, check_memory, plan_removals, prune_model
@@ -201,7 +237,8 @@ def cmd_prune(args) -> int:
         keep_heads=args.keep_heads, keep_ffn=args.keep_ffn, damp=args.damp, head_error=args.head_error,
         ffn_group_floor=args.ffn_group_floor, ffn_group_ceiling=args.ffn_group_ceiling,
         sequential=not args.dense_inputs, batch_size=args.batch_size, device=args.device, method=args.method,
-        compensate=not args.no_compensation, shots=args.shots)
+        compensate=not args.no_compensation, shots=args.shots, offload_activations=args.offload_activations,
+        tf32=args.tf32, track_accumulation=not args.no_accumulation)
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.device, args.dtype)
     model = loaded.model
@@ -214,18 +251,20 @@ def cmd_prune(args) -> int:
     check_memory(model, args.nsamples, args.seqlen, device)
     tokens = calibration_tokens(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     evaluation = {}
-    if args.ppl:
+    if args.ppl and rank == 0:
         model.to(device)
         evaluation["dense_ppl"] = asdict(_ppl(model, loaded.tokenizer, args.ppl, args.ppl_seqlen, args.ppl_windows,
                                               args.batch_size, device, args.quiet, "dense"))
         model.to("cpu")
-    progress = _TerminalProgress(args.quiet)
+    progress = _TerminalProgress(args.quiet or rank > 0)
     try:
         report = prune_model(model, tokens, settings, progress, model_name=loaded.name)
     finally:
         progress.close()
     report.settings.update(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                            dtype=str(next(model.parameters()).dtype))
+    if rank > 0:
+        return 0  # every rank holds the same pruned model; rank 0 writes it
     if args.ppl:
         model.to(device)
         evaluation["pruned_ppl"] = asdict(_ppl(model, loaded.tokenizer, args.ppl, args.ppl_seqlen, args.ppl_windows,

@@ -14,6 +14,6 @@ class PruningCancelled(SlimGPTError):
 
 def out_of_memory_message(what: str, device: str) -> str:
     return (
-        f"out of memory on {device} while {what}: lower --nsamples, --seqlen or --batch-size, "
-        "use a smaller --dtype, or run on a device with more memory"
+        f"out of memory on {device} while {what}: lower --nsamples, --seqlen or --batch-size, keep calibration "
+        "activations on the CPU (--offload-activations always), use a smaller --dtype, or a device with more memory"
     )

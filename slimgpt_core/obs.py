@@ -15,21 +15,35 @@ from .errors import SlimGPTError
 
 
 class HessianAccumulator:
-    """Running mean of 2·x·xᵀ over the rows of every batch fed to `add_batch`."""
+    """H = 2·XXᵀ/N over every row fed to `add_batch`.
+
+    Each batch's XᵀX (fp32) is added into an fp64 sum and divided by N only at the end, so the result does not
+    depend on how batches are grouped or ordered: a run sharded over several processes (`all_reduce`)
+    reproduces the single-process statistics."""
 
     def __init__(self, columns: int, device: torch.device | str = "cpu"):
-        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.sum = torch.zeros(columns, columns, dtype=torch.float64, device=device)
         self.nsamples = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(device=self.H.device, dtype=torch.float32)
-        n = x.shape[0]
-        if n == 0:
+        x = x.reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=torch.float32)
+        if x.shape[0] == 0:
             return
-        self.H.mul_(self.nsamples / (self.nsamples + n))
-        self.nsamples += n
-        x = x * math.sqrt(2.0 / self.nsamples)
-        self.H.addmm_(x.T, x)
+        self.sum += (x.T @ x).double()
+        self.nsamples += x.shape[0]
+
+    def all_reduce(self) -> None:
+        """Sum the statistics of all processes of a torch.distributed job (no-op when not distributed)."""
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.sum)
+            n = torch.tensor([self.nsamples], dtype=torch.float64, device=self.sum.device)
+            dist.all_reduce(n)
+            self.nsamples = int(n.item())
+
+    @property
+    def H(self) -> torch.Tensor:
+        return (self.sum * (2.0 / max(self.nsamples, 1))).float()
 
 
 def quadratic_error(delta_w: torch.Tensor, H: torch.Tensor) -> float:

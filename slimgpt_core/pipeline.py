@@ -37,6 +37,9 @@ class PruneSettings:
     method: str = "slimgpt"  # slimgpt | magnitude | wanda-sp | surgeon
     compensate: bool = True  # False (ablation): OBS chooses what to remove, weights are not updated
     shots: int = 3  # surgeon: passes over the model, sparsity rising linearly across them
+    offload_activations: str = "auto"  # auto | never | always: calibration activations in (pinned) CPU memory
+    tf32: bool = False  # TF32 matmuls in layer forwards on CUDA (statistics and OBS stay full fp32)
+    track_accumulation: bool = True  # False: skip the reference forward that measures accumulated error
 
 
 METHODS = ("slimgpt", "magnitude", "wanda-sp", "surgeon")
@@ -44,6 +47,8 @@ METHODS = ("slimgpt", "magnitude", "wanda-sp", "surgeon")
 
 def _validate(settings: PruneSettings) -> None:
     check_ratio(settings.ratio)
+    if settings.offload_activations not in ("auto", "never", "always"):
+        raise SlimGPTError(f"offload_activations must be auto, never or always, got {settings.offload_activations!r}")
     for name in ("head_ratio", "ffn_ratio"):
         if getattr(settings, name) is not None:
             check_ratio(getattr(settings, name), name.replace("_", " "))
@@ -146,12 +151,37 @@ def capture_layer_inputs(model, tokens: torch.Tensor, batch_size: int, device: t
     return torch.cat(chunks), _to(captured, device)
 
 
+class _TF32:
+    """TF32 for the layer forwards only; restored afterwards."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.enabled
+        return self
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
+_FORWARD_TF32 = _TF32(False)
+
+
+def _layer_device(layer) -> torch.device:
+    return next(layer.parameters()).device
+
+
 def run_layer(layer, x: torch.Tensor, kwargs: dict, batch_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Layer outputs for every sample; x may live in CPU memory while the layer is on the GPU."""
     out = torch.empty_like(x) if out is None else out
-    with torch.no_grad():
+    dev = _layer_device(layer)
+    with torch.no_grad(), _TF32(_FORWARD_TF32.enabled):
         for s in range(0, x.shape[0], batch_size):
-            y = layer(x[s:s + batch_size], **kwargs)
-            out[s:s + batch_size] = y[0] if isinstance(y, tuple) else y
+            y = layer(x[s:s + batch_size].to(dev, non_blocking=True), **kwargs)
+            y = y[0] if isinstance(y, tuple) else y
+            out[s:s + batch_size].copy_(y, non_blocking=True)
     return out
 
 
@@ -160,20 +190,52 @@ def collect_hessian(layer, linear: torch.nn.Linear, x: torch.Tensor, kwargs: dic
     acc = obs.HessianAccumulator(linear.in_features, device=linear.weight.device)
 
     def hook(module, args):
-        acc.add_batch(args[0])
+        with _TF32(False):  # statistics in full fp32 whatever the forwards use
+            acc.add_batch(args[0])
         raise _StopForward
 
     handle = linear.register_forward_pre_hook(hook)
+    dev = _layer_device(layer)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _TF32(_FORWARD_TF32.enabled):
             for s in range(0, x.shape[0], batch_size):
                 try:
-                    layer(x[s:s + batch_size], **kwargs)
+                    layer(x[s:s + batch_size].to(dev, non_blocking=True), **kwargs)
                 except _StopForward:
                     pass
     finally:
         handle.remove()
+    acc.all_reduce()  # torch.distributed: every rank ends with the statistics of all shards
     return acc.H
+
+
+def distributed_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_tokens(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """This rank's calibration samples: whole micro-batches, round robin, so every micro-batch (and its
+    forward pass) is exactly the one a single process would run."""
+    rank, world = distributed_rank_world()
+    if world == 1:
+        return tokens
+    batches = [tokens[s:s + batch_size] for s in range(0, tokens.shape[0], batch_size)]
+    mine = batches[rank::world]
+    if not mine:
+        raise SlimGPTError(f"{len(batches)} calibration batches cannot feed {world} processes: lower --batch-size")
+    return torch.cat(mine)
+
+
+def _relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖/‖b‖ over all shards of a distributed run."""
+    import torch.distributed as dist
+    sums = torch.stack([(a.double() - b.double()).pow(2).sum(), b.double().pow(2).sum()])
+    if distributed_rank_world()[1] > 1:
+        dist.all_reduce(sums)
+    return float(sums[0].sqrt() / sums[1].sqrt().clamp_min(1e-30))
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -202,7 +264,8 @@ class _StatisticsCache:
     def __init__(self, model, tokens: torch.Tensor, enabled: bool):
         from . import cache
         self.enabled = enabled
-        self.prefix = f"stats|{cache.model_fingerprint(model)}|{cache.tokens_digest(tokens)}" if enabled else ""
+        # v2: fp64-summed statistics; bump when the way Hessians are accumulated changes
+        self.prefix = f"stats-v2|{cache.model_fingerprint(model)}|{cache.tokens_digest(tokens)}" if enabled else ""
         self.reused = 0
 
     def hessian(self, layer_idx: int, module: str, compute: Callable[[], torch.Tensor], dense: bool) -> torch.Tensor:
@@ -293,11 +356,19 @@ def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
     def done(name: str, t0: float) -> None:
         phase_t[name] = phase_t.get(name, 0.0) + time.perf_counter() - t0
 
+    if distributed_rank_world()[1] > 1:
+        use_cache = False  # each rank holds a shard: statistics are only whole after the all-reduce
     stats = _StatisticsCache(model, tokens, use_cache)
+    tokens = shard_tokens(tokens, settings.batch_size)
+    _FORWARD_TF32.enabled = settings.tf32
+    act_device = activation_device(model, tokens, device, settings.offload_activations)
+    report.settings["activations_on"] = str(act_device)
     try:
         t0 = phase(0, "capture")
         dense_in, kwargs = capture_layer_inputs(model, tokens, settings.batch_size, device)
-        pruned_in = dense_in.clone()
+        dense_in = _place(dense_in, act_device)
+        pruned_in = _place(dense_in.clone(), act_device) if settings.sequential or settings.track_accumulation \
+            else dense_in
         dense_out, pruned_out = torch.empty_like(dense_in), torch.empty_like(dense_in)
         done("capture", t0)
         for i in range(n):
@@ -306,19 +377,24 @@ def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
                 torch.cuda.reset_peak_memory_stats(device)
             home = next(layers[i].parameters()).device
             layer = layers[i].to(device)
-            t0 = phase(i, "dense")
-            run_layer(layer, dense_in, kwargs, settings.batch_size, dense_out)  # the dense model's reference
-            done("dense", t0)
+            # the dense stream is needed to calibrate (dense inputs) or to measure accumulated error
+            need_dense = not settings.sequential or settings.track_accumulation
+            need_pruned = settings.sequential or settings.track_accumulation
+            if need_dense:
+                t0 = phase(i, "dense")
+                run_layer(layer, dense_in, kwargs, settings.batch_size, dense_out)  # the dense model's reference
+                done("dense", t0)
             calib_in = pruned_in if settings.sequential else dense_in
             dense = i == 0 or not settings.sequential  # these inputs are exactly the dense model's
             _prune_attention(layer, i, calib_in, kwargs, settings, head_r[i], head_rm[i], emit, phase, done,
                              stats, dense)
             _prune_mlp(layer, i, calib_in, kwargs, settings, ffn_r[i], ffn_rm[i], emit, phase, done,
                        stats, dense and head_rm[i] == 0)
-            t0 = phase(i, "outputs")
-            run_layer(layer, pruned_in, kwargs, settings.batch_size, pruned_out)
-            done("outputs", t0)
-            acc = float((pruned_out - dense_out).float().norm() / dense_out.float().norm().clamp_min(1e-30))
+            if need_pruned:
+                t0 = phase(i, "outputs")
+                run_layer(layer, pruned_in, kwargs, settings.batch_size, pruned_out)
+                done("outputs", t0)
+            acc = _relative_distance(pruned_out, dense_out) if need_dense and need_pruned else float("nan")
             layers[i] = layer.to(home)
             q, kv, f = layer_shape(layer)
             emit(LayerDone(i, q, kv, f, acc, time.perf_counter() - t_layer, _peak_memory_mb(device)))
@@ -393,6 +469,26 @@ def _prune_mlp(layer, i, x, kwargs, settings, ratio, n_remove, emit, phase, done
     emit(_ffn_summary(i, res.first_scores, n_remove, res.steps))
     emit(ModuleMeasured(i, "mlp", n_ch, n_remove, ratio, rel, res.predicted_error / denom if denom else 0.0,
                         res.damping, time.perf_counter() - t0))
+
+
+def activation_device(model, tokens: torch.Tensor, device: torch.device, mode: str = "auto") -> torch.device:
+    """Where the four calibration activation buffers live: on the GPU when they fit comfortably, else in
+    pinned CPU memory (micro-batches are copied to the GPU as each layer runs)."""
+    if device.type != "cuda" or mode == "never":
+        return device
+    if mode == "always":
+        return torch.device("cpu")
+    need = 4 * tokens.numel() * model.config.hidden_size * next(model.parameters()).element_size()
+    free = torch.cuda.mem_get_info(device)[0]
+    return device if need < 0.5 * free else torch.device("cpu")
+
+
+def _place(x: torch.Tensor, act_device: torch.device) -> torch.Tensor:
+    if x.device == act_device:
+        return x
+    if act_device.type == "cpu" and torch.cuda.is_available():
+        return x.to("cpu").pin_memory()
+    return x.to(act_device)
 
 
 def available_memory_bytes(device: torch.device) -> int | None:

@@ -7,7 +7,7 @@ import streamlit as st
 from slimgpt_core.compare import VARIANTS, figures, run_grid
 from slimgpt_core.jobs import start_job
 from slimgpt_core.zeroshot import TASKS
-from ui.state import job, require_model
+from ui.state import finished_job, job, require_model
 
 st.title("Compare")
 loaded = require_model()
@@ -38,19 +38,8 @@ if st.button("Run grid", type="primary", disabled=bool(job("compare") and job("c
 
 
 def grid_view() -> None:
-    cj = job("compare")
+    cj = finished_job("compare", "Cancel grid")
     if cj is None:
-        return
-    if cj.running:
-        progress = [e for e in cj.events if e.kind == "progress"]
-        last = progress[-1] if progress else None
-        st.progress(last.layer / max(1, last.n_layers) if last else 0.0,
-                    text=f"{last.phase} · {cj.elapsed:.0f} s" if last else "starting…")
-        if st.button("Cancel grid"):
-            cj.cancel()
-        return
-    if cj.state != "done":
-        (st.error if cj.state == "failed" else st.warning)(cj.error or "The grid was cancelled.")
         return
     rows = cj.result
     if rows and rows[0].dense_ppl is not None:

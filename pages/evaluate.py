@@ -6,7 +6,7 @@ from slimgpt_core.jobs import start_job
 from slimgpt_core.studio import evaluate
 from slimgpt_core.zeroshot import TASKS
 from ui import charts
-from ui.state import job, require_model, runs
+from ui.state import finished_job, job, require_model, runs
 
 st.title("Evaluate")
 loaded = require_model()
@@ -40,22 +40,8 @@ if st.button("Evaluate", type="primary", disabled=bool(eval_job and eval_job.run
 
 
 def show_results() -> None:
-    ej = job("eval")
+    ej = finished_job("eval", "Cancel evaluation")
     if ej is None:
-        return
-    if ej.running:
-        progress = [e for e in ej.events if e.kind == "progress"]
-        last = progress[-1] if progress else None
-        st.progress(last.layer / max(1, last.n_layers) if last else 0.0,
-                    text=f"{last.phase} · {ej.elapsed:.0f} s" if last else "starting…")
-        if st.button("Cancel evaluation"):
-            ej.cancel()
-        return
-    if ej.state == "failed":
-        st.error(ej.error)
-        return
-    if ej.state == "cancelled":
-        st.warning("Evaluation was cancelled.")
         return
     results = ej.result
     st.session_state.evals["latest"] = results

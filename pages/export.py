@@ -6,13 +6,10 @@ import streamlit as st
 from slimgpt_core.assets import cache_root
 from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.studio import export_run
-from ui.state import runs
+from ui.state import require_runs
 
 st.title("Export")
-all_runs = runs()
-if not all_runs:
-    st.info("No runs yet: prune on the **Prune** page first.")
-    st.stop()
+all_runs = require_runs()
 labels = {rid: run.label for rid, run in all_runs.items()}
 rid = st.selectbox("Run", list(labels), format_func=labels.get, index=len(labels) - 1, key="export_run")
 run = all_runs[rid]

@@ -7,13 +7,10 @@ from slimgpt_core.jobs import start_job
 from slimgpt_core.pipeline import PruneSettings
 from slimgpt_core.studio import run_pruning
 from ui import charts
-from ui.state import job, require_model, runs
+from ui.state import job, require_model, require_runs
 
 st.title("Inspect")
-all_runs = runs()
-if not all_runs:
-    st.info("No runs yet: prune on the **Prune** page first.")
-    st.stop()
+all_runs = require_runs()
 labels = {rid: run.label for rid, run in all_runs.items()}
 if "inspect_select_next" in st.session_state:  # set by the twin run, applied before the widget exists
     st.session_state.inspect_runs = st.session_state.pop("inspect_select_next")

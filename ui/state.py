@@ -72,3 +72,31 @@ def sidebar() -> None:
         running = [name for name, j in st.session_state["jobs"].items() if j.running]
         if running:
             st.caption("**Working:** " + ", ".join(running))
+
+
+def finished_job(name: str, cancel_label: str):
+    """Draw a running job's progress (with a Cancel button) or its failure; return the Job once it is done."""
+    j = job(name)
+    if j is None:
+        return None
+    if j.running:
+        progress = [e for e in j.events if e.kind == "progress"]
+        last = progress[-1] if progress else None
+        st.progress(last.layer / max(1, last.n_layers) if last else 0.0,
+                    text=f"{last.phase} · {j.elapsed:.0f} s" if last else "starting…")
+        if st.button(cancel_label):
+            j.cancel()
+        return None
+    if j.state == "failed":
+        st.error(j.error)
+    elif j.state == "cancelled":
+        st.warning("Cancelled.")
+    return j if j.state == "done" else None
+
+
+def require_runs() -> dict:
+    """The session's runs and their labels; stops the page when there are none."""
+    if not runs():
+        st.info("No runs yet: prune on the **Prune** page first.")
+        st.stop()
+    return runs()

@@ -25,7 +25,7 @@ def main() -> None:
         page.get_by_text("Speed and memory").click()
         wait_idle(page)
         page.get_by_role("button", name="Evaluate", exact=True).click()
-        page.get_by_text("parameters (M)").wait_for(timeout=600_000)
+        page.locator("[data-testid='stDataFrame']").first.wait_for(timeout=600_000)
         wait_idle(page)
         page.screenshot(path=str(HERE / "evaluate.png"), full_page=True)
         go(page, "Export")

@@ -99,4 +99,6 @@ def prune_default_model(page, url: str, shots: Path | None = None, nsamples: int
     set_number(page, "Sequence length", seqlen)
     page.get_by_role("button", name="Start pruning").click()
     page.get_by_text("Done in").wait_for(timeout=600_000)
+    # the page reruns once the job has ended: the sidebar then names the run
+    page.locator("[data-testid='stSidebar']").get_by_text("achieved", exact=False).wait_for(timeout=60_000)
     wait_idle(page)

@@ -23,7 +23,7 @@ def test_studio_end_to_end_in_chromium(tmp_path):
         go(page, "Evaluate")
         set_number(page, "Windows (0: all)", 2)
         page.get_by_role("button", name="Evaluate", exact=True).click()
-        page.get_by_text("parameters (M)").wait_for(timeout=300_000)
+        page.locator("[data-testid='stDataFrame']").first.wait_for(timeout=300_000)
         assert page.locator("[data-testid='stPlotlyChart']").filter(has_text="Perplexity").count() == 1
         go(page, "Export")
         page.get_by_role("button", name="Export", exact=True).click()

@@ -204,9 +204,10 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
             # an early run layout: stock model_type with per-layer lists
             config_cls, model_cls = CLASSES[config.model_type]
             d = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
-            model = model_cls.from_pretrained(where, config=config_cls(**d), dtype=torch_dtype)
+            model = model_cls.from_pretrained(where, config=config_cls(**d), dtype=torch_dtype, use_safetensors=True)
         else:
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
+            # safetensors only: pickled .bin checkpoints can run code when loaded
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(where)
     except SlimGPTError:
         raise
@@ -215,6 +216,9 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
             raise SlimGPTError(f"the weights in {where} do not match the shapes its config.json describes") from None
         raise
     except OSError as exc:
+        if Path(where).is_dir() and not any(Path(where).glob("*.safetensors")):
+            raise SlimGPTError(f"{where} has no .safetensors weights (pickled .bin checkpoints are not loaded: "
+                               "convert them with safetensors first)") from None
         if Path(where).is_dir():
             raise SlimGPTError(f"cannot load model from {where}: {exc}") from None
         raise hub_error(f"model {name}", exc) from None

@@ -84,3 +84,16 @@ def test_seqlen_beyond_context(tmp_path, capsys):
     out = tmp_path / "o"
     _fails(capsys, ["prune", "--model", "stories260k", "--calib", "tinystories", "--nsamples", "2", "--seqlen",
                     "1024", "--out", str(out), "--quiet"], "exceeds the model's context of 512", out)
+
+
+def test_pickled_weights_are_refused(tmp_path, capsys):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=50))
+    folder = tmp_path / "bin"
+    model.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    out = tmp_path / "o"
+    _fails(capsys, ["prune", "--model", str(folder), "--out", str(out), *FAST], "no .safetensors weights", out)

@@ -338,7 +338,11 @@ def cmd_compare(args) -> int:
     rows = run_grid(args.model, ratios, variants, args.calib, args.nsamples, args.seqlen, args.seed, args.ppl,
                     args.ppl_seqlen, args.ppl_windows, tasks, args.limit, device=args.device, callback=progress)
     progress.close()
-    command = "python -m slimgpt_core compare " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["compare"] else ""
+    # the equivalent command line, whatever called us (CLI, bench/compare.py)
+    command = (f"python -m slimgpt_core compare --model {args.model} --ratios {args.ratios} --variants "
+               f"{','.join(variants)} --calib {args.calib} --nsamples {args.nsamples} --seqlen {args.seqlen} "
+               f"--seed {args.seed} --ppl {args.ppl} --ppl-seqlen {args.ppl_seqlen} --ppl-windows {args.ppl_windows}"
+               + (f" --tasks {','.join(tasks)} --limit {args.limit}" if tasks else "") + f" --out {args.out}")
     paths = write_outputs(rows, args.out, command, {"model": args.model, "calibration":
                                                      f"{args.calib} {args.nsamples}x{args.seqlen} seed {args.seed}",
                                                      "perplexity": f"{args.ppl} windows of {args.ppl_seqlen}, "

@@ -95,12 +95,25 @@ def model_card(model, report=None, evaluation: dict | None = None, source: str =
     return "\n".join(lines) + "\n"
 
 
+def export_checkpoint(model, tokenizer, out: str | Path, report=None, evaluation: dict | None = None,
+                      source: str = "", make_zip: bool = False, overwrite: bool = False) -> ExportResult:
+    """Write the checkpoint (and report.json) into `out` all at once, optionally zipped beside it."""
+    from .runs import atomic_folder, atomic_zip
+
+    out = Path(out)
+    with atomic_folder(out, overwrite) as tmp:
+        hetero = write_checkpoint(model, tokenizer, tmp, report, evaluation, source)
+        if report is not None:
+            report.save(tmp / "report.json")
+    zip_path = atomic_zip(out, out.with_suffix(".zip")) if make_zip else None
+    return ExportResult(out, zip_path, hetero, count_parameters(model), sorted(p.name for p in out.iterdir()))
+
+
 def export_model(source: str, out: str | Path, make_zip: bool = False, overwrite: bool = False,
                  dtype: str = "auto") -> ExportResult:
     """Load a model or run folder and write a checkpoint folder (and optionally a zip beside it)."""
     from .events import PruneReport
     from .models import load_model
-    from .runs import atomic_folder, atomic_zip
 
     loaded = load_model(source, "cpu", dtype)
     folder = Path(loaded.path)
@@ -108,13 +121,7 @@ def export_model(source: str, out: str | Path, make_zip: bool = False, overwrite
     evaluation = {}
     if (folder / "eval.json").exists():
         evaluation = _flatten_eval(json.loads((folder / "eval.json").read_text()))
-    out = Path(out)
-    with atomic_folder(out, overwrite) as tmp:
-        hetero = write_checkpoint(loaded.model, loaded.tokenizer, tmp, report, evaluation, source)
-        if report is not None:
-            report.save(tmp / "report.json")
-    zip_path = atomic_zip(out, out.with_suffix(".zip")) if make_zip else None
-    return ExportResult(out, zip_path, hetero, count_parameters(loaded.model), sorted(p.name for p in out.iterdir()))
+    return export_checkpoint(loaded.model, loaded.tokenizer, out, report, evaluation, source, make_zip, overwrite)
 
 
 def _flatten_eval(payload: dict) -> dict:

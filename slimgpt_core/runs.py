@@ -59,10 +59,6 @@ def atomic_zip(folder: Path, zip_path: Path) -> Path:
 
 def save_run(model, tokenizer, report, out: str | Path, overwrite: bool = False) -> Path:
     """A pruning run: the checkpoint (see export.write_checkpoint) plus report.json."""
-    from .export import write_checkpoint
+    from .export import export_checkpoint
 
-    out = Path(out)
-    with atomic_folder(out, overwrite) as tmp:
-        write_checkpoint(model, tokenizer, tmp, report=report)
-        report.save(tmp / "report.json")
-    return out
+    return export_checkpoint(model, tokenizer, out, report, overwrite=overwrite).folder

@@ -187,16 +187,11 @@ def evaluate(models: dict[str, tuple], ppl_source: str | None, seqlen: int, max_
 def export_run(run: PruneRun, out: str | Path, make_zip: bool = True, dtype: str | None = None,
                evaluation: dict | None = None, overwrite: bool = True):
     """Write a run held in memory as a loadable checkpoint (+ zip)."""
-    from .export import ExportResult, write_checkpoint
+    from .export import export_checkpoint
     from .models import DTYPES
-    from .runs import atomic_folder, atomic_zip
 
     model = run.model
     if dtype and dtype != "as loaded":
         model = copy.deepcopy(model).to(DTYPES[dtype])
-    out = Path(out)
-    with atomic_folder(out, overwrite) as tmp:
-        hetero = write_checkpoint(model, run.tokenizer, tmp, run.report, evaluation)
-        run.report.save(tmp / "report.json")
-    zip_path = atomic_zip(out, out.with_suffix(".zip")) if make_zip else None
-    return ExportResult(out, zip_path, hetero, count_parameters(model), sorted(p.name for p in out.iterdir()))
+    return export_checkpoint(model, run.tokenizer, out, run.report, evaluation, make_zip=make_zip,
+                             overwrite=overwrite)

@@ -42,25 +42,39 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
             os.unlink(tmp)
 
 
-def get_tensors(kind: str, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def lookup_tensors(kind: str, key: str) -> dict[str, torch.Tensor] | None:
+    """The stored tensors, or None when absent or unreadable (a bad entry is deleted)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     path = _path(kind, key, ".safetensors")
-    if path.exists():
-        try:
-            with safe_open(str(path), "pt") as f:
-                if (f.metadata() or {}).get("key") == key:
-                    STATS[f"{kind}.hit"] += 1
-                    return {name: f.get_tensor(name) for name in f.keys()}
-        except Exception:  # truncated or corrupt: recompute
-            pass
-        path.unlink(missing_ok=True)
-        STATS[f"{kind}.corrupt"] += 1
-    STATS[f"{kind}.miss"] += 1
-    tensors = compute()
-    _atomic_write(path, lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp,
-                                              metadata={"key": key}))
+    if not path.exists():
+        STATS[f"{kind}.miss"] += 1
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                STATS[f"{kind}.hit"] += 1
+                return {name: f.get_tensor(name) for name in f.keys()}
+    except Exception:  # truncated or corrupt: recompute
+        pass
+    path.unlink(missing_ok=True)
+    STATS[f"{kind}.corrupt"] += 1
+    return None
+
+
+def store_tensors(kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    _atomic_write(_path(kind, key, ".safetensors"),
+                  lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp,
+                                        metadata={"key": key}))
+
+
+def get_tensors(kind: str, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    tensors = lookup_tensors(kind, key)
+    if tensors is None:
+        tensors = compute()
+        store_tensors(kind, key, tensors)
     return tensors
 
 
@@ -85,29 +99,6 @@ def lookup_json(kind: str, key: str):
 def store_json(kind: str, key: str, value) -> None:
     path = _path(kind, key, ".json")
     _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"key": key, "value": value})))
-
-
-def get_json(kind: str, key: str, compute: Callable[[], dict]):
-    value = lookup_json(kind, key)
-    if value is None:
-        value = compute()
-        store_json(kind, key, value)
-    return value
-
-
-def peek_tensors(kind: str, key: str) -> dict[str, torch.Tensor] | None:
-    """The entry if present and sound, else None (nothing computed)."""
-    path = _path(kind, key, ".safetensors")
-    if not path.exists():
-        return None
-    try:
-        return get_tensors(kind, key, lambda: (_ for _ in ()).throw(KeyError(key)))
-    except KeyError:
-        return None
-
-
-def put_tensors(kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
-    get_tensors(kind, key, lambda: tensors)
 
 
 def model_fingerprint(model) -> str:

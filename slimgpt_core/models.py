@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -227,8 +226,3 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     model.eval()
     model.config.use_cache = False
     return LoadedModel(model, tokenizer, name, where)
-
-
-def read_json(path: Path) -> dict:
-    with open(path) as f:
-        return json.load(f)

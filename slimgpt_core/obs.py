@@ -6,7 +6,6 @@ units as `quadratic_error`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch

@@ -1,10 +1,9 @@
 """The sequential layer-wise driver (SPEC §2.4): hooks, forward passes, events. Math lives in obs.py."""
 from __future__ import annotations
 
-import math
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -273,13 +272,13 @@ class _StatisticsCache:
             return compute()
         from . import cache
         key = f"{self.prefix}|{layer_idx}|{module}"
-        found = cache.peek_tensors("stats", key)
+        found = cache.lookup_tensors("stats", key)
         if found is not None:
             self.reused += 1
             return found["H"]
         H = compute()
         if H.numel() * 4 <= MAX_CACHED_STATISTIC_BYTES:
-            cache.put_tensors("stats", key, {"H": H})
+            cache.store_tensors("stats", key, {"H": H})
         return H
 
 
@@ -297,8 +296,6 @@ def _prune_multishot(model, tokens, settings, callback, should_stop, model_name,
     final target (linear schedule across shots). Every pass re-collects the curvature (layer-wise Hessians)
     from the partially pruned model and updates the remaining weights with OBS. The report's per-layer events
     are the last shot's (measured against the model entering it); parameters and times cover all shots."""
-    from dataclasses import replace
-
     _, _, head_rm, ffn_rm = plan_removals(model, settings)
     shapes = [layer_shape(layer) for layer in model.model.layers]
     params_before, layer_params_before = count_parameters(model), count_parameters(model.model.layers)

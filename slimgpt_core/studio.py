@@ -11,7 +11,7 @@ import torch
 
 from .data import calibration_tokens
 from .events import Progress, PruneReport
-from .models import LoadedModel, load_model
+from .models import LoadedModel
 from .pipeline import DenseStatistics, PruneSettings, dense_statistics, plan_removals, prune_model
 from .surgery import count_parameters, layer_shape
 

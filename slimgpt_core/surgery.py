@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .modeling_slimgpt import CLASSES, LAYER_KEYS, keep_channels, keep_kv_groups, layer_shape, resize_layer  # noqa: F401
+# the slicing helpers are re-exported here: the pipeline cuts layers through this module
+from .modeling_slimgpt import CLASSES, LAYER_KEYS, keep_channels, keep_kv_groups, layer_shape  # noqa: F401
 
 SUPPORTED_ARCHITECTURES = tuple(CLASSES)
 

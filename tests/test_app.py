@@ -1,6 +1,5 @@
 """Every page of the studio through Streamlit's AppTest, driving the real engine on stories260k."""
 import json
-import os
 
 import pytest
 from streamlit.testing.v1 import AppTest

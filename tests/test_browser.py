@@ -3,7 +3,6 @@ heatmap, download the zip and check it."""
 import json
 import zipfile
 
-import pytest
 
 from browser import browser_page, go, prune_default_model, set_number, studio_server
 

@@ -10,7 +10,6 @@ import threading
 import pytest
 import torch
 
-from conftest import ROOT
 from slimgpt_core import cache
 from slimgpt_core.cli import main
 from slimgpt_core.data import calibration_tokens

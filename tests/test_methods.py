@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import tiny_model
 from slimgpt_core.cli import main

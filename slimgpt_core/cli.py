@@ -226,7 +226,7 @@ def cmd_prune(args) -> int:
 def _cmd_prune(args, rank: int) -> int:
     from .data import calibration_tokens
     from .models import load_model, resolve_device
-    from .pipeline import PruneSettings, check_memory, plan_removals, prune_model
+    from .pipeline import PruneSettings, activation_streams, check_memory, plan_removals, prune_model
     from .runs import check_output_folder, save_run
 
     out = check_output_folder(args.out, args.force)
@@ -247,7 +247,7 @@ def _cmd_prune(args, rank: int) -> int:
     if limit and args.seqlen > limit:
         raise SlimGPTError(f"--seqlen {args.seqlen} exceeds the model's context of {limit} tokens")
     plan_removals(model, settings)  # validate the schedule against the model before any work
-    check_memory(model, args.nsamples, args.seqlen, device)
+    check_memory(model, args.nsamples, args.seqlen, device, 2 * sum(activation_streams(settings)))
     tokens = calibration_tokens(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     evaluation = {}
     if args.ppl and rank == 0:

@@ -165,18 +165,16 @@ class _TF32:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
 
 
-_FORWARD_TF32 = _TF32(False)
-
-
 def _layer_device(layer) -> torch.device:
     return next(layer.parameters()).device
 
 
-def run_layer(layer, x: torch.Tensor, kwargs: dict, batch_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def run_layer(layer, x: torch.Tensor, kwargs: dict, batch_size: int, out: torch.Tensor | None = None,
+              tf32: bool = False) -> torch.Tensor:
     """Layer outputs for every sample; x may live in CPU memory while the layer is on the GPU."""
     out = torch.empty_like(x) if out is None else out
     dev = _layer_device(layer)
-    with torch.no_grad(), _TF32(_FORWARD_TF32.enabled):
+    with torch.no_grad(), _TF32(tf32):
         for s in range(0, x.shape[0], batch_size):
             y = layer(x[s:s + batch_size].to(dev, non_blocking=True), **kwargs)
             y = y[0] if isinstance(y, tuple) else y
@@ -184,7 +182,8 @@ def run_layer(layer, x: torch.Tensor, kwargs: dict, batch_size: int, out: torch.
     return out
 
 
-def collect_hessian(layer, linear: torch.nn.Linear, x: torch.Tensor, kwargs: dict, batch_size: int) -> torch.Tensor:
+def collect_hessian(layer, linear: torch.nn.Linear, x: torch.Tensor, kwargs: dict, batch_size: int,
+                    tf32: bool = False) -> torch.Tensor:
     """H = 2XXᵀ/N of `linear`'s inputs when `layer` runs on x; the forward stops at `linear`."""
     acc = obs.HessianAccumulator(linear.in_features, device=linear.weight.device)
 
@@ -196,7 +195,7 @@ def collect_hessian(layer, linear: torch.nn.Linear, x: torch.Tensor, kwargs: dic
     handle = linear.register_forward_pre_hook(hook)
     dev = _layer_device(layer)
     try:
-        with torch.no_grad(), _TF32(_FORWARD_TF32.enabled):
+        with torch.no_grad(), _TF32(tf32):
             for s in range(0, x.shape[0], batch_size):
                 try:
                     layer(x[s:s + batch_size].to(dev, non_blocking=True), **kwargs)
@@ -357,16 +356,20 @@ def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
         use_cache = False  # each rank holds a shard: statistics are only whole after the all-reduce
     stats = _StatisticsCache(model, tokens, use_cache)
     tokens = shard_tokens(tokens, settings.batch_size)
-    _FORWARD_TF32.enabled = settings.tf32
-    act_device = activation_device(model, tokens, device, settings.offload_activations)
+    need_dense, need_pruned = activation_streams(settings)
+    act_device = activation_device(model, tokens, device, settings.offload_activations,
+                                   2 * (need_dense + need_pruned))
     report.settings["activations_on"] = str(act_device)
+    tf32 = settings.tf32
     try:
         t0 = phase(0, "capture")
-        dense_in, kwargs = capture_layer_inputs(model, tokens, settings.batch_size, device)
-        dense_in = _place(dense_in, act_device)
-        pruned_in = _place(dense_in.clone(), act_device) if settings.sequential or settings.track_accumulation \
-            else dense_in
-        dense_out, pruned_out = torch.empty_like(dense_in), torch.empty_like(dense_in)
+        x0, kwargs = capture_layer_inputs(model, tokens, settings.batch_size, device)
+        x0 = _place(x0, act_device)
+        # an in/out buffer pair per stream the run keeps
+        dense_in = x0 if need_dense else None
+        pruned_in = (_buffer_like(x0).copy_(x0) if need_dense else x0) if need_pruned else None
+        dense_out = _buffer_like(x0) if need_dense else None
+        pruned_out = _buffer_like(x0) if need_pruned else None
         done("capture", t0)
         for i in range(n):
             t_layer = time.perf_counter()
@@ -374,12 +377,9 @@ def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
                 torch.cuda.reset_peak_memory_stats(device)
             home = next(layers[i].parameters()).device
             layer = layers[i].to(device)
-            # the dense stream is needed to calibrate (dense inputs) or to measure accumulated error
-            need_dense = not settings.sequential or settings.track_accumulation
-            need_pruned = settings.sequential or settings.track_accumulation
             if need_dense:
                 t0 = phase(i, "dense")
-                run_layer(layer, dense_in, kwargs, settings.batch_size, dense_out)  # the dense model's reference
+                run_layer(layer, dense_in, kwargs, settings.batch_size, dense_out, tf32)  # the dense reference
                 done("dense", t0)
             calib_in = pruned_in if settings.sequential else dense_in
             dense = i == 0 or not settings.sequential  # these inputs are exactly the dense model's
@@ -389,14 +389,16 @@ def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
                        stats, dense and head_rm[i] == 0)
             if need_pruned:
                 t0 = phase(i, "outputs")
-                run_layer(layer, pruned_in, kwargs, settings.batch_size, pruned_out)
+                run_layer(layer, pruned_in, kwargs, settings.batch_size, pruned_out, tf32)
                 done("outputs", t0)
             acc = _relative_distance(pruned_out, dense_out) if need_dense and need_pruned else float("nan")
             layers[i] = layer.to(home)
             q, kv, f = layer_shape(layer)
             emit(LayerDone(i, q, kv, f, acc, time.perf_counter() - t_layer, _peak_memory_mb(device)))
-            dense_in, dense_out = dense_out, dense_in
-            pruned_in, pruned_out = pruned_out, pruned_in
+            if need_dense:
+                dense_in, dense_out = dense_out, dense_in
+            if need_pruned:
+                pruned_in, pruned_out = pruned_out, pruned_in
     except torch.cuda.OutOfMemoryError:
         raise SlimGPTError(out_of_memory_message("pruning", str(device))) from None
     except RuntimeError as exc:
@@ -416,68 +418,82 @@ def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
     return report
 
 
+def _prune_inputs(linear: torch.nn.Linear, H: torch.Tensor, group: int, n_remove: int, settings: PruneSettings,
+                  obs_prune: Callable[[torch.Tensor], obs.PruneResult]):
+    """Remove `n_remove` units of `group` input columns of `linear` with the configured method; update its
+    weight in place. Returns the result and the measured and predicted relative errors."""
+    w0 = linear.weight.data.float()
+    if settings.method in ("magnitude", "wanda-sp"):
+        res = obs.prune_by_score(w0, H, group, n_remove, settings.method)
+    else:
+        res = obs_prune(w0)
+        if not settings.compensate:
+            res = obs.without_compensation(w0, H, res, group)
+    linear.weight.data = res.weight.to(linear.weight.dtype)
+    denom = obs.quadratic_error(w0, H)
+    return res, obs.relative_error(w0, res.weight, H), (res.predicted_error / denom if denom else 0.0)
+
+
 def _prune_attention(layer, i, x, kwargs, settings, ratio, n_remove, emit, phase, done, stats, dense):
     attn = layer.self_attn
     t0 = phase(i, "attn-stats")
-    H = stats.hessian(i, "attn", lambda: collect_hessian(layer, attn.o_proj, x, kwargs, settings.batch_size),
-                      dense).to(attn.o_proj.weight.device)
+    H = stats.hessian(i, "attn", lambda: collect_hessian(layer, attn.o_proj, x, kwargs, settings.batch_size,
+                                                         settings.tf32), dense).to(attn.o_proj.weight.device)
     done("attn-stats", t0)
     t0 = phase(i, "attn-prune")
     rep = attn.num_key_value_groups
     n_units = attn.k_proj.out_features // attn.head_dim
-    w0 = attn.o_proj.weight.data.float()
     group = attn.head_dim * rep
-    if settings.method in ("magnitude", "wanda-sp"):
-        res = obs.prune_by_score(w0, H, group, n_remove, settings.method)
-    else:
-        res = obs.prune_head_groups(w0, H, group, n_remove, settings.damp, settings.head_error)
-        if not settings.compensate:
-            res = obs.without_compensation(w0, H, res, group)
-    attn.o_proj.weight.data = res.weight.to(attn.o_proj.weight.dtype)
-    denom = obs.quadratic_error(w0, H)
-    rel = obs.relative_error(w0, res.weight, H)
+    res, rel, predicted = _prune_inputs(attn.o_proj, H, group, n_remove, settings, lambda w: obs.prune_head_groups(
+        w, H, group, n_remove, settings.damp, settings.head_error))
     keep_kv_groups(layer, sorted(set(range(n_units)) - set(res.removed)))
     done("attn-prune", t0)
     emit(HeadImportance(i, res.first_scores, res.removed, rep))
-    emit(ModuleMeasured(i, "attn", n_units, n_remove, ratio, rel, res.predicted_error / denom if denom else 0.0,
-                        res.damping, time.perf_counter() - t0))
+    emit(ModuleMeasured(i, "attn", n_units, n_remove, ratio, rel, predicted, res.damping, time.perf_counter() - t0))
 
 
 def _prune_mlp(layer, i, x, kwargs, settings, ratio, n_remove, emit, phase, done, stats, dense):
     mlp = layer.mlp
     t0 = phase(i, "mlp-stats")
-    H = stats.hessian(i, "mlp", lambda: collect_hessian(layer, mlp.down_proj, x, kwargs, settings.batch_size),
-                      dense).to(mlp.down_proj.weight.device)
+    H = stats.hessian(i, "mlp", lambda: collect_hessian(layer, mlp.down_proj, x, kwargs, settings.batch_size,
+                                                        settings.tf32), dense).to(mlp.down_proj.weight.device)
     done("mlp-stats", t0)
     t0 = phase(i, "mlp-prune")
     n_ch = mlp.down_proj.in_features
-    w0 = mlp.down_proj.weight.data.float()
-    if settings.method in ("magnitude", "wanda-sp"):
-        res = obs.prune_by_score(w0, H, 1, n_remove, settings.method)
-    else:
-        res = obs.prune_channels(w0, H, n_remove, settings.damp, settings.ffn_group_floor, settings.ffn_group_ceiling)
-        if not settings.compensate:
-            res = obs.without_compensation(w0, H, res, 1)
-    mlp.down_proj.weight.data = res.weight.to(mlp.down_proj.weight.dtype)
-    denom = obs.quadratic_error(w0, H)
-    rel = obs.relative_error(w0, res.weight, H)
+    res, rel, predicted = _prune_inputs(mlp.down_proj, H, 1, n_remove, settings, lambda w: obs.prune_channels(
+        w, H, n_remove, settings.damp, settings.ffn_group_floor, settings.ffn_group_ceiling))
     keep_channels(layer, sorted(set(range(n_ch)) - set(res.removed)))
     done("mlp-prune", t0)
     emit(_ffn_summary(i, res.first_scores, n_remove, res.steps))
-    emit(ModuleMeasured(i, "mlp", n_ch, n_remove, ratio, rel, res.predicted_error / denom if denom else 0.0,
-                        res.damping, time.perf_counter() - t0))
+    emit(ModuleMeasured(i, "mlp", n_ch, n_remove, ratio, rel, predicted, res.damping, time.perf_counter() - t0))
 
 
-def activation_device(model, tokens: torch.Tensor, device: torch.device, mode: str = "auto") -> torch.device:
-    """Where the four calibration activation buffers live: on the GPU when they fit comfortably, else in
-    pinned CPU memory (micro-batches are copied to the GPU as each layer runs)."""
+def activation_streams(settings: PruneSettings) -> tuple[bool, bool]:
+    """(dense, pruned): the activation streams a run keeps. The dense stream calibrates dense-input runs and is
+    the reference for accumulated error; the pruned stream calibrates sequential runs."""
+    return (not settings.sequential or settings.track_accumulation,
+            settings.sequential or settings.track_accumulation)
+
+
+def activation_bytes(model, n_tokens: int, buffers: int) -> int:
+    return buffers * n_tokens * model.config.hidden_size * next(model.parameters()).element_size()
+
+
+def activation_device(model, tokens: torch.Tensor, device: torch.device, mode: str = "auto",
+                      buffers: int = 4) -> torch.device:
+    """Where the calibration activation buffers live: on the GPU when they fit comfortably, else in pinned CPU
+    memory (micro-batches are copied to the GPU as each layer runs)."""
     if device.type != "cuda" or mode == "never":
         return device
     if mode == "always":
         return torch.device("cpu")
-    need = 4 * tokens.numel() * model.config.hidden_size * next(model.parameters()).element_size()
     free = torch.cuda.mem_get_info(device)[0]
-    return device if need < 0.5 * free else torch.device("cpu")
+    return device if activation_bytes(model, tokens.numel(), buffers) < 0.5 * free else torch.device("cpu")
+
+
+def _buffer_like(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised buffer like x, pinned when x is (fast non-blocking copies to the GPU)."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, pin_memory=x.device.type == "cpu" and x.is_pinned())
 
 
 def _place(x: torch.Tensor, act_device: torch.device) -> torch.Tensor:
@@ -501,10 +517,9 @@ def available_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_memory(model, nsamples: int, seqlen: int, device: torch.device) -> None:
-    """Refuse before starting when the four calibration activation buffers cannot fit."""
-    dtype_bytes = next(model.parameters()).element_size()
-    need = 4 * nsamples * seqlen * model.config.hidden_size * dtype_bytes
+def check_memory(model, nsamples: int, seqlen: int, device: torch.device, buffers: int = 4) -> None:
+    """Refuse before starting when the calibration activation buffers cannot fit."""
+    need = activation_bytes(model, nsamples * seqlen, buffers)
     have = available_memory_bytes(device)
     if have is not None and need > 0.9 * have:
         raise SlimGPTError(

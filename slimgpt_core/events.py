@@ -70,8 +70,20 @@ Event = Union[Progress, ModuleMeasured, HeadImportance, FFNScores, LayerDone]
 Callback = Callable[[Event], None]
 
 
+class AchievedRatios:
+    """Parameter ratios removed, from params_before/after and layer_params_before/after fields."""
+
+    @property
+    def achieved_layer_ratio(self) -> float:
+        return 1 - self.layer_params_after / self.layer_params_before
+
+    @property
+    def achieved_ratio(self) -> float:
+        return 1 - self.params_after / self.params_before
+
+
 @dataclass
-class PruneReport:
+class PruneReport(AchievedRatios):
     model: str
     settings: dict
     head_ratios: list[float]
@@ -94,14 +106,6 @@ class PruneReport:
     @property
     def requested_ratio(self) -> float:
         return sum(self.head_ratios + self.ffn_ratios) / max(1, len(self.head_ratios) + len(self.ffn_ratios))
-
-    @property
-    def achieved_layer_ratio(self) -> float:
-        return 1 - self.layer_params_after / self.layer_params_before
-
-    @property
-    def achieved_ratio(self) -> float:
-        return 1 - self.params_after / self.params_before
 
     def add(self, event: Event) -> None:
         target = {"module": self.modules, "heads": self.heads, "ffn": self.ffn, "layer": self.layers}.get(event.kind)

@@ -138,9 +138,7 @@ def prune_head_groups(W: torch.Tensor, H: torch.Tensor, group: int, n_remove: in
         raise SlimGPTError(f"{W.shape[1]} input columns do not split into groups of {group}")
     alive = torch.ones(n_units, dtype=torch.bool, device=W.device)
     removed, first, predicted = [], [], 0.0
-    for step in range(n_remove + 1):
-        if step == n_remove and step > 0:
-            break
+    for step in range(max(n_remove, 1)):  # n_remove == 0: one scoring step, nothing removed
         idx = alive.nonzero().flatten()
         blocks = Hinv.reshape(n_units, group, n_units, group).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
         blocks = blocks[idx]
@@ -151,7 +149,7 @@ def prune_head_groups(W: torch.Tensor, H: torch.Tensor, group: int, n_remove: in
             full = torch.full((n_units,), float("inf"), device=W.device)
             full[idx] = scores
             first = full.tolist()
-        if step == n_remove:  # n_remove == 0: scores only
+        if n_remove == 0:
             break
         best = int(torch.argmin(scores))
         unit = int(idx[best])

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from .data import calibration_tokens
-from .events import Progress, PruneReport
+from .events import AchievedRatios, Progress, PruneReport
 from .models import LoadedModel
 from .pipeline import DenseStatistics, PruneSettings, dense_statistics, plan_removals, prune_model
 from .surgery import count_parameters, layer_shape
@@ -44,7 +44,7 @@ def describe_model(loaded: LoadedModel) -> ModelInfo:
 
 
 @dataclass
-class SchedulePreview:
+class SchedulePreview(AchievedRatios):
     head_ratios: list[float]
     ffn_ratios: list[float]
     heads_kept: list[int]  # query heads per layer
@@ -54,14 +54,6 @@ class SchedulePreview:
     layer_params_after: int
     params_before: int
     params_after: int
-
-    @property
-    def achieved_layer_ratio(self) -> float:
-        return 1 - self.layer_params_after / self.layer_params_before
-
-    @property
-    def achieved_ratio(self) -> float:
-        return 1 - self.params_after / self.params_before
 
 
 def _layer_params(layer, q: int, kv: int, f: int) -> int:

@@ -8,6 +8,7 @@ init_state()
 page = st.navigation([
     st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),
     st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:"),
+    st.Page("pages/runs.py", title="Runs", icon=":material/folder_open:"),
     st.Page("pages/inspect_runs.py", title="Inspect", icon=":material/query_stats:"),
     st.Page("pages/evaluate.py", title="Evaluate", icon=":material/leaderboard:"),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),

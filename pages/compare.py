@@ -5,9 +5,8 @@ import pandas as pd
 import streamlit as st
 
 from slimgpt_core.compare import VARIANTS, figures, run_grid
-from slimgpt_core.jobs import start_job
 from slimgpt_core.zeroshot import TASKS
-from ui.state import finished_job, job, require_model
+from ui.state import finished_job, job, require_model, submit
 
 st.title("Compare")
 loaded = require_model()
@@ -32,9 +31,9 @@ limit = e4.number_input("Limit per task", 1, 100000, 50, key="cmp_limit")
 
 if st.button("Run grid", type="primary", disabled=bool(job("compare") and job("compare").running)
              or not variants or not ratios):
-    ss.jobs["compare"] = start_job("compare", run_grid, ss.model_spec[0], sorted(ratios), variants, calib,
-                                   int(nsamples), int(seqlen), 0, ppl, 128, int(windows), tasks, int(limit),
-                                   device=ss.model_spec[1])
+    submit("compare", run_grid, ss.model_spec[0], sorted(ratios), variants, calib, int(nsamples), int(seqlen), 0,
+           ppl, 128, int(windows), tasks, int(limit), device=ss.model_spec[1],
+           job_label=f"{len(variants)} variants × {len(ratios)} ratios")
 
 
 def grid_view() -> None:

@@ -1,21 +1,23 @@
-"""Perplexity, zero-shot tasks and speed: dense and pruned side by side."""
+"""Perplexity, zero-shot tasks and speed: dense and pruned side by side. Every measurement is stored with its run."""
 import pandas as pd
 import streamlit as st
 
-from slimgpt_core.jobs import start_job
 from slimgpt_core.studio import evaluate
+from slimgpt_core.workspace import dense_evaluations_folder
 from slimgpt_core.zeroshot import TASKS
 from ui import charts
-from ui.state import finished_job, job, require_model, runs
+from ui.state import current_run, finished_job, job, require_model, run_model, runs, submit
 
 st.title("Evaluate")
 loaded = require_model()
 if loaded is None:
     st.stop()
 all_runs = runs()
-labels = {rid: run.label for rid, run in all_runs.items()}
-chosen = st.multiselect("Pruned runs", list(labels), default=list(labels)[-1:], format_func=labels.get,
-                        key="eval_runs")
+labels = {name: info.title for name, info in all_runs.items()}
+# preselect what the user just made and the run it came from (a twin's base, a recovery's source)
+made = current_run()
+default = [made.name] + [s for s in [made.summary.get("source_run")] if s in labels] if made else []
+chosen = st.multiselect("Pruned runs", list(labels), default=default, format_func=labels.get, key="eval_runs")
 include_dense = st.checkbox("Include the dense model", value=True, key="eval_dense")
 c1, c2, c3 = st.columns(3)
 ppl = c1.selectbox("Perplexity text", ["wikitext2", "tinystories", "c4", "none"], key="eval_ppl")
@@ -29,14 +31,17 @@ speed = t3.checkbox("Speed and memory", key="eval_speed")
 eval_job = job("eval")
 if st.button("Evaluate", type="primary", disabled=bool(eval_job and eval_job.running)
              or not (chosen or include_dense)):
-    models = {}
+    models, folders = {}, {}
     if include_dense:
         models["dense"] = (loaded.model, loaded.tokenizer)
-    for rid in chosen:
-        models[labels[rid]] = (all_runs[rid].model, all_runs[rid].tokenizer)
-    st.session_state.jobs["eval"] = start_job(
-        "eval", evaluate, models, None if ppl == "none" else ppl, int(seqlen), int(windows) or None, tasks,
-        int(limit), speed, st.session_state.get("device", "auto"))
+        folders["dense"] = dense_evaluations_folder(loaded.name)
+    for name in chosen:
+        run = run_model(all_runs[name])
+        models[labels[name]] = (run.model, run.tokenizer)
+        folders[labels[name]] = all_runs[name].path
+    submit("eval", evaluate, models, None if ppl == "none" else ppl, int(seqlen), int(windows) or None, tasks,
+           int(limit), speed, st.session_state.model_spec[1], record_to=folders,
+           job_label=", ".join(models))
 
 
 def show_results() -> None:
@@ -44,7 +49,6 @@ def show_results() -> None:
     if ej is None:
         return
     results = ej.result
-    st.session_state.evals["latest"] = results
     rows = []
     for r in results:
         row = {"model": r.label, "parameters (M)": round(r.parameters / 1e6, 3)}

@@ -1,32 +1,33 @@
-"""Download the pruned model as a zip, or get its folder and a load snippet; the model card."""
+"""Download a run as a zip, or get its folder and a load snippet; the model card."""
 from pathlib import Path
 
 import streamlit as st
 
 from slimgpt_core.assets import cache_root
-from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.studio import export_run
-from ui.state import require_runs
+from ui.state import current_run, finished_job, job, require_runs, submit
 
 st.title("Export")
 all_runs = require_runs()
-labels = {rid: run.label for rid, run in all_runs.items()}
-rid = st.selectbox("Run", list(labels), format_func=labels.get, index=len(labels) - 1, key="export_run")
+labels = {name: info.title for name, info in all_runs.items()}
+made = current_run()
+rid = st.selectbox("Run", list(labels), format_func=labels.get,
+                   index=list(labels).index(made.name) if made and made.name in labels else 0, key="export_run")
 run = all_runs[rid]
 c1, c2 = st.columns([1, 3])
 dtype = c1.selectbox("Weights dtype", ["as loaded", "float16", "bfloat16", "float32"], key="export_dtype")
-folder = c2.text_input("Folder", str(cache_root() / "exports" / f"run-{rid}"), key="export_folder")
+folder = c2.text_input("Folder", str(cache_root() / "exports" / rid), key="export_folder")
 MAX_DOWNLOAD = 2 * 2**30  # larger zips are not held in memory for the browser
 
-if st.button("Export", type="primary"):
-    with st.spinner("Writing safetensors, config, tokenizer and model card…"):
-        try:
-            st.session_state.exports[rid] = export_run(run, folder, make_zip=True, dtype=dtype)
-        except SlimGPTError as exc:
-            st.error(str(exc))
+if st.button("Export", type="primary", disabled=bool(job("export") and job("export").running)):
+    submit("export", export_run, run.path, folder, True, dtype, job_label=rid, heavy=False)
 
-result = st.session_state.exports.get(rid)
-if result is not None:
+
+def show_export() -> None:
+    ej = finished_job("export", "Cancel export")
+    if ej is None or ej.label != rid:
+        return
+    result = ej.result
     size = result.zip_path.stat().st_size if result.zip_path and result.zip_path.exists() else None
     st.success(f"Written to `{result.folder}` ({', '.join(result.files)})")
     if size is not None and size <= MAX_DOWNLOAD:
@@ -43,3 +44,6 @@ if result is not None:
     if card.exists():
         with st.expander("Model card", expanded=True):
             st.markdown(card.read_text().split("---", 2)[-1])
+
+
+st.fragment(run_every=1.0 if job("export") and job("export").running else None)(show_export)()

@@ -3,42 +3,45 @@ import dataclasses
 
 import streamlit as st
 
-from slimgpt_core.jobs import start_job
 from slimgpt_core.pipeline import PruneSettings
-from slimgpt_core.studio import run_pruning
+from slimgpt_core.studio import prune_to_workspace
 from ui import charts
-from ui.state import job, require_model, require_runs
+from ui.state import job, job_progress, require_model, require_runs, run_report, submit, take_result
 
 st.title("Inspect")
 all_runs = require_runs()
-labels = {rid: run.label for rid, run in all_runs.items()}
+labels = {name: info.title for name, info in all_runs.items()}
 if "inspect_select_next" in st.session_state:  # set by the twin run, applied before the widget exists
     st.session_state.inspect_runs = st.session_state.pop("inspect_select_next")
-st.session_state.setdefault("inspect_runs", list(labels)[-3:])
+st.session_state.setdefault("inspect_runs", list(labels)[:3])
 st.session_state.inspect_runs = [r for r in st.session_state.inspect_runs if r in labels]  # runs may be gone
 chosen = st.multiselect("Runs to compare", list(labels), format_func=labels.get, key="inspect_runs")
 if chosen:
     c1, c2 = st.columns(2)
-    c1.plotly_chart(charts.accumulated_error({labels[r]: all_runs[r].report.layers for r in chosen}),
+    c1.plotly_chart(charts.accumulated_error({labels[r]: run_report(all_runs[r]).layers for r in chosen}),
                     key="inspect_acc")
-    c2.plotly_chart(charts.reconstruction_error({labels[r]: all_runs[r].report.modules for r in chosen}),
+    c2.plotly_chart(charts.reconstruction_error({labels[r]: run_report(all_runs[r]).modules for r in chosen}),
                     key="inspect_recon")
 
 # a dense-input twin shows what the sequential pipeline's error accumulation costs
 st.subheader("Sequential vs dense inputs")
-base_id = st.selectbox("Run", list(labels), format_func=labels.get, index=len(labels) - 1, key="twin_base")
+base_id = st.selectbox("Run", list(labels), format_func=labels.get, key="twin_base")
 base = all_runs[base_id]
+base_report = run_report(base)
 loaded = require_model()
 twin_job = job("twin")
-if loaded is not None and base.model_name == loaded.name:
-    mode = "dense inputs" if base.report.settings.get("sequential", True) else "sequential inputs"
+if loaded is not None and base_report.model == loaded.name:
+    mode = "dense inputs" if base_report.settings.get("sequential", True) else "sequential inputs"
     if st.button(f"Run its twin with {mode}", disabled=bool(twin_job and twin_job.running)):
         keys = {f.name for f in dataclasses.fields(PruneSettings)}
-        settings = PruneSettings(**{k: v for k, v in base.report.settings.items() if k in keys})
+        settings = PruneSettings(**{k: v for k, v in base_report.settings.items() if k in keys})
         settings.sequential = not settings.sequential
-        st.session_state.jobs["twin"] = start_job("twin", run_pruning, loaded, settings, base.calib["source"],
-                                                  base.calib["nsamples"], base.calib["seqlen"], base.calib["seed"],
-                                                  label=f"{base.label} · twin ({mode})")
+        s = base_report.settings
+        submit("twin", prune_to_workspace, loaded, settings, s["calib"], s["nsamples"], s["seqlen"], s["seed"],
+               label=f"{base.label or base.name} · twin ({mode})", device=st.session_state.model_spec[1],
+               source_run=base.name)
+elif loaded is not None:
+    st.caption(f"Load {base_report.model} on the Model page to run this run's twin.")
 
 
 def twin_status() -> None:
@@ -46,16 +49,15 @@ def twin_status() -> None:
     if tj is None:
         return
     if tj.running:
-        n = len(loaded.model.model.layers) if loaded else 1
-        st.progress(len([e for e in tj.events if e.kind == "layer"]) / n, text=f"twin run · {tj.elapsed:.0f} s")
-        if st.button("Cancel twin"):
-            tj.cancel()
-    elif tj.state == "done" and tj.result.id not in st.session_state.runs:
-        st.session_state.runs[tj.result.id] = tj.result
-        st.session_state.inspect_select_next = list(dict.fromkeys([base_id, tj.result.id]))
+        job_progress(tj, "Cancel twin", "cancel_twin", len(base_report.layers))
+    elif take_result(tj):
+        if tj.state == "done":
+            st.session_state.inspect_select_next = list(dict.fromkeys([tj.result.summary.get("source_run") or base_id,
+                                                                       tj.result.name]))
+            st.session_state.current_run = tj.result.name
+        elif tj.state == "failed":
+            st.error(tj.error)
         st.rerun(scope="app")
-    elif tj.state == "failed":
-        st.error(tj.error)
 
 
 tj_running = bool(job("twin") and job("twin").running)  # after the button: a job it started counts
@@ -64,8 +66,8 @@ st.fragment(run_every=1.0 if tj_running else None)(twin_status)()
 # per-layer detail
 st.subheader("Layer detail")
 d1, d2 = st.columns([2, 3])
-detail_id = d1.selectbox("Run ", list(labels), format_func=labels.get, index=len(labels) - 1, key="detail_run")
-report = all_runs[detail_id].report
+detail_id = d1.selectbox("Run ", list(labels), format_func=labels.get, key="detail_run")
+report = run_report(all_runs[detail_id])
 layer = d2.slider("Layer", 0, len(report.layers) - 1, 0, key="detail_layer")
 heads = [h for h in report.heads if h.layer == layer]
 ffn = [f for f in report.ffn if f.layer == layer]

@@ -5,7 +5,7 @@ from slimgpt_core import assets
 from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.models import ALIASES
 from slimgpt_core.studio import describe_model
-from ui.state import cached_model
+from ui.state import current_model, load_dense_model
 
 st.title("Model")
 OPTIONS = {"Offline default: SmolLM2-135M-Instruct (GGUF)": "default",
@@ -30,28 +30,22 @@ if assets.asset_root() is None:
 if st.button("Load model", type="primary", disabled=not name):
     with st.spinner(f"Loading {name} (a GGUF file is converted once, then cached)…"):
         try:
-            cached_model(name, device, dtype)
-            st.session_state["model_spec"] = (name, device, dtype)
+            load_dense_model(name, device, dtype)
         except SlimGPTError as exc:
             st.error(str(exc))
         else:
             st.rerun()  # the sidebar was drawn before the load
 
-spec = st.session_state.get("model_spec")
-if spec:
-    try:
-        info = describe_model(cached_model(*spec))
-    except SlimGPTError as exc:
-        st.error(str(exc))
-    else:
-        st.subheader(f"Loaded: {ALIASES.get(info.name, info.name)}")
-        cols = st.columns(6)
-        for col, (label, value) in zip(cols, [("layers", info.layers), ("heads", info.heads),
-                                              ("KV heads", info.kv_heads), ("FFN width", info.ffn),
-                                              ("hidden", info.hidden),
-                                              ("parameters", f"{info.parameters / 1e6:.2f} M")]):
-            col.metric(label, value)
-        st.caption(f"{info.architecture} · head dim {info.head_dim} · vocab {info.vocab} · context {info.context} · "
-                   f"{info.dtype} · decoder layers hold {info.layer_parameters / 1e6:.2f} M parameters · {info.path}")
-        if info.kv_heads < info.heads:
-            st.info(f"Grouped-query attention: heads are pruned in whole KV groups of {info.heads // info.kv_heads}.")
+loaded = current_model()
+if loaded is not None:
+    info = describe_model(loaded)
+    st.subheader(f"Loaded: {ALIASES.get(info.name, info.name)}")
+    cols = st.columns(6)
+    for col, (label, value) in zip(cols, [("layers", info.layers), ("heads", info.heads),
+                                          ("KV heads", info.kv_heads), ("FFN width", info.ffn),
+                                          ("hidden", info.hidden), ("parameters", f"{info.parameters / 1e6:.2f} M")]):
+        col.metric(label, value)
+    st.caption(f"{info.architecture} · head dim {info.head_dim} · vocab {info.vocab} · context {info.context} · "
+               f"{info.dtype} · decoder layers hold {info.layer_parameters / 1e6:.2f} M parameters · {info.path}")
+    if info.kv_heads < info.heads:
+        st.info(f"Grouped-query attention: heads are pruned in whole KV groups of {info.heads // info.kv_heads}.")

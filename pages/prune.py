@@ -2,12 +2,11 @@
 import streamlit as st
 
 from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.jobs import start_job
 from slimgpt_core.pipeline import PruneSettings
 from slimgpt_core.schedule import layer_ratios
-from slimgpt_core.studio import head_importance, preview_schedule, run_pruning
+from slimgpt_core.studio import head_importance, preview_schedule, prune_to_workspace
 from ui import charts
-from ui.state import job, require_model
+from ui.state import job, job_progress, require_model, run_report, submit, take_result
 
 st.title("Prune")
 loaded = require_model()
@@ -103,8 +102,10 @@ st.plotly_chart(charts.schedule_curve(head_ratios, ffn_ratios, [k / q for k, q i
                                       [k / f for k, f in zip(preview.ffn_kept, f0)]), key="schedule_chart")
 
 # --- head-importance preview from cached dense statistics -------------------------------------
-stats_key = (ss.model_spec, calib, int(nsamples), int(seqlen), int(seed), float(damp))
+stats_key = repr((ss.model_spec, calib, int(nsamples), int(seqlen), int(seed), float(damp)))
 stats = ss.head_stats.get(stats_key)
+if stats is None and job("stats") and job("stats").state == "done" and job("stats").label == stats_key:
+    stats = ss.head_stats[stats_key] = job("stats").result  # computed by another tab or before a reload
 st.subheader("Head importance preview")
 if stats is not None:
     removed = stats.preview_removed(head_ratios)
@@ -115,56 +116,48 @@ else:
     st.caption("Scores every head group of the dense model once (cached), then marks what each layer would lose as "
                "you drag.")
     if st.button("Compute head importance", disabled=bool(job("stats") and job("stats").running)):
-        ss.jobs["stats"] = start_job("stats", head_importance, loaded, calib, int(nsamples), int(seqlen), int(seed),
-                                     float(damp), ss.get("device", "auto"))
-        ss.stats_key_pending = stats_key
+        submit("stats", head_importance, loaded, calib, int(nsamples), int(seqlen), int(seed), float(damp),
+               ss.model_spec[1], job_label=stats_key)
 
 # --- the run --------------------------------------------------------------------------------------
 st.subheader("Run")
 prune_job = job("prune")
 if st.button("Start pruning", type="primary", disabled=bool(prune_job and prune_job.running)):
-    ss.jobs["prune"] = start_job("prune", run_pruning, loaded, settings, calib, int(nsamples), int(seqlen),
-                                 int(seed))
+    submit("prune", prune_to_workspace, loaded, settings, calib, int(nsamples), int(seqlen), int(seed),
+           device=ss.model_spec[1], job_label=f"{loaded.name} {preview.achieved_layer_ratio:.0%}")
 
 
 def live_view() -> None:
-    """Polled while a job runs; never blocks. The job thread itself never touches Streamlit."""
+    """Polled while a job runs; never blocks. The job threads never touch Streamlit. Jobs belong to the server,
+    so a reloaded page or a second tab finds them here with their events."""
     sj = job("stats")
-    if sj is not None and not sj.running and ss.get("stats_key_pending") is not None:
-        if sj.state == "done":
-            ss.head_stats[ss.stats_key_pending] = sj.result
+    if sj is not None and sj.running:
+        job_progress(sj, "Cancel statistics", "cancel_stats", n_layers)
+    elif take_result(sj):
+        if sj.state == "done" and sj.label == stats_key:
+            ss.head_stats[stats_key] = sj.result
+            st.rerun()
         elif sj.error:
             st.error(sj.error)
-        ss.stats_key_pending = None
-        st.rerun()
-    elif sj is not None and sj.running:
-        progress = [e for e in sj.events if e.kind == "progress"]
-        done = progress[-1].layer + 1 if progress else 0
-        st.progress(done / n_layers, text=f"dense statistics: layer {done}/{n_layers}")
 
     pj = job("prune")
     if pj is None:
         return
     events = list(pj.events)
-    progress = [e for e in events if e.kind == "progress"]
     layers_done = [e for e in events if e.kind == "layer"]
     if pj.running:
-        last = progress[-1] if progress else None
-        text = f"layer {last.layer + 1}/{last.n_layers} · {last.phase} · {pj.elapsed:.0f} s" if last else "starting…"
-        st.progress(len(layers_done) / n_layers, text=text)
-        if st.button("Cancel", key="cancel_prune"):
-            pj.cancel()
+        job_progress(pj, "Cancel", "cancel_prune", n_layers)
+        if not pj.queued:
+            st.caption(f"layer {len(layers_done)}/{n_layers} of **{pj.label}**")
     elif pj.state == "done":
-        run = pj.result
-        if run.id not in ss.runs:
-            ss.runs[run.id] = run
-            ss.current_run = run.id
-        r = run.report
+        info = pj.result
+        r = run_report(info)
         st.success(f"Done in {r.total_seconds:.1f} s: {r.params_before / 1e6:.2f} M → {r.params_after / 1e6:.2f} M "
                    f"parameters, achieved {r.achieved_layer_ratio:.1%} of layer parameters "
-                   f"({r.achieved_ratio:.1%} of all). Evaluate or export it on the next pages.")
+                   f"({r.achieved_ratio:.1%} of all). Saved as run **{info.title}** in the workspace; evaluate or "
+                   "export it on the next pages.")
     elif pj.state == "cancelled":
-        st.warning("Pruning was cancelled; the loaded model is unchanged.")
+        st.warning("Pruning was cancelled; nothing was written and the loaded model is unchanged.")
     elif pj.state == "failed":
         st.error(pj.error)
     modules = [e for e in events if e.kind == "module"]
@@ -176,12 +169,11 @@ def live_view() -> None:
     if heads:
         st.plotly_chart(charts.head_heatmap([h.scores for h in heads], [h.removed for h in heads],
                                             heads[0].heads_per_unit), key="live_heatmap")
-    if pj.running or (sj is not None and sj.running):
-        pass  # the fragment's timer brings the next update
-    elif pj.finished and pj.finished > ss.get("last_prune_seen", 0):
-        ss.last_prune_seen = pj.finished
-        st.rerun()  # refresh the whole page (sidebar, buttons) once the job has ended
+    if take_result(pj):  # once the job has ended: select its run and refresh the whole page (sidebar, buttons)
+        if pj.state == "done":
+            ss.current_run = pj.result.name
+        st.rerun()
 
 
-busy = any(j.running for j in ss.jobs.values())
+busy = any(j is not None and j.running for j in (job("stats"), job("prune")))
 st.fragment(run_every=1.0 if busy else None)(live_view)()

@@ -8,6 +8,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from . import modeling_slimgpt
 from .surgery import LAYER_KEYS, base_model_type, count_parameters, describe_layers, is_heterogeneous
@@ -96,8 +97,10 @@ def model_card(model, report=None, evaluation: dict | None = None, source: str =
 
 
 def export_checkpoint(model, tokenizer, out: str | Path, report=None, evaluation: dict | None = None,
-                      source: str = "", make_zip: bool = False, overwrite: bool = False) -> ExportResult:
-    """Write the checkpoint (and report.json) into `out` all at once, optionally zipped beside it."""
+                      source: str = "", make_zip: bool = False, overwrite: bool = False,
+                      extra: Callable[[Path], None] | None = None) -> ExportResult:
+    """Write the checkpoint (and report.json) into `out` all at once, optionally zipped beside it.
+    `extra(tmp)` writes further files into the folder before it appears (the workspace's meta.json)."""
     from .runs import atomic_folder, atomic_zip
 
     out = Path(out)
@@ -105,6 +108,8 @@ def export_checkpoint(model, tokenizer, out: str | Path, report=None, evaluation
         hetero = write_checkpoint(model, tokenizer, tmp, report, evaluation, source)
         if report is not None:
             report.save(tmp / "report.json")
+        if extra is not None:
+            extra(tmp)
     zip_path = atomic_zip(out, out.with_suffix(".zip")) if make_zip else None
     return ExportResult(out, zip_path, hetero, count_parameters(model), sorted(p.name for p in out.iterdir()))
 
@@ -121,6 +126,11 @@ def export_model(source: str, out: str | Path, make_zip: bool = False, overwrite
     evaluation = {}
     if (folder / "eval.json").exists():
         evaluation = _flatten_eval(json.loads((folder / "eval.json").read_text()))
+    from .workspace import read_evaluations
+    for record in read_evaluations(folder):  # measurements the studio stored with the run; latest wins
+        key = {"perplexity": "perplexity", "task": record.get("task")}.get(record.get("kind"))
+        if key:
+            evaluation[key] = record
     return export_checkpoint(loaded.model, loaded.tokenizer, out, report, evaluation, source, make_zip, overwrite)
 
 

@@ -57,8 +57,11 @@ def atomic_zip(folder: Path, zip_path: Path) -> Path:
     return zip_path
 
 
-def save_run(model, tokenizer, report, out: str | Path, overwrite: bool = False) -> Path:
-    """A pruning run: the checkpoint (see export.write_checkpoint) plus report.json."""
+def save_run(model, tokenizer, report, out: str | Path, overwrite: bool = False, label: str = "") -> Path:
+    """A run: the checkpoint (see export.write_checkpoint), report.json and the workspace's meta.json, so a run
+    written anywhere (say `prune --out "$SLIMGPT_RUNS/x"`) is listed by the studio like its own."""
     from .export import export_checkpoint
+    from .workspace import write_meta
 
-    return export_checkpoint(model, tokenizer, out, report, overwrite=overwrite).folder
+    return export_checkpoint(model, tokenizer, out, report, overwrite=overwrite,
+                             extra=lambda tmp: write_meta(tmp, report, label or Path(out).name)).folder

@@ -13,6 +13,7 @@ from .data import calibration_tokens
 from .events import AchievedRatios, Progress, PruneReport
 from .models import LoadedModel
 from .pipeline import DenseStatistics, PruneSettings, dense_statistics, plan_removals, prune_model
+from .schedule import layer_ratios
 from .surgery import count_parameters, layer_shape
 
 
@@ -106,10 +107,42 @@ def run_pruning(loaded: LoadedModel, settings: PruneSettings, calib: str, nsampl
     report = prune_model(model, tokens, settings, callback, should_stop, model_name=loaded.name)
     report.settings.update(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
     run_id = time.strftime("%H%M%S") + f"-{int(time.time() * 1000) % 1000:03d}"
-    mode = "seq" if settings.sequential else "dense-in"
-    label = label or f"{settings.schedule} {settings.ratio:.0%} {mode} ({run_id})"
+    label = label or schedule_label(report, settings)
     return PruneRun(run_id, label, loaded.name, model, loaded.tokenizer, report,
                     {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed})
+
+
+def schedule_label(report: PruneReport, settings: PruneSettings) -> str:
+    """A label describing the schedule the run actually used (the per-layer ratios, not the target slider):
+    the preset's name when the ratios are the preset's, else "custom"; the mean requested ratio."""
+    n = len(report.head_ratios)
+    name = settings.schedule if settings.method == "slimgpt" else settings.method
+    if settings.head_ratios is not None or settings.ffn_ratios is not None:
+        try:
+            preset = layer_ratios(n, settings.ratio, settings.schedule, settings.shape)
+            same = all(abs(a - b) < 5e-3 for a, b in zip(report.head_ratios + report.ffn_ratios, preset + preset))
+        except Exception:  # a schedule that cannot be built from the target (e.g. auto): the lists speak
+            same = False
+        name = name if same else f"{name} (edited)" if settings.method != "slimgpt" else "custom"
+    mode = "" if settings.sequential else " dense-in"
+    return f"{name} {report.requested_ratio:.0%}{mode}"
+
+
+def prune_to_workspace(loaded: LoadedModel, settings: PruneSettings, calib: str, nsamples: int, seqlen: int,
+                       seed: int = 0, label: str = "", device: str = "auto", source_run: str | None = None,
+                       callback: Callable | None = None, should_stop: Callable[[], bool] | None = None):
+    """Prune a copy of the loaded model and write it into the workspace; the job's result is the listed run.
+
+    Written by the job itself, so a run finished while no page watches is already on disk."""
+    from .model_pool import POOL
+    from .workspace import save_run
+
+    run = run_pruning(loaded, settings, calib, nsamples, seqlen, seed, label, callback, should_stop)
+    if source_run:
+        run.report.settings["source_run"] = source_run  # a twin names the run it mirrors
+    info = save_run(run.model, run.tokenizer, run.report, label=run.label)
+    POOL.put(str(info.path), LoadedModel(run.model, run.tokenizer, str(info.path), str(info.path)), device)
+    return info
 
 
 def head_importance(loaded: LoadedModel, calib: str, nsamples: int, seqlen: int, seed: int = 0, damp: float = 0.01,
@@ -137,8 +170,12 @@ class EvalResult:
 
 def evaluate(models: dict[str, tuple], ppl_source: str | None, seqlen: int, max_windows: int | None,
              tasks: list[str], limit: int | None, speed: bool, device: str = "auto", batch_size: int = 8,
-             callback: Callable | None = None, should_stop: Callable[[], bool] | None = None) -> list[EvalResult]:
-    """Evaluate several (model, tokenizer) pairs the same way; progress events name the model and step."""
+             callback: Callable | None = None, should_stop: Callable[[], bool] | None = None,
+             record_to: dict[str, Path] | None = None) -> list[EvalResult]:
+    """Evaluate several (model, tokenizer) pairs the same way; progress events name the model and step.
+
+    With `record_to` {label: folder}, every measurement is appended to that folder's evaluations.json at
+    once, with its provenance, so a finished step survives a reload, a cancel or a restart."""
     from .evaluate import cached_perplexity
     from .models import resolve_device
     from .speed import measure_speed
@@ -154,20 +191,30 @@ def evaluate(models: dict[str, tuple], ppl_source: str | None, seqlen: int, max_
         home = next(model.parameters()).device
         model.to(dev)
         res = EvalResult(label, None, {}, None, count_parameters(model))
+
+        def record(kind: str, value: dict, folder=(record_to or {}).get(label)) -> None:
+            if folder is not None:
+                from .workspace import add_evaluation, versions
+                add_evaluation(folder, {"kind": kind, **value, "batch_size": batch_size, "device": str(dev),
+                                        "parameters": res.parameters, "when": time.time(), "versions": versions()})
+
         try:
             if ppl_source:
                 emit(Progress(done, len(steps), f"{label}: perplexity", 0.0))
                 res.perplexity = asdict(cached_perplexity(model, tokenizer, ppl_source, seqlen, batch_size,
                                                           max_windows, dev, should_stop=should_stop))
+                record("perplexity", res.perplexity)
                 done += 1
             for task in tasks:
                 emit(Progress(done, len(steps), f"{label}: {task}", 0.0))
                 res.tasks[task] = asdict(zero_shot(model, tokenizer, [task], limit, batch_size,
                                                    should_stop=should_stop)[task])
+                record("task", res.tasks[task])
                 done += 1
             if speed:
                 emit(Progress(done, len(steps), f"{label}: speed", 0.0))
                 res.speed = asdict(measure_speed(model, (1, 4), (128,), 16, 2))
+                record("speed", res.speed)
                 done += 1
         finally:
             model.to(home)
@@ -176,14 +223,10 @@ def evaluate(models: dict[str, tuple], ppl_source: str | None, seqlen: int, max_
     return results
 
 
-def export_run(run: PruneRun, out: str | Path, make_zip: bool = True, dtype: str | None = None,
-               evaluation: dict | None = None, overwrite: bool = True):
-    """Write a run held in memory as a loadable checkpoint (+ zip)."""
-    from .export import export_checkpoint
-    from .models import DTYPES
+def export_run(run_folder: str | Path, out: str | Path, make_zip: bool = True, dtype: str | None = None,
+               overwrite: bool = True, callback: Callable | None = None, should_stop: Callable[[], bool] | None = None):
+    """Write a workspace run as a loadable checkpoint (+ zip), in the dtype asked for."""
+    from .export import export_model
 
-    model = run.model
-    if dtype and dtype != "as loaded":
-        model = copy.deepcopy(model).to(DTYPES[dtype])
-    return export_checkpoint(model, run.tokenizer, out, run.report, evaluation, make_zip=make_zip,
-                             overwrite=overwrite)
+    return export_model(str(run_folder), out, make_zip, overwrite,
+                        "auto" if not dtype or dtype == "as loaded" else dtype)

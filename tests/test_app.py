@@ -20,7 +20,8 @@ def figures(at) -> dict[str, dict]:
 
 
 def settle(at, job_name: str, timeout: float = 300) -> AppTest:
-    job = at.session_state["jobs"][job_name]
+    from slimgpt_core.jobs import BOARD
+    job = BOARD.latest(job_name)
     job.wait(timeout)
     assert job.state == "done", job.error
     at.run()
@@ -32,6 +33,7 @@ def settle(at, job_name: str, timeout: float = 300) -> AppTest:
 @pytest.fixture
 def app(tmp_path, monkeypatch):
     monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SLIMGPT_RUNS", str(tmp_path / "runs"))
     at = AppTest.from_file(APP, default_timeout=300)
     at.run()
     assert not at.exception
@@ -107,7 +109,10 @@ def test_prune_run_produces_live_charts_and_heatmap(app):
     button(app, "Start pruning").click().run()
     settle(app, "prune")
     assert "Done in" in app.success[0].value
-    run = next(iter(app.session_state["runs"].values()))
+    from slimgpt_core.workspace import list_runs
+    from slimgpt_core.events import PruneReport
+    [info] = list_runs()
+    run = type("Run", (), {"report": PruneReport.load(info.path / "report.json"), "id": info.name})
     figs = figures(app)
     recon = figs["Reconstruction error ‖WX−ŴX‖²/‖WX‖²"]
     attn = [t for t in recon["data"] if t["name"].endswith("attn")][0]
@@ -147,14 +152,17 @@ def test_inspect_evaluate_export(app, tmp_path):
     assert not app.exception
     button(app, "Run its twin with dense inputs").click().run()
     settle(app, "twin")
-    assert len(app.session_state["runs"]) == 2
+    from slimgpt_core.workspace import list_runs
+    assert len(list_runs()) == 2
     acc = figures(app)["Accumulated error along depth"]
     assert len(acc["data"]) == 2 and any("twin" in t["name"] for t in acc["data"])
     assert "OBS-predicted vs measured error" in figures(app)
     app.slider(key="detail_layer").set_value(4).run()
     assert any(t.startswith("Layer 4: FFN channel scores") for t in figures(app))
-    # Evaluate: dense and pruned side by side
+    # Evaluate: dense and pruned side by side; what the user just made (the twin) and its source are preselected
     app.switch_page("pages/evaluate.py").run()
+    twin, first = list_runs()
+    assert app.multiselect(key="eval_runs").value == [twin.name, first.name]
     app.selectbox(key="eval_ppl").set_value("tinystories").run()
     app.number_input(key="eval_seqlen").set_value(256).run()
     app.number_input(key="eval_windows").set_value(4).run()
@@ -163,13 +171,25 @@ def test_inspect_evaluate_export(app, tmp_path):
     button(app, "Evaluate").click().run()
     settle(app, "eval")
     table = app.dataframe[0].value
-    assert list(table["model"])[0] == "dense" and len(table) == 2
+    assert list(table["model"])[0] == "dense" and len(table) == 3
     assert table["ppl (tinystories, 256)"][0] < table["ppl (tinystories, 256)"][1]
     assert {"Perplexity (lower is better)", "Zero-shot acc"} <= set(figures(app))
+    # every measurement was stored with its run (and the dense model's beside them), with its provenance
+    from slimgpt_core.workspace import dense_evaluations_folder, read_evaluations
+    for info in list_runs():
+        kinds = {e["kind"]: e for e in info.evaluations}
+        assert set(kinds) == {"perplexity", "task"}
+        assert kinds["perplexity"]["windows"] == 4 and kinds["perplexity"]["seqlen"] == 256
+        assert kinds["task"]["limit"] == 3 and "torch" in kinds["task"]["versions"]
+        ppl_row = table[table["model"] == info.title]["ppl (tinystories, 256)"].iloc[0]
+        assert kinds["perplexity"]["ppl"] == pytest.approx(ppl_row, abs=1e-3)
+    dense = read_evaluations(dense_evaluations_folder("stories260k"))
+    assert [e["kind"] for e in dense] == ["perplexity", "task"]
     # Export: folder, zip, model card
     app.switch_page("pages/export.py").run()
     app.text_input(key="export_folder").set_value(str(tmp_path / "exported")).run()
     button(app, "Export").click().run()
+    settle(app, "export")
     assert not app.exception and not app.error
     assert (tmp_path / "exported" / "model.safetensors").exists() and (tmp_path / "exported.zip").exists()
     assert any("Download exported.zip" in str(e.proto) for e in app.get("download_button"))

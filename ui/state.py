@@ -1,27 +1,37 @@
-"""Session helpers shared by the pages: the loaded model (cached resource), runs, jobs, sidebar."""
+"""What the pages share: the loaded model, the workspace's runs, the server's jobs, the sidebar.
+
+Nothing a user makes lives in a browser session: runs are folders in the workspace, jobs belong to the server
+process (`slimgpt_core.jobs.BOARD`), models sit in its pool, and the loaded model is remembered in the
+workspace. A reload, a second tab or a restart finds all of it again. Session state only holds what the user
+is looking at (the chosen run, widget values)."""
 from __future__ import annotations
 
 import streamlit as st
 
+from slimgpt_core import workspace
 from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.jobs import Job
-from slimgpt_core.models import LoadedModel, load_model
-
-
-@st.cache_resource(show_spinner=False, max_entries=3)
-def cached_model(name: str, device: str, dtype: str) -> LoadedModel:
-    return load_model(name, device, dtype)
+from slimgpt_core.events import PruneReport
+from slimgpt_core.jobs import BOARD, Job
+from slimgpt_core.model_pool import POOL
+from slimgpt_core.models import LoadedModel
 
 
 def init_state() -> None:
     ss = st.session_state
-    ss.setdefault("model_spec", None)  # (name, device, dtype)
-    ss.setdefault("runs", {})  # id -> PruneRun
-    ss.setdefault("current_run", None)
-    ss.setdefault("jobs", {})  # name -> Job
-    ss.setdefault("evals", {})  # key -> list[EvalResult]
-    ss.setdefault("head_stats", {})  # key -> DenseStatistics
-    ss.setdefault("exports", {})  # run id -> ExportResult
+    if ss.get("model_spec") is None:
+        remembered = workspace.recall("model_spec")
+        ss["model_spec"] = tuple(remembered) if remembered else None  # (name, device, dtype)
+    ss.setdefault("current_run", None)  # a run's folder name
+    ss.setdefault("head_stats", {})  # key -> DenseStatistics (cheap to rebuild from the statistics cache)
+    ss.setdefault("seen_jobs", set())  # ids of finished jobs whose result this session already took in
+
+
+def load_dense_model(name: str, device: str, dtype: str) -> LoadedModel:
+    """Load (or find in the pool) the model to prune, and remember it for every tab and the next start."""
+    loaded = POOL.get(name, device, dtype)
+    st.session_state["model_spec"] = (name, device, dtype)
+    workspace.remember("model_spec", [name, device, dtype])
+    return loaded
 
 
 def current_model() -> LoadedModel | None:
@@ -29,23 +39,60 @@ def current_model() -> LoadedModel | None:
     if spec is None:
         return None
     try:
-        return cached_model(*spec)
+        return POOL.get(*spec)
     except SlimGPTError as exc:
         st.error(str(exc))
         return None
 
 
-def job(name: str) -> Job | None:
-    return st.session_state["jobs"].get(name)
+def job(kind: str) -> Job | None:
+    """The newest job of this kind in the server process, whoever started it."""
+    return BOARD.latest(kind)
 
 
-def runs() -> dict:
-    return st.session_state["runs"]
+def submit(kind: str, fn, *args, job_label: str = "", heavy: bool = True, **kwargs) -> Job:
+    return BOARD.submit(kind, fn, *args, job_label=job_label, heavy=heavy, **kwargs)
 
 
-def current_run():
+def runs() -> dict[str, workspace.RunInfo]:
+    """Every usable run in the workspace by folder name, newest first (listing reads small files only)."""
+    return {r.name: r for r in workspace.list_runs() if r.broken is None}
+
+
+def broken_runs() -> list[workspace.RunInfo]:
+    return [r for r in workspace.list_runs() if r.broken is not None]
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _report(path: str, mtime: float) -> PruneReport:
+    return PruneReport.load(f"{path}/report.json")
+
+
+def run_report(info: workspace.RunInfo) -> PruneReport:
+    path = info.path / "report.json"
+    return _report(str(info.path), path.stat().st_mtime)
+
+
+def run_model(info: workspace.RunInfo) -> LoadedModel:
+    """A run's weights, from the pool (loaded on first use; a few stay in memory)."""
+    spec = st.session_state.get("model_spec") or ("", "auto", "auto")
+    return POOL.get(str(info.path), spec[1])
+
+
+def current_run() -> workspace.RunInfo | None:
+    all_runs = runs()
     rid = st.session_state.get("current_run")
-    return runs().get(rid) if rid else None
+    if rid in all_runs:
+        return all_runs[rid]
+    return next(iter(all_runs.values()), None)
+
+
+def take_result(j: Job | None) -> bool:
+    """True once per session for a finished job (to select what it made, say)."""
+    if j is None or j.running or j.id in st.session_state["seen_jobs"]:
+        return False
+    st.session_state["seen_jobs"].add(j.id)
+    return True
 
 
 def require_model() -> LoadedModel | None:
@@ -65,13 +112,31 @@ def sidebar() -> None:
             st.caption("**Model:** none loaded")
         run = current_run()
         if run is not None:
-            r = run.report
-            st.caption(f"**Run:** {run.label} · achieved {r.achieved_layer_ratio:.1%} of layer parameters")
+            ratio = run.summary.get("achieved_layer_ratio")
+            achieved = f" · achieved {ratio:.1%} of layer parameters" if ratio is not None else ""
+            st.caption(f"**Run:** {run.title}{achieved}")
         else:
             st.caption("**Run:** none yet")
-        running = [name for name, j in st.session_state["jobs"].items() if j.running]
-        if running:
-            st.caption("**Working:** " + ", ".join(running))
+        active = BOARD.running()
+        if active:
+            st.caption("**Working:** " + ", ".join(
+                f"{j.name}{' (' + j.label + ')' if j.label else ''}{' · queued' if j.queued else ''}" for j in active))
+        st.caption(f"Workspace: `{workspace.runs_root()}`")
+
+
+def job_progress(j: Job, cancel_label: str, key: str, n_steps: int | None = None) -> None:
+    """A running or queued job's progress bar and its Cancel button."""
+    if j.queued:
+        st.progress(0.0, text=f"queued behind {', '.join(o.name for o in BOARD.running() if not o.queued) or 'another job'}"
+                              " · waits for its turn")
+    else:
+        progress = [e for e in j.events if getattr(e, "kind", None) == "progress"]
+        last = progress[-1] if progress else None
+        total = n_steps or (max(1, last.n_layers) if last else 1)
+        st.progress(min(1.0, last.layer / total) if last else 0.0,
+                    text=f"{last.phase} · {j.elapsed:.0f} s" if last else "starting…")
+    if st.button(cancel_label, key=key):
+        j.cancel()
 
 
 def finished_job(name: str, cancel_label: str):
@@ -80,12 +145,7 @@ def finished_job(name: str, cancel_label: str):
     if j is None:
         return None
     if j.running:
-        progress = [e for e in j.events if e.kind == "progress"]
-        last = progress[-1] if progress else None
-        st.progress(last.layer / max(1, last.n_layers) if last else 0.0,
-                    text=f"{last.phase} · {j.elapsed:.0f} s" if last else "starting…")
-        if st.button(cancel_label):
-            j.cancel()
+        job_progress(j, cancel_label, key=f"cancel_{name}")
         return None
     if j.state == "failed":
         st.error(j.error)
@@ -94,9 +154,11 @@ def finished_job(name: str, cancel_label: str):
     return j if j.state == "done" else None
 
 
-def require_runs() -> dict:
-    """The session's runs and their labels; stops the page when there are none."""
-    if not runs():
-        st.info("No runs yet: prune on the **Prune** page first.")
+def require_runs() -> dict[str, workspace.RunInfo]:
+    """The workspace's runs; stops the page when there are none."""
+    all_runs = runs()
+    if not all_runs:
+        st.info("No runs yet: prune on the **Prune** page first (or write one with `prune --out` into the "
+                f"workspace, `{workspace.runs_root()}`).")
         st.stop()
-    return runs()
+    return all_runs

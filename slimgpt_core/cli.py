@@ -54,6 +54,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive, default=8, help="sequences per forward pass")
 
 
+def _runs_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", help="the workspace folder of runs (default: $SLIMGPT_RUNS, else runs/ in the project)")
+
+
+def _use_runs(args) -> None:
+    """--runs moves the workspace for this process (the studio reads the same variable)."""
+    import os
+    if getattr(args, "runs", None):
+        os.environ["SLIMGPT_RUNS"] = str(Path(args.runs).expanduser())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m slimgpt_core", description="SlimGPT structured pruning of causal LMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tf32", action="store_true", help="TF32 for layer forwards on CUDA (statistics stay fp32)")
     p.add_argument("--no-accumulation", action="store_true",
                    help="skip the reference forward that measures accumulated error (faster)")
-    p.add_argument("--out", required=True, help="folder for the pruned model and report.json (must not exist)")
+    p.add_argument("--out", help="folder for the pruned model and report.json (must not exist); default: a new "
+                                 "folder in the workspace (--runs), where the studio lists it")
+    p.add_argument("--label", default="", help="the run's label in the studio's list")
+    _runs_option(p)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -103,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ppl", help="perplexity text: wikitext2, tinystories, c4, or a local .txt/.jsonl file "
                                  "(default wikitext2 when neither --tasks nor --speed is given)")
     e.add_argument("--seqlen", type=_positive, default=128, help="perplexity window length")
-    e.add_argument("--max-windows", type=_positive, help="at most this many perplexity windows (default: all)")
+    e.add_argument("--ppl-windows", "--max-windows", dest="ppl_windows", type=_positive,
+                   help="at most this many perplexity windows (default: all); same name as prune's")
     e.add_argument("--tasks", help="zero-shot tasks, comma separated: boolq,piqa,hellaswag,winogrande,arc_easy,"
                                    "arc_challenge,openbookqa")
     e.add_argument("--limit", type=_positive, help="at most this many documents per task")
@@ -140,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=_positive, default=50)
     g.add_argument("--out", required=True, help="folder for compare.md, compare.csv, compare.json and plots")
     g.add_argument("--quiet", action="store_true")
+
+    w = sub.add_parser("runs", help="list the workspace's runs (newest first), or delete one")
+    _runs_option(w)
+    w.add_argument("--delete", metavar="NAME", help="remove this run's folder from disk")
+    w.add_argument("--json", action="store_true", help="print the listing as JSON")
 
     c = sub.add_parser("cache", help="show or clear cache/")
     c.add_argument("action", choices=["info", "clear"])
@@ -228,7 +248,11 @@ def _cmd_prune(args, rank: int) -> int:
     from .models import load_model, resolve_device
     from .pipeline import PruneSettings, activation_streams, check_memory, plan_removals, prune_model
     from .runs import check_output_folder, save_run
+    from .workspace import new_run_name, runs_root
 
+    _use_runs(args)
+    if not args.out:  # into the workspace, under a name that says what it is
+        args.out = runs_root() / new_run_name(f"{Path(args.model).stem}-{args.method}-{args.schedule}-{args.ratio:g}")
     out = check_output_folder(args.out, args.force)
     settings = PruneSettings(
         ratio=args.ratio, schedule=args.schedule, shape=args.shape, head_ratio=args.head_ratio,
@@ -270,7 +294,11 @@ def _cmd_prune(args, rank: int) -> int:
                                                args.batch_size, device, args.quiet, "pruned"))
         model.to("cpu")
     report.evaluation = evaluation
-    save_run(model, loaded.tokenizer, report, out, args.force)
+    save_run(model, loaded.tokenizer, report, out, args.force, args.label)
+    if "pruned_ppl" in evaluation:  # listed with the run, like the studio's measurements
+        from .workspace import add_evaluation, versions
+        add_evaluation(out, {"kind": "perplexity", **evaluation["pruned_ppl"], "batch_size": args.batch_size,
+                             "device": str(device), "parameters": report.params_after, "versions": versions()})
     summary = {"out": str(out), "params_before": report.params_before, "params_after": report.params_after,
                "requested_ratio": round(report.requested_ratio, 4),
                "achieved_layer_ratio": round(report.achieved_layer_ratio, 4),
@@ -290,7 +318,7 @@ def _evaluate_one(name, args, device) -> dict:
     model = loaded.model.to(device)
     out: dict = {"model": name}
     if args.ppl:
-        out["perplexity"] = asdict(_ppl(model, loaded.tokenizer, args.ppl, args.seqlen, args.max_windows,
+        out["perplexity"] = asdict(_ppl(model, loaded.tokenizer, args.ppl, args.seqlen, args.ppl_windows,
                                         args.batch_size, device, args.quiet, name, not args.no_cache))
     if args.tasks:
         bar, update = _bar(args.quiet, f"tasks {name}", "task")
@@ -305,7 +333,23 @@ def _evaluate_one(name, args, device) -> dict:
     if args.speed:
         out["speed"] = asdict(measure_speed(model, args.speed_batches, args.speed_lengths, args.new_tokens,
                                             folder=loaded.path))
+    _record_in_workspace(Path(loaded.path), out, args, device)
     return out
+
+
+def _record_in_workspace(folder: Path, out: dict, args, device) -> None:
+    """Measurements of a workspace run are kept with it (listed by the studio with their provenance)."""
+    from .workspace import META, add_evaluation, versions
+
+    if not (folder / META).exists():
+        return  # not a run of ours: never write into someone's model folder
+    common = {"batch_size": args.batch_size, "device": str(device), "versions": versions()}
+    if "perplexity" in out:
+        add_evaluation(folder, {"kind": "perplexity", **out["perplexity"], **common})
+    for result in (out.get("tasks") or {}).values():
+        add_evaluation(folder, {"kind": "task", **result, **common})
+    if "speed" in out:
+        add_evaluation(folder, {"kind": "speed", **out["speed"], **common})
 
 
 def _target(spec: str, model):
@@ -411,11 +455,37 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def cmd_runs(args) -> int:
+    from . import workspace
+
+    _use_runs(args)
+    if args.delete:
+        workspace.delete_run(args.delete)
+        print(json.dumps({"deleted": args.delete}))
+        return 0
+    listed = workspace.list_runs()
+    if args.json:
+        print(json.dumps([workspace.as_dict(r) for r in listed], indent=1, default=str))
+        return 0
+    print(f"{'run':40} {'model':16} {'schedule':10} {'achieved':>8} {'ppl':>9} {'MB':>7}  label")
+    for r in listed:
+        s, ppl = r.summary, r.perplexity
+        if r.broken:
+            print(f"{r.name:40} broken: {r.broken}")
+            continue
+        ach = s.get("achieved_layer_ratio")
+        achieved = "" if ach is None else f"{ach:.1%}"
+        ppl_text = "" if ppl is None else f"{ppl['ppl']:.2f}"
+        print(f"{r.name:40} {str(s.get('model', ''))[:16]:16} {str(s.get('schedule', ''))[:10]:10} {achieved:>8} "
+              f"{ppl_text:>9} {r.size_bytes / 2**20:7.1f}  {r.label}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "cache": cmd_cache,
-                "compare": cmd_compare}[args.command](args)
+                "compare": cmd_compare, "runs": cmd_runs}[args.command](args)
     except SlimGPTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -167,6 +167,10 @@ def load_config(name: str):
         path = _local_folder(path, name)
     if path.is_dir():
         return AutoConfig.from_pretrained(path), str(path)
+    if path.is_file():  # it exists, but it is not something a model loads from
+        raise SlimGPTError(f"{name} is a file, not a model: give a Hugging Face model folder (config.json and "
+                           "safetensors weights), a run folder, a .gguf file, a hub id or an alias (default, "
+                           "stories260k)")
     if _looks_like_path(src):
         raise SlimGPTError(f"model not found: {name} (no such file or folder)")
     require_hub(f"model {name}")

@@ -99,19 +99,36 @@ def test_broken_and_partial_folders_are_listed_with_a_reason(runs_dir, stories_r
     assert "unreadable" in listed["garbled"].broken and "JSONDecodeError" in listed["garbled"].broken
 
 
-def test_a_run_written_by_the_cli_appears_in_the_workspace(runs_dir, assets_root):
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "slimgpt_core", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=ROOT, timeout=300)
+
+
+def test_cli_runs_land_in_the_workspace_with_their_evaluations(runs_dir, assets_root, tmp_path):
     from slimgpt_core import workspace
 
-    env = {**os.environ, "SLIMGPT_RUNS": str(runs_dir)}
-    out = subprocess.run([sys.executable, "-m", "slimgpt_core", "prune", "--model", "stories260k", "--ratio", "0.2",
-                          "--calib", "tinystories", "--nsamples", "4", "--seqlen", "64", "--device", "cpu",
-                          "--out", str(runs_dir / "cli-run")], capture_output=True, text=True, env=env, cwd=ROOT,
-                         timeout=300)
+    out = _cli("prune", "--model", "stories260k", "--ratio", "0.2", "--calib", "tinystories", "--nsamples", "4",
+               "--seqlen", "64", "--device", "cpu", "--runs", str(runs_dir), "--label", "from the shell")
     assert out.returncode == 0, out.stderr
     [info] = workspace.list_runs()
-    assert info.name == "cli-run" and info.broken is None and info.summary["model"] == "stories260k"
-    summary = json.loads(out.stdout)
-    assert info.summary["params_after"] == summary["params_after"]
+    assert info.broken is None and info.label == "from the shell" and info.summary["model"] == "stories260k"
+    assert info.summary["params_after"] == json.loads(out.stdout)["params_after"]
+    assert str(info.path) == json.loads(out.stdout)["out"]
+    # eval of a workspace run keeps the measurement with it (the same window option name as prune's)
+    ev = _cli("eval", "--model", str(info.path), "--ppl", "tinystories", "--seqlen", "64", "--ppl-windows", "2",
+              "--device", "cpu", env={"SLIMGPT_RUNS": str(runs_dir)})
+    assert ev.returncode == 0, ev.stderr
+    [record] = workspace.read_run(info.path).evaluations
+    assert record["kind"] == "perplexity" and record["windows"] == 2 and record["seqlen"] == 64
+    assert record["ppl"] == pytest.approx(json.loads(ev.stdout)["ppl"], rel=1e-3)
+    listing = _cli("runs", "--runs", str(runs_dir))
+    assert info.name in listing.stdout and "from the shell" in listing.stdout
+    assert _cli("runs", "--runs", str(runs_dir), "--delete", info.name).returncode == 0
+    assert workspace.list_runs() == []
+    # a file that is not a model says what it is and what a model path must be
+    (tmp_path / "notes.txt").write_text("remember the milk")
+    bad = _cli("eval", "--model", str(tmp_path / "notes.txt"))
+    assert bad.returncode == 1 and "is a file, not a model" in bad.stderr and "config.json" in bad.stderr
 
 
 def test_evaluations_from_many_threads_are_all_kept(runs_dir, stories_run):

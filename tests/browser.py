@@ -85,20 +85,34 @@ def set_number(page, label: str, value) -> None:
     wait_idle(page)
 
 
-def prune_default_model(page, url: str, shots: Path | None = None, nsamples: int = 4, seqlen: int = 64) -> None:
-    """Load the offline default model, run a small prune, wait for the live charts."""
+def load_default_model(page, url: str, shots: Path | None = None) -> None:
     page.goto(url)
     page.get_by_role("button", name="Load model").click()
     page.get_by_text("Loaded:").wait_for(timeout=300_000)
     wait_idle(page)
     if shots:
         page.screenshot(path=str(shots / "model.png"), full_page=True)
+
+
+def start_pruning(page, nsamples: int = 4, seqlen: int = 64) -> None:
+    """On the Prune page: a small calibration, then Start pruning (returns once the job is running)."""
     go(page, "Prune")
     page.get_by_text("Calibration data and method").click()
     set_number(page, "Samples", nsamples)
     set_number(page, "Sequence length", seqlen)
     page.get_by_role("button", name="Start pruning").click()
+    page.get_by_role("button", name="Cancel").wait_for(timeout=120_000)
+
+
+def wait_pruned(page) -> None:
     page.get_by_text("Done in").wait_for(timeout=600_000)
     # the page reruns once the job has ended: the sidebar then names the run
     page.locator("[data-testid='stSidebar']").get_by_text("achieved", exact=False).wait_for(timeout=60_000)
     wait_idle(page)
+
+
+def prune_default_model(page, url: str, shots: Path | None = None, nsamples: int = 4, seqlen: int = 64) -> None:
+    """Load the offline default model, run a small prune, wait for the live charts."""
+    load_default_model(page, url, shots)
+    start_pruning(page, nsamples, seqlen)
+    wait_pruned(page)

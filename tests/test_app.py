@@ -240,3 +240,38 @@ def test_compare_page_runs_a_grid(app):
     assert table["achieved_layer_ratio"][0] == table["achieved_layer_ratio"][1]
     ppl = figures(app)["Perplexity by variant (lower is better)"]
     assert ppl["data"][0]["x"] == ["slimgpt", "magnitude"]
+
+
+def test_a_second_tab_reattaches_to_a_queued_then_running_job(app, tmp_path):
+    """Jobs belong to the server: a new session (a reload, a second tab) sees the job, its place in the queue
+    and its Cancel, and then its result. A heavy job holding the turn makes the ordering deterministic."""
+    import threading
+
+    from slimgpt_core.jobs import BOARD
+
+    hold = threading.Event()
+    blocker = BOARD.submit("stats", lambda callback=None, should_stop=None: hold.wait(60), job_label="blocker")
+    try:
+        load_stories(app)
+        app.switch_page("pages/prune.py").run()
+        small_calibration(app)
+        button(app, "Start pruning").click().run()
+        prune_job = BOARD.latest("prune")
+        assert prune_job.queued
+        other = AppTest.from_file(APP, default_timeout=300)
+        other.run()
+        assert other.session_state["model_spec"] == ("stories260k", "auto", "auto")  # remembered, not re-chosen
+        assert "queued" in other.sidebar.caption[-2].value or any("queued" in c.value for c in other.sidebar.caption)
+        other.switch_page("pages/prune.py").run()
+        assert any(b.label == "Cancel" for b in other.button)
+        assert any("queued" in str(p.proto) for p in other.get("progress"))
+    finally:
+        hold.set()
+    blocker.wait(10)
+    prune_job.wait(300)
+    assert prune_job.state == "done"
+    other.run()
+    other.run()
+    assert "Done in" in other.success[0].value
+    assert other.session_state["current_run"] == prune_job.result.name
+    assert figures(other)["Accumulated error along depth"]["data"][0]["y"]  # the live charts, from the job's events

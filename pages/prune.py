@@ -37,6 +37,14 @@ with st.expander("Calibration data and method", expanded=False):
 
 
 # --- schedule editor ----------------------------------------------------------------------------
+# Streamlit sends a widget's value to the browser only in a run that sets it through session state. A rerun that
+# starts while the server still holds that run's unsent messages drops them, and the browser then mounts the widget
+# at its default (0.0 for a slider) and sends that back at the next interaction: the job pruned nothing while the page
+# had shown the preset. So the schedule is plain session state (`ss.schedule`, changed only by the preset and by the
+# sliders' callbacks) and every widget of the editor is handed its value on every run: each message carries it.
+EDITOR_DEFAULTS = {"target_ratio": 0.2, "ffn_target": 0.2, "shape": 4.0, "preset": "log", "separate": False}
+
+
 def apply_preset() -> None:
     try:
         heads = layer_ratios(n_layers, ss.target_ratio, ss.preset, ss.shape)
@@ -45,18 +53,17 @@ def apply_preset() -> None:
         ss.preset_error = str(exc)
         return
     ss.preset_error = None
-    for i in range(n_layers):
-        ss[f"hr_{i}"] = round(heads[i], 4)
-        ss[f"fr_{i}"] = round(ffn[i], 4)
+    ss.schedule = {"hr": [round(r, 4) for r in heads], "fr": [round(r, 4) for r in ffn]}
 
 
-ss.setdefault("target_ratio", 0.2)
-ss.setdefault("ffn_target", 0.2)
-ss.setdefault("shape", 4.0)
-ss.setdefault("preset", "log")
-ss.setdefault("separate", False)
-if f"hr_{n_layers - 1}" not in ss or ss.get("schedule_layers") != n_layers:
-    ss.schedule_layers = n_layers
+def edit_ratio(kind: str, i: int) -> None:
+    if i < len(ss.schedule[kind]):  # a slider of a previous model's deeper schedule
+        ss.schedule[kind][i] = ss[f"{kind}_{i}"]
+
+
+for key, default in EDITOR_DEFAULTS.items():
+    ss[key] = ss.get(key, default)
+if len(ss.get("schedule", {}).get("hr", ())) != n_layers:
     apply_preset()
 
 st.subheader("Schedule")
@@ -76,11 +83,13 @@ with st.expander("Per-layer ratios (drag to edit)", expanded=n_layers <= 8):
     h_col.caption("Attention heads")
     f_col.caption("FFN channels")
     for i in range(n_layers):
-        h_col.slider(f"layer {i} heads", 0.0, 0.95, key=f"hr_{i}", step=0.01)
-        f_col.slider(f"layer {i} FFN", 0.0, 0.95, key=f"fr_{i}", step=0.01)
+        for kind, col, part in (("hr", h_col, "heads"), ("fr", f_col, "FFN")):
+            ss[f"{kind}_{i}"] = ss.schedule[kind][i]
+            col.slider(f"layer {i} {part}", 0.0, 0.95, key=f"{kind}_{i}", step=0.01, on_change=edit_ratio,
+                       args=(kind, i))
 
-head_ratios = [ss[f"hr_{i}"] for i in range(n_layers)]
-ffn_ratios = [ss[f"fr_{i}"] for i in range(n_layers)]
+head_ratios = list(ss.schedule["hr"])
+ffn_ratios = list(ss.schedule["fr"])
 settings = PruneSettings(ratio=ss.target_ratio, schedule=ss.preset, shape=ss.shape, head_ratios=head_ratios,
                          ffn_ratios=ffn_ratios, damp=damp, head_error=head_error, ffn_group_floor=int(floor),
                          ffn_group_ceiling=int(ceiling), sequential=not dense_inputs, device=ss.get("device", "auto"))

@@ -40,15 +40,16 @@ with st.expander("Calibration data and method", expanded=False):
 # Streamlit sends a widget's value to the browser only in a run that sets it through session state. A rerun that
 # starts while the server still holds that run's unsent messages drops them, and the browser then mounts the widget
 # at its default (0.0 for a slider) and sends that back at the next interaction: the job pruned nothing while the page
-# had shown the preset. So the schedule is plain session state (`ss.schedule`, changed only by the preset and by the
-# sliders' callbacks) and every widget of the editor is handed its value on every run: each message carries it.
+# had shown the preset. So the editor's state is plain session state (`ss.editor`, `ss.schedule`), changed only by
+# the widgets' callbacks, and every widget is handed its value on every run: each of its messages carries it.
 EDITOR_DEFAULTS = {"target_ratio": 0.2, "ffn_target": 0.2, "shape": 4.0, "preset": "log", "separate": False}
 
 
 def apply_preset() -> None:
+    e = ss.editor
     try:
-        heads = layer_ratios(n_layers, ss.target_ratio, ss.preset, ss.shape)
-        ffn = layer_ratios(n_layers, ss.ffn_target if ss.separate else ss.target_ratio, ss.preset, ss.shape)
+        heads = layer_ratios(n_layers, e["target_ratio"], e["preset"], e["shape"])
+        ffn = layer_ratios(n_layers, e["ffn_target"] if e["separate"] else e["target_ratio"], e["preset"], e["shape"])
     except SlimGPTError as exc:
         ss.preset_error = str(exc)
         return
@@ -56,25 +57,31 @@ def apply_preset() -> None:
     ss.schedule = {"hr": [round(r, 4) for r in heads], "fr": [round(r, 4) for r in ffn]}
 
 
+def edit_setting(key: str) -> None:
+    ss.editor[key] = ss[key]
+    apply_preset()
+
+
 def edit_ratio(kind: str, i: int) -> None:
-    if i < len(ss.schedule[kind]):  # a slider of a previous model's deeper schedule
+    if i < len(ss.schedule[kind]):  # not a slider of a previous model's deeper schedule
         ss.schedule[kind][i] = ss[f"{kind}_{i}"]
 
 
-for key, default in EDITOR_DEFAULTS.items():
-    ss[key] = ss.get(key, default)
+ss.setdefault("editor", dict(EDITOR_DEFAULTS))
+for key, value in ss.editor.items():
+    ss[key] = value
 if len(ss.get("schedule", {}).get("hr", ())) != n_layers:
     apply_preset()
 
 st.subheader("Schedule")
 p1, p2, p3, p4, p5 = st.columns([1.2, 1.5, 1, 1, 1.5])
-p1.selectbox("Preset", ["log", "linear", "uniform"], key="preset", on_change=apply_preset,
+p1.selectbox("Preset", ["log", "linear", "uniform"], key="preset", on_change=edit_setting, args=("preset",),
              help="log: Incremental Pruning Ratio (SlimGPT)")
-p2.slider("Target mean ratio", 0.0, 0.9, key="target_ratio", step=0.01, on_change=apply_preset)
-p3.number_input("Shape (last/first)", 1.0, 20.0, key="shape", step=0.5, on_change=apply_preset)
-p4.checkbox("Separate FFN target", key="separate", on_change=apply_preset)
-if ss.separate:
-    p5.slider("FFN mean ratio", 0.0, 0.9, key="ffn_target", step=0.01, on_change=apply_preset)
+p2.slider("Target mean ratio", 0.0, 0.9, key="target_ratio", step=0.01, on_change=edit_setting, args=("target_ratio",))
+p3.number_input("Shape (last/first)", 1.0, 20.0, key="shape", step=0.5, on_change=edit_setting, args=("shape",))
+p4.checkbox("Separate FFN target", key="separate", on_change=edit_setting, args=("separate",))
+if ss.editor["separate"]:
+    p5.slider("FFN mean ratio", 0.0, 0.9, key="ffn_target", step=0.01, on_change=edit_setting, args=("ffn_target",))
 if ss.get("preset_error"):
     st.error(ss.preset_error)
 
@@ -90,9 +97,10 @@ with st.expander("Per-layer ratios (drag to edit)", expanded=n_layers <= 8):
 
 head_ratios = list(ss.schedule["hr"])
 ffn_ratios = list(ss.schedule["fr"])
-settings = PruneSettings(ratio=ss.target_ratio, schedule=ss.preset, shape=ss.shape, head_ratios=head_ratios,
-                         ffn_ratios=ffn_ratios, damp=damp, head_error=head_error, ffn_group_floor=int(floor),
-                         ffn_group_ceiling=int(ceiling), sequential=not dense_inputs, device=ss.get("device", "auto"))
+settings = PruneSettings(ratio=ss.editor["target_ratio"], schedule=ss.editor["preset"], shape=ss.editor["shape"],
+                         head_ratios=head_ratios, ffn_ratios=ffn_ratios, damp=damp, head_error=head_error,
+                         ffn_group_floor=int(floor), ffn_group_ceiling=int(ceiling), sequential=not dense_inputs,
+                         device=ss.get("device", "auto"))
 try:
     preview = preview_schedule(loaded.model, settings)
 except SlimGPTError as exc:

@@ -114,3 +114,35 @@ def test_schedule_survives_a_rerun_that_drops_the_first_prune_run(tmp_path):
         done = page.get_by_text("Done in").inner_text()
     before, after = map(float, re.search(r"([\d.]+) M → ([\d.]+) M", done).groups())
     assert after < before, done
+
+
+def test_every_schedule_widget_is_handed_its_value_on_every_run(tmp_path, monkeypatch):
+    """The server half, through AppTest: on a rerun that changes nothing, every editor widget's message still carries
+    its value (`set_value`), so a browser that missed an earlier run never falls back to a widget default; a dragged
+    ratio and the settings survive a visit to another page."""
+    from streamlit.testing.v1 import AppTest
+
+    from conftest import ROOT
+
+    monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.run()
+    at.radio(key="model_source").set_value("stories260k (tiny, offline)").run()
+    next(b for b in at.button if b.label == "Load model").click().run()
+    at.switch_page("pages/prune.py").run()
+    at.slider(key="target_ratio").set_value(0.3).run()
+    at.slider(key="hr_2").set_value(0.5).run()
+    at.run()
+    widgets = [at.slider(key="target_ratio"), at.number_input(key="shape"), at.selectbox(key="preset"),
+               at.checkbox(key="separate")] + [at.slider(key=f"{k}_{i}") for k in ("hr", "fr") for i in range(5)]
+    assert all(w.proto.set_value for w in widgets), [w.key for w in widgets if not w.proto.set_value]
+    shown = [at.slider(key=f"hr_{i}").value for i in range(5)]
+    assert shown[2] == 0.5 and min(shown) > 0
+    at.switch_page("pages/evaluate.py").run()
+    at.switch_page("pages/prune.py").run()
+    assert not at.exception
+    assert at.slider(key="target_ratio").value == 0.3
+    assert [at.slider(key=f"hr_{i}").value for i in range(5)] == shown
+    requested = {m.label: m.value for m in at.metric}["Requested mean"]
+    ffn = [at.slider(key=f"fr_{i}").value for i in range(5)]
+    assert requested == f"{sum(shown + ffn) / 10:.1%}"

@@ -36,37 +36,51 @@ with st.expander("Calibration data and method", expanded=False):
 
 
 # --- schedule editor ----------------------------------------------------------------------------
+# Streamlit sends a widget's value to the browser only in a run that sets it through session state. A rerun that
+# starts while the server still holds that run's unsent messages drops them, and the browser then mounts the widget
+# at its default (0.0 for a slider) and sends that back at the next interaction: the job pruned nothing while the page
+# had shown the preset. So the editor's state is plain session state (`ss.editor`, `ss.schedule`), changed only by
+# the widgets' callbacks, and every widget is handed its value on every run: each of its messages carries it.
+EDITOR_DEFAULTS = {"target_ratio": 0.2, "ffn_target": 0.2, "shape": 4.0, "preset": "log", "separate": False}
+
+
 def apply_preset() -> None:
+    e = ss.editor
     try:
-        heads = layer_ratios(n_layers, ss.target_ratio, ss.preset, ss.shape)
-        ffn = layer_ratios(n_layers, ss.ffn_target if ss.separate else ss.target_ratio, ss.preset, ss.shape)
+        heads = layer_ratios(n_layers, e["target_ratio"], e["preset"], e["shape"])
+        ffn = layer_ratios(n_layers, e["ffn_target"] if e["separate"] else e["target_ratio"], e["preset"], e["shape"])
     except SlimGPTError as exc:
         ss.preset_error = str(exc)
         return
     ss.preset_error = None
-    for i in range(n_layers):
-        ss[f"hr_{i}"] = round(heads[i], 4)
-        ss[f"fr_{i}"] = round(ffn[i], 4)
+    ss.schedule = {"hr": [round(r, 4) for r in heads], "fr": [round(r, 4) for r in ffn]}
 
 
-ss.setdefault("target_ratio", 0.2)
-ss.setdefault("ffn_target", 0.2)
-ss.setdefault("shape", 4.0)
-ss.setdefault("preset", "log")
-ss.setdefault("separate", False)
-if f"hr_{n_layers - 1}" not in ss or ss.get("schedule_layers") != n_layers:
-    ss.schedule_layers = n_layers
+def edit_setting(key: str) -> None:
+    ss.editor[key] = ss[key]
+    apply_preset()
+
+
+def edit_ratio(kind: str, i: int) -> None:
+    if i < len(ss.schedule[kind]):  # not a slider of a previous model's deeper schedule
+        ss.schedule[kind][i] = ss[f"{kind}_{i}"]
+
+
+ss.setdefault("editor", dict(EDITOR_DEFAULTS))
+for key, value in ss.editor.items():
+    ss[key] = value
+if len(ss.get("schedule", {}).get("hr", ())) != n_layers:
     apply_preset()
 
 st.subheader("Schedule")
 p1, p2, p3, p4, p5 = st.columns([1.2, 1.5, 1, 1, 1.5])
-p1.selectbox("Preset", ["log", "linear", "uniform"], key="preset", on_change=apply_preset,
+p1.selectbox("Preset", ["log", "linear", "uniform"], key="preset", on_change=edit_setting, args=("preset",),
              help="log: Incremental Pruning Ratio (SlimGPT)")
-p2.slider("Target mean ratio", 0.0, 0.9, key="target_ratio", step=0.01, on_change=apply_preset)
-p3.number_input("Shape (last/first)", 1.0, 20.0, key="shape", step=0.5, on_change=apply_preset)
-p4.checkbox("Separate FFN target", key="separate", on_change=apply_preset)
-if ss.separate:
-    p5.slider("FFN mean ratio", 0.0, 0.9, key="ffn_target", step=0.01, on_change=apply_preset)
+p2.slider("Target mean ratio", 0.0, 0.9, key="target_ratio", step=0.01, on_change=edit_setting, args=("target_ratio",))
+p3.number_input("Shape (last/first)", 1.0, 20.0, key="shape", step=0.5, on_change=edit_setting, args=("shape",))
+p4.checkbox("Separate FFN target", key="separate", on_change=edit_setting, args=("separate",))
+if ss.editor["separate"]:
+    p5.slider("FFN mean ratio", 0.0, 0.9, key="ffn_target", step=0.01, on_change=edit_setting, args=("ffn_target",))
 if ss.get("preset_error"):
     st.error(ss.preset_error)
 
@@ -75,14 +89,17 @@ with st.expander("Per-layer ratios (drag to edit)", expanded=n_layers <= 8):
     h_col.caption("Attention heads")
     f_col.caption("FFN channels")
     for i in range(n_layers):
-        h_col.slider(f"layer {i} heads", 0.0, 0.95, key=f"hr_{i}", step=0.01)
-        f_col.slider(f"layer {i} FFN", 0.0, 0.95, key=f"fr_{i}", step=0.01)
+        for kind, col, part in (("hr", h_col, "heads"), ("fr", f_col, "FFN")):
+            ss[f"{kind}_{i}"] = ss.schedule[kind][i]
+            col.slider(f"layer {i} {part}", 0.0, 0.95, key=f"{kind}_{i}", step=0.01, on_change=edit_ratio,
+                       args=(kind, i))
 
-head_ratios = [ss[f"hr_{i}"] for i in range(n_layers)]
-ffn_ratios = [ss[f"fr_{i}"] for i in range(n_layers)]
-settings = PruneSettings(ratio=ss.target_ratio, schedule=ss.preset, shape=ss.shape, head_ratios=head_ratios,
-                         ffn_ratios=ffn_ratios, damp=damp, head_error=head_error, ffn_group_floor=int(floor),
-                         ffn_group_ceiling=int(ceiling), sequential=not dense_inputs, device=ss.get("device", "auto"))
+head_ratios = list(ss.schedule["hr"])
+ffn_ratios = list(ss.schedule["fr"])
+settings = PruneSettings(ratio=ss.editor["target_ratio"], schedule=ss.editor["preset"], shape=ss.editor["shape"],
+                         head_ratios=head_ratios, ffn_ratios=ffn_ratios, damp=damp, head_error=head_error,
+                         ffn_group_floor=int(floor), ffn_group_ceiling=int(ceiling), sequential=not dense_inputs,
+                         device=ss.get("device", "auto"))
 try:
     preview = preview_schedule(loaded.model, settings)
 except SlimGPTError as exc:

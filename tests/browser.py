@@ -25,6 +25,9 @@ def free_port() -> int:
 
 @contextmanager
 def studio_server(env: dict | None = None):
+    """A studio on a free port; its workspace is a fresh temporary folder unless `env` names one."""
+    import tempfile
+    env = {"SLIMGPT_RUNS": tempfile.mkdtemp(prefix="slimgpt-runs-"), **(env or {})}
     port = free_port()
     log = open(ROOT / "cache" / f".streamlit-{port}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port",

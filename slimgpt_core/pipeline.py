@@ -10,7 +10,8 @@ import torch
 
 from . import obs
 from .errors import PruningCancelled, SlimGPTError, out_of_memory_message
-from .forwards import capture_layer_inputs, collect_hessian, run_layer
+from .forwards import (capture_attention_inputs, capture_layer_inputs, collect_hessian, collect_mlp_inputs,
+                       replay_outputs, run_layer)
 from .events import Callback, FFNScores, HeadImportance, LayerDone, ModuleMeasured, Progress, PruneReport
 from .schedule import SCHEDULES, check_ratio, custom_ratios, layer_ratios, units_to_remove
 from .surgery import count_parameters, keep_channels, keep_kv_groups, layer_shape, update_config
@@ -179,6 +180,22 @@ class _StatisticsCache:
             cache.store_tensors("stats", key, {"H": H})
         return H
 
+    def lookup(self, layer_idx: int, module: str, dense: bool) -> torch.Tensor | None:
+        if not (self.enabled and dense):
+            return None
+        from . import cache
+        found = cache.lookup_tensors("stats", f"{self.prefix}|{layer_idx}|{module}")
+        if found is None:
+            return None
+        self.reused += 1
+        return found["H"]
+
+    def store(self, layer_idx: int, module: str, H: torch.Tensor, dense: bool) -> torch.Tensor:
+        if self.enabled and dense and H.numel() * 4 <= MAX_CACHED_STATISTIC_BYTES:
+            from . import cache
+            cache.store_tensors("stats", f"{self.prefix}|{layer_idx}|{module}", {"H": H})
+        return H
+
 
 def prune_model(model, tokens: torch.Tensor, settings: PruneSettings, callback: Callback | None = None,
                 should_stop: Callable[[], bool] | None = None, model_name: str = "",
@@ -219,12 +236,13 @@ def _prune_multishot(model, tokens, settings, callback, should_stop, model_name,
 
 def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: Callback | None = None,
                 should_stop: Callable[[], bool] | None = None, model_name: str = "",
-                use_cache: bool = True) -> PruneReport:
+                use_cache: bool = True, _reference: bool = False) -> PruneReport:
     """One sequential pass of SlimGPT (or a scoring baseline) over the model.
 
     The model may live on the CPU: each decoder layer is moved to the compute device in turn. With
     `use_cache`, dense statistics of layers whose inputs are the dense model's are read from / written to
-    cache/stats (layer 0 always; every layer with dense inputs)."""
+    cache/stats (layer 0 always; every layer with dense inputs). `_reference` (tests only): the previous
+    implementation, which ran each layer's attention four times."""
     from .cache import forget_fingerprint
     from .models import resolve_device
 
@@ -257,7 +275,7 @@ def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
     tokens = shard_tokens(tokens, settings.batch_size)
     need_dense, need_pruned = activation_streams(settings)
     act_device = activation_device(model, tokens, device, settings.offload_activations,
-                                   2 * (need_dense + need_pruned))
+                                   2 * (need_dense + need_pruned) + 1)  # + the kept o_proj inputs
     report.settings["activations_on"] = str(act_device)
     tf32 = settings.tf32
     try:
@@ -276,20 +294,10 @@ def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
                 torch.cuda.reset_peak_memory_stats(device)
             home = next(layers[i].parameters()).device
             layer = layers[i].to(device)
-            if need_dense:
-                t0 = phase(i, "dense")
-                run_layer(layer, dense_in, kwargs, settings.batch_size, dense_out, tf32)  # the dense reference
-                done("dense", t0)
-            calib_in = pruned_in if settings.sequential else dense_in
-            dense = i == 0 or not settings.sequential  # these inputs are exactly the dense model's
-            _prune_attention(layer, i, calib_in, kwargs, settings, head_r[i], head_rm[i], emit, phase, done,
-                             stats, dense)
-            _prune_mlp(layer, i, calib_in, kwargs, settings, ffn_r[i], ffn_rm[i], emit, phase, done,
-                       stats, dense and head_rm[i] == 0)
-            if need_pruned:
-                t0 = phase(i, "outputs")
-                run_layer(layer, pruned_in, kwargs, settings.batch_size, pruned_out, tf32)
-                done("outputs", t0)
+            streams = _Streams(dense_in, dense_out, pruned_in, pruned_out, kwargs, act_device)
+            step = _reference_layer if _reference else _layer_once
+            step(layer, i, streams, settings, (head_r[i], head_rm[i], ffn_r[i], ffn_rm[i]), emit, phase, done,
+                 stats)
             acc = _relative_distance(pruned_out, dense_out) if need_dense and need_pruned else float("nan")
             layers[i] = layer.to(home)
             q, kv, f = layer_shape(layer)
@@ -333,38 +341,129 @@ def _prune_inputs(linear: torch.nn.Linear, H: torch.Tensor, group: int, n_remove
     return res, obs.relative_error(w0, res.weight, H), (res.predicted_error / denom if denom else 0.0)
 
 
-def _prune_attention(layer, i, x, kwargs, settings, ratio, n_remove, emit, phase, done, stats, dense):
+@dataclass
+class _Streams:
+    """One layer's activation buffers: dense and pruned stream inputs and outputs (None when not kept)."""
+    dense_in: torch.Tensor | None
+    dense_out: torch.Tensor | None
+    pruned_in: torch.Tensor | None
+    pruned_out: torch.Tensor | None
+    kwargs: dict
+    where: torch.device  # where activations (and the inputs kept between passes) live
+
+
+def _layer_once(layer, i, st: _Streams, settings: PruneSettings, plan, emit, phase, done, stats) -> None:
+    """Prune layer i running its attention once on the calibration stream (and once on the dense reference).
+
+    The attention pass keeps o_proj's inputs; after head pruning the MLP statistics are the layer replayed from
+    the kept heads' columns with the updated o_proj, and so are the outputs, from down_proj's kept inputs when
+    they fit in memory (else the pruned MLP runs again). When the calibration stream is the dense one (layer 0,
+    dense-input runs) the dense reference pass is the attention pass."""
+    head_ratio, head_rm, ffn_ratio, ffn_rm = plan
+    bs, tf32 = settings.batch_size, settings.tf32
+    calib_in = st.pruned_in if settings.sequential else st.dense_in
+    dense = i == 0 or not settings.sequential  # the calibration inputs are exactly the dense model's
+    attn, mlp = layer.self_attn, layer.mlp
+    H_attn = stats.lookup(i, "attn", dense)
+    H_mlp = stats.lookup(i, "mlp", dense and head_rm == 0)
+    replay = settings.sequential and st.pruned_out is not None  # outputs follow from the calibration pass
+    acc = obs.HessianAccumulator(attn.o_proj.in_features, attn.o_proj.weight.device) if H_attn is None else None
+    z = None
+    if st.dense_out is not None:
+        t0 = phase(i, "dense")
+        if dense and (acc is not None or H_mlp is None or replay):
+            z = capture_attention_inputs(layer, st.dense_in, st.kwargs, bs, st.where, acc, st.dense_out, tf32)
+        else:
+            run_layer(layer, st.dense_in, st.kwargs, bs, st.dense_out, tf32)  # the dense reference
+        done("dense", t0)
+    if z is None and (acc is not None or H_mlp is None or replay):
+        t0 = phase(i, "attn-stats")
+        z = capture_attention_inputs(layer, calib_in, st.kwargs, bs, st.where, acc, None, tf32)
+        done("attn-stats", t0)
+    if acc is not None:
+        H_attn = stats.store(i, "attn", acc.H, dense)
+    kept_units = _prune_attention(layer, i, H_attn, settings, head_ratio, head_rm, emit, phase, done)
+    group = attn.head_dim * attn.num_key_value_groups
+    columns = None if head_rm == 0 else _unit_columns(kept_units, group, attn.o_proj.weight.device)
+    a = None
+    if H_mlp is None:
+        t0 = phase(i, "mlp-stats")
+        acc = obs.HessianAccumulator(mlp.down_proj.in_features, mlp.down_proj.weight.device)
+        keep_a = replay and _fits(calib_in.shape[:-1].numel() * mlp.down_proj.in_features * calib_in.element_size(),
+                                  st.where)
+        a = collect_mlp_inputs(layer, calib_in, st.kwargs, bs, z, columns, acc, st.where if keep_a else None, tf32)
+        H_mlp = stats.store(i, "mlp", acc.H, dense and head_rm == 0)
+        done("mlp-stats", t0)
+    kept_channels = _prune_mlp(layer, i, H_mlp, settings, ffn_ratio, ffn_rm, emit, phase, done)
+    if st.pruned_out is not None:
+        t0 = phase(i, "outputs")
+        if replay:
+            channels = None if ffn_rm == 0 else torch.as_tensor(kept_channels, device=mlp.down_proj.weight.device)
+            replay_outputs(layer, st.pruned_in, st.kwargs, bs, z, columns, st.pruned_out, a, channels, tf32)
+        else:  # dense-input run: the pruned stream differs from the calibrated one
+            run_layer(layer, st.pruned_in, st.kwargs, bs, st.pruned_out, tf32)
+        done("outputs", t0)
+
+
+def _reference_layer(layer, i, st: _Streams, settings: PruneSettings, plan, emit, phase, done, stats) -> None:
+    """The previous implementation (tests compare against it): four attention passes per layer."""
+    head_ratio, head_rm, ffn_ratio, ffn_rm = plan
+    bs, tf32 = settings.batch_size, settings.tf32
+    calib_in = st.pruned_in if settings.sequential else st.dense_in
+    dense = i == 0 or not settings.sequential
+    if st.dense_out is not None:
+        run_layer(layer, st.dense_in, st.kwargs, bs, st.dense_out, tf32)
+    H = stats.hessian(i, "attn", lambda: collect_hessian(layer, layer.self_attn.o_proj, calib_in, st.kwargs, bs,
+                                                         tf32), dense)
+    _prune_attention(layer, i, H, settings, head_ratio, head_rm, emit, phase, done)
+    H = stats.hessian(i, "mlp", lambda: collect_hessian(layer, layer.mlp.down_proj, calib_in, st.kwargs, bs, tf32),
+                      dense and head_rm == 0)
+    _prune_mlp(layer, i, H, settings, ffn_ratio, ffn_rm, emit, phase, done)
+    if st.pruned_out is not None:
+        run_layer(layer, st.pruned_in, st.kwargs, bs, st.pruned_out, tf32)
+
+
+def _unit_columns(units: Sequence[int], group: int, device) -> torch.Tensor:
+    """Input columns of the units kept, in order (as the layer surgery keeps them)."""
+    return torch.cat([torch.arange(u * group, (u + 1) * group) for u in units]).to(device)
+
+
+def _fits(nbytes: int, where: torch.device) -> bool:
+    """Whether a buffer kept between passes fits comfortably (a quarter of what is free there)."""
+    have = available_memory_bytes(where)
+    return have is None or nbytes < 0.25 * have
+
+
+def _prune_attention(layer, i, H, settings, ratio, n_remove, emit, phase, done) -> list[int]:
     attn = layer.self_attn
-    t0 = phase(i, "attn-stats")
-    H = stats.hessian(i, "attn", lambda: collect_hessian(layer, attn.o_proj, x, kwargs, settings.batch_size,
-                                                         settings.tf32), dense).to(attn.o_proj.weight.device)
-    done("attn-stats", t0)
+    H = H.to(attn.o_proj.weight.device)
     t0 = phase(i, "attn-prune")
     rep = attn.num_key_value_groups
     n_units = attn.k_proj.out_features // attn.head_dim
     group = attn.head_dim * rep
     res, rel, predicted = _prune_inputs(attn.o_proj, H, group, n_remove, settings, lambda w: obs.prune_head_groups(
         w, H, group, n_remove, settings.damp, settings.head_error))
-    keep_kv_groups(layer, sorted(set(range(n_units)) - set(res.removed)))
+    kept = sorted(set(range(n_units)) - set(res.removed))
+    keep_kv_groups(layer, kept)
     done("attn-prune", t0)
     emit(HeadImportance(i, res.first_scores, res.removed, rep))
     emit(ModuleMeasured(i, "attn", n_units, n_remove, ratio, rel, predicted, res.damping, time.perf_counter() - t0))
+    return kept
 
 
-def _prune_mlp(layer, i, x, kwargs, settings, ratio, n_remove, emit, phase, done, stats, dense):
+def _prune_mlp(layer, i, H, settings, ratio, n_remove, emit, phase, done) -> list[int]:
     mlp = layer.mlp
-    t0 = phase(i, "mlp-stats")
-    H = stats.hessian(i, "mlp", lambda: collect_hessian(layer, mlp.down_proj, x, kwargs, settings.batch_size,
-                                                        settings.tf32), dense).to(mlp.down_proj.weight.device)
-    done("mlp-stats", t0)
+    H = H.to(mlp.down_proj.weight.device)
     t0 = phase(i, "mlp-prune")
     n_ch = mlp.down_proj.in_features
     res, rel, predicted = _prune_inputs(mlp.down_proj, H, 1, n_remove, settings, lambda w: obs.prune_channels(
         w, H, n_remove, settings.damp, settings.ffn_group_floor, settings.ffn_group_ceiling))
-    keep_channels(layer, sorted(set(range(n_ch)) - set(res.removed)))
+    kept = sorted(set(range(n_ch)) - set(res.removed))
+    keep_channels(layer, kept)
     done("mlp-prune", t0)
     emit(_ffn_summary(i, res.first_scores, n_remove, res.steps))
     emit(ModuleMeasured(i, "mlp", n_ch, n_remove, ratio, rel, predicted, res.damping, time.perf_counter() - t0))
+    return kept
 
 
 def activation_streams(settings: PruneSettings) -> tuple[bool, bool]:

@@ -128,9 +128,13 @@ def shard_tokens(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 def _relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖/‖b‖ over all shards of a distributed run."""
+    """‖a − b‖/‖b‖ over all shards of a distributed run. Norms in fp64 over chunks (whole-buffer fp64 copies
+    cost more than the norms)."""
     import torch.distributed as dist
-    sums = torch.stack([(a.double() - b.double()).pow(2).sum(), b.double().pow(2).sum()])
+    sums = torch.zeros(2, dtype=torch.float64, device=a.device)
+    for s in range(0, a.shape[0], 16):
+        sums[0] += torch.linalg.vector_norm(a[s:s + 16] - b[s:s + 16], dtype=torch.float64).square()
+        sums[1] += torch.linalg.vector_norm(b[s:s + 16], dtype=torch.float64).square()
     if distributed_rank_world()[1] > 1:
         dist.all_reduce(sums)
     return float(sums[0].sqrt() / sums[1].sqrt().clamp_min(1e-30))

@@ -1,37 +1,187 @@
-"""Prune the shared SmolLM2 at 20% and 50% (log schedule, C4 calibration) and print time per phase, peak
-memory, achieved ratio and dense vs pruned WikiText-2 perplexity at 128 on a fixed number of windows.
+"""Prune the shared SmolLM2 (log schedule, C4 calibration) and print time per phase, peak memory, achieved ratio
+and dense vs pruned WikiText-2 perplexity at 128 on a fixed number of windows.
 
     python bench/prune_bench.py [--ratios 0.2,0.5] [--nsamples 128] [--seqlen 512] [--windows 256]
+
+Side by side against an earlier commit (default 294698c, where issue 13 started): that commit is checked out
+in a temporary git worktree, and both trees prune the same model on the same calibration tokens in fresh
+processes, alternating, several repeats; prints the median time ratio (this tree / that commit), the phase
+tables, peak memory and whether the results are identical (removed units, errors, perplexity):
+
+    python bench/prune_bench.py --against [COMMIT] [--modes accumulation,no-accumulation] [--repeats 3]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import torch  # noqa: E402
-
-from slimgpt_core.data import calibration_tokens, evaluation_tokens  # noqa: E402
-from slimgpt_core.evaluate import perplexity  # noqa: E402
-from slimgpt_core.models import load_model, resolve_device  # noqa: E402
-from slimgpt_core.pipeline import PruneSettings, prune_model  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+BASE_COMMIT = "294698c"
+MODES = {"accumulation": True, "no-accumulation": False}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--ratios", default="0.2,0.5")
-    ap.add_argument("--schedule", default="log")
-    ap.add_argument("--nsamples", type=int, default=128)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=256, help="WikiText-2 test windows of 128 tokens")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--json", help="also write the rows here")
-    args = ap.parse_args()
+def phase_table(phases: dict[str, float], total: float) -> str:
+    rows = [f"  {name:<11} {sec:8.1f} s" for name, sec in phases.items()]
+    return "\n".join(rows + [f"  {'(sum)':<11} {sum(phases.values()):8.1f} s   wall {total:.1f} s"])
+
+
+# ---------------------------------------------------------------------------------------------- one tree, one run
+
+def _rss_peak_reset() -> bool:
+    try:  # Linux: reset VmHWM so that the peak measured is the pruning's, not the loading's
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(args) -> None:
+    """Prune with the slimgpt_core of `args.tree` on the saved calibration tokens; write the results as JSON."""
+    sys.path.insert(0, args.tree)
+    import torch
+    from safetensors.torch import load_file
+
+    from slimgpt_core.models import load_model
+    from slimgpt_core.pipeline import PruneSettings, prune_model
+
+    calib = load_file(args.calib_file)["tokens"]
+    loaded = load_model(args.model, "cpu")
+    model = loaded.model
+    settings = PruneSettings(ratio=args.ratio, schedule=args.schedule, device="cpu",
+                             track_accumulation=MODES[args.mode])
+    rss_before = _rss_peak_mb()
+    reset = _rss_peak_reset()
+    t0 = time.perf_counter()
+    report = prune_model(model, calib, settings, use_cache=False)
+    wall = time.perf_counter() - t0
+    out = {"tree": args.tree, "mode": args.mode, "seconds": wall, "phases": report.phase_seconds,
+           "peak_rss_mb": _rss_peak_mb() if reset else report.peak_memory_mb, "rss_before_mb": rss_before,
+           "heads_removed": [h.removed for h in report.heads],
+           "units_removed": [(m.module, m.units_removed) for m in report.modules],
+           "rel_errors": [m.rel_error for m in report.modules],
+           "accumulated": [e.accumulated_error for e in report.layers],
+           "kept_shapes": [[layer.self_attn.q_proj.out_features, layer.mlp.down_proj.in_features]
+                           for layer in model.model.layers]}
+    if args.windows:
+        from slimgpt_core.data import evaluation_tokens
+        from slimgpt_core.evaluate import perplexity
+        test = evaluation_tokens(loaded.tokenizer, "wikitext2")
+        out["ppl"] = perplexity(model, test, 128, 16, args.windows, torch.device("cpu"), "wikitext2").ppl
+    Path(args.result).write_text(json.dumps(out))
+
+
+# ---------------------------------------------------------------------------------------- side by side comparison
+
+def _run_worker(tree: Path, calib_file: Path, mode: str, args, windows: int) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result = Path(f.name)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--tree", str(tree), "--calib-file",
+           str(calib_file), "--mode", mode, "--result", str(result), "--model", args.model, "--ratio",
+           str(args.ratio), "--schedule", args.schedule, "--windows", str(windows)]
+    subprocess.run(cmd, check=True)
+    out = json.loads(result.read_text())
+    result.unlink()
+    return out
+
+
+def _same(a: dict, b: dict, rtol: float = 1e-5) -> dict:
+    def close(x, y):
+        return all(abs(p - q) <= rtol * max(abs(p), abs(q), 1e-12) or (p != p and q != q) for p, q in zip(x, y))
+    same = {"removed units": a["heads_removed"] == b["heads_removed"] and a["units_removed"] == b["units_removed"]
+            and a["kept_shapes"] == b["kept_shapes"],
+            "module errors (1e-5 rel)": close(a["rel_errors"], b["rel_errors"]),
+            "accumulated errors (1e-5 rel)": close(a["accumulated"], b["accumulated"])}
+    if "ppl" in a and "ppl" in b:
+        same["perplexity (1e-5 rel)"] = close([a["ppl"]], [b["ppl"]])
+    return same
+
+
+def against(args) -> None:
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(ROOT))
+    from slimgpt_core.data import calibration_tokens
+    from slimgpt_core.models import load_model
+
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.against], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "slimgpt_core"], check=True,
+                           capture_output=True, text=True).stdout.strip()
+    print(f"this tree: {ROOT} at {head}{' (+ uncommitted changes)' if dirty else ''}; against: {commit}")
+    loaded = load_model(args.model, "cpu")
+    calib = calibration_tokens(loaded.tokenizer, "c4", args.nsamples, args.seqlen)
+    del loaded
+    with tempfile.TemporaryDirectory(prefix="prune-bench-") as tmp:
+        old_tree = Path(tmp) / "base"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(old_tree), commit],
+                       check=True)
+        try:
+            calib_file = Path(tmp) / "calib.safetensors"
+            save_file({"tokens": calib.contiguous()}, str(calib_file))
+            rows = {}
+            for mode in args.modes.split(","):
+                runs = {"new": [], "old": []}
+                for r in range(args.repeats):
+                    order = ("old", "new") if r % 2 == 0 else ("new", "old")
+                    for who in order:
+                        tree = ROOT if who == "new" else old_tree
+                        out = _run_worker(tree, calib_file, mode, args, args.windows if r == 0 else 0)
+                        runs[who].append(out)
+                        print(f"{mode} repeat {r + 1}/{args.repeats} {who}: {out['seconds']:.1f} s, "
+                              f"peak RSS {out['peak_rss_mb']:.0f} MB", flush=True)
+                rows[mode] = _summary(mode, runs)
+            if args.json:
+                Path(args.json).write_text(json.dumps(rows, indent=1))
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_tree)], check=False)
+
+
+def _summary(mode: str, runs: dict) -> dict:
+    ratios = [n["seconds"] / o["seconds"] for n, o in zip(runs["new"], runs["old"])]
+    same = _same(runs["new"][0], runs["old"][0])
+    row = {"mode": mode, "ratios": ratios, "median_ratio": statistics.median(ratios),
+           "seconds_new": [n["seconds"] for n in runs["new"]], "seconds_old": [o["seconds"] for o in runs["old"]],
+           "peak_rss_mb_new": max(n["peak_rss_mb"] for n in runs["new"]),
+           "peak_rss_mb_old": max(o["peak_rss_mb"] for o in runs["old"]),
+           "rss_before_prune_mb": runs["new"][0]["rss_before_mb"], "identical": same,
+           "ppl_new": runs["new"][0].get("ppl"), "ppl_old": runs["old"][0].get("ppl")}
+    print(f"\n== {mode}: median time ratio (this tree / base) {row['median_ratio']:.3f} over {len(ratios)} pairs "
+          f"({', '.join(f'{r:.3f}' for r in ratios)})")
+    for who in ("new", "old"):
+        best = min(runs[who], key=lambda o: o["seconds"])
+        print(f"{who} (fastest repeat) phases:\n{phase_table(best['phases'], best['seconds'])}")
+    print(f"peak RSS while pruning: new {row['peak_rss_mb_new']:.0f} MB, old {row['peak_rss_mb_old']:.0f} MB "
+          f"(process before pruning: {row['rss_before_prune_mb']:.0f} MB)")
+    print(f"perplexity: new {row['ppl_new']}, old {row['ppl_old']}; identical: {same}", flush=True)
+    return row
+
+
+# ------------------------------------------------------------------------------------------------ plain benchmark
+
+def plain(args) -> None:
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from slimgpt_core.data import calibration_tokens, evaluation_tokens
+    from slimgpt_core.evaluate import perplexity
+    from slimgpt_core.models import load_model, resolve_device
+    from slimgpt_core.pipeline import PruneSettings, prune_model
+
     device = resolve_device(args.device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     loaded = load_model(args.model, args.device)
@@ -44,8 +194,10 @@ def main() -> None:
     for ratio in [float(r) for r in args.ratios.split(",")]:
         model = load_model(args.model, args.device).model
         t0 = time.perf_counter()
-        report = prune_model(model, calib, PruneSettings(ratio=ratio, schedule=args.schedule, device=args.device))
+        report = prune_model(model, calib, PruneSettings(ratio=ratio, schedule=args.schedule, device=args.device,
+                                                         track_accumulation=not args.no_accumulation))
         wall = time.perf_counter() - t0
+        print(f"ratio {ratio}: phases\n{phase_table(report.phase_seconds, wall)}")
         model.to(device)
         pruned = perplexity(model, test, 128, 16, args.windows, device, "wikitext2")
         row = {"ratio": ratio, "schedule": args.schedule, "calib": f"c4 {args.nsamples}x{args.seqlen}",
@@ -58,6 +210,40 @@ def main() -> None:
         print(json.dumps(row))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--ratios", default="0.2,0.5")
+    ap.add_argument("--schedule", default="log")
+    ap.add_argument("--nsamples", type=int, default=None, help="default 128 (64 with --against)")
+    ap.add_argument("--seqlen", type=int, default=None, help="default 512 (256 with --against)")
+    ap.add_argument("--windows", type=int, default=None, help="WikiText-2 test windows of 128 tokens "
+                    "(default 256; 32 with --against, first repeat only)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-accumulation", action="store_true")
+    ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--against", nargs="?", const=BASE_COMMIT, help="compare with this commit side by side")
+    ap.add_argument("--modes", default="accumulation,no-accumulation")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ratio", type=float, default=0.2, help="with --against")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tree", help=argparse.SUPPRESS)
+    ap.add_argument("--calib-file", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    compare = args.against is not None or args.worker
+    args.nsamples = args.nsamples or (64 if compare else 128)
+    args.seqlen = args.seqlen or (256 if compare else 512)
+    args.windows = args.windows if args.windows is not None else (32 if compare else 256)
+    if args.worker:
+        worker(args)
+    elif args.against:
+        against(args)
+    else:
+        plain(args)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import torch
 
 from . import obs
 from .errors import PruningCancelled, SlimGPTError, out_of_memory_message
+from .forwards import (capture_attention_inputs, capture_layer_inputs, collect_hessian, collect_mlp_inputs,
+                       replay_outputs, run_layer)
 from .events import Callback, FFNScores, HeadImportance, LayerDone, ModuleMeasured, Progress, PruneReport
 from .schedule import SCHEDULES, check_ratio, custom_ratios, layer_ratios, units_to_remove
 from .surgery import count_parameters, keep_channels, keep_kv_groups, layer_shape, update_config
@@ -105,108 +107,6 @@ def plan_removals(model, settings: PruneSettings) -> tuple[list[float], list[flo
     return head_r, ffn_r, head_rm, ffn_rm
 
 
-class _StopForward(Exception):
-    """Raised in a hook once the needed inputs are captured, to skip the rest of the forward."""
-
-
-def _to(obj, device):
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    return obj
-
-
-def capture_layer_inputs(model, tokens: torch.Tensor, batch_size: int, device: torch.device):
-    """Hidden states entering layer 0 for every calibration sample, and the layer's other kwargs.
-
-    Uses a forward pre-hook with kwargs (transformers 5 passes position_embeddings etc. as kwargs).
-    Kwargs come from a batch of one so that they broadcast over any batch size; caches are dropped."""
-    layer0 = model.model.layers[0]
-    embed_device = model.get_input_embeddings().weight.device
-    captured: dict = {}
-    chunks: list[torch.Tensor] = []
-
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if not captured:
-            captured.update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values",
-                                                                          "past_key_value", "use_cache")})
-        else:
-            chunks.append(hidden.detach().to(device))
-        raise _StopForward
-
-    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for start in [-1] + list(range(0, tokens.shape[0], batch_size)):
-                ids = tokens[:1] if start < 0 else tokens[start:start + batch_size]
-                try:
-                    model(ids.to(embed_device), use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
-    return torch.cat(chunks), _to(captured, device)
-
-
-class _TF32:
-    """TF32 for the layer forwards only; restored afterwards."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def __enter__(self):
-        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.enabled
-        return self
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
-
-
-def _layer_device(layer) -> torch.device:
-    return next(layer.parameters()).device
-
-
-def run_layer(layer, x: torch.Tensor, kwargs: dict, batch_size: int, out: torch.Tensor | None = None,
-              tf32: bool = False) -> torch.Tensor:
-    """Layer outputs for every sample; x may live in CPU memory while the layer is on the GPU."""
-    out = torch.empty_like(x) if out is None else out
-    dev = _layer_device(layer)
-    with torch.no_grad(), _TF32(tf32):
-        for s in range(0, x.shape[0], batch_size):
-            y = layer(x[s:s + batch_size].to(dev, non_blocking=True), **kwargs)
-            y = y[0] if isinstance(y, tuple) else y
-            out[s:s + batch_size].copy_(y, non_blocking=True)
-    return out
-
-
-def collect_hessian(layer, linear: torch.nn.Linear, x: torch.Tensor, kwargs: dict, batch_size: int,
-                    tf32: bool = False) -> torch.Tensor:
-    """H = 2XXᵀ/N of `linear`'s inputs when `layer` runs on x; the forward stops at `linear`."""
-    acc = obs.HessianAccumulator(linear.in_features, device=linear.weight.device)
-
-    def hook(module, args):
-        with _TF32(False):  # statistics in full fp32 whatever the forwards use
-            acc.add_batch(args[0])
-        raise _StopForward
-
-    handle = linear.register_forward_pre_hook(hook)
-    dev = _layer_device(layer)
-    try:
-        with torch.no_grad(), _TF32(tf32):
-            for s in range(0, x.shape[0], batch_size):
-                try:
-                    layer(x[s:s + batch_size].to(dev, non_blocking=True), **kwargs)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
-    acc.all_reduce()  # torch.distributed: every rank ends with the statistics of all shards
-    return acc.H
-
-
 def distributed_rank_world() -> tuple[int, int]:
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
@@ -228,9 +128,13 @@ def shard_tokens(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 def _relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖/‖b‖ over all shards of a distributed run."""
+    """‖a − b‖/‖b‖ over all shards of a distributed run. Norms in fp64 over chunks (whole-buffer fp64 copies
+    cost more than the norms)."""
     import torch.distributed as dist
-    sums = torch.stack([(a.double() - b.double()).pow(2).sum(), b.double().pow(2).sum()])
+    sums = torch.zeros(2, dtype=torch.float64, device=a.device)
+    for s in range(0, a.shape[0], 16):
+        sums[0] += torch.linalg.vector_norm(a[s:s + 16] - b[s:s + 16], dtype=torch.float64).square()
+        sums[1] += torch.linalg.vector_norm(b[s:s + 16], dtype=torch.float64).square()
     if distributed_rank_world()[1] > 1:
         dist.all_reduce(sums)
     return float(sums[0].sqrt() / sums[1].sqrt().clamp_min(1e-30))
@@ -280,6 +184,22 @@ class _StatisticsCache:
             cache.store_tensors("stats", key, {"H": H})
         return H
 
+    def lookup(self, layer_idx: int, module: str, dense: bool) -> torch.Tensor | None:
+        if not (self.enabled and dense):
+            return None
+        from . import cache
+        found = cache.lookup_tensors("stats", f"{self.prefix}|{layer_idx}|{module}")
+        if found is None:
+            return None
+        self.reused += 1
+        return found["H"]
+
+    def store(self, layer_idx: int, module: str, H: torch.Tensor, dense: bool) -> torch.Tensor:
+        if self.enabled and dense and H.numel() * 4 <= MAX_CACHED_STATISTIC_BYTES:
+            from . import cache
+            cache.store_tensors("stats", f"{self.prefix}|{layer_idx}|{module}", {"H": H})
+        return H
+
 
 def prune_model(model, tokens: torch.Tensor, settings: PruneSettings, callback: Callback | None = None,
                 should_stop: Callable[[], bool] | None = None, model_name: str = "",
@@ -320,12 +240,13 @@ def _prune_multishot(model, tokens, settings, callback, should_stop, model_name,
 
 def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: Callback | None = None,
                 should_stop: Callable[[], bool] | None = None, model_name: str = "",
-                use_cache: bool = True) -> PruneReport:
+                use_cache: bool = True, _reference: bool = False) -> PruneReport:
     """One sequential pass of SlimGPT (or a scoring baseline) over the model.
 
     The model may live on the CPU: each decoder layer is moved to the compute device in turn. With
     `use_cache`, dense statistics of layers whose inputs are the dense model's are read from / written to
-    cache/stats (layer 0 always; every layer with dense inputs)."""
+    cache/stats (layer 0 always; every layer with dense inputs). `_reference` (tests only): the previous
+    implementation, which ran each layer's attention four times."""
     from .cache import forget_fingerprint
     from .models import resolve_device
 
@@ -358,7 +279,7 @@ def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
     tokens = shard_tokens(tokens, settings.batch_size)
     need_dense, need_pruned = activation_streams(settings)
     act_device = activation_device(model, tokens, device, settings.offload_activations,
-                                   2 * (need_dense + need_pruned))
+                                   2 * (need_dense + need_pruned) + 1)  # + the kept o_proj inputs
     report.settings["activations_on"] = str(act_device)
     tf32 = settings.tf32
     try:
@@ -377,20 +298,10 @@ def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
                 torch.cuda.reset_peak_memory_stats(device)
             home = next(layers[i].parameters()).device
             layer = layers[i].to(device)
-            if need_dense:
-                t0 = phase(i, "dense")
-                run_layer(layer, dense_in, kwargs, settings.batch_size, dense_out, tf32)  # the dense reference
-                done("dense", t0)
-            calib_in = pruned_in if settings.sequential else dense_in
-            dense = i == 0 or not settings.sequential  # these inputs are exactly the dense model's
-            _prune_attention(layer, i, calib_in, kwargs, settings, head_r[i], head_rm[i], emit, phase, done,
-                             stats, dense)
-            _prune_mlp(layer, i, calib_in, kwargs, settings, ffn_r[i], ffn_rm[i], emit, phase, done,
-                       stats, dense and head_rm[i] == 0)
-            if need_pruned:
-                t0 = phase(i, "outputs")
-                run_layer(layer, pruned_in, kwargs, settings.batch_size, pruned_out, tf32)
-                done("outputs", t0)
+            streams = _Streams(dense_in, dense_out, pruned_in, pruned_out, kwargs, act_device)
+            step = _reference_layer if _reference else _layer_once
+            step(layer, i, streams, settings, (head_r[i], head_rm[i], ffn_r[i], ffn_rm[i]), emit, phase, done,
+                 stats)
             acc = _relative_distance(pruned_out, dense_out) if need_dense and need_pruned else float("nan")
             layers[i] = layer.to(home)
             q, kv, f = layer_shape(layer)
@@ -434,38 +345,129 @@ def _prune_inputs(linear: torch.nn.Linear, H: torch.Tensor, group: int, n_remove
     return res, obs.relative_error(w0, res.weight, H), (res.predicted_error / denom if denom else 0.0)
 
 
-def _prune_attention(layer, i, x, kwargs, settings, ratio, n_remove, emit, phase, done, stats, dense):
+@dataclass
+class _Streams:
+    """One layer's activation buffers: dense and pruned stream inputs and outputs (None when not kept)."""
+    dense_in: torch.Tensor | None
+    dense_out: torch.Tensor | None
+    pruned_in: torch.Tensor | None
+    pruned_out: torch.Tensor | None
+    kwargs: dict
+    where: torch.device  # where activations (and the inputs kept between passes) live
+
+
+def _layer_once(layer, i, st: _Streams, settings: PruneSettings, plan, emit, phase, done, stats) -> None:
+    """Prune layer i running its attention once on the calibration stream (and once on the dense reference).
+
+    The attention pass keeps o_proj's inputs; after head pruning the MLP statistics are the layer replayed from
+    the kept heads' columns with the updated o_proj, and so are the outputs, from down_proj's kept inputs when
+    they fit in memory (else the pruned MLP runs again). When the calibration stream is the dense one (layer 0,
+    dense-input runs) the dense reference pass is the attention pass."""
+    head_ratio, head_rm, ffn_ratio, ffn_rm = plan
+    bs, tf32 = settings.batch_size, settings.tf32
+    calib_in = st.pruned_in if settings.sequential else st.dense_in
+    dense = i == 0 or not settings.sequential  # the calibration inputs are exactly the dense model's
+    attn, mlp = layer.self_attn, layer.mlp
+    H_attn = stats.lookup(i, "attn", dense)
+    H_mlp = stats.lookup(i, "mlp", dense and head_rm == 0)
+    replay = settings.sequential and st.pruned_out is not None  # outputs follow from the calibration pass
+    acc = obs.HessianAccumulator(attn.o_proj.in_features, attn.o_proj.weight.device) if H_attn is None else None
+    z = None
+    if st.dense_out is not None:
+        t0 = phase(i, "dense")
+        if dense and (acc is not None or H_mlp is None or replay):
+            z = capture_attention_inputs(layer, st.dense_in, st.kwargs, bs, st.where, acc, st.dense_out, tf32)
+        else:
+            run_layer(layer, st.dense_in, st.kwargs, bs, st.dense_out, tf32)  # the dense reference
+        done("dense", t0)
+    if z is None and (acc is not None or H_mlp is None or replay):
+        t0 = phase(i, "attn-stats")
+        z = capture_attention_inputs(layer, calib_in, st.kwargs, bs, st.where, acc, None, tf32)
+        done("attn-stats", t0)
+    if acc is not None:
+        H_attn = stats.store(i, "attn", acc.H, dense)
+    kept_units = _prune_attention(layer, i, H_attn, settings, head_ratio, head_rm, emit, phase, done)
+    group = attn.head_dim * attn.num_key_value_groups
+    columns = None if head_rm == 0 else _unit_columns(kept_units, group, attn.o_proj.weight.device)
+    a = None
+    if H_mlp is None:
+        t0 = phase(i, "mlp-stats")
+        acc = obs.HessianAccumulator(mlp.down_proj.in_features, mlp.down_proj.weight.device)
+        keep_a = replay and _fits(calib_in.shape[:-1].numel() * mlp.down_proj.in_features * calib_in.element_size(),
+                                  st.where)
+        a = collect_mlp_inputs(layer, calib_in, st.kwargs, bs, z, columns, acc, st.where if keep_a else None, tf32)
+        H_mlp = stats.store(i, "mlp", acc.H, dense and head_rm == 0)
+        done("mlp-stats", t0)
+    kept_channels = _prune_mlp(layer, i, H_mlp, settings, ffn_ratio, ffn_rm, emit, phase, done)
+    if st.pruned_out is not None:
+        t0 = phase(i, "outputs")
+        if replay:
+            channels = None if ffn_rm == 0 else torch.as_tensor(kept_channels, device=mlp.down_proj.weight.device)
+            replay_outputs(layer, st.pruned_in, st.kwargs, bs, z, columns, st.pruned_out, a, channels, tf32)
+        else:  # dense-input run: the pruned stream differs from the calibrated one
+            run_layer(layer, st.pruned_in, st.kwargs, bs, st.pruned_out, tf32)
+        done("outputs", t0)
+
+
+def _reference_layer(layer, i, st: _Streams, settings: PruneSettings, plan, emit, phase, done, stats) -> None:
+    """The previous implementation (tests compare against it): four attention passes per layer."""
+    head_ratio, head_rm, ffn_ratio, ffn_rm = plan
+    bs, tf32 = settings.batch_size, settings.tf32
+    calib_in = st.pruned_in if settings.sequential else st.dense_in
+    dense = i == 0 or not settings.sequential
+    if st.dense_out is not None:
+        run_layer(layer, st.dense_in, st.kwargs, bs, st.dense_out, tf32)
+    H = stats.hessian(i, "attn", lambda: collect_hessian(layer, layer.self_attn.o_proj, calib_in, st.kwargs, bs,
+                                                         tf32), dense)
+    _prune_attention(layer, i, H, settings, head_ratio, head_rm, emit, phase, done)
+    H = stats.hessian(i, "mlp", lambda: collect_hessian(layer, layer.mlp.down_proj, calib_in, st.kwargs, bs, tf32),
+                      dense and head_rm == 0)
+    _prune_mlp(layer, i, H, settings, ffn_ratio, ffn_rm, emit, phase, done)
+    if st.pruned_out is not None:
+        run_layer(layer, st.pruned_in, st.kwargs, bs, st.pruned_out, tf32)
+
+
+def _unit_columns(units: Sequence[int], group: int, device) -> torch.Tensor:
+    """Input columns of the units kept, in order (as the layer surgery keeps them)."""
+    return torch.cat([torch.arange(u * group, (u + 1) * group) for u in units]).to(device)
+
+
+def _fits(nbytes: int, where: torch.device) -> bool:
+    """Whether a buffer kept between passes fits comfortably (a quarter of what is free there)."""
+    have = available_memory_bytes(where)
+    return have is None or nbytes < 0.25 * have
+
+
+def _prune_attention(layer, i, H, settings, ratio, n_remove, emit, phase, done) -> list[int]:
     attn = layer.self_attn
-    t0 = phase(i, "attn-stats")
-    H = stats.hessian(i, "attn", lambda: collect_hessian(layer, attn.o_proj, x, kwargs, settings.batch_size,
-                                                         settings.tf32), dense).to(attn.o_proj.weight.device)
-    done("attn-stats", t0)
+    H = H.to(attn.o_proj.weight.device)
     t0 = phase(i, "attn-prune")
     rep = attn.num_key_value_groups
     n_units = attn.k_proj.out_features // attn.head_dim
     group = attn.head_dim * rep
     res, rel, predicted = _prune_inputs(attn.o_proj, H, group, n_remove, settings, lambda w: obs.prune_head_groups(
         w, H, group, n_remove, settings.damp, settings.head_error))
-    keep_kv_groups(layer, sorted(set(range(n_units)) - set(res.removed)))
+    kept = sorted(set(range(n_units)) - set(res.removed))
+    keep_kv_groups(layer, kept)
     done("attn-prune", t0)
     emit(HeadImportance(i, res.first_scores, res.removed, rep))
     emit(ModuleMeasured(i, "attn", n_units, n_remove, ratio, rel, predicted, res.damping, time.perf_counter() - t0))
+    return kept
 
 
-def _prune_mlp(layer, i, x, kwargs, settings, ratio, n_remove, emit, phase, done, stats, dense):
+def _prune_mlp(layer, i, H, settings, ratio, n_remove, emit, phase, done) -> list[int]:
     mlp = layer.mlp
-    t0 = phase(i, "mlp-stats")
-    H = stats.hessian(i, "mlp", lambda: collect_hessian(layer, mlp.down_proj, x, kwargs, settings.batch_size,
-                                                        settings.tf32), dense).to(mlp.down_proj.weight.device)
-    done("mlp-stats", t0)
+    H = H.to(mlp.down_proj.weight.device)
     t0 = phase(i, "mlp-prune")
     n_ch = mlp.down_proj.in_features
     res, rel, predicted = _prune_inputs(mlp.down_proj, H, 1, n_remove, settings, lambda w: obs.prune_channels(
         w, H, n_remove, settings.damp, settings.ffn_group_floor, settings.ffn_group_ceiling))
-    keep_channels(layer, sorted(set(range(n_ch)) - set(res.removed)))
+    kept = sorted(set(range(n_ch)) - set(res.removed))
+    keep_channels(layer, kept)
     done("mlp-prune", t0)
     emit(_ffn_summary(i, res.first_scores, n_remove, res.steps))
     emit(ModuleMeasured(i, "mlp", n_ch, n_remove, ratio, rel, predicted, res.damping, time.perf_counter() - t0))
+    return kept
 
 
 def activation_streams(settings: PruneSettings) -> tuple[bool, bool]:

@@ -141,6 +141,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="folder for compare.md, compare.csv, compare.json and plots")
     g.add_argument("--quiet", action="store_true")
 
+    s = sub.add_parser("shear", help="Sheared-LLaMA: learn masks to a target shape (layers, groups, heads, FFN, "
+                                     "hidden), then cut the model to it")
+    _common(s)
+    s.set_defaults(batch_size=4)
+    s.add_argument("--target", required=True,
+                   help='the shape: JSON such as \'{"layers": 24, "kv_groups": 2, "heads": 6, "ffn": 1024, '
+                        '"hidden": 512}\' (missing keys keep the source\'s), a config.json, or a model folder / hub id')
+    s.add_argument("--data", default="c4", help="training text, comma separated: c4, tinystories, wikitext2, files")
+    s.add_argument("--steps", type=_positive, default=200, help="optimisation steps")
+    s.add_argument("--seqlen", type=_positive, default=256, help="tokens per sequence")
+    s.add_argument("--lr", type=float, default=1e-4, help="weights' learning rate")
+    s.add_argument("--mask-lr", type=float, default=1.0, help="masks' (log α) learning rate")
+    s.add_argument("--lambda-lr", type=float, default=1.0, help="Lagrange multipliers' learning rate (ascent)")
+    s.add_argument("--freeze-weights", action="store_true", help="learn the masks only")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--ppl", help="also measure dense and sheared perplexity on this text (e.g. wikitext2)")
+    s.add_argument("--ppl-seqlen", type=_positive, default=128, help="perplexity window length")
+    s.add_argument("--ppl-windows", type=_positive, help="at most this many perplexity windows")
+    s.add_argument("--out", required=True, help="folder for the sheared model and report.json (must not exist)")
+    s.add_argument("--force", action="store_true", help="replace --out if it exists")
+    s.add_argument("--quiet", action="store_true", help="no progress")
+
     c = sub.add_parser("cache", help="show or clear cache/")
     c.add_argument("action", choices=["info", "clear"])
     c.add_argument("--kind", choices=["models", "tokens", "stats", "results"], help="only this part of the cache")
@@ -400,6 +422,59 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_shear(args) -> int:
+    from .models import load_model, resolve_device
+    from .runs import check_output_folder
+    from .shear.run import (check_training_memory, describe_step, save_shear_run, target_summary,
+                            training_tokens)
+    from .shear.target import read_target, resolve_target
+    from .shear.train import ShearSettings, shear_model
+
+    out = check_output_folder(args.out, args.force)
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, args.device, args.dtype)
+    model = loaded.model
+    target = resolve_target(read_target(args.target), model)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and args.seqlen > limit:
+        raise SlimGPTError(f"--seqlen {args.seqlen} exceeds the model's context of {limit} tokens")
+    settings = ShearSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, mask_lr=args.mask_lr,
+                             lambda_lr=args.lambda_lr, train_weights=not args.freeze_weights, seed=args.seed,
+                             device=args.device)
+    check_training_memory(model, args.batch_size, args.seqlen, device, settings.train_weights)
+    sources = [d.strip() for d in args.data.split(",") if d.strip()]
+    tokens = training_tokens(loaded.tokenizer, sources, args.steps, args.batch_size, args.seqlen, args.seed)
+    evaluation = {}
+    if args.ppl:
+        model.to(device)
+        evaluation["dense_ppl"] = asdict(_ppl(model, loaded.tokenizer, args.ppl, args.ppl_seqlen, args.ppl_windows,
+                                              8, device, args.quiet, "dense"))
+
+    def progress(event):
+        if not args.quiet:
+            print(describe_step(event), file=sys.stderr, flush=True)
+
+    result = shear_model(model, tokens, target, settings, progress, model_name=loaded.name)
+    result.report.settings.update(data=sources, seqlen=args.seqlen)
+    if args.ppl:
+        model.to(device)
+        evaluation["sheared_ppl"] = asdict(_ppl(model, loaded.tokenizer, args.ppl, args.ppl_seqlen,
+                                                args.ppl_windows, 8, device, args.quiet, "sheared"))
+        model.to("cpu")
+    result.report.evaluation = evaluation
+    save_shear_run(model, loaded.tokenizer, result, out, args.force)
+    last = result.history[-1]
+    summary = {"out": str(out), "shape": target_summary(result.target, result.source),
+               "kept_layers": result.kept_layers, "params_before": result.report.params_before,
+               "params_after": result.report.params_after, "final_loss": round(last.loss, 4),
+               "expected_at_end": {k: round(v, 2) for k, v in last.expected.items()},
+               "tokens": result.report.settings["tokens_seen"], "seconds": round(result.report.total_seconds, 1)}
+    for key, value in evaluation.items():
+        summary[key] = round(value["ppl"], 3)
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_cache(args) -> int:
     from . import cache
 
@@ -415,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "cache": cmd_cache,
-                "compare": cmd_compare}[args.command](args)
+                "compare": cmd_compare, "shear": cmd_shear}[args.command](args)
     except SlimGPTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

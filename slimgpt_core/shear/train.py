@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ..cache import forget_fingerprint
 from ..errors import PruningCancelled, SlimGPTError
 from ..events import PruneReport
 from ..surgery import count_parameters, head_dim, layer_shape
@@ -174,6 +175,7 @@ def shear_model(model, tokens: torch.Tensor, target: Shape, settings: ShearSetti
                    else list(range(source.layers)))
     cut_model(model, gates)
     model.to("cpu")
+    forget_fingerprint(model)  # weights changed in place: cached results keyed on the old ones no longer apply
     total = time.perf_counter() - t0
     learned = source_shape(model)
     if learned != target:

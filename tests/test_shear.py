@@ -1,0 +1,191 @@
+"""Sheared-LLaMA masks, the cut and the shear command (issue 18)."""
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from slimgpt_core.cli import main
+from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.shear import hard_concrete as hc
+from slimgpt_core.shear.apply import MaskedModel
+from slimgpt_core.shear.cut import cut_model
+from slimgpt_core.shear.masks import ShearMasks, shape_parameters
+from slimgpt_core.shear.target import resolve_target, source_shape
+from slimgpt_core.shear.train import ShearSettings, shear_model
+from slimgpt_core.surgery import count_parameters, head_dim
+
+
+def test_keep_probability_formula_matches_monte_carlo():
+    log_alpha = torch.tensor([-3.0, -1.0, 0.0, 0.5, 2.0, 4.0])
+    n = 200_000
+    draws = hc.sample(log_alpha.expand(n, -1).contiguous(), torch.Generator().manual_seed(0))
+    assert draws.min() == 0 and draws.max() == 1  # hard zeros and ones occur
+    empirical = (draws != 0).float().mean(0)
+    formula = hc.keep_probability(log_alpha)
+    stderr = (formula * (1 - formula) / n).sqrt()
+    assert torch.all((empirical - formula).abs() < 4 * stderr + 1e-4), (empirical, formula)
+    # independent closed form: P(z > 0) = P(s > −l/(r−l)) for the logistic s
+    x = -hc.LOW / (hc.HIGH - hc.LOW)
+    by_hand = 1 - torch.sigmoid(hc.BETA * math.log(x / (1 - x)) - log_alpha)
+    assert torch.allclose(formula, by_hand, atol=1e-6)
+
+
+def test_top_k_gates_keep_exactly_k_per_row():
+    la = torch.randn(5, 11)
+    gates = hc.top_k_gates(la, 4)
+    assert torch.equal((gates != 0).sum(-1), torch.full((5,), 4))
+    kept = gates != 0
+    assert torch.all(la[kept].view(5, 4).min(-1).values >= la[~kept].view(5, 7).max(-1).values)
+
+
+def _stories(assets_root):
+    from slimgpt_core.models import load_model
+    return load_model("stories260k", "cpu", "float32")
+
+
+def _random_gates(model, target, seed):
+    torch.manual_seed(seed)
+    src = source_shape(model)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    masks = ShearMasks(src, target, head_dim(model.config), model.config.vocab_size, tied)
+    for la in masks.log_alpha.values():
+        la.data.normal_(0, 2)
+    return masks, masks.deterministic()
+
+
+def test_gates_of_one_leave_the_model_unchanged(assets_root):
+    model = _stories(assets_root).model.eval()
+    target = resolve_target({"layers": 4, "kv_groups": 2, "heads": 2, "ffn": 100, "hidden": 40}, model)
+    masks, _ = _random_gates(model, target, 0)
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        with MaskedModel(model) as m:
+            m.gates = {k: torch.ones_like(v) for k, v in masks.log_alpha.items()}
+            ones = model(ids).logits
+        after = model(ids).logits  # hooks removed
+    assert torch.allclose(ones, ref, atol=1e-5) and torch.equal(after, ref)
+
+
+@pytest.mark.parametrize("case", [
+    ("stories260k", {"layers": 3, "kv_groups": 2, "heads": 2, "ffn": 100, "hidden": 40}),  # tied, 1 head per group
+    ("stories260k", {"layers": 4, "kv_groups": 3, "ffn": 150, "hidden": 50}),  # hidden not a multiple of the heads
+    ("tiny-untied", {"layers": 2, "kv_groups": 1, "heads": 2, "ffn": 30, "hidden": 24}),
+])
+def test_sliced_model_equals_masked_model(assets_root, case):
+    name, raw = case
+    model = (_stories(assets_root).model if name == "stories260k"
+             else tiny_model(heads=4, kv=2, layers=3, ffn=48, hidden=32)).eval()
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    assert tied == (name == "stories260k")
+    target = resolve_target(raw, model)
+    masks, gates = _random_gates(model, target, 1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), MaskedModel(model) as m:
+        m.gates = gates
+        masked = model(ids).logits
+    cut_model(model, gates)
+    with torch.no_grad():
+        sliced = model(ids).logits
+    assert (sliced - masked).abs().max() < 1e-5
+    assert source_shape(model) == target
+    for layer in model.model.layers:  # every KV group keeps the same number of query heads
+        attn = layer.self_attn
+        assert attn.q_proj.out_features == attn.k_proj.out_features * target.heads_per_group
+        assert attn.num_key_value_groups == target.heads_per_group
+    assert count_parameters(model) == shape_parameters(target.layers, target.kv_groups, target.heads, target.ffn,
+                                                       target.hidden, head_dim(model.config),
+                                                       model.config.vocab_size, tied)
+
+
+def test_expected_sizes_reach_the_target_within_200_steps(assets_root):
+    from slimgpt_core.data import calibration_tokens
+
+    loaded = _stories(assets_root)
+    model = loaded.model
+    tokens = calibration_tokens(loaded.tokenizer, "tinystories", 64, 64, 0)
+    target = resolve_target({"layers": 4, "kv_groups": 2, "heads": 2, "ffn": 128, "hidden": 48}, model)
+    result = shear_model(model, tokens, target, ShearSettings(steps=200, batch_size=2, device="cpu"))
+    expected = result.history[-1].expected
+    for key in ("layers", "kv_groups", "heads_per_group", "ffn", "hidden"):
+        goal = getattr(target, key)
+        assert abs(expected[key] - goal) <= 0.1 * goal, (key, expected[key], goal)
+    assert result.history[0].expected["ffn"] > 165  # it started dense
+    assert source_shape(model) == target
+    assert result.report.params_after == count_parameters(model) < result.report.params_before
+
+
+def test_shear_command_writes_a_run_that_reloads(assets_root, tmp_path, capsys):
+    out = tmp_path / "shear"
+    code = main(["shear", "--model", "stories260k", "--target", '{"layers": 4, "kv_groups": 3, "ffn": 128, "hidden": 40}',
+                 "--data", "tinystories,c4", "--steps", "12", "--seqlen", "64", "--batch-size", "2",
+                 "--ppl", "tinystories", "--ppl-seqlen", "256", "--ppl-windows", "4", "--out", str(out)])
+    assert code == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert "step 12/12" in captured.err and "tok/s" in captured.err
+    assert summary["shape"]["hidden"] == "64->40" and len(summary["kept_layers"]) == 4
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["target"] == {"layers": 4, "kv_groups": 3, "heads": 6, "ffn": 128, "hidden": 40}
+    assert len(json.loads((out / "shear.json").read_text())["history"]) == 12
+    config = json.loads((out / "config.json").read_text())
+    assert config["hidden_size"] == 40 and config["num_hidden_layers"] == 4  # 40 % 6 != 0: per-layer lists
+    assert main(["eval", "--model", str(out), "--ppl", "tinystories", "--seqlen", "256", "--max-windows", "4",
+                 "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["ppl"] == pytest.approx(summary["sheared_ppl"], rel=1e-4)
+
+
+def test_uniform_target_exports_a_stock_checkpoint(assets_root, tmp_path, capsys):
+    out = tmp_path / "stock"
+    assert main(["shear", "--model", "stories260k", "--target", '{"layers": 3, "kv_groups": 2, "heads": 2, '
+                 '"hidden": 32}', "--data", "tinystories", "--steps", "3", "--seqlen", "32", "--batch-size", "1",
+                 "--quiet", "--out", str(out)]) == 0
+    capsys.readouterr()
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_attention_heads"] == 2 and config["num_key_value_heads"] == 2
+    assert not (out / "modeling_slimgpt.py").exists()
+    from transformers import AutoModelForCausalLM
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert source_shape(reloaded).hidden == 32 and len(reloaded.model.layers) == 3
+
+
+@pytest.mark.parametrize("target, words", [
+    ('{"ffn": 999}', "only shrink"),
+    ('{"layers": 0}', "at least one"),
+    ('{"kv_groups": 3, "heads": 4}', "do not divide"),
+    ('{"heads": 8, "kv_groups": 2}', "only shrink"),  # 4 heads per group, the source has 2
+    ('{"depth": 3}', "unknown target key"),
+    ('{"ffn": 1.5}', "whole number"),
+])
+def test_bad_targets_say_so_and_write_nothing(assets_root, tmp_path, capsys, target, words):
+    out = tmp_path / "bad"
+    assert main(["shear", "--model", "stories260k", "--target", target, "--steps", "2", "--out", str(out)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and words in err[0]
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_cancel_stops_before_any_change(assets_root):
+    model = _stories(assets_root).model
+    before = count_parameters(model)
+    target = resolve_target({"layers": 3}, model)
+    with pytest.raises(PruningCancelled):
+        shear_model(model, torch.zeros(4, 16, dtype=torch.long), target, ShearSettings(steps=5, device="cpu"),
+                    should_stop=lambda: True)
+    assert count_parameters(model) == before and len(model.model.layers) == 5
+
+
+def test_target_from_another_models_config(assets_root, tmp_path):
+    model = _stories(assets_root).model
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"num_hidden_layers": 3, "hidden_size": 32, "num_attention_heads": 4,
+                                "num_key_value_heads": 2, "intermediate_size": 64, "head_dim": 8}))
+    from slimgpt_core.shear.target import read_target
+    t = resolve_target(read_target(str(path)), model)
+    assert (t.layers, t.kv_groups, t.heads, t.ffn, t.hidden) == (3, 2, 4, 64, 32)
+    path.write_text(json.dumps({"num_hidden_layers": 3, "hidden_size": 32, "num_attention_heads": 2,
+                                "intermediate_size": 64}))  # head size 16
+    with pytest.raises(SlimGPTError, match="head size"):
+        resolve_target(read_target(str(path)), model)

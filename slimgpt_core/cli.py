@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl", help="also measure dense and pruned perplexity on this text (e.g. wikitext2)")
     p.add_argument("--ppl-seqlen", type=_positive, default=128, help="perplexity window length")
     p.add_argument("--ppl-windows", type=_positive, help="at most this many perplexity windows")
-    p.add_argument("--method", choices=["slimgpt", "magnitude", "wanda-sp", "surgeon"], default="slimgpt",
+    p.add_argument("--method", choices=["slimgpt", "magnitude", "wanda-sp", "surgeon", "minitron"], default="slimgpt",
                    help="SlimGPT, or a baseline from the seed papers (same pipeline, events and export)")
     p.add_argument("--no-compensation", action="store_true", help="ablation: OBS choice without weight update")
     p.add_argument("--shots", type=_positive, default=3, help="surgeon: passes with linearly rising sparsity")
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="default")
     g.add_argument("--device", default="auto")
     g.add_argument("--ratios", default="0.2,0.5")
-    g.add_argument("--variants", default="slimgpt,magnitude,wanda-sp,surgeon,slimgpt-nocomp,slimgpt-approx,"
+    g.add_argument("--variants", default="slimgpt,magnitude,wanda-sp,surgeon,minitron,slimgpt-nocomp,slimgpt-approx,"
                                          "slimgpt-greedy,slimgpt-dense,slimgpt-uniform,slimgpt-linear")
     g.add_argument("--calib", default="c4")
     g.add_argument("--nsamples", type=_positive, default=32)

@@ -189,3 +189,73 @@ def test_target_from_another_models_config(assets_root, tmp_path):
                                 "intermediate_size": 64}))  # head size 16
     with pytest.raises(SlimGPTError, match="head size"):
         resolve_target(read_target(str(path)), model)
+
+
+# Minitron: activation importance, one shot
+
+
+def _silence(model, layer, kv_group=None, channel=None, dim=None):
+    """Make one unit provably useless, so its activation score must be zero."""
+    with torch.no_grad():
+        block = model.model.layers[layer]
+        d = block.self_attn.head_dim
+        if kv_group is not None:  # zero values: every head of the group outputs zeros
+            block.self_attn.v_proj.weight[kv_group * d:(kv_group + 1) * d] = 0
+        if channel is not None:
+            block.mlp.up_proj.weight[channel] = 0
+        if dim is not None:  # nothing ever writes this residual dimension
+            model.model.embed_tokens.weight[:, dim] = 0
+            for b in model.model.layers:
+                b.self_attn.o_proj.weight[dim] = 0
+                b.mlp.down_proj.weight[dim] = 0
+
+
+def test_minitron_scores_rank_silenced_units_last(tokens):
+    from slimgpt_core.minitron import collect_scores
+
+    model = tiny_model(heads=4, kv=2, layers=3, ffn=48, hidden=32)
+    _silence(model, 1, kv_group=1, channel=7, dim=5)
+    with torch.no_grad():  # layer 2 does nothing: its output equals its input
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    s = collect_scores(model, tokens, batch_size=4)
+    assert s.heads.shape == (3, 4) and s.ffn.shape == (3, 48) and s.hidden.shape == (32,)
+    assert torch.all(s.heads[1, 2:] == 0) and torch.all(s.heads[1, :2] > 0)
+    assert s.ffn[1, 7] == 0 and s.ffn[1].argmin() == 7 and (s.ffn[0] > 0).all()
+    assert s.hidden[5] == 0 and (s.hidden.sum() > 0)
+    assert s.layers[2].abs() < 1e-5 and s.layers[:2].min() > 1e-3
+
+
+def test_minitron_to_a_shape_drops_the_useless_units(assets_root, tokens):
+    from slimgpt_core.minitron import prune_to_shape
+
+    model = tiny_model(heads=4, kv=2, layers=3, ffn=48, hidden=32)
+    _silence(model, 0, kv_group=0, dim=3)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    target = resolve_target({"layers": 2, "kv_groups": 1, "heads": 1, "ffn": 40, "hidden": 31}, model)
+    ids = tokens[:2]
+    from slimgpt_core.minitron import collect_scores, shape_gates
+    gates = shape_gates(model, collect_scores(model, tokens, 4), target)
+    assert gates["layers"].tolist() == [1, 0, 1] and gates["kv_groups"][0].tolist() == [0, 1]
+    assert gates["hidden"][3] == 0 and gates["hidden"].sum() == 31
+    assert gates["heads"].shape == (3, 2, 2) and torch.all(gates["heads"].sum(-1) == 1)
+    prune_to_shape(model, tokens, target, batch_size=4)
+    assert source_shape(model) == target
+    assert all(layer.self_attn.num_key_value_groups == 1 for layer in model.model.layers)
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_minitron_method_in_the_pipeline_matches_slimgpt_parameters(assets_root, tmp_path, capsys):
+    out = tmp_path / "minitron"
+    assert main(["prune", "--model", "stories260k", "--method", "minitron", "--calib", "tinystories", "--nsamples",
+                 "8", "--seqlen", "128", "--ratio", "0.3", "--out", str(out), "--quiet"]) == 0
+    minitron = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["prune", "--model", "stories260k", "--method", "magnitude", "--calib", "tinystories",
+                 "--nsamples", "8", "--seqlen", "128", "--ratio", "0.3", "--out", str(tmp_path / "mag"),
+                 "--quiet"]) == 0
+    magnitude = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert minitron["params_after"] == magnitude["params_after"] < minitron["params_before"]
+    assert json.loads((out / "report.json").read_text())["settings"]["method"] == "minitron"

@@ -34,7 +34,9 @@ def _slice_norm(norm, dims: torch.Tensor, scale: torch.Tensor | None) -> None:
 
 @torch.no_grad()
 def cut_model(model, gates: dict[str, torch.Tensor]) -> None:
-    """Slice `model` in place to the open entries of `gates` (as ShearMasks.deterministic() gives them)."""
+    """Slice `model` in place to the open entries of `gates` (as ShearMasks.deterministic() gives them). The
+    query-head gate is one row per layer shared by its groups, or one row per group ([L, groups, per group],
+    Minitron); every group must keep the same count."""
     inner = model.model
     config = model.config
     dims, hidden_scale = _open(gates.get("hidden"), config.hidden_size)
@@ -50,9 +52,12 @@ def cut_model(model, gates: dict[str, torch.Tensor]) -> None:
         n_kv = attn.k_proj.out_features // d
         rep = n_heads // n_kv
         groups, group_scale = _open(gates["kv_groups"][i] if "kv_groups" in gates else None, n_kv)
-        within, within_scale = _open(gates["heads"][i] if "heads" in gates else None, rep)
-        heads = (groups[:, None] * rep + within[None, :]).flatten()
-        head_scale = (group_scale[:, None] * within_scale[None, :]).flatten()
+        head_gate = gates["heads"][i] if "heads" in gates else None  # [heads per group], or [groups, per group]
+        rows = [_open(head_gate if head_gate is None or head_gate.dim() == 1 else head_gate[g], rep)
+                for g in groups.tolist()]
+        within = rows[0][0]
+        heads = torch.cat([g * rep + idx for g, (idx, _) in zip(groups.tolist(), rows)])
+        head_scale = torch.cat([gs * val for gs, (_, val) in zip(group_scale, rows)])
         q_rows = (heads[:, None] * d + torch.arange(d)[None, :]).flatten()
         kv_rows = (groups[:, None] * d + torch.arange(d)[None, :]).flatten()
         attn.q_proj = sliced_linear(attn.q_proj, rows=q_rows, cols=dims)

@@ -105,12 +105,20 @@ def _check_layers(config) -> None:
         raise ValueError("every layer's query heads must be a multiple of its KV heads")
 
 
+def _validate(config) -> None:
+    """transformers' save-time validation, with the per-layer check in place of the global head-count rule."""
+    for check in type(config).__class_validators__:
+        if check.__name__ != "validate_architecture":
+            check(config)
+    _check_layers(config)
+
+
 class SlimGPTLlamaConfig(LlamaConfig):
     model_type = "slimgpt_llama"
     layer_num_attention_heads: list[int] | None = None
     layer_num_key_value_heads: list[int] | None = None
     layer_intermediate_size: list[int] | None = None
-    validate_architecture = _check_layers
+    validate = _validate
 
 
 class SlimGPTMistralConfig(MistralConfig):
@@ -118,7 +126,7 @@ class SlimGPTMistralConfig(MistralConfig):
     layer_num_attention_heads: list[int] | None = None
     layer_num_key_value_heads: list[int] | None = None
     layer_intermediate_size: list[int] | None = None
-    validate_architecture = _check_layers
+    validate = _validate
 
 
 class SlimGPTQwen2Config(Qwen2Config):
@@ -126,7 +134,7 @@ class SlimGPTQwen2Config(Qwen2Config):
     layer_num_attention_heads: list[int] | None = None
     layer_num_key_value_heads: list[int] | None = None
     layer_intermediate_size: list[int] | None = None
-    validate_architecture = _check_layers
+    validate = _validate
 
 
 class SlimGPTLlamaForCausalLM(LlamaForCausalLM):

@@ -259,3 +259,22 @@ def test_minitron_method_in_the_pipeline_matches_slimgpt_parameters(assets_root,
     magnitude = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert minitron["params_after"] == magnitude["params_after"] < minitron["params_before"]
     assert json.loads((out / "report.json").read_text())["settings"]["method"] == "minitron"
+
+
+def test_hidden_size_not_a_multiple_of_any_head_count_saves_and_reloads(tmp_path):
+    """SmolLM2 to hidden 512 with 6 heads: transformers' config rule (hidden % heads) fails for the source's and
+    the target's head counts alike; the per-layer class must still save and load the same function."""
+    from transformers import AutoModelForCausalLM
+    from slimgpt_core.modeling_slimgpt import register_auto_classes
+
+    model = tiny_model(heads=6, kv=3, layers=2, ffn=40, hidden=48).eval()
+    target = resolve_target({"kv_groups": 3, "heads": 3, "hidden": 40}, model)
+    _, gates = _random_gates(model, target, 3)
+    cut_model(model, gates)
+    ids = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path)
+    register_auto_classes()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert source_shape(reloaded) == target
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-6)

@@ -278,3 +278,27 @@ def test_hidden_size_not_a_multiple_of_any_head_count_saves_and_reloads(tmp_path
     assert source_shape(reloaded) == target
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-6)
+
+
+# dynamic batch loading (the update rule; continued pre-training is not built yet)
+
+
+def test_a_lagging_domain_gains_weight():
+    from slimgpt_core.shear.domain_mix import draw_domains, update_domain_weights
+
+    w = torch.tensor([0.5, 0.3, 0.2])
+    losses, reference = torch.tensor([2.0, 3.0, 2.5]), torch.tensor([2.0, 2.0, 2.6])  # domain 1 lags by 1 nat
+    paper = update_domain_weights(w, losses, reference)
+    by_hand = torch.tensor([0.5, 0.3 * math.e, 0.2]) / (0.7 + 0.3 * math.e)
+    assert torch.allclose(paper, by_hand, atol=1e-6) and paper.argmax() == 1 and paper.sum() == pytest.approx(1)
+    code = update_domain_weights(w, losses, reference, "code")
+    raw = torch.tensor([0.5, 0.3 * math.e, 0.2 * math.exp(-0.1)])
+    assert torch.allclose(code, (1 - 1e-4) * raw / raw.sum() + 1e-4 / 3, atol=1e-6)
+    assert code[2] / code[0] < w[2] / w[0]  # below its reference: the code variant lowers it, the paper does not
+    assert paper[2] / paper[0] == pytest.approx(float(w[2] / w[0]))
+    counts = torch.bincount(draw_domains(paper, 100_000, torch.Generator().manual_seed(0)), minlength=3) / 100_000
+    assert torch.allclose(counts, paper, atol=0.01)
+    for _ in range(5):  # repeated updates while the gap persists: the mix keeps moving toward the laggard
+        paper2 = update_domain_weights(paper, losses, reference)
+        assert paper2[1] > paper[1]
+        paper = paper2

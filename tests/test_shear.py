@@ -302,3 +302,12 @@ def test_a_lagging_domain_gains_weight():
         paper2 = update_domain_weights(paper, losses, reference)
         assert paper2[1] > paper[1]
         paper = paper2
+
+
+def test_memory_check_refuses_before_any_work(assets_root, tmp_path, capsys):
+    out = tmp_path / "big"
+    assert main(["shear", "--model", "stories260k", "--target", '{"layers": 4}', "--batch-size", "200000",
+                 "--seqlen", "512", "--out", str(out)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "GiB" in err[0] and "--batch-size" in err[0]
+    assert not list(tmp_path.iterdir())

@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", required=True,
                    help='the shape: JSON such as \'{"layers": 24, "kv_groups": 2, "heads": 6, "ffn": 1024, '
                         '"hidden": 512}\' (missing keys keep the source\'s), a config.json, or a model folder / hub id')
+    s.add_argument("--method", choices=["shear", "minitron"], default="shear",
+                   help="shear: learned masks (Sheared-LLaMA); minitron: one-shot activation importance to the "
+                        "same shape (forward only, --nsamples windows of --data)")
+    s.add_argument("--nsamples", type=_positive, default=128, help="minitron: calibration sequences")
     s.add_argument("--data", default="c4", help="training text, comma separated: c4, tinystories, wikitext2, files")
     s.add_argument("--steps", type=_positive, default=200, help="optimisation steps")
     s.add_argument("--seqlen", type=_positive, default=256, help="tokens per sequence")
@@ -441,9 +445,11 @@ def cmd_shear(args) -> int:
     settings = ShearSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, mask_lr=args.mask_lr,
                              lambda_lr=args.lambda_lr, train_weights=not args.freeze_weights, seed=args.seed,
                              device=args.device)
-    check_training_memory(model, args.batch_size, args.seqlen, device, settings.train_weights)
+    if args.method == "shear":
+        check_training_memory(model, args.batch_size, args.seqlen, device, settings.train_weights)
     sources = [d.strip() for d in args.data.split(",") if d.strip()]
-    tokens = training_tokens(loaded.tokenizer, sources, args.steps, args.batch_size, args.seqlen, args.seed)
+    steps, batch = (args.steps, args.batch_size) if args.method == "shear" else (args.nsamples, 1)
+    tokens = training_tokens(loaded.tokenizer, sources, steps, batch, args.seqlen, args.seed)
     evaluation = {}
     if args.ppl:
         model.to(device)
@@ -454,7 +460,11 @@ def cmd_shear(args) -> int:
         if not args.quiet:
             print(describe_step(event), file=sys.stderr, flush=True)
 
-    result = shear_model(model, tokens, target, settings, progress, model_name=loaded.name)
+    if args.method == "minitron":
+        from .minitron import shape_run
+        result = shape_run(model, tokens, target, args.batch_size, device, loaded.name)
+    else:
+        result = shear_model(model, tokens, target, settings, progress, model_name=loaded.name)
     result.report.settings.update(data=sources, seqlen=args.seqlen)
     if args.ppl:
         model.to(device)
@@ -463,12 +473,13 @@ def cmd_shear(args) -> int:
         model.to("cpu")
     result.report.evaluation = evaluation
     save_shear_run(model, loaded.tokenizer, result, out, args.force)
-    last = result.history[-1]
-    summary = {"out": str(out), "shape": target_summary(result.target, result.source),
+    summary = {"out": str(out), "method": args.method, "shape": target_summary(result.target, result.source),
                "kept_layers": result.kept_layers, "params_before": result.report.params_before,
-               "params_after": result.report.params_after, "final_loss": round(last.loss, 4),
-               "expected_at_end": {k: round(v, 2) for k, v in last.expected.items()},
-               "tokens": result.report.settings["tokens_seen"], "seconds": round(result.report.total_seconds, 1)}
+               "params_after": result.report.params_after, "seconds": round(result.report.total_seconds, 1)}
+    if result.history:
+        last = result.history[-1]
+        summary.update(final_loss=round(last.loss, 4), tokens=result.report.settings["tokens_seen"],
+                       expected_at_end={k: round(v, 2) for k, v in last.expected.items()})
     for key, value in evaluation.items():
         summary[key] = round(value["ppl"], 3)
     print(json.dumps(summary))

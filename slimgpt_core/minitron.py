@@ -117,13 +117,9 @@ def shape_gates(model, scores: MinitronScores, target) -> dict[str, torch.Tensor
 def prune_to_shape(model, tokens: torch.Tensor, target, batch_size: int = 8, device="cpu",
                    should_stop: Callable[[], bool] | None = None) -> MinitronScores:
     """One-shot Minitron to a target shape, in place."""
-    from .cache import forget_fingerprint
-    from .shear.cut import cut_model
-
     scores = collect_scores(model, tokens, batch_size, device, should_stop)
     model.to("cpu")
-    cut_model(model, shape_gates(model, scores, target))
-    forget_fingerprint(model)
+    prune_to_shape_from_scores(model, scores, target)
     model.config.slimgpt = {"method": "minitron", "target": target.to_dict()}
     return scores
 
@@ -163,3 +159,34 @@ def prune_minitron(model, tokens: torch.Tensor, settings, callback=None, should_
     model.config.slimgpt = {"source_model": model_name, **asdict(settings)}
     emit(Progress(len(layers) - 1, len(layers), "done", report.total_seconds))
     return report
+
+
+def shape_run(model, tokens: torch.Tensor, target, batch_size: int = 8, device="cpu", model_name: str = "",
+              should_stop: Callable[[], bool] | None = None):
+    """`shear --method minitron`: one-shot Minitron to a target shape, as a run (a ShearResult with no steps)."""
+    from .shear.target import source_shape
+    from .shear.train import ShearResult
+
+    source = source_shape(model)
+    params_before, layer_params_before = count_parameters(model), count_parameters(model.model.layers)
+    t0 = time.perf_counter()
+    scores = collect_scores(model, tokens, batch_size, device, should_stop)
+    model.to("cpu")
+    kept = sorted(scores.layers.topk(target.layers).indices.tolist())
+    prune_to_shape_from_scores(model, scores, target)
+    report = PruneReport(
+        model_name, {"method": "minitron", "source_model": model_name, "target": target.to_dict(),
+                     "source_shape": source.to_dict(), "kept_layers": kept, "calibration_tokens": tokens.numel()},
+        [1 - target.heads / source.heads] * target.layers, [1 - target.ffn / source.ffn] * target.layers,
+        params_before, count_parameters(model), layer_params_before, count_parameters(model.model.layers),
+        total_seconds=time.perf_counter() - t0, device=str(device))
+    model.config.slimgpt = {"source_model": model_name, "method": "minitron", "target": target.to_dict()}
+    return ShearResult(report, source, target, kept)
+
+
+def prune_to_shape_from_scores(model, scores: MinitronScores, target) -> None:
+    from .cache import forget_fingerprint
+    from .shear.cut import cut_model
+
+    cut_model(model, shape_gates(model, scores, target))
+    forget_fingerprint(model)

@@ -311,3 +311,19 @@ def test_memory_check_refuses_before_any_work(assets_root, tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(err) == 1 and "GiB" in err[0] and "--batch-size" in err[0]
     assert not list(tmp_path.iterdir())
+
+
+def test_shear_method_minitron_writes_a_run_of_the_target_shape(assets_root, tmp_path, capsys):
+    out = tmp_path / "minitron-shape"
+    assert main(["shear", "--method", "minitron", "--model", "stories260k", "--target",
+                 '{"layers": 4, "kv_groups": 2, "heads": 2, "ffn": 128, "hidden": 48}', "--data", "tinystories",
+                 "--nsamples", "16", "--seqlen", "128", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["method"] == "minitron" and len(summary["kept_layers"]) == 4
+    from slimgpt_core.models import load_model
+    reloaded = load_model(str(out), "cpu", "float32").model
+    t = source_shape(reloaded)
+    assert (t.layers, t.kv_groups, t.heads, t.ffn, t.hidden) == (4, 2, 2, 128, 48)
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["method"] == "minitron" and report["params_after"] == count_parameters(reloaded)
+    assert json.loads((out / "shear.json").read_text())["history"] == []

@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl", help="also measure dense and pruned perplexity on this text (e.g. wikitext2)")
     p.add_argument("--ppl-seqlen", type=_positive, default=128, help="perplexity window length")
     p.add_argument("--ppl-windows", type=_positive, help="at most this many perplexity windows")
-    p.add_argument("--method", choices=["slimgpt", "magnitude", "wanda-sp", "surgeon"], default="slimgpt",
+    p.add_argument("--method", choices=["slimgpt", "magnitude", "wanda-sp", "surgeon", "minitron"], default="slimgpt",
                    help="SlimGPT, or a baseline from the seed papers (same pipeline, events and export)")
     p.add_argument("--no-compensation", action="store_true", help="ablation: OBS choice without weight update")
     p.add_argument("--shots", type=_positive, default=3, help="surgeon: passes with linearly rising sparsity")
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="default")
     g.add_argument("--device", default="auto")
     g.add_argument("--ratios", default="0.2,0.5")
-    g.add_argument("--variants", default="slimgpt,magnitude,wanda-sp,surgeon,slimgpt-nocomp,slimgpt-approx,"
+    g.add_argument("--variants", default="slimgpt,magnitude,wanda-sp,surgeon,minitron,slimgpt-nocomp,slimgpt-approx,"
                                          "slimgpt-greedy,slimgpt-dense,slimgpt-uniform,slimgpt-linear")
     g.add_argument("--calib", default="c4")
     g.add_argument("--nsamples", type=_positive, default=32)
@@ -160,6 +160,32 @@ def build_parser() -> argparse.ArgumentParser:
     _runs_option(w)
     w.add_argument("--delete", metavar="NAME", help="remove this run's folder from disk")
     w.add_argument("--json", action="store_true", help="print the listing as JSON")
+
+    s = sub.add_parser("shear", help="Sheared-LLaMA: learn masks to a target shape (layers, groups, heads, FFN, "
+                                     "hidden), then cut the model to it")
+    _common(s)
+    s.set_defaults(batch_size=4)
+    s.add_argument("--target", required=True,
+                   help='the shape: JSON such as \'{"layers": 24, "kv_groups": 2, "heads": 6, "ffn": 1024, '
+                        '"hidden": 512}\' (missing keys keep the source\'s), a config.json, or a model folder / hub id')
+    s.add_argument("--method", choices=["shear", "minitron"], default="shear",
+                   help="shear: learned masks (Sheared-LLaMA); minitron: one-shot activation importance to the "
+                        "same shape (forward only, --nsamples windows of --data)")
+    s.add_argument("--nsamples", type=_positive, default=128, help="minitron: calibration sequences")
+    s.add_argument("--data", default="c4", help="training text, comma separated: c4, tinystories, wikitext2, files")
+    s.add_argument("--steps", type=_positive, default=200, help="optimisation steps")
+    s.add_argument("--seqlen", type=_positive, default=256, help="tokens per sequence")
+    s.add_argument("--lr", type=float, default=1e-4, help="weights' learning rate")
+    s.add_argument("--mask-lr", type=float, default=1.0, help="masks' (log α) learning rate")
+    s.add_argument("--lambda-lr", type=float, default=1.0, help="Lagrange multipliers' learning rate (ascent)")
+    s.add_argument("--freeze-weights", action="store_true", help="learn the masks only")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--ppl", help="also measure dense and sheared perplexity on this text (e.g. wikitext2)")
+    s.add_argument("--ppl-seqlen", type=_positive, default=128, help="perplexity window length")
+    s.add_argument("--ppl-windows", type=_positive, help="at most this many perplexity windows")
+    s.add_argument("--out", required=True, help="folder for the sheared model and report.json (must not exist)")
+    s.add_argument("--force", action="store_true", help="replace --out if it exists")
+    s.add_argument("--quiet", action="store_true", help="no progress")
 
     c = sub.add_parser("cache", help="show or clear cache/")
     c.add_argument("action", choices=["info", "clear"])
@@ -444,6 +470,66 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_shear(args) -> int:
+    from .models import load_model, resolve_device
+    from .runs import check_output_folder
+    from .shear.run import (check_training_memory, describe_step, save_shear_run, target_summary,
+                            training_tokens)
+    from .shear.target import read_target, resolve_target
+    from .shear.train import ShearSettings, shear_model
+
+    out = check_output_folder(args.out, args.force)
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, args.device, args.dtype)
+    model = loaded.model
+    target = resolve_target(read_target(args.target), model)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and args.seqlen > limit:
+        raise SlimGPTError(f"--seqlen {args.seqlen} exceeds the model's context of {limit} tokens")
+    settings = ShearSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, mask_lr=args.mask_lr,
+                             lambda_lr=args.lambda_lr, train_weights=not args.freeze_weights, seed=args.seed,
+                             device=args.device)
+    if args.method == "shear":
+        check_training_memory(model, args.batch_size, args.seqlen, device, settings.train_weights)
+    sources = [d.strip() for d in args.data.split(",") if d.strip()]
+    steps, batch = (args.steps, args.batch_size) if args.method == "shear" else (args.nsamples, 1)
+    tokens = training_tokens(loaded.tokenizer, sources, steps, batch, args.seqlen, args.seed)
+    evaluation = {}
+    if args.ppl:
+        model.to(device)
+        evaluation["dense_ppl"] = asdict(_ppl(model, loaded.tokenizer, args.ppl, args.ppl_seqlen, args.ppl_windows,
+                                              8, device, args.quiet, "dense"))
+
+    def progress(event):
+        if not args.quiet:
+            print(describe_step(event), file=sys.stderr, flush=True)
+
+    if args.method == "minitron":
+        from .minitron import shape_run
+        result = shape_run(model, tokens, target, args.batch_size, device, loaded.name)
+    else:
+        result = shear_model(model, tokens, target, settings, progress, model_name=loaded.name)
+    result.report.settings.update(data=sources, seqlen=args.seqlen)
+    if args.ppl:
+        model.to(device)
+        evaluation["sheared_ppl"] = asdict(_ppl(model, loaded.tokenizer, args.ppl, args.ppl_seqlen,
+                                                args.ppl_windows, 8, device, args.quiet, "sheared"))
+        model.to("cpu")
+    result.report.evaluation = evaluation
+    save_shear_run(model, loaded.tokenizer, result, out, args.force)
+    summary = {"out": str(out), "method": args.method, "shape": target_summary(result.target, result.source),
+               "kept_layers": result.kept_layers, "params_before": result.report.params_before,
+               "params_after": result.report.params_after, "seconds": round(result.report.total_seconds, 1)}
+    if result.history:
+        last = result.history[-1]
+        summary.update(final_loss=round(last.loss, 4), tokens=result.report.settings["tokens_seen"],
+                       expected_at_end={k: round(v, 2) for k, v in last.expected.items()})
+    for key, value in evaluation.items():
+        summary[key] = round(value["ppl"], 3)
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_cache(args) -> int:
     from . import cache
 
@@ -485,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "cache": cmd_cache,
-                "compare": cmd_compare, "runs": cmd_runs}[args.command](args)
+                "compare": cmd_compare, "runs": cmd_runs, "shear": cmd_shear}[args.command](args)
     except SlimGPTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "magnitude": ({"method": "magnitude"}, "column-norm scores, no update"),
     "wanda-sp": ({"method": "wanda-sp"}, "Σ|W|·‖X‖ per head/channel (Wanda structured as in FLAP), no update"),
     "surgeon": ({"method": "surgeon", "shots": 3}, "LLM-Surgeon-style: 3 shots, linear sparsity, curvature re-estimated"),
+    "minitron": ({"method": "minitron"}, "Minitron: activation importance (forward only), no update"),
     "slimgpt-nocomp": ({"compensate": False}, "ablation: OBS choice, no weight update"),
     "slimgpt-approx": ({"head_error": "approx"}, "ablation: authors' approximate head error"),
     "slimgpt-greedy": ({"ffn_group_floor": 1, "ffn_group_ceiling": 1}, "ablation: exhaustive greedy FFN channels"),

@@ -68,10 +68,26 @@ def resize_layer(layer, n_heads: int, n_kv: int, d_ff: int) -> None:
     q0, kv0, f0 = layer_shape(layer)
     if (n_heads, n_kv, d_ff) == (q0, kv0, f0):
         return
-    if n_heads * kv0 != n_kv * q0 or not (1 <= n_kv <= kv0 and 1 <= d_ff <= f0):
+    rep0 = q0 // kv0
+    if n_heads % max(n_kv, 1) or not (1 <= n_kv <= kv0 and 1 <= n_heads // n_kv <= rep0 and 1 <= d_ff <= f0):
         raise ValueError(f"layer shape {n_heads} heads / {n_kv} KV heads / {d_ff} channels does not fit {q0}/{kv0}/{f0}")
     keep_kv_groups(layer, list(range(n_kv)))
+    if n_heads // n_kv < rep0:  # fewer query heads per KV group (sheared models)
+        keep_query_heads(layer, n_heads // n_kv)
     keep_channels(layer, list(range(d_ff)))
+
+
+def keep_query_heads(layer, per_group: int) -> None:
+    """Keep the first `per_group` query heads of every KV group."""
+    attn = layer.self_attn
+    d, rep = attn.head_dim, attn.num_key_value_groups
+    n_kv = attn.k_proj.out_features // d
+    dev = attn.q_proj.weight.device
+    heads = [g * rep + j for g in range(n_kv) for j in range(per_group)]
+    rows = _unit_rows(heads, d, dev)
+    attn.q_proj = sliced_linear(attn.q_proj, rows=rows)
+    attn.o_proj = sliced_linear(attn.o_proj, cols=rows)
+    attn.num_key_value_groups = per_group
 
 
 def _shrink_layers(model) -> None:
@@ -81,11 +97,28 @@ def _shrink_layers(model) -> None:
         resize_layer(layer, lists[0][i], lists[1][i], lists[2][i])
 
 
+def _check_layers(config) -> None:
+    """Per-layer lists replace the stock check that hidden_size is a multiple of the (global) head count: with an
+    explicit head_dim a pruned hidden size need not be."""
+    heads, kv = config.layer_num_attention_heads, config.layer_num_key_value_heads
+    if heads and kv and any(h % k for h, k in zip(heads, kv)):
+        raise ValueError("every layer's query heads must be a multiple of its KV heads")
+
+
+def _validate(config) -> None:
+    """transformers' save-time validation, with the per-layer check in place of the global head-count rule."""
+    for check in type(config).__class_validators__:
+        if check.__name__ != "validate_architecture":
+            check(config)
+    _check_layers(config)
+
+
 class SlimGPTLlamaConfig(LlamaConfig):
     model_type = "slimgpt_llama"
     layer_num_attention_heads: list[int] | None = None
     layer_num_key_value_heads: list[int] | None = None
     layer_intermediate_size: list[int] | None = None
+    validate = _validate
 
 
 class SlimGPTMistralConfig(MistralConfig):
@@ -93,6 +126,7 @@ class SlimGPTMistralConfig(MistralConfig):
     layer_num_attention_heads: list[int] | None = None
     layer_num_key_value_heads: list[int] | None = None
     layer_intermediate_size: list[int] | None = None
+    validate = _validate
 
 
 class SlimGPTQwen2Config(Qwen2Config):
@@ -100,6 +134,7 @@ class SlimGPTQwen2Config(Qwen2Config):
     layer_num_attention_heads: list[int] | None = None
     layer_num_key_value_heads: list[int] | None = None
     layer_intermediate_size: list[int] | None = None
+    validate = _validate
 
 
 class SlimGPTLlamaForCausalLM(LlamaForCausalLM):

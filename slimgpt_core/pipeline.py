@@ -43,7 +43,7 @@ class PruneSettings:
     track_accumulation: bool = True  # False: skip the reference forward that measures accumulated error
 
 
-METHODS = ("slimgpt", "magnitude", "wanda-sp", "surgeon")
+METHODS = ("slimgpt", "magnitude", "wanda-sp", "surgeon", "minitron")
 
 
 def _validate(settings: PruneSettings) -> None:
@@ -205,6 +205,9 @@ def prune_model(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
                 should_stop: Callable[[], bool] | None = None, model_name: str = "",
                 use_cache: bool = True) -> PruneReport:
     """Prune `model` in place on calibration `tokens` [N, seqlen] with `settings.method`; return the report."""
+    if settings.method == "minitron":  # activation importance, one shot (minitron.py)
+        from .minitron import prune_minitron
+        return prune_minitron(model, tokens, settings, callback, should_stop, model_name)
     if settings.method != "surgeon":
         return _prune_pass(model, tokens, settings, callback, should_stop, model_name, use_cache)
     return _prune_multishot(model, tokens, settings, callback, should_stop, model_name, use_cache)

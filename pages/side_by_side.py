@@ -55,14 +55,17 @@ if not groups:
     st.stop()
 st.caption(f"One row per measurement made the same way (text, windows and tokenizer; task, documents and "
            f"source). Accuracies carry ± their standard error; a difference from the row's first model under "
-           f"{NOISE_Z:g}·sqrt(se₁² + se₂²) is within noise and cannot tell the models apart.")
+           f"{NOISE_Z:g}·sqrt(se₁² + se₂²) is within noise and cannot tell the models apart. † standard error "
+           f"not stored with the measurement: computed from its accuracy and document count, "
+           f"sqrt(acc·(1−acc)/(n−1)), the closed form lm-eval reports. Perplexities carry no standard error.")
 
 
 def shown(value, metric: str) -> str:
     if metric == "ppl":
         return f"{value.value:.3f}"
-    se = f" ± {value.stderr:.3f}" if value.stderr is not None else " (no stderr)"
-    return f"{value.value:.3f}{se}"
+    if value.stderr is None:
+        return f"{value.value:.3f} (no stderr)"
+    return f"{value.value:.3f} ± {value.stderr:.3f}{' †' if value.stderr_source == 'computed' else ''}"
 
 
 rows = []
@@ -70,7 +73,7 @@ for g in groups:
     row = {"measured": f"{g.name} ({g.metric})", "setting": g.setting}
     row.update({s.label: shown(g.values[s.label], g.metric) if s.label in g.values else "" for s in sides})
     row["vs the row's first model"] = "; ".join(f"{label}: {v.difference:+.3f}, {v.text}"
-                                                      for label, v in g.verdicts.items()) or "one model only"
+                                                for label, v in g.verdicts.items()) or "one model only"
     row["note"] = g.flag or ("" if len(g.values) == len(sides) else "measured on some models only")
     rows.append(row)
 st.dataframe(pd.DataFrame(rows), hide_index=True)

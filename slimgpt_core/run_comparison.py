@@ -5,7 +5,9 @@ perplexity; same task, documents and source for an accuracy). Settings that shou
 might (device, batch size, library versions) are not split on; a row where they differ says so. An accuracy
 difference smaller than `z` times the combined standard error sqrt(se1² + se2²) is "within noise": with 40
 questions per task the standard error of an accuracy is about 0.08, so two models cannot be told apart unless
-they differ by some 0.2. No function here reads weights."""
+they differ by some 0.2. An accuracy stored without its standard error (the studio runs lm-eval with
+bootstrap_iters=0, which skips it) gets the closed form lm-eval would have reported, computed from the stored
+accuracy and document count, and is marked so. No function here reads weights."""
 from __future__ import annotations
 
 import math
@@ -124,6 +126,7 @@ class Value:
     stderr: float | None
     record: dict  # the stored measurement, with its provenance
     repeats: int = 1  # records with the same identity (the latest is shown)
+    stderr_source: str = "lm-eval"  # lm-eval | computed (from acc and n) | none stored
 
 
 @dataclass
@@ -170,11 +173,21 @@ def _identity(record: dict, side: Side) -> tuple | None:
     return (kind,) + tuple((k, full.get(k)) for k in IDENTITY[kind])
 
 
-def _value(record: dict) -> tuple[float, float | None]:
+def accuracy_stderr(acc: float, n: int) -> float:
+    """The standard error of a mean of n right/wrong answers: sample stdev / sqrt(n) = sqrt(acc(1−acc)/(n−1)),
+    the closed form lm-eval itself reports for `acc` (it skips it when run with bootstrap_iters=0)."""
+    return math.sqrt(acc * (1 - acc) / (n - 1))
+
+
+def _value(record: dict) -> tuple[float, float | None, str]:
     if record["kind"] == "perplexity":
-        return float(record["ppl"]), None
-    se = record.get("acc_stderr")
-    return float(record["acc"]), (None if se is None else float(se))
+        return float(record["ppl"]), None, "none stored"
+    se, acc, n = record.get("acc_stderr"), float(record["acc"]), record.get("n") or 0
+    if se is not None:
+        return acc, float(se), "lm-eval"
+    if n >= 2:  # stored without one: the same closed form, from what was stored
+        return acc, accuracy_stderr(acc, n), "computed"
+    return acc, None, "none stored"
 
 
 def verdict(ref: Value, other: Value, metric: str, z: float = NOISE_Z) -> Verdict:
@@ -222,9 +235,9 @@ def compare_evaluations(sides: list[Side], z: float = NOISE_Z) -> list[MeasureGr
                 kind = ident[0]
                 rows[ident] = MeasureGroup(kind, record["dataset"] if kind == "perplexity" else record["task"],
                                            "ppl" if kind == "perplexity" else "acc", dict(ident[1:]), {}, None)
-            value, se = _value(record)
+            value, se, se_source = _value(record)
             repeats = rows[ident].values[side.label].repeats + 1 if side.label in rows[ident].values else 1
-            rows[ident].values[side.label] = Value(value, se, record, repeats)
+            rows[ident].values[side.label] = Value(value, se, record, repeats, se_source)
     order = [s.label for s in sides]
     groups = []
     for g in sorted(rows.values(), key=lambda g: (g.kind != "perplexity", g.name, str(g.identity))):
@@ -252,9 +265,11 @@ def mean_accuracy(groups: list[MeasureGroup], labels: list[str], z: float = NOIS
         vals = [by_task[t].values[label] for t in tasks]
         ses = [v.stderr for v in vals]
         se = None if None in ses else math.sqrt(sum(s * s for s in ses)) / len(vals)
+        source = "none stored" if se is None else \
+            "computed" if any(v.stderr_source == "computed" for v in vals) else "lm-eval"
         values[label] = Value(sum(v.value for v in vals) / len(vals), se,
                               {"kind": "mean accuracy", "tasks": tasks, **{k: vals[0].record.get(k)
-                                                                          for k in CIRCUMSTANCES}})
+                                                                          for k in CIRCUMSTANCES}}, 1, source)
     identity = {"tasks": {t: by_task[t].identity["n"] for t in tasks}}
     group = MeasureGroup("mean accuracy", f"mean of {len(tasks)} tasks", "acc", identity, values, labels[0])
     group = _finish(group, z)

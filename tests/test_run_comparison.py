@@ -115,6 +115,20 @@ def test_other_circumstances_are_flagged_in_the_row_and_latest_repeat_wins():
     assert verdict(Value(0.5, None, {}), Value(0.6, 0.01, {}), "acc").within_noise is None
 
 
+def test_a_missing_stderr_is_lm_evals_closed_form_from_acc_and_n():
+    """Records stored by `studio.evaluate` carry acc_stderr None (lm-eval ran with bootstrap_iters=0)."""
+    from lm_eval.api.metrics import mean_stderr
+    answers = [1] * 31 + [0] * 9  # 40 documents, acc 0.775
+    dense = side("dense", [task("boolq", 0.325, 40, 40, se=False)], dense=True)
+    pruned = side("pruned", [task("boolq", sum(answers) / 40, 40, 40, se=False)])
+    boolq = row(compare_evaluations([dense, pruned]), "boolq")
+    assert boolq.values["pruned"].stderr == pytest.approx(mean_stderr(answers))
+    assert boolq.values["pruned"].stderr_source == "computed"
+    assert boolq.verdicts["pruned"].within_noise is False
+    one = side("one", [task("piqa", 1.0, 1, 1, se=False)])  # a single document: no standard error at all
+    assert row(compare_evaluations([one]), "piqa").values["one"].stderr is None
+
+
 def report_with(removed: list[list[int]], units: int = 4, method: str = "slimgpt") -> PruneReport:
     r = PruneReport("stories260k", {"method": method}, [0.25] * len(removed), [0.2] * len(removed), 100, 80, 90, 70)
     r.heads = [HeadImportance(i, [float(u) for u in range(units)], rm, 2) for i, rm in enumerate(removed)]

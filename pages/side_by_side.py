@@ -12,7 +12,8 @@ all_runs = require_runs()
 labels = {name: info.title for name, info in all_runs.items()}
 made = current_run()  # what the user just made and the run it came from
 default = [made.name] + [s for s in [made.summary.get("source_run")] if s in labels] if made else []
-st.session_state.setdefault("sbs_runs", default or list(labels)[:2])
+default = list(dict.fromkeys(default + list(labels)))[:max(2, len(default))]  # two at least: the newest
+st.session_state.setdefault("sbs_runs", default)
 st.session_state.sbs_runs = [r for r in st.session_state.sbs_runs if r in labels]  # runs may be gone
 chosen = st.multiselect("Runs", list(labels), format_func=labels.get, key="sbs_runs")
 include_dense = st.checkbox("Include the dense model", value=True, key="sbs_dense")
@@ -60,18 +61,25 @@ st.caption(f"One row per measurement made the same way (text, windows and tokeni
            f"sqrt(acc·(1−acc)/(n−1)), the closed form lm-eval reports. Perplexities carry no standard error.")
 
 
-def shown(value, metric: str) -> str:
+def shown(value, metric: str, against=None) -> str:
+    """The value (± its standard error), and beside it how it stands against the row's first model."""
     if metric == "ppl":
-        return f"{value.value:.3f}"
-    if value.stderr is None:
-        return f"{value.value:.3f} (no stderr)"
-    return f"{value.value:.3f} ± {value.stderr:.3f}{' †' if value.stderr_source == 'computed' else ''}"
+        text = f"{value.value:.3f}"
+    elif value.stderr is None:
+        text = f"{value.value:.3f} (no stderr)"
+    else:
+        text = f"{value.value:.3f} ± {value.stderr:.3f}{' †' if value.stderr_source == 'computed' else ''}"
+    if against is not None:
+        judged = {True: "within noise", False: "beyond noise", None: "same windows" if metric == "ppl" else "?"}
+        text += f"  (Δ {against.difference:+.3f}, {judged[against.within_noise]})"
+    return text
 
 
 rows = []
 for g in groups:
     row = {"measured": f"{g.name} ({g.metric})", "setting": g.setting}
-    row.update({s.label: shown(g.values[s.label], g.metric) if s.label in g.values else "" for s in sides})
+    row.update({s.label: shown(g.values[s.label], g.metric, g.verdicts.get(s.label)) if s.label in g.values
+                else "" for s in sides})
     row["vs the row's first model"] = "; ".join(f"{label}: {v.difference:+.3f}, {v.text}"
                                                 for label, v in g.verdicts.items()) or "one model only"
     row["note"] = g.flag or ("" if len(g.values) == len(sides) else "measured on some models only")

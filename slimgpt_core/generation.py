@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .errors import PruningCancelled, SlimGPTError

@@ -64,4 +64,4 @@ def show_generations() -> None:
 
 
 polling = bool(job("generate") and job("generate").running)  # after the button: a job it started counts
-st.fragment(run_every=0.5 if polling else None)(show_generations)()
+st.fragment(run_every=1.0 if polling else None)(show_generations)()

@@ -3,6 +3,7 @@ and its noise. Reads the workspace only (no weights)."""
 import pandas as pd
 import streamlit as st
 
+from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.run_comparison import NOISE_Z, compare_evaluations, kv_group_grid, provenance_rows, sides_for
 from ui import charts, comparison_charts
 from ui.state import current_run, require_runs
@@ -20,7 +21,11 @@ include_dense = st.checkbox("Include the dense model", value=True, key="sbs_dens
 if not chosen:
     st.info("Pick one or more runs to put side by side.")
     st.stop()
-sides = sides_for([all_runs[name] for name in chosen], include_dense)
+try:
+    sides = sides_for([all_runs[name] for name in chosen], include_dense)
+except SlimGPTError as exc:
+    st.error(str(exc))
+    st.stop()
 runs_only = [s for s in sides if not s.dense]
 
 st.subheader("What they are")

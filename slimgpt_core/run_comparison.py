@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import SlimGPTError
 from .events import PruneReport
 from .workspace import RunInfo, dense_evaluations_folder, read_evaluations
 
@@ -45,7 +46,14 @@ class Side:
 
 
 def run_side(info: RunInfo) -> Side:
-    report = PruneReport.load(Path(info.path) / "report.json")
+    path = Path(info.path) / "report.json"
+    if not path.exists():
+        raise SlimGPTError(f"run {info.name!r} has no report.json, so there is no schedule or error to compare "
+                           "(a model folder copied into the workspace, not a pruning run)")
+    try:
+        report = PruneReport.load(path)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise SlimGPTError(f"the report of run {info.name!r} is unreadable: {type(exc).__name__}: {exc}") from None
     s = report.settings or {}
     return Side(info.name, info.title, report.model, False, report, list(info.evaluations), report.params_after,
                 info.size_bytes, s.get("method", "slimgpt"), s.get("schedule", ""), report.requested_ratio,

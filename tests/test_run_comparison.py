@@ -168,3 +168,14 @@ def test_sides_from_a_workspace_folder(tmp_path):
     assert g.reference == dense.label and g.verdicts[run.label].difference == pytest.approx(-0.1)
     rows = provenance_rows([dense, run])
     assert [r["model"] for r in rows] == [dense.label, run.label] and "torch 2.13.0" in rows[0]["versions"]
+
+
+def test_a_model_folder_without_a_report_is_one_clear_error(tmp_path):
+    from slimgpt_core.errors import SlimGPTError
+    from slimgpt_core.workspace import read_run
+    (tmp_path / "copied").mkdir()
+    with pytest.raises(SlimGPTError, match="no report.json"):
+        sides_for([read_run(tmp_path / "copied")], root=tmp_path)
+    (tmp_path / "copied" / "report.json").write_text("{not json")
+    with pytest.raises(SlimGPTError, match="unreadable"):
+        sides_for([read_run(tmp_path / "copied")], root=tmp_path)

@@ -11,6 +11,8 @@ page = st.navigation([
     st.Page("pages/runs.py", title="Runs", icon=":material/folder_open:"),
     st.Page("pages/inspect_runs.py", title="Inspect", icon=":material/query_stats:"),
     st.Page("pages/evaluate.py", title="Evaluate", icon=":material/leaderboard:"),
+    st.Page("pages/side_by_side.py", title="Side by side", icon=":material/view_column:"),
+    st.Page("pages/generate.py", title="Generate", icon=":material/chat:"),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
     st.Page("pages/export.py", title="Export", icon=":material/download:"),
 ])

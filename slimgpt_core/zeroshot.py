@@ -82,7 +82,8 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batc
     keys = {}
     for task in tasks:
         path = task_source(task)
-        keys[task] = f"task|{model_fingerprint(model)}|{task}|{limit}|{path.name if path else 'standard'}"
+        # v2: results carry lm-eval's standard error of acc
+        keys[task] = f"task-v2|{model_fingerprint(model)}|{task}|{limit}|{path.name if path else 'standard'}"
         hit = lookup_json("results", keys[task]) if use_cache else None
         if hit is not None:
             results[task] = TaskResult(**hit)
@@ -132,8 +133,9 @@ def _zero_shot(model, tokenizer, tasks: list[str], limit: int | None, batch_size
                 require_hub(f"the {task} dataset")
                 manager, source = TaskManager(), "lm-eval standard task"
             t0 = time.perf_counter()
+            # bootstrap_iters=0 would drop the standard errors; acc's is lm-eval's closed form (no resampling)
             out = simple_evaluate(model=lm, tasks=[task], limit=limit, task_manager=manager, log_samples=False,
-                                  bootstrap_iters=0, verbosity="WARNING")
+                                  bootstrap_iters=1, verbosity="WARNING")
             metrics = out["results"][task]
             results[task] = TaskResult(task, float(metrics["acc,none"]), _maybe(metrics.get("acc_norm,none")),
                                        _maybe(metrics.get("acc_stderr,none")), int(out["n-samples"][task]["effective"]),

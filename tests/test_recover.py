@@ -164,7 +164,7 @@ def test_cli_recover_saves_a_run_that_reloads_everywhere(pruned_run, stories_spl
               "d = torch.load(sys.argv[2], weights_only=True)\n"
               "print(type(m).__name__, float((m(d['ids']).logits - d['logits']).abs().max()))\n")
     res = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "ref.pt")], capture_output=True,
-                         text=True, cwd=tmp_path, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                         text=True, cwd=tmp_path, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     name, diff = res.stdout.split()
     assert name == "SlimGPTLlamaForCausalLM" and float(diff) == 0.0
@@ -179,7 +179,7 @@ def test_cli_recover_saves_a_run_that_reloads_everywhere(pruned_run, stories_spl
                           f"pretrained={out},trust_remote_code=True,max_length=512,truncation=True",
                           "--tasks", ",".join(names), "--include_path", str(tasks), "--limit", "4", "--device", "cpu",
                           "--batch_size", "4", "--output_path", str(tmp_path / "results")],
-                         capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads(next((tmp_path / "results").rglob("results*.json")).read_text())["results"]
     assert 0.0 <= results[names[0]]["acc,none"] <= 1.0

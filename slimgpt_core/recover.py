@@ -219,6 +219,12 @@ def _perplexity(model, tokenizer, settings: RecoverSettings, device, should_stop
                                     settings.ppl_windows, device, should_stop=should_stop))
 
 
+def _restore_flags(model, flags: dict[str, bool]):
+    for name, p in model.named_parameters():
+        p.requires_grad_(flags.get(name, p.requires_grad))
+    return model
+
+
 def recover(model, tokenizer, settings: RecoverSettings, callback: Callable | None = None,
             should_stop: Callable[[], bool] | None = None) -> RecoverResult:
     """LoRA-fine-tune `model` on `settings.data`, merge the adapters, and measure perplexity before and after.
@@ -245,6 +251,7 @@ def recover(model, tokenizer, settings: RecoverSettings, callback: Callable | No
     heldout = fixed_batches(data.heldout, settings.batch_size, pad_id)
 
     home = next(model.parameters()).device
+    trainable_flags = {name: p.requires_grad for name, p in model.named_parameters()}  # peft freezes them all
     model.to(device)
     peft_model = None
     try:
@@ -259,7 +266,7 @@ def recover(model, tokenizer, settings: RecoverSettings, callback: Callable | No
                                      heldout, settings.eval_every, settings.bf16, callback, should_stop)
     except BaseException as exc:
         # cancelled or failed: the model as it came (adapters dropped, weights untouched, back where it was)
-        (drop_lora(peft_model) if peft_model is not None else model).to(home)
+        _restore_flags((drop_lora(peft_model) if peft_model is not None else model).to(home), trainable_flags)
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             raise SlimGPTError(f"out of memory on {device} while training: lower --batch-size "
                                f"({settings.batch_size}), --seqlen ({settings.seqlen}) or --rank ({settings.rank})") \
@@ -271,7 +278,7 @@ def recover(model, tokenizer, settings: RecoverSettings, callback: Callable | No
     probe = {k: v.to(device) for k, v in heldout[0].items()}
     with torch.no_grad(), autocast_context(device, settings.bf16):
         wrapped_logits = peft_model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
-    merged = merge_lora(peft_model)
+    merged = _restore_flags(merge_lora(peft_model), trainable_flags)
     merged.eval()
     forget_fingerprint(merged)  # the weights changed in place: cached results must not match the old model
     with torch.no_grad(), autocast_context(device, settings.bf16):

@@ -233,6 +233,7 @@ def test_cancel_leaves_the_model_as_it_came(pruned_run):
     assert steps == [1, 2, 3]
     after = loaded.model.state_dict()
     assert list(after) == list(state) and all(torch.equal(after[k], state[k]) for k in state)
+    assert all(p.requires_grad for p in loaded.model.parameters())  # as loaded, not frozen by peft
 
 
 def test_memory_check_says_what_to_lower(pruned_run, monkeypatch):

@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=16)
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--windows", type=int, default=64, help="WikiText-2 test windows of 128 tokens")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexity")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--json", help="also write the rows here")
@@ -62,8 +63,10 @@ def main() -> None:
     loaded = load_model(args.model, "cpu", "float32")
     calib = calibration_tokens(loaded.tokenizer, "c4", args.nsamples, args.calib_seqlen)
     test = evaluation_tokens(loaded.tokenizer, "wikitext2")
-    dense = perplexity(loaded.model.to(device), test, 128, 16, args.windows, device, "wikitext2")
-    print(f"dense: ppl {dense.ppl:.3f} over {dense.windows} windows of 128 ({dense.seconds:.1f} s)", flush=True)
+    dense = None
+    if not args.no_dense:
+        dense = perplexity(loaded.model.to(device), test, 128, 16, args.windows, device, "wikitext2")
+        print(f"dense: ppl {dense.ppl:.3f} over {dense.windows} windows of 128 ({dense.seconds:.1f} s)", flush=True)
     rows = []
     for ratio in [float(r) for r in args.ratios.split(",")]:
         model = load_model(args.model, "cpu", "float32").model
@@ -90,7 +93,7 @@ def main() -> None:
             "peak_memory_mb": round(result.peak_memory_mb), "rss_growth_mb": round(_rss_mb() - rss_before),
             "heldout_loss_before": round(result.heldout[0]["loss"], 4),
             "heldout_loss_after": round(result.heldout[-1]["loss"], 4),
-            "dense_ppl": round(dense.ppl, 3), "ppl_before": round(result.ppl_before["ppl"], 3),
+            "dense_ppl": round(dense.ppl, 3) if dense else None, "ppl_before": round(result.ppl_before["ppl"], 3),
             "ppl_after": round(result.ppl_after["ppl"], 3), "ppl_windows": result.ppl_after["windows"],
             "merge_max_abs_diff": result.merge_max_abs_diff, "device": str(device),
             "threads": torch.get_num_threads(),

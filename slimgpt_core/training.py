@@ -7,7 +7,6 @@ hands in a batch iterator; continued pre-training can hand in the bare model and
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator

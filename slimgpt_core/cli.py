@@ -187,6 +187,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
     s.add_argument("--quiet", action="store_true", help="no progress")
 
+    r = sub.add_parser("recover", help="LoRA recovery fine-tune of a (pruned) model, merged and saved as a new run")
+    r.add_argument("--model", required=True, help="a pruned run folder (or any model, as for prune)")
+    r.add_argument("--data", default="c4", help="training data, comma separated: c4, tinystories, wikitext2 "
+                                               "(validation split), .txt/.jsonl files, Alpaca .json/.jsonl files")
+    r.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    r.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    r.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/rank)")
+    r.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
+    r.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    r.add_argument("--warmup", type=int, help="linear warm-up steps (default: 5%% of --steps)")
+    r.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="lr after the warm-up")
+    r.add_argument("--seqlen", type=int, default=256, help="training sequence length (text windows, max length)")
+    r.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
+    r.add_argument("--grad-accumulation", type=int, default=1, help="micro-batches per optimizer step")
+    r.add_argument("--target-modules", default="q,k,v,o,gate,up,down",
+                   help="linear layers that get adapters, comma separated (q or q_proj, ...)")
+    r.add_argument("--heldout", type=int, default=32, help="held-out examples for validation loss")
+    r.add_argument("--eval-every", type=int, default=20, help="held-out loss every N steps (0: only at the end)")
+    r.add_argument("--seed", type=int, default=0, help="seed for data order, held-out choice and LoRA init")
+    r.add_argument("--device", default="auto", help="auto (CUDA when available, bf16 autocast), cpu, cuda, cuda:N")
+    r.add_argument("--dtype", default="float32", help="weights' dtype while training and saved (float32, bfloat16)")
+    r.add_argument("--ppl", default="wikitext2", help="perplexity before and after on this text's test split "
+                                                      "('none' to skip)")
+    r.add_argument("--ppl-seqlen", type=_positive, default=128, help="perplexity window length")
+    r.add_argument("--ppl-windows", type=_positive, default=64, help="at most this many perplexity windows")
+    r.add_argument("--out", required=True, help="folder for the recovered run (must not exist)")
+    r.add_argument("--force", action="store_true", help="replace --out if it exists")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+
     c = sub.add_parser("cache", help="show or clear cache/")
     c.add_argument("action", choices=["info", "clear"])
     c.add_argument("--kind", choices=["models", "tokens", "stats", "results"], help="only this part of the cache")
@@ -530,6 +559,64 @@ def cmd_shear(args) -> int:
     return 0
 
 
+class _RecoverProgress:
+    """Step i/N with train loss, held-out loss, tokens/s and ETA (tqdm on stderr)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar, self.heldout = quiet, None, None
+
+    def __call__(self, event) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+        if event.kind == "recover-phase" and event.phase != "train":
+            print(f"recover: {event.phase} ({event.elapsed_s:.0f} s)", file=sys.stderr)
+        elif event.kind == "heldout":
+            self.heldout = event.loss
+        elif event.kind == "train-step":
+            if self.bar is None:
+                self.bar = tqdm(total=event.steps, unit="step", desc="recover", file=sys.stderr)
+            self.bar.n = event.step
+            held = f" held-out {self.heldout:.3f}" if self.heldout is not None else ""
+            self.bar.set_postfix_str(f"loss {event.train_loss:.3f}{held} {event.tokens_per_s:.0f} tok/s "
+                                     f"ETA {event.eta_s:.0f} s")
+            if event.step == event.steps:
+                self.bar.close()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_recover(args) -> int:
+    from .models import load_model
+    from .recover import RecoverSettings, load_source_report, recover, save_recovered_run, summary
+    from .runs import check_output_folder
+
+    out = check_output_folder(args.out, args.force)
+    settings = RecoverSettings(
+        data=[d.strip() for d in args.data.split(",") if d.strip()], steps=args.steps, rank=args.rank,
+        alpha=args.alpha, dropout=args.dropout, lr=args.lr, warmup_steps=args.warmup, schedule=args.schedule,
+        seqlen=args.seqlen, batch_size=args.batch_size, grad_accumulation=args.grad_accumulation,
+        target_modules=[t for t in args.target_modules.split(",") if t.strip()], heldout_samples=args.heldout,
+        eval_every=args.eval_every, seed=args.seed, device=args.device,
+        ppl_source=None if args.ppl.lower() == "none" else args.ppl, ppl_seqlen=args.ppl_seqlen,
+        ppl_windows=args.ppl_windows)
+    settings.validate()  # before loading anything
+    loaded = load_model(args.model, "cpu", args.dtype)
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if limit and args.seqlen > limit:
+        raise SlimGPTError(f"--seqlen {args.seqlen} exceeds the model's context of {limit} tokens")
+    progress = _RecoverProgress(args.quiet)
+    try:
+        result = recover(loaded.model, loaded.tokenizer, settings, progress)
+    finally:
+        progress.close()
+    save_recovered_run(result, loaded.tokenizer, out, load_source_report(loaded.path), loaded.path, args.force)
+    print(json.dumps({"out": str(out), "source": loaded.path, **summary(result)}))
+    return 0
+
+
 def cmd_cache(args) -> int:
     from . import cache
 
@@ -571,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "cache": cmd_cache,
-                "compare": cmd_compare, "runs": cmd_runs, "shear": cmd_shear}[args.command](args)
+                "compare": cmd_compare, "runs": cmd_runs, "shear": cmd_shear, "recover": cmd_recover}[args.command](args)
     except SlimGPTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

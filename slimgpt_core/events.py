@@ -102,6 +102,7 @@ class PruneReport(AchievedRatios):
     device: str = "cpu"
     evaluation: dict = field(default_factory=dict)
     reused_statistics: int = 0  # Hessians read from cache/stats instead of recomputed
+    recovery: dict | None = None  # LoRA recovery fine-tune of this run (recover.RecoverResult.record)
 
     @property
     def requested_ratio(self) -> float:

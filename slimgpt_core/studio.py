@@ -230,3 +230,38 @@ def export_run(run_folder: str | Path, out: str | Path, make_zip: bool = True, d
 
     return export_model(str(run_folder), out, make_zip, overwrite,
                         "auto" if not dtype or dtype == "as loaded" else dtype)
+
+
+@dataclass
+class RecoveryOutcome:
+    """A recovery job's result as the studio shows it: the new run and the perplexities side by side."""
+    run: object  # workspace.RunInfo of the recovered run
+    ppl_before: dict | None
+    ppl_after: dict | None
+    dense_ppl: dict | None  # the source model's, same text and windows (None when it is not loaded)
+    heldout: list[dict]
+
+
+def recover_to_workspace(run_folder: str | Path, settings, label: str = "", dense: LoadedModel | None = None,
+                         callback: Callable | None = None, should_stop: Callable[[], bool] | None = None):
+    """LoRA-recover a workspace run (a fresh copy from disk, never the pool's) into a new workspace run."""
+    from .evaluate import cached_perplexity
+    from .models import load_model, resolve_device
+    from .recover import load_source_report, recover, recovered_report
+    from .workspace import add_evaluation, read_run, save_run, versions
+
+    source = read_run(Path(run_folder))
+    loaded = load_model(str(source.path), "cpu")
+    result = recover(loaded.model, loaded.tokenizer, settings, callback, should_stop)
+    report = recovered_report(result, load_source_report(source.path), source.name)
+    report.settings["source_run"] = source.name
+    info = save_run(result.model, loaded.tokenizer, report,
+                    label=label or f"{source.label or source.name} + LoRA {len(result.steps)} steps")
+    dense_ppl = None
+    if dense is not None and settings.ppl_source and dense.name == report.model:
+        dense_ppl = asdict(cached_perplexity(dense.model, dense.tokenizer, settings.ppl_source, settings.ppl_seqlen,
+                                             8, settings.ppl_windows, resolve_device(settings.device)))
+    for folder, ppl in ((source.path, result.ppl_before), (info.path, result.ppl_after)):
+        if ppl is not None:  # stored with each run like any other measurement
+            add_evaluation(folder, {"kind": "perplexity", **ppl, "device": result.device, "versions": versions()})
+    return RecoveryOutcome(read_run(info.path), result.ppl_before, result.ppl_after, dense_ppl, result.heldout)

@@ -275,3 +275,36 @@ def test_a_second_tab_reattaches_to_a_queued_then_running_job(app, tmp_path):
     assert "Done in" in other.success[0].value
     assert other.session_state["current_run"] == prune_job.result.name
     assert figures(other)["Accumulated error along depth"]["data"][0]["y"]  # the live charts, from the job's events
+
+
+def test_recover_page_makes_a_new_run_with_live_loss_and_perplexities(app):
+    from slimgpt_core.events import PruneReport
+    from slimgpt_core.workspace import list_runs
+
+    load_stories(app)
+    app.switch_page("pages/prune.py").run()
+    small_calibration(app)
+    button(app, "Start pruning").click().run()
+    settle(app, "prune")
+    [pruned] = list_runs()
+    app.switch_page("pages/recover.py").run()
+    assert app.selectbox(key="rec_run").value == pruned.name  # what the user just made
+    app.number_input(key="rec_steps").set_value(4).run()
+    app.selectbox(key="rec_data").set_value("tinystories").run()
+    app.number_input(key="rec_seqlen").set_value(64).run()
+    app.number_input(key="rec_batch").set_value(2).run()
+    app.number_input(key="rec_ppl_windows").set_value(2).run()
+    button(app, "Start recovery").click().run()
+    settle(app, "recover")
+    recovered, source = list_runs()
+    assert source.name == pruned.name and recovered.summary["source_run"] == pruned.name
+    report = PruneReport.load(recovered.path / "report.json")
+    assert report.recovery["steps"] == 4 and report.recovery["rank"] == 8
+    assert report.params_after == PruneReport.load(pruned.path / "report.json").params_after  # LoRA merged away
+    loss = figures(app)["Loss (nats per token)"]
+    assert [t["name"] for t in loss["data"]] == ["train", "held-out"] and loss["data"][0]["x"] == [1, 2, 3, 4]
+    ppl = next(f for t, f in figures(app).items() if t.startswith("Perplexity (wikitext2"))
+    assert ppl["data"][0]["x"] == ["dense", "pruned", "recovered"]
+    stored = [e for e in recovered.evaluations if e["kind"] == "perplexity"]
+    assert stored and stored[-1]["ppl"] == pytest.approx(ppl["data"][0]["y"][2])
+    assert app.session_state["current_run"] == recovered.name

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="default")
     g.add_argument("--device", default="auto")
     g.add_argument("--ratios", default="0.2,0.5")
-    g.add_argument("--variants", default="slimgpt,magnitude,wanda-sp,surgeon,slimgpt-nocomp,slimgpt-approx,"
+    g.add_argument("--variants", default="slimgpt,magnitude,wanda-sp,surgeon,kobd,obs-multishot,slimgpt-nocomp,slimgpt-approx,"
                                          "slimgpt-greedy,slimgpt-dense,slimgpt-uniform,slimgpt-linear")
     g.add_argument("--calib", default="c4")
     g.add_argument("--nsamples", type=_positive, default=32)

@@ -145,6 +145,17 @@ def _unit_params(layer) -> tuple[int, int]:
     return group, channel
 
 
+def schedule_fraction(model, settings) -> float:
+    """The fraction of decoder-layer parameters a per-layer schedule (settings as for SlimGPT) removes: the
+    budget that makes LLM Surgeon's global allocation comparable at equal achieved ratio."""
+    from .pipeline import plan_removals
+
+    _, _, head_rm, ffn_rm = plan_removals(model, settings)
+    removed = sum(h * _unit_params(layer)[0] + c * _unit_params(layer)[1]
+                  for layer, h, c in zip(model.model.layers, head_rm, ffn_rm))
+    return removed / count_parameters(model.model.layers)
+
+
 def select_heads(units: list[_Unit], budget: int, alive_kv: list[int], alive_ffn: list[int]) -> list[_Unit]:
     """The cheapest units over all layers until `budget` parameters are removed (one global threshold),
     never the last KV group or FFN channel of a layer."""

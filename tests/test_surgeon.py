@@ -285,3 +285,12 @@ def test_cli_end_to_end_prints_the_schedule(tmp_path, capsys):
                  "--keep-ffn", ",".join(map(str, summary["keep_ffn"])), "--out", str(tmp_path / "again"),
                  "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["params_after"] == summary["params_after"]
+
+
+def test_budget_for_comparison_equals_what_the_schedule_removes(stories):
+    from slimgpt_core.surgeon import schedule_fraction
+    loaded = _fresh(stories)
+    settings = PruneSettings(ratio=0.5, schedule="log", device="cpu")
+    fraction = schedule_fraction(loaded.model, settings)
+    report = prune_model(loaded.model, stories[1], settings, use_cache=False)
+    assert fraction == pytest.approx(report.achieved_layer_ratio, abs=1e-12)

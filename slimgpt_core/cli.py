@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="default")
     g.add_argument("--device", default="auto")
     g.add_argument("--ratios", default="0.2,0.5")
-    g.add_argument("--variants", default="slimgpt,magnitude,wanda-sp,surgeon,kobd,obs-multishot,slimgpt-nocomp,slimgpt-approx,"
-                                         "slimgpt-greedy,slimgpt-dense,slimgpt-uniform,slimgpt-linear")
+    g.add_argument("--variants", default="slimgpt,magnitude,wanda-sp,surgeon,kobd,obs-multishot,slimgpt-nocomp,"
+                                         "slimgpt-approx,slimgpt-greedy,slimgpt-dense,slimgpt-uniform,slimgpt-linear")
     g.add_argument("--calib", default="c4")
     g.add_argument("--nsamples", type=_positive, default=32)
     g.add_argument("--seqlen", type=_positive, default=256)

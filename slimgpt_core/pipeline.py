@@ -298,8 +298,8 @@ def prune_model(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
 
 def _prune_multishot(model, tokens, settings, callback, should_stop, model_name, use_cache) -> PruneReport:
     """Layer-wise multi-shot OBS (obs-multishot): `shots` passes over the whole model; after shot s each layer
-    has lost s/shots of its final target (linear schedule across shots). Every pass re-collects the curvature (layer-wise Hessians)
-    from the partially pruned model and updates the remaining weights with OBS. The report's per-layer events
+    has lost s/shots of its final target (linear schedule across shots). Every pass re-collects the curvature
+    (layer-wise Hessians) from the partially pruned model and updates the remaining weights with OBS. The report's per-layer events
     are the last shot's (measured against the model entering it); parameters and times cover all shots."""
     _, _, head_rm, ffn_rm = plan_removals(model, settings)
     shapes = [layer_shape(layer) for layer in model.model.layers]

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and column, the paper's units: zeros, the model keeps its size)")
     p.add_argument("--fisher", choices=["empirical", "true"], default="empirical",
                    help="surgeon/kobd curvature: labels from the data, or sampled from the model")
+    p.add_argument("--surgeon-update", choices=["both", "columns"], default="both",
+                   help="surgeon: compensate removed rows (q/k/v/gate/up) and columns (o_proj/down_proj), or "
+                        "columns only")
     p.add_argument("--kfac-positions", type=_positive,
                    help="surgeon/kobd: token positions per sequence feeding the KFAC factors (sub-sample; CPU)")
     p.add_argument("--target-config", help="prune to another model's shape: its config.json (or folder / hub id)")
@@ -247,7 +250,7 @@ def _cmd_prune(args, rank: int) -> int:
         ffn_group_floor=args.ffn_group_floor, ffn_group_ceiling=args.ffn_group_ceiling,
         sequential=not args.dense_inputs, batch_size=args.batch_size, device=args.device, method=args.method,
         compensate=not args.no_compensation, shots=args.shots, surgeon_units=args.surgeon_units,
-        fisher=args.fisher, kfac_positions=args.kfac_positions, offload_activations=args.offload_activations,
+        fisher=args.fisher, surgeon_update=args.surgeon_update, kfac_positions=args.kfac_positions, offload_activations=args.offload_activations,
         tf32=args.tf32, track_accumulation=not args.no_accumulation)
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.device, args.dtype)

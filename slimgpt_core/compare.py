@@ -22,6 +22,8 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "wanda-sp": ({"method": "wanda-sp"}, "Σ|W|·‖X‖ per head/channel (Wanda structured as in FLAP), no update"),
     "surgeon": ({"method": "surgeon", "shots": 4}, "LLM Surgeon: KFAC curvature from gradients, one global threshold, "
                 "4 shots, KV groups and FFN channels as units (a smaller model), correlated updates"),
+    "surgeon-cols": ({"method": "surgeon", "shots": 4, "surgeon_update": "columns"},
+                     "LLM Surgeon as above, updates in o_proj/down_proj columns only (no row updates)"),
     "surgeon-rows": ({"method": "surgeon", "shots": 4, "surgeon_units": "rows"},
                      "LLM Surgeon with the paper's units (every row and column): zeros, NOT a smaller model"),
     "kobd": ({"method": "kobd", "shots": 4}, "K-OBD: LLM Surgeon's KFAC costs and global threshold, no update"),

@@ -128,13 +128,14 @@ def column_update(W: torch.Tensor, A_inv: torch.Tensor, cols: torch.Tensor) -> t
 
 
 def remove(W: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, G_inv: torch.Tensor | None,
-           A_inv: torch.Tensor | None, compensate: bool = True) -> torch.Tensor:
+           A_inv: torch.Tensor | None, compensate: bool = True, update_rows: bool = True) -> torch.Tensor:
     """W with rows R and columns C removed (exact zeros there). With `compensate` the correlated row and
     column updates, both computed from the same W, are added to the rest (LLM Surgeon); without, the
-    remaining weights are untouched (K-OBD). Returns fp64."""
+    remaining weights are untouched (K-OBD). `update_rows=False` drops the row update (columns only).
+    Returns fp64."""
     new = W.double().clone()
     if compensate:
-        if len(rows):
+        if len(rows) and update_rows:
             new += row_update(W, G_inv, rows)
         if len(cols):
             new += column_update(W, A_inv, cols)

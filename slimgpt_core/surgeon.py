@@ -31,6 +31,7 @@ from .schedule import check_ratio
 from .surgery import count_parameters, keep_channels, keep_kv_groups, layer_shape, update_config
 
 UNITS = ("heads", "rows")
+UPDATES = ("both", "columns")
 FISHERS = ("empirical", "true")
 
 
@@ -40,6 +41,8 @@ def validate(settings) -> None:
         raise SlimGPTError(f"surgeon units must be heads or rows, got {settings.surgeon_units!r}")
     if settings.fisher not in FISHERS:
         raise SlimGPTError(f"fisher must be empirical or true, got {settings.fisher!r}")
+    if settings.surgeon_update not in UPDATES:
+        raise SlimGPTError(f"surgeon update must be both or columns, got {settings.surgeon_update!r}")
     if settings.shots < 1:
         raise SlimGPTError(f"shots must be >= 1, got {settings.shots}")
     if settings.kfac_positions is not None and settings.kfac_positions < 1:
@@ -278,9 +281,9 @@ def prune_surgeon(model, tokens: torch.Tensor, settings, callback: Callback | No
             budget = round(t * settings.ratio / T * layer_params0)
             if heads_mode:
                 _heads_shot(model, A, G, settings.damp, budget - (layer_params0 - count_parameters(layers)),
-                            compensate)
+                            compensate, settings.surgeon_update == "both")
             else:
-                _rows_shot(model, A, G, settings.damp, budget, compensate)
+                _rows_shot(model, A, G, settings.damp, budget, compensate, settings.surgeon_update == "both")
             del A, G
             removed = _removed_fraction(layers, heads_mode, layer_params0)
             emit(Progress(t - 1, T, f"shot {t}/{T} held-out loss", time.perf_counter() - t_start))
@@ -316,7 +319,7 @@ def _removed_fraction(layers, heads_mode: bool, layer_params0: int) -> float:
     return zero_fraction(layers)
 
 
-def _heads_shot(model, A, G, damp: float, budget: int, compensate: bool) -> None:
+def _heads_shot(model, A, G, damp: float, budget: int, compensate: bool, update_rows: bool = True) -> None:
     """Score every KV group and FFN channel, pick globally, update and slice the layers."""
     layers = model.model.layers
     units, alive_kv, alive_ffn = [], [], []
@@ -348,7 +351,7 @@ def _heads_shot(model, A, G, damp: float, budget: int, compensate: bool) -> None
         for name, (rows, cols) in plan.items():
             if len(rows) or len(cols):
                 _write(lin[name], kfac.remove(lin[name].weight.data, rows, cols, G_inv.get(name),
-                                              A_inv.get(_input_of(name)), compensate))
+                                              A_inv.get(_input_of(name)), compensate, update_rows))
         if kv_units:
             keep_kv_groups(layer, sorted(set(range(alive_kv[i])) - set(kv_units)))
         if channels:
@@ -356,7 +359,7 @@ def _heads_shot(model, A, G, damp: float, budget: int, compensate: bool) -> None
     update_config(model)
 
 
-def _rows_shot(model, A, G, damp: float, budget: int, compensate: bool) -> None:
+def _rows_shot(model, A, G, damp: float, budget: int, compensate: bool, update_rows: bool = True) -> None:
     """Score every row and column of every matrix, one global threshold, update in place (zeros)."""
     layers = model.model.layers
     costs = []
@@ -375,7 +378,8 @@ def _rows_shot(model, A, G, damp: float, budget: int, compensate: bool) -> None:
             rows = (rc <= tau).nonzero().flatten().to(m.weight.device)
             cols = (cc <= tau).nonzero().flatten().to(m.weight.device)
             if len(rows) or len(cols):
-                _write(m, kfac.remove(m.weight.data, rows, cols, G_inv[name], A_inv[_input_of(name)], compensate))
+                _write(m, kfac.remove(m.weight.data, rows, cols, G_inv[name], A_inv[_input_of(name)], compensate,
+                                      update_rows))
 
 
 def _rows_of(units, size: int, device) -> torch.Tensor:

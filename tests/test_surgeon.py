@@ -62,6 +62,17 @@ def test_column_set_cost_and_update_are_the_constrained_kronecker_minimiser():
     new = kfac.remove(W, torch.tensor([], dtype=torch.long), cols, None, A_inv)
     assert bool((new[:, cols] == 0).all())
     torch.testing.assert_close(new, W + dW, rtol=1e-9, atol=1e-10)
+    # rows and columns together: both updates from the same W, summed; columns-only drops the row update
+    rows = torch.tensor([2])
+    G_inv = torch.linalg.inv(G)
+    both = kfac.remove(W, rows, cols, G_inv, A_inv)
+    expect = W + kfac.row_update(W, G_inv, rows) + dW
+    expect[rows], expect[:, cols] = 0.0, 0.0
+    torch.testing.assert_close(both, expect, rtol=1e-9, atol=1e-10)
+    only_cols = kfac.remove(W, rows, cols, G_inv, A_inv, update_rows=False)
+    expect = W + dW
+    expect[rows], expect[:, cols] = 0.0, 0.0
+    torch.testing.assert_close(only_cols, expect, rtol=1e-9, atol=1e-10)
 
 
 def test_batched_unit_costs_equal_set_costs_and_cholesky_inverse():

@@ -95,10 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl", help="also measure dense and pruned perplexity on this text (e.g. wikitext2)")
     p.add_argument("--ppl-seqlen", type=_positive, default=128, help="perplexity window length")
     p.add_argument("--ppl-windows", type=_positive, help="at most this many perplexity windows")
-    p.add_argument("--method", choices=["slimgpt", "magnitude", "wanda-sp", "surgeon", "minitron"], default="slimgpt",
-                   help="SlimGPT, or a baseline from the seed papers (same pipeline, events and export)")
+    p.add_argument("--method", choices=["slimgpt", "magnitude", "wanda-sp", "surgeon", "kobd", "obs-multishot",
+                                        "minitron"],
+                   default="slimgpt", help="SlimGPT, or a baseline from the seed papers (same pipeline, events and "
+                                           "export); surgeon: LLM Surgeon (KFAC, global threshold, --shots); kobd: "
+                                           "its costs without update; obs-multishot: layer-wise OBS in --shots passes; "
+                                           "minitron: activation importance, no update")
     p.add_argument("--no-compensation", action="store_true", help="ablation: OBS choice without weight update")
-    p.add_argument("--shots", type=_positive, default=3, help="surgeon: passes with linearly rising sparsity")
+    p.add_argument("--shots", type=_positive, default=3,
+                   help="surgeon, kobd, obs-multishot: shots with linearly rising sparsity")
+    p.add_argument("--surgeon-units", choices=["heads", "rows"], default="heads",
+                   help="surgeon/kobd units: heads (KV groups + FFN channels: a smaller model) or rows (every row "
+                        "and column, the paper's units: zeros, the model keeps its size)")
+    p.add_argument("--fisher", choices=["empirical", "true"], default="empirical",
+                   help="surgeon/kobd curvature: labels from the data, or sampled from the model")
+    p.add_argument("--surgeon-update", choices=["both", "columns"], default="both",
+                   help="surgeon: compensate removed rows (q/k/v/gate/up) and columns (o_proj/down_proj), or "
+                        "columns only")
+    p.add_argument("--kfac-positions", type=_positive,
+                   help="surgeon/kobd: token positions per sequence feeding the KFAC factors (sub-sample; CPU)")
     p.add_argument("--target-config", help="prune to another model's shape: its config.json (or folder / hub id)")
     p.add_argument("--offload-activations", choices=["auto", "never", "always"], default="auto",
                    help="calibration activations in pinned CPU memory (auto: when they do not fit the GPU)")
@@ -142,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="default")
     g.add_argument("--device", default="auto")
     g.add_argument("--ratios", default="0.2,0.5")
-    g.add_argument("--variants", default="slimgpt,magnitude,wanda-sp,surgeon,minitron,slimgpt-nocomp,slimgpt-approx,"
-                                         "slimgpt-greedy,slimgpt-dense,slimgpt-uniform,slimgpt-linear")
+    g.add_argument("--variants", default="slimgpt,magnitude,wanda-sp,surgeon,kobd,obs-multishot,minitron,"
+                                         "slimgpt-nocomp,slimgpt-approx,slimgpt-greedy,slimgpt-dense,slimgpt-uniform,"
+                                         "slimgpt-linear")
     g.add_argument("--calib", default="c4")
     g.add_argument("--nsamples", type=_positive, default=32)
     g.add_argument("--seqlen", type=_positive, default=256)
@@ -315,7 +331,8 @@ def _cmd_prune(args, rank: int) -> int:
         keep_heads=args.keep_heads, keep_ffn=args.keep_ffn, damp=args.damp, head_error=args.head_error,
         ffn_group_floor=args.ffn_group_floor, ffn_group_ceiling=args.ffn_group_ceiling,
         sequential=not args.dense_inputs, batch_size=args.batch_size, device=args.device, method=args.method,
-        compensate=not args.no_compensation, shots=args.shots, offload_activations=args.offload_activations,
+        compensate=not args.no_compensation, shots=args.shots, surgeon_units=args.surgeon_units,
+        fisher=args.fisher, surgeon_update=args.surgeon_update, kfac_positions=args.kfac_positions, offload_activations=args.offload_activations,
         tf32=args.tf32, track_accumulation=not args.no_accumulation)
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.device, args.dtype)
@@ -360,6 +377,10 @@ def _cmd_prune(args, rank: int) -> int:
                "achieved_ratio": round(report.achieved_ratio, 4), "seconds": round(report.total_seconds, 1)}
     for key, value in evaluation.items():
         summary[key] = round(value["ppl"], 3)
+    if report.shots:  # multi-shot methods: the allocation (a schedule for --keep-heads/--keep-ffn) and the curve
+        summary.update(keep_heads=report.shots[-1].keep_heads, keep_ffn=report.shots[-1].keep_ffn,
+                       shots=[{"shot": s.shot, "removed": round(s.removed_fraction, 4),
+                               "heldout_ppl": round(s.heldout_ppl, 3)} for s in report.shots])
     print(json.dumps(summary))
     return 0
 

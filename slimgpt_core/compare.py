@@ -20,7 +20,15 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "slimgpt": ({}, "SlimGPT: exact head error, dynamic FFN groups, sequential, log schedule"),
     "magnitude": ({"method": "magnitude"}, "column-norm scores, no update"),
     "wanda-sp": ({"method": "wanda-sp"}, "Σ|W|·‖X‖ per head/channel (Wanda structured as in FLAP), no update"),
-    "surgeon": ({"method": "surgeon", "shots": 3}, "LLM-Surgeon-style: 3 shots, linear sparsity, curvature re-estimated"),
+    "surgeon": ({"method": "surgeon", "shots": 4}, "LLM Surgeon: KFAC curvature from gradients, one global threshold, "
+                "4 shots, KV groups and FFN channels as units (a smaller model), correlated updates"),
+    "surgeon-cols": ({"method": "surgeon", "shots": 4, "surgeon_update": "columns"},
+                     "LLM Surgeon as above, updates in o_proj/down_proj columns only (no row updates)"),
+    "surgeon-rows": ({"method": "surgeon", "shots": 4, "surgeon_units": "rows"},
+                     "LLM Surgeon with the paper's units (every row and column): zeros, NOT a smaller model"),
+    "kobd": ({"method": "kobd", "shots": 4}, "K-OBD: LLM Surgeon's KFAC costs and global threshold, no update"),
+    "obs-multishot": ({"method": "obs-multishot", "shots": 3},
+                      "layer-wise OBS in 3 passes, linear sparsity, curvature re-estimated (the former 'surgeon')"),
     "minitron": ({"method": "minitron"}, "Minitron: activation importance (forward only), no update"),
     "slimgpt-nocomp": ({"compensate": False}, "ablation: OBS choice, no weight update"),
     "slimgpt-approx": ({"head_error": "approx"}, "ablation: authors' approximate head error"),
@@ -89,6 +97,9 @@ def run_grid(model_name: str, ratios: list[float], variants: list[str], calib: s
             emit(Progress(len(rows) + 1, total, f"{variant} {ratio:.0%}", time.perf_counter() - t_start))
             settings = replace(base, ratio=ratio, **VARIANTS[variant][0])
             loaded = load_model(model_name, device)
+            if settings.method in ("surgeon", "kobd"):  # global allocation: the parameters the schedule removes
+                from .surgeon import schedule_fraction
+                settings = replace(settings, ratio=schedule_fraction(loaded.model, replace(settings, method="slimgpt")))
             t0 = time.perf_counter()
             report = prune_model(loaded.model, tokens, settings, should_stop=should_stop, model_name=model_name)
             seconds = time.perf_counter() - t0

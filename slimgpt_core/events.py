@@ -66,7 +66,24 @@ class LayerDone:
     kind: str = "layer"
 
 
-Event = Union[Progress, ModuleMeasured, HeadImportance, FFNScores, LayerDone]
+@dataclass
+class ShotDone:
+    """One shot of a multi-shot method (LLM Surgeon, K-OBD); shot 0 is the dense model."""
+    shot: int
+    n_shots: int
+    target_fraction: float  # t·α/T of the decoder-layer parameters
+    removed_fraction: float  # achieved: removed (heads units) or zeroed (rows units) decoder-layer parameters
+    heldout_loss: float  # mean next-token cross-entropy on the held-out calibration slice (nats)
+    heldout_ppl: float
+    keep_heads: list[int]  # the allocation so far: query heads kept per layer
+    keep_ffn: list[int]  # FFN channels kept per layer
+    seconds: float
+    eta_s: float
+    peak_memory_mb: float
+    kind: str = "shot"
+
+
+Event = Union[Progress, ModuleMeasured, HeadImportance, FFNScores, LayerDone, ShotDone]
 Callback = Callable[[Event], None]
 
 
@@ -103,13 +120,15 @@ class PruneReport(AchievedRatios):
     evaluation: dict = field(default_factory=dict)
     reused_statistics: int = 0  # Hessians read from cache/stats instead of recomputed
     recovery: dict | None = None  # LoRA recovery fine-tune of this run (recover.RecoverResult.record)
+    shots: list[ShotDone] = field(default_factory=list)  # multi-shot methods: the quality-vs-size curve
 
     @property
     def requested_ratio(self) -> float:
         return sum(self.head_ratios + self.ffn_ratios) / max(1, len(self.head_ratios) + len(self.ffn_ratios))
 
     def add(self, event: Event) -> None:
-        target = {"module": self.modules, "heads": self.heads, "ffn": self.ffn, "layer": self.layers}.get(event.kind)
+        target = {"module": self.modules, "heads": self.heads, "ffn": self.ffn, "layer": self.layers,
+                  "shot": self.shots}.get(event.kind)
         if target is not None:
             target.append(event)
 
@@ -126,8 +145,8 @@ class PruneReport(AchievedRatios):
     def load(cls, path: Path) -> "PruneReport":
         d = json.loads(Path(path).read_text())
         d.pop("summary", None)
-        report = cls(**{k: v for k, v in d.items() if k not in ("modules", "heads", "ffn", "layers")})
+        report = cls(**{k: v for k, v in d.items() if k not in ("modules", "heads", "ffn", "layers", "shots")})
         for key, typ in (("modules", ModuleMeasured), ("heads", HeadImportance), ("ffn", FFNScores),
-                         ("layers", LayerDone)):
+                         ("layers", LayerDone), ("shots", ShotDone)):
             setattr(report, key, [typ(**e) for e in d.get(key, [])])
         return report

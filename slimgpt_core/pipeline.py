@@ -35,15 +35,19 @@ class PruneSettings:
     sequential: bool = True  # False: every layer calibrated on the dense model's inputs
     batch_size: int = 8
     device: str = "auto"
-    method: str = "slimgpt"  # slimgpt | magnitude | wanda-sp | surgeon
+    method: str = "slimgpt"  # slimgpt | magnitude | wanda-sp | surgeon | kobd | obs-multishot
     compensate: bool = True  # False (ablation): OBS chooses what to remove, weights are not updated
-    shots: int = 3  # surgeon: passes over the model, sparsity rising linearly across them
+    shots: int = 3  # surgeon, kobd, obs-multishot: passes over the model, sparsity rising linearly across them
+    surgeon_units: str = "heads"  # surgeon/kobd: heads (KV groups + FFN channels, smaller model) | rows (zeros)
+    fisher: str = "empirical"  # surgeon/kobd: labels from the data | true (sampled from the model)
+    surgeon_update: str = "both"  # surgeon: both (rows and columns compensated) | columns (o_proj/down_proj only)
+    kfac_positions: int | None = None  # surgeon/kobd: token positions per sequence feeding A and G (sub-sample)
     offload_activations: str = "auto"  # auto | never | always: calibration activations in (pinned) CPU memory
     tf32: bool = False  # TF32 matmuls in layer forwards on CUDA (statistics and OBS stay full fp32)
     track_accumulation: bool = True  # False: skip the reference forward that measures accumulated error
 
 
-METHODS = ("slimgpt", "magnitude", "wanda-sp", "surgeon", "minitron")
+METHODS = ("slimgpt", "magnitude", "wanda-sp", "surgeon", "kobd", "obs-multishot", "minitron")
 
 
 def _validate(settings: PruneSettings) -> None:
@@ -208,15 +212,18 @@ def prune_model(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
     if settings.method == "minitron":  # activation importance, one shot (minitron.py)
         from .minitron import prune_minitron
         return prune_minitron(model, tokens, settings, callback, should_stop, model_name)
-    if settings.method != "surgeon":
+    if settings.method in ("surgeon", "kobd"):  # LLM Surgeon and K-OBD: KFAC curvature, global threshold
+        from .surgeon import prune_surgeon
+        return prune_surgeon(model, tokens, settings, callback, should_stop, model_name)
+    if settings.method != "obs-multishot":
         return _prune_pass(model, tokens, settings, callback, should_stop, model_name, use_cache)
     return _prune_multishot(model, tokens, settings, callback, should_stop, model_name, use_cache)
 
 
 def _prune_multishot(model, tokens, settings, callback, should_stop, model_name, use_cache) -> PruneReport:
-    """LLM-Surgeon-style: `shots` passes over the whole model; after shot s each layer has lost s/shots of its
-    final target (linear schedule across shots). Every pass re-collects the curvature (layer-wise Hessians)
-    from the partially pruned model and updates the remaining weights with OBS. The report's per-layer events
+    """Layer-wise multi-shot OBS (obs-multishot): `shots` passes over the whole model; after shot s each layer
+    has lost s/shots of its final target (linear schedule across shots). Every pass re-collects the curvature
+    (layer-wise Hessians) from the partially pruned model and updates the remaining weights with OBS. The report's per-layer events
     are the last shot's (measured against the model entering it); parameters and times cover all shots."""
     _, _, head_rm, ffn_rm = plan_removals(model, settings)
     shapes = [layer_shape(layer) for layer in model.model.layers]

@@ -115,8 +115,10 @@ def kv_group_grid(sides: list[Side]) -> KVGroupGrid:
             left_out[s.label] = f"another base model ({s.model}, not {base.model})"
         elif s.dense:
             continue
-        elif (s.report.settings or {}).get("method") == "surgeon":
+        elif (s.report.settings or {}).get("method") == "obs-multishot":
             left_out[s.label] = "multi-shot run: its report numbers the groups of an already pruned layer"
+        elif not s.report.heads:
+            left_out[s.label] = "its report does not record which KV groups were removed"
         else:
             heads = sorted(s.report.heads, key=lambda h: h.layer)
             if [len(h.scores) for h in heads] != units:

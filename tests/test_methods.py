@@ -10,7 +10,7 @@ from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.pipeline import PruneSettings, prune_model
 
 METHOD_FLAGS = {"magnitude": ["--method", "magnitude"], "wanda-sp": ["--method", "wanda-sp"],
-                "surgeon": ["--method", "surgeon", "--shots", "2"], "nocomp": ["--no-compensation"],
+                "obs-multishot": ["--method", "obs-multishot", "--shots", "2"], "nocomp": ["--no-compensation"],
                 "slimgpt": []}
 
 
@@ -35,8 +35,8 @@ def test_each_method_end_to_end_on_stories260k(tmp_path, capsys, name):
 
 def test_equal_achieved_ratios_and_error_ordering(tokens):
     reports = {}
-    for name in ("slimgpt", "magnitude", "wanda-sp", "surgeon", "slimgpt-nocomp", "slimgpt-approx", "slimgpt-greedy",
-                 "slimgpt-dense"):
+    for name in ("slimgpt", "magnitude", "wanda-sp", "obs-multishot", "slimgpt-nocomp", "slimgpt-approx",
+                 "slimgpt-greedy", "slimgpt-dense"):
         settings = PruneSettings(**{"ratio": 0.5, "ffn_group_floor": 2, **VARIANTS[name][0]})
         reports[name] = prune_model(tiny_model(), tokens, settings, use_cache=False)
     achieved = {r.achieved_layer_ratio for r in reports.values()}

@@ -138,7 +138,7 @@ def report_with(removed: list[list[int]], units: int = 4, method: str = "slimgpt
 def test_kv_group_grid_is_all_groups_minus_removed():
     a = Side("a", "a", "stories260k", False, report_with([[0], [1, 2], []]), [], 80, 1)
     b = Side("b", "b", "stories260k", False, report_with([[0], [3, 1], [2]]), [], 80, 1)
-    s = Side("s", "s", "stories260k", False, report_with([[0], [0], [0]], units=4, method="surgeon"), [], 80, 1)
+    s = Side("s", "s", "stories260k", False, report_with([[0], [0], [0]], units=4, method="obs-multishot"), [], 80, 1)
     dense = Side("d", "dense", "stories260k", True, None, [], 100, None)
     grid = kv_group_grid([dense, a, b, s])
     assert grid.labels == ["a", "b"] and "s" in grid.left_out and grid.units == [4, 4, 4]

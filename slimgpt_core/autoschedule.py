@@ -109,7 +109,8 @@ def unit_costs(model) -> tuple[list[int], list[int]]:
 # --- genome: removed KV groups and FFN levels per layer ----------------------------------------------------
 
 class Budget:
-    """Levels, their parameter costs and the budget-preserving moves between genomes."""
+    """Genome = KV groups removed per layer, then FFN channels removed per layer; its parameter cost and the
+    budget-preserving moves between genomes (a head move is one KV group, an FFN move one level of channels)."""
 
     def __init__(self, curves: ModelCurves, head_cost: list[int], ffn_cost: list[int], remove: int, ceiling: float,
                  ffn_levels: int):
@@ -119,62 +120,62 @@ class Budget:
         self.step = [max(1, math.ceil(lc.n_ffn / ffn_levels)) for lc in curves.layers]
         self.max_head = [min(lc.n_kv - 1, int(ceiling * lc.n_kv + 1e-9)) for lc in curves.layers]
         self.max_ffn_ch = [min(lc.n_ffn - 1, int(ceiling * lc.n_ffn + 1e-9)) for lc in curves.layers]
-        self.max_level = np.array(self.max_head + [math.ceil(c / s) for c, s in zip(self.max_ffn_ch, self.step)])
+        self.maximum = np.array(self.max_head + self.max_ffn_ch)
+        self.cost = np.array(head_cost + ffn_cost, dtype=np.int64)
         self.head_cost, self.ffn_cost = head_cost, ffn_cost
-        if self.removed_params(self.max_level) < remove:
+        if self.removed_params(self.maximum) < remove:
             raise SlimGPTError(f"cannot remove {remove:,} parameters within a ceiling of {ceiling:.0%} per layer "
-                               f"(at most {self.removed_params(self.max_level):,}): raise the ceiling or the target")
+                               f"(at most {self.removed_params(self.maximum):,}): raise the ceiling or the target")
 
     def channels(self, g: np.ndarray) -> list[int]:
-        return [min(int(g[self.n + i]) * self.step[i], self.max_ffn_ch[i]) for i in range(self.n)]
+        return [int(c) for c in g[self.n:]]
 
     def removed_params(self, g: np.ndarray) -> int:
-        return int(sum(int(g[i]) * self.head_cost[i] for i in range(self.n)) +
-                   sum(c * f for c, f in zip(self.channels(g), self.ffn_cost)))
+        return int((g.astype(np.int64) * self.cost).sum())
 
-    def module_cost(self, g: np.ndarray, m: int, delta: int) -> int:
-        """Parameters removed by moving module m by delta levels."""
-        if m < self.n:
-            return delta * self.head_cost[m]
-        i = m - self.n
-        h = g.copy()
-        h[m] += delta
-        return (self.channels(h)[i] - self.channels(g)[i]) * self.ffn_cost[i]
+    def moved(self, g: np.ndarray, m: int, direction: int) -> int:
+        """Module m's value after one move up (+1) or down (−1)."""
+        size = 1 if m < self.n else self.step[m - self.n]
+        return int(min(max(g[m] + direction * size, 0), self.maximum[m]))
 
     def repair(self, g: np.ndarray, rng: np.random.Generator, frozen: Sequence[int] = ()) -> np.ndarray:
-        """Raise random levels until the budget is met, then lower random levels (not `frozen`) while it stays met."""
+        """Raise random modules until the budget is met, then lower random modules (not `frozen`) while it stays
+        met: the result removes at least the budget and less than the budget plus one move."""
         g = g.copy()
         r = self.removed_params(g)
         while r < self.remove:
-            up = [m for m in range(2 * self.n) if g[m] < self.max_level[m]]
+            up = [m for m in range(2 * self.n) if g[m] < self.maximum[m]]
             m = int(rng.choice(up))
-            r += self.module_cost(g, m, 1)
-            g[m] += 1
+            v = self.moved(g, m, 1)
+            r += (v - int(g[m])) * int(self.cost[m])
+            g[m] = v
         while True:
             down = [m for m in range(2 * self.n) if g[m] > 0 and m not in frozen
-                    and r + self.module_cost(g, m, -1) >= self.remove]
+                    and r - (int(g[m]) - self.moved(g, m, -1)) * int(self.cost[m]) >= self.remove]
             if not down:
                 return g
             m = int(rng.choice(down))
-            r += self.module_cost(g, m, -1)
-            g[m] -= 1
+            v = self.moved(g, m, -1)
+            r -= (int(g[m]) - v) * int(self.cost[m])
+            g[m] = v
 
     def mutate(self, g: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         raised = []
+        g = g.copy()
         for _ in range(int(rng.integers(1, 3))):
-            up = [m for m in range(2 * self.n) if g[m] < self.max_level[m]]
+            up = [m for m in range(2 * self.n) if g[m] < self.maximum[m]]
             m = int(rng.choice(up))
-            g = g.copy()
-            g[m] += 1
+            g[m] = self.moved(g, m, 1)
             raised.append(m)
         return self.repair(g, rng, frozen=raised)
 
     def from_ratios(self, head_ratios: Sequence[float], ffn_ratios: Sequence[float]) -> np.ndarray:
+        """The pipeline's counts for these ratios (within the ceiling)."""
         g = [min(units_to_remove(lc.n_kv, r), self.max_head[i]) for i, (lc, r) in
              enumerate(zip(self.curves.layers, head_ratios))]
-        g += [min(round(units_to_remove(lc.n_ffn, r) / s), int(self.max_level[self.n + i])) for i, (lc, r, s) in
-              enumerate(zip(self.curves.layers, ffn_ratios, self.step))]
-        return np.array(g)
+        g += [min(units_to_remove(lc.n_ffn, r), self.max_ffn_ch[i]) for i, (lc, r) in
+              enumerate(zip(self.curves.layers, ffn_ratios))]
+        return np.array(g, dtype=np.int64)
 
     def exact_channels(self, g: np.ndarray) -> list[int]:
         """FFN channels per layer with the excess over the budget given back one channel at a time, so the
@@ -314,10 +315,13 @@ def removal_budget(model, settings: AutoSettings) -> tuple[int, int, int]:
 
 def search(model, tokens: torch.Tensor, fitness_tokens: torch.Tensor, settings: AutoSettings,
            callback: Callable | None = None, should_stop: Callable[[], bool] | None = None,
-           curves: ModelCurves | None = None) -> AutoSchedule:
+           curves: ModelCurves | None = None,
+           starts: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None) -> AutoSchedule:
     """Find per-layer KV groups and FFN channels to remove for the budget; see the module docstring.
 
-    `tokens`: the calibration tokens (statistics, database); `fitness_tokens`: other calibration text for the KL."""
+    `tokens`: the calibration tokens (statistics, database); `fitness_tokens`: other calibration text for the KL.
+    `starts`: more starting schedules (name → head ratios, FFN ratios), e.g. log/linear/uniform at the requested
+    ratio; each is fitted to the budget and scored with the built-in log/linear/uniform × head balances."""
     t0 = time.perf_counter()
     emit = callback or (lambda e: None)
     stop = should_stop or (lambda: False)
@@ -351,23 +355,23 @@ def search(model, tokens: torch.Tensor, fitness_tokens: torch.Tensor, settings: 
     emit(SearchProgress(0, float("nan"), float("nan"), 0, time.perf_counter() - t0, [], [], "baselines"))
     layer_share = remove / max(1, sum(h * lc.n_kv + f * lc.n_ffn for h, f, lc in
                                       zip(head_cost, ffn_cost, curves.layers)))
-    baselines, best = {}, None
+    candidates = dict(starts or {})
     for kind in BASE_SCHEDULES:
         for balance in HEAD_BALANCES:
-            if stop() and best is not None:
-                break
-            head_mean = min(0.95, balance * layer_share)
             try:
-                heads = layer_ratios(n, head_mean, kind, settings.shape)
+                heads = layer_ratios(n, min(0.95, balance * layer_share), kind, settings.shape)
             except SlimGPTError:
                 continue
-            g = budget.repair(budget.from_ratios(heads, _ffn_fill(budget, heads, kind, settings)),
-                              np.random.default_rng(settings.seed))
-            kl, states = full(g)
-            name = f"{kind} heads×{balance:g}"
-            baselines[name] = kl
-            if best is None or kl < best[0]:
-                best = (kl, g, states, name)
+            candidates[f"{kind} heads×{balance:g}"] = (heads, _ffn_fill(budget, heads, kind, settings))
+    baselines, best = {}, None
+    for name, (heads, ffn) in candidates.items():
+        if stop() and best is not None:
+            break
+        g = budget.repair(budget.from_ratios(heads, ffn), np.random.default_rng(settings.seed))
+        kl, states = full(g)
+        baselines[name] = kl
+        if best is None or kl < best[0]:
+            best = (kl, g, states, name)
     parent_kl, parent, parent_states, start = best
     start_kl = parent_kl
     history = [(0, parent_kl)]

@@ -298,6 +298,7 @@ def _auto_schedule(args, loaded, tokens, settings):
     """Search the per-layer counts for the budget (autoschedule.py) and put them into `settings`."""
     from .autoschedule import AutoSettings, search
     from .data import calibration_tokens
+    from .schedule import layer_ratios
 
     fitness = calibration_tokens(loaded.tokenizer, args.calib, args.fitness_samples, args.fitness_seqlen,
                                  args.seed + 1)
@@ -309,7 +310,10 @@ def _auto_schedule(args, loaded, tokens, settings):
         if not args.quiet and event.phase in ("search", "done") and event.generation % 10 == 0:
             print(f"auto: generation {event.generation} KL {event.best_kl:.4f} (start {event.start_kl:.4f}, "
                   f"{event.evaluations} evaluations, {event.elapsed_s:.0f} s)", file=sys.stderr)
-    result = search(loaded.model, tokens, fitness, auto, show)
+    n = len(loaded.model.model.layers)
+    starts = {kind: (layer_ratios(n, args.ratio, kind, args.shape),) * 2 for kind in ("log", "linear", "uniform")} \
+        if args.target_params is None else None
+    result = search(loaded.model, tokens, fitness, auto, show, starts=starts)
     loaded.model.to("cpu")
     settings.keep_heads, settings.keep_ffn = result.keep_heads, result.keep_ffn
     settings.head_ratios, settings.ffn_ratios = result.head_ratios, result.ffn_ratios

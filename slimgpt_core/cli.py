@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ppl-windows", type=_positive, default=64)
     g.add_argument("--tasks", help="zero-shot tasks, comma separated (default: none)")
     g.add_argument("--limit", type=_positive, default=50)
+    g.add_argument("--auto-generations", type=_positive, default=100, help="slimgpt-auto: search generations")
+    g.add_argument("--auto-seconds", type=float, help="slimgpt-auto: stop each search after this many seconds")
     g.add_argument("--out", required=True, help="folder for compare.md, compare.csv, compare.json and plots")
     g.add_argument("--quiet", action="store_true")
 
@@ -374,13 +376,16 @@ def cmd_compare(args) -> int:
             raise SlimGPTError(f"ratio must be in [0, 1), got {r}")
     progress = _TerminalProgress(args.quiet)
     rows = run_grid(args.model, ratios, variants, args.calib, args.nsamples, args.seqlen, args.seed, args.ppl,
-                    args.ppl_seqlen, args.ppl_windows, tasks, args.limit, device=args.device, callback=progress)
+                    args.ppl_seqlen, args.ppl_windows, tasks, args.limit, device=args.device, callback=progress,
+                    auto_generations=args.auto_generations, auto_seconds=args.auto_seconds)
     progress.close()
     # the equivalent command line, whatever called us (CLI, bench/compare.py)
     command = (f"python -m slimgpt_core compare --model {args.model} --ratios {args.ratios} --variants "
                f"{','.join(variants)} --calib {args.calib} --nsamples {args.nsamples} --seqlen {args.seqlen} "
                f"--seed {args.seed} --ppl {args.ppl} --ppl-seqlen {args.ppl_seqlen} --ppl-windows {args.ppl_windows}"
-               + (f" --tasks {','.join(tasks)} --limit {args.limit}" if tasks else "") + f" --out {args.out}")
+               + (f" --tasks {','.join(tasks)} --limit {args.limit}" if tasks else "")
+               + (f" --auto-generations {args.auto_generations}" + (f" --auto-seconds {args.auto_seconds}"
+                  if args.auto_seconds else "") if "slimgpt-auto" in variants else "") + f" --out {args.out}")
     paths = write_outputs(rows, args.out, command, {"model": args.model, "calibration":
                                                      f"{args.calib} {args.nsamples}x{args.seqlen} seed {args.seed}",
                                                      "perplexity": f"{args.ppl} windows of {args.ppl_seqlen}, "

@@ -2,6 +2,8 @@
 import streamlit as st
 
 from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.autoschedule import AutoSettings, auto_job
+from slimgpt_core.curves import curves_job, predict, sensitivity_map
 from slimgpt_core.jobs import start_job
 from slimgpt_core.pipeline import PruneSettings
 from slimgpt_core.schedule import layer_ratios
@@ -37,10 +39,23 @@ with st.expander("Calibration data and method", expanded=False):
 
 
 # --- schedule editor ----------------------------------------------------------------------------
+def balanced_targets() -> tuple[float, float]:
+    """(head mean, FFN mean): the heads take `balance` × the target, the FFN what keeps the parameter cut."""
+    if ss.separate:
+        return ss.target_ratio, ss.ffn_target
+    attn = sum(p.numel() for layer in loaded.model.model.layers for p in layer.self_attn.parameters())
+    mlp = sum(p.numel() for layer in loaded.model.model.layers for p in layer.mlp.parameters())
+    head = min(0.9, ss.balance * ss.target_ratio)
+    return head, min(0.9, max(0.0, (ss.target_ratio * (attn + mlp) - head * attn) / mlp))
+
+
 def apply_preset() -> None:
+    if ss.preset == "auto":  # the search sets the sliders when it ends (or is stopped)
+        return
     try:
-        heads = layer_ratios(n_layers, ss.target_ratio, ss.preset, ss.shape)
-        ffn = layer_ratios(n_layers, ss.ffn_target if ss.separate else ss.target_ratio, ss.preset, ss.shape)
+        head_t, ffn_t = balanced_targets()
+        heads = layer_ratios(n_layers, head_t, ss.preset, ss.shape)
+        ffn = layer_ratios(n_layers, ffn_t, ss.preset, ss.shape)
     except SlimGPTError as exc:
         ss.preset_error = str(exc)
         return
@@ -55,19 +70,31 @@ ss.setdefault("ffn_target", 0.2)
 ss.setdefault("shape", 4.0)
 ss.setdefault("preset", "log")
 ss.setdefault("separate", False)
+ss.setdefault("balance", 1.0)
+ss.setdefault("error_curves", {})
 if f"hr_{n_layers - 1}" not in ss or ss.get("schedule_layers") != n_layers:
     ss.schedule_layers = n_layers
     apply_preset()
+if "auto_pending" in ss:  # a finished (or stopped) auto search: its schedule goes into the sliders, still editable
+    found = ss.pop("auto_pending")
+    if len(found.head_ratios) == n_layers:
+        for i in range(n_layers):
+            ss[f"hr_{i}"] = round(found.head_ratios[i], 4)
+            ss[f"fr_{i}"] = round(found.ffn_ratios[i], 4)
 
 st.subheader("Schedule")
 p1, p2, p3, p4, p5 = st.columns([1.2, 1.5, 1, 1, 1.5])
-p1.selectbox("Preset", ["log", "linear", "uniform"], key="preset", on_change=apply_preset,
-             help="log: Incremental Pruning Ratio (SlimGPT)")
+p1.selectbox("Preset", ["log", "linear", "uniform", "auto"], key="preset", on_change=apply_preset,
+             help="log: Incremental Pruning Ratio (SlimGPT); auto: searched for the parameter budget (KL on "
+                  "calibration tokens)")
 p2.slider("Target mean ratio", 0.0, 0.9, key="target_ratio", step=0.01, on_change=apply_preset)
 p3.number_input("Shape (last/first)", 1.0, 20.0, key="shape", step=0.5, on_change=apply_preset)
 p4.checkbox("Separate FFN target", key="separate", on_change=apply_preset)
 if ss.separate:
     p5.slider("FFN mean ratio", 0.0, 0.9, key="ffn_target", step=0.01, on_change=apply_preset)
+else:
+    p5.slider("Heads share (× target)", 0.0, 2.0, key="balance", step=0.05, on_change=apply_preset,
+              help="heads take this multiple of the target mean ratio; the FFN takes what keeps the parameter cut")
 if ss.get("preset_error"):
     st.error(ss.preset_error)
 
@@ -101,6 +128,88 @@ q0 = [layer.self_attn.q_proj.out_features // layer.self_attn.head_dim for layer 
 f0 = [layer.mlp.down_proj.in_features for layer in loaded.model.model.layers]
 st.plotly_chart(charts.schedule_curve(head_ratios, ffn_ratios, [k / q for k, q in zip(preview.heads_kept, q0)],
                                       [k / f for k, f in zip(preview.ffn_kept, f0)]), key="schedule_chart")
+
+# --- what-if from the error curves (no forward pass) and the auto search ----------------------------
+curves_key = (ss.model_spec, calib, int(nsamples), int(seqlen), int(seed), float(damp))
+st.subheader("What-if (predicted on dense inputs)")
+model_curves = ss.error_curves.get(curves_key)
+if ss.preset == "auto":
+    a1, a2, a3, a4 = st.columns([1, 1.4, 1, 1.2])
+    a1.number_input("Per-layer ceiling", 0.1, 0.95, 0.9, step=0.05, key="auto_ceiling",
+                    help="at most this fraction of any layer's KV groups or FFN channels is removed")
+    a2.number_input("Target parameters (0: from the mean ratio)", 0, int(preview.params_before), 0, step=100_000,
+                    key="auto_target_params")
+    a3.number_input("Generations", 1, 5000, 200, key="auto_generations")
+    auto_running = bool(job("auto") and job("auto").running)
+    if a4.button("Search auto schedule", disabled=auto_running, type="primary"):
+        target_params = int(ss.auto_target_params) or None
+        starts = {kind: (layer_ratios(n_layers, ss.target_ratio, kind, ss.shape),) * 2
+                  for kind in ("log", "linear", "uniform")} if target_params is None else None
+        auto_settings = AutoSettings(target_params=target_params, ratio=ss.target_ratio, ceiling=ss.auto_ceiling,
+                                     generations=int(ss.auto_generations), shape=ss.shape, seed=int(seed),
+                                     damp=float(damp), device=ss.get("device", "auto"))
+        ss.jobs["auto"] = start_job("auto", auto_job, loaded, calib, int(nsamples), int(seqlen), int(seed),
+                                    auto_settings, starts)
+if model_curves is not None:
+    pred = predict(model_curves, head_ratios, ffn_ratios)
+    st.plotly_chart(charts.whatif_errors(pred.attn, pred.mlp), key="whatif_chart")
+    smap = sensitivity_map(model_curves)
+    st.plotly_chart(charts.sensitivity_map(
+        smap.ratios, smap.heads, smap.ffn, [k / lc.n_kv for k, lc in zip(pred.kv_removed, model_curves.layers)],
+        [c / lc.n_ffn for c, lc in zip(pred.ffn_removed, model_curves.layers)]), key="sensitivity_chart")
+else:
+    st.caption("Computes every layer's OBS error curves once from the dense statistics (cached); then every "
+               "slider move redraws the predicted errors without a forward pass.")
+    if st.button("Compute error curves", disabled=bool(job("curves") and job("curves").running)):
+        ss.jobs["curves"] = start_job("curves", curves_job, loaded, calib, int(nsamples), int(seqlen), int(seed),
+                                      float(damp), ss.get("device", "auto"))
+        ss.curves_key_pending = curves_key
+
+
+def whatif_jobs() -> None:
+    """Polls the curves and auto jobs; never blocks."""
+    cj = job("curves")
+    if cj is not None and cj.running:
+        progress = [e for e in cj.events if e.kind == "progress"]
+        done = progress[-1].layer if progress else 0
+        st.progress(done / n_layers, text=f"error curves: layer {done}/{n_layers}")
+    elif cj is not None and ss.get("curves_key_pending") is not None:
+        if cj.state == "done":
+            ss.error_curves[ss.curves_key_pending] = cj.result
+        elif cj.error:
+            st.error(cj.error)
+        ss.curves_key_pending = None
+        st.rerun(scope="app")
+    aj = job("auto")
+    if aj is None:
+        return
+    events = [e for e in aj.events if e.kind == "search"]
+    history = [(e.generation, e.best_kl) for e in events if e.phase in ("search", "done")]
+    if aj.running:
+        last = events[-1] if events else None
+        text = (f"auto: {last.phase} · generation {last.generation} · KL {last.best_kl:.4f} (start {last.start_kl:.4f})"
+                f" · {aj.elapsed:.0f} s" if last and history else f"auto: building the database · {aj.elapsed:.0f} s")
+        st.progress(min(1.0, (last.generation if last else 0) / max(1, int(ss.get("auto_generations", 200)))),
+                    text=text)
+        if st.button("Stop search (keep the best so far)", key="stop_auto"):
+            aj.cancel()
+    elif aj.state == "failed":
+        st.error(aj.error)
+    if history:
+        st.plotly_chart(charts.search_progress(history), key="auto_search_chart")
+    if aj.state == "done" and aj.finished > ss.get("auto_seen", 0):
+        ss.auto_seen = aj.finished
+        ss.auto_pending = aj.result
+        st.rerun(scope="app")
+    elif aj.state == "done":
+        r = aj.result
+        st.success(f"auto: KL {r.kl:.4f} (started from {r.start}, KL {r.start_kl:.4f}) after {r.generations} "
+                   f"generations; {r.params_after / 1e6:.3f} M parameters (target {r.target_params / 1e6:.3f} M). "
+                   "The sliders hold its ratios: edit them freely.")
+
+
+whatif_busy = any(j is not None and j.running for j in (job("curves"), job("auto")))
+st.fragment(run_every=1.0 if whatif_busy else None)(whatif_jobs)()
 
 # --- head-importance preview from cached dense statistics -------------------------------------
 stats_key = (ss.model_spec, calib, int(nsamples), int(seqlen), int(seed), float(damp))

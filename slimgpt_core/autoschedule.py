@@ -439,3 +439,18 @@ def _ffn_fill(budget: Budget, head_ratios: Sequence[float], kind: str, settings:
         return layer_ratios(budget.n, hi, kind, settings.shape)
     except SlimGPTError:
         return [min(0.95, hi)] * budget.n
+
+
+def auto_job(loaded, calib: str, nsamples: int, seqlen: int, seed: int, settings: AutoSettings,
+             starts: dict | None = None, callback=None, should_stop=None) -> AutoSchedule:
+    """For the studio's job runner: the search on calibration windows `seed` (database) and `seed`+1 (fitness);
+    stopping returns the best schedule so far."""
+    from .data import calibration_tokens
+
+    tokens = calibration_tokens(loaded.tokenizer, calib, nsamples, seqlen, seed)
+    fitness = calibration_tokens(loaded.tokenizer, calib, 8, min(128, seqlen), seed + 1)
+    home = next(loaded.model.parameters()).device
+    try:
+        return search(loaded.model, tokens, fitness, settings, callback, should_stop, starts=starts)
+    finally:
+        loaded.model.to(home)

@@ -286,3 +286,20 @@ def ffn_curve_gap(W: torch.Tensor, H: torch.Tensor, counts: Sequence[int], damp:
         ref = obs.prune_channels(W, H, k, damp).predicted_error
         out.append((interpolate(c, e, k) - ref) / ref if ref else 0.0)
     return out
+
+
+def curves_job(loaded, calib: str, nsamples: int, seqlen: int, seed: int = 0, damp: float = 0.01,
+               device: str = "auto", callback=None, should_stop=None) -> ModelCurves:
+    """For the studio's job runner: calibration tokens, then the curves, with Progress events per layer."""
+    import time
+
+    from .data import calibration_tokens
+    from .events import Progress
+
+    t0 = time.perf_counter()
+    tokens = calibration_tokens(loaded.tokenizer, calib, nsamples, seqlen, seed)
+
+    def progress(done, total):
+        if callback is not None:
+            callback(Progress(done, total, "curves", time.perf_counter() - t0))
+    return error_curves(loaded.model, tokens, damp, device=device, progress=progress, should_stop=should_stop)

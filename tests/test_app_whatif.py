@@ -65,3 +65,24 @@ def test_auto_preset_searches_and_fills_the_sliders(app):
     assert any(t.startswith("Auto schedule search") for t in figures(app))
     app.slider(key="hr_1").set_value(0.0).run()  # still editable
     assert app.session_state["hr_1"] == 0.0 and not app.exception
+
+
+def test_inspect_overlays_predicted_and_measured(app):
+    prune_page(app)
+    button(app, "Compute error curves").click().run()
+    settle(app, "curves")
+    app.slider(key="target_ratio").set_value(0.4).run()
+    button(app, "Start pruning").click().run()
+    settle(app, "prune")
+    app.switch_page("pages/inspect_runs.py").run()
+    assert not app.exception
+    figs = figures(app)
+    spec = next(s for t, s in figs.items() if t.startswith("Predicted error per layer"))
+    names = [trace["name"] for trace in spec["data"]]
+    assert "attention (measured, sequential)" in names and "MLP (predicted)" in names
+    run = next(iter(app.session_state["runs"].values()))
+    measured = [m.rel_error for m in sorted(run.report.modules, key=lambda m: m.layer) if m.module == "mlp"]
+    assert spec["data"][names.index("MLP (measured, sequential)")]["y"] == pytest.approx(measured)
+    smap = next(s for t, s in figs.items() if t.startswith("Sensitivity map"))
+    path = [t for t in smap["data"] if t["type"] == "scatter"]
+    assert len(path) == 2 and path[0]["name"] == run.label

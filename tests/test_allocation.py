@@ -186,3 +186,23 @@ def test_auto_refuses_an_impossible_budget(stories, model_curves):
     with pytest.raises(SlimGPTError, match="ceiling"):
         autoschedule.search(loaded.model, tokens, fitness, autoschedule.AutoSettings(ratio=0.8, ceiling=0.5,
                             device="cpu"), curves=model_curves)
+
+
+def test_cli_prune_schedule_auto_meets_target_params(stories, tmp_path, capsys):
+    import json
+
+    from slimgpt_core.cli import main
+    loaded = stories[0]
+    _, ffn_cost = autoschedule.unit_costs(loaded.model)
+    before = sum(p.numel() for p in loaded.model.parameters())
+    target = before - 60_000
+    out = tmp_path / "auto"
+    assert main(["prune", "--model", "stories260k", "--schedule", "auto", "--target-params", str(target),
+                 "--calib", "tinystories", "--nsamples", "8", "--seqlen", "64", "--search-generations", "3",
+                 "--fitness-samples", "4", "--fitness-seqlen", "64", "--device", "cpu", "--quiet",
+                 "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert target - min(ffn_cost) < summary["params_after"] <= target
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["schedule"] == "auto" and report["settings"]["auto"]["generations"] == 3
+    assert report["settings"]["keep_heads"] == report["settings"]["auto"]["keep_heads"]

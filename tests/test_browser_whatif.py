@@ -25,7 +25,8 @@ def test_dragging_a_layer_slider_redraws_the_whatif(tmp_path):
         before = whatif_title(page)
         assert "dense inputs" in before
         wait_idle(page)
-        thumb = page.locator("[data-testid='stSlider']").filter(has_text="layer 0 heads").locator("[role='slider']")
+        slider = page.locator("[data-testid='stSlider']").filter(has_text="layer 0 heads")
+        thumb = slider.locator("input[type='range']").locator("xpath=../..")  # the thumb holding the range input
         box = thumb.bounding_box()
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
         page.mouse.down()

@@ -27,10 +27,11 @@ def test_dragging_a_layer_slider_redraws_the_whatif(tmp_path):
         wait_idle(page)
         slider = page.locator("[data-testid='stSlider']").filter(has_text="layer 0 heads")
         thumb = slider.locator("input[type='range']").locator("xpath=../..")  # the thumb holding the range input
-        box = thumb.bounding_box()
+        thumb.scroll_into_view_if_needed()
+        box, track = thumb.bounding_box(), thumb.locator("xpath=..").bounding_box()
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
         page.mouse.down()
-        page.mouse.move(box["x"] + 400, box["y"] + box["height"] / 2, steps=12)
+        page.mouse.move(track["x"] + 0.8 * track["width"], box["y"] + box["height"] / 2, steps=12)
         page.mouse.up()
         wait_idle(page)
         page.wait_for_function(

@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--gap-layers", type=int, default=3, help="layers whose FFN curve is checked against prune_channels")
     ap.add_argument("--redraws", type=int, default=20)
+    ap.add_argument("--no-time-curves", dest="time_curves", action="store_false",
+                    help="read the curves from the cache instead of timing their computation")
     args = ap.parse_args()
     loaded = load_model(args.model, "cpu")
     tokens = calibration_tokens(loaded.tokenizer, args.calib, args.nsamples, args.seqlen)
@@ -35,23 +37,23 @@ def main() -> None:
     t0 = time.perf_counter()
     hessians = [(H_a, H_m) for _, _, H_a, H_m in curves.dense_hessians(loaded.model, tokens, device="cpu")]
     t_stats = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model_curves = curves.error_curves(loaded.model, tokens, device="cpu", use_cache=False)
-    t_curves = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    curves.error_curves(loaded.model, tokens, device="cpu")  # store
-    cached = curves.error_curves(loaded.model, tokens, device="cpu")
-    t_cached = time.perf_counter() - t0
+    from slimgpt_core import cache
+    key = f"{curves.CURVES_VERSION}|{cache.model_fingerprint(loaded.model)}|{cache.tokens_digest(tokens)}|0.01"
     print(f"{args.model}: {n} layers, calibration {args.calib} {args.nsamples}x{args.seqlen}")
     print(f"dense statistics (Hessians, from cache/stats where present): {t_stats:.1f} s")
-    print(f"error curves of all {n} layers from the statistics (heads + FFN): {t_curves:.1f} s "
-          f"(statistics included: {t_stats + model_curves.seconds:.1f} s); from the cache: {t_cached:.2f} s "
-          f"(store + read, from_cache={cached.from_cache})")
+    if args.time_curves:
+        t0 = time.perf_counter()
+        model_curves = curves.error_curves(loaded.model, tokens, device="cpu", use_cache=False)
+        print(f"error curves of all {n} layers from the statistics (heads + FFN): {time.perf_counter() - t0:.1f} s")
+        cache.store_tensors("stats", key, model_curves.to_tensors())
+    t0 = time.perf_counter()
+    model_curves = curves.error_curves(loaded.model, tokens, device="cpu")
+    print(f"error curves read back (from_cache={model_curves.from_cache}): {time.perf_counter() - t0:.2f} s")
 
     times = []
     for k in range(args.redraws):
-        ratio = 0.1 + 0.8 * k / args.redraws
-        heads, ffn = layer_ratios(n, ratio * 0.8, "log"), layer_ratios(n, ratio, "linear")
+        ratio = 0.05 + 0.55 * k / args.redraws
+        heads, ffn = layer_ratios(n, ratio * 0.8, "log"), layer_ratios(n, ratio, "linear", 2.0)
         t0 = time.perf_counter()
         pred = curves.predict(model_curves, heads, ffn)
         smap = curves.sensitivity_map(model_curves)

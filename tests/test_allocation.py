@@ -21,8 +21,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def stories(tmp_path_factory):
-    import os
-    os.environ["SLIMGPT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    with pytest.MonkeyPatch.context() as mp:  # a fresh cache for this module, restored afterwards
+        mp.setenv("SLIMGPT_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield _stories()
+
+
+def _stories():
     from slimgpt_core.data import calibration_tokens
     from slimgpt_core.models import load_model
     loaded = load_model("stories260k", "cpu")

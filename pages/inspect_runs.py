@@ -82,3 +82,29 @@ rows = [{"module": m.module, "removed": f"{m.units_removed}/{m.units_total}", "r
          "measured error": f"{m.rel_error:.3e}", "predicted": f"{m.predicted_rel_error:.3e}", "damping": m.damping}
         for m in report.modules if m.layer == layer]
 c4.dataframe(rows, hide_index=True)
+
+# predicted (dense inputs, from the error curves) vs measured (the run), on the sensitivity map
+st.subheader("Predicted vs measured")
+rs = report.settings
+wanted = (rs.get("calib"), rs.get("nsamples"), rs.get("seqlen"), rs.get("seed"), float(rs.get("damp", 0.01)))
+run_curves = next((c for key, c in st.session_state.get("error_curves", {}).items()
+                   if tuple(key[1:]) == wanted and len(c.layers) == len(report.layers)), None)
+if run_curves is None:
+    st.caption("Compute the error curves on the Prune page with this run's calibration to see its predicted errors "
+               "and its path on the sensitivity map.")
+else:
+    from slimgpt_core.curves import sensitivity_map
+
+    attn = sorted((m for m in report.modules if m.module == "attn"), key=lambda m: m.layer)
+    mlp = sorted((m for m in report.modules if m.module == "mlp"), key=lambda m: m.layer)
+    lcs = run_curves.layers
+    st.plotly_chart(charts.whatif_errors([lc.head_error(m.units_removed) for lc, m in zip(lcs, attn)],
+                                         [lc.ffn_error(m.units_removed) for lc, m in zip(lcs, mlp)],
+                                         [m.rel_error for m in attn], [m.rel_error for m in mlp]),
+                    key="inspect_whatif")
+    smap = sensitivity_map(run_curves)
+    st.plotly_chart(charts.sensitivity_map(smap.ratios, smap.heads, smap.ffn,
+                                           [m.units_removed / m.units_total for m in attn],
+                                           [m.units_removed / m.units_total for m in mlp], all_runs[detail_id].title,
+                                           [m.rel_error for m in attn], [m.rel_error for m in mlp]),
+                    key="inspect_sensitivity")

@@ -1,6 +1,8 @@
 """Calibration, method, schedule editor with instant preview, and the pruning run with live charts."""
 import streamlit as st
 
+from slimgpt_core.autoschedule import AutoSettings, auto_job
+from slimgpt_core.curves import curves_job, predict, sensitivity_map
 from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.pipeline import PruneSettings
 from slimgpt_core.schedule import layer_ratios
@@ -41,14 +43,30 @@ with st.expander("Calibration data and method", expanded=False):
 # at its default (0.0 for a slider) and sends that back at the next interaction: the job pruned nothing while the page
 # had shown the preset. So the editor's state is plain session state (`ss.editor`, `ss.schedule`), changed only by
 # the widgets' callbacks, and every widget is handed its value on every run: each of its messages carries it.
-EDITOR_DEFAULTS = {"target_ratio": 0.2, "ffn_target": 0.2, "shape": 4.0, "preset": "log", "separate": False}
+EDITOR_DEFAULTS = {"target_ratio": 0.2, "ffn_target": 0.2, "shape": 4.0, "preset": "log", "separate": False,
+                   "balance": 1.0}
+
+
+def balanced_targets() -> tuple[float, float]:
+    """(head mean, FFN mean): the heads take `balance` × the target, the FFN what keeps the parameter cut."""
+    e = ss.editor
+    if e["separate"]:
+        return e["target_ratio"], e["ffn_target"]
+    attn = sum(p.numel() for layer in loaded.model.model.layers for p in layer.self_attn.parameters())
+    mlp = sum(p.numel() for layer in loaded.model.model.layers for p in layer.mlp.parameters())
+    head = min(0.9, e["balance"] * e["target_ratio"])
+    return head, min(0.9, max(0.0, (e["target_ratio"] * (attn + mlp) - head * attn) / mlp))
 
 
 def apply_preset() -> None:
     e = ss.editor
+    if e["preset"] == "auto" and "schedule" in ss:  # the search sets the schedule when it ends (or is stopped)
+        return
     try:
-        heads = layer_ratios(n_layers, e["target_ratio"], e["preset"], e["shape"])
-        ffn = layer_ratios(n_layers, e["ffn_target"] if e["separate"] else e["target_ratio"], e["preset"], e["shape"])
+        head_t, ffn_t = balanced_targets()
+        preset = "log" if e["preset"] == "auto" else e["preset"]  # auto starts from log until a search ends
+        heads = layer_ratios(n_layers, head_t, preset, e["shape"])
+        ffn = layer_ratios(n_layers, ffn_t, preset, e["shape"])
     except SlimGPTError as exc:
         ss.preset_error = str(exc)
         return
@@ -67,20 +85,32 @@ def edit_ratio(kind: str, i: int) -> None:
 
 
 ss.setdefault("editor", dict(EDITOR_DEFAULTS))
+for key, value in EDITOR_DEFAULTS.items():
+    ss.editor.setdefault(key, value)
 for key, value in ss.editor.items():
     ss[key] = value
+ss.setdefault("error_curves", {})
 if len(ss.get("schedule", {}).get("hr", ())) != n_layers:
+    ss.pop("schedule", None)
     apply_preset()
+if "auto_pending" in ss:  # a finished (or stopped) auto search: its schedule goes into the sliders, still editable
+    found = ss.pop("auto_pending")
+    if len(found.head_ratios) == n_layers:
+        ss.schedule = {"hr": [round(r, 4) for r in found.head_ratios], "fr": [round(r, 4) for r in found.ffn_ratios]}
 
 st.subheader("Schedule")
 p1, p2, p3, p4, p5 = st.columns([1.2, 1.5, 1, 1, 1.5])
-p1.selectbox("Preset", ["log", "linear", "uniform"], key="preset", on_change=edit_setting, args=("preset",),
-             help="log: Incremental Pruning Ratio (SlimGPT)")
+p1.selectbox("Preset", ["log", "linear", "uniform", "auto"], key="preset", on_change=edit_setting, args=("preset",),
+             help="log: Incremental Pruning Ratio (SlimGPT); auto: searched for the parameter budget (KL on "
+                  "calibration tokens)")
 p2.slider("Target mean ratio", 0.0, 0.9, key="target_ratio", step=0.01, on_change=edit_setting, args=("target_ratio",))
 p3.number_input("Shape (last/first)", 1.0, 20.0, key="shape", step=0.5, on_change=edit_setting, args=("shape",))
 p4.checkbox("Separate FFN target", key="separate", on_change=edit_setting, args=("separate",))
 if ss.editor["separate"]:
     p5.slider("FFN mean ratio", 0.0, 0.9, key="ffn_target", step=0.01, on_change=edit_setting, args=("ffn_target",))
+else:
+    p5.slider("Heads share (× target)", 0.0, 2.0, key="balance", step=0.05, on_change=edit_setting, args=("balance",),
+              help="heads take this multiple of the target mean ratio; the FFN takes what keeps the parameter cut")
 if ss.get("preset_error"):
     st.error(ss.preset_error)
 
@@ -117,6 +147,91 @@ q0 = [layer.self_attn.q_proj.out_features // layer.self_attn.head_dim for layer 
 f0 = [layer.mlp.down_proj.in_features for layer in loaded.model.model.layers]
 st.plotly_chart(charts.schedule_curve(head_ratios, ffn_ratios, [k / q for k, q in zip(preview.heads_kept, q0)],
                                       [k / f for k, f in zip(preview.ffn_kept, f0)]), key="schedule_chart")
+
+# --- what-if from the error curves (no forward pass) and the auto search ----------------------------
+curves_id = (ss.model_spec, calib, int(nsamples), int(seqlen), int(seed), float(damp))  # Inspect looks them up
+curves_key = repr(curves_id)  # the job's label: which curves a finished job holds
+st.subheader("What-if (predicted on dense inputs)")
+model_curves = ss.error_curves.get(curves_id)
+if model_curves is None and job("curves") and job("curves").state == "done" and job("curves").label == curves_key:
+    model_curves = ss.error_curves[curves_id] = job("curves").result  # another tab's, or before a reload
+if ss.editor["preset"] == "auto":
+    a1, a2, a3, a4 = st.columns([1, 1.4, 1, 1.2])
+    a1.number_input("Per-layer ceiling", 0.1, 0.95, 0.9, step=0.05, key="auto_ceiling",
+                    help="at most this fraction of any layer's KV groups or FFN channels is removed")
+    a2.number_input("Target parameters (0: from the mean ratio)", 0, int(preview.params_before), 0, step=100_000,
+                    key="auto_target_params")
+    a3.number_input("Generations", 1, 5000, 200, key="auto_generations")
+    auto_running = bool(job("auto") and job("auto").running)
+    if a4.button("Search auto schedule", disabled=auto_running, type="primary"):
+        target_params = int(ss.auto_target_params) or None
+        e = ss.editor
+        starts = {kind: (layer_ratios(n_layers, e["target_ratio"], kind, e["shape"]),) * 2
+                  for kind in ("log", "linear", "uniform")} if target_params is None else None
+        auto_settings = AutoSettings(target_params=target_params, ratio=e["target_ratio"], ceiling=ss.auto_ceiling,
+                                     generations=int(ss.auto_generations), shape=e["shape"], seed=int(seed),
+                                     damp=float(damp), device=ss.get("device", "auto"))
+        submit("auto", auto_job, loaded, calib, int(nsamples), int(seqlen), int(seed), auto_settings, starts,
+               job_label=f"{loaded.name} {e['target_ratio']:.0%}")
+if model_curves is not None:
+    pred = predict(model_curves, head_ratios, ffn_ratios)
+    st.plotly_chart(charts.whatif_errors(pred.attn, pred.mlp), key="whatif_chart")
+    smap = sensitivity_map(model_curves)
+    st.plotly_chart(charts.sensitivity_map(
+        smap.ratios, smap.heads, smap.ffn, [k / lc.n_kv for k, lc in zip(pred.kv_removed, model_curves.layers)],
+        [c / lc.n_ffn for c, lc in zip(pred.ffn_removed, model_curves.layers)]), key="sensitivity_chart")
+else:
+    st.caption("Computes every layer's OBS error curves once from the dense statistics (cached); then every "
+               "slider move redraws the predicted errors without a forward pass.")
+    if st.button("Compute error curves", disabled=bool(job("curves") and job("curves").running)):
+        submit("curves", curves_job, loaded, calib, int(nsamples), int(seqlen), int(seed), float(damp),
+               ss.get("device", "auto"), job_label=curves_key)
+
+
+def whatif_jobs() -> None:
+    """Polls the curves and auto jobs; never blocks."""
+    cj = job("curves")
+    if cj is not None and cj.running:
+        progress = [e for e in cj.events if e.kind == "progress"]
+        done = progress[-1].layer if progress else 0
+        st.progress(done / n_layers, text=f"error curves: layer {done}/{n_layers}")
+    elif take_result(cj):
+        if cj.state == "done" and cj.label == curves_key:
+            ss.error_curves[curves_id] = cj.result
+        elif cj.error:
+            st.error(cj.error)
+        st.rerun(scope="app")
+    aj = job("auto")
+    if aj is None:
+        return
+    events = [e for e in aj.events if e.kind == "search"]
+    history = [(e.generation, e.best_kl) for e in events if e.phase in ("search", "done")]
+    if aj.running:
+        last = events[-1] if events else None
+        text = (f"auto: {last.phase} · generation {last.generation} · KL {last.best_kl:.4f} (start {last.start_kl:.4f})"
+                f" · {aj.elapsed:.0f} s" if last and history else f"auto: building the database · {aj.elapsed:.0f} s")
+        st.progress(min(1.0, (last.generation if last else 0) / max(1, int(ss.get("auto_generations", 200)))),
+                    text=text)
+        if st.button("Stop search (keep the best so far)", key="stop_auto"):
+            aj.cancel()
+        if aj.queued:
+            st.caption("queued: waits for the running job to finish")
+    elif aj.state == "failed":
+        st.error(aj.error)
+    if history:
+        st.plotly_chart(charts.search_progress(history), key="auto_search_chart")
+    if aj.state == "done" and take_result(aj):
+        ss.auto_pending = aj.result
+        st.rerun(scope="app")
+    elif aj.state == "done":
+        r = aj.result
+        st.success(f"auto: KL {r.kl:.4f} (started from {r.start}, KL {r.start_kl:.4f}) after {r.generations} "
+                   f"generations; {r.params_after / 1e6:.3f} M parameters (target {r.target_params / 1e6:.3f} M). "
+                   "The sliders hold its ratios: edit them freely.")
+
+
+whatif_busy = any(j is not None and j.running for j in (job("curves"), job("auto")))
+st.fragment(run_every=1.0 if whatif_busy else None)(whatif_jobs)()
 
 # --- head-importance preview from cached dense statistics -------------------------------------
 stats_key = repr((ss.model_spec, calib, int(nsamples), int(seqlen), int(seed), float(damp)))

@@ -72,9 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune attention heads and FFN channels layer by layer with OBS compensation")
     _common(p)
     p.add_argument("--ratio", type=_ratio, default=0.2, help="target mean pruning ratio per layer, in [0, 1)")
-    p.add_argument("--schedule", choices=["log", "linear", "uniform"], default="log",
+    p.add_argument("--schedule", choices=["log", "linear", "uniform", "auto"], default="log",
                    help="how the ratio grows with depth (log: Incremental Pruning Ratio)")
     p.add_argument("--shape", type=float, default=4.0, help="last/first layer ratio for log and linear schedules")
+    p.add_argument("--target-params", type=_positive,
+                   help="auto: parameters of the pruned model (default: --ratio of the decoder layers' parameters)")
+    p.add_argument("--ceiling", type=_ratio, default=0.9, help="auto: at most this fraction of a layer's KV groups "
+                   "or channels removed")
+    p.add_argument("--search-generations", type=_positive, default=200, help="auto: generations of the search")
+    p.add_argument("--search-seconds", type=float, help="auto: stop the search after this many seconds")
+    p.add_argument("--fitness-samples", type=_positive, default=8,
+                   help="auto: calibration sequences (other windows, seed+1) the search's KL is measured on")
+    p.add_argument("--fitness-seqlen", type=_positive, default=128, help="auto: their length")
     p.add_argument("--head-ratio", type=_ratio, help="mean ratio for attention heads only (default: --ratio)")
     p.add_argument("--ffn-ratio", type=_ratio, help="mean ratio for FFN channels only (default: --ratio)")
     p.add_argument("--head-ratios", type=_floats, help="custom per-layer head ratios, comma separated")
@@ -169,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ppl-windows", type=_positive, default=64)
     g.add_argument("--tasks", help="zero-shot tasks, comma separated (default: none)")
     g.add_argument("--limit", type=_positive, default=50)
+    g.add_argument("--auto-generations", type=_positive, default=100, help="slimgpt-auto: search generations")
+    g.add_argument("--auto-seconds", type=float, help="slimgpt-auto: stop each search after this many seconds")
     g.add_argument("--out", required=True, help="folder for compare.md, compare.csv, compare.json and plots")
     g.add_argument("--quiet", action="store_true")
 
@@ -342,7 +353,8 @@ def _cmd_prune(args, rank: int) -> int:
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and args.seqlen > limit:
         raise SlimGPTError(f"--seqlen {args.seqlen} exceeds the model's context of {limit} tokens")
-    plan_removals(model, settings)  # validate the schedule against the model before any work
+    if args.schedule != "auto":  # auto: validated once the search has chosen the counts
+        plan_removals(model, settings)  # validate the schedule against the model before any work
     check_memory(model, args.nsamples, args.seqlen, device, 2 * sum(activation_streams(settings)))
     tokens = calibration_tokens(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     evaluation = {}
@@ -351,6 +363,7 @@ def _cmd_prune(args, rank: int) -> int:
         evaluation["dense_ppl"] = asdict(_ppl(model, loaded.tokenizer, args.ppl, args.ppl_seqlen, args.ppl_windows,
                                               args.batch_size, device, args.quiet, "dense"))
         model.to("cpu")
+    auto = _auto_schedule(args, loaded, tokens, settings) if args.schedule == "auto" else None
     progress = _TerminalProgress(args.quiet or rank > 0)
     try:
         report = prune_model(model, tokens, settings, progress, model_name=loaded.name)
@@ -358,6 +371,8 @@ def _cmd_prune(args, rank: int) -> int:
         progress.close()
     report.settings.update(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                            dtype=str(next(model.parameters()).dtype))
+    if auto is not None:
+        report.settings["auto"] = {k: v for k, v in asdict(auto).items() if k != "history"}
     if rank > 0:
         return 0  # every rank holds the same pruned model; rank 0 writes it
     if args.ppl:
@@ -383,6 +398,32 @@ def _cmd_prune(args, rank: int) -> int:
                                "heldout_ppl": round(s.heldout_ppl, 3)} for s in report.shots])
     print(json.dumps(summary))
     return 0
+
+
+def _auto_schedule(args, loaded, tokens, settings):
+    """Search the per-layer counts for the budget (autoschedule.py) and put them into `settings`."""
+    from .autoschedule import AutoSettings, search
+    from .data import calibration_tokens
+    from .schedule import layer_ratios
+
+    fitness = calibration_tokens(loaded.tokenizer, args.calib, args.fitness_samples, args.fitness_seqlen,
+                                 args.seed + 1)
+    auto = AutoSettings(target_params=args.target_params, ratio=args.ratio, ceiling=args.ceiling,
+                        generations=args.search_generations, max_seconds=args.search_seconds, shape=args.shape,
+                        seed=args.seed, damp=args.damp, batch_size=args.batch_size, device=args.device)
+
+    def show(event):
+        if not args.quiet and event.phase in ("search", "done") and event.generation % 10 == 0:
+            print(f"auto: generation {event.generation} KL {event.best_kl:.4f} (start {event.start_kl:.4f}, "
+                  f"{event.evaluations} evaluations, {event.elapsed_s:.0f} s)", file=sys.stderr)
+    n = len(loaded.model.model.layers)
+    starts = {kind: (layer_ratios(n, args.ratio, kind, args.shape),) * 2 for kind in ("log", "linear", "uniform")} \
+        if args.target_params is None else None
+    result = search(loaded.model, tokens, fitness, auto, show, starts=starts)
+    loaded.model.to("cpu")
+    settings.keep_heads, settings.keep_ffn = result.keep_heads, result.keep_ffn
+    settings.head_ratios, settings.ffn_ratios = result.head_ratios, result.ffn_ratios
+    return result
 
 
 def _evaluate_one(name, args, device) -> dict:
@@ -455,13 +496,16 @@ def cmd_compare(args) -> int:
             raise SlimGPTError(f"ratio must be in [0, 1), got {r}")
     progress = _TerminalProgress(args.quiet)
     rows = run_grid(args.model, ratios, variants, args.calib, args.nsamples, args.seqlen, args.seed, args.ppl,
-                    args.ppl_seqlen, args.ppl_windows, tasks, args.limit, device=args.device, callback=progress)
+                    args.ppl_seqlen, args.ppl_windows, tasks, args.limit, device=args.device, callback=progress,
+                    auto_generations=args.auto_generations, auto_seconds=args.auto_seconds)
     progress.close()
     # the equivalent command line, whatever called us (CLI, bench/compare.py)
     command = (f"python -m slimgpt_core compare --model {args.model} --ratios {args.ratios} --variants "
                f"{','.join(variants)} --calib {args.calib} --nsamples {args.nsamples} --seqlen {args.seqlen} "
                f"--seed {args.seed} --ppl {args.ppl} --ppl-seqlen {args.ppl_seqlen} --ppl-windows {args.ppl_windows}"
-               + (f" --tasks {','.join(tasks)} --limit {args.limit}" if tasks else "") + f" --out {args.out}")
+               + (f" --tasks {','.join(tasks)} --limit {args.limit}" if tasks else "")
+               + (f" --auto-generations {args.auto_generations}" + (f" --auto-seconds {args.auto_seconds}"
+                  if args.auto_seconds else "") if "slimgpt-auto" in variants else "") + f" --out {args.out}")
     paths = write_outputs(rows, args.out, command, {"model": args.model, "calibration":
                                                      f"{args.calib} {args.nsamples}x{args.seqlen} seed {args.seed}",
                                                      "perplexity": f"{args.ppl} windows of {args.ppl_seqlen}, "

@@ -36,6 +36,8 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "slimgpt-dense": ({"sequential": False}, "ablation: calibrated on dense inputs"),
     "slimgpt-uniform": ({"schedule": "uniform"}, "ablation: uniform schedule"),
     "slimgpt-linear": ({"schedule": "linear"}, "ablation: linear schedule"),
+    "slimgpt-auto": ({"schedule": "auto"}, "auto schedule: (1+λ) search on KL over dense-input variants, at the "
+                     "log schedule's achieved parameter count (SPEC §10)"),
 }
 
 
@@ -66,7 +68,8 @@ def run_grid(model_name: str, ratios: list[float], variants: list[str], calib: s
              seqlen: int = 256, seed: int = 0, ppl: str | None = "wikitext2", ppl_seqlen: int = 128,
              ppl_windows: int | None = 64, tasks: list[str] | None = None, limit: int | None = 50,
              base: PruneSettings | None = None, device: str = "auto", callback: Callable | None = None,
-             should_stop: Callable[[], bool] | None = None) -> list[GridRow]:
+             should_stop: Callable[[], bool] | None = None, auto_generations: int = 100,
+             auto_seconds: float | None = None) -> list[GridRow]:
     from .evaluate import cached_perplexity
     from .models import resolve_device
     from .zeroshot import zero_shot
@@ -101,6 +104,10 @@ def run_grid(model_name: str, ratios: list[float], variants: list[str], calib: s
                 from .surgeon import schedule_fraction
                 settings = replace(settings, ratio=schedule_fraction(loaded.model, replace(settings, method="slimgpt")))
             t0 = time.perf_counter()
+            if settings.schedule == "auto":
+                log_row = next((r for r in rows if r.variant == "slimgpt" and r.ratio == ratio), None)
+                settings = _auto_settings(loaded, tokens, settings, calib, seed, device, auto_generations,
+                                          auto_seconds, log_row.params_after if log_row else None)
             report = prune_model(loaded.model, tokens, settings, should_stop=should_stop, model_name=model_name)
             seconds = time.perf_counter() - t0
             p, accs, mean = measure(loaded.model, loaded.tokenizer)
@@ -108,6 +115,22 @@ def run_grid(model_name: str, ratios: list[float], variants: list[str], calib: s
                                 report.params_after, seconds, p, accs, mean, dense_ppl, dense_acc))
     emit(Progress(total, total, "done", time.perf_counter() - t_start))
     return rows
+
+
+def _auto_settings(loaded, tokens, settings: PruneSettings, calib: str, seed: int, device: str, generations: int,
+                   seconds: float | None, target_params: int | None) -> PruneSettings:
+    """Search the auto schedule (at the log row's achieved count when there is one) on other calibration windows."""
+    from .autoschedule import AutoSettings, search
+    from .schedule import layer_ratios
+
+    n = len(loaded.model.model.layers)
+    fitness = calibration_tokens(loaded.tokenizer, calib, 8, 128, seed + 1)
+    starts = {kind: (layer_ratios(n, settings.ratio, kind, settings.shape),) * 2 for kind in ("log", "linear", "uniform")}
+    result = search(loaded.model, tokens, fitness, AutoSettings(target_params=target_params, ratio=settings.ratio,
+                    generations=generations, max_seconds=seconds, seed=seed, device=device), starts=starts)
+    loaded.model.to("cpu")
+    return replace(settings, keep_heads=result.keep_heads, keep_ffn=result.keep_ffn, head_ratios=result.head_ratios,
+                   ffn_ratios=result.ffn_ratios)
 
 
 def write_outputs(rows: list[GridRow], out: str | Path, command: str = "", meta: dict | None = None) -> list[Path]:

@@ -115,5 +115,10 @@ class JobBoard:
         with self._lock:
             return [j for j in self._jobs if j.running]
 
+    def forget_finished(self) -> None:
+        """Drop finished jobs (their results are on disk or recomputable): a fresh start for tests."""
+        with self._lock:
+            self._jobs = [j for j in self._jobs if j.running]
+
 
 BOARD = JobBoard()

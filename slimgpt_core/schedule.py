@@ -11,7 +11,7 @@ from typing import Sequence
 
 from .errors import SlimGPTError
 
-SCHEDULES = ("log", "linear", "uniform")
+SCHEDULES = ("log", "linear", "uniform", "auto")  # auto: chosen by a search for a budget (autoschedule.py)
 
 
 def kappa(n: int, kind: str = "log") -> float:
@@ -47,6 +47,9 @@ def layer_ratios(n_layers: int, target: float, kind: str = "log", shape: float =
     check_ratio(target, "target ratio")
     if kind not in SCHEDULES:
         raise SlimGPTError(f"unknown schedule {kind!r} (choose from {', '.join(SCHEDULES)}, or a custom list)")
+    if kind == "auto":
+        raise SlimGPTError("the auto schedule has no formula: it is found by a search for a parameter budget "
+                           "(slimgpt_core.autoschedule.search, or prune --schedule auto)")
     if kind == "uniform" or n_layers == 1 or target == 0.0:
         return [target] * n_layers
     if shape < 1.0:

@@ -121,3 +121,54 @@ def perplexity_bars(results: Sequence) -> go.Figure:
     fig = go.Figure(go.Bar(x=[r.label for r in results if r.perplexity],
                            y=[r.perplexity["ppl"] for r in results if r.perplexity]))
     return _layout(fig, "Perplexity (lower is better)", "model", "perplexity")
+
+
+def whatif_errors(attn: Sequence[float], mlp: Sequence[float], measured_attn: Sequence[float] = (),
+                  measured_mlp: Sequence[float] = ()) -> go.Figure:
+    """Predicted relative error of every layer's attention and MLP (dense inputs), optionally beside measured."""
+    layers = list(range(len(attn)))
+    fig = go.Figure()
+    fig.add_bar(x=layers, y=list(attn), name="attention (predicted)", marker_color=COLORS[0])
+    fig.add_bar(x=layers, y=list(mlp), name="MLP (predicted)", marker_color=COLORS[1])
+    if measured_attn:
+        fig.add_scatter(x=layers, y=list(measured_attn), name="attention (measured, sequential)", mode="markers",
+                        marker=dict(color=COLORS[0], symbol="x", size=9))
+    if measured_mlp:
+        fig.add_scatter(x=layers, y=list(measured_mlp), name="MLP (measured, sequential)", mode="markers",
+                        marker=dict(color=COLORS[1], symbol="x", size=9))
+    title = (f"Predicted error per layer on dense inputs · sum {sum(attn) + sum(mlp):.3g} "
+             f"(attention {sum(attn):.3g}, MLP {sum(mlp):.3g})")
+    fig.update_layout(barmode="group")
+    return _layout(fig, title, "layer", "relative error ‖ΔWX‖²/‖WX‖²")
+
+
+def sensitivity_map(ratios: Sequence[float], heads: Sequence[Sequence[float]], ffn: Sequence[Sequence[float]],
+                    head_path: Sequence[float] = (), ffn_path: Sequence[float] = (), path_name: str = "schedule",
+                    measured_heads: Sequence[float] = (), measured_ffn: Sequence[float] = ()) -> go.Figure:
+    """Layer × ratio heatmaps of predicted error (log10), heads and FFN side by side, a schedule drawn as a path."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("attention heads", "FFN channels"), shared_yaxes=True,
+                        horizontal_spacing=0.06)
+    layers = list(range(len(heads)))
+    for col, grid, path, measured in ((1, heads, head_path, measured_heads), (2, ffn, ffn_path, measured_ffn)):
+        z = [[math.log10(max(v, 1e-6)) for v in row] for row in grid]
+        fig.add_heatmap(x=list(ratios), y=layers, z=z, coloraxis="coloraxis", row=1, col=col,
+                        hovertemplate="layer %{y} · ratio %{x}<br>log10 error %{z:.2f}<extra></extra>")
+        if path:
+            text = [f"measured {m:.2e}" for m in measured] if measured else None
+            fig.add_scatter(x=list(path), y=layers, mode="lines+markers", name=path_name if col == 1 else None,
+                            showlegend=col == 1, line=dict(color="white", width=2), marker=dict(size=6),
+                            text=text, row=1, col=col)
+    fig.update_layout(title="Sensitivity map: predicted error on dense inputs (log10), schedule as a path",
+                      coloraxis=dict(colorscale="Viridis", colorbar=dict(title="log10")), height=max(340, 14 * len(layers) + 120),
+                      margin=dict(l=50, r=20, t=70, b=40))
+    fig.update_xaxes(title_text="ratio removed")
+    fig.update_yaxes(title_text="layer", row=1, col=1)
+    return fig
+
+
+def search_progress(history: Sequence[tuple[int, float]]) -> go.Figure:
+    fig = go.Figure()
+    fig.add_scatter(x=[g for g, _ in history], y=[k for _, k in history], mode="lines+markers", name="best KL")
+    return _layout(fig, "Auto schedule search: KL(dense ‖ candidate) on calibration tokens", "generation", "KL")

@@ -1,0 +1,96 @@
+"""The Prune page's what-if (error curves, no forward pass per move) and the auto preset, through AppTest on
+stories260k."""
+from test_app import APP, button, figures, load_stories, settle, small_calibration  # noqa: F401
+import pytest
+from streamlit.testing.v1 import AppTest
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SLIMGPT_RUNS", str(tmp_path / "runs"))
+    from slimgpt_core.jobs import BOARD
+    BOARD.forget_finished()  # jobs belong to the process: each test starts from an empty board
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.run()
+    assert not at.exception
+    return at
+
+
+def whatif(at) -> dict:
+    return next(spec for title, spec in figures(at).items() if title.startswith("Predicted error per layer"))
+
+
+def prune_page(at) -> AppTest:
+    load_stories(at)
+    at.switch_page("pages/prune.py").run()
+    assert not at.exception
+    small_calibration(at)
+    return at
+
+
+def test_slider_changes_the_whatif_without_a_job(app):
+    prune_page(app)
+    button(app, "Compute error curves").click().run()
+    settle(app, "curves")
+    before = whatif(app)
+    assert "Sensitivity map" in " ".join(figures(app))
+    from slimgpt_core.jobs import BOARD
+    jobs = {j.id for j in BOARD._jobs}
+    app.slider(key="hr_0").set_value(0.75).run()
+    app.slider(key="fr_3").set_value(0.6).run()
+    after = whatif(app)
+    assert not app.exception
+    attn_before, attn_after = before["data"][0]["y"], after["data"][0]["y"]
+    assert attn_after[0] > attn_before[0]  # layer 0 lost more KV groups: its predicted attention error rose
+    assert after["data"][1]["y"][3] > before["data"][1]["y"][3]
+    assert attn_after[1:] == attn_before[1:]
+    assert {j.id for j in BOARD._jobs} == jobs  # no job was started by the moves
+
+
+def test_auto_preset_searches_and_fills_the_sliders(app):
+    prune_page(app)
+    app.slider(key="target_ratio").set_value(0.5).run()
+    log_heads = [app.session_state[f"hr_{i}"] for i in range(5)]
+    app.selectbox(key="preset").set_value("auto").run()
+    app.number_input(key="auto_generations").set_value(3).run()
+    button(app, "Search auto schedule").click().run()
+    from slimgpt_core.jobs import BOARD
+    job = BOARD.latest("auto")
+    job.wait(600)
+    assert job.state == "done", job.error
+    app.run()
+    app.run()
+    assert not app.exception
+    result = job.result
+    sliders = [app.session_state[f"hr_{i}"] for i in range(5)]
+    assert sliders == [round(r, 4) for r in result.head_ratios]
+    assert [app.session_state[f"fr_{i}"] for i in range(5)] == [round(r, 4) for r in result.ffn_ratios]
+    assert sliders != log_heads or result.start.startswith("log")
+    assert any(t.startswith("Auto schedule search") for t in figures(app))
+    app.slider(key="hr_1").set_value(0.0).run()  # still editable
+    assert app.session_state["hr_1"] == 0.0 and not app.exception
+
+
+def test_inspect_overlays_predicted_and_measured(app):
+    prune_page(app)
+    button(app, "Compute error curves").click().run()
+    settle(app, "curves")
+    app.slider(key="target_ratio").set_value(0.4).run()
+    button(app, "Start pruning").click().run()
+    settle(app, "prune")
+    app.switch_page("pages/inspect_runs.py").run()
+    assert not app.exception
+    figs = figures(app)
+    spec = next(s for t, s in figs.items() if t.startswith("Predicted error per layer"))
+    names = [trace["name"] for trace in spec["data"]]
+    assert "attention (measured, sequential)" in names and "MLP (predicted)" in names
+    from slimgpt_core.events import PruneReport
+    from slimgpt_core.workspace import list_runs
+    [info] = list_runs()
+    run = type("Run", (), {"report": PruneReport.load(info.path / "report.json"), "label": info.title})
+    measured = [m.rel_error for m in sorted(run.report.modules, key=lambda m: m.layer) if m.module == "mlp"]
+    assert spec["data"][names.index("MLP (measured, sequential)")]["y"] == pytest.approx(measured)
+    smap = next(s for t, s in figs.items() if t.startswith("Sensitivity map"))
+    path = [t for t in smap["data"] if t["type"] == "scatter"]
+    assert len(path) == 2 and path[0]["name"] == run.label

@@ -1,0 +1,116 @@
+"""Perplexity against a hand-computed mean negative log-likelihood on a tiny model (evaluate.py)."""
+import math
+import time
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from slimgpt_core import evaluate
+from slimgpt_core.errors import PruningCancelled, SlimGPTError
+
+
+def _hand_nll(model, tokens, seqlen, windows):
+    """Mean −log p(next token) over every predicted position of the first `windows` windows, one window at
+    a time, written out with log_softmax and gather (no cross_entropy, no batching)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in range(windows):
+            ids = tokens[w * seqlen:(w + 1) * seqlen]
+            logp = torch.log_softmax(model(ids[None]).logits[0].double(), -1)
+            picked = logp[:-1].gather(1, ids[1:, None])  # position t predicts token t + 1
+            total -= float(picked.sum())
+            count += picked.numel()
+    return total / count, count
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(layers=2)
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return torch.randint(0, 101, (400,), generator=torch.Generator().manual_seed(5))
+
+
+def test_perplexity_is_the_mean_nll_of_the_predicted_tokens(model, stream):
+    nll, count = _hand_nll(model, stream, 16, 25)  # 400 // 16 = 25 windows
+    t0 = time.perf_counter()
+    res = evaluate.perplexity(model, stream, seqlen=16, batch_size=5, dataset="tiny")
+    elapsed = time.perf_counter() - t0
+    assert (res.windows, res.tokens, res.seqlen, res.dataset) == (25, count, 16, "tiny")
+    assert count == 25 * 15  # seqlen − 1 predictions per window
+    assert res.nll == pytest.approx(nll, rel=1e-5)
+    assert res.ppl == pytest.approx(math.exp(nll), rel=1e-5)
+    assert 0.0 < res.seconds <= elapsed
+
+
+def test_window_limit_and_batching_do_not_change_the_mean(model, stream):
+    nll, count = _hand_nll(model, stream[5:], 24, 7)  # 395 tokens: 16 windows of 24, the 11-token tail unused
+    for batch in (1, 3, 8):
+        res = evaluate.perplexity(model, stream[5:], seqlen=24, batch_size=batch, max_windows=7)
+        assert res.windows == 7 and res.tokens == count == 7 * 23
+        assert res.nll == pytest.approx(nll, rel=1e-5)
+    assert evaluate.perplexity(model, stream[5:], seqlen=24, max_windows=1000).windows == 16  # capped by the text
+
+
+def test_progress_and_cancel(model, stream):
+    seen = []
+    evaluate.perplexity(model, stream, seqlen=16, batch_size=10, progress=lambda d, n: seen.append((d, n)))
+    assert seen == [(10, 25), (20, 25), (25, 25)]
+    asked = []
+    with pytest.raises(PruningCancelled, match="evaluation was cancelled"):
+        evaluate.perplexity(model, stream, seqlen=16, batch_size=10, should_stop=lambda: len(asked.append(1) or asked) > 2,
+                            progress=lambda d, n: seen.append((d, n)))
+    assert len(asked) == 3 and seen[3:] == [(10, 25), (20, 25)]  # stopped before the third batch
+    assert evaluate.perplexity(model, stream, seqlen=16, max_windows=2, should_stop=lambda: False).windows == 2
+
+
+def test_bad_lengths_are_clear_errors(model, stream):
+    with pytest.raises(SlimGPTError, match="evaluation length must be >= 2, got 1"):
+        evaluate.perplexity(model, stream, seqlen=1)
+    assert evaluate.perplexity(model, stream, seqlen=2, max_windows=3).tokens == 3  # 2 is the shortest window
+    with pytest.raises(SlimGPTError, match="evaluation length 129 exceeds the model's context of 128 tokens"):
+        evaluate.perplexity(model, stream, seqlen=129)
+    assert evaluate.perplexity(model, stream, seqlen=128, max_windows=1).windows == 1  # the whole context is fine
+    with pytest.raises(SlimGPTError, match="evaluation text has 100 tokens, fewer than one window of 101"):
+        evaluate.perplexity(model, stream[:100], seqlen=101)
+
+
+def test_out_of_memory_is_a_clear_error(stream):
+    class Exhausted(torch.nn.Module):
+        config = type("Config", (), {"max_position_embeddings": 64})()
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids, use_cache=False):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(SlimGPTError, match="out of memory on cuda:0 while evaluating perplexity: lower"):
+        evaluate.perplexity(Exhausted(), stream, seqlen=16, device="cuda:0")
+
+
+def test_cached_perplexity_hits_and_bypasses(model, monkeypatch, tmp_path):
+    from slimgpt_core import cache, data
+
+    monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path))
+    text = torch.randint(0, 101, (300,), generator=torch.Generator().manual_seed(9))
+    monkeypatch.setattr(data, "evaluation_tokens", lambda tokenizer, source: text)
+    computed = []
+    real = evaluate.perplexity
+    monkeypatch.setattr(evaluate, "perplexity", lambda *a, **k: computed.append(a[2:]) or real(*a, **k))
+    first = evaluate.cached_perplexity(model, None, "made-up", 16, 4, max_windows=5)
+    assert computed == [(16, 4, 5, "cpu", "made-up", None, None)]
+    assert first.dataset == "made-up" and first.windows == 5
+    assert first.nll == pytest.approx(_hand_nll(model, text, 16, 5)[0], rel=1e-5)
+    assert evaluate.cached_perplexity(model, None, "made-up", 16, 4, max_windows=5) == first
+    assert len(computed) == 1
+    evaluate.cached_perplexity(model, None, "made-up", 16, 4, max_windows=5, use_cache=False)
+    assert len(computed) == 2
+    evaluate.cached_perplexity(model, None, "made-up", 16, 4, max_windows=6)  # another key
+    evaluate.cached_perplexity(model, None, "made-up", 32, 4, max_windows=5)
+    assert len(computed) == 4 and len(list((tmp_path / "results").glob("*.json"))) == 3
+    assert cache.STATS["results.hit"] >= 1

@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
@@ -185,19 +184,6 @@ def test_dense_statistics_are_reused(isolated_cache):
     assert [m.rel_error for m in first.modules] == [m.rel_error for m in second.modules]
     seq = prune_model(load_model("stories260k").model, tokens, PruneSettings(ratio=0.3))
     assert seq.reused_statistics >= 1  # layer 0 sees dense inputs in sequential mode too
-
-
-def test_concurrent_writers_do_not_corrupt(isolated_cache):
-    key = "concurrency-test"
-    values = [{"writer": i, "payload": list(range(2000))} for i in range(8)]
-    threads = [threading.Thread(target=lambda v=v: [cache.store_json("results", key, v) for _ in range(10)])
-               for v in values]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert cache.lookup_json("results", key) in values
-    assert not [p for p in (cache.cache_root() / "results").iterdir() if p.name.endswith(".tmp")]
 
 
 def test_speed_dense_vs_pruned(isolated_cache):

@@ -104,3 +104,26 @@ def test_units_to_remove_rounds_to_nearest_and_respects_keep_min():
     assert units_to_remove(4, 0.0) == 0
     assert units_to_remove(4, 0.99, keep_min=2) == 2 and units_to_remove(4, 0.5, keep_min=3) == 1
     assert units_to_remove(1, 0.9) == 0
+
+
+def test_defaults_and_messages_name_what_is_wrong():
+    assert layer_ratios(5, 0.2) == layer_ratios(5, 0.2, "log", 4.0)
+    assert layer_ratios(5, 0.2)[-1] == pytest.approx(4 * layer_ratios(5, 0.2)[0])  # default shape 4
+    assert layer_ratios(4, 0.0, "log", 0.5) == [0.0] * 4  # nothing to prune: the shape is not looked at
+    with pytest.raises(SlimGPTError, match=r"^ratio must be in \[0, 1\), got 2$"):
+        check_ratio(2)
+    with pytest.raises(SlimGPTError, match=r"^target ratio must be in \[0, 1\), got 1.0$"):
+        layer_ratios(5, 1.0)
+    with pytest.raises(ValueError, match="cosine"):
+        kappa(4, "cosine")
+    with pytest.raises(ValueError, match="cosine"):
+        profile(4, "cosine")
+
+
+def test_a_last_ratio_of_exactly_one_is_refused():
+    # two layers, linear, mean 0.75, shape 2: r0 = 0.75 / 1.5 = 0.5 and the last is exactly 1.0
+    with pytest.raises(SlimGPTError, match=r"asks the last layer for 1.000 >= 1"):
+        layer_ratios(2, 0.75, "linear", 2.0)
+    # three layers: the message quotes the last ratio (0.28, 0.70, 1.12), not another
+    with pytest.raises(SlimGPTError, match=r"mean 0.7 and shape 4.0 asks the last layer for 1.120 >= 1"):
+        layer_ratios(3, 0.7, "linear", 4.0)

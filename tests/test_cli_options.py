@@ -40,25 +40,7 @@ def test_head_and_ffn_ratios_custom_lists_and_force(tmp_path, capsys, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]  # no temporary folders left
 
 
-def test_eval_baseline_side_by_side(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "run"
-    assert main(["prune", *FAST, "--ratio", "0.5", "--out", str(out)]) == 0
-    ppl = ["--ppl", "tinystories", "--seqlen", "256", "--max-windows", "3", "--quiet", "--no-cache"]
-    capsys.readouterr()
-    assert main(["eval", "--model", "stories260k", *ppl]) == 0
-    dense = json.loads(capsys.readouterr().out)["ppl"]
-    assert main(["eval", "--model", str(out), *ppl]) == 0
-    pruned = json.loads(capsys.readouterr().out)["ppl"]
-    assert main(["eval", "--model", str(out), "--baseline", "stories260k", *ppl, "--json", str(tmp_path / "e.json")]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["ppl"] == pruned and summary["baseline"]["ppl"] == dense and summary["baseline"]["model"] == "stories260k"
-    assert dense < pruned
-    payload = json.loads((tmp_path / "e.json").read_text())
-    assert payload["model"] == str(out) and payload["baseline"]["perplexity"]["windows"] == 3
-
-
-def test_export_dtype_and_force(tmp_path, capsys, monkeypatch):
+def test_eval_baseline_export_dtype_and_force(tmp_path, capsys, monkeypatch):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
@@ -66,7 +48,21 @@ def test_export_dtype_and_force(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
-    assert main(["prune", *FAST, "--ratio", "0.3", "--out", str(run)]) == 0
+    assert main(["prune", *FAST, "--ratio", "0.5", "--out", str(run)]) == 0
+    # eval --baseline: the dense model evaluated the same way, side by side
+    ppl = ["--ppl", "tinystories", "--seqlen", "256", "--max-windows", "3", "--quiet", "--no-cache"]
+    capsys.readouterr()
+    assert main(["eval", "--model", "stories260k", *ppl]) == 0
+    dense = json.loads(capsys.readouterr().out)["ppl"]
+    assert main(["eval", "--model", str(run), *ppl]) == 0
+    pruned = json.loads(capsys.readouterr().out)["ppl"]
+    assert main(["eval", "--model", str(run), "--baseline", "stories260k", *ppl, "--json", str(tmp_path / "e.json")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["ppl"] == pruned and summary["baseline"]["ppl"] == dense and summary["baseline"]["model"] == "stories260k"
+    assert dense < pruned
+    payload = json.loads((tmp_path / "e.json").read_text())
+    assert payload["model"] == str(run) and payload["baseline"]["perplexity"]["windows"] == 3
+    # export --dtype float16, then --force back to the stored float32
     exp = tmp_path / "exp"
     assert main(["export", "--model", str(run), "--out", str(exp), "--dtype", "float16"]) == 0
     with safe_open(str(exp / "model.safetensors"), "pt") as f:
@@ -82,7 +78,7 @@ def test_export_dtype_and_force(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["export", "--model", str(run), "--out", str(exp)]) == 1
     assert "already exists" in capsys.readouterr().err
-    assert main(["export", "--model", str(run), "--out", str(exp), "--force"]) == 0  # as stored: float32
+    assert main(["export", "--model", str(run), "--out", str(exp), "--force"]) == 0
     with safe_open(str(exp / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
 

@@ -24,7 +24,6 @@ def _parameters(model) -> int:
 
 @pytest.mark.parametrize("arch,settings", [
     ("stories260k", PruneSettings(ratio=0.4, schedule="log", head_ratio=0.5, ffn_ratio=0.3)),
-    ("stories260k", PruneSettings(head_ratios=[0.0, 0.25, 0.5, 0.75, 0.25], ffn_ratios=[0.5, 0.4, 0.3, 0.2, 0.1])),
     ("qwen2", PruneSettings(ratio=0.5, schedule="linear", shape=3.0, ffn_group_floor=4)),  # q/k/v biases
 ])
 def test_schedule_preview_counts_the_parameters_of_the_real_run(arch, settings, tokens, own_cache):

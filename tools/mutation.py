@@ -56,7 +56,9 @@ def prepare(workdir: Path, modules: list[str], tests: list[str]) -> None:
         "[mutmut]\nsource_paths=slimgpt_core\n"
         f"only_mutate=\n{only}\n"
         f"pytest_add_cli_args_test_selection=\n{selection}\n"
-        "pytest_add_cli_args=\n    -p\n    no:cacheprovider\n    -q\n")
+        "pytest_add_cli_args=\n    -p\n    no:cacheprovider\n    -q\n"
+        # generous: on a shared machine a slow test run must not pass for a mutant caught by a timeout
+        "timeout_multiplier=60\n")
 
 
 def results(workdir: Path) -> dict[str, str]:

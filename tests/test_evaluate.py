@@ -1,6 +1,7 @@
 """Perplexity against a hand-computed mean negative log-likelihood on a tiny model (evaluate.py)."""
 import math
 import time
+import types
 
 import pytest
 import torch
@@ -91,6 +92,29 @@ def test_out_of_memory_is_a_clear_error(stream):
 
     with pytest.raises(SlimGPTError, match="out of memory on cuda:0 while evaluating perplexity: lower"):
         evaluate.perplexity(Exhausted(), stream, seqlen=16, device="cuda:0")
+    with pytest.raises(SlimGPTError, match="out of memory on cpu while evaluating perplexity"):
+        evaluate.perplexity(Exhausted(), stream, seqlen=16)
+
+
+def test_defaults_are_windows_of_128_in_batches_of_8(model):
+    long = torch.randint(0, 101, (9 * 128 + 5,), generator=torch.Generator().manual_seed(2))
+    seen = []
+    res = evaluate.perplexity(model, long, progress=lambda d, n: seen.append((d, n)))
+    assert (res.seqlen, res.windows, res.tokens, res.dataset) == (128, 9, 9 * 127, "")
+    assert seen == [(8, 9), (9, 9)]
+
+
+def test_a_model_without_a_context_length_is_not_limited(model, stream):
+    class NoContext(torch.nn.Module):  # a model whose config does not say how long its context is
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, types.SimpleNamespace()
+
+        def forward(self, ids, use_cache=False):
+            return self.inner(ids, use_cache=use_cache)
+
+    res = evaluate.perplexity(NoContext(model), stream, seqlen=24, max_windows=2)
+    assert res.windows == 2 and res.nll == pytest.approx(_hand_nll(model, stream, 24, 2)[0], rel=1e-5)
 
 
 def test_cached_perplexity_hits_and_bypasses(model, monkeypatch, tmp_path):
@@ -98,19 +122,25 @@ def test_cached_perplexity_hits_and_bypasses(model, monkeypatch, tmp_path):
 
     monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path))
     text = torch.randint(0, 101, (300,), generator=torch.Generator().manual_seed(9))
-    monkeypatch.setattr(data, "evaluation_tokens", lambda tokenizer, source: text)
+    asked = []
+    monkeypatch.setattr(data, "evaluation_tokens", lambda tokenizer, source: asked.append((tokenizer, source)) or text)
     computed = []
     real = evaluate.perplexity
     monkeypatch.setattr(evaluate, "perplexity", lambda *a, **k: computed.append(a[2:]) or real(*a, **k))
-    first = evaluate.cached_perplexity(model, None, "made-up", 16, 4, max_windows=5)
+    first = evaluate.cached_perplexity(model, "the tokenizer", "made-up", 16, 4, max_windows=5)
+    assert asked == [("the tokenizer", "made-up")]
     assert computed == [(16, 4, 5, "cpu", "made-up", None, None)]
     assert first.dataset == "made-up" and first.windows == 5
     assert first.nll == pytest.approx(_hand_nll(model, text, 16, 5)[0], rel=1e-5)
     assert evaluate.cached_perplexity(model, None, "made-up", 16, 4, max_windows=5) == first
     assert len(computed) == 1
-    evaluate.cached_perplexity(model, None, "made-up", 16, 4, max_windows=5, use_cache=False)
-    assert len(computed) == 2
+    progress, stop = (lambda d, n: None), (lambda: False)
+    evaluate.cached_perplexity(model, None, "made-up", 16, 4, max_windows=5, device="cpu", progress=progress,
+                               should_stop=stop, use_cache=False)
+    assert computed[-1] == (16, 4, 5, "cpu", "made-up", progress, stop)
     evaluate.cached_perplexity(model, None, "made-up", 16, 4, max_windows=6)  # another key
     evaluate.cached_perplexity(model, None, "made-up", 32, 4, max_windows=5)
     assert len(computed) == 4 and len(list((tmp_path / "results").glob("*.json"))) == 3
     assert cache.STATS["results.hit"] >= 1
+    evaluate.cached_perplexity(model, None, "made-up")  # defaults: windows of 128, batches of 8, all windows
+    assert computed[-1] == (128, 8, None, "cpu", "made-up", None, None)

@@ -86,7 +86,10 @@ def main() -> int:
     tests = sorted({t for m in args.modules for t in FAST_TESTS[m]})
     workdir = Path(args.workdir)
     prepare(workdir, args.modules, tests)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1",
+    # one BLAS/OpenMP thread: mutmut forks a child per mutant, and a child forked after torch started its
+    # OpenMP pool hangs in its first parallel region (then every such mutant "times out")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1",
            "SLIMGPT_ASSETS": os.environ.get("SLIMGPT_ASSETS", str(ROOT.parent / "shared" / "assets")),
            "SLIMGPT_CACHE": str(workdir / "cache")}
     subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.jobs)], cwd=workdir, env=env)

@@ -287,3 +287,71 @@ def test_without_compensation_keeps_the_choice_and_drops_the_update():
     assert plain.removed == res.removed and plain.first_scores == res.first_scores and plain.steps == res.steps
     assert plain.predicted_error == pytest.approx(_measured(W, expected, X), rel=1e-3)
     assert plain.predicted_error > res.predicted_error and plain.damping == res.damping
+
+
+def test_relative_error_of_a_silent_layer_is_zero():
+    H = torch.eye(3)
+    assert obs.relative_error(torch.zeros(2, 3), torch.ones(2, 3), H) == 0.0  # nothing to reconstruct
+    small = torch.full((1, 3), 0.1)  # ‖WX‖² = 0.03 < 1
+    assert obs.relative_error(small, torch.zeros(1, 3), H) == pytest.approx(1.0)
+
+
+def test_defaults_and_error_sentences():
+    W, X = _problem(seed=10)
+    H = _hessian(X)
+    a = obs.prune_head_groups(W, H, group=4, n_remove=2)
+    b = obs.prune_head_groups(W, H, group=4, n_remove=2, damp=0.01, mode="exact")
+    assert a.removed == b.removed and torch.equal(a.weight, b.weight) and a.damping == 0.01
+    a = obs.prune_channels(W, H, n_remove=3)
+    b = obs.prune_channels(W, H, n_remove=3, damp=0.01, floor=64, ceiling=1024)
+    assert a.removed == b.removed and a.steps == b.steps == [3] and a.damping == 0.01
+    with pytest.raises(SlimGPTError, match="^24 input columns do not split into groups of 5$"):
+        obs.prune_head_groups(W, H, group=5, n_remove=1)
+    with pytest.raises(SlimGPTError, match=r"^FFN group sizes need 1 <= floor <= ceiling, got floor=0, ceiling=1024$"):
+        obs.dynamic_group_sizes(10, floor=0)
+    with pytest.raises(SlimGPTError, match="got floor=8, ceiling=4"):
+        obs.dynamic_group_sizes(10, floor=8, ceiling=4)
+    sizes = obs.dynamic_group_sizes(5000)
+    assert sizes[0] == 1024 and all(type(s) is int for s in sizes + obs.dynamic_group_sizes(2202))
+
+
+def test_channel_groups_follow_floor_and_ceiling():
+    g = torch.Generator().manual_seed(11)
+    W = torch.randn(2, 600, generator=g)
+    H = torch.eye(600) + 0.01 * torch.ones(600, 600)
+    res = obs.prune_channels(W, H, n_remove=560, damp=0.0, floor=4, ceiling=10)
+    # bs₀ = (560 − 512)//2 = 24, capped at 10; then bs < 0, so the floor of 4 until 560 are gone
+    assert res.steps == [10] + [4] * 137 + [2] and len(set(res.removed)) == 560
+    assert obs.prune_channels(W[:, :30], H[:30, :30], n_remove=9, floor=3, ceiling=5).steps == [3, 3, 3]
+    none = obs.prune_channels(W, H, n_remove=0)
+    assert none.removed == [] and none.steps == [] and none.predicted_error == 0.0 and len(none.first_scores) == 600
+    assert torch.equal(none.weight, W)
+    assert obs.prune_by_score(W, H, 1, 0, "magnitude").steps == []
+
+
+def _all_reduce_worker(rank, world, init, chunks, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    acc = obs.HessianAccumulator(chunks[0].shape[-1])
+    for chunk in chunks[rank::world]:
+        acc.add_batch(chunk)
+    acc.all_reduce()
+    if rank == 0:
+        torch.save({"H": acc.H, "n": acc.nsamples}, out)
+    dist.destroy_process_group()
+
+
+def test_all_reduce_sums_statistics_of_two_processes(tmp_path):
+    import torch.multiprocessing as mp
+    _, X = _problem(seed=12, n=120)
+    chunks = list(X.chunk(6))
+    single = obs.HessianAccumulator(X.shape[1])
+    for chunk in chunks:
+        single.add_batch(chunk)
+    single.all_reduce()  # not distributed: nothing changes
+    assert single.nsamples == 120
+    out = tmp_path / "h.pt"
+    mp.spawn(_all_reduce_worker, args=(2, f"file://{tmp_path / 'store'}", chunks, str(out)), nprocs=2)
+    merged = torch.load(out, weights_only=True)
+    assert merged["n"] == 120 and type(merged["n"]) is int
+    torch.testing.assert_close(merged["H"], single.H, rtol=1e-6, atol=1e-6)

@@ -61,7 +61,7 @@ def test_progress_and_cancel(model, stream):
     evaluate.perplexity(model, stream, seqlen=16, batch_size=10, progress=lambda d, n: seen.append((d, n)))
     assert seen == [(10, 25), (20, 25), (25, 25)]
     asked = []
-    with pytest.raises(PruningCancelled, match="evaluation was cancelled"):
+    with pytest.raises(PruningCancelled, match="^evaluation was cancelled$"):
         evaluate.perplexity(model, stream, seqlen=16, batch_size=10, should_stop=lambda: len(asked.append(1) or asked) > 2,
                             progress=lambda d, n: seen.append((d, n)))
     assert len(asked) == 3 and seen[3:] == [(10, 25), (20, 25)]  # stopped before the third batch
@@ -108,12 +108,15 @@ def test_a_model_without_a_context_length_is_not_limited(model, stream):
     class NoContext(torch.nn.Module):  # a model whose config does not say how long its context is
         def __init__(self, inner):
             super().__init__()
-            self.inner, self.config = inner, types.SimpleNamespace()
+            self.inner, self.config, self.asked = inner, types.SimpleNamespace(), []
 
-        def forward(self, ids, use_cache=False):
+        def forward(self, ids, use_cache=None):
+            self.asked.append(use_cache)
             return self.inner(ids, use_cache=use_cache)
 
-    res = evaluate.perplexity(NoContext(model), stream, seqlen=24, max_windows=2)
+    wrapped = NoContext(model)
+    res = evaluate.perplexity(wrapped, stream, seqlen=24, max_windows=2)
+    assert wrapped.asked == [False]  # no KV cache is built for a scoring forward
     assert res.windows == 2 and res.nll == pytest.approx(_hand_nll(model, stream, 24, 2)[0], rel=1e-5)
 
 

@@ -222,7 +222,7 @@ def test_damping_used_as_asked_then_raised_tenfold():
 
 def test_not_positive_definite_even_with_damping_is_a_clear_error():
     H = _indefinite(-0.05)  # 0 → 1e-4 → 1e-3 → 1e-2: all fail
-    with pytest.raises(SlimGPTError, match="not positive definite even with damping: use more calibration samples"):
+    with pytest.raises(SlimGPTError, match="^the calibration Hessian is not positive definite even with damping: use more calibration samples$"):
         obs.damped_inverse(torch.ones(3, 6), H, 0.0)
     with pytest.raises(SlimGPTError, match="not positive definite"):
         obs.prune_head_groups(torch.ones(3, 6), H, group=2, n_remove=1, damp=0.0)

@@ -16,9 +16,9 @@ METHOD_FLAGS = {"magnitude": ["--method", "magnitude"], "wanda-sp": ["--method",
 
 
 # Measured here (16x128 TinyStories calibration, ratio 0.3, first 10 windows of 512 TinyStories tokens): dense 3.83,
-# slimgpt 10.63, surgeon (2 shots) 10.85, no compensation 18.0, wanda-sp 18.0, magnitude 36.9. The bounds leave
+# slimgpt 10.63, obs-multishot (2 shots) 10.85, no compensation 18.0, wanda-sp 18.0, magnitude 36.9. The bounds leave
 # ~35% for BLAS differences. Which units the baselines pick is checked exactly in test_obs.py and below.
-PPL_BOUNDS = {"slimgpt": 14.0, "surgeon": 14.5, "nocomp": 24.0, "wanda-sp": 24.0, "magnitude": 48.0}
+PPL_BOUNDS = {"slimgpt": 14.0, "obs-multishot": 14.5, "nocomp": 24.0, "wanda-sp": 24.0, "magnitude": 48.0}
 
 
 def _original_columns_kept(before, after) -> bool:
@@ -56,12 +56,12 @@ def test_each_method_end_to_end_on_stories260k(tmp_path, capsys, name):
     assert json.loads(capsys.readouterr().out)["ppl"] == pytest.approx(summary["pruned_ppl"], rel=1e-3)
 
 
-def test_surgeon_prunes_in_several_shots(tokens):
+def test_obs_multishot_prunes_in_several_shots(tokens):
     from slimgpt_core.surgery import describe_layers
 
     events = []
     three = tiny_model()
-    report = prune_model(three, tokens, PruneSettings(ratio=0.5, method="surgeon", shots=3, ffn_group_floor=2),
+    report = prune_model(three, tokens, PruneSettings(ratio=0.5, method="obs-multishot", shots=3, ffn_group_floor=2),
                          callback=events.append, use_cache=False)
     # one full pass over the 3 layers per shot, each removing a third of the final target
     assert [e.phase for e in events if e.kind == "progress"].count("done") == 3
@@ -75,7 +75,7 @@ def test_surgeon_prunes_in_several_shots(tokens):
         assert ffn_removed[layer::3] == [round(total / 3), round(2 * total / 3) - round(total / 3),
                                          total - round(2 * total / 3)]
     one = tiny_model()
-    prune_model(one, tokens, PruneSettings(ratio=0.5, method="surgeon", shots=1, ffn_group_floor=2), use_cache=False)
+    prune_model(one, tokens, PruneSettings(ratio=0.5, method="obs-multishot", shots=1, ffn_group_floor=2), use_cache=False)
     single = tiny_model()
     prune_model(single, tokens, PruneSettings(ratio=0.5, ffn_group_floor=2), use_cache=False)
     assert describe_layers(three) == describe_layers(single)  # the same final shapes

@@ -37,6 +37,15 @@ default = st.session_state.get("current_run")
 name = st.selectbox("Run", names, index=names.index(default) if default in names else 0, key="runs_pick",
                     format_func=lambda n: by_name[n].title)
 run = by_name[name]
+s, ppl = run.summary, run.perplexity
+if not run.broken:
+    facts = [f"model {s.get('model', '?')}", f"method {s.get('method', '?')}", f"schedule {s.get('schedule', '?')}"]
+    if s.get("achieved_layer_ratio") is not None:
+        facts.append(f"achieved {s['achieved_layer_ratio']:.1%} of layer parameters")
+    if ppl is not None:
+        facts.append(f"perplexity {ppl['ppl']:.2f} ({ppl['dataset']}, {ppl['windows']} windows × {ppl['seqlen']})")
+    facts.append(f"{len(run.evaluations)} stored measurement(s)")
+    st.caption(f"**{run.title}** · " + " · ".join(facts))
 if run.broken:
     st.warning(f"This folder is not a usable run: {run.broken}. It is listed so you can delete it.")
 

@@ -43,9 +43,9 @@ def test_studio_end_to_end_in_chromium(tmp_path):
         page.goto(url)
         page.get_by_text("Loaded:").wait_for(timeout=300_000)
         go(page, "Runs")
-        table = page.locator("[data-testid='stDataFrame']").first
-        table.wait_for()
-        assert run.name in table.inner_text() and f"{ppl['ppl']:.2f}" in table.inner_text()
+        page.locator("[data-testid='stDataFrame']").first.wait_for()
+        page.get_by_text(f"perplexity {ppl['ppl']:.2f} (wikitext2, 2 windows × 128)").wait_for()
+        assert run.name in page.locator("[data-testid='stMain']").inner_text()
         go(page, "Export")
         page.get_by_role("button", name="Export", exact=True).click()
         download_button = page.get_by_role("button", name="Download")
@@ -60,21 +60,17 @@ def test_studio_end_to_end_in_chromium(tmp_path):
                               "cpu", "--out", str(runs / "cli-run"), "--quiet"], cwd=ROOT, capture_output=True,
                              text=True, env={**os.environ, **env}, timeout=300)
         assert cli.returncode == 0, cli.stderr
-        page.reload()
-        page.get_by_role("heading", name="Runs").first.wait_for()
-        wait_idle(page)
-        table = page.locator("[data-testid='stDataFrame']").first
-        assert "cli-run" in table.inner_text()
+        go(page, "Runs")
+        # the newest run comes first and is selected: the one the command line just wrote
+        page.get_by_text("cli-run · model stories260k").wait_for()
         # delete it (with confirmation): gone from disk and from the list
-        page.get_by_label("Run", exact=True).click()
-        page.get_by_role("option", name="cli-run").click()
-        wait_idle(page)
         page.get_by_text("Yes, delete").click()
         wait_idle(page)
         page.get_by_role("button", name="Delete run").click()
         wait_idle(page)
-        page.get_by_text("cli-run").first.wait_for(state="detached", timeout=60_000)
+        page.get_by_text("cli-run · model stories260k").wait_for(state="detached", timeout=60_000)
         assert not (runs / "cli-run").exists() and run.exists()
+        page.get_by_text(f"{run.name}) · model default").wait_for()
     with zipfile.ZipFile(path) as z:
         names = set(z.namelist())
         assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "report.json"} <= names

@@ -38,7 +38,7 @@ def test_shape_one_is_uniform_and_shape_below_one_refused():
     assert layer_ratios(1, 0.3, "log", 0.5) == [0.3]  # one layer: nothing to shape
     with pytest.raises(SlimGPTError, match="schedule shape must be >= 1 \\(last/first ratio\\), got 0.5"):
         layer_ratios(4, 0.2, "log", 0.5)
-    with pytest.raises(SlimGPTError, match="unknown schedule 'cosine' \\(choose from log, linear, uniform, or a custom"):
+    with pytest.raises(SlimGPTError, match="unknown schedule 'cosine' \\(choose from log, linear, uniform, auto, or a custom"):
         layer_ratios(4, 0.2, "cosine")
 
 

@@ -383,9 +383,9 @@ def _cmd_prune(args, rank: int) -> int:
     report.evaluation = evaluation
     save_run(model, loaded.tokenizer, report, out, args.force, args.label)
     if "pruned_ppl" in evaluation:  # listed with the run, like the studio's measurements
-        from .workspace import add_evaluation, versions
-        add_evaluation(out, {"kind": "perplexity", **evaluation["pruned_ppl"], "batch_size": args.batch_size,
-                             "device": str(device), "parameters": report.params_after, "versions": versions()})
+        from .workspace import add_measurement
+        add_measurement(out, "perplexity", evaluation["pruned_ppl"], batch_size=args.batch_size, device=str(device),
+                        parameters=report.params_after)
     summary = {"out": str(out), "params_before": report.params_before, "params_after": report.params_after,
                "requested_ratio": round(report.requested_ratio, 4),
                "achieved_layer_ratio": round(report.achieved_layer_ratio, 4),
@@ -456,17 +456,15 @@ def _evaluate_one(name, args, device) -> dict:
 
 def _record_in_workspace(folder: Path, out: dict, args, device) -> None:
     """Measurements of a workspace run are kept with it (listed by the studio with their provenance)."""
-    from .workspace import META, add_evaluation, versions
+    from .workspace import META, add_measurement
 
     if not (folder / META).exists():
         return  # not a run of ours: never write into someone's model folder
-    common = {"batch_size": args.batch_size, "device": str(device), "versions": versions()}
-    if "perplexity" in out:
-        add_evaluation(folder, {"kind": "perplexity", **out["perplexity"], **common})
-    for result in (out.get("tasks") or {}).values():
-        add_evaluation(folder, {"kind": "task", **result, **common})
-    if "speed" in out:
-        add_evaluation(folder, {"kind": "speed", **out["speed"], **common})
+    measured = [("perplexity", out["perplexity"])] if "perplexity" in out else []
+    measured += [("task", result) for result in (out.get("tasks") or {}).values()]
+    measured += [("speed", out["speed"])] if "speed" in out else []
+    for kind, value in measured:
+        add_measurement(folder, kind, value, batch_size=args.batch_size, device=str(device))
 
 
 def _target(spec: str, model):

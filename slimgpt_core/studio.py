@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from .data import calibration_tokens
+from .errors import SlimGPTError
 from .events import AchievedRatios, Progress, PruneReport
 from .models import LoadedModel
 from .pipeline import DenseStatistics, PruneSettings, dense_statistics, plan_removals, prune_model
@@ -121,7 +122,7 @@ def schedule_label(report: PruneReport, settings: PruneSettings) -> str:
         try:
             preset = layer_ratios(n, settings.ratio, settings.schedule, settings.shape)
             same = all(abs(a - b) < 5e-3 for a, b in zip(report.head_ratios + report.ffn_ratios, preset + preset))
-        except Exception:  # a schedule that cannot be built from the target (e.g. auto): the lists speak
+        except SlimGPTError:  # a schedule that cannot be built from the target (e.g. auto): the lists speak
             same = False
         name = name if same else f"{name} (edited)" if settings.method != "slimgpt" else "custom"
     mode = "" if settings.sequential else " dense-in"
@@ -194,9 +195,9 @@ def evaluate(models: dict[str, tuple], ppl_source: str | None, seqlen: int, max_
 
         def record(kind: str, value: dict, folder=(record_to or {}).get(label)) -> None:
             if folder is not None:
-                from .workspace import add_evaluation, versions
-                add_evaluation(folder, {"kind": kind, **value, "batch_size": batch_size, "device": str(dev),
-                                        "parameters": res.parameters, "when": time.time(), "versions": versions()})
+                from .workspace import add_measurement
+                add_measurement(folder, kind, value, batch_size=batch_size, device=str(dev),
+                                parameters=res.parameters)
 
         try:
             if ppl_source:
@@ -248,7 +249,7 @@ def recover_to_workspace(run_folder: str | Path, settings, label: str = "", dens
     from .evaluate import cached_perplexity
     from .models import load_model, resolve_device
     from .recover import load_source_report, recover, recovered_report
-    from .workspace import add_evaluation, read_run, save_run, versions
+    from .workspace import add_measurement, read_run, save_run
 
     source = read_run(Path(run_folder))
     loaded = load_model(str(source.path), "cpu")
@@ -263,5 +264,5 @@ def recover_to_workspace(run_folder: str | Path, settings, label: str = "", dens
                                              8, settings.ppl_windows, resolve_device(settings.device)))
     for folder, ppl in ((source.path, result.ppl_before), (info.path, result.ppl_after)):
         if ppl is not None:  # stored with each run like any other measurement
-            add_evaluation(folder, {"kind": "perplexity", **ppl, "device": result.device, "versions": versions()})
+            add_measurement(folder, "perplexity", ppl, device=result.device)
     return RecoveryOutcome(read_run(info.path), result.ppl_before, result.ppl_after, dense_ppl, result.heldout)

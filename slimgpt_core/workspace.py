@@ -200,6 +200,12 @@ def add_evaluation(folder: Path, record: dict) -> None:
         _write_json_atomic(path, existing + [record])
 
 
+def add_measurement(folder: Path, kind: str, value: dict, **context) -> None:
+    """Store one measurement of a model (perplexity, task, speed) with its provenance: what was measured, how
+    (batch size, device, …: `context`), when, and with which library versions."""
+    add_evaluation(folder, {"kind": kind, **value, **context, "when": time.time(), "versions": versions()})
+
+
 def dense_evaluations_folder(model_name: str, root: Path | None = None) -> Path:
     """Evaluations of a dense (unpruned) model live beside the runs, in a hidden folder of its own."""
     folder = (Path(root) if root else runs_root()) / ".dense" / slug(model_name)

@@ -44,6 +44,21 @@ def assets_root():
     return root
 
 
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    """The studio in AppTest with its own cache, workspace and an empty job board (jobs belong to the process)."""
+    from streamlit.testing.v1 import AppTest
+
+    from slimgpt_core.jobs import BOARD
+    monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SLIMGPT_RUNS", str(tmp_path / "runs"))
+    BOARD.forget_finished()
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.run()
+    assert not at.exception
+    return at
+
+
 @pytest.fixture(autouse=True)
 def _transformers_logs_through_pytest():
     """transformers binds its log handler to the stderr of the moment; capsys swaps stderr between tests."""

@@ -30,18 +30,6 @@ def settle(at, job_name: str, timeout: float = 300) -> AppTest:
     return at
 
 
-@pytest.fixture
-def app(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("SLIMGPT_RUNS", str(tmp_path / "runs"))
-    from slimgpt_core.jobs import BOARD
-    BOARD.forget_finished()  # jobs belong to the process: each test starts from an empty board
-    at = AppTest.from_file(APP, default_timeout=300)
-    at.run()
-    assert not at.exception
-    return at
-
-
 def load_stories(at) -> AppTest:
     at.radio(key="model_source").set_value("stories260k (tiny, offline)").run()
     next(b for b in at.button if b.label == "Load model").click().run()

@@ -1,20 +1,8 @@
 """The Prune page's what-if (error curves, no forward pass per move) and the auto preset, through AppTest on
 stories260k."""
-from test_app import APP, button, figures, load_stories, settle, small_calibration  # noqa: F401
+from test_app import button, figures, load_stories, settle, small_calibration
 import pytest
 from streamlit.testing.v1 import AppTest
-
-
-@pytest.fixture
-def app(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("SLIMGPT_RUNS", str(tmp_path / "runs"))
-    from slimgpt_core.jobs import BOARD
-    BOARD.forget_finished()  # jobs belong to the process: each test starts from an empty board
-    at = AppTest.from_file(APP, default_timeout=300)
-    at.run()
-    assert not at.exception
-    return at
 
 
 def whatif(at) -> dict:

@@ -59,10 +59,6 @@ def runs() -> dict[str, workspace.RunInfo]:
     return {r.name: r for r in workspace.list_runs() if r.broken is None}
 
 
-def broken_runs() -> list[workspace.RunInfo]:
-    return [r for r in workspace.list_runs() if r.broken is not None]
-
-
 @st.cache_data(show_spinner=False, max_entries=64)
 def _report(path: str, mtime: float) -> PruneReport:
     return PruneReport.load(f"{path}/report.json")

@@ -399,6 +399,8 @@ def _layer_once(layer, i, st: _Streams, settings: PruneSettings, plan, emit, pha
     kept_units = _prune_attention(layer, i, H_attn, settings, head_ratio, head_rm, emit, phase, done)
     group = attn.head_dim * attn.num_key_value_groups
     columns = None if head_rm == 0 else _unit_columns(kept_units, group, attn.o_proj.weight.device)
+    if columns is not None and z is not None and z[0].device == columns.device:
+        z, columns = [chunk.index_select(-1, columns) for chunk in z], None  # kept heads selected once
     a = None
     if H_mlp is None:
         t0 = phase(i, "mlp-stats")

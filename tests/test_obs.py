@@ -31,6 +31,20 @@ def test_running_mean_hessian_equals_batch_formula():
     torch.testing.assert_close(_hessian(X, 5), 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("columns", [100, 500, 1000])  # one block; strips, the last one narrower
+def test_triangular_gram_equals_the_fp64_product(columns):
+    g = torch.Generator().manual_seed(columns)
+    chunks = [torch.randn(n, columns, generator=g) for n in (300, 7, 129)]
+    acc = obs.HessianAccumulator(columns)
+    for chunk in chunks:
+        acc.add_batch(chunk)
+    X = torch.cat(chunks).double()
+    assert torch.count_nonzero(torch.tril(acc.sum, -1)) == 0  # only the upper triangle is accumulated
+    expected = 2 * X.T @ X / X.shape[0]
+    torch.testing.assert_close(acc.H.double(), expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(acc.H, acc.H.T)
+
+
 def test_exact_group_error_equals_measured_increase():
     W, X = _problem()
     H = _hessian(X)

@@ -23,7 +23,8 @@ import torch  # noqa: E402
 from slimgpt_core.data import calibration_tokens, evaluation_tokens  # noqa: E402
 from slimgpt_core.evaluate import perplexity  # noqa: E402
 from slimgpt_core.models import load_model, resolve_device  # noqa: E402
-from slimgpt_core.pipeline import PruneSettings, prune_model  # noqa: E402
+from slimgpt_core.pipeline import prune_model
+from slimgpt_core.prune_settings import PruneSettings  # noqa: E402
 from slimgpt_core.recover import RecoverSettings, recover  # noqa: E402
 
 

@@ -20,7 +20,8 @@ import torch  # noqa: E402
 from slimgpt_core.curvature import factor_bytes  # noqa: E402
 from slimgpt_core.data import calibration_tokens  # noqa: E402
 from slimgpt_core.models import load_model  # noqa: E402
-from slimgpt_core.pipeline import PruneSettings, prune_model  # noqa: E402
+from slimgpt_core.pipeline import prune_model
+from slimgpt_core.prune_settings import PruneSettings  # noqa: E402
 
 
 def main() -> None:

@@ -3,7 +3,7 @@ import dataclasses
 
 import streamlit as st
 
-from slimgpt_core.pipeline import PruneSettings
+from slimgpt_core.prune_settings import PruneSettings
 from slimgpt_core.studio import prune_to_workspace
 from ui import charts
 from ui.state import job, job_progress, require_model, require_runs, run_report, submit, take_result

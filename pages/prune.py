@@ -4,7 +4,7 @@ import streamlit as st
 from slimgpt_core.autoschedule import AutoSettings, auto_job
 from slimgpt_core.curves import curves_job, predict, sensitivity_map
 from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.pipeline import PruneSettings
+from slimgpt_core.prune_settings import PruneSettings
 from slimgpt_core.schedule import layer_ratios
 from slimgpt_core.studio import head_importance, preview_schedule, prune_to_workspace
 from ui import charts

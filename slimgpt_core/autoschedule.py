@@ -246,7 +246,7 @@ class StitchedModel:
 
     def __init__(self, model, db: VariantDatabase, tokens: torch.Tensor, batch_size: int = 8, device: str = "auto"):
         from .models import resolve_device
-        from .pipeline import capture_layer_inputs
+        from .forwards import capture_layer_inputs
 
         self.model, self.db, self.bs = model, db, batch_size
         self.dev = resolve_device(device)
@@ -266,7 +266,7 @@ class StitchedModel:
     def run(self, kv: Sequence[int], ch: Sequence[int], start: int = 0, x: torch.Tensor | None = None,
             inputs: list | None = None) -> list[torch.Tensor]:
         """Hidden states entering layers start … n (the last is the final one) for this schedule."""
-        from .pipeline import run_layer
+        from .forwards import run_layer
 
         x = self.x0 if x is None else x
         states = [x]

@@ -328,7 +328,9 @@ def cmd_prune(args) -> int:
 def _cmd_prune(args, rank: int) -> int:
     from .data import calibration_tokens
     from .models import load_model, resolve_device
-    from .pipeline import PruneSettings, activation_streams, check_memory, plan_removals, prune_model
+    from .activations import activation_streams, check_memory
+    from .pipeline import prune_model
+    from .prune_settings import PruneSettings, plan_removals
     from .runs import check_output_folder, save_run
     from .workspace import new_run_name, runs_root
 

@@ -13,7 +13,8 @@ from .data import calibration_tokens
 from .errors import SlimGPTError
 from .events import Progress
 from .models import load_model
-from .pipeline import PruneSettings, prune_model
+from .pipeline import prune_model
+from .prune_settings import PruneSettings
 
 # name -> (settings overrides, what it shows)
 VARIANTS: dict[str, tuple[dict, str]] = {

@@ -18,8 +18,9 @@ from typing import Callable, Sequence
 import torch
 
 from . import obs
-from .errors import PruningCancelled, SlimGPTError
+from .errors import SlimGPTError
 from .schedule import units_to_remove
+from .statistics import dense_hessians
 
 CURVES_VERSION = "curves-v1"
 MAP_RATIOS = tuple(round(0.05 * i, 2) for i in range(19))  # 0 … 0.9
@@ -156,48 +157,6 @@ def layer_curves(layer, H_attn: torch.Tensor, H_mlp: torch.Tensor, damp: float =
                        head_order, counts, [e / e_mlp if e_mlp else 0.0 for e in ffn_abs], ffn_order, e_attn, e_mlp)
 
 
-def dense_hessians(model, tokens: torch.Tensor, batch_size: int = 8, device: str = "auto",
-                   should_stop: Callable[[], bool] | None = None):
-    """Yield (layer index, layer, H of o_proj, H of down_proj) on the dense model's inputs, layer by layer.
-
-    Hessians come from the pipeline's statistics cache when it holds them (the same entries `dense_statistics`
-    writes), so a model whose statistics exist needs no forward pass here."""
-    from . import pipeline
-    from .models import resolve_device
-
-    dev = resolve_device(device)
-    cache_cls = getattr(pipeline, "_StatisticsCache", None)
-    stats = cache_cls(model, tokens, True) if cache_cls is not None else None
-    layers = model.model.layers
-    x, kwargs = None, None
-    for i, layer in enumerate(layers):
-        if should_stop is not None and should_stop():
-            raise PruningCancelled("error curves were cancelled")
-        home = next(layer.parameters()).device
-        layer.to(dev)
-
-        def inputs(i=i):
-            nonlocal x, kwargs
-            if x is None:
-                x, kwargs = pipeline.capture_layer_inputs(model, tokens, batch_size, dev)
-                for j in range(i):  # catch up through earlier layers whose statistics were cached
-                    h = next(layers[j].parameters()).device
-                    x = pipeline.run_layer(layers[j].to(dev), x, kwargs, batch_size)
-                    layers[j].to(h)
-            return x
-
-        def hessian(module, linear):
-            compute = lambda: pipeline.collect_hessian(layer, linear, inputs(), kwargs, batch_size)  # noqa: E731
-            return (stats.hessian(i, module, compute, True) if stats is not None else compute()).to(dev)
-
-        H_attn = hessian("attn", layer.self_attn.o_proj)
-        H_mlp = hessian("mlp", layer.mlp.down_proj)
-        yield i, layer, H_attn, H_mlp
-        if x is not None and i + 1 < len(layers):
-            x = pipeline.run_layer(layer, x, kwargs, batch_size)
-        layer.to(home)
-
-
 def error_curves(model, tokens: torch.Tensor, damp: float = 0.01, batch_size: int = 8, device: str = "auto",
                  progress: Callable[[int, int], None] | None = None, should_stop: Callable[[], bool] | None = None,
                  use_cache: bool = True) -> ModelCurves:
@@ -214,7 +173,7 @@ def error_curves(model, tokens: torch.Tensor, damp: float = 0.01, batch_size: in
     t0 = time.perf_counter()
     layers = []
     n = len(model.model.layers)
-    for i, layer, H_attn, H_mlp in dense_hessians(model, tokens, batch_size, device, should_stop):
+    for i, layer, H_attn, H_mlp in dense_hessians(model, tokens, batch_size, device, should_stop, "error curves"):
         layers.append(layer_curves(layer, H_attn, H_mlp, damp))
         if progress is not None:
             progress(i + 1, n)

@@ -127,10 +127,10 @@ def prune_to_shape(model, tokens: torch.Tensor, target, batch_size: int = 8, dev
 def prune_minitron(model, tokens: torch.Tensor, settings, callback=None, should_stop=None,
                    model_name: str = "") -> PruneReport:
     """The pipeline's `--method minitron`: the same per-layer counts of KV groups and FFN channels as every
-    method (pipeline.plan_removals), chosen by activation importance; a KV group scores as the L2 of its heads."""
+    method (prune_settings.plan_removals), chosen by activation importance; a KV group scores as the L2 of its heads."""
     from .cache import forget_fingerprint
     from .models import resolve_device
-    from .pipeline import plan_removals
+    from .prune_settings import plan_removals
 
     emit = callback or (lambda e: None)
     device = resolve_device(settings.device)

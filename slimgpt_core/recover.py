@@ -197,7 +197,7 @@ def training_memory_bytes(model, settings: RecoverSettings) -> int:
 
 
 def check_training_memory(model, settings: RecoverSettings, device: torch.device) -> None:
-    from .pipeline import available_memory_bytes
+    from .activations import available_memory_bytes
 
     need = training_memory_bytes(model, settings)
     if device.type == "cpu":

@@ -13,7 +13,9 @@ from .data import calibration_tokens
 from .errors import SlimGPTError
 from .events import AchievedRatios, Progress, PruneReport
 from .models import LoadedModel
-from .pipeline import DenseStatistics, PruneSettings, dense_statistics, plan_removals, prune_model
+from .pipeline import prune_model
+from .prune_settings import PruneSettings, plan_removals
+from .statistics import DenseStatistics, dense_statistics
 from .schedule import layer_ratios
 from .surgery import count_parameters, layer_shape
 

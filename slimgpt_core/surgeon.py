@@ -76,7 +76,7 @@ def mean_loss(model, tokens: torch.Tensor, batch_size: int) -> float:
 def check_memory(model, batch_size: int, seqlen: int, device: torch.device) -> torch.device:
     """Where the factors live: on `device` when factors plus one forward+backward fit, else on the CPU (CUDA);
     refuse with what to lower when even that cannot fit."""
-    from .pipeline import available_memory_bytes
+    from .activations import available_memory_bytes
 
     need_factors = factor_bytes(model)
     cfg = model.config
@@ -151,7 +151,7 @@ def _unit_params(layer) -> tuple[int, int]:
 def schedule_fraction(model, settings) -> float:
     """The fraction of decoder-layer parameters a per-layer schedule (settings as for SlimGPT) removes: the
     budget that makes LLM Surgeon's global allocation comparable at equal achieved ratio."""
-    from .pipeline import plan_removals
+    from .prune_settings import plan_removals
 
     _, _, head_rm, ffn_rm = plan_removals(model, settings)
     removed = sum(h * _unit_params(layer)[0] + c * _unit_params(layer)[1]
@@ -309,8 +309,8 @@ def _fmt(seconds: float) -> str:
 
 
 def _peak_mb(device: torch.device) -> float:
-    from .pipeline import _peak_memory_mb
-    return _peak_memory_mb(device)
+    from .activations import peak_memory_mb
+    return peak_memory_mb(device)
 
 
 def _removed_fraction(layers, heads_mode: bool, layer_params0: int) -> float:

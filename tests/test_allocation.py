@@ -6,7 +6,8 @@ import torch
 
 from slimgpt_core import autoschedule, curves, obs
 from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.pipeline import PruneSettings, prune_model
+from slimgpt_core.pipeline import prune_model
+from slimgpt_core.prune_settings import PruneSettings
 from slimgpt_core.schedule import layer_ratios
 
 

@@ -15,7 +15,8 @@ from slimgpt_core.data import calibration_tokens
 from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.export import export_model
 from slimgpt_core.models import load_model
-from slimgpt_core.pipeline import PruneSettings, prune_model
+from slimgpt_core.pipeline import prune_model
+from slimgpt_core.prune_settings import PruneSettings
 from slimgpt_core.runs import save_run
 
 LOAD_AND_COMPARE = """

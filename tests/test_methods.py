@@ -8,7 +8,8 @@ from conftest import tiny_model
 from slimgpt_core.cli import main
 from slimgpt_core.compare import VARIANTS, run_grid, write_outputs
 from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.pipeline import PruneSettings, prune_model
+from slimgpt_core.pipeline import prune_model
+from slimgpt_core.prune_settings import PruneSettings
 
 METHOD_FLAGS = {"magnitude": ["--method", "magnitude"], "wanda-sp": ["--method", "wanda-sp"],
                 "obs-multishot": ["--method", "obs-multishot", "--shots", "2"], "nocomp": ["--no-compensation"],

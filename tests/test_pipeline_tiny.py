@@ -6,7 +6,8 @@ import torch
 
 from conftest import tiny_model
 from slimgpt_core.errors import PruningCancelled, SlimGPTError
-from slimgpt_core.pipeline import PruneSettings, prune_model
+from slimgpt_core.pipeline import prune_model
+from slimgpt_core.prune_settings import PruneSettings
 from slimgpt_core.runs import save_run
 from slimgpt_core.surgery import describe_layers
 

@@ -7,7 +7,10 @@ from conftest import tiny_model
 from slimgpt_core import cache
 from slimgpt_core.data import calibration_tokens
 from slimgpt_core.models import load_model
-from slimgpt_core.pipeline import DenseStatistics, PruneSettings, activation_device, dense_statistics, prune_model
+from slimgpt_core.activations import activation_device
+from slimgpt_core.pipeline import prune_model
+from slimgpt_core.prune_settings import PruneSettings
+from slimgpt_core.statistics import DenseStatistics, dense_statistics
 from slimgpt_core.studio import preview_schedule
 from slimgpt_core.surgery import describe_layers
 

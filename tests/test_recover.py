@@ -20,7 +20,8 @@ from slimgpt_core.errors import PruningCancelled, SlimGPTError
 from slimgpt_core.evaluate import perplexity
 from slimgpt_core.finetune_data import IGNORE, PROMPT_NO_INPUT, instruction_example, load_finetune_data
 from slimgpt_core.models import load_model
-from slimgpt_core.pipeline import PruneSettings, prune_model
+from slimgpt_core.pipeline import prune_model
+from slimgpt_core.prune_settings import PruneSettings
 from slimgpt_core.recover import RecoverSettings, add_lora, load_source_report, merge_lora, recover
 from slimgpt_core.runs import save_run
 
@@ -236,9 +237,9 @@ def test_cancel_leaves_the_model_as_it_came(pruned_run):
 
 
 def test_memory_check_says_what_to_lower(pruned_run, monkeypatch):
-    from slimgpt_core import pipeline
+    from slimgpt_core import activations
     loaded = _pruned(pruned_run)
-    monkeypatch.setattr(pipeline, "available_memory_bytes", lambda device: 2**20)
+    monkeypatch.setattr(activations, "available_memory_bytes", lambda device: 2**20)
     with pytest.raises(SlimGPTError, match=r"lower --batch-size \(4.*--seqlen \(256\) or --rank \(8\)"):
         recover(loaded.model, loaded.tokenizer, RecoverSettings(data=["tinystories"]))
 

@@ -20,7 +20,8 @@ def workspace(tmp_path_factory):
     identical windows; task accuracies as `eval --limit 40` stores them."""
     from slimgpt_core.data import calibration_tokens
     from slimgpt_core.models import load_model
-    from slimgpt_core.pipeline import PruneSettings, prune_model
+    from slimgpt_core.pipeline import prune_model
+    from slimgpt_core.prune_settings import PruneSettings
     from slimgpt_core.studio import evaluate
     from slimgpt_core.workspace import add_evaluation, dense_evaluations_folder, list_runs, save_run, versions
 

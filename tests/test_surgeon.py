@@ -11,7 +11,8 @@ from slimgpt_core import kfac, obs
 from slimgpt_core.cli import main
 from slimgpt_core.curvature import LINEARS, CurvatureCollector, factor_bytes, linears
 from slimgpt_core.errors import PruningCancelled, SlimGPTError
-from slimgpt_core.pipeline import PruneSettings, prune_model
+from slimgpt_core.pipeline import prune_model
+from slimgpt_core.prune_settings import PruneSettings
 from slimgpt_core.surgeon import rows_threshold, select_heads, zero_fraction, _Unit
 
 

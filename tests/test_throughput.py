@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_model
 from slimgpt_core import pipeline
-from slimgpt_core.pipeline import PruneSettings
+from slimgpt_core.prune_settings import PruneSettings
 
 RTOL = 1e-5
 

@@ -27,7 +27,8 @@ def stories_run(assets_root):
     """A pruned stories260k model and its report, made once."""
     from slimgpt_core.data import calibration_tokens
     from slimgpt_core.models import load_model
-    from slimgpt_core.pipeline import PruneSettings, prune_model
+    from slimgpt_core.pipeline import prune_model
+    from slimgpt_core.prune_settings import PruneSettings
 
     m = load_model("stories260k", "cpu")
     tokens = calibration_tokens(m.tokenizer, "tinystories", 8, 64, 0)

@@ -35,7 +35,7 @@ def training_tokens(tokenizer, sources: list[str], steps: int, batch_size: int, 
 
 
 def check_training_memory(model, batch_size: int, seqlen: int, device: torch.device, train_weights: bool) -> None:
-    from ..pipeline import available_memory_bytes
+    from ..activations import available_memory_bytes
 
     need = training_bytes(model, batch_size, seqlen, train_weights)
     have = available_memory_bytes(device)

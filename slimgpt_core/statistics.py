@@ -22,8 +22,8 @@ class StatisticsCache:
     def __init__(self, model, tokens: torch.Tensor, enabled: bool):
         from . import cache
         self.enabled = enabled
-        # v2: fp64-summed statistics; bump when the way Hessians are accumulated changes
-        self.prefix = f"stats-v2|{cache.model_fingerprint(model)}|{cache.tokens_digest(tokens)}" if enabled else ""
+        # v3: upper-triangular fp64 sums; bump when the way Hessians are accumulated changes
+        self.prefix = f"stats-v3|{cache.model_fingerprint(model)}|{cache.tokens_digest(tokens)}" if enabled else ""
         self.reused = 0
 
     def hessian(self, layer_idx: int, module: str, compute: Callable[[], torch.Tensor], dense: bool) -> torch.Tensor:

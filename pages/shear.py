@@ -72,8 +72,10 @@ if mode == "Set the counts":
     raw = {"layers": values["layers"], "kv_groups": values["kv_groups"],
            "heads": values["kv_groups"] * values["heads_per_group"], "ffn": values["ffn"], "hidden": values["hidden"]}
 else:
-    others = [k for k in all_runs if k != source_key]
-    pick = st.selectbox("Copy the shape of", others + ["other"], key="shear_copy_from",
+    others = [k for k in all_runs if k != source_key] + ["other"]
+    if ss.get("shear_copy_from") not in others:
+        ss.pop("shear_copy_from", None)
+    pick = st.selectbox("Copy the shape of", others, key="shear_copy_from",
                         format_func=lambda k: "a config.json, model folder, hub id or JSON…" if k == "other"
                         else f"run {all_runs[k].title}")
     spec = str(all_runs[pick].path) if pick != "other" else st.text_input(
@@ -93,7 +95,7 @@ if raw is not None:
 if target is not None:
     after = parameter_count(model, target)
     m1, m2 = st.columns([1, 3])
-    m1.metric("Parameters after the cut", f"{after:,}", f"{after - source_params:,}")
+    m1.metric("Parameters after the cut", f"{after:,}", f"{after - source_params:,}", delta_color="off")
     m2.metric("Share of the source kept", f"{after / source_params:.1%}", help=describe(target))
     st.caption(f"Target: {describe(target)}")
 

@@ -183,8 +183,25 @@ def test_a_shear_job_runs_live_in_a_second_session_and_becomes_a_run(app):
     # Runs, Evaluate and Export list it
     other.switch_page("pages/runs.py").run()
     assert run.name in list(other.dataframe[0].value["run"])
+    other.switch_page("pages/evaluate.py").run()
+    assert run.title in other.multiselect(key="eval_runs").options
     other.switch_page("pages/export.py").run()
     assert not other.exception
+    # its shape can be copied as a target, and the run itself sheared further (read from disk, not changed)
+    other.switch_page("pages/shear.py").run()
+    other.radio(key="shear_mode").set_value("Copy the shape of").run()
+    assert other.selectbox(key="shear_copy_from").value == run.name and shown_parameters(other) == promised
+    other.radio(key="shear_mode").set_value("Set the counts").run()
+    other.selectbox(key="shear_source").set_value(run.name).run()
+    assert other.number_input(key="shear_layers").value == 4 and shown_parameters(other) == promised
+    set_target(other, layers=3, hidden=40)
+    small_job(other, steps=3, ppl_windows=0)
+    button(other, "Start shearing").click().run()
+    assert BOARD.latest("shear").wait(300).state == "done"
+    second = list_runs()[0]
+    assert second.summary["source_run"] == run.name and second.summary["params_after"] == shown_parameters(other)
+    assert json.loads((second.path / "config.json").read_text())["num_hidden_layers"] == 3
+    assert PruneReport.load(run.path / "report.json").params_after == promised
 
 
 def test_cancel_from_another_session_writes_nothing(app):

@@ -54,6 +54,12 @@ def small_job(at, steps: int, ppl_windows: int = 2) -> None:
     at.number_input(key="shear_ppl_windows").set_value(ppl_windows).run()
 
 
+def test_without_a_model_or_run_the_page_says_what_to_do(app):
+    app.switch_page("pages/shear.py").run()
+    assert not app.exception
+    assert any("Load a model" in i.value for i in app.info)
+
+
 @pytest.mark.parametrize("arch,tied", [("qwen2", True), ("mistral", False), ("llama", True)])
 def test_parameter_count_of_a_shape_equals_a_model_built_with_it(arch, tied):
     """Exact arithmetic, including qwen2's q/k/v biases and an untied head."""

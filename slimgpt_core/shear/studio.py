@@ -86,6 +86,7 @@ def shear_to_workspace(source: LoadedModel | str | Path, target: dict, settings:
     dense_ppl = None
     if ppl_source:
         emit(Progress(0, settings.steps, "dense perplexity", time.perf_counter() - t0))
+        model.to(device)  # perplexity runs where the weights are
         dense_ppl = asdict(cached_perplexity(model, tokenizer, ppl_source, ppl_seqlen, 8, ppl_windows, device,
                                              should_stop=stop))
         model.to("cpu")
@@ -105,6 +106,7 @@ def shear_to_workspace(source: LoadedModel | str | Path, target: dict, settings:
     sheared_ppl = None
     if ppl_source:
         emit(Progress(settings.steps, settings.steps, "perplexity of the cut model", time.perf_counter() - t0))
+        model.to(device)
         sheared_ppl = asdict(cached_perplexity(model, tokenizer, ppl_source, ppl_seqlen, 8, ppl_windows, device,
                                                should_stop=stop))
         model.to("cpu")

@@ -22,8 +22,11 @@ ss = st.session_state
 
 
 def describe(shape) -> str:
-    return (f"{shape.layers} layers · {shape.kv_groups} KV groups × {shape.heads_per_group} query heads · "
-            f"FFN {shape.ffn} · hidden {shape.hidden}")
+    def n(count: int, noun: str) -> str:
+        return f"{count} {noun}{'' if count == 1 else 's'}"
+
+    return (f"{n(shape.layers, 'layer')} · {n(shape.kv_groups, 'KV group')} × {n(shape.heads_per_group, 'query head')}"
+            f" · FFN {shape.ffn} · hidden {shape.hidden}")
 
 
 # --- source -------------------------------------------------------------------------------------------------------

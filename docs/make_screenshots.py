@@ -24,7 +24,11 @@ def shear() -> None:
             set_number(page, label, value)
         page.get_by_role("button", name="Start shearing").click()
         page.get_by_text("Saved as run").wait_for(timeout=600_000)
+        # the page reruns once the job has ended: the sidebar then names the new run
+        page.locator("[data-testid='stSidebar']").get_by_text("achieved", exact=False).wait_for(timeout=60_000)
         wait_idle(page)
+        charts = page.locator("[data-testid='stPlotlyChart']").filter(has_text="Expected size").count()
+        assert charts == 1, f"{charts} expected-size charts on the page"
         page.screenshot(path=str(HERE / "shear.png"), full_page=True)
 
 

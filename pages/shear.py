@@ -29,6 +29,50 @@ def describe(shape) -> str:
             f" · FFN {shape.ffn} · hidden {shape.hidden}")
 
 
+def live() -> None:
+    """Polled while the job runs; never blocks. The job belongs to the server: a reload or a second tab finds it."""
+    j = job("shear")
+    if j is None:
+        return
+    events = list(j.events)
+    start = next((e for e in events if e.kind == "shear-start"), None)
+    history = [e for e in events if e.kind == "shear"]
+    if j.running:
+        job_progress(j, "Cancel shear", "cancel_shear")
+        if history:
+            s = history[-1]
+            st.caption(f"**{j.label}** · step {s.step}/{s.steps} · loss {s.loss:.3f} · expected parameters "
+                       f"{s.expected_parameters:,.0f} (target {start.params_target:,}) · {s.tokens_per_s:.0f} "
+                       f"tokens/s · ETA {s.eta_s:.0f} s")
+    elif j.state == "failed":
+        st.error(j.error)
+    elif j.state == "cancelled":
+        st.warning("Shear was cancelled: nothing was written.")
+    if j.state == "done":
+        out = j.result
+        st.success(f"Cut to {describe(out.target)}: {out.params_before:,} → {out.params_after:,} parameters after "
+                   f"{out.tokens_seen:,} tokens in {out.seconds:.0f} s. Saved as run **{out.run.title}**: it is "
+                   "listed on Runs, Evaluate and Export like every run.")
+        if out.sheared_ppl:
+            p = out.sheared_ppl
+            st.caption(f"Perplexity ({p['dataset']} test, {p['windows']} windows × {p['seqlen']}): source "
+                       f"{out.dense_ppl['ppl']:.2f} → sheared {p['ppl']:.2f}")
+    if history and start is not None:
+        c1, c2 = st.columns(2)
+        c1.plotly_chart(shear_charts.loss_curve(history), key="shear_loss")
+        c2.plotly_chart(shear_charts.expected_sizes(history, start.source), key="shear_sizes")
+        st.plotly_chart(shear_charts.lambdas(history), key="shear_lambdas")
+    if take_result(j):  # once the job has ended: select its run and refresh the whole page (sidebar, buttons)
+        if j.state == "done":
+            ss.current_run = j.result.run.name
+        st.rerun()
+
+
+def show_job() -> None:
+    """The shear job's progress, curves and result, polled while it runs."""
+    st.fragment(run_every=1.0 if job("shear") and job("shear").running else None)(live)()
+
+
 # --- source -------------------------------------------------------------------------------------------------------
 loaded = current_model()
 all_runs = runs()
@@ -46,6 +90,7 @@ try:
     source = source_shape(model)
 except SlimGPTError as exc:
     st.error(str(exc))
+    show_job()  # a job started from another source still shows
     st.stop()
 source_params = count_parameters(model)
 st.caption(f"Source: {describe(source)} · head size {model.model.layers[0].self_attn.head_dim} · "
@@ -141,44 +186,4 @@ if st.button("Start shearing", type="primary", disabled=target is None or bool(s
                target.to_dict(), settings, list(data), int(seqlen), "wikitext2" if ppl_windows else None, 128,
                int(ppl_windows) or None, job_label=shear_label(name, target))
 
-
-def live() -> None:
-    """Polled while the job runs; never blocks. The job belongs to the server: a reload or a second tab finds it."""
-    j = job("shear")
-    if j is None:
-        return
-    events = list(j.events)
-    start = next((e for e in events if e.kind == "shear-start"), None)
-    history = [e for e in events if e.kind == "shear"]
-    if j.running:
-        job_progress(j, "Cancel shear", "cancel_shear")
-        if history:
-            s = history[-1]
-            st.caption(f"**{j.label}** · step {s.step}/{s.steps} · loss {s.loss:.3f} · expected parameters "
-                       f"{s.expected_parameters:,.0f} (target {start.params_target:,}) · {s.tokens_per_s:.0f} "
-                       f"tokens/s · ETA {s.eta_s:.0f} s")
-    elif j.state == "failed":
-        st.error(j.error)
-    elif j.state == "cancelled":
-        st.warning("Shear was cancelled: nothing was written.")
-    if j.state == "done":
-        out = j.result
-        st.success(f"Cut to {describe(out.target)}: {out.params_before:,} → {out.params_after:,} parameters after "
-                   f"{out.tokens_seen:,} tokens in {out.seconds:.0f} s. Saved as run **{out.run.title}**: it is "
-                   "listed on Runs, Evaluate and Export like every run.")
-        if out.sheared_ppl:
-            p = out.sheared_ppl
-            st.caption(f"Perplexity ({p['dataset']} test, {p['windows']} windows × {p['seqlen']}): source "
-                       f"{out.dense_ppl['ppl']:.2f} → sheared {p['ppl']:.2f}")
-    if history and start is not None:
-        c1, c2 = st.columns(2)
-        c1.plotly_chart(shear_charts.loss_curve(history), key="shear_loss")
-        c2.plotly_chart(shear_charts.expected_sizes(history, start.source), key="shear_sizes")
-        st.plotly_chart(shear_charts.lambdas(history), key="shear_lambdas")
-    if take_result(j):  # once the job has ended: select its run and refresh the whole page (sidebar, buttons)
-        if j.state == "done":
-            ss.current_run = j.result.run.name
-        st.rerun()
-
-
-st.fragment(run_every=1.0 if job("shear") and job("shear").running else None)(live)()
+show_job()

@@ -114,6 +114,21 @@ def test_an_invalid_target_says_so_and_starts_nothing(app, change, words):
     assert BOARD.latest("shear") is None and not [p for p in runs_root().iterdir() if p.is_dir()]
 
 
+def test_a_run_whose_layers_differ_is_refused_as_a_source(app):
+    from slimgpt_core.pipeline import PruneSettings
+    from slimgpt_core.studio import prune_to_workspace
+    from ui.state import POOL
+
+    shear_page(app)
+    pruned = prune_to_workspace(POOL.get("stories260k", "auto", "auto"), PruneSettings(ratio=0.3), "tinystories", 4,
+                                32, device="cpu")  # the log schedule: every layer a different shape
+    app.run()
+    app.selectbox(key="shear_source").set_value(pruned.name).run()
+    assert [e.value for e in app.error] == ["shear needs a source whose layers all have one shape (a dense model, "
+                                            "not a pruned run)"]
+    assert not [b for b in app.button if b.label == "Start shearing"]
+
+
 def test_copied_target_whose_heads_do_not_divide_says_so(app, tmp_path):
     from slimgpt_core.jobs import BOARD
 

@@ -109,6 +109,31 @@ def collect_hessian(layer, linear: torch.nn.Linear, x: torch.Tensor, kwargs: dic
     return acc.H
 
 
+def collect_layer_hessians(layer, x: torch.Tensor, kwargs: dict, batch_size: int,
+                           tf32: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """H of o_proj's and of down_proj's inputs and the layer's outputs, in one forward pass over x (dense
+    statistics: nothing is pruned between the two, so one pass serves both)."""
+    attn, mlp = layer.self_attn.o_proj, layer.mlp.down_proj
+    accs = [obs.HessianAccumulator(attn.in_features, attn.weight.device),
+            obs.HessianAccumulator(mlp.in_features, mlp.weight.device)]
+
+    def hook(acc):
+        def add(module, args):
+            with _TF32(False):
+                acc.add_batch(args[0])
+        return add
+
+    handles = [attn.register_forward_pre_hook(hook(accs[0])), mlp.register_forward_pre_hook(hook(accs[1]))]
+    try:
+        out = run_layer(layer, x, kwargs, batch_size, tf32=tf32)
+    finally:
+        for h in handles:
+            h.remove()
+    for acc in accs:
+        acc.all_reduce()
+    return accs[0].H, accs[1].H, out
+
+
 # Passes that keep what they capture, so that each layer's attention and MLP run once (issue 13). The layer's own
 # forward still does the residual adds and norms: the attention (and the MLP) are replayed from the kept inputs.
 

@@ -9,7 +9,7 @@ import torch
 
 from . import obs
 from .errors import PruningCancelled
-from .forwards import capture_layer_inputs, collect_hessian, run_layer
+from .forwards import capture_layer_inputs, collect_layer_hessians, run_layer
 from .schedule import units_to_remove
 
 
@@ -101,14 +101,15 @@ def dense_hessians(model, tokens: torch.Tensor, batch_size: int = 8, device: str
                     layers[j].to(h)
             return x
 
-        def hessian(module, linear):
-            compute = lambda: collect_hessian(layer, linear, inputs(), kwargs, batch_size)  # noqa: E731
-            return stats.hessian(i, module, compute, True).to(dev)
-
-        H_attn = hessian("attn", layer.self_attn.o_proj)
-        H_mlp = hessian("mlp", layer.mlp.down_proj)
-        yield i, layer, H_attn, H_mlp
-        if x is not None and i + 1 < len(layers):
+        H_attn, H_mlp = stats.lookup(i, "attn", True), stats.lookup(i, "mlp", True)
+        advanced = False
+        if H_attn is None or H_mlp is None:  # one pass gives both, and the next layer's inputs
+            attn_H, mlp_H, x_next = collect_layer_hessians(layer, inputs(), kwargs, batch_size)
+            H_attn = H_attn if H_attn is not None else stats.store(i, "attn", attn_H, True)
+            H_mlp = H_mlp if H_mlp is not None else stats.store(i, "mlp", mlp_H, True)
+            x, advanced = x_next, True
+        yield i, layer, H_attn.to(dev), H_mlp.to(dev)
+        if x is not None and not advanced and i + 1 < len(layers):
             x = run_layer(layer, x, kwargs, batch_size)
         layer.to(home)
 

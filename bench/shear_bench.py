@@ -11,6 +11,8 @@
         budget (dynamic batch loading over tinystories, wikitext2, c4; labels or distillation from the source);
         perplexity (with the standard error of the mean window NLL) before and after, on the TinyStories text
         never trained on (last fifth) and on WikiText-2 test
+    python bench/shear_bench.py recipe-table --input recipe.jsonl
+        the recipe's JSON lines as the markdown table of docs/compare/shear-stories260k
     python bench/shear_bench.py pretrain-speed [--model default] [--steps 4] [--batch 1] [--seqlen 256]
         tokens/s and peak memory of continued pre-training (full, LoRA, full + distillation), a process each
 """
@@ -199,6 +201,30 @@ def recipe(args) -> None:
                                   "ppl": ppl(res.model)}), flush=True)
 
 
+def recipe_table(path: str) -> str:
+    """One row per model: parameters, tokens spent pruning and pretraining, PPL ± (1 se in NLL, as a factor)."""
+    import math
+
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+    def cell(p: dict) -> str:
+        return f"{p['ppl']:.2f} (×{math.exp(p['nll_se']):.3f})"
+
+    out = ["| target | method | params | pruning tokens | continued pre-training | CPT tokens | final mix (TS/WT/C4) "
+           "| TinyStories PPL | WikiText-2 PPL |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r.get("target")
+        shape = "dense" if t is None else (f"{t['layers']} L, {t['kv_groups']}×{t['heads'] // t['kv_groups']} "
+                                           f"heads, FFN {t['ffn']}, d {t['hidden']}")
+        cpt = {"dense": "—", "pruned": "none (before)"}.get(r["what"], r.get("cpt", ""))
+        mix = "/".join(f"{r['final_weights'][k]:.2f}" for k in ("tinystories", "wikitext2", "c4")) \
+            if "final_weights" in r else ""
+        out.append(f"| {shape} | {r.get('method', '—')} | {r['params']:,} | {r.get('pruning_tokens', 0):,} | {cpt} | "
+                   f"{r.get('cpt_tokens', 0):,} | {mix} | {cell(r['ppl']['tinystories'])} | "
+                   f"{cell(r['ppl']['wikitext2'])} |")
+    return "\n".join(out)
+
+
 def pretrain_speed_one(args) -> dict:
     from slimgpt_core.shear.pretrain import PretrainSettings, pretrain
 
@@ -231,8 +257,9 @@ def pretrain_speed(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["speed", "speed-one", "quality", "recipe", "pretrain-speed",
+    ap.add_argument("mode", choices=["speed", "speed-one", "quality", "recipe", "recipe-table", "pretrain-speed",
                                      "pretrain-speed-one"])
+    ap.add_argument("--input", help="recipe-table: the recipe's JSON lines")
     ap.add_argument("--mode-detail", default="full", help="pretrain-speed-one: full, lora or distill")
     ap.add_argument("--cpt-steps", type=int, default=300)
     ap.add_argument("--cpt-lr", type=float, default=1e-3)
@@ -249,7 +276,9 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", default=['{"kv_groups": 2, "ffn": 96}',
                                                      '{"layers": 4, "kv_groups": 2, "ffn": 128, "hidden": 48}'])
     args = ap.parse_args()
-    if args.mode in ("quality", "recipe"):
+    if args.mode == "recipe-table":
+        print(recipe_table(args.input))
+    elif args.mode in ("quality", "recipe"):
         args.steps, args.batch, args.seqlen = args.steps or 200, args.batch or 4, args.seqlen or 128
         (quality if args.mode == "quality" else recipe)(args)
     elif args.mode.startswith("pretrain-speed"):

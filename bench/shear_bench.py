@@ -125,7 +125,7 @@ def ppl_with_se(model, tokens: torch.Tensor, seqlen: int, windows: int) -> dict:
     t = torch.tensor(nll, dtype=torch.float64)
     mean, se = float(t.mean()), float(t.std() / math.sqrt(n)) if n > 1 else float("nan")
     return {"ppl": round(math.exp(mean), 3), "nll": round(mean, 4), "nll_se": round(se, 4), "windows": n,
-            "tokens": n * (seqlen - 1)}
+            "tokens": n * (seqlen - 1), "window_nll": [round(x, 5) for x in nll]}
 
 
 def recipe(args) -> None:
@@ -225,6 +225,46 @@ def recipe_table(path: str) -> str:
     return "\n".join(out)
 
 
+def recipe_pairs(path: str) -> str:
+    """Paired differences on the same windows: for each target and each stage (before, each CPT variant), every
+    two methods' mean NLL difference ± its paired standard error; 'wins' when |Δ| > 2 se."""
+    import itertools
+    import math
+
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    groups: dict[tuple, dict[str, dict]] = {}
+    def add(r, stage):
+        groups.setdefault((json.dumps(r["target"]), stage), {})[r["method"]] = r
+
+    for r in rows:
+        if "target" not in r:
+            continue
+        stage, method = r.get("cpt", "before"), r["method"]
+        if stage.endswith("+mask-budget"):  # SlimGPT / Minitron with shear's mask-learning tokens added
+            add(r, stage.replace("+mask-budget", "") + ", equal total tokens")
+            continue
+        add(r, stage)
+        if method == "shear" and stage in ("labels", "distill"):
+            add(r, stage + ", equal total tokens")
+        # each method's own recipe: shear and SlimGPT with labels, Minitron with distillation
+        if (method, stage) in (("shear", "labels"), ("slimgpt", "labels"), ("minitron", "distill")):
+            add(r, "own recipe (shear/SlimGPT labels, Minitron distill)")
+    out = ["| target | stage | text | A vs B | ΔNLL (A − B) | paired se | verdict |", "|---|---|---|---|---|---|---|"]
+    for (target, stage), methods in groups.items():
+        t = json.loads(target)
+        shape = f"{t['layers']} L, FFN {t['ffn']}, d {t['hidden']}"
+        for a, b in itertools.combinations(sorted(methods), 2):
+            for text in ("tinystories", "wikitext2"):
+                x = torch.tensor(methods[a]["ppl"][text]["window_nll"], dtype=torch.float64)
+                y = torch.tensor(methods[b]["ppl"][text]["window_nll"], dtype=torch.float64)
+                d = x - y
+                se = float(d.std() / math.sqrt(len(d)))
+                mean = float(d.mean())
+                verdict = "within noise" if abs(mean) <= 2 * se else (f"{b} better" if mean > 0 else f"{a} better")
+                out.append(f"| {shape} | {stage} | {text} | {a} vs {b} | {mean:+.4f} | {se:.4f} | {verdict} |")
+    return "\n".join(out)
+
+
 def pretrain_speed_one(args) -> dict:
     from slimgpt_core.shear.pretrain import PretrainSettings, pretrain
 
@@ -278,6 +318,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.mode == "recipe-table":
         print(recipe_table(args.input))
+        print()
+        print(recipe_pairs(args.input))
     elif args.mode in ("quality", "recipe"):
         args.steps, args.batch, args.seqlen = args.steps or 200, args.batch or 4, args.seqlen or 128
         (quality if args.mode == "quality" else recipe)(args)

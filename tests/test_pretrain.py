@@ -335,3 +335,32 @@ def test_cli_pretrain_into_the_workspace_with_a_teacher(pruned_run, tmp_path, ca
     assert round(report["evaluation"]["pretrain_ppl_after_tinystories"]["ppl"], 3) == summary["ppl_after_tinystories"]
     loaded = load_model(str(folder), "cpu", "float32")
     assert type(loaded.model).__name__ == "SlimGPTLlamaForCausalLM"
+
+
+def test_a_sheared_run_with_fewer_layers_and_hidden_dims_pretrains_and_reloads(assets_root, tmp_path):
+    """A shear run (depth and hidden size cut), pretrained without --dynamic-mix: the mix stays equal, the
+    shape stays the target's, the run reloads with the same logits."""
+    from slimgpt_core.recover import load_source_report
+    from slimgpt_core.shear.run import save_shear_run
+    from slimgpt_core.shear.target import resolve_target, source_shape
+    from slimgpt_core.shear.train import ShearSettings, shear_model
+    from slimgpt_core.shear.pretrain import save_pretrained_run
+
+    loaded = load_model("stories260k", "cpu", "float32")
+    target = resolve_target({"layers": 4, "kv_groups": 2, "ffn": 128, "hidden": 48}, loaded.model)
+    tokens = calibration_tokens(loaded.tokenizer, "tinystories", 8, 64)
+    sheared = shear_model(loaded.model, tokens, target, ShearSettings(steps=4, batch_size=2, device="cpu"),
+                          model_name="stories260k")
+    run = save_shear_run(loaded.model, loaded.tokenizer, sheared, tmp_path / "shear")
+    model = load_model(str(run), "cpu", "float32")
+    result = pretrain(model.model, model.tokenizer, PretrainSettings(
+        data=["c4", "tinystories"], steps=4, dynamic_mix=False, update_every=1, lr=1e-3, **SMALL))
+    assert all(m["weights"] == {"c4": 0.5, "tinystories": 0.5} for m in result.mix) and not result.updates
+    assert source_shape(result.model) == target
+    out = save_pretrained_run(result, model.tokenizer, tmp_path / "cpt", load_source_report(run), str(run))
+    again = load_model(str(out), "cpu", "float32").model
+    ids = torch.arange(30).view(1, 30)
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, result.model(ids).logits, atol=1e-6)
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["method"] == "shear" and report["pretrain"]["dynamic_mix"] is False

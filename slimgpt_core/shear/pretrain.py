@@ -207,13 +207,20 @@ def pretrain_memory_bytes(model, settings: PretrainSettings, teacher=None) -> in
     return int(need)
 
 
-def check_memory(model, settings: PretrainSettings, device: torch.device, teacher=None) -> None:
-    from ..pipeline import available_memory_bytes
+def available_memory(device: torch.device) -> int | None:
+    """Free memory on `device` (the helper moved from pipeline.py to activations.py on main; either works)."""
+    try:
+        from ..activations import available_memory_bytes
+    except ImportError:
+        from ..pipeline import available_memory_bytes
+    return available_memory_bytes(device)
 
+
+def check_memory(model, settings: PretrainSettings, device: torch.device, teacher=None) -> None:
     need = pretrain_memory_bytes(model, settings, teacher)
     if device.type == "cpu":  # the weights are already in memory
         need -= sum(p.numel() * p.element_size() for m in (model, teacher) if m is not None for p in m.parameters())
-    have = available_memory_bytes(device)
+    have = available_memory(device)
     if have is not None and need > 0.9 * have:
         lora = "" if settings.lora else ", pass --lora"
         raise SlimGPTError(f"continued pre-training needs about {need / 2**30:.1f} GiB but {device} has "

@@ -335,6 +335,9 @@ def test_cli_pretrain_into_the_workspace_with_a_teacher(pruned_run, tmp_path, ca
     assert round(report["evaluation"]["pretrain_ppl_after_tinystories"]["ppl"], 3) == summary["ppl_after_tinystories"]
     loaded = load_model(str(folder), "cpu", "float32")
     assert type(loaded.model).__name__ == "SlimGPTLlamaForCausalLM"
+    measured = listed[0].perplexity  # the Runs page's perplexity, with its provenance
+    assert measured["ppl"] == report["pretrain"]["ppl_after"]["tinystories"]["ppl"]
+    assert measured["windows"] == 4 and "last 1/5" in measured["text"]
 
 
 def test_a_sheared_run_with_fewer_layers_and_hidden_dims_pretrains_and_reloads(assets_root, tmp_path):

@@ -395,6 +395,10 @@ def pretrain(model, tokenizer, settings: PretrainSettings, reference=None, teach
         trained.seconds, trained.peak_memory_mb, str(device), autocast, diff)
 
 
+TEXTS = {"tinystories": "TinyStories asset, last 1/5 of its tokens (never trained on)",
+         "wikitext2": "WikiText-2 test split"}
+
+
 def pretrained_report(result: PretrainResult, source_report=None, source: str = ""):
     """The source run's report (its pruning history) with the continued pre-training recorded."""
     from ..events import PruneReport
@@ -418,10 +422,21 @@ def pretrained_report(result: PretrainResult, source_report=None, source: str = 
 
 def save_pretrained_run(result: PretrainResult, tokenizer, out: str | Path, source_report=None, source: str = "",
                         overwrite: bool = False, label: str = "") -> Path:
-    """A normal run folder (loader, studio, evaluation, export as every run's), written all at once."""
-    from ..runs import save_run
+    """A normal run folder (loader, studio, evaluation, export as every run's), written all at once; the
+    perplexities after training are stored as the run's measurements (evaluations.json, with provenance)."""
+    from ..export import export_checkpoint
+    from ..workspace import add_measurement, write_meta
 
-    return save_run(result.model, tokenizer, pretrained_report(result, source_report, source), out, overwrite, label)
+    report = pretrained_report(result, source_report, source)
+
+    def extra(tmp: Path) -> None:
+        write_meta(tmp, report, label or Path(out).name)
+        for name, value in result.ppl_after.items():
+            text = TEXTS.get(name, name)
+            add_measurement(tmp, "perplexity", value, batch_size=8, device=result.device, text=text,
+                            measured_by="pretrain (after training)")
+
+    return export_checkpoint(result.model, tokenizer, out, report, overwrite=overwrite, extra=extra).folder
 
 
 def describe_step(e: PretrainStep) -> str:

@@ -6,6 +6,15 @@
     python bench/shear_bench.py quality [--steps 200] [--batch 4] [--seqlen 128] [--windows 40]
         stories260k: shear vs SlimGPT (to the same shape, --target-config) vs Minitron (same shape), perplexity
         on held-out TinyStories (the last fifth of the asset text; shear and calibration use the first 4/5)
+    python bench/shear_bench.py recipe [--steps 200] [--cpt-steps 300] [--cpt-lr 1e-3] [--windows 40]
+        stories260k, the full recipe: each method to each target shape, then the same continued pre-training
+        budget (dynamic batch loading over tinystories, wikitext2, c4; labels or distillation from the source);
+        perplexity (with the standard error of the mean window NLL) before and after, on the TinyStories text
+        never trained on (last fifth) and on WikiText-2 test
+    python bench/shear_bench.py recipe-table --input recipe.jsonl
+        the recipe's JSON lines as the markdown table of docs/compare/shear-stories260k
+    python bench/shear_bench.py pretrain-speed [--model default] [--steps 4] [--batch 1] [--seqlen 256]
+        tokens/s and peak memory of continued pre-training (full, LoRA, full + distillation), a process each
 """
 from __future__ import annotations
 
@@ -102,9 +111,161 @@ def quality(args) -> None:
                               "seconds": round(time.perf_counter() - t0, 1), **ppl(m), **extra}), flush=True)
 
 
+def ppl_with_se(model, tokens: torch.Tensor, seqlen: int, windows: int) -> dict:
+    """Perplexity over non-overlapping windows, with the standard error of the mean per-window NLL."""
+    import math
+
+    n = min(windows, tokens.numel() // seqlen)
+    w = tokens[: n * seqlen].view(n, seqlen)
+    nll = []
+    with torch.no_grad():
+        for chunk in w.split(8):
+            logits = model(chunk, use_cache=False).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), chunk[:, 1:], reduction="none")
+            nll += loss.mean(1).tolist()
+    t = torch.tensor(nll, dtype=torch.float64)
+    mean, se = float(t.mean()), float(t.std() / math.sqrt(n)) if n > 1 else float("nan")
+    return {"ppl": round(math.exp(mean), 3), "nll": round(mean, 4), "nll_se": round(se, 4), "windows": n,
+            "tokens": n * (seqlen - 1)}
+
+
+def recipe(args) -> None:
+    """Shear / SlimGPT / Minitron to a shape, then the same continued pre-training (see the module's doc)."""
+    import copy
+
+    from slimgpt_core.data import evaluation_tokens
+    from slimgpt_core.minitron import prune_to_shape
+    from slimgpt_core.pipeline import PruneSettings, prune_model
+    from slimgpt_core.shear.domains import perplexity_tokens
+    from slimgpt_core.shear.pretrain import PretrainSettings, pretrain
+    from slimgpt_core.shear.target import resolve_target
+    from slimgpt_core.shear.train import ShearSettings, shear_model
+
+    torch.manual_seed(0)
+    base = load_model("stories260k", "cpu", "float32")
+    tok = base.tokenizer
+    stream = evaluation_tokens(tok, "tinystories")
+    cut = int(0.8 * stream.numel())  # the same split as pretrain's tinystories domain (shear.domains)
+    train = stream[:cut]
+    n_train = train.numel() // args.seqlen
+    train_windows = train[: n_train * args.seqlen].view(n_train, args.seqlen)
+    calib = train_windows[torch.randperm(n_train, generator=torch.Generator().manual_seed(0))[: args.nsamples]]
+    texts = {"tinystories": perplexity_tokens(tok, "tinystories"), "wikitext2": perplexity_tokens(tok, "wikitext2")}
+
+    def ppl(model) -> dict:
+        return {name: ppl_with_se(model, t, 256, args.windows) for name, t in texts.items()}
+
+    print(json.dumps({"what": "dense", "params": count_parameters(base.model), "ppl": ppl(base.model)}), flush=True)
+    mask_tokens = args.steps * args.batch * args.seqlen
+    for raw in args.targets:
+        target = resolve_target(json.loads(raw), base.model)
+        width_only = target.layers == 5 and target.hidden == 64
+        for method in ["shear", "minitron"] + (["slimgpt"] if width_only else []):
+            m = load_model("stories260k", "cpu", "float32").model
+            t0 = time.perf_counter()
+            if method == "shear":
+                shear_model(m, train_windows, target, ShearSettings(steps=args.steps, batch_size=args.batch,
+                                                                    device="cpu"))
+                used = mask_tokens
+            elif method == "minitron":
+                prune_to_shape(m, calib, target, batch_size=8)
+                used = calib.numel()
+            else:
+                prune_model(m, calib, PruneSettings(keep_heads=[target.heads] * 5, keep_ffn=[target.ffn] * 5,
+                                                    device="cpu"))
+                used = calib.numel()
+            row = {"target": target.to_dict(), "method": method, "params": count_parameters(m),
+                   "pruning_tokens": used, "pruning_seconds": round(time.perf_counter() - t0, 1)}
+            print(json.dumps({"what": "pruned", **row, "ppl": ppl(m)}), flush=True)
+            # same CPT budget for every method; SlimGPT and Minitron also with shear's mask-learning tokens added
+            variants = [("labels", args.cpt_steps, True), ("distill", args.cpt_steps, True)]
+            if method == "shear":
+                variants.append(("labels-static-mix", args.cpt_steps, False))
+            else:
+                extra = mask_tokens // (args.batch * args.cpt_seqlen)
+                variants += [("labels+mask-budget", args.cpt_steps + extra, True),
+                             ("distill+mask-budget", args.cpt_steps + extra, True)]
+            for name, steps, dynamic in variants:
+                student = copy.deepcopy(m)
+                teacher = base.model if name.startswith("distill") else None
+                settings = PretrainSettings(data=["tinystories", "wikitext2", "c4"], steps=steps, dynamic_mix=dynamic,
+                                            update_every=args.update_every, lr=args.cpt_lr, seqlen=args.cpt_seqlen,
+                                            batch_size=args.batch, heldout=16, device="cpu", ppl=[], seed=0)
+                t0 = time.perf_counter()
+                res = pretrain(student, tok, settings, reference=base.model, teacher=teacher)
+                print(json.dumps({"what": "pretrained", **row, "cpt": name, "cpt_steps": steps,
+                                  "cpt_tokens": res.tokens_seen, "cpt_seconds": round(time.perf_counter() - t0, 1),
+                                  "final_weights": {k: round(v, 3) for k, v in res.mix[-1]["weights"].items()},
+                                  "sequences_per_domain": res.sequences_per_domain,
+                                  "domain_loss": {k: round(v, 3) for k, v in res.mix[-1]["losses"].items()},
+                                  "reference": {k: round(v, 3) for k, v in res.reference.items()},
+                                  "ppl": ppl(res.model)}), flush=True)
+
+
+def recipe_table(path: str) -> str:
+    """One row per model: parameters, tokens spent pruning and pretraining, PPL ± (1 se in NLL, as a factor)."""
+    import math
+
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+    def cell(p: dict) -> str:
+        return f"{p['ppl']:.2f} (×{math.exp(p['nll_se']):.3f})"
+
+    out = ["| target | method | params | pruning tokens | continued pre-training | CPT tokens | final mix (TS/WT/C4) "
+           "| TinyStories PPL | WikiText-2 PPL |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r.get("target")
+        shape = "dense" if t is None else (f"{t['layers']} L, {t['kv_groups']}×{t['heads'] // t['kv_groups']} "
+                                           f"heads, FFN {t['ffn']}, d {t['hidden']}")
+        cpt = {"dense": "—", "pruned": "none (before)"}.get(r["what"], r.get("cpt", ""))
+        mix = "/".join(f"{r['final_weights'][k]:.2f}" for k in ("tinystories", "wikitext2", "c4")) \
+            if "final_weights" in r else ""
+        out.append(f"| {shape} | {r.get('method', '—')} | {r['params']:,} | {r.get('pruning_tokens', 0):,} | {cpt} | "
+                   f"{r.get('cpt_tokens', 0):,} | {mix} | {cell(r['ppl']['tinystories'])} | "
+                   f"{cell(r['ppl']['wikitext2'])} |")
+    return "\n".join(out)
+
+
+def pretrain_speed_one(args) -> dict:
+    from slimgpt_core.shear.pretrain import PretrainSettings, pretrain
+
+    loaded = load_model(args.model, "cpu", "float32")
+    teacher = load_model(args.model, "cpu", "float32").model if args.mode_detail == "distill" else None
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    steps = []
+    settings = PretrainSettings(data=["c4", "tinystories"], steps=args.steps + 1, update_every=args.steps,
+                                lora=args.mode_detail == "lora", seqlen=args.seqlen, batch_size=args.batch,
+                                heldout=1, device="cpu", ppl=[], lr=1e-4)
+    pretrain(loaded.model, loaded.tokenizer, settings, reference=None, teacher=teacher,
+             callback=lambda e: steps.append(e) if e.kind == "pretrain-step" else None)
+    # the first step pays for allocation; the mix evaluation after the last timed step is outside the steps' time
+    rate = sum(args.batch * args.seqlen for _ in steps[1:]) / sum(args.batch * args.seqlen / e.tokens_per_s
+                                                                    for e in steps[1:])
+    return {"model": args.model, "mode": args.mode_detail, "params": count_parameters(loaded.model),
+            "batch": args.batch, "seqlen": args.seqlen, "timed_steps": args.steps, "tokens_per_s": round(rate, 1),
+            "seconds_per_step": round(args.batch * args.seqlen / rate, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "rss_after_load_mb": round(rss0), "threads": torch.get_num_threads()}
+
+
+def pretrain_speed(args) -> None:
+    for mode in ("full", "lora", "distill"):
+        cmd = [sys.executable, __file__, "pretrain-speed-one", "--model", args.model, "--steps", str(args.steps),
+               "--batch", str(args.batch), "--seqlen", str(args.seqlen), "--mode-detail", mode]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        print(out, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["speed", "speed-one", "quality"])
+    ap.add_argument("mode", choices=["speed", "speed-one", "quality", "recipe", "recipe-table", "pretrain-speed",
+                                     "pretrain-speed-one"])
+    ap.add_argument("--input", help="recipe-table: the recipe's JSON lines")
+    ap.add_argument("--mode-detail", default="full", help="pretrain-speed-one: full, lora or distill")
+    ap.add_argument("--cpt-steps", type=int, default=300)
+    ap.add_argument("--cpt-lr", type=float, default=1e-3)
+    ap.add_argument("--cpt-seqlen", type=int, default=128)
+    ap.add_argument("--update-every", type=int, default=30)
     ap.add_argument("--model", default="default")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--batch", type=int)
@@ -116,9 +277,14 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", default=['{"kv_groups": 2, "ffn": 96}',
                                                      '{"layers": 4, "kv_groups": 2, "ffn": 128, "hidden": 48}'])
     args = ap.parse_args()
-    if args.mode == "quality":
+    if args.mode == "recipe-table":
+        print(recipe_table(args.input))
+    elif args.mode in ("quality", "recipe"):
         args.steps, args.batch, args.seqlen = args.steps or 200, args.batch or 4, args.seqlen or 128
-        quality(args)
+        (quality if args.mode == "quality" else recipe)(args)
+    elif args.mode.startswith("pretrain-speed"):
+        args.steps, args.batch, args.seqlen = args.steps or 4, args.batch or 1, args.seqlen or 256
+        (pretrain_speed if args.mode == "pretrain-speed" else lambda a: print(json.dumps(pretrain_speed_one(a))))(args)
     else:
         args.steps, args.batch, args.seqlen = args.steps or 4, args.batch or 1, args.seqlen or 256
         (speed if args.mode == "speed" else lambda a: print(json.dumps(speed_one(a))))(args)

@@ -243,10 +243,54 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="replace --out if it exists")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    _pretrain_parser(sub)
+
     c = sub.add_parser("cache", help="show or clear cache/")
     c.add_argument("action", choices=["info", "clear"])
     c.add_argument("--kind", choices=["models", "tokens", "stats", "results"], help="only this part of the cache")
     return parser
+
+
+def _pretrain_parser(sub) -> None:
+    t = sub.add_parser("pretrain", help="continued pre-training of a run on a mix of domains (dynamic batch "
+                                        "loading, Sheared-LLaMA), full or LoRA, optionally distilled from a teacher")
+    t.add_argument("--model", required=True, help="a run folder (sheared or pruned by any method) or any model")
+    t.add_argument("--data", default="c4,tinystories", help="domains, comma separated: c4, tinystories, wikitext2 "
+                                                           "(validation split; the test split is never trained on)")
+    t.add_argument("--steps", type=int, default=400, help="optimizer steps")
+    t.add_argument("--dynamic-mix", action="store_true", help="move the domain weights every --update-every steps "
+                                                              "(Sheared-LLaMA Algorithm 1); without it the mix stays equal")
+    t.add_argument("--update-every", type=int, help="steps between domain-weight updates (default: a tenth of --steps)")
+    t.add_argument("--mix-variant", choices=["paper", "code"], default="paper",
+                   help="paper: max(loss - reference, 0); code: the authors' code (no max, smoothed)")
+    t.add_argument("--reference", default="source", help="whose per-domain held-out loss is the reference: source "
+                                                         "(the model the run was pruned from; the model itself "
+                                                         "when unknown) or a model")
+    t.add_argument("--lora", action="store_true", help="train LoRA adapters (merged at the end) instead of all weights")
+    t.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    t.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    t.add_argument("--target-modules", default="q,k,v,o,gate,up,down", help="LoRA: linear layers with adapters")
+    t.add_argument("--teacher", help="distil from this model's next-token distribution (KL): source (the model the "
+                                     "run was pruned from), default, stories260k, a folder")
+    t.add_argument("--distill-weight", type=float, help="w in (1-w)·CE + w·KL (default 1 with --teacher)")
+    t.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, β 0.9/0.95)")
+    t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="after a 5%% warm-up")
+    t.add_argument("--seqlen", type=int, default=256, help="tokens per training window")
+    t.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
+    t.add_argument("--grad-accumulation", type=int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--heldout", type=int, default=16, help="held-out windows per domain (for the mix)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="auto (CUDA when available, bf16 autocast), cpu, cuda, cuda:N")
+    t.add_argument("--dtype", default="float32", help="weights' dtype while training and saved")
+    t.add_argument("--ppl", default="tinystories,wikitext2", help="perplexity before and after on these test texts "
+                                                                 "('none' to skip)")
+    t.add_argument("--ppl-seqlen", type=_positive, default=128, help="perplexity window length")
+    t.add_argument("--ppl-windows", type=_positive, default=64, help="at most this many perplexity windows")
+    t.add_argument("--out", help="folder for the new run (default: a new run in the workspace)")
+    t.add_argument("--label", default="", help="the run's label in the studio")
+    _runs_option(t)
+    t.add_argument("--force", action="store_true", help="replace --out if it exists")
+    t.add_argument("--quiet", action="store_true", help="no progress")
 
 
 class _TerminalProgress:
@@ -682,6 +726,71 @@ def cmd_recover(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from .models import load_config, load_model
+    from .recover import load_source_report
+    from .runs import check_output_folder
+    from .shear.pretrain import PretrainSettings, describe_step, describe_update, pretrain, save_pretrained_run, summary
+    from .workspace import new_run_name, runs_root
+
+    _use_runs(args)
+    settings = PretrainSettings(
+        data=[d.strip() for d in args.data.split(",") if d.strip()], steps=args.steps, dynamic_mix=args.dynamic_mix,
+        update_every=args.update_every, mix_variant=args.mix_variant, lr=args.lr, schedule=args.schedule,
+        seqlen=args.seqlen, batch_size=args.batch_size, grad_accumulation=args.grad_accumulation,
+        heldout=args.heldout, lora=args.lora, rank=args.rank, alpha=args.alpha,
+        target_modules=[t for t in args.target_modules.split(",") if t.strip()], distill_weight=args.distill_weight,
+        seed=args.seed, device=args.device,
+        ppl=[] if args.ppl.lower() == "none" else [p.strip() for p in args.ppl.split(",") if p.strip()],
+        ppl_seqlen=args.ppl_seqlen, ppl_windows=args.ppl_windows)
+    settings.validate()  # before loading anything
+    if not args.out:
+        args.out = runs_root() / new_run_name(f"{Path(args.model).stem}-pretrain-{args.steps}")
+    out = check_output_folder(args.out, args.force)
+    loaded = load_model(args.model, "cpu", args.dtype)
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if limit and args.seqlen > limit:
+        raise SlimGPTError(f"--seqlen {args.seqlen} exceeds the model's context of {limit} tokens")
+    report = load_source_report(loaded.path)
+    source = report.model if report is not None and report.model else None
+    companions: dict[str, object] = {}
+
+    def companion(name: str, what: str):
+        if name == "source":
+            if source is None:
+                raise SlimGPTError(f"{args.model} has no report naming the model it was pruned from: give --{what} "
+                                   "as a model")
+            name = source
+        if name not in companions:
+            vocab = load_config(name)[0].vocab_size  # refuse another vocabulary before loading weights
+            if vocab != loaded.model.config.vocab_size:
+                raise SlimGPTError(f"the {what}'s vocabulary ({vocab} tokens, {name}) differs from the model's "
+                                   f"({loaded.model.config.vocab_size}): it needs the same tokenizer")
+            companions[name] = load_model(name, "cpu", args.dtype).model
+        return name, companions[name]
+
+    teacher_name, teacher = companion(args.teacher, "teacher") if args.teacher else (None, None)
+    reference_name, reference = (None, None)
+    if args.reference != "source" or source is not None:
+        reference_name, reference = companion(args.reference, "reference")
+
+    def progress(event):
+        if args.quiet:
+            return
+        if event.kind == "pretrain-step":
+            print(describe_step(event), file=sys.stderr, flush=True)
+        elif event.kind == "domain-mix":
+            print(describe_update(event), file=sys.stderr, flush=True)
+        elif event.kind == "pretrain-phase" and event.phase != "train":
+            print(f"pretrain: {event.phase} ({event.elapsed_s:.0f} s)", file=sys.stderr, flush=True)
+
+    result = pretrain(loaded.model, loaded.tokenizer, settings, reference, teacher, progress,
+                      reference_name=reference_name or "", teacher_name=teacher_name or "")
+    save_pretrained_run(result, loaded.tokenizer, out, report, loaded.path, args.force, args.label)
+    print(json.dumps({"out": str(out), "source": loaded.path, **summary(result)}))
+    return 0
+
+
 def cmd_cache(args) -> int:
     from . import cache
 
@@ -723,7 +832,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "cache": cmd_cache,
-                "compare": cmd_compare, "runs": cmd_runs, "shear": cmd_shear, "recover": cmd_recover}[args.command](args)
+                "compare": cmd_compare, "runs": cmd_runs, "shear": cmd_shear, "recover": cmd_recover,
+                "pretrain": cmd_pretrain}[args.command](args)
     except SlimGPTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

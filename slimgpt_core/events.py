@@ -120,6 +120,7 @@ class PruneReport(AchievedRatios):
     evaluation: dict = field(default_factory=dict)
     reused_statistics: int = 0  # Hessians read from cache/stats instead of recomputed
     recovery: dict | None = None  # LoRA recovery fine-tune of this run (recover.RecoverResult.record)
+    pretrain: dict | None = None  # continued pre-training of this run (shear.pretrain.PretrainResult.record)
     shots: list[ShotDone] = field(default_factory=list)  # multi-shot methods: the quality-vs-size curve
 
     @property

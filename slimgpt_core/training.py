@@ -2,7 +2,8 @@
 held-out loss every N steps, typed step events, cancellation between steps.
 
 Knows nothing of LoRA or of where batches come from: recovery (recover.py) wraps the model with adapters and
-hands in a batch iterator; continued pre-training can hand in the bare model and its own sampler.
+hands in a batch iterator; continued pre-training (shear/pretrain.py) hands in its domain sampler, its own loss
+(distillation) and a hook run after every step (the domain-weight update of dynamic batch loading).
 """
 from __future__ import annotations
 
@@ -109,14 +110,18 @@ def _peak_memory_mb(device: torch.device) -> float:
 def train(model, batches: Iterator[dict[str, torch.Tensor]], steps: int, optim: OptimizerConfig,
           device: torch.device, accumulation: int = 1, heldout: list[dict[str, torch.Tensor]] | None = None,
           eval_every: int = 0, bf16: bool = True, callback: Callable | None = None,
-          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+          should_stop: Callable[[], bool] | None = None, loss_fn: Callable | None = None,
+          after_step: Callable[[int], None] | None = None) -> TrainResult:
     """`steps` optimizer steps over the parameters that require gradients, each from `accumulation`
     micro-batches drawn from `batches` (dicts of input_ids, labels and optionally attention_mask).
 
     Held-out loss is measured before the first step, every `eval_every` steps and after the last one.
+    `loss_fn(model, batch, device, bf16)` replaces the next-token cross-entropy as the training loss (held-out
+    loss stays the cross-entropy); `after_step(step)` runs after each update, before that step's event.
     `should_stop()` is checked before every step; a stop raises PruningCancelled (the caller decides what
     to keep)."""
     emit = callback or (lambda e: None)
+    loss_fn = loss_fn or batch_loss
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
     scheduler = make_scheduler(optimizer, optim, steps)
@@ -143,7 +148,7 @@ def train(model, batches: Iterator[dict[str, torch.Tensor]], steps: int, optim: 
         losses, loss_tokens, input_tokens = [], 0, 0
         for _ in range(accumulation):
             batch = next(batches)
-            loss = batch_loss(model, batch, device, bf16)
+            loss = loss_fn(model, batch, device, bf16)
             (loss / accumulation).backward()
             losses.append(float(loss.detach()))
             loss_tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
@@ -156,6 +161,8 @@ def train(model, batches: Iterator[dict[str, torch.Tensor]], steps: int, optim: 
         seconds = time.perf_counter() - t0
         result.tokens_seen += input_tokens
         held = evaluate(step) if (eval_every and step % eval_every == 0) or step == steps else None
+        if after_step is not None:
+            after_step(step)
         model.train()
         elapsed = time.perf_counter() - t_start
         event = TrainStep(step, steps, sum(losses) / len(losses), held, lr, loss_tokens,

@@ -1,4 +1,5 @@
-"""Screenshots of every page of the studio, driven in headless Chromium: `python docs/make_screenshots.py`."""
+"""Screenshots of every page of the studio, driven in headless Chromium: `python docs/make_screenshots.py`
+(`python docs/make_screenshots.py shear`: only the Shear page)."""
 import sys
 from pathlib import Path
 
@@ -6,6 +7,29 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from browser import browser_page, go, prune_default_model, set_number, studio_server, wait_idle  # noqa: E402
+
+
+def shear() -> None:
+    """The Shear page on stories260k after a short mask-learning run (the curves over the whole run)."""
+    with studio_server() as url, browser_page(1440, 1900) as page:
+        page.goto(url)
+        page.get_by_text("stories260k (tiny, offline)").click()
+        wait_idle(page)
+        page.get_by_role("button", name="Load model").click()
+        page.get_by_text("Loaded:").wait_for(timeout=300_000)
+        wait_idle(page)
+        go(page, "Shear")
+        for label, value in (("Layers", 4), ("KV groups per layer", 2), ("Query heads per group", 1),
+                             ("FFN width", 128), ("Hidden size", 48), ("Steps", 200), ("Sequence length", 128)):
+            set_number(page, label, value)
+        page.get_by_role("button", name="Start shearing").click()
+        page.get_by_text("Saved as run").wait_for(timeout=600_000)
+        # the page reruns once the job has ended: the sidebar then names the new run
+        page.locator("[data-testid='stSidebar']").get_by_text("achieved", exact=False).wait_for(timeout=60_000)
+        wait_idle(page)
+        charts = page.locator("[data-testid='stPlotlyChart']").filter(has_text="Expected size").count()
+        assert charts == 1, f"{charts} expected-size charts on the page"
+        page.screenshot(path=str(HERE / "shear.png"), full_page=True)
 
 
 def main() -> None:
@@ -36,4 +60,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["shear"]:
+        shear()
+    else:
+        main()
+        shear()

@@ -208,7 +208,7 @@ def pretrain_memory_bytes(model, settings: PretrainSettings, teacher=None) -> in
 
 
 def check_memory(model, settings: PretrainSettings, device: torch.device, teacher=None) -> None:
-    from ..pipeline import available_memory_bytes
+    from ..activations import available_memory_bytes
 
     need = pretrain_memory_bytes(model, settings, teacher)
     if device.type == "cpu":  # the weights are already in memory

@@ -9,6 +9,7 @@ page = st.navigation([
     st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),
     st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:"),
     st.Page("pages/shear.py", title="Shear", icon=":material/compress:"),
+    st.Page("pages/pretrain.py", title="Pretrain", icon=":material/school:"),
     st.Page("pages/runs.py", title="Runs", icon=":material/folder_open:"),
     st.Page("pages/recover.py", title="Recover", icon=":material/healing:"),
     st.Page("pages/inspect_runs.py", title="Inspect", icon=":material/query_stats:"),

@@ -53,13 +53,15 @@ def summary_of(report) -> dict:
     """What the listing shows of a run, taken from its report once, when the run is written."""
     s = report.settings or {}
     rec = getattr(report, "recovery", None)
+    pretrained_from = (getattr(report, "pretrain", None) or {}).get("source_run")  # the latest derivation first
     return {"model": report.model, "method": s.get("method", "slimgpt"), "schedule": s.get("schedule", ""),
             "ratio": s.get("ratio"), "sequential": s.get("sequential", True),
             "calibration": {k: s.get(k) for k in ("calib", "nsamples", "seqlen", "seed")},
             "requested_ratio": report.requested_ratio, "achieved_layer_ratio": report.achieved_layer_ratio,
             "achieved_ratio": report.achieved_ratio, "params_before": report.params_before,
             "params_after": report.params_after,
-            "source_run": s.get("source_run") or (rec or {}).get("source")}
+            "source_run": (Path(pretrained_from).name if pretrained_from else None) or s.get("source_run")
+            or (rec or {}).get("source")}
 
 
 def write_meta(folder: Path, report=None, label: str = "", notes: str = "", created: float | None = None) -> None:

@@ -266,9 +266,9 @@ def test_a_teacher_with_another_vocabulary_is_refused_before_training(pruned_run
 
 
 def test_memory_check_refuses_before_any_work(pruned_run, tmp_path, capsys, monkeypatch):
-    import slimgpt_core.shear.pretrain as engine
+    from slimgpt_core import activations
 
-    monkeypatch.setattr(engine, "available_memory", lambda device: 1000)
+    monkeypatch.setattr(activations, "available_memory_bytes", lambda device: 1000)
     out = tmp_path / "never"
     rc = main(["pretrain", "--model", str(pruned_run), "--steps", "2", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()[-1]

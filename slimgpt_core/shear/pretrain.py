@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from .. import activations
 from ..cache import forget_fingerprint
 from ..errors import SlimGPTError
 from ..training import OptimizerConfig, TrainStep, autocast_context, heldout_loss, train
@@ -207,20 +208,13 @@ def pretrain_memory_bytes(model, settings: PretrainSettings, teacher=None) -> in
     return int(need)
 
 
-def available_memory(device: torch.device) -> int | None:
-    """Free memory on `device` (the helper moved from pipeline.py to activations.py on main; either works)."""
-    try:
-        from ..activations import available_memory_bytes
-    except ImportError:
-        from ..pipeline import available_memory_bytes
-    return available_memory_bytes(device)
 
 
 def check_memory(model, settings: PretrainSettings, device: torch.device, teacher=None) -> None:
     need = pretrain_memory_bytes(model, settings, teacher)
     if device.type == "cpu":  # the weights are already in memory
         need -= sum(p.numel() * p.element_size() for m in (model, teacher) if m is not None for p in m.parameters())
-    have = available_memory(device)
+    have = activations.available_memory_bytes(device)
     if have is not None and need > 0.9 * have:
         lora = "" if settings.lora else ", pass --lora"
         raise SlimGPTError(f"continued pre-training needs about {need / 2**30:.1f} GiB but {device} has "

@@ -727,10 +727,11 @@ def cmd_recover(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from .models import load_config, load_model
+    from .models import load_model
     from .recover import load_source_report
     from .runs import check_output_folder
     from .shear.pretrain import PretrainSettings, describe_step, describe_update, pretrain, save_pretrained_run, summary
+    from .shear.pretrain_job import load_companion
     from .workspace import new_run_name, runs_root
 
     _use_runs(args)
@@ -762,11 +763,7 @@ def cmd_pretrain(args) -> int:
                                    "as a model")
             name = source
         if name not in companions:
-            vocab = load_config(name)[0].vocab_size  # refuse another vocabulary before loading weights
-            if vocab != loaded.model.config.vocab_size:
-                raise SlimGPTError(f"the {what}'s vocabulary ({vocab} tokens, {name}) differs from the model's "
-                                   f"({loaded.model.config.vocab_size}): it needs the same tokenizer")
-            companions[name] = load_model(name, "cpu", args.dtype).model
+            companions[name] = load_companion(name, loaded.model.config.vocab_size, what, args.dtype)
         return name, companions[name]
 
     teacher_name, teacher = companion(args.teacher, "teacher") if args.teacher else (None, None)

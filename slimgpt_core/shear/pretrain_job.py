@@ -41,7 +41,7 @@ def source_model_of(run_folder: str | Path) -> str | None:
     return report.model if report is not None and report.model else None
 
 
-def load_companion(name: str, vocab_size: int, what: str):
+def load_companion(name: str, vocab_size: int, what: str, dtype: str = "auto"):
     """A teacher or reference model, refused before its weights load when its vocabulary differs."""
     from ..models import load_config, load_model
 
@@ -49,7 +49,7 @@ def load_companion(name: str, vocab_size: int, what: str):
     if vocab != vocab_size:
         raise SlimGPTError(f"the {what}'s vocabulary ({vocab} tokens, {name}) differs from the model's ({vocab_size}): "
                            "it needs the same tokenizer")
-    return load_model(name, "cpu").model
+    return load_model(name, "cpu", dtype).model
 
 
 def pretrain_to_workspace(source: str | Path, settings: PretrainSettings, teacher: str | None = None,

@@ -20,7 +20,7 @@ if not listed:
 
 def row(r: workspace.RunInfo) -> dict:
     s, ppl = r.summary, r.perplexity
-    return {"run": r.name, "label": r.label, "model": s.get("model", ""), "method": s.get("method", ""),
+    return {"run": r.name, "label": r.label, "model": s.get("model", ""), "method": " + ".join([s.get("method", "")] + s.get("trained", [])),
             "schedule": s.get("schedule", ""),
             "achieved (layers)": None if s.get("achieved_layer_ratio") is None else round(s["achieved_layer_ratio"], 4),
             "params (M)": None if s.get("params_after") is None else round(s["params_after"] / 1e6, 3),

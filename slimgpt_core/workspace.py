@@ -61,7 +61,9 @@ def summary_of(report) -> dict:
             "achieved_ratio": report.achieved_ratio, "params_before": report.params_before,
             "params_after": report.params_after,
             "source_run": (Path(pretrained_from).name if pretrained_from else None) or s.get("source_run")
-            or (rec or {}).get("source")}
+            or (rec or {}).get("source"),
+            "trained": [name for name, done in (("recovery", rec), ("pretrain", getattr(report, "pretrain", None)))
+                        if done]}
 
 
 def write_meta(folder: Path, report=None, label: str = "", notes: str = "", created: float | None = None) -> None:

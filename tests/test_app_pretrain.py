@@ -46,6 +46,11 @@ def test_a_distilled_dynamic_mix_job_becomes_a_run_with_its_curves(app):
     settle(app, "pretrain")
     trained, first = list_runs()
     assert first.name == source.name and trained.summary["source_run"] == source.name
+    assert trained.summary["trained"] == ["pretrain"] and first.summary["trained"] == []
+    app.switch_page("pages/runs.py").run()
+    methods = dict(zip(app.dataframe[0].value["run"], app.dataframe[0].value["method"]))
+    assert methods == {trained.name: "slimgpt + pretrain", source.name: "slimgpt"}
+    app.switch_page("pages/pretrain.py").run()
     assert app.session_state["current_run"] == trained.name
     assert "Saved as run" in app.success[0].value
     record = PruneReport.load(trained.path / "report.json").pretrain

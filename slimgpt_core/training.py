@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from .activations import peak_memory_mb
 from .errors import PruningCancelled
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding); torch's cross-entropy default
@@ -100,13 +101,6 @@ def make_scheduler(optimizer, config: OptimizerConfig, steps: int):
     return get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def train(model, batches: Iterator[dict[str, torch.Tensor]], steps: int, optim: OptimizerConfig,
           device: torch.device, accumulation: int = 1, heldout: list[dict[str, torch.Tensor]] | None = None,
           eval_every: int = 0, bf16: bool = True, callback: Callable | None = None,
@@ -171,5 +165,5 @@ def train(model, batches: Iterator[dict[str, torch.Tensor]], steps: int, optim: 
         emit(event)
     model.eval()
     result.seconds = time.perf_counter() - t_start
-    result.peak_memory_mb = _peak_memory_mb(device)
+    result.peak_memory_mb = peak_memory_mb(device)
     return result

@@ -6,13 +6,13 @@ linearly from 0 over the first fifth of the steps."""
 from __future__ import annotations
 
 import math
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 
+from ..activations import peak_memory_mb
 from ..cache import forget_fingerprint
 from ..errors import PruningCancelled, SlimGPTError
 from ..events import PruneReport
@@ -80,12 +80,6 @@ def _target_now(masks: ShearMasks, warm: float) -> dict[str, float]:
         out[key] = src - warm * (src - getattr(t, key))
     out["heads"] = out["kv_groups"] * out["heads_per_group"]
     return out
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def training_bytes(model, batch_size: int, seqlen: int, train_weights: bool = True) -> int:
@@ -186,7 +180,7 @@ def shear_model(model, tokens: torch.Tensor, target: Shape, settings: ShearSetti
                      "tokens_seen": seen},
         [1 - target.heads / source.heads] * target.layers, [1 - target.ffn / source.ffn] * target.layers,
         params_before, count_parameters(model), layer_params_before, count_parameters(model.model.layers),
-        total_seconds=total, peak_memory_mb=_peak_memory_mb(device), device=str(device),
+        total_seconds=total, peak_memory_mb=peak_memory_mb(device), device=str(device),
         phase_seconds={"masks": history[-1].elapsed_s, "cut": total - history[-1].elapsed_s})
     model.config.slimgpt = {"source_model": model_name, "method": "shear", "target": target.to_dict()}
     return ShearResult(report, source, target, kept_layers, history)

@@ -118,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "and column, the paper's units: zeros, the model keeps its size)")
     p.add_argument("--fisher", choices=["empirical", "true"], default="empirical",
                    help="surgeon/kobd curvature: labels from the data, or sampled from the model")
-    p.add_argument("--surgeon-update", choices=["both", "columns"], default="both",
-                   help="surgeon: compensate removed rows (q/k/v/gate/up) and columns (o_proj/down_proj), or "
-                        "columns only")
+    p.add_argument("--surgeon-update", choices=["dead-rows", "both", "columns"], default="dead-rows",
+                   help="surgeon, heads units: a KV group/FFN channel goes through its o_proj/down_proj columns (cost "
+                        "and update) and its q/k/v/gate/up rows are dead (default); both: summed costs, rows and "
+                        "columns compensated (over-compensates, docs/surgeon.md); columns: summed costs, columns only")
     p.add_argument("--kfac-positions", type=_positive,
                    help="surgeon/kobd: token positions per sequence feeding the KFAC factors (sub-sample; CPU)")
     p.add_argument("--target-config", help="prune to another model's shape: its config.json (or folder / hub id)")

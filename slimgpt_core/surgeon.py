@@ -31,7 +31,7 @@ from .schedule import check_ratio
 from .surgery import count_parameters, keep_channels, keep_kv_groups, layer_shape, update_config
 
 UNITS = ("heads", "rows")
-UPDATES = ("both", "columns")
+UPDATES = ("dead-rows", "both", "columns")
 FISHERS = ("empirical", "true")
 
 
@@ -42,7 +42,7 @@ def validate(settings) -> None:
     if settings.fisher not in FISHERS:
         raise SlimGPTError(f"fisher must be empirical or true, got {settings.fisher!r}")
     if settings.surgeon_update not in UPDATES:
-        raise SlimGPTError(f"surgeon update must be both or columns, got {settings.surgeon_update!r}")
+        raise SlimGPTError(f"surgeon update must be dead-rows, both or columns, got {settings.surgeon_update!r}")
     if settings.shots < 1:
         raise SlimGPTError(f"shots must be >= 1, got {settings.shots}")
     if settings.kfac_positions is not None and settings.kfac_positions < 1:
@@ -107,23 +107,30 @@ class _Unit:
     params: int
 
 
-def _inverses(A: dict, G: dict, damp: float):
-    """Damped factors and their fp64 inverses for one layer."""
+def _inverses(A: dict, G: dict, damp: float, a_inv=None, g_inv=None):
+    """Damped factors and the fp64 inverses of those named in `a_inv`/`g_inv` (all when None) for one layer:
+    the inverses are most of a shot's cost phase, so only the needed ones are computed."""
     A_d = {n: kfac.damped(a, damp) for n, a in A.items()}
     G_d = {n: kfac.damped(g, damp) for n, g in G.items()}
-    return A_d, {n: kfac.inverse(a) for n, a in A_d.items()}, G_d, {n: kfac.inverse(g) for n, g in G_d.items()}
+    return (A_d, {n: kfac.inverse(A_d[n]) for n in (A_d if a_inv is None else a_inv)},
+            G_d, {n: kfac.inverse(G_d[n]) for n in (G_d if g_inv is None else g_inv)})
 
 
 def _input_of(name: str) -> str:
     return {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(name, name)
 
 
-def _head_unit_costs(layer, A_d, A_inv, G_d, G_inv) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cost of every KV group and every FFN channel of one layer (sums of set costs over coupled matrices)."""
+def _head_unit_costs(layer, A_d, A_inv, G_d, G_inv, rows_dead: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cost of every KV group and every FFN channel of one layer. With `rows_dead` only the o_proj/down_proj
+    column set counts: once those columns go, no gradient reaches the unit's q/k/v/gate/up rows, which are then
+    removed at cost 0 (the authors' rule for dead rows). Otherwise the sum of set costs over coupled matrices."""
     lin = linears(layer)
     attn = layer.self_attn
     d, rep = attn.head_dim, attn.num_key_value_groups
     w = {n: m.weight.data for n, m in lin.items()}
+    if rows_dead:
+        return (kfac.column_unit_costs(w["o_proj"], G_d["o_proj"], A_inv["o_proj"], rep * d),
+                kfac.column_unit_costs(w["down_proj"], G_d["down_proj"], A_inv["down_proj"]))
     kv = (kfac.row_unit_costs(w["q_proj"], A_d["q_proj"], G_inv["q_proj"], rep * d)
           + kfac.row_unit_costs(w["k_proj"], A_d["q_proj"], G_inv["k_proj"], d)
           + kfac.row_unit_costs(w["v_proj"], A_d["q_proj"], G_inv["v_proj"], d)
@@ -281,9 +288,9 @@ def prune_surgeon(model, tokens: torch.Tensor, settings, callback: Callback | No
             budget = round(t * settings.ratio / T * layer_params0)
             if heads_mode:
                 _heads_shot(model, A, G, settings.damp, budget - (layer_params0 - count_parameters(layers)),
-                            compensate, settings.surgeon_update == "both")
+                            compensate, settings.surgeon_update)
             else:
-                _rows_shot(model, A, G, settings.damp, budget, compensate, settings.surgeon_update == "both")
+                _rows_shot(model, A, G, settings.damp, budget, compensate, settings.surgeon_update != "columns")
             del A, G
             removed = _removed_fraction(layers, heads_mode, layer_params0)
             emit(Progress(t - 1, T, f"shot {t}/{T} held-out loss", time.perf_counter() - t_start))
@@ -319,13 +326,21 @@ def _removed_fraction(layers, heads_mode: bool, layer_params0: int) -> float:
     return zero_fraction(layers)
 
 
-def _heads_shot(model, A, G, damp: float, budget: int, compensate: bool, update_rows: bool = True) -> None:
-    """Score every KV group and FFN channel, pick globally, update and slice the layers."""
+def _heads_shot(model, A, G, damp: float, budget: int, compensate: bool, update: str = "dead-rows") -> None:
+    """Score every KV group and FFN channel, pick globally, update and slice the layers. `update`: dead-rows
+    (column cost and column update only), both (summed costs, row and column updates), columns (summed costs,
+    column updates)."""
+    rows_dead, update_rows = update == "dead-rows", update == "both"
     layers = model.model.layers
+    # heads mode inverts A of o_proj/down_proj only, and G of the row-side matrices unless their rows are dead
+    needed = dict(a_inv=("o_proj", "down_proj"),
+                  g_inv=() if rows_dead else ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+    kept = []  # dead-rows: the two A inverses per layer are kept for the updates (SmolLM2: ≈ 0.65 GB fp64)
     units, alive_kv, alive_ffn = [], [], []
     for i, layer in enumerate(layers):
-        A_d, A_inv, G_d, G_inv = _inverses(A[i], G[i], damp)
-        kv_cost, ffn_cost = _head_unit_costs(layer, A_d, A_inv, G_d, G_inv)
+        A_d, A_inv, G_d, G_inv = _inverses(A[i], G[i], damp, **needed)
+        kept.append((A_inv, G_inv) if rows_dead else None)
+        kv_cost, ffn_cost = _head_unit_costs(layer, A_d, A_inv, G_d, G_inv, rows_dead)
         p_kv, p_ffn = _unit_params(layer)
         units += [_Unit(float(c), i, "kv", u, p_kv) for u, c in enumerate(kv_cost.tolist())]
         units += [_Unit(float(c), i, "ffn", u, p_ffn) for u, c in enumerate(ffn_cost.tolist())]
@@ -337,7 +352,7 @@ def _heads_shot(model, A, G, damp: float, budget: int, compensate: bool, update_
         channels = sorted(u.index for u in chosen if u.layer == i and u.kind == "ffn")
         if not kv_units and not channels:
             continue
-        _, A_inv, _, G_inv = _inverses(A[i], G[i], damp)
+        A_inv, G_inv = kept[i] or _inverses(A[i], G[i], damp, **needed)[1::2]
         lin = linears(layer)
         attn = layer.self_attn
         d, rep = attn.head_dim, attn.num_key_value_groups

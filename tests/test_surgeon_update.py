@@ -118,3 +118,23 @@ def test_dead_rows_beats_the_specified_update_and_kobd_on_held_out_loss(stories_
     loss = {u: _pruned(stories_tokens, u)[1].shots[-1].heldout_loss for u in ("dead-rows", "both")}
     loss["kobd"] = _pruned(stories_tokens, "dead-rows", method="kobd")[1].shots[-1].heldout_loss
     assert loss["dead-rows"] < loss["both"] and loss["dead-rows"] < loss["kobd"]
+
+
+def test_kobd_drop_costs_are_the_kronecker_loss_of_zeroing_without_update():
+    """K-OBD (the authors' OBD costs): the cost of a unit is ½ vec(ΔW)ᵀ(G⊗A)vec(ΔW) for ΔW = −W on the unit and
+    0 elsewhere, from the explicit Kronecker matrix."""
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    X = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    Y = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    A, G = X.T @ X / 30, Y.T @ Y / 30
+    F = torch.kron(G, A)
+    rows, cols = kfac.row_drop_costs(W, A, G, group=2), kfac.column_drop_costs(W, G, A, group=4)
+    for u in range(3):
+        d = torch.zeros_like(W)
+        d[2 * u:2 * u + 2] = -W[2 * u:2 * u + 2]
+        assert float(rows[u]) == pytest.approx(float(0.5 * d.flatten() @ F @ d.flatten()), rel=1e-10)
+    for u in range(2):
+        d = torch.zeros_like(W)
+        d[:, 4 * u:4 * u + 4] = -W[:, 4 * u:4 * u + 4]
+        assert float(cols[u]) == pytest.approx(float(0.5 * d.flatten() @ F @ d.flatten()), rel=1e-10)

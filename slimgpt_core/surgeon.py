@@ -47,6 +47,8 @@ def validate(settings) -> None:
         raise SlimGPTError(f"shots must be >= 1, got {settings.shots}")
     if settings.kfac_positions is not None and settings.kfac_positions < 1:
         raise SlimGPTError(f"KFAC positions per sequence must be >= 1, got {settings.kfac_positions}")
+    if settings.surgeon_lora_steps < 0:
+        raise SlimGPTError(f"LoRA steps between shots must be >= 0, got {settings.surgeon_lora_steps}")
     if not settings.damp > 0:
         raise SlimGPTError(f"KFAC damping must be > 0, got {settings.damp}")
 
@@ -308,6 +310,11 @@ def prune_surgeon(model, tokens: torch.Tensor, settings, callback: Callback | No
             else:
                 _rows_shot(model, A, G, settings.damp, budget, compensate, settings.surgeon_update != "columns")
             del A, G
+            if settings.surgeon_lora_steps:
+                from .surgeon_lora import lora_steps
+                emit(Progress(t - 1, T, f"shot {t}/{T} LoRA {settings.surgeon_lora_steps} steps",
+                              time.perf_counter() - t_start))
+                lora_steps(model, calib, settings.surgeon_lora_steps, settings.batch_size, device, t, should_stop)
             removed = _removed_fraction(layers, heads_mode, layer_params0)
             emit(Progress(t - 1, T, f"shot {t}/{T} held-out loss", time.perf_counter() - t_start))
             loss = mean_loss(model, heldout if heldout.shape[0] else calib, settings.batch_size)

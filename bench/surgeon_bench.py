@@ -2,7 +2,7 @@
 
     python bench/surgeon_bench.py [--model default] [--nsamples 16] [--seqlen 256] [--shots 2] [--ratio 0.2]
                                   [--units heads|rows] [--kfac-positions N] [--method surgeon|kobd]
-                                  [--update both|columns]
+                                  [--update dead-rows|both|columns]
 
 Prints one line per shot (seconds, process peak RSS so far, removed fraction, held-out perplexity) and the
 phase split of the first shot (forward+backward with factor accumulation vs. costs/updates)."""
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.2)
     ap.add_argument("--units", default="heads")
     ap.add_argument("--method", default="surgeon")
-    ap.add_argument("--update", default="both", help="both | columns")
+    ap.add_argument("--update", default="dead-rows", help="dead-rows | both | columns")
     ap.add_argument("--kfac-positions", type=int)
     args = ap.parse_args()
 

@@ -3,7 +3,9 @@ import dataclasses
 
 import streamlit as st
 
+from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.prune_settings import PruneSettings
+from slimgpt_core.run_schedule import EDITOR_MAX_RATIO, run_schedule
 from slimgpt_core.studio import prune_to_workspace
 from ui import charts
 from ui.state import job, job_progress, require_model, require_runs, run_report, submit, take_result
@@ -82,6 +84,41 @@ rows = [{"module": m.module, "removed": f"{m.units_removed}/{m.units_total}", "r
          "measured error": f"{m.rel_error:.3e}", "predicted": f"{m.predicted_rel_error:.3e}", "damping": m.damping}
         for m in report.modules if m.layer == layer]
 c4.dataframe(rows, hide_index=True)
+
+# the allocation as a schedule (LLM Surgeon's global threshold chose it): into the Prune page's editor
+st.subheader("Allocation as a schedule")
+
+
+def copy_schedule(head_ratios: list[float], ffn_ratios: list[float], title: str) -> None:
+    """A button callback, like the editor's own: the Prune page hands every slider its value from `schedule`."""
+    st.session_state.schedule = {"hr": list(head_ratios), "fr": list(ffn_ratios)}
+    st.session_state.schedule_copied = title
+
+
+try:
+    allocation = run_schedule(report)
+except SlimGPTError as exc:
+    st.caption(str(exc))
+else:
+    a1, a2 = st.columns([3, 2])
+    a1.plotly_chart(charts.schedule_curve(allocation.head_ratios, allocation.ffn_ratios), key="allocation_chart")
+    a2.dataframe([{"layer": i, "heads kept": h, "FFN kept": f, "heads removed": round(hr, 4),
+                   "FFN removed": round(fr, 4)}
+                  for i, (h, f, hr, fr) in enumerate(zip(allocation.heads_kept, allocation.ffn_kept,
+                                                          allocation.head_ratios, allocation.ffn_ratios))],
+                 hide_index=True, key="allocation_table")
+    if allocation.capped:
+        st.warning(f"Layers {', '.join(map(str, allocation.capped))} lost more than {EDITOR_MAX_RATIO:.0%}: the "
+                   f"editor takes {EDITOR_MAX_RATIO:.0%} there (use --keep-heads/--keep-ffn for the exact shape).")
+    title = all_runs[detail_id].title
+    same_model = loaded is not None and report.model == loaded.name
+    a2.button("Copy into the schedule editor", key="copy_schedule", disabled=not same_model,
+              on_click=copy_schedule, args=(allocation.head_ratios, allocation.ffn_ratios, title),
+              help="the Prune page's per-layer sliders take these ratios (still editable)")
+    if not same_model:
+        a2.caption(f"Load {report.model} on the Model page to copy this schedule into the editor.")
+    elif st.session_state.get("schedule_copied") == title:
+        a2.success(f"The Prune page's sliders hold the allocation of **{title}**.")
 
 # predicted (dense inputs, from the error curves) vs measured (the run), on the sensitivity map
 st.subheader("Predicted vs measured")

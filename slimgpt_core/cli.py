@@ -118,9 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "and column, the paper's units: zeros, the model keeps its size)")
     p.add_argument("--fisher", choices=["empirical", "true"], default="empirical",
                    help="surgeon/kobd curvature: labels from the data, or sampled from the model")
-    p.add_argument("--surgeon-update", choices=["both", "columns"], default="both",
-                   help="surgeon: compensate removed rows (q/k/v/gate/up) and columns (o_proj/down_proj), or "
-                        "columns only")
+    p.add_argument("--surgeon-update", choices=["dead-rows", "both", "columns"], default="dead-rows",
+                   help="surgeon, heads units: a KV group/FFN channel goes through its o_proj/down_proj columns (cost "
+                        "and update) and its q/k/v/gate/up rows are dead (default); both: summed costs, rows and "
+                        "columns compensated (over-compensates, docs/surgeon.md); columns: summed costs, columns only")
+    p.add_argument("--surgeon-lora-steps", type=int, default=0,
+                   help="surgeon/kobd: LoRA steps (rank 8, lr 1e-4) on the calibration data after every shot, "
+                        "merged before the next (off: 0)")
     p.add_argument("--kfac-positions", type=_positive,
                    help="surgeon/kobd: token positions per sequence feeding the KFAC factors (sub-sample; CPU)")
     p.add_argument("--target-config", help="prune to another model's shape: its config.json (or folder / hub id)")
@@ -389,7 +393,8 @@ def _cmd_prune(args, rank: int) -> int:
         ffn_group_floor=args.ffn_group_floor, ffn_group_ceiling=args.ffn_group_ceiling,
         sequential=not args.dense_inputs, batch_size=args.batch_size, device=args.device, method=args.method,
         compensate=not args.no_compensation, shots=args.shots, surgeon_units=args.surgeon_units,
-        fisher=args.fisher, surgeon_update=args.surgeon_update, kfac_positions=args.kfac_positions, offload_activations=args.offload_activations,
+        fisher=args.fisher, surgeon_update=args.surgeon_update, kfac_positions=args.kfac_positions,
+        surgeon_lora_steps=args.surgeon_lora_steps, offload_activations=args.offload_activations,
         tf32=args.tf32, track_accumulation=not args.no_accumulation)
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.device, args.dtype)

@@ -88,6 +88,27 @@ def column_unit_costs(W: torch.Tensor, G: torch.Tensor, A_inv: torch.Tensor, gro
     return 0.5 * _trace_solve(_blocks(A_inv.double(), group), M)
 
 
+def row_drop_costs(W: torch.Tensor, A: torch.Tensor, G: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """½ tr(G_RR W_R A W_Rᵀ) for every unit R of `group` consecutive rows: the loss of zeroing them with nothing
+    compensated (K-OBD; the authors' OBD costs, which use G's diagonal block instead of 1/[G⁻¹])."""
+    W = W.double()
+    out, n_in = W.shape
+    if out % group:
+        raise SlimGPTError(f"{out} rows do not split into groups of {group}")
+    Wu = W.reshape(out // group, group, n_in)
+    return 0.5 * ((Wu @ A.double() @ Wu.mT) * _blocks(G.double(), group)).sum((-2, -1))
+
+
+def column_drop_costs(W: torch.Tensor, G: torch.Tensor, A: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """½ tr(A_CC W_Cᵀ G W_C) for every unit C of `group` consecutive columns, nothing compensated (K-OBD)."""
+    W = W.double()
+    out, n_in = W.shape
+    if n_in % group:
+        raise SlimGPTError(f"{n_in} columns do not split into groups of {group}")
+    Wu = W.T.reshape(n_in // group, group, out)
+    return 0.5 * ((Wu @ G.double() @ Wu.mT) * _blocks(A.double(), group)).sum((-2, -1))
+
+
 def row_set_cost(W: torch.Tensor, A: torch.Tensor, G_inv: torch.Tensor, rows: torch.Tensor) -> float:
     """½ tr(([G⁻¹]_RR)⁻¹ W_R A W_Rᵀ) for one set of rows removed together."""
     WR = W.double()[rows]

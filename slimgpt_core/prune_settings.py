@@ -32,8 +32,10 @@ class PruneSettings:
     shots: int = 3  # surgeon, kobd, obs-multishot: passes over the model, sparsity rising linearly across them
     surgeon_units: str = "heads"  # surgeon/kobd: heads (KV groups + FFN channels, smaller model) | rows (zeros)
     fisher: str = "empirical"  # surgeon/kobd: labels from the data | true (sampled from the model)
-    surgeon_update: str = "both"  # surgeon: both (rows and columns compensated) | columns (o_proj/down_proj only)
+    surgeon_update: str = "dead-rows"  # surgeon, heads units: dead-rows (o_proj/down_proj column cost and update; the
+    # unit's q/k/v/gate/up rows are dead) | both (summed costs, row and column updates) | columns (summed, columns)
     kfac_positions: int | None = None  # surgeon/kobd: token positions per sequence feeding A and G (sub-sample)
+    surgeon_lora_steps: int = 0  # surgeon/kobd: LoRA steps (peft) on the calibration data after every shot; 0: off
     offload_activations: str = "auto"  # auto | never | always: calibration activations in (pinned) CPU memory
     tf32: bool = False  # TF32 matmuls in layer forwards on CUDA (statistics and OBS stay full fp32)
     track_accumulation: bool = True  # False: skip the reference forward that measures accumulated error

@@ -31,7 +31,7 @@ from .schedule import check_ratio
 from .surgery import count_parameters, keep_channels, keep_kv_groups, layer_shape, update_config
 
 UNITS = ("heads", "rows")
-UPDATES = ("both", "columns")
+UPDATES = ("dead-rows", "both", "columns")
 FISHERS = ("empirical", "true")
 
 
@@ -42,11 +42,13 @@ def validate(settings) -> None:
     if settings.fisher not in FISHERS:
         raise SlimGPTError(f"fisher must be empirical or true, got {settings.fisher!r}")
     if settings.surgeon_update not in UPDATES:
-        raise SlimGPTError(f"surgeon update must be both or columns, got {settings.surgeon_update!r}")
+        raise SlimGPTError(f"surgeon update must be dead-rows, both or columns, got {settings.surgeon_update!r}")
     if settings.shots < 1:
         raise SlimGPTError(f"shots must be >= 1, got {settings.shots}")
     if settings.kfac_positions is not None and settings.kfac_positions < 1:
         raise SlimGPTError(f"KFAC positions per sequence must be >= 1, got {settings.kfac_positions}")
+    if settings.surgeon_lora_steps < 0:
+        raise SlimGPTError(f"LoRA steps between shots must be >= 0, got {settings.surgeon_lora_steps}")
     if not settings.damp > 0:
         raise SlimGPTError(f"KFAC damping must be > 0, got {settings.damp}")
 
@@ -107,23 +109,43 @@ class _Unit:
     params: int
 
 
-def _inverses(A: dict, G: dict, damp: float):
-    """Damped factors and their fp64 inverses for one layer."""
+def _inverses(A: dict, G: dict, damp: float, a_inv=None, g_inv=None):
+    """Damped factors and the fp64 inverses of those named in `a_inv`/`g_inv` (all when None) for one layer:
+    the inverses are most of a shot's cost phase, so only the needed ones are computed."""
     A_d = {n: kfac.damped(a, damp) for n, a in A.items()}
     G_d = {n: kfac.damped(g, damp) for n, g in G.items()}
-    return A_d, {n: kfac.inverse(a) for n, a in A_d.items()}, G_d, {n: kfac.inverse(g) for n, g in G_d.items()}
+    return (A_d, {n: kfac.inverse(A_d[n]) for n in (A_d if a_inv is None else a_inv)},
+            G_d, {n: kfac.inverse(G_d[n]) for n in (G_d if g_inv is None else g_inv)})
 
 
 def _input_of(name: str) -> str:
     return {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(name, name)
 
 
-def _head_unit_costs(layer, A_d, A_inv, G_d, G_inv) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cost of every KV group and every FFN channel of one layer (sums of set costs over coupled matrices)."""
+def _head_unit_costs(layer, A_d, A_inv, G_d, G_inv, rows_dead: bool = False,
+                     drop: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cost of every KV group and every FFN channel of one layer. With `rows_dead` only the o_proj/down_proj
+    column set counts: once those columns go, no gradient reaches the unit's q/k/v/gate/up rows, which are then
+    removed at cost 0 (the authors' rule for dead rows). Otherwise the sum of set costs over coupled matrices.
+    `drop` (K-OBD): the loss of zeroing with nothing compensated, from the factors A_d, G_d as given."""
     lin = linears(layer)
     attn = layer.self_attn
     d, rep = attn.head_dim, attn.num_key_value_groups
     w = {n: m.weight.data for n, m in lin.items()}
+    if drop:
+        o_cost = kfac.column_drop_costs(w["o_proj"], G_d["o_proj"], A_d["o_proj"], rep * d)
+        down_cost = kfac.column_drop_costs(w["down_proj"], G_d["down_proj"], A_d["down_proj"])
+        if rows_dead:
+            return o_cost, down_cost
+        q_a = A_d["q_proj"]
+        return (o_cost + kfac.row_drop_costs(w["q_proj"], q_a, G_d["q_proj"], rep * d)
+                + kfac.row_drop_costs(w["k_proj"], q_a, G_d["k_proj"], d)
+                + kfac.row_drop_costs(w["v_proj"], q_a, G_d["v_proj"], d),
+                down_cost + kfac.row_drop_costs(w["gate_proj"], A_d["gate_proj"], G_d["gate_proj"])
+                + kfac.row_drop_costs(w["up_proj"], A_d["gate_proj"], G_d["up_proj"]))
+    if rows_dead:
+        return (kfac.column_unit_costs(w["o_proj"], G_d["o_proj"], A_inv["o_proj"], rep * d),
+                kfac.column_unit_costs(w["down_proj"], G_d["down_proj"], A_inv["down_proj"]))
     kv = (kfac.row_unit_costs(w["q_proj"], A_d["q_proj"], G_inv["q_proj"], rep * d)
           + kfac.row_unit_costs(w["k_proj"], A_d["q_proj"], G_inv["k_proj"], d)
           + kfac.row_unit_costs(w["v_proj"], A_d["q_proj"], G_inv["v_proj"], d)
@@ -200,11 +222,14 @@ def rows_threshold(costs: list[tuple[torch.Tensor, torch.Tensor]], budget: int) 
     return float(candidates[lo])
 
 
-def _rows_mode_costs(w: torch.Tensor, A_d, A_inv, G_d, G_inv, A_raw, G_raw) -> tuple[torch.Tensor, torch.Tensor]:
-    """Single-row and single-column costs of one matrix; dead rows/columns (zero weights or zero curvature
-    diagonal) cost 0."""
-    rc = kfac.row_unit_costs(w, A_d, G_inv)
-    cc = kfac.column_unit_costs(w, G_d, A_inv)
+def _rows_mode_costs(w: torch.Tensor, A_d, A_inv, G_d, G_inv, A_raw, G_raw,
+                     drop: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Single-row and single-column costs of one matrix (`drop`: K-OBD's, nothing compensated); dead
+    rows/columns (zero weights or zero curvature diagonal) cost 0."""
+    if drop:
+        rc, cc = kfac.row_drop_costs(w, A_raw, G_raw), kfac.column_drop_costs(w, G_raw, A_raw)
+    else:
+        rc, cc = kfac.row_unit_costs(w, A_d, G_inv), kfac.column_unit_costs(w, G_d, A_inv)
     dead_r = (w == 0).all(1).to(rc.device) | (G_raw.diagonal() == 0).to(rc.device)
     dead_c = (w == 0).all(0).to(cc.device) | (A_raw.diagonal() == 0).to(cc.device)
     return rc.masked_fill(dead_r, 0.0), cc.masked_fill(dead_c, 0.0)
@@ -281,10 +306,15 @@ def prune_surgeon(model, tokens: torch.Tensor, settings, callback: Callback | No
             budget = round(t * settings.ratio / T * layer_params0)
             if heads_mode:
                 _heads_shot(model, A, G, settings.damp, budget - (layer_params0 - count_parameters(layers)),
-                            compensate, settings.surgeon_update == "both")
+                            compensate, settings.surgeon_update)
             else:
-                _rows_shot(model, A, G, settings.damp, budget, compensate, settings.surgeon_update == "both")
+                _rows_shot(model, A, G, settings.damp, budget, compensate, settings.surgeon_update != "columns")
             del A, G
+            if settings.surgeon_lora_steps:
+                from .surgeon_lora import lora_steps
+                emit(Progress(t - 1, T, f"shot {t}/{T} LoRA {settings.surgeon_lora_steps} steps",
+                              time.perf_counter() - t_start))
+                lora_steps(model, calib, settings.surgeon_lora_steps, settings.batch_size, device, t, should_stop)
             removed = _removed_fraction(layers, heads_mode, layer_params0)
             emit(Progress(t - 1, T, f"shot {t}/{T} held-out loss", time.perf_counter() - t_start))
             loss = mean_loss(model, heldout if heldout.shape[0] else calib, settings.batch_size)
@@ -319,13 +349,24 @@ def _removed_fraction(layers, heads_mode: bool, layer_params0: int) -> float:
     return zero_fraction(layers)
 
 
-def _heads_shot(model, A, G, damp: float, budget: int, compensate: bool, update_rows: bool = True) -> None:
-    """Score every KV group and FFN channel, pick globally, update and slice the layers."""
+def _heads_shot(model, A, G, damp: float, budget: int, compensate: bool, update: str = "dead-rows") -> None:
+    """Score every KV group and FFN channel, pick globally, update and slice the layers. `update`: dead-rows
+    (column cost and column update only), both (summed costs, row and column updates), columns (summed costs,
+    column updates)."""
+    rows_dead, update_rows = update == "dead-rows", update == "both"
     layers = model.model.layers
+    # heads mode inverts A of o_proj/down_proj only, and G of the row-side matrices unless their rows are dead
+    needed = dict(a_inv=("o_proj", "down_proj") if compensate else (),
+                  g_inv=() if rows_dead or not compensate else ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+    kept = []  # dead-rows: the two A inverses per layer are kept for the updates (SmolLM2: ≈ 0.65 GB fp64)
     units, alive_kv, alive_ffn = [], [], []
     for i, layer in enumerate(layers):
-        A_d, A_inv, G_d, G_inv = _inverses(A[i], G[i], damp)
-        kv_cost, ffn_cost = _head_unit_costs(layer, A_d, A_inv, G_d, G_inv)
+        A_d, A_inv, G_d, G_inv = _inverses(A[i], G[i], damp, **needed)
+        kept.append((A_inv, G_inv) if rows_dead else None)
+        if compensate:
+            kv_cost, ffn_cost = _head_unit_costs(layer, A_d, A_inv, G_d, G_inv, rows_dead)
+        else:  # K-OBD ranks by what zeroing costs with nothing compensated (undamped factors, as the authors)
+            kv_cost, ffn_cost = _head_unit_costs(layer, A[i], None, G[i], None, rows_dead, drop=True)
         p_kv, p_ffn = _unit_params(layer)
         units += [_Unit(float(c), i, "kv", u, p_kv) for u, c in enumerate(kv_cost.tolist())]
         units += [_Unit(float(c), i, "ffn", u, p_ffn) for u, c in enumerate(ffn_cost.tolist())]
@@ -337,7 +378,7 @@ def _heads_shot(model, A, G, damp: float, budget: int, compensate: bool, update_
         channels = sorted(u.index for u in chosen if u.layer == i and u.kind == "ffn")
         if not kv_units and not channels:
             continue
-        _, A_inv, _, G_inv = _inverses(A[i], G[i], damp)
+        A_inv, G_inv = kept[i] or _inverses(A[i], G[i], damp, **needed)[1::2]
         lin = linears(layer)
         attn = layer.self_attn
         d, rep = attn.head_dim, attn.num_key_value_groups
@@ -362,24 +403,26 @@ def _heads_shot(model, A, G, damp: float, budget: int, compensate: bool, update_
 def _rows_shot(model, A, G, damp: float, budget: int, compensate: bool, update_rows: bool = True) -> None:
     """Score every row and column of every matrix, one global threshold, update in place (zeros)."""
     layers = model.model.layers
+    needed = {} if compensate else dict(a_inv=(), g_inv=())  # K-OBD needs no inverse
     costs = []
     for i, layer in enumerate(layers):
-        A_d, A_inv, G_d, G_inv = _inverses(A[i], G[i], damp)
+        A_d, A_inv, G_d, G_inv = _inverses(A[i], G[i], damp, **needed)
         for name, m in linears(layer).items():
             a = _input_of(name)
-            costs.append(_rows_mode_costs(m.weight.data, A_d[a], A_inv[a], G_d[name], G_inv[name], A[i][a], G[i][name]))
+            costs.append(_rows_mode_costs(m.weight.data, A_d[a], A_inv.get(a), G_d[name], G_inv.get(name), A[i][a],
+                                          G[i][name], drop=not compensate))
     tau = rows_threshold(costs, budget)
     k = 0
     for i, layer in enumerate(layers):
-        _, A_inv, _, G_inv = _inverses(A[i], G[i], damp)
+        _, A_inv, _, G_inv = _inverses(A[i], G[i], damp, **needed)
         for name, m in linears(layer).items():
             rc, cc = costs[k]
             k += 1
             rows = (rc <= tau).nonzero().flatten().to(m.weight.device)
             cols = (cc <= tau).nonzero().flatten().to(m.weight.device)
             if len(rows) or len(cols):
-                _write(m, kfac.remove(m.weight.data, rows, cols, G_inv[name], A_inv[_input_of(name)], compensate,
-                                      update_rows))
+                _write(m, kfac.remove(m.weight.data, rows, cols, G_inv.get(name), A_inv.get(_input_of(name)),
+                                      compensate, update_rows))
 
 
 def _rows_of(units, size: int, device) -> torch.Tensor:

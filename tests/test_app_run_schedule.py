@@ -3,7 +3,8 @@ schedule, and one button puts exactly its ratios into the Prune page's schedule 
 import pytest
 
 from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.pipeline import PruneSettings, plan_removals, prune_model
+from slimgpt_core.pipeline import prune_model
+from slimgpt_core.prune_settings import PruneSettings, plan_removals
 from slimgpt_core.run_schedule import run_schedule
 from test_app import button, figures, load_stories
 

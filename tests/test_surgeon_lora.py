@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from slimgpt_core.errors import PruningCancelled, SlimGPTError
-from slimgpt_core.pipeline import PruneSettings, prune_model
+from slimgpt_core.pipeline import prune_model
+from slimgpt_core.prune_settings import PruneSettings
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from slimgpt_core import kfac
-from slimgpt_core.pipeline import PruneSettings, prune_model
+from slimgpt_core.pipeline import prune_model
+from slimgpt_core.prune_settings import PruneSettings
 
 NONE = torch.zeros(0, dtype=torch.long)
 

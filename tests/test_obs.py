@@ -434,12 +434,18 @@ def test_approximate_error_from_the_factor_alone():
     assert scores.tolist() == pytest.approx(_authors_formula(FIXED_W, FIXED_H), rel=1e-5)
 
 
-def test_channel_group_defaults_are_the_authors():
-    import inspect
+def test_channel_group_defaults_are_the_authors(monkeypatch):
     g = torch.Generator().manual_seed(15)
     W = torch.randn(2, 600, generator=g)
     H = torch.eye(600) + 0.01 * torch.ones(600, 600)
     # 580 channels: bs₀ = (580 − 512)//2 = 34, below the floor of 64, so groups of 64 and a rest of 4
-    assert obs.prune_channels(W, H, n_remove=580).steps == [64] * 9 + [4]
-    defaults = {k: p.default for k, p in inspect.signature(obs.prune_channels).parameters.items()}
-    assert (defaults["damp"], defaults["floor"], defaults["ceiling"]) == (0.01, 64, 1024)  # ceiling: k ≥ 2560 to show
+    res = obs.prune_channels(W, H, n_remove=580)
+    assert res.steps == [64] * 9 + [4] and res.damping == 0.01
+    # the ceiling shows only from k ≥ 2·1024 + 512 channels (seconds of work): the sizes are asked with it
+    import inspect
+    asked, real = [], obs.dynamic_group_sizes
+    bind = inspect.signature(real).bind
+    monkeypatch.setattr(obs, "dynamic_group_sizes", lambda *a, **k: asked.append(dict(bind(*a, **k).arguments))
+                        or real(*a, **k))
+    obs.prune_channels(W, H, n_remove=3)
+    assert asked == [{"n_remove": 3, "floor": 64, "ceiling": 1024}]

@@ -74,6 +74,14 @@ def test_pages_without_a_model_or_run_say_what_to_do(app):
         assert any(text in i.value for i in app.info), page
 
 
+def _decoder_layer_parameters(config, heads: int, kv_heads: int, ffn: int) -> int:
+    """One llama decoder layer's weights from its shapes (no bias): q, k, v, o, gate, up, down, two RMSNorms."""
+    hidden, d = config.hidden_size, config.head_dim
+    shapes = [(heads * d, hidden), (kv_heads * d, hidden), (kv_heads * d, hidden), (hidden, heads * d),
+              (ffn, hidden), (ffn, hidden), (hidden, ffn), (hidden, 1), (hidden, 1)]
+    return sum(a * b for a, b in shapes)
+
+
 def test_schedule_editor_presets_sliders_and_preview(app):
     load_stories(app)
     app.switch_page("pages/prune.py").run()
@@ -90,6 +98,40 @@ def test_schedule_editor_presets_sliders_and_preview(app):
     assert {m.label: m.value for m in app.metric}["Achieved (decoder layers)"] != achieved
     curve = figures(app)["Pruning ratio per layer"]
     assert curve["data"][0]["y"][0] == 0.0 and curve["data"][0]["y"][1] == 0.5
+
+    # a hand-made schedule: the preview's numbers against a count from the config and against the real run
+    heads_r, ffn_r = [0.95, 0.5, 0.25, 0.0, 0.75], [0.95, 0.9, 0.3, 0.0, 0.6]
+    for i in range(5):
+        app.slider(key=f"hr_{i}").set_value(heads_r[i])
+        app.slider(key=f"fr_{i}").set_value(ffn_r[i])
+    app.run()  # one rerun: every slider's callback fires
+    from slimgpt_core.models import load_model
+    config = load_model("stories260k").model.config
+    groups, per_group, ffn = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads, \
+        config.intermediate_size
+    groups_left = [groups - min(round(r * groups), groups - 1) for r in heads_r]  # whole KV groups, one stays
+    ffn_left = [ffn - min(round(r * ffn), ffn - 1) for r in ffn_r]
+    assert groups_left == [1, 2, 3, 4, 1] and ffn_left == [9, 17, 120, 172, 69]
+    dense_layers = 5 * _decoder_layer_parameters(config, config.num_attention_heads, groups, ffn)
+    pruned_layers = sum(_decoder_layer_parameters(config, g * per_group, g, f) for g, f in zip(groups_left, ffn_left))
+    embeddings = config.vocab_size * config.hidden_size + config.hidden_size  # tied input/output, final norm
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Achieved (decoder layers)"] == f"{1 - pruned_layers / dense_layers:.1%}"
+    assert metrics["Achieved (whole model)"] == f"{1 - (pruned_layers + embeddings) / (dense_layers + embeddings):.1%}"
+    assert metrics["Parameters after"] == f"{(pruned_layers + embeddings) / 1e6:.2f} M"
+    curve = {t["name"]: t["y"] for t in figures(app)["Pruning ratio per layer"]["data"]}
+    assert curve["heads (requested)"] == heads_r and curve["FFN (requested)"] == ffn_r
+    assert curve["heads (achieved, whole groups)"] == pytest.approx([1 - g / groups for g in groups_left])
+    assert curve["FFN (achieved)"] == pytest.approx([1 - f / ffn for f in ffn_left])
+    small_calibration(app)
+    button(app, "Start pruning").click().run()
+    settle(app, "prune")
+    from slimgpt_core.surgery import count_parameters
+    from slimgpt_core.workspace import list_runs
+    [info] = list_runs()
+    pruned = load_model(str(info.path)).model
+    assert count_parameters(pruned.model.layers) == pruned_layers
+    assert count_parameters(pruned) == pruned_layers + embeddings
 
 
 def test_prune_run_produces_live_charts_and_heatmap(app):
@@ -117,18 +159,64 @@ def test_prune_run_produces_live_charts_and_heatmap(app):
     assert app.session_state["current_run"] == run.id
 
 
+def _dense_group_errors(model, tokens, damp: float) -> list[list[float]]:
+    """The OBS error of removing each KV group of each layer alone, from the dense model's own o_proj inputs
+    (hooks, fp64): H = 2XᵀX/N damped by damp·mean(diag H), B = (H⁻¹)_gg, ε_g = tr(W_g B⁻¹ W_gᵀ)."""
+    import torch
+    seen = {}
+    layers = model.model.layers
+    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(
+        lambda module, args, i=i: seen.__setitem__(i, args[0].reshape(-1, args[0].shape[-1]).double()))
+        for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        model(tokens)
+    for hook in hooks:
+        hook.remove()
+    errors = []
+    for i, layer in enumerate(layers):
+        X, W = seen[i], layer.self_attn.o_proj.weight.detach().double()
+        H = 2 * X.T @ X / X.shape[0]
+        Hinv = torch.linalg.inv(H + damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype))
+        width = layer.self_attn.head_dim * (model.config.num_attention_heads // model.config.num_key_value_heads)
+        errors.append([float(torch.trace(W[:, g:g + width] @ torch.linalg.inv(Hinv[g:g + width, g:g + width])
+                                         @ W[:, g:g + width].T)) for g in range(0, W.shape[1], width)])
+    return errors
+
+
 def test_head_importance_preview_marks_what_the_sliders_remove(app):
+    import math
+
+    from slimgpt_core.data import calibration_tokens
+    from slimgpt_core.models import load_model
     load_stories(app)
     app.switch_page("pages/prune.py").run()
     small_calibration(app)
     button(app, "Compute head importance").click().run()
     settle(app, "stats")
-    heat = figures(app)["Dense head importance; ✕ = would be removed at these ratios"]
-    n_marked = len(heat["data"][1]["x"])
+    title = "Dense head importance; ✕ = would be removed at these ratios"
+    n_marked = len(figures(app)[title]["data"][1]["x"])
     app.selectbox(key="preset").set_value("uniform").run()
     app.slider(key="target_ratio").set_value(0.5).run()  # 2 of 4 groups in every layer
-    heat = figures(app)["Dense head importance; ✕ = would be removed at these ratios"]
+    heat = figures(app)[title]
     assert len(heat["data"][1]["x"]) == 10 != n_marked
+    # a hand-made schedule: each layer loses its k least important groups, by an importance computed here
+    ratios, k = [0.25, 0.5, 0.75, 0.0, 0.5], [1, 2, 3, 0, 2]
+    for i, r in enumerate(ratios):
+        app.slider(key=f"hr_{i}").set_value(r)
+    app.run()
+    dense = load_model("stories260k")
+    errors = _dense_group_errors(dense.model, calibration_tokens(dense.tokenizer, "c4", 8, 64, 0), damp=0.01)
+    heat = figures(app)[title]
+    for row, mine in zip(heat["data"][0]["z"], errors):  # the heatmap shows log10 of these errors
+        assert row == pytest.approx([math.log10(e) for e in mine], abs=1e-3)
+    expected = set()
+    for layer, (mine, n) in enumerate(zip(errors, k)):
+        order = sorted(range(4), key=lambda g: mine[g])
+        if 0 < n < 4:  # the cut between removed and kept is clear, not a near tie
+            assert mine[order[n]] > 1.01 * mine[order[n - 1]]
+        expected |= {(g, layer) for g in order[:n]}
+    marks = heat["data"][1]
+    assert set(zip(marks["x"], marks["y"])) == expected and len(marks["x"]) == sum(k)
 
 
 def test_inspect_evaluate_export(app, tmp_path):

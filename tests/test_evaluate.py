@@ -147,3 +147,24 @@ def test_cached_perplexity_hits_and_bypasses(model, monkeypatch, tmp_path):
     assert cache.STATS["results.hit"] >= 1
     evaluate.cached_perplexity(model, None, "made-up")  # defaults: windows of 128, batches of 8, all windows
     assert computed[-1] == (128, 8, None, "cpu", "made-up", None, None)
+
+
+def test_windows_are_sent_to_the_device_of_the_model(model, stream):
+    """The token windows go to wherever the model's weights are (a GPU), however the text was loaded. Here the
+    model's first weight is on the meta device: each batch's move there is recorded (and not made, so the real
+    weights still compute on the CPU)."""
+    from conftest import DeviceMoves
+
+    class Elsewhere(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.empty(1, device="meta"))  # the first of its parameters
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, ids, use_cache=None):
+            return self.inner(ids, use_cache=use_cache)
+
+    with DeviceMoves(pretend="meta") as moves:
+        res = evaluate.perplexity(Elsewhere(model), stream, seqlen=16, batch_size=10)
+    assert [m for m in moves.moves if m is not None and m.type == "meta"] == [torch.device("meta")] * 3  # 3 batches
+    assert res.nll == pytest.approx(_hand_nll(model, stream, 16, 25)[0], rel=1e-5)

@@ -349,7 +349,8 @@ def _all_reduce_worker(rank, world, init, chunks, out):
     acc = obs.HessianAccumulator(chunks[0].shape[-1])
     for chunk in chunks[rank::world]:
         acc.add_batch(chunk)
-    acc.all_reduce()
+    with torch.device("meta"):  # the count is reduced beside the statistics, not on the default device
+        acc.all_reduce()
     if rank == 0:
         torch.save({"H": acc.H, "n": acc.nsamples}, out)
     dist.destroy_process_group()
@@ -369,3 +370,96 @@ def test_all_reduce_sums_statistics_of_two_processes(tmp_path):
     merged = torch.load(out, weights_only=True)
     assert merged["n"] == 120 and type(merged["n"]) is int
     torch.testing.assert_close(merged["H"], single.H, rtol=1e-6, atol=1e-6)
+
+
+def test_statistics_sum_in_fp64_from_fp32_products_of_any_batch_shape():
+    acc = obs.HessianAccumulator(1)
+    acc.add_batch(torch.tensor([[1e4]]))  # XᵀX = 1e8: in fp32 every later +1 would round away
+    for _ in range(100):
+        acc.add_batch(torch.tensor([[1.0]]))  # one-row batches count too
+    assert acc.nsamples == 101
+    assert float(acc.H) == pytest.approx(2 * (1e8 + 100) / 101, abs=0.2)  # fp32 spacing there is 0.125
+    half = obs.HessianAccumulator(1)
+    half.add_batch(torch.tensor([[1.0], [0.0625]], dtype=torch.bfloat16))  # exact in bf16, XᵀX = 1 + 2⁻⁸ is not
+    assert float(half.H) == 1.00390625 and half.H.dtype == torch.float32
+    _, X = _problem(seed=14, n=24)
+    flat, batched = obs.HessianAccumulator(X.shape[1]), obs.HessianAccumulator(X.shape[1])
+    flat.add_batch(X)
+    batched.add_batch(X.reshape(4, 6, X.shape[1]))  # [batch, tokens, columns] as a hook sees it
+    assert batched.nsamples == flat.nsamples == 24 and torch.equal(batched.H, flat.H)
+    acc.add_batch(torch.zeros(0, 1))  # an empty batch changes nothing
+    assert acc.nsamples == 101
+
+
+def test_tensors_are_made_where_and_as_the_inputs_are():
+    """The tensors the OBS code creates take their device from its inputs, never torch's default: with the default
+    device set to meta (a device without data) the CPU results are unchanged. On a GPU a tensor made on the default
+    device would land on the CPU. The damped inverse and the statistics also keep their dtype under an fp64 default."""
+    W, X = _problem(seed=13)
+    H = _hessian(X)
+    runs = [lambda: obs.prune_head_groups(W, H, 4, 2), lambda: obs.prune_head_groups(W, H, 4, 2, mode="approx"),
+            lambda: obs.prune_channels(W, H, 5, floor=2, ceiling=2)]
+    expected = [run() for run in runs]
+    with torch.device("meta"):
+        got = [run() for run in runs]
+    for a, b in zip(expected, got):
+        assert b.removed == a.removed and b.first_scores == a.first_scores and b.steps == a.steps
+        assert torch.equal(b.weight, a.weight) and b.weight.dtype == torch.float32
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        with torch.device("meta"):
+            H_again = _hessian(X)
+            _, Hinv, _ = obs.damped_inverse(W, H, 0.01)
+    finally:
+        torch.set_default_dtype(default)
+    assert H_again.device.type == "cpu" and torch.equal(H_again, H)
+    assert Hinv.device.type == "cpu" and Hinv.dtype == torch.float32
+    # statistics kept on another device: every batch is sent there
+    from conftest import DeviceMoves
+    elsewhere = obs.HessianAccumulator(X.shape[1], device="meta")
+    with DeviceMoves() as moves:
+        elsewhere.add_batch(X[:10])
+    assert moves.moves == [torch.device("meta")] and elsewhere.H.device.type == "meta" and elsewhere.nsamples == 10
+
+
+def test_damping_is_relative_to_the_mean_diagonal():
+    H = 3 * _indefinite(0.5)  # mean diagonal 3
+    _, Hinv, lam = obs.damped_inverse(torch.ones(3, 6), H, 0.01)
+    assert lam == 0.01
+    torch.testing.assert_close(Hinv, torch.linalg.inv(H + 0.03 * torch.eye(6)), rtol=1e-4, atol=1e-6)
+
+
+def test_safe_cholesky_jitter_follows_each_blocks_own_scale():
+    # singular blocks [[a, a], [a, a]] of mean diagonal 4 and 0.25 beside a block of mean diagonal 150; with jitter
+    # ε = 1e-6·a on the block's own diagonal, L₁₁² = (a + ε) − a²/(a + ε) ≈ 2ε
+    B = torch.tensor([[[4.0, 4.0], [4.0, 4.0]], [[0.25, 0.25], [0.25, 0.25]], [[200.0, 50.0], [50.0, 100.0]]])
+    L = obs._safe_cholesky(B)
+    assert float(L[0, 1, 1]) ** 2 == pytest.approx(2 * 4e-6, rel=0.25)
+    assert float(L[1, 1, 1]) ** 2 == pytest.approx(2 * 0.25e-6, rel=0.25)
+    torch.testing.assert_close(L[2] @ L[2].T, B[2], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(obs._safe_cholesky(B[1]), L[1])  # one block, as prune_channels passes it
+
+
+def test_approximate_error_from_the_factor_alone():
+    Hinv = torch.linalg.inv(FIXED_H)
+    blocks = torch.stack([Hinv[:2, :2], Hinv[2:, 2:]])
+    scores = obs.group_errors(FIXED_W, torch.linalg.cholesky(blocks), 2, "approx")  # no blocks: their factor's diagonal
+    assert scores.tolist() == pytest.approx(_authors_formula(FIXED_W, FIXED_H), rel=1e-5)
+
+
+def test_channel_group_defaults_are_the_authors(monkeypatch):
+    g = torch.Generator().manual_seed(15)
+    W = torch.randn(2, 600, generator=g)
+    H = torch.eye(600) + 0.01 * torch.ones(600, 600)
+    # 580 channels: bs₀ = (580 − 512)//2 = 34, below the floor of 64, so groups of 64 and a rest of 4
+    res = obs.prune_channels(W, H, n_remove=580)
+    assert res.steps == [64] * 9 + [4] and res.damping == 0.01
+    # the ceiling shows only from k ≥ 2·1024 + 512 channels (seconds of work): the sizes are asked with it
+    import inspect
+    asked, real = [], obs.dynamic_group_sizes
+    bind = inspect.signature(real).bind
+    monkeypatch.setattr(obs, "dynamic_group_sizes", lambda *a, **k: asked.append(dict(bind(*a, **k).arguments))
+                        or real(*a, **k))
+    obs.prune_channels(W, H, n_remove=3)
+    assert asked == [{"n_remove": 3, "floor": 64, "ceiling": 1024}]

@@ -127,3 +127,9 @@ def test_a_last_ratio_of_exactly_one_is_refused():
     # three layers: the message quotes the last ratio (0.28, 0.70, 1.12), not another
     with pytest.raises(SlimGPTError, match=r"mean 0.7 and shape 4.0 asks the last layer for 1.120 >= 1"):
         layer_ratios(3, 0.7, "linear", 4.0)
+
+
+def test_the_auto_schedule_has_no_formula():
+    with pytest.raises(SlimGPTError, match=r"^the auto schedule has no formula: it is found by a search for a parameter "
+                                           r"budget \(slimgpt_core\.autoschedule\.search, or prune --schedule auto\)$"):
+        layer_ratios(4, 0.2, "auto")

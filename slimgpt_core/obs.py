@@ -102,11 +102,17 @@ def damped_inverse(W: torch.Tensor, H: torch.Tensor, damp: float) -> tuple[torch
 
 
 def _safe_cholesky(B: torch.Tensor) -> torch.Tensor:
-    """Lower Cholesky of (a batch of) SPD blocks, with a tiny jitter if rounding broke definiteness."""
+    """Lower Cholesky of (a batch of) SPD blocks, with a tiny jitter (1e-6 of each block's mean diagonal, raised
+    a hundredfold up to twice) if rounding broke definiteness."""
     L, info = torch.linalg.cholesky_ex(B)
+    scale = B.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).abs().clamp_min(1e-12)
+    for jitter in (1e-6, 1e-4, 1e-2):
+        if not bool((info != 0).any()):
+            return L
+        L, info = torch.linalg.cholesky_ex(B + torch.diag_embed((jitter * scale).expand(B.shape[:-1])))
     if bool((info != 0).any()):
-        eps = 1e-6 * B.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).abs().clamp_min(1e-12)
-        L = torch.linalg.cholesky(B + torch.diag_embed(eps.expand(B.shape[:-1])))
+        raise SlimGPTError("the calibration statistics are too close to singular to prune these units: raise "
+                           "--damp or use more calibration samples")
     return L
 
 
@@ -132,19 +138,19 @@ class PruneResult:
     steps: list[int] = field(default_factory=list)  # units removed per step
 
 
-def group_errors(W: torch.Tensor, blocks_chol: torch.Tensor, group: int, mode: str, blocks: torch.Tensor | None = None):
+def group_errors(W: torch.Tensor, blocks_chol: torch.Tensor, group: int, mode: str):
     """ε_u for every unit u of `group` consecutive columns. W [out, U*group]; blocks_chol [U, g, g] lower.
 
     exact: tr(W_Q B⁻¹ W_Qᵀ) = ‖L⁻¹ W_Qᵀ‖²_F (one batched triangular solve).
-    approx (authors' code): Σ_j Σ_rows W[:,j]² / (U_jj)² with U the upper Cholesky factor of B."""
+    approx (authors' code): Σ_j Σ_rows W[:,j]² / (U_jj)² with U the upper Cholesky factor of B, which is Lᵀ (the
+    factor already computed, jitter included)."""
     out = W.shape[0]
     Wq = W.reshape(out, -1, group).permute(1, 2, 0)  # [U, g, out]
     if mode == "exact":
         Z = torch.linalg.solve_triangular(blocks_chol, Wq, upper=False)
         return Z.pow(2).sum(dim=(1, 2))
     if mode == "approx":
-        U = torch.linalg.cholesky(blocks, upper=True) if blocks is not None else blocks_chol.mT
-        d = U.diagonal(dim1=-2, dim2=-1)  # [U, g]
+        d = blocks_chol.diagonal(dim1=-2, dim2=-1)  # [U, g]: U_jj = L_jj
         return (Wq.pow(2).sum(-1) / d.pow(2)).sum(-1)
     raise SlimGPTError(f"unknown head-error mode {mode!r} (exact or approx)")
 
@@ -166,10 +172,9 @@ def prune_head_groups(W: torch.Tensor, H: torch.Tensor, group: int, n_remove: in
         blocks = Hinv.reshape(n_units, group, n_units, group).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
         blocks = blocks[idx]
         L = _safe_cholesky(blocks)
-        scores = group_errors(W.reshape(W.shape[0], n_units, group)[:, idx].reshape(W.shape[0], -1),
-                              L, group, mode, blocks if mode == "approx" else None)
+        scores = group_errors(W.reshape(W.shape[0], n_units, group)[:, idx].reshape(W.shape[0], -1), L, group, mode)
         if step == 0:
-            full = torch.full((n_units,), float("inf"), device=W.device)
+            full = torch.full((n_units,), float("inf"), dtype=scores.dtype, device=W.device)
             full[idx] = scores
             first = full.tolist()
         if n_remove == 0:

@@ -444,7 +444,7 @@ def test_safe_cholesky_jitter_follows_each_blocks_own_scale():
 def test_approximate_error_from_the_factor_alone():
     Hinv = torch.linalg.inv(FIXED_H)
     blocks = torch.stack([Hinv[:2, :2], Hinv[2:, 2:]])
-    scores = obs.group_errors(FIXED_W, torch.linalg.cholesky(blocks), 2, "approx")  # no blocks: their factor's diagonal
+    scores = obs.group_errors(FIXED_W, torch.linalg.cholesky(blocks), 2, "approx")  # the lower factor's diagonal
     assert scores.tolist() == pytest.approx(_authors_formula(FIXED_W, FIXED_H), rel=1e-5)
 
 
@@ -463,3 +463,32 @@ def test_channel_group_defaults_are_the_authors(monkeypatch):
                         or real(*a, **k))
     obs.prune_channels(W, H, n_remove=3)
     assert asked == [{"n_remove": 3, "floor": 64, "ceiling": 1024}]
+
+
+def test_a_block_singular_beyond_the_jitter_is_one_sentence():
+    B = torch.tensor([[[1.0, 2.0], [2.0, 1.0]]])  # indefinite: eigenvalues 3 and −1, no small jitter helps
+    with pytest.raises(SlimGPTError, match="too close to singular.*--damp"):
+        obs._safe_cholesky(B)
+
+
+def test_approx_mode_scores_the_jittered_factor():
+    """A block that needs the jitter: the approximate error uses the factor that was computed (and succeeds)."""
+    W = torch.tensor([[1.0, 2.0, 0.5, 0.25]])
+    blocks = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[2.0, 0.5], [0.5, 1.0]]])  # the first block is singular
+    L = obs._safe_cholesky(blocks)
+    scores = obs.group_errors(W, L, 2, "approx")
+    d = L.diagonal(dim1=-2, dim2=-1)
+    assert scores.tolist() == pytest.approx([(1.0 / d[0, 0] ** 2 + 4.0 / d[0, 1] ** 2).item(),
+                                             (0.25 / d[1, 0] ** 2 + 0.0625 / d[1, 1] ** 2).item()])
+
+
+def test_head_scores_under_an_fp64_default_dtype_stay_fp32():
+    W, X = _problem()
+    H = _hessian(X)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        res = obs.prune_head_groups(W, H, group=4, n_remove=1)
+    finally:
+        torch.set_default_dtype(before)
+    assert res.weight.dtype == torch.float32 and len(res.first_scores) == 6

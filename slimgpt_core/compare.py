@@ -90,7 +90,8 @@ def run_grid(model_name: str, ratios: list[float], variants: list[str], calib: s
         res = zero_shot(model, tokenizer, tasks, limit, should_stop=should_stop) if tasks else {}
         model.to("cpu")
         accs = {t: r.acc for t, r in res.items()}
-        return (p.ppl if p else None), (p.nll_se if p else None), accs, (sum(accs.values()) / len(accs) if accs else None)
+        mean = sum(accs.values()) / len(accs) if accs else None
+        return (p.ppl if p else None), (p.nll_se if p else None), accs, mean
 
     total = len(variants) * len(ratios) + 1
     emit(Progress(0, total, "dense", 0.0))

@@ -60,7 +60,7 @@ def balanced_targets() -> tuple[float, float]:
 
 def apply_preset() -> None:
     e = ss.editor
-    if e["preset"] == "auto" and "schedule" in ss:  # the search sets the schedule when it ends (or is stopped)
+    if e["preset"] == "auto" and ss.get("auto_shown") and "schedule" in ss:  # a search's schedule stays in the sliders until a setting moves
         return
     try:
         head_t, ffn_t = balanced_targets()
@@ -76,6 +76,7 @@ def apply_preset() -> None:
 
 def edit_setting(key: str) -> None:
     ss.editor[key] = ss[key]
+    ss.pop("auto_shown", None)  # a new target or shape needs a new search: auto shows log until then
     apply_preset()
 
 
@@ -97,6 +98,7 @@ if "auto_pending" in ss:  # a finished (or stopped) auto search: its schedule go
     found = ss.pop("auto_pending")
     if len(found.head_ratios) == n_layers:
         ss.schedule = {"hr": [round(r, 4) for r in found.head_ratios], "fr": [round(r, 4) for r in found.ffn_ratios]}
+        ss.auto_shown = True
 
 st.subheader("Schedule")
 p1, p2, p3, p4, p5 = st.columns([1.2, 1.5, 1, 1, 1.5])

@@ -61,6 +61,8 @@ class GridRow:
     mean_acc: float | None
     dense_ppl: float | None
     dense_mean_acc: float | None
+    ppl_nll_se: float | None = None  # standard error of the mean per-window NLL (nats); ppl = exp(mean NLL)
+    dense_ppl_nll_se: float | None = None
 
 
 def parse_variants(text: str | list[str]) -> list[str]:
@@ -91,15 +93,16 @@ def run_grid(model_name: str, ratios: list[float], variants: list[str], calib: s
     def measure(model, tokenizer):
         model.to(dev)
         p = cached_perplexity(model, tokenizer, ppl, ppl_seqlen, 8, ppl_windows, dev,
-                              should_stop=should_stop).ppl if ppl else None
+                              should_stop=should_stop) if ppl else None
         res = zero_shot(model, tokenizer, tasks, limit, should_stop=should_stop) if tasks else {}
         model.to("cpu")
         accs = {t: r.acc for t, r in res.items()}
-        return p, accs, (sum(accs.values()) / len(accs) if accs else None)
+        mean = sum(accs.values()) / len(accs) if accs else None
+        return (p.ppl if p else None), (p.nll_se if p else None), accs, mean
 
     total = len(variants) * len(ratios) + 1
     emit(Progress(0, total, "dense", 0.0))
-    dense_ppl, _, dense_acc = measure(dense.model, dense.tokenizer)
+    dense_ppl, dense_se, _, dense_acc = measure(dense.model, dense.tokenizer)
     rows = []
     t_start = time.perf_counter()
     for ratio in ratios:
@@ -117,9 +120,9 @@ def run_grid(model_name: str, ratios: list[float], variants: list[str], calib: s
                                           auto_seconds, log_row.params_after if log_row else None)
             report = prune_model(loaded.model, tokens, settings, should_stop=should_stop, model_name=model_name)
             seconds = time.perf_counter() - t0
-            p, accs, mean = measure(loaded.model, loaded.tokenizer)
+            p, se, accs, mean = measure(loaded.model, loaded.tokenizer)
             rows.append(GridRow(variant, ratio, report.achieved_layer_ratio, report.achieved_ratio,
-                                report.params_after, seconds, p, accs, mean, dense_ppl, dense_acc))
+                                report.params_after, seconds, p, accs, mean, dense_ppl, dense_acc, se, dense_se))
     emit(Progress(total, total, "done", time.perf_counter() - t_start))
     return rows
 
@@ -145,13 +148,14 @@ def write_outputs(rows: list[GridRow], out: str | Path, command: str = "", meta:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = sorted({t for r in rows for t in r.tasks})
-    header = ["variant", "ratio", "achieved (layers)", "achieved (all)", "params (M)", "prune s", "ppl"] + \
+    header = ["variant", "ratio", "achieved (layers)", "achieved (all)", "params", "prune s", "ppl", "nll se"] + \
         [f"{t} acc" for t in tasks] + (["mean acc"] if tasks else [])
     table = []
     for r in rows:
         table.append([r.variant, f"{r.ratio:.2f}", f"{r.achieved_layer_ratio:.4f}", f"{r.achieved_ratio:.4f}",
-                      f"{r.params_after / 1e6:.2f}", f"{r.prune_seconds:.1f}",
-                      f"{r.ppl:.2f}" if r.ppl is not None else ""] +
+                      f"{r.params_after}", f"{r.prune_seconds:.1f}",
+                      f"{r.ppl:.2f}" if r.ppl is not None else "",
+                      f"{r.ppl_nll_se:.4f}" if r.ppl_nll_se is not None else ""] +
                      [f"{r.tasks[t]:.3f}" if t in r.tasks else "" for t in tasks] +
                      ([f"{r.mean_acc:.3f}" if r.mean_acc is not None else ""] if tasks else []))
     with open(out / "compare.csv", "w", newline="") as f:
@@ -163,7 +167,8 @@ def write_outputs(rows: list[GridRow], out: str | Path, command: str = "", meta:
         lines += [f"- {k}: {v}" for k, v in meta.items()] + [""]
     if rows and rows[0].dense_ppl is not None:
         dense_acc = f", mean acc {rows[0].dense_mean_acc:.3f}" if rows[0].dense_mean_acc is not None else ""
-        lines += [f"Dense model: ppl {rows[0].dense_ppl:.2f}{dense_acc}.", ""]
+        dense_se = f" (nll se {rows[0].dense_ppl_nll_se:.4f})" if rows[0].dense_ppl_nll_se is not None else ""
+        lines += [f"Dense model: ppl {rows[0].dense_ppl:.2f}{dense_se}{dense_acc}.", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in table]
     lines += ["", "Variants:", ""] + [f"- `{k}`: {v[1]}" for k, v in VARIANTS.items() if k in {r.variant for r in rows}]

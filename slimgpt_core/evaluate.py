@@ -21,6 +21,9 @@ class PerplexityResult:
     nll: float  # mean negative log-likelihood per predicted token (nats)
     ppl: float
     seconds: float
+    # standard error of the mean of the per-window NLLs (every window predicts the same number of tokens, so
+    # their mean is `nll`); None for one window or a result cached before it was recorded
+    nll_se: float | None = None
 
 
 def perplexity(model, tokens: torch.Tensor, seqlen: int = 128, batch_size: int = 8, max_windows: int | None = None,
@@ -38,7 +41,7 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = 128, batch_size: int =
         raise SlimGPTError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
     windows = tokens[: n_windows * seqlen].view(n_windows, seqlen)
     t0 = time.perf_counter()
-    nll_sum, count = 0.0, 0
+    nll_sum, count, window_nlls = 0.0, 0, []
     model_device = next(model.parameters()).device
     try:
         with torch.no_grad():
@@ -47,16 +50,18 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = 128, batch_size: int =
                     raise PruningCancelled("evaluation was cancelled")
                 ids = windows[s:s + batch_size].to(model_device)
                 logits = model(ids, use_cache=False).logits.float()
-                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                       reduction="sum")
-                nll_sum += float(loss)
+                losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                         reduction="none").view(ids.shape[0], -1)
+                nll_sum += float(losses.sum())
+                window_nlls += losses.mean(dim=1).tolist()
                 count += ids[:, 1:].numel()
                 if progress is not None:
                     progress(min(s + batch_size, n_windows), n_windows)
     except torch.cuda.OutOfMemoryError:
         raise SlimGPTError(out_of_memory_message("evaluating perplexity", str(device))) from None
     nll = nll_sum / count
-    return PerplexityResult(dataset, seqlen, n_windows, count, nll, math.exp(nll), time.perf_counter() - t0)
+    se = float(torch.tensor(window_nlls, dtype=torch.float64).std() / math.sqrt(n_windows)) if n_windows > 1 else None
+    return PerplexityResult(dataset, seqlen, n_windows, count, nll, math.exp(nll), time.perf_counter() - t0, se)
 
 
 def cached_perplexity(model, tokenizer, source: str, seqlen: int = 128, batch_size: int = 8,
@@ -70,7 +75,8 @@ def cached_perplexity(model, tokenizer, source: str, seqlen: int = 128, batch_si
     from .data import evaluation_tokens
 
     tokens = evaluation_tokens(tokenizer, source)
-    key = f"ppl|{model_fingerprint(model)}|{source}|{tokens.numel()}|{seqlen}|{max_windows}"
+    # v2: results carry the standard error of the per-window NLL
+    key = f"ppl-v2|{model_fingerprint(model)}|{source}|{tokens.numel()}|{seqlen}|{max_windows}"
     hit = lookup_json("results", key) if use_cache else None
     if hit is not None:
         return PerplexityResult(**hit)

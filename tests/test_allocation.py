@@ -76,6 +76,21 @@ def test_ffn_curve_matches_prune_channels_within_the_stated_tolerance(stories, m
     assert worst > 0  # a different removal sequence, not the same function
 
 
+def test_ffn_curve_is_prune_channels_with_fixed_groups(stories):
+    """With every group of the curve's step, obs.prune_channels (no compaction, its own update code) removes
+    the same channels in the same order at the same error: deep into the pass, past every compaction."""
+    loaded, _, _, hessians = stories
+    for i in (0, 4):
+        W = loaded.model.model.layers[i].mlp.down_proj.weight.data.float()
+        step = 5  # several channels per group, so the group update is exercised, not only single columns
+        counts, errors, order = curves.ffn_curve(W, hessians[i][1], step)
+        assert counts[-1] == W.shape[1] - 1 and sorted(order) == sorted(set(order))
+        for k in (step, 10 * step, counts[len(counts) // 2], counts[-2]):  # up to 97% of the width removed
+            ref = obs.prune_channels(W, hessians[i][1], k, floor=step, ceiling=step)
+            assert order[:k] == ref.removed
+            assert errors[counts.index(k)] == pytest.approx(ref.predicted_error, rel=1e-4)
+
+
 def test_prediction_equals_what_a_dense_input_run_reports(stories, model_curves):
     """predict() from the curves alone against the pipeline's own predicted errors on dense inputs."""
     loaded, tokens, _, _ = stories

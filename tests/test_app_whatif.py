@@ -58,6 +58,9 @@ def test_auto_preset_searches_and_fills_the_sliders(app):
     assert any(t.startswith("Auto schedule search") for t in figures(app))
     app.slider(key="hr_1").set_value(0.0).run()  # still editable
     assert app.session_state["hr_1"] == 0.0 and not app.exception
+    app.slider(key="target_ratio").set_value(0.3).run()  # a new target needs a new search: log at 0.3 until then
+    from slimgpt_core.schedule import layer_ratios
+    assert [app.session_state[f"hr_{i}"] for i in range(5)] == [round(r, 4) for r in layer_ratios(5, 0.3, "log")]
 
 
 def test_inspect_overlays_predicted_and_measured(app):

@@ -1,5 +1,6 @@
 """Perplexity against a hand-computed mean negative log-likelihood on a tiny model (evaluate.py)."""
 import math
+import statistics
 import time
 import types
 
@@ -54,6 +55,18 @@ def test_window_limit_and_batching_do_not_change_the_mean(model, stream):
         assert res.windows == 7 and res.tokens == count == 7 * 23
         assert res.nll == pytest.approx(nll, rel=1e-5)
     assert evaluate.perplexity(model, stream[5:], seqlen=24, max_windows=1000).windows == 16  # capped by the text
+
+
+def test_standard_error_is_that_of_the_per_window_nlls(model, stream):
+    # every window hand-scored alone; the standard error from Python's statistics module, not torch
+    per_window = [_hand_nll(model, stream[w * 16:(w + 1) * 16], 16, 1)[0] for w in range(25)]
+    expected = statistics.stdev(per_window) / math.sqrt(25)
+    for batch in (1, 4, 25):  # windows split across batches in any way give the same list
+        res = evaluate.perplexity(model, stream, seqlen=16, batch_size=batch)
+        assert res.nll == pytest.approx(statistics.fmean(per_window), rel=1e-5)
+        assert res.nll_se == pytest.approx(expected, rel=1e-4)
+    assert expected > 1e-3  # the windows differ: a zero or constant se would fail above
+    assert evaluate.perplexity(model, stream, seqlen=16, max_windows=1).nll_se is None  # no spread from one window
 
 
 def test_progress_and_cancel(model, stream):

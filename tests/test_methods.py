@@ -152,9 +152,12 @@ def test_compare_grid_writes_table_and_plots(tmp_path):
     for ratio in (0.2, 0.5):
         assert by[("slimgpt", ratio)].achieved_layer_ratio == by[("magnitude", ratio)].achieved_layer_ratio
         assert by[("slimgpt", ratio)].ppl < by[("magnitude", ratio)].ppl
+    # the standard error of the mean window NLL travels with each row (4 windows: a real spread)
+    assert all(r.ppl_nll_se is not None and r.ppl_nll_se > 0 for r in rows) and rows[0].dense_ppl_nll_se > 0
     paths = write_outputs(rows, tmp_path / "grid", "python -m slimgpt_core compare ...")
     md = (tmp_path / "grid" / "compare.md").read_text()
     assert "python -m slimgpt_core compare" in md and md.count("| slimgpt |") == 2
+    assert "| nll se |" in md and f"| {rows[0].ppl_nll_se:.4f} |" in md
     assert (tmp_path / "grid" / "compare_ppl.html").exists() and len(paths) == 5
     with pytest.raises(SlimGPTError, match="unknown variant"):
         run_grid("stories260k", [0.2], ["nope"])

@@ -135,7 +135,8 @@ def recipe(args) -> None:
 
     from slimgpt_core.data import evaluation_tokens
     from slimgpt_core.minitron import prune_to_shape
-    from slimgpt_core.pipeline import PruneSettings, prune_model
+    from slimgpt_core.pipeline import prune_model
+    from slimgpt_core.prune_settings import PruneSettings
     from slimgpt_core.shear.domains import perplexity_tokens
     from slimgpt_core.shear.pretrain import PretrainSettings, pretrain
     from slimgpt_core.shear.target import resolve_target

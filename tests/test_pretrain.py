@@ -17,7 +17,8 @@ from slimgpt_core.cli import main
 from slimgpt_core.data import calibration_tokens, evaluation_tokens
 from slimgpt_core.errors import PruningCancelled, SlimGPTError
 from slimgpt_core.models import load_model
-from slimgpt_core.pipeline import PruneSettings, prune_model
+from slimgpt_core.pipeline import prune_model
+from slimgpt_core.prune_settings import PruneSettings
 from slimgpt_core.runs import save_run
 from slimgpt_core.shear.distill import distillation_kl, distillation_loss_fn
 from slimgpt_core.shear.domains import DomainSampler, load_domains, perplexity_tokens

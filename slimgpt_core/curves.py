@@ -22,7 +22,7 @@ from .errors import SlimGPTError
 from .schedule import units_to_remove
 from .statistics import dense_hessians
 
-CURVES_VERSION = "curves-v1"
+CURVES_VERSION = "curves-v2"  # v2: from the upper-triangular statistics (stats-v3)
 MAP_RATIOS = tuple(round(0.05 * i, 2) for i in range(19))  # 0 … 0.9
 # measured (bench/whatif_bench.py, stories260k and SmolLM2, 2.5% grid of the width up to 95%): the fixed-group
 # greedy curve lies below prune_channels' dynamic groups by at most this fraction of prune_channels' error

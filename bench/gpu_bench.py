@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from slimgpt_core.pipeline import prune_model
+from slimgpt_core.methods.pipeline import prune_model
 
-from slimgpt_core.prune_settings import PruneSettings  # noqa: E402
+from slimgpt_core.methods.prune_settings import PruneSettings  # noqa: E402
 
 FULL = dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
             num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)

@@ -48,6 +48,17 @@ def _rss_peak_mb() -> float:
     return float("nan")
 
 
+def _engine_module(*names: str):
+    """A module of the engine under test: in folders now, flat in the earlier commits --against measures."""
+    import importlib
+    for name in names:
+        try:
+            return importlib.import_module("slimgpt_core." + name)
+        except ModuleNotFoundError:
+            continue
+    raise ModuleNotFoundError(f"none of {names} in slimgpt_core")
+
+
 def worker(args) -> None:
     """Prune with the slimgpt_core of `args.tree` on the saved calibration tokens; write the results as JSON."""
     sys.path.insert(0, args.tree)
@@ -55,7 +66,8 @@ def worker(args) -> None:
     from safetensors.torch import load_file
 
     from slimgpt_core.models import load_model
-    from slimgpt_core.pipeline import PruneSettings, prune_model
+    pipeline = _engine_module("methods.pipeline", "pipeline")
+    PruneSettings, prune_model = pipeline.PruneSettings, pipeline.prune_model
 
     calib = load_file(args.calib_file)["tokens"]
     loaded = load_model(args.model, "cpu")
@@ -77,7 +89,7 @@ def worker(args) -> None:
                            for layer in model.model.layers]}
     if args.windows:
         from slimgpt_core.data import evaluation_tokens
-        from slimgpt_core.evaluate import perplexity
+        perplexity = _engine_module("evaluation.evaluate", "evaluate").perplexity
         test = evaluation_tokens(loaded.tokenizer, "wikitext2")
         out["ppl"] = perplexity(model, test, 128, 16, args.windows, torch.device("cpu"), "wikitext2").ppl
     Path(args.result).write_text(json.dumps(out))
@@ -178,9 +190,9 @@ def plain(args) -> None:
     import torch
 
     from slimgpt_core.data import calibration_tokens, evaluation_tokens
-    from slimgpt_core.evaluate import perplexity
+    from slimgpt_core.evaluation.evaluate import perplexity
     from slimgpt_core.models import load_model, resolve_device
-    from slimgpt_core.pipeline import PruneSettings, prune_model
+    from slimgpt_core.methods.pipeline import PruneSettings, prune_model
 
     device = resolve_device(args.device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")

@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from slimgpt_core.data import calibration_tokens, evaluation_tokens  # noqa: E402
-from slimgpt_core.evaluate import perplexity  # noqa: E402
+from slimgpt_core.evaluation.evaluate import perplexity  # noqa: E402
 from slimgpt_core.models import load_model, resolve_device  # noqa: E402
-from slimgpt_core.pipeline import prune_model
-from slimgpt_core.prune_settings import PruneSettings  # noqa: E402
-from slimgpt_core.recover import RecoverSettings, recover  # noqa: E402
+from slimgpt_core.methods.pipeline import prune_model
+from slimgpt_core.methods.prune_settings import PruneSettings  # noqa: E402
+from slimgpt_core.training.recover import RecoverSettings, recover  # noqa: E402
 
 
 def _rss_mb() -> float:

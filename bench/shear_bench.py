@@ -30,15 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from slimgpt_core.evaluate import perplexity  # noqa: E402
+from slimgpt_core.evaluation.evaluate import perplexity  # noqa: E402
 from slimgpt_core.models import load_model  # noqa: E402
-from slimgpt_core.surgery import count_parameters  # noqa: E402
+from slimgpt_core.methods.surgery import count_parameters  # noqa: E402
 
 
 def speed_one(args) -> dict:
-    from slimgpt_core.shear.run import training_tokens
-    from slimgpt_core.shear.target import resolve_target
-    from slimgpt_core.shear.train import ShearSettings, shear_model
+    from slimgpt_core.methods.shear.run import training_tokens
+    from slimgpt_core.methods.shear.target import resolve_target
+    from slimgpt_core.methods.shear.train import ShearSettings, shear_model
 
     loaded = load_model(args.model, "cpu", "float32")
     tokens = training_tokens(loaded.tokenizer, ["c4"], args.steps + 1, args.batch, args.seqlen)
@@ -67,11 +67,11 @@ def speed(args) -> None:
 
 def quality(args) -> None:
     from slimgpt_core.data import evaluation_tokens
-    from slimgpt_core.minitron import prune_to_shape
-    from slimgpt_core.pipeline import prune_model
-    from slimgpt_core.prune_settings import PruneSettings
-    from slimgpt_core.shear.target import resolve_target
-    from slimgpt_core.shear.train import ShearSettings, shear_model
+    from slimgpt_core.methods.minitron import prune_to_shape
+    from slimgpt_core.methods.pipeline import prune_model
+    from slimgpt_core.methods.prune_settings import PruneSettings
+    from slimgpt_core.methods.shear.target import resolve_target
+    from slimgpt_core.methods.shear.train import ShearSettings, shear_model
 
     torch.manual_seed(0)
     base = load_model("stories260k", "cpu", "float32")
@@ -134,13 +134,13 @@ def recipe(args) -> None:
     import copy
 
     from slimgpt_core.data import evaluation_tokens
-    from slimgpt_core.minitron import prune_to_shape
-    from slimgpt_core.pipeline import prune_model
-    from slimgpt_core.prune_settings import PruneSettings
-    from slimgpt_core.shear.domains import perplexity_tokens
-    from slimgpt_core.shear.pretrain import PretrainSettings, pretrain
-    from slimgpt_core.shear.target import resolve_target
-    from slimgpt_core.shear.train import ShearSettings, shear_model
+    from slimgpt_core.methods.minitron import prune_to_shape
+    from slimgpt_core.methods.pipeline import prune_model
+    from slimgpt_core.methods.prune_settings import PruneSettings
+    from slimgpt_core.methods.shear.domains import perplexity_tokens
+    from slimgpt_core.methods.shear.pretrain import PretrainSettings, pretrain
+    from slimgpt_core.methods.shear.target import resolve_target
+    from slimgpt_core.methods.shear.train import ShearSettings, shear_model
 
     torch.manual_seed(0)
     base = load_model("stories260k", "cpu", "float32")
@@ -268,7 +268,7 @@ def recipe_pairs(path: str) -> str:
 
 
 def pretrain_speed_one(args) -> dict:
-    from slimgpt_core.shear.pretrain import PretrainSettings, pretrain
+    from slimgpt_core.methods.shear.pretrain import PretrainSettings, pretrain
 
     loaded = load_model(args.model, "cpu", "float32")
     teacher = load_model(args.model, "cpu", "float32").model if args.mode_detail == "distill" else None

@@ -17,11 +17,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from slimgpt_core.curvature import factor_bytes  # noqa: E402
+from slimgpt_core.methods.curvature import factor_bytes  # noqa: E402
 from slimgpt_core.data import calibration_tokens  # noqa: E402
 from slimgpt_core.models import load_model  # noqa: E402
-from slimgpt_core.pipeline import prune_model
-from slimgpt_core.prune_settings import PruneSettings  # noqa: E402
+from slimgpt_core.methods.pipeline import prune_model
+from slimgpt_core.methods.prune_settings import PruneSettings  # noqa: E402
 
 
 def main() -> None:

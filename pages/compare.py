@@ -4,8 +4,8 @@ from dataclasses import asdict
 import pandas as pd
 import streamlit as st
 
-from slimgpt_core.compare import VARIANTS, figures, run_grid
-from slimgpt_core.zeroshot import TASKS
+from slimgpt_core.evaluation.compare import VARIANTS, figures, run_grid
+from slimgpt_core.evaluation.zeroshot import TASKS
 from ui.state import finished_job, job, require_model, submit
 
 st.title("Compare")

@@ -3,8 +3,8 @@ import pandas as pd
 import streamlit as st
 
 from slimgpt_core.studio import evaluate
-from slimgpt_core.workspace import dense_evaluations_folder
-from slimgpt_core.zeroshot import TASKS
+from slimgpt_core.workspace.store import dense_evaluations_folder
+from slimgpt_core.evaluation.zeroshot import TASKS
 from ui import charts
 from ui.state import current_run, finished_job, job, require_model, run_model, runs, submit
 

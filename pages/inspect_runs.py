@@ -4,8 +4,8 @@ import dataclasses
 import streamlit as st
 
 from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.prune_settings import PruneSettings
-from slimgpt_core.run_schedule import EDITOR_MAX_RATIO, run_schedule
+from slimgpt_core.methods.prune_settings import PruneSettings
+from slimgpt_core.schedules.run_schedule import EDITOR_MAX_RATIO, run_schedule
 from slimgpt_core.studio import prune_to_workspace
 from ui import charts
 from ui.state import job, job_progress, require_model, require_runs, run_report, submit, take_result
@@ -130,7 +130,7 @@ if run_curves is None:
     st.caption("Compute the error curves on the Prune page with this run's calibration to see its predicted errors "
                "and its path on the sensitivity map.")
 else:
-    from slimgpt_core.curves import sensitivity_map
+    from slimgpt_core.schedules.curves import sensitivity_map
 
     attn = sorted((m for m in report.modules if m.module == "attn"), key=lambda m: m.layer)
     mlp = sorted((m for m in report.modules if m.module == "mlp"), key=lambda m: m.layer)

@@ -4,9 +4,9 @@ curves, Cancel; the result becomes a run."""
 import streamlit as st
 
 from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.shear.domains import DOMAINS
-from slimgpt_core.shear.pretrain import PretrainSettings
-from slimgpt_core.shear.pretrain_job import pretrain_to_workspace, source_model_of
+from slimgpt_core.methods.shear.domains import DOMAINS
+from slimgpt_core.methods.shear.pretrain import PretrainSettings
+from slimgpt_core.methods.shear.pretrain_job import pretrain_to_workspace, source_model_of
 from ui import pretrain_charts
 from ui.state import job, job_progress, runs, submit, take_result
 

@@ -1,11 +1,11 @@
 """Calibration, method, schedule editor with instant preview, and the pruning run with live charts."""
 import streamlit as st
 
-from slimgpt_core.autoschedule import AutoSettings, auto_job
-from slimgpt_core.curves import curves_job, predict, sensitivity_map
+from slimgpt_core.schedules.autoschedule import AutoSettings, auto_job
+from slimgpt_core.schedules.curves import curves_job, predict, sensitivity_map
 from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.prune_settings import PruneSettings
-from slimgpt_core.schedule import layer_ratios
+from slimgpt_core.methods.prune_settings import PruneSettings
+from slimgpt_core.schedules.schedule import layer_ratios
 from slimgpt_core.studio import head_importance, preview_schedule, prune_to_workspace
 from ui import charts
 from ui.state import job, job_progress, require_model, run_report, submit, take_result

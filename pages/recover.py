@@ -1,7 +1,7 @@
 """Recovery: a short LoRA fine-tune of a pruned run, live loss curves, perplexity before and after."""
 import streamlit as st
 
-from slimgpt_core.recover import RecoverSettings
+from slimgpt_core.training.recover import RecoverSettings
 from slimgpt_core.studio import recover_to_workspace
 from ui import training_charts
 from ui.state import current_model, current_run, job, job_progress, require_runs, submit, take_result

@@ -4,9 +4,9 @@ import time
 import pandas as pd
 import streamlit as st
 
-from slimgpt_core import workspace
+from slimgpt_core.workspace import store as workspace
 from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.model_pool import POOL
+from slimgpt_core.workspace.model_pool import POOL
 
 st.title("Runs")
 root = workspace.runs_root()

@@ -9,7 +9,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .errors import SlimGPTError
+from slimgpt_core.errors import SlimGPTError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_VAR = "SLIMGPT_ASSETS"

@@ -7,7 +7,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .errors import SlimGPTError
+from slimgpt_core.errors import SlimGPTError
 
 
 def _ratio(text: str) -> float:
@@ -31,7 +31,7 @@ def _positive(text: str) -> int:
 
 
 def _floats(text: str) -> list[float]:
-    from .schedule import parse_ratio_list
+    from slimgpt_core.schedules.schedule import parse_ratio_list
     try:
         return parse_ratio_list(text)
     except SlimGPTError as exc:
@@ -332,7 +332,7 @@ def _bar(quiet: bool, desc: str, unit: str):
 
 
 def _ppl(model, tokenizer, source, seqlen, windows, batch, device, quiet, label, use_cache=True):
-    from .evaluate import cached_perplexity
+    from slimgpt_core.evaluation.evaluate import cached_perplexity
 
     bar, update = _bar(quiet, f"ppl {label}".strip(), "window")
     try:
@@ -374,13 +374,13 @@ def cmd_prune(args) -> int:
 
 
 def _cmd_prune(args, rank: int) -> int:
-    from .data import calibration_tokens
-    from .models import load_model, resolve_device
-    from .activations import activation_streams, check_memory
-    from .pipeline import prune_model
-    from .prune_settings import PruneSettings, plan_removals
-    from .runs import check_output_folder, save_run
-    from .workspace import new_run_name, runs_root
+    from slimgpt_core.data import calibration_tokens
+    from slimgpt_core.models import load_model, resolve_device
+    from slimgpt_core.methods.activations import activation_streams, check_memory
+    from slimgpt_core.methods.pipeline import prune_model
+    from slimgpt_core.methods.prune_settings import PruneSettings, plan_removals
+    from slimgpt_core.workspace.atomic import check_output_folder, save_run
+    from slimgpt_core.workspace.store import new_run_name, runs_root
 
     _use_runs(args)
     if not args.out:  # into the workspace, under a name that says what it is
@@ -434,7 +434,7 @@ def _cmd_prune(args, rank: int) -> int:
     report.evaluation = evaluation
     save_run(model, loaded.tokenizer, report, out, args.force, args.label)
     if "pruned_ppl" in evaluation:  # listed with the run, like the studio's measurements
-        from .workspace import add_measurement
+        from slimgpt_core.workspace.store import add_measurement
         add_measurement(out, "perplexity", evaluation["pruned_ppl"], batch_size=args.batch_size, device=str(device),
                         parameters=report.params_after)
     summary = {"out": str(out), "params_before": report.params_before, "params_after": report.params_after,
@@ -453,9 +453,9 @@ def _cmd_prune(args, rank: int) -> int:
 
 def _auto_schedule(args, loaded, tokens, settings):
     """Search the per-layer counts for the budget (autoschedule.py) and put them into `settings`."""
-    from .autoschedule import AutoSettings, search
-    from .data import calibration_tokens
-    from .schedule import layer_ratios
+    from slimgpt_core.schedules.autoschedule import AutoSettings, search
+    from slimgpt_core.data import calibration_tokens
+    from slimgpt_core.schedules.schedule import layer_ratios
 
     fitness = calibration_tokens(loaded.tokenizer, args.calib, args.fitness_samples, args.fitness_seqlen,
                                  args.seed + 1)
@@ -478,9 +478,9 @@ def _auto_schedule(args, loaded, tokens, settings):
 
 
 def _evaluate_one(name, args, device) -> dict:
-    from .models import load_model
-    from .speed import measure_speed
-    from .zeroshot import zero_shot
+    from slimgpt_core.models import load_model
+    from slimgpt_core.evaluation.speed import measure_speed
+    from slimgpt_core.evaluation.zeroshot import zero_shot
 
     loaded = load_model(name, args.device, args.dtype)
     model = loaded.model.to(device)
@@ -507,7 +507,7 @@ def _evaluate_one(name, args, device) -> dict:
 
 def _record_in_workspace(folder: Path, out: dict, args, device) -> None:
     """Measurements of a workspace run are kept with it (listed by the studio with their provenance)."""
-    from .workspace import META, add_measurement
+    from slimgpt_core.workspace.store import META, add_measurement
 
     if not (folder / META).exists():
         return  # not a run of ours: never write into someone's model folder
@@ -519,8 +519,8 @@ def _record_in_workspace(folder: Path, out: dict, args, device) -> None:
 
 
 def _target(spec: str, model):
-    from .models import load_config
-    from .surgery import target_shape
+    from slimgpt_core.models import load_config
+    from slimgpt_core.methods.surgery import target_shape
 
     path = Path(spec)
     if path.is_file():
@@ -534,8 +534,8 @@ def _target(spec: str, model):
 
 
 def cmd_compare(args) -> int:
-    from .compare import parse_variants, run_grid, write_outputs
-    from .zeroshot import parse_tasks
+    from slimgpt_core.evaluation.compare import parse_variants, run_grid, write_outputs
+    from slimgpt_core.evaluation.zeroshot import parse_tasks
 
     variants = parse_variants(args.variants)
     tasks = parse_tasks(args.tasks) if args.tasks else []
@@ -565,8 +565,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .models import resolve_device
-    from .zeroshot import parse_tasks
+    from slimgpt_core.models import resolve_device
+    from slimgpt_core.evaluation.zeroshot import parse_tasks
 
     if not (args.ppl or args.tasks or args.speed):
         args.ppl = "wikitext2"
@@ -605,7 +605,7 @@ def _eval_summary(payload: dict) -> dict:
 
 
 def cmd_export(args) -> int:
-    from .export import export_model
+    from slimgpt_core.export.checkpoint import export_model
 
     result = export_model(args.model, args.out, args.zip, args.force, args.dtype)
     print(json.dumps({"out": str(result.folder), "zip": str(result.zip_path) if result.zip_path else None,
@@ -614,12 +614,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_shear(args) -> int:
-    from .models import load_model, resolve_device
-    from .runs import check_output_folder
-    from .shear.run import (check_training_memory, describe_step, save_shear_run, target_summary,
+    from slimgpt_core.models import load_model, resolve_device
+    from slimgpt_core.workspace.atomic import check_output_folder
+    from slimgpt_core.methods.shear.run import (check_training_memory, describe_step, save_shear_run, target_summary,
                             training_tokens)
-    from .shear.target import read_target, resolve_target
-    from .shear.train import ShearSettings, shear_model
+    from slimgpt_core.methods.shear.target import read_target, resolve_target
+    from slimgpt_core.methods.shear.train import ShearSettings, shear_model
 
     out = check_output_folder(args.out, args.force)
     device = resolve_device(args.device)
@@ -648,7 +648,7 @@ def cmd_shear(args) -> int:
             print(describe_step(event), file=sys.stderr, flush=True)
 
     if args.method == "minitron":
-        from .minitron import shape_run
+        from slimgpt_core.methods.minitron import shape_run
         result = shape_run(model, tokens, target, args.batch_size, device, loaded.name)
     else:
         result = shear_model(model, tokens, target, settings, progress, model_name=loaded.name)
@@ -703,9 +703,9 @@ class _RecoverProgress:
 
 
 def cmd_recover(args) -> int:
-    from .models import load_model
-    from .recover import RecoverSettings, load_source_report, recover, save_recovered_run, summary
-    from .runs import check_output_folder
+    from slimgpt_core.models import load_model
+    from slimgpt_core.training.recover import RecoverSettings, load_source_report, recover, save_recovered_run, summary
+    from slimgpt_core.workspace.atomic import check_output_folder
 
     out = check_output_folder(args.out, args.force)
     settings = RecoverSettings(
@@ -732,12 +732,12 @@ def cmd_recover(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from .models import load_model
-    from .recover import load_source_report
-    from .runs import check_output_folder
-    from .shear.pretrain import PretrainSettings, describe_step, describe_update, pretrain, save_pretrained_run, summary
-    from .shear.pretrain_job import load_companion
-    from .workspace import new_run_name, runs_root
+    from slimgpt_core.models import load_model
+    from slimgpt_core.training.recover import load_source_report
+    from slimgpt_core.workspace.atomic import check_output_folder
+    from slimgpt_core.methods.shear.pretrain import PretrainSettings, describe_step, describe_update, pretrain, save_pretrained_run, summary
+    from slimgpt_core.methods.shear.pretrain_job import load_companion
+    from slimgpt_core.workspace.store import new_run_name, runs_root
 
     _use_runs(args)
     settings = PretrainSettings(
@@ -794,7 +794,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from . import cache
+    from slimgpt_core.workspace import cache
 
     if args.action == "clear":
         freed = cache.clear(args.kind)
@@ -805,7 +805,7 @@ def cmd_cache(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from . import workspace
+    from slimgpt_core.workspace import store as workspace
 
     _use_runs(args)
     if args.delete:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from . import assets
-from .errors import SlimGPTError
-from .modeling_slimgpt import CLASSES, register_auto_classes
-from .surgery import SUPPORTED_ARCHITECTURES, base_model_type, is_heterogeneous
+from slimgpt_core import assets
+from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.export.modeling_slimgpt import CLASSES, register_auto_classes
+from slimgpt_core.methods.surgery import SUPPORTED_ARCHITECTURES, base_model_type, is_heterogeneous
 
 register_auto_classes()
 

@@ -49,7 +49,7 @@ def app(tmp_path, monkeypatch):
     """The studio in AppTest with its own cache, workspace and an empty job board (jobs belong to the process)."""
     from streamlit.testing.v1 import AppTest
 
-    from slimgpt_core.jobs import BOARD
+    from slimgpt_core.workspace.jobs import BOARD
     monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SLIMGPT_RUNS", str(tmp_path / "runs"))
     BOARD.forget_finished()

@@ -20,7 +20,7 @@ def figures(at) -> dict[str, dict]:
 
 
 def settle(at, job_name: str, timeout: float = 300) -> AppTest:
-    from slimgpt_core.jobs import BOARD
+    from slimgpt_core.workspace.jobs import BOARD
     job = BOARD.latest(job_name)
     job.wait(timeout)
     assert job.state == "done", job.error
@@ -126,8 +126,8 @@ def test_schedule_editor_presets_sliders_and_preview(app):
     small_calibration(app)
     button(app, "Start pruning").click().run()
     settle(app, "prune")
-    from slimgpt_core.surgery import count_parameters
-    from slimgpt_core.workspace import list_runs
+    from slimgpt_core.methods.surgery import count_parameters
+    from slimgpt_core.workspace.store import list_runs
     [info] = list_runs()
     pruned = load_model(str(info.path)).model
     assert count_parameters(pruned.model.layers) == pruned_layers
@@ -141,7 +141,7 @@ def test_prune_run_produces_live_charts_and_heatmap(app):
     button(app, "Start pruning").click().run()
     settle(app, "prune")
     assert "Done in" in app.success[0].value
-    from slimgpt_core.workspace import list_runs
+    from slimgpt_core.workspace.store import list_runs
     from slimgpt_core.events import PruneReport
     [info] = list_runs()
     run = type("Run", (), {"report": PruneReport.load(info.path / "report.json"), "id": info.name})
@@ -230,7 +230,7 @@ def test_inspect_evaluate_export(app, tmp_path):
     assert not app.exception
     button(app, "Run its twin with dense inputs").click().run()
     settle(app, "twin")
-    from slimgpt_core.workspace import list_runs
+    from slimgpt_core.workspace.store import list_runs
     assert len(list_runs()) == 2
     acc = figures(app)["Accumulated error along depth"]
     assert len(acc["data"]) == 2 and any("twin" in t["name"] for t in acc["data"])
@@ -253,7 +253,7 @@ def test_inspect_evaluate_export(app, tmp_path):
     assert table["ppl (tinystories, 256)"][0] < table["ppl (tinystories, 256)"][1]
     assert {"Perplexity (lower is better)", "Zero-shot acc"} <= set(figures(app))
     # every measurement was stored with its run (and the dense model's beside them), with its provenance
-    from slimgpt_core.workspace import dense_evaluations_folder, read_evaluations
+    from slimgpt_core.workspace.store import dense_evaluations_folder, read_evaluations
     for info in list_runs():
         kinds = {e["kind"]: e for e in info.evaluations}
         assert set(kinds) == {"perplexity", "task"}
@@ -278,7 +278,7 @@ def test_jobs_cancel_and_fail_cleanly():
     import time
 
     from slimgpt_core.errors import SlimGPTError
-    from slimgpt_core.jobs import start_job
+    from slimgpt_core.workspace.jobs import start_job
 
     def slow(callback=None, should_stop=None):
         from slimgpt_core.errors import PruningCancelled
@@ -325,7 +325,7 @@ def test_a_second_tab_reattaches_to_a_queued_then_running_job(app, tmp_path):
     and its Cancel, and then its result. A heavy job holding the turn makes the ordering deterministic."""
     import threading
 
-    from slimgpt_core.jobs import BOARD
+    from slimgpt_core.workspace.jobs import BOARD
 
     hold = threading.Event()
     blocker = BOARD.submit("stats", lambda callback=None, should_stop=None: hold.wait(60), job_label="blocker")
@@ -357,7 +357,7 @@ def test_a_second_tab_reattaches_to_a_queued_then_running_job(app, tmp_path):
 
 def test_recover_page_makes_a_new_run_with_live_loss_and_perplexities(app):
     from slimgpt_core.events import PruneReport
-    from slimgpt_core.workspace import list_runs
+    from slimgpt_core.workspace.store import list_runs
 
     load_stories(app)
     app.switch_page("pages/prune.py").run()

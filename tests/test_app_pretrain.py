@@ -11,7 +11,7 @@ from test_app import APP, button, figures, load_stories, settle, small_calibrati
 
 def pruned_run(at):
     """A stories260k run made on the Prune page (the page the user comes from)."""
-    from slimgpt_core.workspace import list_runs
+    from slimgpt_core.workspace.store import list_runs
 
     load_stories(at)
     at.switch_page("pages/prune.py").run()
@@ -33,7 +33,7 @@ def small_job(at, steps: int, ppl_windows: int = 2) -> None:
 
 def test_a_distilled_dynamic_mix_job_becomes_a_run_with_its_curves(app):
     from slimgpt_core.events import PruneReport
-    from slimgpt_core.workspace import list_runs
+    from slimgpt_core.workspace.store import list_runs
 
     source = pruned_run(app)
     app.switch_page("pages/pretrain.py").run()
@@ -75,7 +75,7 @@ def test_a_distilled_dynamic_mix_job_becomes_a_run_with_its_curves(app):
 
 
 def test_no_domain_is_one_sentence_and_starts_nothing(app):
-    from slimgpt_core.jobs import BOARD
+    from slimgpt_core.workspace.jobs import BOARD
 
     pruned_run(app)
     app.switch_page("pages/pretrain.py").run()
@@ -86,8 +86,8 @@ def test_no_domain_is_one_sentence_and_starts_nothing(app):
 
 
 def test_cancel_from_another_session_writes_nothing(app):
-    from slimgpt_core.jobs import BOARD
-    from slimgpt_core.workspace import list_runs
+    from slimgpt_core.workspace.jobs import BOARD
+    from slimgpt_core.workspace.store import list_runs
 
     source = pruned_run(app)
     app.switch_page("pages/pretrain.py").run()

@@ -3,16 +3,16 @@ schedule, and one button puts exactly its ratios into the Prune page's schedule 
 import pytest
 
 from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.pipeline import prune_model
-from slimgpt_core.prune_settings import PruneSettings, plan_removals
-from slimgpt_core.run_schedule import run_schedule
+from slimgpt_core.methods.pipeline import prune_model
+from slimgpt_core.methods.prune_settings import PruneSettings, plan_removals
+from slimgpt_core.schedules.run_schedule import run_schedule
 from test_app import button, figures, load_stories
 
 
 @pytest.fixture
 def surgeon_run(app):
     """A 2-shot LLM Surgeon run of stories260k, written into the studio's workspace."""
-    from slimgpt_core import workspace
+    from slimgpt_core.workspace import store as workspace
     from slimgpt_core.data import calibration_tokens
     from slimgpt_core.models import load_model
     loaded = load_model("stories260k")

@@ -20,7 +20,7 @@ def built_parameters(config, layers, kv_groups, heads_per_group, ffn, hidden) ->
     """Parameters of a model that transformers builds from `config` changed to this shape (weights on `meta`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from slimgpt_core.surgery import count_parameters, head_dim
+    from slimgpt_core.methods.surgery import count_parameters, head_dim
     d = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version", "layer_types")}
     d.update(num_hidden_layers=layers, num_key_value_heads=kv_groups, num_attention_heads=kv_groups * heads_per_group,
              intermediate_size=ffn, hidden_size=hidden, head_dim=head_dim(config))
@@ -63,8 +63,8 @@ def test_without_a_model_or_run_the_page_says_what_to_do(app):
 @pytest.mark.parametrize("arch,tied", [("qwen2", True), ("mistral", False), ("llama", True)])
 def test_parameter_count_of_a_shape_equals_a_model_built_with_it(arch, tied):
     """Exact arithmetic, including qwen2's q/k/v biases and an untied head."""
-    from slimgpt_core.shear.size import parameter_count
-    from slimgpt_core.shear.target import resolve_target
+    from slimgpt_core.methods.shear.size import parameter_count
+    from slimgpt_core.methods.shear.target import resolve_target
 
     model = tiny_model(arch, heads=6, kv=3, layers=4, ffn=40, hidden=48)
     model.config.tie_word_embeddings = tied
@@ -102,8 +102,8 @@ def test_parameter_count_follows_the_target_as_it_is_set(app):
     ({"heads_per_group": 3}, "12 query heads but the source has only 8"),
 ])
 def test_an_invalid_target_says_so_and_starts_nothing(app, change, words):
-    from slimgpt_core.jobs import BOARD
-    from slimgpt_core.workspace import runs_root
+    from slimgpt_core.workspace.jobs import BOARD
+    from slimgpt_core.workspace.store import runs_root
 
     shear_page(app)
     set_target(app, **change)
@@ -115,7 +115,7 @@ def test_an_invalid_target_says_so_and_starts_nothing(app, change, words):
 
 
 def test_a_run_whose_layers_differ_is_refused_as_a_source(app):
-    from slimgpt_core.prune_settings import PruneSettings
+    from slimgpt_core.methods.prune_settings import PruneSettings
     from slimgpt_core.studio import prune_to_workspace
     from ui.state import POOL
 
@@ -130,7 +130,7 @@ def test_a_run_whose_layers_differ_is_refused_as_a_source(app):
 
 
 def test_copied_target_whose_heads_do_not_divide_says_so(app, tmp_path):
-    from slimgpt_core.jobs import BOARD
+    from slimgpt_core.workspace.jobs import BOARD
 
     shear_page(app)
     app.radio(key="shear_mode").set_value("Copy the shape of").run()
@@ -152,8 +152,8 @@ def test_a_shear_job_runs_live_in_a_second_session_and_becomes_a_run(app):
     """Session A starts a short job (queued behind another job, so the order is deterministic); session B (a
     reload, a second tab) finds it with its Cancel, then its curves and result. The run has the target shape."""
     from slimgpt_core.events import PruneReport
-    from slimgpt_core.jobs import BOARD
-    from slimgpt_core.workspace import list_runs
+    from slimgpt_core.workspace.jobs import BOARD
+    from slimgpt_core.workspace.store import list_runs
 
     shear_page(app)
     set_target(app, **SMALL)
@@ -226,8 +226,8 @@ def test_a_shear_job_runs_live_in_a_second_session_and_becomes_a_run(app):
 
 
 def test_cancel_from_another_session_writes_nothing(app):
-    from slimgpt_core.jobs import BOARD
-    from slimgpt_core.workspace import runs_root
+    from slimgpt_core.workspace.jobs import BOARD
+    from slimgpt_core.workspace.store import runs_root
 
     shear_page(app)
     set_target(app, **SMALL)

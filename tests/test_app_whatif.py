@@ -23,7 +23,7 @@ def test_slider_changes_the_whatif_without_a_job(app):
     settle(app, "curves")
     before = whatif(app)
     assert "Sensitivity map" in " ".join(figures(app))
-    from slimgpt_core.jobs import BOARD
+    from slimgpt_core.workspace.jobs import BOARD
     jobs = {j.id for j in BOARD._jobs}
     app.slider(key="hr_0").set_value(0.75).run()
     app.slider(key="fr_3").set_value(0.6).run()
@@ -43,7 +43,7 @@ def test_auto_preset_searches_and_fills_the_sliders(app):
     app.selectbox(key="preset").set_value("auto").run()
     app.number_input(key="auto_generations").set_value(3).run()
     button(app, "Search auto schedule").click().run()
-    from slimgpt_core.jobs import BOARD
+    from slimgpt_core.workspace.jobs import BOARD
     job = BOARD.latest("auto")
     job.wait(600)
     assert job.state == "done", job.error
@@ -59,7 +59,7 @@ def test_auto_preset_searches_and_fills_the_sliders(app):
     app.slider(key="hr_1").set_value(0.0).run()  # still editable
     assert app.session_state["hr_1"] == 0.0 and not app.exception
     app.slider(key="target_ratio").set_value(0.3).run()  # a new target needs a new search: log at 0.3 until then
-    from slimgpt_core.schedule import layer_ratios
+    from slimgpt_core.schedules.schedule import layer_ratios
     assert [app.session_state[f"hr_{i}"] for i in range(5)] == [round(r, 4) for r in layer_ratios(5, 0.3, "log")]
 
 
@@ -77,7 +77,7 @@ def test_inspect_overlays_predicted_and_measured(app):
     names = [trace["name"] for trace in spec["data"]]
     assert "attention (measured, sequential)" in names and "MLP (predicted)" in names
     from slimgpt_core.events import PruneReport
-    from slimgpt_core.workspace import list_runs
+    from slimgpt_core.workspace.store import list_runs
     [info] = list_runs()
     run = type("Run", (), {"report": PruneReport.load(info.path / "report.json"), "label": info.title})
     measured = [m.rel_error for m in sorted(run.report.modules, key=lambda m: m.layer) if m.module == "mlp"]

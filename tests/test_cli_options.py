@@ -84,7 +84,7 @@ def test_eval_baseline_export_dtype_and_force(tmp_path, capsys, monkeypatch):
 
 
 def test_ctrl_c_exits_130_and_writes_nothing(tmp_path, capsys, monkeypatch):
-    from slimgpt_core import obs
+    from slimgpt_core.methods import obs
 
     monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
     calls = []

@@ -9,15 +9,15 @@ import sys
 import pytest
 import torch
 
-from slimgpt_core import cache
+from slimgpt_core.workspace import cache
 from slimgpt_core.cli import main
 from slimgpt_core.data import calibration_tokens
 from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.export import export_model
+from slimgpt_core.export.checkpoint import export_model
 from slimgpt_core.models import load_model
-from slimgpt_core.pipeline import prune_model
-from slimgpt_core.prune_settings import PruneSettings
-from slimgpt_core.runs import save_run
+from slimgpt_core.methods.pipeline import prune_model
+from slimgpt_core.methods.prune_settings import PruneSettings
+from slimgpt_core.workspace.atomic import save_run
 
 LOAD_AND_COMPARE = """
 import sys, torch
@@ -112,7 +112,7 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch, isolated_cache):
 def test_lm_eval_command_line_on_exported_model(tmp_path, isolated_cache, monkeypatch, assets_root):
     """lm-eval's own command line on an exported pruned model scores hand-made documents as we do by hand."""
     from multiple_choice import DOCS, hand_scores, offline_assets
-    from slimgpt_core.zeroshot import write_task_yamls
+    from slimgpt_core.evaluation.zeroshot import write_task_yamls
 
     monkeypatch.setenv("SLIMGPT_ASSETS", str(offline_assets(tmp_path, assets_root)))
     loaded, report = _pruned_stories(PruneSettings(ratio=0.4))
@@ -139,7 +139,7 @@ def test_lm_eval_command_line_on_exported_model(tmp_path, isolated_cache, monkey
 
 
 def test_zero_shot_offline_in_memory_and_result_cache(isolated_cache, monkeypatch):
-    from slimgpt_core import zeroshot
+    from slimgpt_core.evaluation import zeroshot
 
     loaded = load_model("stories260k")
     calls = []
@@ -161,7 +161,7 @@ def test_zero_shot_offline_in_memory_and_result_cache(isolated_cache, monkeypatc
 
 
 def test_perplexity_cache_hit_and_corrupt_entries_recomputed(isolated_cache, monkeypatch):
-    from slimgpt_core import evaluate
+    from slimgpt_core.evaluation import evaluate
 
     loaded = load_model("stories260k")
     computed = []
@@ -194,7 +194,7 @@ def test_dense_statistics_are_reused(isolated_cache):
 
 
 def test_speed_dense_vs_pruned(isolated_cache):
-    from slimgpt_core.speed import measure_speed
+    from slimgpt_core.evaluation.speed import measure_speed
 
     dense = load_model("stories260k")
     pruned, _ = _pruned_stories(PruneSettings(ratio=0.5))

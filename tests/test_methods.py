@@ -6,10 +6,10 @@ import torch
 
 from conftest import tiny_model
 from slimgpt_core.cli import main
-from slimgpt_core.compare import VARIANTS, run_grid, write_outputs
+from slimgpt_core.evaluation.compare import VARIANTS, run_grid, write_outputs
 from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.pipeline import prune_model
-from slimgpt_core.prune_settings import PruneSettings
+from slimgpt_core.methods.pipeline import prune_model
+from slimgpt_core.methods.prune_settings import PruneSettings
 
 METHOD_FLAGS = {"magnitude": ["--method", "magnitude"], "wanda-sp": ["--method", "wanda-sp"],
                 "obs-multishot": ["--method", "obs-multishot", "--shots", "2"], "nocomp": ["--no-compensation"],
@@ -58,7 +58,7 @@ def test_each_method_end_to_end_on_stories260k(tmp_path, capsys, name):
 
 
 def test_obs_multishot_prunes_in_several_shots(tokens):
-    from slimgpt_core.surgery import describe_layers
+    from slimgpt_core.methods.surgery import describe_layers
 
     events = []
     three = tiny_model()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from slimgpt_core import obs
+from slimgpt_core.methods import obs
 from slimgpt_core.errors import SlimGPTError
 
 

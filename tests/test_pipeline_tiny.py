@@ -6,10 +6,10 @@ import torch
 
 from conftest import tiny_model
 from slimgpt_core.errors import PruningCancelled, SlimGPTError
-from slimgpt_core.pipeline import prune_model
-from slimgpt_core.prune_settings import PruneSettings
-from slimgpt_core.runs import save_run
-from slimgpt_core.surgery import describe_layers
+from slimgpt_core.methods.pipeline import prune_model
+from slimgpt_core.methods.prune_settings import PruneSettings
+from slimgpt_core.workspace.atomic import save_run
+from slimgpt_core.methods.surgery import describe_layers
 
 ARCHS = [("llama", 4, 4), ("llama", 4, 2), ("qwen2", 4, 2), ("mistral", 6, 3)]
 

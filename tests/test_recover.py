@@ -17,13 +17,13 @@ import torch
 from slimgpt_core.cli import main
 from slimgpt_core.data import calibration_tokens
 from slimgpt_core.errors import PruningCancelled, SlimGPTError
-from slimgpt_core.evaluate import perplexity
-from slimgpt_core.finetune_data import IGNORE, PROMPT_NO_INPUT, instruction_example, load_finetune_data
+from slimgpt_core.evaluation.evaluate import perplexity
+from slimgpt_core.training.finetune_data import IGNORE, PROMPT_NO_INPUT, instruction_example, load_finetune_data
 from slimgpt_core.models import load_model
-from slimgpt_core.pipeline import prune_model
-from slimgpt_core.prune_settings import PruneSettings
-from slimgpt_core.recover import RecoverSettings, add_lora, load_source_report, merge_lora, recover
-from slimgpt_core.runs import save_run
+from slimgpt_core.methods.pipeline import prune_model
+from slimgpt_core.methods.prune_settings import PruneSettings
+from slimgpt_core.training.recover import RecoverSettings, add_lora, load_source_report, merge_lora, recover
+from slimgpt_core.workspace.atomic import save_run
 
 FAST = dict(steps=30, lr=3e-3, seqlen=128, batch_size=8, eval_every=10, heldout_samples=16, ppl_seqlen=128,
             ppl_windows=16)
@@ -170,7 +170,7 @@ def test_cli_recover_saves_a_run_that_reloads_everywhere(pruned_run, stories_spl
     assert name == "SlimGPTLlamaForCausalLM" and float(diff) == 0.0
 
     # lm-eval's own command line on the recovered run folder
-    from slimgpt_core.zeroshot import write_task_yamls
+    from slimgpt_core.evaluation.zeroshot import write_task_yamls
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     names = write_task_yamls(tasks, ["piqa"], prefix="offline_")
@@ -237,7 +237,7 @@ def test_cancel_leaves_the_model_as_it_came(pruned_run):
 
 
 def test_memory_check_says_what_to_lower(pruned_run, monkeypatch):
-    from slimgpt_core import activations
+    from slimgpt_core.methods import activations
     loaded = _pruned(pruned_run)
     monkeypatch.setattr(activations, "available_memory_bytes", lambda device: 2**20)
     with pytest.raises(SlimGPTError, match=r"lower --batch-size \(4.*--seqlen \(256\) or --rank \(8\)"):
@@ -265,7 +265,7 @@ def test_bad_input_one_sentence_nothing_written(pruned_run, tmp_path, capsys, ar
 
 
 def test_ctrl_c_exits_130_and_writes_nothing(pruned_run, tmp_path, capsys, monkeypatch):
-    from slimgpt_core import recover as recover_module
+    from slimgpt_core.training import recover as recover_module
     real_train = recover_module.train
 
     def interrupted(*args, **kwargs):

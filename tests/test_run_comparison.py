@@ -8,7 +8,7 @@ import math
 import pytest
 
 from slimgpt_core.events import HeadImportance, PruneReport
-from slimgpt_core.run_comparison import (Side, compare_evaluations, kv_group_grid, provenance_rows, sides_for,
+from slimgpt_core.evaluation.run_comparison import (Side, compare_evaluations, kv_group_grid, provenance_rows, sides_for,
                                          verdict, Value)
 
 VERSIONS = {"torch": "2.13.0", "transformers": "5.23.0", "lm_eval": "0.4.13"}
@@ -151,7 +151,7 @@ def test_kv_group_grid_is_all_groups_minus_removed():
 
 
 def test_sides_from_a_workspace_folder(tmp_path):
-    from slimgpt_core.workspace import dense_evaluations_folder, read_run
+    from slimgpt_core.workspace.store import dense_evaluations_folder, read_run
     folder = tmp_path / "run-a"
     folder.mkdir()
     r = report_with([[0], [1]])
@@ -172,7 +172,7 @@ def test_sides_from_a_workspace_folder(tmp_path):
 
 def test_a_model_folder_without_a_report_is_one_clear_error(tmp_path):
     from slimgpt_core.errors import SlimGPTError
-    from slimgpt_core.workspace import read_run
+    from slimgpt_core.workspace.store import read_run
     (tmp_path / "copied").mkdir()
     with pytest.raises(SlimGPTError, match="no report.json"):
         sides_for([read_run(tmp_path / "copied")], root=tmp_path)

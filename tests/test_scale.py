@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_model
-from slimgpt_core import obs
+from slimgpt_core.methods import obs
 from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.pipeline import prune_model
-from slimgpt_core.prune_settings import PruneSettings
+from slimgpt_core.methods.pipeline import prune_model
+from slimgpt_core.methods.prune_settings import PruneSettings
 
 PRUNE = ["-m", "slimgpt_core", "prune", "--model", "stories260k", "--calib", "tinystories", "--nsamples", "16",
          "--seqlen", "128", "--batch-size", "4", "--ratio", "0.4", "--quiet"]

@@ -8,13 +8,13 @@ import torch
 from conftest import tiny_model
 from slimgpt_core.cli import main
 from slimgpt_core.errors import PruningCancelled, SlimGPTError
-from slimgpt_core.shear import hard_concrete as hc
-from slimgpt_core.shear.apply import MaskedModel
-from slimgpt_core.shear.cut import cut_model
-from slimgpt_core.shear.masks import ShearMasks, shape_parameters
-from slimgpt_core.shear.target import resolve_target, source_shape
-from slimgpt_core.shear.train import ShearSettings, shear_model
-from slimgpt_core.surgery import count_parameters, head_dim
+from slimgpt_core.methods.shear import hard_concrete as hc
+from slimgpt_core.methods.shear.apply import MaskedModel
+from slimgpt_core.methods.shear.cut import cut_model
+from slimgpt_core.methods.shear.masks import ShearMasks, shape_parameters
+from slimgpt_core.methods.shear.target import resolve_target, source_shape
+from slimgpt_core.methods.shear.train import ShearSettings, shear_model
+from slimgpt_core.methods.surgery import count_parameters, head_dim
 
 
 def test_keep_probability_formula_matches_monte_carlo():
@@ -182,7 +182,7 @@ def test_target_from_another_models_config(assets_root, tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"num_hidden_layers": 3, "hidden_size": 32, "num_attention_heads": 4,
                                 "num_key_value_heads": 2, "intermediate_size": 64, "head_dim": 8}))
-    from slimgpt_core.shear.target import read_target
+    from slimgpt_core.methods.shear.target import read_target
     t = resolve_target(read_target(str(path)), model)
     assert (t.layers, t.kv_groups, t.heads, t.ffn, t.hidden) == (3, 2, 4, 64, 32)
     path.write_text(json.dumps({"num_hidden_layers": 3, "hidden_size": 32, "num_attention_heads": 2,
@@ -211,7 +211,7 @@ def _silence(model, layer, kv_group=None, channel=None, dim=None):
 
 
 def test_minitron_scores_rank_silenced_units_last(tokens):
-    from slimgpt_core.minitron import collect_scores
+    from slimgpt_core.methods.minitron import collect_scores
 
     model = tiny_model(heads=4, kv=2, layers=3, ffn=48, hidden=32)
     _silence(model, 1, kv_group=1, channel=7, dim=5)
@@ -227,7 +227,7 @@ def test_minitron_scores_rank_silenced_units_last(tokens):
 
 
 def test_minitron_to_a_shape_drops_the_useless_units(assets_root, tokens):
-    from slimgpt_core.minitron import prune_to_shape
+    from slimgpt_core.methods.minitron import prune_to_shape
 
     model = tiny_model(heads=4, kv=2, layers=3, ffn=48, hidden=32)
     _silence(model, 0, kv_group=0, dim=3)
@@ -236,7 +236,7 @@ def test_minitron_to_a_shape_drops_the_useless_units(assets_root, tokens):
         model.model.layers[1].mlp.down_proj.weight.zero_()
     target = resolve_target({"layers": 2, "kv_groups": 1, "heads": 1, "ffn": 40, "hidden": 31}, model)
     ids = tokens[:2]
-    from slimgpt_core.minitron import collect_scores, shape_gates
+    from slimgpt_core.methods.minitron import collect_scores, shape_gates
     gates = shape_gates(model, collect_scores(model, tokens, 4), target)
     assert gates["layers"].tolist() == [1, 0, 1] and gates["kv_groups"][0].tolist() == [0, 1]
     assert gates["hidden"][3] == 0 and gates["hidden"].sum() == 31
@@ -265,7 +265,7 @@ def test_hidden_size_not_a_multiple_of_any_head_count_saves_and_reloads(tmp_path
     """SmolLM2 to hidden 512 with 6 heads: transformers' config rule (hidden % heads) fails for the source's and
     the target's head counts alike; the per-layer class must still save and load the same function."""
     from transformers import AutoModelForCausalLM
-    from slimgpt_core.modeling_slimgpt import register_auto_classes
+    from slimgpt_core.export.modeling_slimgpt import register_auto_classes
 
     model = tiny_model(heads=6, kv=3, layers=2, ffn=40, hidden=48).eval()
     target = resolve_target({"kv_groups": 3, "heads": 3, "hidden": 40}, model)
@@ -284,7 +284,7 @@ def test_hidden_size_not_a_multiple_of_any_head_count_saves_and_reloads(tmp_path
 
 
 def test_a_lagging_domain_gains_weight():
-    from slimgpt_core.shear.domain_mix import draw_domains, update_domain_weights
+    from slimgpt_core.methods.shear.domain_mix import draw_domains, update_domain_weights
 
     w = torch.tensor([0.5, 0.3, 0.2])
     losses, reference = torch.tensor([2.0, 3.0, 2.5]), torch.tensor([2.0, 2.0, 2.6])  # domain 1 lags by 1 nat

@@ -20,10 +20,10 @@ def workspace(tmp_path_factory):
     identical windows; task accuracies as `eval --limit 40` stores them."""
     from slimgpt_core.data import calibration_tokens
     from slimgpt_core.models import load_model
-    from slimgpt_core.pipeline import prune_model
-    from slimgpt_core.prune_settings import PruneSettings
+    from slimgpt_core.methods.pipeline import prune_model
+    from slimgpt_core.methods.prune_settings import PruneSettings
     from slimgpt_core.studio import evaluate
-    from slimgpt_core.workspace import add_evaluation, dense_evaluations_folder, list_runs, save_run, versions
+    from slimgpt_core.workspace.store import add_evaluation, dense_evaluations_folder, list_runs, save_run, versions
 
     tmp = tmp_path_factory.mktemp("sbs")
     with pytest.MonkeyPatch.context() as mp:
@@ -60,7 +60,7 @@ def workspace(tmp_path_factory):
 def app(workspace, monkeypatch):
     monkeypatch.setenv("SLIMGPT_RUNS", str(workspace["root"] / "runs"))
     monkeypatch.setenv("SLIMGPT_CACHE", str(workspace["root"] / "cache"))
-    from slimgpt_core.workspace import remember
+    from slimgpt_core.workspace.store import remember
     remember("model_spec", ["stories260k", "auto", "auto"])
     at = AppTest.from_file(APP, default_timeout=300)
     at.run()
@@ -89,7 +89,7 @@ def reference_generation(folder, prompt: str, max_new_tokens: int) -> list[int]:
 
 
 def test_greedy_text_of_a_run_equals_transformers_generate_on_its_checkpoint(workspace):
-    from slimgpt_core.generation import TokenStreamed, generate_side_by_side
+    from slimgpt_core.evaluation.generation import TokenStreamed, generate_side_by_side
     run = workspace["runs"]["log 30%"]
     assert "auto_map" in json.loads((run.path / "config.json").read_text())  # layers of different shapes
     expected, tok = reference_generation(run.path, PROMPT, 40)
@@ -105,7 +105,7 @@ def test_greedy_text_of_a_run_equals_transformers_generate_on_its_checkpoint(wor
 
 def test_generation_stops_when_asked_and_refuses_empty_prompts(workspace):
     from slimgpt_core.errors import PruningCancelled, SlimGPTError
-    from slimgpt_core.generation import TokenStreamed, generate_side_by_side
+    from slimgpt_core.evaluation.generation import TokenStreamed, generate_side_by_side
     run = workspace["runs"]["uniform 30%"]
     events = []
     stop = lambda: sum(isinstance(e, TokenStreamed) for e in events) >= 3  # noqa: E731
@@ -156,7 +156,7 @@ def test_side_by_side_page(app, workspace):
 
 
 def test_generate_page_streams_one_column_per_model(app, workspace):
-    from slimgpt_core.jobs import BOARD
+    from slimgpt_core.workspace.jobs import BOARD
     run = workspace["runs"]["log 30%"]
     app.switch_page("pages/generate.py").run()
     assert not app.exception

@@ -7,13 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from slimgpt_core import kfac, obs
+from slimgpt_core.methods import kfac
+from slimgpt_core.methods import obs
 from slimgpt_core.cli import main
-from slimgpt_core.curvature import LINEARS, CurvatureCollector, factor_bytes, linears
+from slimgpt_core.methods.curvature import LINEARS, CurvatureCollector, factor_bytes, linears
 from slimgpt_core.errors import PruningCancelled, SlimGPTError
-from slimgpt_core.pipeline import prune_model
-from slimgpt_core.prune_settings import PruneSettings
-from slimgpt_core.surgeon import rows_threshold, select_heads, zero_fraction, _Unit
+from slimgpt_core.methods.pipeline import prune_model
+from slimgpt_core.methods.prune_settings import PruneSettings
+from slimgpt_core.methods.surgeon import rows_threshold, select_heads, zero_fraction, _Unit
 
 
 def _spd(n, seed):
@@ -230,7 +231,7 @@ def test_rows_mode_zeroes_the_requested_fraction_and_keeps_the_shape(stories):
 def test_heads_mode_physically_smaller_reloads_with_the_same_logits(stories, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from slimgpt_core.runs import save_run
+    from slimgpt_core.workspace.atomic import save_run
     loaded = _fresh(stories)
     events = []
     report = prune_model(loaded.model, stories[1], PruneSettings(ratio=0.4, method="surgeon", shots=2, device="cpu"),
@@ -299,7 +300,7 @@ def test_cli_end_to_end_prints_the_schedule(tmp_path, capsys):
 
 
 def test_budget_for_comparison_equals_what_the_schedule_removes(stories):
-    from slimgpt_core.surgeon import schedule_fraction
+    from slimgpt_core.methods.surgeon import schedule_fraction
     loaded = _fresh(stories)
     settings = PruneSettings(ratio=0.5, schedule="log", device="cpu")
     fraction = schedule_fraction(loaded.model, settings)

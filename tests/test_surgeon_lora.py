@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from slimgpt_core.errors import PruningCancelled, SlimGPTError
-from slimgpt_core.pipeline import prune_model
-from slimgpt_core.prune_settings import PruneSettings
+from slimgpt_core.methods.pipeline import prune_model
+from slimgpt_core.methods.prune_settings import PruneSettings
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ be computed directly, independently of kfac.py."""
 import pytest
 import torch
 
-from slimgpt_core import kfac
-from slimgpt_core.pipeline import prune_model
-from slimgpt_core.prune_settings import PruneSettings
+from slimgpt_core.methods import kfac
+from slimgpt_core.methods.pipeline import prune_model
+from slimgpt_core.methods.prune_settings import PruneSettings
 
 NONE = torch.zeros(0, dtype=torch.long)
 

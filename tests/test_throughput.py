@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from slimgpt_core import pipeline
-from slimgpt_core.prune_settings import PruneSettings
+from slimgpt_core.methods import pipeline
+from slimgpt_core.methods.prune_settings import PruneSettings
 
 RTOL = 1e-5
 
@@ -93,7 +93,7 @@ def test_statistics_cache_gives_the_same_results(tmp_path, monkeypatch, tokens):
 @pytest.mark.parametrize("track", [True, False])
 def test_stories260k_matches_the_previous_implementation(assets_root, track):
     from slimgpt_core.data import calibration_tokens, evaluation_tokens
-    from slimgpt_core.evaluate import perplexity
+    from slimgpt_core.evaluation.evaluate import perplexity
     from slimgpt_core.models import load_model
 
     loaded = load_model("stories260k", "cpu")

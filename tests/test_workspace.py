@@ -27,8 +27,8 @@ def stories_run(assets_root):
     """A pruned stories260k model and its report, made once."""
     from slimgpt_core.data import calibration_tokens
     from slimgpt_core.models import load_model
-    from slimgpt_core.pipeline import prune_model
-    from slimgpt_core.prune_settings import PruneSettings
+    from slimgpt_core.methods.pipeline import prune_model
+    from slimgpt_core.methods.prune_settings import PruneSettings
 
     m = load_model("stories260k", "cpu")
     tokens = calibration_tokens(m.tokenizer, "tinystories", 8, 64, 0)
@@ -39,7 +39,7 @@ def stories_run(assets_root):
 
 
 def test_saved_run_is_listed_with_its_summary_and_managed(runs_dir, stories_run):
-    from slimgpt_core import workspace
+    from slimgpt_core.workspace import store as workspace
 
     m, report = stories_run
     info = workspace.save_run(m.model, m.tokenizer, report, label="first try")
@@ -64,7 +64,7 @@ def test_saved_run_is_listed_with_its_summary_and_managed(runs_dir, stories_run)
 
 
 def test_a_failed_write_leaves_nothing_listed(runs_dir, stories_run, monkeypatch):
-    from slimgpt_core import workspace
+    from slimgpt_core.workspace import store as workspace
     from slimgpt_core.errors import SlimGPTError
 
     m, report = stories_run
@@ -79,7 +79,7 @@ def test_a_failed_write_leaves_nothing_listed(runs_dir, stories_run, monkeypatch
 
 
 def test_broken_and_partial_folders_are_listed_with_a_reason(runs_dir, stories_run):
-    from slimgpt_core import workspace
+    from slimgpt_core.workspace import store as workspace
 
     m, report = stories_run
     good = workspace.save_run(m.model, m.tokenizer, report, name="good")
@@ -106,7 +106,7 @@ def _cli(*args, env=None):
 
 
 def test_cli_runs_land_in_the_workspace_with_their_evaluations(runs_dir, assets_root, tmp_path):
-    from slimgpt_core import workspace
+    from slimgpt_core.workspace import store as workspace
 
     out = _cli("prune", "--model", "stories260k", "--ratio", "0.2", "--calib", "tinystories", "--nsamples", "4",
                "--seqlen", "64", "--device", "cpu", "--runs", str(runs_dir), "--label", "from the shell")
@@ -133,7 +133,7 @@ def test_cli_runs_land_in_the_workspace_with_their_evaluations(runs_dir, assets_
 
 
 def test_evaluations_from_many_threads_are_all_kept(runs_dir, stories_run):
-    from slimgpt_core import workspace
+    from slimgpt_core.workspace import store as workspace
 
     m, report = stories_run
     info = workspace.save_run(m.model, m.tokenizer, report, name="r")
@@ -147,8 +147,8 @@ def test_evaluations_from_many_threads_are_all_kept(runs_dir, stories_run):
 
 
 def test_memory_stays_bounded_as_runs_are_opened_one_after_another(runs_dir, stories_run):
-    from slimgpt_core import workspace
-    from slimgpt_core.model_pool import ModelPool
+    from slimgpt_core.workspace import store as workspace
+    from slimgpt_core.workspace.model_pool import ModelPool
 
     m, report = stories_run
     paths = [workspace.save_run(m.model, m.tokenizer, report, name=f"r{i}").path for i in range(5)]
@@ -167,7 +167,7 @@ def test_memory_stays_bounded_as_runs_are_opened_one_after_another(runs_dir, sto
 
 def test_heavy_jobs_queue_and_a_queued_job_can_be_cancelled():
     from slimgpt_core.errors import PruningCancelled
-    from slimgpt_core.jobs import JobBoard
+    from slimgpt_core.workspace.jobs import JobBoard
 
     board = JobBoard(heavy_slots=1)
     release = threading.Event()

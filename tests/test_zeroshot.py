@@ -6,7 +6,7 @@ from slimgpt_core.models import load_model
 
 
 def test_zero_shot_accuracy_matches_hand_scoring(tmp_path, monkeypatch, assets_root):
-    from slimgpt_core import zeroshot
+    from slimgpt_core.evaluation import zeroshot
 
     monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SLIMGPT_ASSETS", str(offline_assets(tmp_path, assets_root)))

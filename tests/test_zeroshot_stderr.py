@@ -7,7 +7,7 @@ import pytest
 def test_accuracy_comes_with_its_closed_form_standard_error(assets_root, tmp_path, monkeypatch):
     monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
     from slimgpt_core.models import load_model
-    from slimgpt_core.zeroshot import zero_shot
+    from slimgpt_core.evaluation.zeroshot import zero_shot
 
     m = load_model("stories260k", "cpu")
     [result] = zero_shot(m.model, m.tokenizer, ["piqa"], limit=12).values()

@@ -1,7 +1,7 @@
 """Mutation testing of slimgpt_core with mutmut, against the fast tests only (not run in CI).
 
-    python tools/mutation.py                       # obs.py, schedule.py, evaluate.py (about 20 min on 2 idle cores)
-    python tools/mutation.py --modules cache runs  # any other modules, with their fast tests
+    python tools/mutation.py                       # methods/obs.py, schedules/schedule.py, evaluation/evaluate.py (~20 min, 2 cores)
+    python tools/mutation.py --modules workspace.cache workspace.atomic  # any other modules, with their fast tests
     python tools/mutation.py --show                # also print the diff of every surviving mutant
 
 The project and the chosen test files are copied into a scratch folder (mutmut rewrites the sources it mutates
@@ -25,16 +25,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # module -> the fast tests (tiny tensors and tiny random models, seconds each) that exercise it
 FAST_TESTS = {
-    "obs": ["test_obs.py"],
-    "schedule": ["test_schedule.py"],
-    "evaluate": ["test_evaluate.py"],
-    "cache": ["test_cache.py"],
-    "runs": ["test_cache.py"],
-    "surgery": ["test_slicing.py"],
-    "modeling_slimgpt": ["test_slicing.py"],
+    "methods.obs": ["test_obs.py"],
+    "schedules.schedule": ["test_schedule.py"],
+    "evaluation.evaluate": ["test_evaluate.py"],
+    "workspace.cache": ["test_cache.py"],
+    "workspace.atomic": ["test_cache.py"],
+    "methods.surgery": ["test_slicing.py"],
+    "export.modeling_slimgpt": ["test_slicing.py"],
 }
-DEFAULT_MODULES = ["obs", "schedule", "evaluate"]
+DEFAULT_MODULES = ["methods.obs", "schedules.schedule", "evaluation.evaluate"]
 MUTMUT = "mutmut==3.8.1"
+
+
+def _module_of(mutant: str) -> str:
+    """'slimgpt_core.methods.obs.x_f__mutmut_3' or '….xǁClassǁmethod__mutmut_1' -> 'methods.obs'."""
+    parts = mutant.removeprefix("slimgpt_core.").split(".")
+    first = next((i for i, p in enumerate(parts) if p.startswith(("x_", "xǁ"))), len(parts) - 1)
+    return ".".join(parts[:first])
 
 
 def ensure_mutmut() -> None:
@@ -50,7 +57,7 @@ def prepare(workdir: Path, modules: list[str], tests: list[str]) -> None:
                     ignore=shutil.ignore_patterns("__pycache__"))
     for name in ["conftest.py", *tests]:
         shutil.copy(ROOT / "tests" / name, workdir / "tests" / name)
-    only = "\n".join(f"    slimgpt_core/{m}.py" for m in modules)
+    only = "\n".join(f"    slimgpt_core/{m.replace('.', '/')}.py" for m in modules)
     selection = "\n".join(f"    tests/{t}" for t in tests)
     (workdir / "setup.cfg").write_text(
         "[mutmut]\nsource_paths=slimgpt_core\n"
@@ -97,7 +104,7 @@ def main() -> int:
     per_module: dict[str, Counter] = defaultdict(Counter)
     survivors = defaultdict(list)
     for name, state in status.items():
-        module = name.split(".")[1] if name.startswith("slimgpt_core.") else name.split(".")[0]
+        module = _module_of(name)
         per_module[module][state] += 1
         if state != "killed":
             survivors[module].append((name, state))

@@ -1,18 +1,18 @@
 """What the pages share: the loaded model, the workspace's runs, the server's jobs, the sidebar.
 
 Nothing a user makes lives in a browser session: runs are folders in the workspace, jobs belong to the server
-process (`slimgpt_core.jobs.BOARD`), models sit in its pool, and the loaded model is remembered in the
+process (`slimgpt_core.workspace.jobs.BOARD`), models sit in its pool, and the loaded model is remembered in the
 workspace. A reload, a second tab or a restart finds all of it again. Session state only holds what the user
 is looking at (the chosen run, widget values)."""
 from __future__ import annotations
 
 import streamlit as st
 
-from slimgpt_core import workspace
+from slimgpt_core.workspace import store as workspace
 from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.events import PruneReport
-from slimgpt_core.jobs import BOARD, Job
-from slimgpt_core.model_pool import POOL
+from slimgpt_core.workspace.jobs import BOARD, Job
+from slimgpt_core.workspace.model_pool import POOL
 from slimgpt_core.models import LoadedModel
 
 

@@ -1,0 +1,1 @@
+"""Measuring a model: perplexity, zero-shot tasks, speed, generations and comparisons."""

@@ -1,0 +1,1 @@
+"""Checkpoints that `transformers` loads, mixed per-layer shapes included."""

@@ -1,0 +1,113 @@
+"""Where calibration activations live and what memory a run needs: GPU or (pinned) CPU buffers, the checks
+before starting, peak memory, and the shards of a torch.distributed run."""
+from __future__ import annotations
+
+import resource
+
+import torch
+
+from slimgpt_core.errors import SlimGPTError, out_of_memory_message
+
+
+def distributed_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_tokens(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """This rank's calibration samples: whole micro-batches, round robin, so every micro-batch (and its
+    forward pass) is exactly the one a single process would run."""
+    rank, world = distributed_rank_world()
+    if world == 1:
+        return tokens
+    batches = [tokens[s:s + batch_size] for s in range(0, tokens.shape[0], batch_size)]
+    mine = batches[rank::world]
+    if not mine:
+        raise SlimGPTError(f"{len(batches)} calibration batches cannot feed {world} processes: lower --batch-size")
+    return torch.cat(mine)
+
+
+def relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖/‖b‖ over all shards of a distributed run. Norms in fp64 over chunks (whole-buffer fp64 copies
+    cost more than the norms)."""
+    import torch.distributed as dist
+    sums = torch.zeros(2, dtype=torch.float64, device=a.device)
+    for s in range(0, a.shape[0], 16):
+        sums[0] += torch.linalg.vector_norm(a[s:s + 16] - b[s:s + 16], dtype=torch.float64).square()
+        sums[1] += torch.linalg.vector_norm(b[s:s + 16], dtype=torch.float64).square()
+    if distributed_rank_world()[1] > 1:
+        dist.all_reduce(sums)
+    return float(sums[0].sqrt() / sums[1].sqrt().clamp_min(1e-30))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+def activation_streams(settings) -> tuple[bool, bool]:
+    """(dense, pruned): the activation streams a run keeps. The dense stream calibrates dense-input runs and is
+    the reference for accumulated error; the pruned stream calibrates sequential runs."""
+    return (not settings.sequential or settings.track_accumulation,
+            settings.sequential or settings.track_accumulation)
+
+
+def activation_bytes(model, n_tokens: int, buffers: int) -> int:
+    return buffers * n_tokens * model.config.hidden_size * next(model.parameters()).element_size()
+
+
+def activation_device(model, tokens: torch.Tensor, device: torch.device, mode: str = "auto",
+                      buffers: int = 4) -> torch.device:
+    """Where the calibration activation buffers live: on the GPU when they fit comfortably, else in pinned CPU
+    memory (micro-batches are copied to the GPU as each layer runs)."""
+    if device.type != "cuda" or mode == "never":
+        return device
+    if mode == "always":
+        return torch.device("cpu")
+    free = torch.cuda.mem_get_info(device)[0]
+    return device if activation_bytes(model, tokens.numel(), buffers) < 0.5 * free else torch.device("cpu")
+
+
+def buffer_like(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised buffer like x, pinned when x is (fast non-blocking copies to the GPU)."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, pin_memory=x.device.type == "cpu" and x.is_pinned())
+
+
+def place(x: torch.Tensor, act_device: torch.device) -> torch.Tensor:
+    if x.device == act_device:
+        return x
+    if act_device.type == "cpu" and torch.cuda.is_available():
+        return x.to("cpu").pin_memory()
+    return x.to(act_device)
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(model, nsamples: int, seqlen: int, device: torch.device, buffers: int = 4) -> None:
+    """Refuse before starting when the calibration activation buffers cannot fit."""
+    need = activation_bytes(model, nsamples * seqlen, buffers)
+    have = available_memory_bytes(device)
+    if have is not None and need > 0.9 * have:
+        raise SlimGPTError(
+            f"calibration activations need {need / 2**30:.1f} GiB but {device} has {have / 2**30:.1f} GiB free: "
+            + out_of_memory_message("pruning", str(device)).split(": ", 1)[1])
+
+
+def fits(nbytes: int, where: torch.device) -> bool:
+    """Whether a buffer kept between passes fits comfortably (a quarter of what is free there)."""
+    have = available_memory_bytes(where)
+    return have is None or nbytes < 0.25 * have

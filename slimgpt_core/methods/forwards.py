@@ -1,0 +1,248 @@
+"""Decoder-layer forwards over calibration activations: capture a layer's inputs, run it, collect one linear
+layer's input statistics. Micro-batched; activations may live in (pinned) CPU memory while the layer is on the GPU."""
+from __future__ import annotations
+
+import torch
+
+from slimgpt_core.methods import obs
+
+
+class _StopForward(Exception):
+    """Raised in a hook once the needed inputs are captured, to skip the rest of the forward."""
+
+
+def _to(obj, device):
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    return obj
+
+
+def capture_layer_inputs(model, tokens: torch.Tensor, batch_size: int, device: torch.device):
+    """Hidden states entering layer 0 for every calibration sample, and the layer's other kwargs.
+
+    Uses a forward pre-hook with kwargs (transformers 5 passes position_embeddings etc. as kwargs).
+    Kwargs come from a batch of one so that they broadcast over any batch size; caches are dropped."""
+    layer0 = model.model.layers[0]
+    embed_device = model.get_input_embeddings().weight.device
+    captured: dict = {}
+    chunks: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if not captured:
+            captured.update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values",
+                                                                          "past_key_value", "use_cache")})
+        else:
+            chunks.append(hidden.detach().to(device))
+        raise _StopForward
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for start in [-1] + list(range(0, tokens.shape[0], batch_size)):
+                ids = tokens[:1] if start < 0 else tokens[start:start + batch_size]
+                try:
+                    model(ids.to(embed_device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return torch.cat(chunks), _to(captured, device)
+
+
+class _TF32:
+    """TF32 for the layer forwards only; restored afterwards."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.enabled
+        return self
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
+def _layer_device(layer) -> torch.device:
+    return next(layer.parameters()).device
+
+
+def run_layer(layer, x: torch.Tensor, kwargs: dict, batch_size: int, out: torch.Tensor | None = None,
+              tf32: bool = False) -> torch.Tensor:
+    """Layer outputs for every sample; x may live in CPU memory while the layer is on the GPU."""
+    out = torch.empty_like(x) if out is None else out
+    dev = _layer_device(layer)
+    with torch.no_grad(), _TF32(tf32):
+        for s in range(0, x.shape[0], batch_size):
+            y = layer(x[s:s + batch_size].to(dev, non_blocking=True), **kwargs)
+            y = y[0] if isinstance(y, tuple) else y
+            out[s:s + batch_size].copy_(y, non_blocking=True)
+    return out
+
+
+def collect_hessian(layer, linear: torch.nn.Linear, x: torch.Tensor, kwargs: dict, batch_size: int,
+                    tf32: bool = False) -> torch.Tensor:
+    """H = 2XXᵀ/N of `linear`'s inputs when `layer` runs on x; the forward stops at `linear`."""
+    acc = obs.HessianAccumulator(linear.in_features, device=linear.weight.device)
+
+    def hook(module, args):
+        with _TF32(False):  # statistics in full fp32 whatever the forwards use
+            acc.add_batch(args[0])
+        raise _StopForward
+
+    handle = linear.register_forward_pre_hook(hook)
+    dev = _layer_device(layer)
+    try:
+        with torch.no_grad(), _TF32(tf32):
+            for s in range(0, x.shape[0], batch_size):
+                try:
+                    layer(x[s:s + batch_size].to(dev, non_blocking=True), **kwargs)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    acc.all_reduce()  # torch.distributed: every rank ends with the statistics of all shards
+    return acc.H
+
+
+def collect_layer_hessians(layer, x: torch.Tensor, kwargs: dict, batch_size: int,
+                           tf32: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """H of o_proj's and of down_proj's inputs and the layer's outputs, in one forward pass over x (dense
+    statistics: nothing is pruned between the two, so one pass serves both)."""
+    attn, mlp = layer.self_attn.o_proj, layer.mlp.down_proj
+    accs = [obs.HessianAccumulator(attn.in_features, attn.weight.device),
+            obs.HessianAccumulator(mlp.in_features, mlp.weight.device)]
+
+    def hook(acc):
+        def add(module, args):
+            with _TF32(False):
+                acc.add_batch(args[0])
+        return add
+
+    handles = [attn.register_forward_pre_hook(hook(accs[0])), mlp.register_forward_pre_hook(hook(accs[1]))]
+    try:
+        out = run_layer(layer, x, kwargs, batch_size, tf32=tf32)
+    finally:
+        for h in handles:
+            h.remove()
+    for acc in accs:
+        acc.all_reduce()
+    return accs[0].H, accs[1].H, out
+
+
+# Passes that keep what they capture, so that each layer's attention and MLP run once (issue 13). The layer's own
+# forward still does the residual adds and norms: the attention (and the MLP) are replayed from the kept inputs.
+
+def keep_on(t: torch.Tensor, where: torch.device) -> torch.Tensor:
+    """t on `where` (pinned when that is the CPU and a GPU computes), to keep across passes."""
+    if where.type == "cpu" and t.device.type == "cuda":
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+    return t.to(where)  # a fresh activation of a finished forward: nothing overwrites it
+
+
+def capture_attention_inputs(layer, x: torch.Tensor, kwargs: dict, batch_size: int, where: torch.device,
+                             acc: obs.HessianAccumulator | None = None, out: torch.Tensor | None = None,
+                             tf32: bool = False) -> list[torch.Tensor]:
+    """o_proj's inputs (the heads' attention outputs), one chunk per micro-batch, kept on `where`; with `acc`
+    also their statistics. Without `out` the forward stops at o_proj; with it the layer runs to the end and
+    writes its outputs there (dense reference and attention statistics in one pass)."""
+    chunks: list[torch.Tensor] = []
+
+    def hook(module, args):
+        if acc is not None:
+            with _TF32(False):
+                acc.add_batch(args[0])
+        chunks.append(keep_on(args[0], where))
+        if out is None:
+            raise _StopForward
+
+    handle = layer.self_attn.o_proj.register_forward_pre_hook(hook)
+    dev = _layer_device(layer)
+    try:
+        with torch.no_grad(), _TF32(tf32):
+            for s in range(0, x.shape[0], batch_size):
+                try:
+                    y = layer(x[s:s + batch_size].to(dev, non_blocking=True), **kwargs)
+                except _StopForward:
+                    continue
+                out[s:s + batch_size].copy_(y[0] if isinstance(y, tuple) else y, non_blocking=True)
+    finally:
+        handle.remove()
+    if acc is not None:
+        acc.all_reduce()
+    return chunks
+
+
+class _Replayed:
+    """While active, `module` returns `result()` instead of computing; the surrounding layer runs as usual."""
+
+    def __init__(self, module: torch.nn.Module | None, result):
+        self.module, self.result = module, result
+
+    def __enter__(self):
+        if self.module is not None:
+            self.module.forward = lambda *args, **kwargs: self.result()
+        return self
+
+    def __exit__(self, *exc):
+        if self.module is not None:
+            del self.module.forward
+
+
+def _select(chunk: torch.Tensor, columns: torch.Tensor | None, dev: torch.device) -> torch.Tensor:
+    chunk = chunk.to(dev, non_blocking=True)
+    return chunk if columns is None else chunk.index_select(-1, columns.to(dev))
+
+
+def collect_mlp_inputs(layer, x: torch.Tensor, kwargs: dict, batch_size: int, attn_inputs: list[torch.Tensor],
+                       columns: torch.Tensor | None, acc: obs.HessianAccumulator, where: torch.device | None = None,
+                       tf32: bool = False) -> list[torch.Tensor] | None:
+    """down_proj's statistics after head pruning without a second attention pass: the attention's output is the
+    (updated) o_proj applied to the kept heads' `columns` of its captured inputs. With `where`, down_proj's
+    inputs are kept there too, one chunk per micro-batch."""
+    attn, dev = layer.self_attn, _layer_device(layer)
+    kept: list[torch.Tensor] | None = [] if where is not None else None
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(module, args):
+        with _TF32(False):
+            acc.add_batch(args[0])
+        if kept is not None:
+            kept.append(keep_on(args[0], where))
+        raise _StopForward
+
+    handle = layer.mlp.down_proj.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad(), _TF32(tf32), _Replayed(attn, lambda: (attn.o_proj(current["z"]), None)):
+            for k, s in enumerate(range(0, x.shape[0], batch_size)):
+                current["z"] = _select(attn_inputs[k], columns, dev)
+                try:
+                    layer(x[s:s + batch_size].to(dev, non_blocking=True), **kwargs)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    acc.all_reduce()
+    return kept
+
+
+def replay_outputs(layer, x: torch.Tensor, kwargs: dict, batch_size: int, attn_inputs: list[torch.Tensor],
+                   columns: torch.Tensor | None, out: torch.Tensor, mlp_inputs: list[torch.Tensor] | None = None,
+                   channels: torch.Tensor | None = None, tf32: bool = False) -> torch.Tensor:
+    """The pruned layer's outputs from its kept inputs: o_proj on the kept heads' columns, then the MLP (only
+    down_proj on the kept channels of its captured inputs when those are given)."""
+    attn, mlp, dev = layer.self_attn, layer.mlp, _layer_device(layer)
+    current: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), _TF32(tf32), _Replayed(attn, lambda: (attn.o_proj(current["z"]), None)), \
+            _Replayed(mlp if mlp_inputs is not None else None, lambda: mlp.down_proj(current["a"])):
+        for k, s in enumerate(range(0, x.shape[0], batch_size)):
+            current["z"] = _select(attn_inputs[k], columns, dev)
+            if mlp_inputs is not None:
+                current["a"] = _select(mlp_inputs[k], channels, dev)
+            y = layer(x[s:s + batch_size].to(dev, non_blocking=True), **kwargs)
+            out[s:s + batch_size].copy_(y[0] if isinstance(y, tuple) else y, non_blocking=True)
+    return out

@@ -1,0 +1,466 @@
+"""Continued pre-training with dynamic batch loading (Sheared-LLaMA, Algorithm 1; SPEC §9), optionally with
+LoRA (the recovery's peft machinery) and Minitron's logit distillation from a teacher.
+
+    result = pretrain(model, tokenizer, PretrainSettings(data=["c4", "tinystories"], steps=400),
+                      reference=source_model, teacher=None, callback=print, should_stop=lambda: False)
+
+Any run trains (sheared, pruned by any method, mixed per-layer shapes): the loop is training.train; this module
+hands it the domain sampler, the loss (labels, distillation or both) and, every `update_every` steps, the update
+of the domain weights from each domain's held-out loss against its reference loss (the source model's loss on
+that domain's held-out windows). `pretrain` changes `model` in place (pass a copy to keep the original); nothing
+is written to disk here (save_pretrained_run writes the run at once)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from slimgpt_core.methods import activations
+from slimgpt_core.workspace.cache import forget_fingerprint
+from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.training.loop import OptimizerConfig, TrainStep, autocast_context, heldout_loss, train
+from .distill import check_teacher, distillation_loss_fn
+from .domain_mix import update_domain_weights
+from .domains import DomainSampler, check_domains, load_domains, perplexity_tokens
+
+
+@dataclass
+class PretrainSettings:
+    data: list[str] = field(default_factory=lambda: ["c4", "tinystories"])  # domains: c4, tinystories, wikitext2
+    steps: int = 400
+    dynamic_mix: bool = True  # False: the initial weights throughout (a static mix)
+    update_every: int | None = None  # None: a tenth of the steps (the authors: 400 of 12,000 in their CPT)
+    mix_variant: str = "paper"  # paper: Δ = max(ℓ − ℓ_ref, 0); code: no max, smoothed (domain_mix.py)
+    initial_weights: list[float] | None = None  # None: equal
+    reference_losses: list[float] | None = None  # None: the reference model's held-out loss per domain
+    lr: float = 1e-4  # the authors' continued pre-training rate
+    warmup: float = 0.05  # fraction of steps of linear warm-up, then `schedule`
+    schedule: str = "cosine"
+    betas: tuple[float, float] = (0.9, 0.95)
+    seqlen: int = 256
+    batch_size: int = 4
+    grad_accumulation: int = 1
+    heldout: int = 16  # held-out windows per domain
+    lora: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"])
+    distill_weight: float | None = None  # with a teacher: None = 1.0 (Minitron: KL only); 0 without one
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = True  # CUDA: bf16 autocast where supported
+    ppl: list[str] = field(default_factory=lambda: ["tinystories", "wikitext2"])  # before and after; [] to skip
+    ppl_seqlen: int = 128
+    ppl_windows: int | None = 64
+
+    @property
+    def every(self) -> int:
+        return self.update_every or max(1, self.steps // 10)
+
+    @property
+    def warmup_steps(self) -> int:
+        return max(1, round(self.warmup * self.steps))
+
+    def distill(self, has_teacher: bool) -> float:
+        if self.distill_weight is None:
+            return 1.0 if has_teacher else 0.0
+        return self.distill_weight
+
+    def validate(self) -> None:
+        """One sentence for the first bad value, before anything is loaded."""
+        checks = [
+            (self.steps >= 1, f"steps must be at least 1, got {self.steps}"),
+            (self.update_every is None or self.update_every >= 1,
+             f"update-every must be at least 1, got {self.update_every}"),
+            (self.mix_variant in ("paper", "code"), f"unknown mix variant {self.mix_variant!r} (paper, code)"),
+            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (0 <= self.warmup < 1, f"warm-up must be a fraction in [0, 1), got {self.warmup}"),
+            (self.schedule in ("cosine", "constant"), f"unknown lr schedule {self.schedule!r} (cosine, constant)"),
+            (self.seqlen >= 2, f"seqlen must be at least 2, got {self.seqlen}"),
+            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
+            (self.grad_accumulation >= 1, f"gradient accumulation must be at least 1, got {self.grad_accumulation}"),
+            (self.heldout >= 1, f"held-out windows must be at least 1, got {self.heldout}"),
+            (not self.lora or self.rank >= 1, f"LoRA rank must be at least 1, got {self.rank}"),
+            (not self.lora or self.alpha > 0, f"LoRA alpha must be positive, got {self.alpha}"),
+            (0 <= self.dropout < 1, f"LoRA dropout must be in [0, 1), got {self.dropout}"),
+            (self.distill_weight is None or 0 <= self.distill_weight <= 1,
+             f"distill weight must be in [0, 1], got {self.distill_weight}"),
+            (self.ppl_windows is None or self.ppl_windows >= 1, f"ppl windows must be at least 1, got {self.ppl_windows}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SlimGPTError(message)
+        check_domains(self.data)
+        for name in self.ppl:
+            if name not in ("tinystories", "wikitext2", "c4"):
+                raise SlimGPTError(f"unknown perplexity text {name!r} (tinystories, wikitext2)")
+        for what, values in (("initial weights", self.initial_weights), ("reference losses", self.reference_losses)):
+            if values is not None and len(values) != len(self.data):
+                raise SlimGPTError(f"{what} need one value per domain ({len(self.data)}), got {len(values)}")
+        if self.initial_weights is not None and (min(self.initial_weights) < 0 or sum(self.initial_weights) <= 0):
+            raise SlimGPTError(f"initial weights must be non-negative with a positive sum, got {self.initial_weights}")
+
+
+@dataclass
+class PretrainPhase:
+    phase: str  # data | reference | ppl-before | train | merge | ppl-after | done
+    elapsed_s: float
+    kind: str = "pretrain-phase"
+
+
+@dataclass
+class PretrainStep:
+    """One optimizer step: its loss, the latest per-domain held-out losses and the domain weights it drew from."""
+    step: int
+    steps: int
+    loss: float  # training loss of the step (labels, KL or their mix)
+    lr: float
+    domain_losses: dict[str, float]  # latest held-out loss per domain (nats/token)
+    weights: dict[str, float]  # the mix this step's sequences were drawn from
+    tokens_per_s: float
+    elapsed_s: float
+    eta_s: float
+    kind: str = "pretrain-step"
+
+
+@dataclass
+class MixUpdate:
+    """Dynamic batch loading at one step: per-domain held-out vs reference loss, weights before and after."""
+    step: int
+    losses: dict[str, float]
+    reference: dict[str, float]
+    weights_before: dict[str, float]
+    weights_after: dict[str, float]
+    kind: str = "domain-mix"
+
+
+@dataclass
+class PretrainResult:
+    model: torch.nn.Module  # plain weights (LoRA merged), same class as the input
+    settings: PretrainSettings
+    steps: list[PretrainStep]
+    mix: list[dict]  # [{"step", "losses", "weights"}]: step 0 before training, then each update, then the end
+    updates: list[MixUpdate]
+    reference: dict[str, float]
+    reference_source: str
+    domains: list[str]  # one line per domain: where its text comes from, held-out / train windows
+    sequences_per_domain: dict[str, int]
+    tokens_seen: int
+    ppl_before: dict[str, dict]  # text → evaluate.PerplexityResult as a dict
+    ppl_after: dict[str, dict]
+    teacher: str | None
+    distill_weight: float
+    trainable_parameters: int
+    seconds: float
+    train_seconds: float
+    peak_memory_mb: float
+    device: str
+    autocast: str
+    merge_max_abs_diff: float | None  # LoRA only: merged vs adapter-wrapped logits on one held-out batch
+
+    def record(self, source: str = "") -> dict:
+        """What report.json keeps under `pretrain`."""
+        s = self.settings
+        return {
+            "source_run": source, "data": list(s.data), "domains": self.domains, "steps": s.steps,
+            "dynamic_mix": s.dynamic_mix, "update_every": s.every, "mix_variant": s.mix_variant,
+            "reference": self.reference, "reference_source": self.reference_source, "mix": self.mix,
+            "updates": [asdict(u) for u in self.updates], "sequences_per_domain": self.sequences_per_domain,
+            "lr": s.lr, "schedule": f"{s.schedule}, linear warm-up {s.warmup_steps} steps", "betas": list(s.betas),
+            "seqlen": s.seqlen, "batch_size": s.batch_size, "grad_accumulation": s.grad_accumulation,
+            "heldout_windows": s.heldout, "lora": asdict_lora(s), "teacher": self.teacher,
+            "distill_weight": self.distill_weight, "seed": s.seed, "device": self.device, "autocast": self.autocast,
+            "trainable_parameters": self.trainable_parameters, "tokens_seen": self.tokens_seen,
+            "seconds": round(self.seconds, 2), "train_seconds": round(self.train_seconds, 2),
+            "peak_memory_mb": round(self.peak_memory_mb, 1), "merge_max_abs_diff": self.merge_max_abs_diff,
+            "loss_curve": [{"step": e.step, "loss": e.loss, "lr": e.lr, "tokens_per_s": e.tokens_per_s,
+                            "weights": e.weights} for e in self.steps],
+            "ppl_before": self.ppl_before, "ppl_after": self.ppl_after,
+        }
+
+
+def asdict_lora(s: PretrainSettings) -> dict | None:
+    if not s.lora:
+        return None
+    return {"rank": s.rank, "alpha": s.alpha, "dropout": s.dropout, "target_modules": list(s.target_modules)}
+
+
+def pretrain_memory_bytes(model, settings: PretrainSettings, teacher=None) -> int:
+    """A rough upper estimate: mask-learning's estimate for the trained weights (full fine-tuning: weights,
+    gradients, two AdamW moments; LoRA: the weights and small adapters) and activations, plus the teacher's
+    weights and its logits."""
+    from .train import training_bytes
+
+    need = training_bytes(model, settings.batch_size, settings.seqlen, train_weights=not settings.lora)
+    cfg = model.config
+    if settings.lora:
+        need += 16 * settings.rank * 2 * cfg.hidden_size * cfg.num_hidden_layers * len(settings.target_modules)
+    if teacher is not None:
+        need += sum(p.numel() * p.element_size() for p in teacher.parameters())
+        need += 2 * settings.batch_size * settings.seqlen * cfg.vocab_size * 4
+    return int(need)
+
+
+
+
+def check_memory(model, settings: PretrainSettings, device: torch.device, teacher=None) -> None:
+    need = pretrain_memory_bytes(model, settings, teacher)
+    if device.type == "cpu":  # the weights are already in memory
+        need -= sum(p.numel() * p.element_size() for m in (model, teacher) if m is not None for p in m.parameters())
+    have = activations.available_memory_bytes(device)
+    if have is not None and need > 0.9 * have:
+        lora = "" if settings.lora else ", pass --lora"
+        raise SlimGPTError(f"continued pre-training needs about {need / 2**30:.1f} GiB but {device} has "
+                           f"{have / 2**30:.1f} GiB free: lower --batch-size ({settings.batch_size}; raise "
+                           f"--grad-accumulation to keep the effective batch) or --seqlen ({settings.seqlen}){lora}, "
+                           "or use a device with more memory")
+
+
+def _batches(windows: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": w, "labels": w} for w in windows.split(batch_size)]
+
+
+def _domain_losses(model, heldout: dict[str, list], device, bf16) -> dict[str, float]:
+    return {name: heldout_loss(model, batches, device, bf16) for name, batches in heldout.items()}
+
+
+def _perplexities(model, tokenizer, settings: PretrainSettings, device, should_stop) -> dict[str, dict]:
+    from slimgpt_core.evaluation.evaluate import perplexity
+
+    out = {}
+    for name in settings.ppl:
+        r = perplexity(model, perplexity_tokens(tokenizer, name), settings.ppl_seqlen, 8, settings.ppl_windows,
+                       device, name, should_stop=should_stop)
+        out[name] = asdict(r)
+    return out
+
+
+def pretrain(model, tokenizer, settings: PretrainSettings, reference=None, teacher=None,
+             callback: Callable | None = None, should_stop: Callable[[], bool] | None = None,
+             reference_name: str = "", teacher_name: str = "") -> PretrainResult:
+    """Continued pre-training of `model` on the mix of `settings.data` (see the module's doc).
+
+    `reference`: the model whose per-domain held-out loss is the reference loss (the source model); None with
+    no `settings.reference_losses`: the model's own loss before training. `teacher`: distill from it (same
+    vocabulary). Events: PretrainPhase between stages, PretrainStep per step, MixUpdate at each update.
+    `should_stop()` is checked between steps (PruningCancelled)."""
+    from slimgpt_core.models import resolve_device
+    from slimgpt_core.training.recover import add_lora, drop_lora, merge_lora, resolve_targets
+
+    settings.validate()
+    emit = callback or (lambda e: None)
+    device = resolve_device(settings.device)
+    if teacher is not None:
+        check_teacher(model, teacher)
+    distill = settings.distill(teacher is not None)
+    if distill > 0 and teacher is None:
+        raise SlimGPTError("a distill weight above 0 needs a teacher (--teacher)")
+    if settings.lora:
+        settings = dataclasses.replace(settings, target_modules=resolve_targets(model, settings.target_modules))
+    check_memory(model, settings, device, teacher)
+    t_start = time.perf_counter()
+    elapsed = lambda: time.perf_counter() - t_start  # noqa: E731
+
+    emit(PretrainPhase("data", 0.0))
+    sequences = settings.steps * settings.batch_size * settings.grad_accumulation
+    domains = load_domains(tokenizer, settings.data, settings.seqlen, settings.heldout, sequences)
+    names = [d.name for d in domains]
+    heldout = {d.name: _batches(d.heldout, settings.batch_size) for d in domains}
+    as_dict = lambda t: {n: float(v) for n, v in zip(names, t)}  # noqa: E731
+
+    home = next(model.parameters()).device
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval().requires_grad_(False)
+    peft_model = None
+    try:
+        emit(PretrainPhase("reference", elapsed()))
+        if settings.reference_losses is not None:
+            ref, ref_source = torch.tensor(settings.reference_losses, dtype=torch.float64), "given"
+        else:
+            judge = reference if reference is not None else model
+            judge.to(device)
+            ref = torch.tensor(list(_domain_losses(judge, heldout, device, settings.bf16).values()), dtype=torch.float64)
+            ref_source = reference_name or ("the reference model" if reference is not None else
+                                            "the model itself before training (no source model known)")
+            if reference is not None and reference is not teacher:
+                reference.to("cpu")
+        emit(PretrainPhase("ppl-before", elapsed()))
+        ppl_before = _perplexities(model, tokenizer, settings, device, should_stop)
+        start = _domain_losses(model, heldout, device, settings.bf16)
+        weights = (torch.tensor(settings.initial_weights, dtype=torch.float64) if settings.initial_weights
+                   else torch.ones(len(names), dtype=torch.float64))
+        weights = weights / weights.sum()
+        mix = [{"step": 0, "losses": start, "weights": as_dict(weights)}]
+        latest = dict(start)
+        updates: list[MixUpdate] = []
+
+        if settings.lora:
+            peft_model = add_lora(model, settings.rank, settings.alpha, settings.dropout, settings.target_modules,
+                                  settings.seed)
+            net = peft_model
+        else:
+            model.requires_grad_(True)
+            net = model
+        trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        sampler = DomainSampler(domains, weights, settings.batch_size, settings.seed)
+        drawn_for_step = as_dict(weights)
+
+        def after_step(step: int) -> None:
+            nonlocal drawn_for_step
+            drawn_for_step = as_dict(sampler.weights)  # what this step drew from (the update applies next)
+            last = step == settings.steps
+            if not (last or (settings.dynamic_mix and step % settings.every == 0)):
+                return
+            losses = _domain_losses(net, heldout, device, settings.bf16)
+            latest.update(losses)
+            before = sampler.weights
+            if settings.dynamic_mix and not last:
+                new = update_domain_weights(before, torch.tensor(list(losses.values()), dtype=torch.float64), ref,
+                                            settings.mix_variant)
+                update = MixUpdate(step, losses, as_dict(ref), as_dict(before), as_dict(new))
+                updates.append(update)
+                emit(update)
+                sampler.weights = new
+            mix.append({"step": step, "losses": losses, "weights": as_dict(sampler.weights)})
+
+        events: list[PretrainStep] = []
+
+        def relay(event) -> None:
+            if isinstance(event, TrainStep):
+                e = PretrainStep(event.step, event.steps, event.train_loss, event.lr, dict(latest), drawn_for_step,
+                                 event.tokens_per_s, event.elapsed_s, event.eta_s)
+                events.append(e)
+                emit(e)
+
+        loss_fn = distillation_loss_fn(teacher, distill) if teacher is not None else None
+        optim = OptimizerConfig(lr=settings.lr, warmup_steps=settings.warmup_steps, schedule=settings.schedule,
+                                betas=settings.betas)
+        emit(PretrainPhase("train", elapsed()))
+        trained = train(net, sampler, settings.steps, optim, device, settings.grad_accumulation, None, 0,
+                        settings.bf16, relay, should_stop, loss_fn, after_step)
+    except BaseException as exc:
+        # cancelled or failed: adapters dropped; full fine-tuning changed the weights in place (callers pass a copy)
+        base = drop_lora(peft_model) if peft_model is not None else model
+        for name, p in base.named_parameters():
+            p.requires_grad_(flags.get(name, p.requires_grad))
+        base.to(home)
+        if teacher is not None:
+            teacher.to("cpu")
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise SlimGPTError(f"out of memory on {device} while training: lower --batch-size "
+                               f"({settings.batch_size}) or --seqlen ({settings.seqlen}), or pass --lora") from None
+        raise
+
+    diff = None
+    if peft_model is not None:  # fold the adapters into the weights: the plain class comes back
+        emit(PretrainPhase("merge", elapsed()))
+        probe = _batches(domains[0].heldout, settings.batch_size)[0]["input_ids"].to(device)
+        with torch.no_grad(), autocast_context(device, settings.bf16):
+            wrapped = peft_model(input_ids=probe).logits.float()
+        model = merge_lora(peft_model)
+        with torch.no_grad(), autocast_context(device, settings.bf16):
+            diff = float((model(input_ids=probe).logits.float() - wrapped).abs().max())
+    for name, p in model.named_parameters():
+        p.requires_grad_(flags.get(name, True))
+    model.eval()
+    forget_fingerprint(model)  # weights changed in place: cached results keyed on the old ones no longer apply
+    if teacher is not None:
+        teacher.to("cpu")
+    emit(PretrainPhase("ppl-after", elapsed()))
+    try:
+        ppl_after = _perplexities(model, tokenizer, settings, device, None)
+    finally:
+        model.to(home)
+    emit(PretrainPhase("done", elapsed()))
+    autocast = "bf16" if settings.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    return PretrainResult(
+        model, settings, events, mix, updates, as_dict(ref), ref_source, [d.description for d in domains],
+        {n: int(c) for n, c in zip(names, sampler.drawn)}, trained.tokens_seen, ppl_before, ppl_after,
+        teacher_name or (None if teacher is None else "the teacher model"), distill, trainable, elapsed(),
+        trained.seconds, trained.peak_memory_mb, str(device), autocast, diff)
+
+
+TEXTS = {"tinystories": "TinyStories asset, last 1/5 of its tokens (never trained on)",
+         "wikitext2": "WikiText-2 test split"}
+
+
+def pretrained_report(result: PretrainResult, source_report=None, source: str = ""):
+    """The source run's report (its pruning history) with the continued pre-training recorded."""
+    from slimgpt_core.events import PruneReport
+    from slimgpt_core.methods.surgery import count_parameters
+
+    if source_report is not None:
+        report = copy.deepcopy(source_report)
+    else:
+        n, n_layers = count_parameters(result.model), count_parameters(result.model.model.layers)
+        report = PruneReport(model=source, settings={}, head_ratios=[], ffn_ratios=[], params_before=n,
+                             params_after=n, layer_params_before=n_layers, layer_params_after=n_layers)
+    record = result.record(source)
+    if getattr(report, "pretrain", None):
+        record["previous_pretrain"] = report.pretrain
+    report.pretrain = record
+    for when, values in (("before", result.ppl_before), ("after", result.ppl_after)):
+        for name, value in values.items():
+            report.evaluation[f"pretrain_ppl_{when}_{name}"] = value
+    return report
+
+
+def save_pretrained_run(result: PretrainResult, tokenizer, out: str | Path, source_report=None, source: str = "",
+                        overwrite: bool = False, label: str = "") -> Path:
+    """A normal run folder (loader, studio, evaluation, export as every run's), written all at once; the
+    perplexities after training are stored as the run's measurements (evaluations.json, with provenance)."""
+    from slimgpt_core.export.checkpoint import export_checkpoint
+    from slimgpt_core.workspace.store import add_measurement, write_meta
+
+    report = pretrained_report(result, source_report, source)
+
+    def extra(tmp: Path) -> None:
+        write_meta(tmp, report, label or Path(out).name)
+        for name, value in result.ppl_after.items():
+            text = TEXTS.get(name, name)
+            add_measurement(tmp, "perplexity", value, batch_size=8, device=result.device, text=text,
+                            measured_by="pretrain (after training)")
+
+    return export_checkpoint(result.model, tokenizer, out, report, overwrite=overwrite, extra=extra).folder
+
+
+def describe_step(e: PretrainStep) -> str:
+    """One progress line: loss, per-domain held-out loss, domain weights, tokens/s, ETA."""
+    held = " ".join(f"{k} {v:.3f}" for k, v in e.domain_losses.items())
+    mix = " ".join(f"{k} {v:.2f}" for k, v in e.weights.items())
+    return (f"step {e.step}/{e.steps} loss {e.loss:.4f} lr {e.lr:.2e} | held-out {held} | mix {mix} | "
+            f"{e.tokens_per_s:.0f} tok/s ETA {e.eta_s:.0f}s")
+
+
+def describe_update(u: MixUpdate) -> str:
+    gaps = " ".join(f"{k} {u.losses[k]:.3f}-{u.reference[k]:.3f}={u.losses[k] - u.reference[k]:+.3f}"
+                    for k in u.losses)
+    after = " ".join(f"{k} {v:.2f}" for k, v in u.weights_after.items())
+    return f"mix update at step {u.step}: loss-reference {gaps} -> weights {after}"
+
+
+def summary(result: PretrainResult) -> dict:
+    """The JSON line the command line prints."""
+    out = {"steps": len(result.steps), "loss_first": round(result.steps[0].loss, 4),
+           "loss_last": round(result.steps[-1].loss, 4), "domain_loss_before": result.mix[0]["losses"],
+           "domain_loss_after": result.mix[-1]["losses"], "reference": result.reference,
+           "weights_final": result.mix[-1]["weights"], "sequences_per_domain": result.sequences_per_domain,
+           "tokens": result.tokens_seen, "seconds": round(result.seconds, 1),
+           "peak_memory_mb": round(result.peak_memory_mb), "trainable_parameters": result.trainable_parameters,
+           "distill_weight": result.distill_weight}
+    for when, values in (("before", result.ppl_before), ("after", result.ppl_after)):
+        for name, value in values.items():
+            out[f"ppl_{when}_{name}"] = round(value["ppl"], 3)
+            out[f"ppl_{name}"] = f"windows of {value['seqlen']}, {value['windows']} windows"
+    if result.merge_max_abs_diff is not None:
+        out["merge_max_abs_diff"] = result.merge_max_abs_diff
+    return out

@@ -1,0 +1,112 @@
+"""Continued pre-training as the studio runs it: a workspace run to a new workspace run, with progress events and
+cancellation, a plain dataclass back. No Streamlit here; the page calls `pretrain_to_workspace`.
+
+The source run is read fresh from disk and never changed. The teacher and the reference (the model whose held-out
+loss per domain the mix is steered against) default to the model the run was pruned from, as the command line's
+`--teacher source` / `--reference source` do. Nothing is written until training has finished."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.events import Progress
+from .pretrain import PretrainSettings, pretrain, save_pretrained_run
+
+
+@dataclass
+class PretrainOutcome:
+    """A finished continued pre-training job: the new run and what it measured."""
+    run: object  # workspace.RunInfo
+    source_model: str | None  # the model the source run was pruned from (reference / teacher), when known
+    teacher: str | None
+    reference_source: str
+    domain_loss_before: dict[str, float]
+    domain_loss_after: dict[str, float]
+    reference: dict[str, float]
+    weights_final: dict[str, float]
+    ppl_before: dict[str, dict]
+    ppl_after: dict[str, dict]
+    tokens_seen: int
+    seconds: float
+
+
+def source_model_of(run_folder: str | Path) -> str | None:
+    """The model a run was pruned from, as its report names it (None for a run without one)."""
+    from slimgpt_core.training.recover import load_source_report
+
+    report = load_source_report(run_folder)
+    return report.model if report is not None and report.model else None
+
+
+def load_companion(name: str, vocab_size: int, what: str, dtype: str = "auto"):
+    """A teacher or reference model, refused before its weights load when its vocabulary differs."""
+    from slimgpt_core.models import load_config, load_model
+
+    vocab = load_config(name)[0].vocab_size
+    if vocab != vocab_size:
+        raise SlimGPTError(f"the {what}'s vocabulary ({vocab} tokens, {name}) differs from the model's ({vocab_size}): "
+                           "it needs the same tokenizer")
+    return load_model(name, "cpu", dtype).model
+
+
+def pretrain_to_workspace(source: str | Path, settings: PretrainSettings, teacher: str | None = None,
+                          label: str = "", callback: Callable | None = None,
+                          should_stop: Callable[[], bool] | None = None) -> PretrainOutcome:
+    """Train the run at `source` on `settings.data`'s mix (dynamic batch loading when asked) and save the result as
+    a new run. `teacher`: None, "source" (the model the run was pruned from) or a model path/name."""
+    from slimgpt_core.workspace.model_pool import POOL
+    from slimgpt_core.models import LoadedModel, load_model
+    from slimgpt_core.training.recover import load_source_report
+    from slimgpt_core.workspace.store import add_measurement, new_run_name, read_run, runs_root
+
+    settings.validate()  # before loading anything
+    emit = callback or (lambda e: None)
+    stop = should_stop or (lambda: False)
+    t0 = time.perf_counter()
+    emit(Progress(0, settings.steps, "loading the run", 0.0))
+    loaded = load_model(str(source), "cpu")
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if limit and settings.seqlen > limit:
+        raise SlimGPTError(f"sequence length {settings.seqlen} exceeds the model's context of {limit} tokens")
+    report = load_source_report(loaded.path)
+    source_model = report.model if report is not None and report.model else None
+    if teacher == "source":
+        if source_model is None:
+            raise SlimGPTError(f"run {Path(source).name} does not name the model it was pruned from: choose a "
+                               "teacher model or none")
+        teacher = source_model
+    vocab = loaded.model.config.vocab_size
+    companions: dict[str, object] = {}
+    for name, what in ((source_model, "reference"), (teacher, "teacher")):
+        if name is not None and name not in companions:
+            emit(Progress(0, settings.steps, f"loading the {what}", time.perf_counter() - t0))
+            companions[name] = load_companion(name, vocab, what)
+    if stop():
+        raise PruningCancelled("continued pre-training was cancelled")
+
+    def forward(event) -> None:
+        emit(event)
+        if getattr(event, "kind", None) == "pretrain-step":
+            emit(Progress(event.step, event.steps, "training", time.perf_counter() - t0))
+        elif getattr(event, "kind", None) == "pretrain-phase" and event.phase != "train":
+            emit(Progress(0, settings.steps, event.phase, time.perf_counter() - t0))
+
+    result = pretrain(loaded.model, loaded.tokenizer, settings, companions.get(source_model),
+                      companions.get(teacher), forward, stop, reference_name=source_model or "",
+                      teacher_name=teacher or "")
+    if stop():
+        raise PruningCancelled("continued pre-training was cancelled")
+    emit(Progress(settings.steps, settings.steps, "saving the run", time.perf_counter() - t0))
+    label = label or f"{Path(source).name} pretrain {settings.steps}"
+    root = runs_root()
+    folder = root / new_run_name(time.strftime("%Y%m%d-%H%M%S") + "-" + label, root)
+    save_pretrained_run(result, loaded.tokenizer, folder, report, str(source), label=label)
+    for value in result.ppl_after.values():  # stored with the run like any other measurement
+        add_measurement(folder, "perplexity", value, device=result.device)
+    POOL.put(str(folder), LoadedModel(result.model, loaded.tokenizer, str(folder), str(folder)), settings.device)
+    return PretrainOutcome(read_run(folder), source_model, teacher, result.reference_source, result.mix[0]["losses"],
+                           result.mix[-1]["losses"], result.reference, result.mix[-1]["weights"], result.ppl_before,
+                           result.ppl_after, result.tokens_seen, time.perf_counter() - t0)

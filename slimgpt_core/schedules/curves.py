@@ -1,0 +1,271 @@
+"""Per-layer OBS-predicted error curves on dense inputs (SPEC §7), the what-if prediction, the sensitivity map.
+
+A curve says how much relative reconstruction error a module takes as units are removed, compensated by OBS:
+- heads: E_h(k) for k = 0 … n_kv−1 KV groups, each value exactly what `obs.prune_head_groups` reports for k;
+- FFN: one greedy pass with small fixed groups (about 1/128 of the width), recording the running sum of the
+  group errors. `obs.prune_channels` (dynamic groups, what the pipeline runs) removes larger first groups,
+  so its error is a little higher at the same count: `ffn_curve_gap` measures how far (tests assert the
+  bound stated in `FFN_CURVE_TOLERANCE`).
+Errors are relative to the module's own output, tr(ΔW H ΔWᵀ)/tr(W H Wᵀ), as the report's predicted errors.
+Curves are computed once from the dense statistics and cached (cache/stats) next to them; `predict` and
+`sensitivity_map` then need no forward pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from slimgpt_core.methods import obs
+from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.schedules.schedule import units_to_remove
+from slimgpt_core.methods.statistics import dense_hessians
+
+CURVES_VERSION = "curves-v2"  # v2: from the upper-triangular statistics (stats-v3)
+MAP_RATIOS = tuple(round(0.05 * i, 2) for i in range(19))  # 0 … 0.9
+# measured (bench/whatif_bench.py, stories260k and SmolLM2, 2.5% grid of the width up to 95%): the fixed-group
+# greedy curve lies below prune_channels' dynamic groups by at most this fraction of prune_channels' error
+FFN_CURVE_TOLERANCE = 0.25
+
+
+# --- pure tensor functions ---------------------------------------------------------------------------------
+
+def head_curve(W: torch.Tensor, H: torch.Tensor, group: int, damp: float = 0.01) -> tuple[list[float], list[int]]:
+    """(E(k) for k = 0 … n_units−1 in absolute units, the greedy removal order). Greedy is deterministic, so
+    removing k units is the first k steps of removing n_units−1."""
+    n_units = W.shape[1] // group
+    errors = [0.0] + [obs.prune_head_groups(W, H, group, k, damp).predicted_error for k in range(1, n_units)]
+    order = obs.prune_head_groups(W, H, group, n_units - 1, damp).removed if n_units > 1 else []
+    return errors, order
+
+
+def ffn_curve(W: torch.Tensor, H: torch.Tensor, step: int, damp: float = 0.01) -> tuple[list[int], list[float],
+                                                                                       list[int]]:
+    """Greedy OBS removal of input columns `step` at a time down to one column.
+
+    Returns (removed counts 0, step, …, n−1; cumulative error at each; removal order). Each step scores
+    the alive columns, removes the `step` cheapest and downdates H⁻¹: the same update as obs.prune_channels
+    with every group of size `step`. Removed columns are zero in W and H⁻¹, so dropping them changes no live
+    value: once an eighth of the columns is dead the matrices are compacted, and the later steps (most of a
+    pass that removes nearly everything) touch a shrinking H⁻¹ (4× faster on SmolLM2, identical results)."""
+    W, Hinv, _ = obs.damped_inverse(W.float(), H, damp)
+    n = W.shape[1]
+    column = torch.arange(n, device=W.device)  # original index of each column still held
+    dead = torch.zeros(n, dtype=torch.bool, device=W.device)  # removed since the last compaction
+    counts, errors, order, total = [0], [0.0], [], 0.0
+    while len(order) < n - 1:
+        cnt = min(step, n - 1 - len(order))
+        scores = W.pow(2).sum(0) / torch.diag(Hinv).clamp_min(1e-20)
+        scores[dead] = float("inf")
+        cols = torch.topk(scores, cnt, largest=False).indices.sort().values
+        total += _remove(W, Hinv, cols)
+        dead[cols] = True
+        order.extend(column[cols].tolist())
+        counts.append(len(order))
+        errors.append(total)
+        if 8 * int(dead.sum()) >= len(dead):
+            live = (~dead).nonzero().flatten()
+            W, Hinv, column = W[:, live].contiguous(), Hinv[live][:, live].contiguous(), column[live]
+            dead = torch.zeros(len(live), dtype=torch.bool, device=W.device)
+    return counts, errors, order
+
+
+def _remove(W: torch.Tensor, Hinv: torch.Tensor, cols: torch.Tensor) -> float:
+    """Group OBS removal of `cols` in place (δW = −W_Q (H⁻¹_QQ)⁻¹ H⁻¹_{Q,:}); returns its error."""
+    L = torch.linalg.cholesky(Hinv[cols][:, cols])
+    err = float(torch.linalg.solve_triangular(L, W[:, cols].T, upper=False).pow(2).sum())
+    X = torch.cholesky_solve(Hinv[cols, :], L)
+    W.addmm_(W[:, cols], X, alpha=-1)  # in place: no temporary of W's or H⁻¹'s size
+    Hinv.addmm_(Hinv[:, cols], X, alpha=-1)
+    W[:, cols] = 0.0
+    Hinv[cols, :] = 0.0
+    Hinv[:, cols] = 0.0
+    return err
+
+
+def interpolate(counts: Sequence[int], values: Sequence[float], c: float) -> float:
+    """Piecewise-linear value at c (counts ascending)."""
+    if c <= counts[0]:
+        return values[0]
+    for i in range(1, len(counts)):
+        if c <= counts[i]:
+            t = (c - counts[i - 1]) / (counts[i] - counts[i - 1])
+            return values[i - 1] + t * (values[i] - values[i - 1])
+    return values[-1]
+
+
+# --- curves of a model -------------------------------------------------------------------------------------
+
+@dataclass
+class LayerCurves:
+    n_kv: int  # KV groups (units of the head curve)
+    heads_per_unit: int
+    n_ffn: int
+    head_errors: list[float]  # relative error after removing k = 0 … n_kv−1 KV groups
+    head_order: list[int]  # greedy KV-group removal order
+    ffn_counts: list[int]  # channels removed at each curve point
+    ffn_errors: list[float]  # relative error at each point
+    ffn_order: list[int]  # greedy channel removal order
+    attn_energy: float  # tr(W H Wᵀ) of o_proj: the denominator of the relative errors
+    mlp_energy: float
+
+    def head_error(self, k: int) -> float:
+        return self.head_errors[max(0, min(k, len(self.head_errors) - 1))]
+
+    def ffn_error(self, c: float) -> float:
+        return interpolate(self.ffn_counts, self.ffn_errors, c)
+
+
+@dataclass
+class ModelCurves:
+    layers: list[LayerCurves]
+    seconds: float = 0.0  # time to compute them (0 when read from the cache)
+    from_cache: bool = False
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, lc in enumerate(self.layers):
+            out[f"{i}.meta"] = torch.tensor([lc.n_kv, lc.heads_per_unit, lc.n_ffn], dtype=torch.int64)
+            out[f"{i}.head_errors"] = torch.tensor(lc.head_errors, dtype=torch.float64)
+            out[f"{i}.head_order"] = torch.tensor(lc.head_order, dtype=torch.int64)
+            out[f"{i}.ffn_counts"] = torch.tensor(lc.ffn_counts, dtype=torch.int64)
+            out[f"{i}.ffn_errors"] = torch.tensor(lc.ffn_errors, dtype=torch.float64)
+            out[f"{i}.ffn_order"] = torch.tensor(lc.ffn_order, dtype=torch.int64)
+            out[f"{i}.energy"] = torch.tensor([lc.attn_energy, lc.mlp_energy], dtype=torch.float64)
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "ModelCurves":
+        layers = []
+        for i in range(sum(k.endswith(".meta") for k in t)):
+            n_kv, per, n_ffn = (int(v) for v in t[f"{i}.meta"])
+            energy = t[f"{i}.energy"].tolist()
+            layers.append(LayerCurves(n_kv, per, n_ffn, t[f"{i}.head_errors"].tolist(), t[f"{i}.head_order"].tolist(),
+                                      t[f"{i}.ffn_counts"].tolist(), t[f"{i}.ffn_errors"].tolist(),
+                                      t[f"{i}.ffn_order"].tolist(), energy[0], energy[1]))
+        return cls(layers, 0.0, True)
+
+
+def ffn_step(n_channels: int) -> int:
+    return max(1, n_channels // 128)
+
+
+def layer_curves(layer, H_attn: torch.Tensor, H_mlp: torch.Tensor, damp: float = 0.01) -> LayerCurves:
+    attn, mlp = layer.self_attn, layer.mlp
+    rep = attn.num_key_value_groups
+    group = attn.head_dim * rep
+    Wo = attn.o_proj.weight.data.float()
+    Wd = mlp.down_proj.weight.data.float()
+    e_attn, e_mlp = obs.quadratic_error(Wo, H_attn), obs.quadratic_error(Wd, H_mlp)
+    head_abs, head_order = head_curve(Wo, H_attn, group, damp)
+    counts, ffn_abs, ffn_order = ffn_curve(Wd, H_mlp, ffn_step(Wd.shape[1]), damp)
+    return LayerCurves(Wo.shape[1] // group, rep, Wd.shape[1], [e / e_attn if e_attn else 0.0 for e in head_abs],
+                       head_order, counts, [e / e_mlp if e_mlp else 0.0 for e in ffn_abs], ffn_order, e_attn, e_mlp)
+
+
+def error_curves(model, tokens: torch.Tensor, damp: float = 0.01, batch_size: int = 8, device: str = "auto",
+                 progress: Callable[[int, int], None] | None = None, should_stop: Callable[[], bool] | None = None,
+                 use_cache: bool = True) -> ModelCurves:
+    """Every layer's head and FFN curves on dense inputs (cached by model, calibration tokens and damping)."""
+    import time
+
+    from slimgpt_core.workspace import cache
+
+    key = f"{CURVES_VERSION}|{cache.model_fingerprint(model)}|{cache.tokens_digest(tokens)}|{damp}"
+    if use_cache:
+        found = cache.lookup_tensors("stats", key)
+        if found is not None:
+            return ModelCurves.from_tensors(found)
+    t0 = time.perf_counter()
+    layers = []
+    n = len(model.model.layers)
+    for i, layer, H_attn, H_mlp in dense_hessians(model, tokens, batch_size, device, should_stop, "error curves"):
+        layers.append(layer_curves(layer, H_attn, H_mlp, damp))
+        if progress is not None:
+            progress(i + 1, n)
+    curves = ModelCurves(layers, time.perf_counter() - t0)
+    if use_cache:
+        cache.store_tensors("stats", key, curves.to_tensors())
+    return curves
+
+
+# --- what-if -----------------------------------------------------------------------------------------------
+
+@dataclass
+class Prediction:
+    """Predicted relative errors (dense inputs) of a schedule, per layer, and their sums."""
+    attn: list[float]
+    mlp: list[float]
+    kv_removed: list[int]
+    ffn_removed: list[int]
+
+    @property
+    def total_attn(self) -> float:
+        return sum(self.attn)
+
+    @property
+    def total_mlp(self) -> float:
+        return sum(self.mlp)
+
+    @property
+    def total(self) -> float:
+        return self.total_attn + self.total_mlp
+
+
+def removals(curves: ModelCurves, head_ratios: Sequence[float], ffn_ratios: Sequence[float]) -> tuple[list[int],
+                                                                                                       list[int]]:
+    """KV groups and channels each layer loses at these ratios (the pipeline's rounding, ≥ 1 unit kept)."""
+    if len(head_ratios) != len(curves.layers) or len(ffn_ratios) != len(curves.layers):
+        raise SlimGPTError(f"the schedule has {len(head_ratios)}/{len(ffn_ratios)} ratios but the model has "
+                           f"{len(curves.layers)} layers")
+    return ([units_to_remove(lc.n_kv, r) for lc, r in zip(curves.layers, head_ratios)],
+            [units_to_remove(lc.n_ffn, r) for lc, r in zip(curves.layers, ffn_ratios)])
+
+
+def predict(curves: ModelCurves, head_ratios: Sequence[float], ffn_ratios: Sequence[float]) -> Prediction:
+    """Per-layer predicted errors of a schedule from the curves alone (no forward pass)."""
+    kv, ch = removals(curves, head_ratios, ffn_ratios)
+    return Prediction([lc.head_error(k) for lc, k in zip(curves.layers, kv)],
+                      [lc.ffn_error(c) for lc, c in zip(curves.layers, ch)], kv, ch)
+
+
+@dataclass
+class SensitivityMap:
+    ratios: list[float]  # columns
+    heads: list[list[float]]  # [layer][ratio] predicted relative error of attention
+    ffn: list[list[float]]  # [layer][ratio] predicted relative error of the MLP
+
+
+def sensitivity_map(curves: ModelCurves, ratios: Sequence[float] = MAP_RATIOS) -> SensitivityMap:
+    heads = [[lc.head_error(units_to_remove(lc.n_kv, r)) for r in ratios] for lc in curves.layers]
+    ffn = [[lc.ffn_error(units_to_remove(lc.n_ffn, r)) for r in ratios] for lc in curves.layers]
+    return SensitivityMap(list(ratios), heads, ffn)
+
+
+def ffn_curve_gap(W: torch.Tensor, H: torch.Tensor, counts: Sequence[int], damp: float = 0.01) -> list[float]:
+    """(curve − prune_channels)/prune_channels at these channel counts: how far the fixed-group curve is from
+    the dynamic-group pruning the pipeline runs."""
+    c, e, _ = ffn_curve(W, H, ffn_step(W.shape[1]), damp)
+    out = []
+    for k in counts:
+        ref = obs.prune_channels(W, H, k, damp).predicted_error
+        out.append((interpolate(c, e, k) - ref) / ref if ref else 0.0)
+    return out
+
+
+def curves_job(loaded, calib: str, nsamples: int, seqlen: int, seed: int = 0, damp: float = 0.01,
+               device: str = "auto", callback=None, should_stop=None) -> ModelCurves:
+    """For the studio's job runner: calibration tokens, then the curves, with Progress events per layer."""
+    import time
+
+    from slimgpt_core.data import calibration_tokens
+    from slimgpt_core.events import Progress
+
+    t0 = time.perf_counter()
+    tokens = calibration_tokens(loaded.tokenizer, calib, nsamples, seqlen, seed)
+
+    def progress(done, total):
+        if callback is not None:
+            callback(Progress(done, total, "curves", time.perf_counter() - t0))
+    return error_curves(loaded.model, tokens, damp, device=device, progress=progress, should_stop=should_stop)

@@ -1,0 +1,1 @@
+"""Training after pruning: the shared loop, LoRA/full recovery and its data."""

@@ -1,0 +1,351 @@
+"""Recovery: a short LoRA fine-tune of a pruned model (SlimGPT §4 / SPEC §2.7), merged back into plain weights.
+
+    result = recover(model, tokenizer, RecoverSettings(data=["c4"], steps=200), callback, should_stop)
+    result.model  # the same class as before (stock or SlimGPT mixed-shape), adapters merged
+
+LoRA comes from `peft`: wrapping (add_lora) and merging (merge_lora) are separate steps around the generic loop in
+training.py. WikiText-2 perplexity is measured before and after on the test split, which is never trained on.
+`recover` changes `model` in place (pass a copy to keep the original); when cancelled or failing, the adapters are
+dropped and the model keeps its original weights.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from slimgpt_core.workspace.cache import forget_fingerprint
+from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.training.finetune_data import batch_stream, check_source, fixed_batches, load_finetune_data
+from slimgpt_core.training.loop import OptimizerConfig, TrainResult, TrainStep, train
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class RecoverSettings:
+    data: list[str] = field(default_factory=lambda: ["c4"])  # c4, tinystories, wikitext2, .txt/.jsonl/.json files
+    steps: int = 200
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    lr: float = 1e-4
+    warmup_steps: int | None = None  # None: 5% of the steps (at least 1)
+    schedule: str = "cosine"
+    seqlen: int = 256
+    batch_size: int = 4
+    grad_accumulation: int = 1
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    heldout_fraction: float = 0.05  # used only when a source is too small for `heldout_samples`
+    heldout_samples: int = 32
+    eval_every: int = 20
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = True  # bf16 autocast on CUDA where supported; CPU trains in the weights' dtype
+    ppl_source: str | None = "wikitext2"  # None: skip perplexity before/after
+    ppl_seqlen: int = 128
+    ppl_windows: int | None = 64  # None: the whole test text
+
+    def validate(self) -> None:
+        """One sentence for the first bad value, before anything is loaded."""
+        checks = [
+            (self.rank >= 1, f"LoRA rank must be at least 1, got {self.rank}"),
+            (self.steps >= 1, f"steps must be at least 1, got {self.steps}"),
+            (self.alpha > 0, f"LoRA alpha must be positive, got {self.alpha}"),
+            (0 <= self.dropout < 1, f"LoRA dropout must be in [0, 1), got {self.dropout}"),
+            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (self.seqlen >= 2, f"seqlen must be at least 2, got {self.seqlen}"),
+            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
+            (self.grad_accumulation >= 1, f"gradient accumulation must be at least 1, got {self.grad_accumulation}"),
+            (self.heldout_samples >= 1, f"held-out samples must be at least 1, got {self.heldout_samples}"),
+            (0 < self.heldout_fraction < 1, f"held-out fraction must be in (0, 1), got {self.heldout_fraction}"),
+            (self.eval_every >= 0, f"eval-every must be 0 (end only) or positive, got {self.eval_every}"),
+            (self.schedule in ("cosine", "constant"), f"unknown lr schedule {self.schedule!r} (cosine, constant)"),
+            (bool(self.data), "no training data given"),
+            (bool(self.target_modules), "no target modules given"),
+            (self.ppl_windows is None or self.ppl_windows >= 1, f"ppl windows must be at least 1, got {self.ppl_windows}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SlimGPTError(message)
+        for source in self.data:
+            check_source(source)
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else max(1, round(0.05 * self.steps))
+
+
+@dataclass
+class RecoverPhase:
+    """What recovery is doing between training steps (data, perplexity, merge)."""
+    phase: str  # data | ppl-before | train | merge | ppl-after | done
+    elapsed_s: float
+    kind: str = "recover-phase"
+
+
+@dataclass
+class RecoverResult:
+    model: torch.nn.Module  # merged: plain weights, same class as the input
+    settings: RecoverSettings
+    steps: list[TrainStep]  # per step: train loss, lr, tokens/s (held-out loss at evaluation steps)
+    heldout: list[dict]  # [{"step", "loss"}], step 0 = before training
+    ppl_before: dict | None  # evaluate.PerplexityResult as a dict
+    ppl_after: dict | None
+    data: list[str]  # what each source contributed
+    loss_on: str
+    train_examples: int
+    heldout_examples: int
+    trainable_parameters: int
+    tokens_seen: int
+    seconds: float
+    train_seconds: float
+    peak_memory_mb: float
+    device: str
+    autocast: str
+    merge_max_abs_diff: float  # logits of the merged model vs the adapter-wrapped one, one held-out batch
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.train_seconds / max(1, len(self.steps))
+
+    def record(self, source: str = "") -> dict:
+        """What report.json keeps under `recovery`."""
+        s = self.settings
+        return {
+            "source_run": source, "data": list(s.data), "data_detail": self.data, "loss_on": self.loss_on,
+            "steps": s.steps, "rank": s.rank, "alpha": s.alpha, "dropout": s.dropout, "lr": s.lr,
+            "schedule": f"{s.schedule}, linear warm-up {s.warmup} steps", "seqlen": s.seqlen,
+            "batch_size": s.batch_size, "grad_accumulation": s.grad_accumulation,
+            "target_modules": list(s.target_modules), "seed": s.seed, "device": self.device,
+            "autocast": self.autocast, "train_examples": self.train_examples,
+            "heldout_examples": self.heldout_examples, "trainable_parameters": self.trainable_parameters,
+            "tokens_seen": self.tokens_seen, "seconds": round(self.seconds, 2),
+            "seconds_per_step": round(self.seconds_per_step, 3), "peak_memory_mb": round(self.peak_memory_mb, 1),
+            "merge_max_abs_diff": self.merge_max_abs_diff,
+            "loss_curve": [{"step": e.step, "train_loss": e.train_loss, "heldout_loss": e.heldout_loss, "lr": e.lr,
+                            "tokens_per_s": e.tokens_per_s} for e in self.steps],
+            "heldout_curve": self.heldout, "ppl_before": self.ppl_before, "ppl_after": self.ppl_after,
+        }
+
+
+def linear_module_names(model) -> list[str]:
+    """Names (last component) of the linear layers inside the decoder layers: what LoRA can target."""
+    names = set()
+    for name, module in model.model.layers.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def resolve_targets(model, targets: list[str]) -> list[str]:
+    """Accept q_proj or q (and so on); refuse names the model's decoder layers do not have."""
+    available = linear_module_names(model)
+    out = []
+    for t in targets:
+        name = t.strip()
+        name = name if name in available else f"{name}_proj"
+        if name not in available:
+            raise SlimGPTError(f"unknown target module {t.strip()!r}: this model's decoder layers have "
+                               f"{', '.join(available)}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def add_lora(model, rank: int, alpha: float, dropout: float, targets: list[str], seed: int = 0):
+    """Wrap `model` (in place) with fresh LoRA adapters; only the adapters train. Returns the peft model."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # LoRA's A matrices are drawn at random (B starts at zero)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def merge_lora(peft_model):
+    """Fold the adapters into the weights and return the plain model (its original class)."""
+    return peft_model.merge_and_unload()
+
+
+def drop_lora(peft_model):
+    """Remove the adapters without merging: the model's original weights."""
+    return peft_model.unload()
+
+
+def training_memory_bytes(model, settings: RecoverSettings) -> int:
+    """A rough upper estimate of training memory: weights, LoRA optimiser state and the activations one
+    micro-batch keeps for the backward pass (per layer ~ 16 hidden-sized and 4 FFN-sized tensors per token, plus
+    the logits and their gradient in fp32)."""
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    tokens = settings.batch_size * settings.seqlen
+    element = 4
+    layers = cfg.num_hidden_layers
+    ffn = getattr(cfg, "layer_intermediate_size", None) or [cfg.intermediate_size] * layers
+    per_token = sum(16 * cfg.hidden_size + 4 * f for f in ffn)
+    activations = tokens * per_token * element + 3 * tokens * cfg.vocab_size * 4
+    # A and B per target per layer, fp32, weights + grads + two Adam moments
+    lora = 4 * 4 * settings.rank * 2 * cfg.hidden_size * layers * len(settings.target_modules)
+    return int(weights + activations + lora)
+
+
+def check_training_memory(model, settings: RecoverSettings, device: torch.device) -> None:
+    from slimgpt_core.methods.activations import available_memory_bytes
+
+    need = training_memory_bytes(model, settings)
+    if device.type == "cpu":
+        need -= sum(p.numel() * p.element_size() for p in model.parameters())  # already in memory
+    have = available_memory_bytes(device)
+    if have is not None and need > 0.9 * have:
+        raise SlimGPTError(
+            f"recovery needs about {need / 2**30:.1f} GiB but {device} has {have / 2**30:.1f} GiB free: lower "
+            f"--batch-size ({settings.batch_size}; raise --grad-accumulation to keep the effective batch), "
+            f"--seqlen ({settings.seqlen}) or --rank ({settings.rank}), or use a device with more memory")
+
+
+def _perplexity(model, tokenizer, settings: RecoverSettings, device, should_stop):
+    from slimgpt_core.evaluation.evaluate import cached_perplexity
+
+    if not settings.ppl_source:
+        return None
+    return asdict(cached_perplexity(model, tokenizer, settings.ppl_source, settings.ppl_seqlen, 8,
+                                    settings.ppl_windows, device, should_stop=should_stop))
+
+
+def _restore_flags(model, flags: dict[str, bool]):
+    for name, p in model.named_parameters():
+        p.requires_grad_(flags.get(name, p.requires_grad))
+    return model
+
+
+def recover(model, tokenizer, settings: RecoverSettings, callback: Callable | None = None,
+            should_stop: Callable[[], bool] | None = None) -> RecoverResult:
+    """LoRA-fine-tune `model` on `settings.data`, merge the adapters, and measure perplexity before and after.
+
+    Events: RecoverPhase between stages, training.HeldoutLoss and training.TrainStep while training.
+    `should_stop()` is checked between training steps and during the first perplexity (PruningCancelled; the
+    model is left as it came). Once trained, the adapters are merged and measured without further checks."""
+    from slimgpt_core.models import resolve_device
+    from slimgpt_core.training.loop import autocast_context
+
+    settings.validate()
+    emit = callback or (lambda e: None)
+    device = resolve_device(settings.device)
+    targets = resolve_targets(model, settings.target_modules)
+    settings = dataclasses.replace(settings, target_modules=targets)  # the caller's settings stay as given
+    check_training_memory(model, settings, device)
+    t_start = time.perf_counter()
+
+    emit(RecoverPhase("data", 0.0))
+    needed = settings.steps * settings.batch_size * settings.grad_accumulation
+    data = load_finetune_data(tokenizer, settings.data, settings.seqlen, needed, settings.heldout_fraction,
+                              settings.heldout_samples, settings.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    heldout = fixed_batches(data.heldout, settings.batch_size, pad_id)
+
+    home = next(model.parameters()).device
+    trainable_flags = {name: p.requires_grad for name, p in model.named_parameters()}  # peft freezes them all
+    model.to(device)
+    peft_model = None
+    try:
+        emit(RecoverPhase("ppl-before", time.perf_counter() - t_start))
+        ppl_before = _perplexity(model, tokenizer, settings, device, should_stop)
+        peft_model = add_lora(model, settings.rank, settings.alpha, settings.dropout, targets, settings.seed)
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        optim = OptimizerConfig(lr=settings.lr, warmup_steps=settings.warmup, schedule=settings.schedule)
+        emit(RecoverPhase("train", time.perf_counter() - t_start))
+        stream = batch_stream(data.train, settings.batch_size, pad_id, settings.seed)
+        trained: TrainResult = train(peft_model, stream, settings.steps, optim, device, settings.grad_accumulation,
+                                     heldout, settings.eval_every, settings.bf16, callback, should_stop)
+    except BaseException as exc:
+        # cancelled or failed: the model as it came (adapters dropped, weights untouched, back where it was)
+        _restore_flags((drop_lora(peft_model) if peft_model is not None else model).to(home), trainable_flags)
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise SlimGPTError(f"out of memory on {device} while training: lower --batch-size "
+                               f"({settings.batch_size}), --seqlen ({settings.seqlen}) or --rank ({settings.rank})") \
+                from None
+        raise
+
+    # past this point the adapters are merged: stopping now would throw the trained weights away, so finish
+    emit(RecoverPhase("merge", time.perf_counter() - t_start))
+    probe = {k: v.to(device) for k, v in heldout[0].items()}
+    with torch.no_grad(), autocast_context(device, settings.bf16):
+        wrapped_logits = peft_model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+    merged = _restore_flags(merge_lora(peft_model), trainable_flags)
+    merged.eval()
+    forget_fingerprint(merged)  # the weights changed in place: cached results must not match the old model
+    with torch.no_grad(), autocast_context(device, settings.bf16):
+        merged_logits = merged(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+    diff = float((merged_logits.float() - wrapped_logits.float()).abs().max())
+
+    emit(RecoverPhase("ppl-after", time.perf_counter() - t_start))
+    try:
+        ppl_after = _perplexity(merged, tokenizer, settings, device, None)
+    finally:
+        merged.to(home)
+    emit(RecoverPhase("done", time.perf_counter() - t_start))
+    autocast = "bf16" if settings.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    return RecoverResult(
+        merged, settings, trained.steps, [{"step": h.step, "loss": h.loss} for h in trained.heldout], ppl_before,
+        ppl_after, data.description, data.loss_on, len(data.train), len(data.heldout), trainable,
+        trained.tokens_seen, time.perf_counter() - t_start, trained.seconds, trained.peak_memory_mb, str(device),
+        autocast, diff)
+
+
+def recovered_report(result: RecoverResult, source_report=None, source: str = ""):
+    """The source run's report (its pruning history) with the recovery recorded; a fresh one for a dense model."""
+    from slimgpt_core.events import PruneReport
+    from slimgpt_core.methods.surgery import count_parameters
+
+    if source_report is not None:
+        report = copy.deepcopy(source_report)
+    else:
+        n, n_layers = count_parameters(result.model), count_parameters(result.model.model.layers)
+        report = PruneReport(model=source, settings={}, head_ratios=[], ffn_ratios=[], params_before=n,
+                             params_after=n, layer_params_before=n_layers, layer_params_after=n_layers)
+    record = result.record(source)
+    if getattr(report, "recovery", None):
+        record["previous_recovery"] = report.recovery
+    report.recovery = record
+    for key, value in (("recovery_ppl_before", result.ppl_before), ("recovery_ppl_after", result.ppl_after)):
+        if value is not None:
+            report.evaluation[key] = value
+    return report
+
+
+def save_recovered_run(result: RecoverResult, tokenizer, out: str | Path, source_report=None, source: str = "",
+                       overwrite: bool = False) -> Path:
+    """A normal run folder (same loader, export and lm-eval path as every run), written all at once."""
+    from slimgpt_core.workspace.atomic import save_run
+
+    return save_run(result.model, tokenizer, recovered_report(result, source_report, source), out, overwrite)
+
+
+def load_source_report(folder: str | Path):
+    from slimgpt_core.events import PruneReport
+
+    path = Path(folder) / "report.json"
+    return PruneReport.load(path) if path.exists() else None
+
+
+def summary(result: RecoverResult) -> dict:
+    """The JSON line the command line prints."""
+    first = result.heldout[0]["loss"] if result.heldout else math.nan
+    last = result.heldout[-1]["loss"] if result.heldout else math.nan
+    out = {"steps": len(result.steps), "train_loss_first": round(result.steps[0].train_loss, 4),
+           "train_loss_last": round(result.steps[-1].train_loss, 4), "heldout_loss_before": round(first, 4),
+           "heldout_loss_after": round(last, 4), "seconds": round(result.seconds, 1),
+           "seconds_per_step": round(result.seconds_per_step, 3), "peak_memory_mb": round(result.peak_memory_mb),
+           "trainable_parameters": result.trainable_parameters, "merge_max_abs_diff": result.merge_max_abs_diff}
+    for key, value in (("ppl_before", result.ppl_before), ("ppl_after", result.ppl_after)):
+        if value is not None:
+            out[key] = round(value["ppl"], 3)
+            out["ppl"] = f"{value['dataset']} windows of {value['seqlen']}, {value['windows']} windows"
+    return out

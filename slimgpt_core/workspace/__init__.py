@@ -1,0 +1,1 @@
+"""Where results live: runs on disk, background jobs, loaded models and the statistics cache."""

@@ -31,7 +31,7 @@ def test_running_mean_hessian_equals_batch_formula():
     torch.testing.assert_close(_hessian(X, 5), 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("columns", [100, 500, 1000])  # one block; strips, the last one narrower
+@pytest.mark.parametrize("columns", [100, 192, 500, 1000])  # narrower than a strip, one strip, several (last narrower)
 def test_triangular_gram_equals_the_fp64_product(columns):
     g = torch.Generator().manual_seed(columns)
     chunks = [torch.randn(n, columns, generator=g) for n in (300, 7, 129)]
@@ -465,10 +465,13 @@ def test_channel_group_defaults_are_the_authors(monkeypatch):
     assert asked == [{"n_remove": 3, "floor": 64, "ceiling": 1024}]
 
 
-def test_a_block_singular_beyond_the_jitter_is_one_sentence():
-    B = torch.tensor([[[1.0, 2.0], [2.0, 1.0]]])  # indefinite: eigenvalues 3 and −1, no small jitter helps
-    with pytest.raises(SlimGPTError, match="too close to singular.*--damp"):
-        obs._safe_cholesky(B)
+@pytest.mark.parametrize("B", [[[1.0, 2.0], [2.0, 1.0]],  # indefinite (eigenvalues 3, −1): fails at the 2nd pivot
+                               [[-1.0, 0.0], [0.0, 1.0]]])  # fails at the first pivot (cholesky_ex's info = 1)
+def test_a_block_singular_beyond_the_jitter_is_one_sentence(B):
+    with pytest.raises(SlimGPTError) as caught:
+        obs._safe_cholesky(torch.tensor([B]))
+    assert str(caught.value) == ("the calibration statistics are too close to singular to prune these units: raise "
+                                 "--damp or use more calibration samples")
 
 
 def test_approx_mode_scores_the_jittered_factor():

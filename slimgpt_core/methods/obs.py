@@ -22,11 +22,7 @@ def add_upper_gram(total: torch.Tensor, x: torch.Tensor, strip: int = GRAM_STRIP
     Strips of rows of XᵀX from their diagonal block rightwards: about half the multiply-adds of XᵀX, which is
     the largest single cost of SlimGPT's statistics (down_proj's inputs). The strict lower triangle of `total`
     is left untouched; `mirror_upper` completes the matrix."""
-    columns = x.shape[1]
-    if columns < 2 * strip:
-        total += torch.triu(x.T @ x).double()
-        return
-    for s in range(0, columns, strip):
+    for s in range(0, x.shape[1], strip):  # one strip when the matrix is narrower than a strip
         total[s:s + strip, s:] += torch.triu(x[:, s:s + strip].T @ x[:, s:]).double()
 
 

@@ -131,5 +131,5 @@ def test_a_last_ratio_of_exactly_one_is_refused():
 
 def test_the_auto_schedule_has_no_formula():
     with pytest.raises(SlimGPTError, match=r"^the auto schedule has no formula: it is found by a search for a parameter "
-                                           r"budget \(slimgpt_core\.autoschedule\.search, or prune --schedule auto\)$"):
+                                           r"budget \(slimgpt_core\.schedules\.autoschedule\.search, or prune --schedule auto\)$"):
         layer_ratios(4, 0.2, "auto")

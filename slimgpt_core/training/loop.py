@@ -167,3 +167,18 @@ def train(model, batches: Iterator[dict[str, torch.Tensor]], steps: int, optim: 
     result.seconds = time.perf_counter() - t_start
     result.peak_memory_mb = peak_memory_mb(device)
     return result
+
+
+def trained_report(model, source_report=None, source: str = ""):
+    """The report a model trained after pruning starts from: a copy of its source run's report (its pruning
+    history), or a fresh one naming `source` when it has none (a dense model)."""
+    import copy
+
+    from slimgpt_core.events import PruneReport
+    from slimgpt_core.methods.surgery import count_parameters
+
+    if source_report is not None:
+        return copy.deepcopy(source_report)
+    n, n_layers = count_parameters(model), count_parameters(model.model.layers)
+    return PruneReport(model=source, settings={}, head_ratios=[], ffn_ratios=[], params_before=n, params_after=n,
+                       layer_params_before=n_layers, layer_params_after=n_layers)

@@ -10,7 +10,6 @@ dropped and the model keeps its original weights.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -23,7 +22,7 @@ import torch
 from slimgpt_core.workspace.cache import forget_fingerprint
 from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.training.finetune_data import batch_stream, check_source, fixed_batches, load_finetune_data
-from slimgpt_core.training.loop import OptimizerConfig, TrainResult, TrainStep, train
+from slimgpt_core.training.loop import OptimizerConfig, TrainResult, TrainStep, train, trained_report
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -301,15 +300,7 @@ def recover(model, tokenizer, settings: RecoverSettings, callback: Callable | No
 
 def recovered_report(result: RecoverResult, source_report=None, source: str = ""):
     """The source run's report (its pruning history) with the recovery recorded; a fresh one for a dense model."""
-    from slimgpt_core.events import PruneReport
-    from slimgpt_core.methods.surgery import count_parameters
-
-    if source_report is not None:
-        report = copy.deepcopy(source_report)
-    else:
-        n, n_layers = count_parameters(result.model), count_parameters(result.model.model.layers)
-        report = PruneReport(model=source, settings={}, head_ratios=[], ffn_ratios=[], params_before=n,
-                             params_after=n, layer_params_before=n_layers, layer_params_after=n_layers)
+    report = trained_report(result.model, source_report, source)
     record = result.record(source)
     if getattr(report, "recovery", None):
         record["previous_recovery"] = report.recovery

@@ -11,7 +11,6 @@ that domain's held-out windows). `pretrain` changes `model` in place (pass a cop
 is written to disk here (save_pretrained_run writes the run at once)."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,7 +22,8 @@ import torch
 from slimgpt_core.methods import activations
 from slimgpt_core.workspace.cache import forget_fingerprint
 from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.training.loop import OptimizerConfig, TrainStep, autocast_context, heldout_loss, train
+from slimgpt_core.training.loop import (OptimizerConfig, TrainStep, autocast_context, heldout_loss, train,
+                                        trained_report)
 from .distill import check_teacher, distillation_loss_fn
 from .domain_mix import update_domain_weights
 from .domains import DomainSampler, check_domains, load_domains, perplexity_tokens
@@ -395,15 +395,7 @@ TEXTS = {"tinystories": "TinyStories asset, last 1/5 of its tokens (never traine
 
 def pretrained_report(result: PretrainResult, source_report=None, source: str = ""):
     """The source run's report (its pruning history) with the continued pre-training recorded."""
-    from slimgpt_core.events import PruneReport
-    from slimgpt_core.methods.surgery import count_parameters
-
-    if source_report is not None:
-        report = copy.deepcopy(source_report)
-    else:
-        n, n_layers = count_parameters(result.model), count_parameters(result.model.model.layers)
-        report = PruneReport(model=source, settings={}, head_ratios=[], ffn_ratios=[], params_before=n,
-                             params_after=n, layer_params_before=n_layers, layer_params_after=n_layers)
+    report = trained_report(result.model, source_report, source)
     record = result.record(source)
     if getattr(report, "pretrain", None):
         record["previous_pretrain"] = report.pretrain

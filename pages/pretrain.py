@@ -6,7 +6,7 @@ import streamlit as st
 from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.methods.shear.domains import DOMAINS
 from slimgpt_core.methods.shear.pretrain import PretrainSettings
-from slimgpt_core.methods.shear.pretrain_job import pretrain_to_workspace, source_model_of
+from slimgpt_core.methods.shear.pretrain_job import pretrain_to_workspace
 from ui import pretrain_charts
 from ui.state import job, job_progress, runs, submit, take_result
 
@@ -70,7 +70,7 @@ names = list(all_runs)
 if ss.get("pretrain_source") not in names:
     ss.pretrain_source = ss.get("current_run") if ss.get("current_run") in names else names[0]
 source_key = st.selectbox("Run", names, key="pretrain_source", format_func=lambda k: all_runs[k].title)
-source_model = source_model_of(all_runs[source_key].path)
+source_model = all_runs[source_key].summary.get("model")  # from the listing: no report read per rerun
 st.caption(f"Pruned from **{source_model}**: its held-out loss per domain is the reference." if source_model else
            "This run does not name the model it came from: the reference is the run's own loss before training.")
 

@@ -88,3 +88,18 @@ class DeviceMoves(torch.overrides.TorchFunctionMode):
                 dtype = kwargs.get("dtype", next((a for a in args[1:] if isinstance(a, torch.dtype)), None))
                 return args[0] if dtype is None else args[0].to(dtype=dtype)
         return func(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def one_thread_and_own_cache(tmp_path_factory):
+    """For a training module: one BLAS thread (on a loaded shared machine two threads on these tiny matrices are
+    many times slower) and a cache of its own, restored afterwards."""
+    threads, old = torch.get_num_threads(), os.environ.get("SLIMGPT_CACHE")
+    torch.set_num_threads(1)
+    os.environ["SLIMGPT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    torch.set_num_threads(threads)
+    if old is None:
+        del os.environ["SLIMGPT_CACHE"]
+    else:
+        os.environ["SLIMGPT_CACHE"] = old

@@ -6,7 +6,6 @@ classes). Small steps and short windows: these check behaviour, not quality (doc
 import copy
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -27,17 +26,7 @@ from slimgpt_core.methods.shear.pretrain import PretrainSettings, pretrain
 SMALL = dict(seqlen=64, batch_size=4, heldout=4, device="cpu", ppl=[])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_and_own_cache(tmp_path_factory):
-    threads, old = torch.get_num_threads(), os.environ.get("SLIMGPT_CACHE")
-    torch.set_num_threads(1)
-    os.environ["SLIMGPT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    torch.set_num_threads(threads)
-    if old is None:
-        del os.environ["SLIMGPT_CACHE"]
-    else:
-        os.environ["SLIMGPT_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("one_thread_and_own_cache")
 
 
 @pytest.fixture(scope="module")

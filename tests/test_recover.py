@@ -29,18 +29,7 @@ FAST = dict(steps=30, lr=3e-3, seqlen=128, batch_size=8, eval_every=10, heldout_
             ppl_windows=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_and_own_cache(tmp_path_factory):
-    """One BLAS thread: on a loaded shared machine two threads on these tiny matrices are many times slower."""
-    threads, old = torch.get_num_threads(), os.environ.get("SLIMGPT_CACHE")
-    torch.set_num_threads(1)
-    os.environ["SLIMGPT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    torch.set_num_threads(threads)
-    if old is None:
-        del os.environ["SLIMGPT_CACHE"]
-    else:
-        os.environ["SLIMGPT_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("one_thread_and_own_cache")
 
 
 @pytest.fixture(scope="module")

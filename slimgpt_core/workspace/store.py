@@ -52,8 +52,8 @@ def _read_json(path: Path):
 def summary_of(report) -> dict:
     """What the listing shows of a run, taken from its report once, when the run is written."""
     s = report.settings or {}
-    rec = getattr(report, "recovery", None)
-    pretrained_from = (getattr(report, "pretrain", None) or {}).get("source_run")  # the latest derivation first
+    rec, pre = getattr(report, "recovery", None), getattr(report, "pretrain", None)
+    pretrained_from = (pre or {}).get("source_run")  # the latest derivation first
     return {"model": report.model, "method": s.get("method", "slimgpt"), "schedule": s.get("schedule", ""),
             "ratio": s.get("ratio"), "sequential": s.get("sequential", True),
             "calibration": {k: s.get(k) for k in ("calib", "nsamples", "seqlen", "seed")},
@@ -62,8 +62,7 @@ def summary_of(report) -> dict:
             "params_after": report.params_after,
             "source_run": (Path(pretrained_from).name if pretrained_from else None) or s.get("source_run")
             or (rec or {}).get("source"),
-            "trained": [name for name, done in (("recovery", rec), ("pretrain", getattr(report, "pretrain", None)))
-                        if done]}
+            "trained": [name for name, done in (("recovery", rec), ("pretrain", pre)) if done]}
 
 
 def write_meta(folder: Path, report=None, label: str = "", notes: str = "", created: float | None = None) -> None:

@@ -33,14 +33,6 @@ class PretrainOutcome:
     seconds: float
 
 
-def source_model_of(run_folder: str | Path) -> str | None:
-    """The model a run was pruned from, as its report names it (None for a run without one)."""
-    from slimgpt_core.training.recover import load_source_report
-
-    report = load_source_report(run_folder)
-    return report.model if report is not None and report.model else None
-
-
 def load_companion(name: str, vocab_size: int, what: str, dtype: str = "auto"):
     """A teacher or reference model, refused before its weights load when its vocabulary differs."""
     from slimgpt_core.models import load_config, load_model

@@ -45,17 +45,15 @@ class HessianAccumulator:
 
     def add_batch(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=torch.float32)
-        if x.shape[0] == 0:
-            return
         add_upper_gram(self.sum, x)
         self.nsamples += x.shape[0]
 
     def all_reduce(self) -> None:
         """Sum the statistics of all processes of a torch.distributed job (no-op when not distributed)."""
         import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.is_available() and dist.is_initialized():  # a one-process group sums to the identity
             dist.all_reduce(self.sum)
-            n = torch.tensor([self.nsamples], dtype=torch.float64, device=self.sum.device)
+            n = self.sum.new_tensor([self.nsamples])  # fp64 beside the sums: exact for any count
             dist.all_reduce(n)
             self.nsamples = int(n.item())
 
@@ -88,9 +86,10 @@ def damped_inverse(W: torch.Tensor, H: torch.Tensor, damp: float) -> tuple[torch
     W[:, dead] = 0.0
     mean_diag = float(torch.mean(torch.diag(H)))
     lam = damp
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for _ in range(4):
-        L, info = torch.linalg.cholesky_ex(H + (lam * mean_diag) * eye)
+        damped = H.clone()
+        damped.diagonal().add_(lam * mean_diag)
+        L, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             return W, torch.cholesky_inverse(L), lam
         lam = max(lam * 10, 1e-4)
@@ -113,13 +112,21 @@ def _safe_cholesky(B: torch.Tensor) -> torch.Tensor:
 
 
 def _remove_columns(W: torch.Tensor, Hinv: torch.Tensor, cols: torch.Tensor, L: torch.Tensor) -> None:
-    """Group OBS update in place: δW = −W_Q (H⁻¹_QQ)⁻¹ H⁻¹_{Q,:}, then downdate H⁻¹ (L: chol of H⁻¹_QQ)."""
+    """Group OBS update in place: δW = −W_Q (H⁻¹_QQ)⁻¹ H⁻¹_{Q,:}, then downdate H⁻¹ (L: chol of H⁻¹_QQ).
+
+    The downdate leaves H⁻¹'s rows and columns Q at rounding noise. The columns are zeroed so that later updates
+    (which read H⁻¹'s rows of *their* units, through columns Q) leave the removed weights at exactly zero; the rows
+    are never read again, since removed units are masked out of every later score and block."""
     X = torch.cholesky_solve(Hinv[cols, :], L)  # (H⁻¹_QQ)⁻¹ H⁻¹_{Q,:}
     W.sub_(W[:, cols] @ X)
     Hinv.sub_(Hinv[:, cols] @ X)
     W[:, cols] = 0.0
-    Hinv[cols, :] = 0.0
     Hinv[:, cols] = 0.0
+
+
+def _exact_error(L: torch.Tensor, W_cols: torch.Tensor) -> torch.Tensor:
+    """OBS error of removing the columns W_cols [out, q] together: ‖L⁻¹ W_Qᵀ‖²_F, L the lower chol of H⁻¹_QQ."""
+    return torch.linalg.solve_triangular(L, W_cols.T, upper=False).pow(2).sum()
 
 
 @dataclass
@@ -147,7 +154,7 @@ def group_errors(W: torch.Tensor, blocks_chol: torch.Tensor, group: int, mode: s
         return Z.pow(2).sum(dim=(1, 2))
     if mode == "approx":
         d = blocks_chol.diagonal(dim1=-2, dim2=-1)  # [U, g]: U_jj = L_jj
-        return (Wq.pow(2).sum(-1) / d.pow(2)).sum(-1)
+        return (Wq.pow(2).sum(-1) / d.pow(2)).sum(1)
     raise SlimGPTError(f"unknown head-error mode {mode!r} (exact or approx)")
 
 
@@ -161,28 +168,24 @@ def prune_head_groups(W: torch.Tensor, H: torch.Tensor, group: int, n_remove: in
     n_units = W.shape[1] // group
     if W.shape[1] != n_units * group:
         raise SlimGPTError(f"{W.shape[1]} input columns do not split into groups of {group}")
-    alive = torch.ones(n_units, dtype=torch.bool, device=W.device)
+    idx = torch.arange(n_units, device=W.device)  # the units still there
     removed, first, predicted = [], [], 0.0
     for step in range(max(n_remove, 1)):  # n_remove == 0: one scoring step, nothing removed
-        idx = alive.nonzero().flatten()
-        blocks = Hinv.reshape(n_units, group, n_units, group).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-        blocks = blocks[idx]
+        # the diagonal blocks H⁻¹[u, :, u, :] of the units still there: [len(idx), group, group]
+        blocks = Hinv.reshape(n_units, group, n_units, group)[idx, :, idx, :]
         L = _safe_cholesky(blocks)
         scores = group_errors(W.reshape(W.shape[0], n_units, group)[:, idx].reshape(W.shape[0], -1), L, group, mode)
-        if step == 0:
-            full = torch.full((n_units,), float("inf"), dtype=scores.dtype, device=W.device)
-            full[idx] = scores
-            first = full.tolist()
+        if step == 0:  # every unit is still there
+            first = scores.tolist()
         if n_remove == 0:
             break
         best = int(torch.argmin(scores))
         unit = int(idx[best])
         cols = torch.arange(unit * group, (unit + 1) * group, device=W.device)
         # the error actually incurred is the exact group error, whatever mode ranked the units
-        exact = scores[best] if mode == "exact" else group_errors(W[:, cols], L[best:best + 1], group, "exact")[0]
-        predicted += float(exact)
+        predicted += float(_exact_error(L[best], W[:, cols]))
         _remove_columns(W, Hinv, cols, L[best])
-        alive[unit] = False
+        idx = idx[idx != unit]
         removed.append(unit)
     return PruneResult(W, removed, first, predicted, lam, [1] * len(removed))
 
@@ -211,14 +214,14 @@ def prune_channels(W: torch.Tensor, H: torch.Tensor, n_remove: int, damp: float 
     sizes = dynamic_group_sizes(n_remove, floor, ceiling)
     for i, cnt in enumerate(sizes or [0]):
         scores = W.pow(2).sum(0) / torch.diag(Hinv).clamp_min(1e-20)
-        scores[~alive] = float("inf")
+        scores[~alive] = torch.inf
         if i == 0:
             first = scores.tolist()
         if cnt == 0:
             break
         cols = torch.topk(scores, cnt, largest=False).indices.sort().values
         L = _safe_cholesky(Hinv[cols][:, cols])
-        predicted += float(torch.linalg.solve_triangular(L, W[:, cols].T, upper=False).pow(2).sum())
+        predicted += float(_exact_error(L, W[:, cols]))
         _remove_columns(W, Hinv, cols, L)
         alive[cols] = False
         removed.extend(cols.tolist())
@@ -247,7 +250,7 @@ def unit_scores(W: torch.Tensor, H: torch.Tensor | None, group: int, method: str
 def prune_by_score(W: torch.Tensor, H: torch.Tensor | None, group: int, n_remove: int, method: str) -> PruneResult:
     """Remove the lowest-scoring units at once, no weight update."""
     scores = unit_scores(W, H, group, method)
-    removed = torch.topk(scores, n_remove, largest=False).indices.tolist() if n_remove else []
+    removed = torch.topk(scores, n_remove, largest=False).indices.tolist()
     Wn = W.float().clone()
     for u in removed:
         Wn[:, u * group:(u + 1) * group] = 0.0

@@ -143,7 +143,9 @@ def recipe(args) -> None:
     from slimgpt_core.methods.shear.train import ShearSettings, shear_model
 
     torch.manual_seed(0)
-    base = load_model("stories260k", "cpu", "float32")
+    model_name = args.model or "stories260k"
+    base = load_model(model_name, "cpu", "float32")
+    n_layers, hidden = base.model.config.num_hidden_layers, base.model.config.hidden_size
     tok = base.tokenizer
     stream = evaluation_tokens(tok, "tinystories")
     cut = int(0.8 * stream.numel())  # the same split as pretrain's tinystories domain (shear.domains)
@@ -160,9 +162,10 @@ def recipe(args) -> None:
     mask_tokens = args.steps * args.batch * args.seqlen
     for raw in args.targets:
         target = resolve_target(json.loads(raw), base.model)
-        width_only = target.layers == 5 and target.hidden == 64
-        for method in ["shear", "minitron"] + (["slimgpt"] if width_only else []):
-            m = load_model("stories260k", "cpu", "float32").model
+        width_only = target.layers == n_layers and target.hidden == hidden
+        methods = ["shear", "minitron"] + (["slimgpt"] if width_only else [])
+        for method in [m for m in methods if args.methods is None or m in args.methods.split(",")]:
+            m = load_model(model_name, "cpu", "float32").model
             t0 = time.perf_counter()
             if method == "shear":
                 shear_model(m, train_windows, target, ShearSettings(steps=args.steps, batch_size=args.batch,
@@ -172,8 +175,8 @@ def recipe(args) -> None:
                 prune_to_shape(m, calib, target, batch_size=8)
                 used = calib.numel()
             else:
-                prune_model(m, calib, PruneSettings(keep_heads=[target.heads] * 5, keep_ffn=[target.ffn] * 5,
-                                                    device="cpu"))
+                prune_model(m, calib, PruneSettings(keep_heads=[target.heads] * n_layers,
+                                                    keep_ffn=[target.ffn] * n_layers, device="cpu"))
                 used = calib.numel()
             row = {"target": target.to_dict(), "method": method, "params": count_parameters(m),
                    "pruning_tokens": used, "pruning_seconds": round(time.perf_counter() - t0, 1)}
@@ -186,12 +189,15 @@ def recipe(args) -> None:
                 extra = mask_tokens // (args.batch * args.cpt_seqlen)
                 variants += [("labels+mask-budget", args.cpt_steps + extra, True),
                              ("distill+mask-budget", args.cpt_steps + extra, True)]
+            if args.variants is not None:
+                variants = [v for v in variants if v[0] in args.variants.split(",")]
             for name, steps, dynamic in variants:
                 student = copy.deepcopy(m)
                 teacher = base.model if name.startswith("distill") else None
                 settings = PretrainSettings(data=["tinystories", "wikitext2", "c4"], steps=steps, dynamic_mix=dynamic,
                                             update_every=args.update_every, lr=args.cpt_lr, seqlen=args.cpt_seqlen,
-                                            batch_size=args.batch, heldout=16, device="cpu", ppl=[], seed=0)
+                                            batch_size=args.batch, heldout=args.heldout, device="cpu", ppl=[],
+                                            seed=0)
                 t0 = time.perf_counter()
                 res = pretrain(student, tok, settings, reference=base.model, teacher=teacher)
                 print(json.dumps({"what": "pretrained", **row, "cpt": name, "cpt_steps": steps,
@@ -307,7 +313,11 @@ def main() -> None:
     ap.add_argument("--cpt-lr", type=float, default=1e-3)
     ap.add_argument("--cpt-seqlen", type=int, default=128)
     ap.add_argument("--update-every", type=int, default=30)
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", help="default: SmolLM2 (`default`) for the speed modes, stories260k for recipe")
+    ap.add_argument("--methods", help="recipe: a comma list of shear, minitron, slimgpt (default: all)")
+    ap.add_argument("--variants", help="recipe: a comma list of labels, distill, labels-static-mix, "
+                                       "labels+mask-budget, distill+mask-budget (default: all)")
+    ap.add_argument("--heldout", type=int, default=16, help="recipe: held-out windows per domain for the mix")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--batch", type=int)
     ap.add_argument("--seqlen", type=int)
@@ -318,6 +328,8 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", default=['{"kv_groups": 2, "ffn": 96}',
                                                      '{"layers": 4, "kv_groups": 2, "ffn": 128, "hidden": 48}'])
     args = ap.parse_args()
+    if args.mode not in ("quality", "recipe", "recipe-table"):
+        args.model = args.model or "default"
     if args.mode == "recipe-table":
         print(recipe_table(args.input))
         print()

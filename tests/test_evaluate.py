@@ -67,6 +67,8 @@ def test_standard_error_is_that_of_the_per_window_nlls(model, stream):
         assert res.nll_se == pytest.approx(expected, rel=1e-4)
     assert expected > 1e-3  # the windows differ: a zero or constant se would fail above
     assert evaluate.perplexity(model, stream, seqlen=16, max_windows=1).nll_se is None  # no spread from one window
+    two = evaluate.perplexity(model, stream, seqlen=16, max_windows=2)  # the smallest sample with a spread
+    assert two.nll_se == pytest.approx(abs(per_window[0] - per_window[1]) / 2, rel=1e-4)
 
 
 def test_progress_and_cancel(model, stream):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -60,7 +61,7 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = 128, batch_size: int =
     except torch.cuda.OutOfMemoryError:
         raise SlimGPTError(out_of_memory_message("evaluating perplexity", str(device))) from None
     nll = nll_sum / count
-    se = float(torch.tensor(window_nlls, dtype=torch.float64).std() / math.sqrt(n_windows)) if n_windows > 1 else None
+    se = statistics.stdev(window_nlls) / math.sqrt(n_windows) if n_windows > 1 else None  # Python floats: fp64
     return PerplexityResult(dataset, seqlen, n_windows, count, nll, math.exp(nll), time.perf_counter() - t0, se)
 
 

@@ -63,6 +63,25 @@ def test_saved_run_is_listed_with_its_summary_and_managed(runs_dir, stories_run)
     assert not [p for p in runs_dir.iterdir() if p.name.startswith(".deleting")]
 
 
+def test_a_shape_run_lists_its_target_as_its_schedule(runs_dir, assets_root):
+    # shear and minitron runs have no ratio schedule: the listing shows the shape they were cut to
+    from slimgpt_core.data import calibration_tokens
+    from slimgpt_core.methods.minitron import shape_run
+    from slimgpt_core.methods.shear.target import resolve_target
+    from slimgpt_core.models import load_model
+    from slimgpt_core.workspace import store as workspace
+
+    m = load_model("stories260k", "cpu")
+    target = resolve_target({"layers": 4, "kv_groups": 2, "ffn": 128, "hidden": 48}, m.model)
+    cfg = m.model.config
+    heads_per_group = cfg.num_attention_heads // cfg.num_key_value_heads  # 8 heads in 4 groups: 2 each, kept
+    result = shape_run(m.model, calibration_tokens(m.tokenizer, "tinystories", 4, 64, 0), target,
+                       model_name="stories260k")
+    info = workspace.save_run(m.model, m.tokenizer, result.report)
+    assert info.summary["method"] == "minitron"
+    assert info.summary["schedule"] == f"to 4 L · 2×{heads_per_group} heads · FFN 128 · d 48"
+
+
 def test_a_failed_write_leaves_nothing_listed(runs_dir, stories_run, monkeypatch):
     from slimgpt_core.workspace import store as workspace
     from slimgpt_core.errors import SlimGPTError

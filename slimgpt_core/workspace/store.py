@@ -49,12 +49,19 @@ def _read_json(path: Path):
     return json.loads(path.read_text())
 
 
+def shape_text(target: dict) -> str:
+    """A shape run's target as the listing's schedule column: '24 L · 2×3 heads · FFN 1024 · d 512'."""
+    per_group = target["heads"] // max(target["kv_groups"], 1)
+    return (f"to {target['layers']} L · {target['kv_groups']}×{per_group} heads · FFN {target['ffn']} · "
+            f"d {target['hidden']}")
+
+
 def summary_of(report) -> dict:
     """What the listing shows of a run, taken from its report once, when the run is written."""
     s = report.settings or {}
     rec, pre = getattr(report, "recovery", None), getattr(report, "pretrain", None)
     pretrained_from = (pre or {}).get("source_run")  # the latest derivation first
-    return {"model": report.model, "method": s.get("method", "slimgpt"), "schedule": s.get("schedule", ""),
+    return {"model": report.model, "method": s.get("method", "slimgpt"), "schedule": s.get("schedule") or (shape_text(s["target"]) if s.get("target") else ""),
             "ratio": s.get("ratio"), "sequential": s.get("sequential", True),
             "calibration": {k: s.get(k) for k in ("calib", "nsamples", "seqlen", "seed")},
             "requested_ratio": report.requested_ratio, "achieved_layer_ratio": report.achieved_layer_ratio,

@@ -167,10 +167,15 @@ def recipe(args) -> None:
         for method in [m for m in methods if args.methods is None or m in args.methods.split(",")]:
             m = load_model(model_name, "cpu", "float32").model
             t0 = time.perf_counter()
+            masks = {}
             if method == "shear":
-                shear_model(m, train_windows, target, ShearSettings(steps=args.steps, batch_size=args.batch,
-                                                                    device="cpu"))
+                res = shear_model(m, train_windows, target, ShearSettings(steps=args.steps, batch_size=args.batch,
+                                                                          device="cpu"))
                 used = mask_tokens
+                last = res.history[-1]  # did the expected sizes reach the target before the cut?
+                masks = {"final_expected": {k: round(v, 2) for k, v in last.expected.items()},
+                         "final_target": {k: round(v, 2) for k, v in last.target.items()},
+                         "final_loss": round(last.loss, 3)}
             elif method == "minitron":
                 prune_to_shape(m, calib, target, batch_size=8)
                 used = calib.numel()
@@ -180,7 +185,7 @@ def recipe(args) -> None:
                 used = calib.numel()
             row = {"target": target.to_dict(), "method": method, "params": count_parameters(m),
                    "pruning_tokens": used, "pruning_seconds": round(time.perf_counter() - t0, 1)}
-            print(json.dumps({"what": "pruned", **row, "ppl": ppl(m)}), flush=True)
+            print(json.dumps({"what": "pruned", **row, **masks, "ppl": ppl(m)}), flush=True)
             # same CPT budget for every method; SlimGPT and Minitron also with shear's mask-learning tokens added
             variants = [("labels", args.cpt_steps, True), ("distill", args.cpt_steps, True)]
             if method == "shear":

@@ -9,13 +9,14 @@ import sys
 
 import pytest
 import torch
+import transformers
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config
 
 from conftest import ROOT, tiny_model
 from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.export.modeling_slimgpt import (SlimGPTLlamaConfig, SlimGPTLlamaForCausalLM, keep_query_heads,
+from slimgpt_core.export.modeling_slimgpt import (CLASSES, SlimGPTLlamaConfig, SlimGPTLlamaForCausalLM, keep_query_heads,
                                                   register_auto_classes, resize_layer, sliced_linear)
 from slimgpt_core.methods.surgery import (base_model_type, count_parameters, describe_layers, head_dim,
                                           is_heterogeneous, keep_channels, keep_kv_groups, layer_shape,
@@ -107,11 +108,20 @@ def test_kept_query_heads_equal_the_zeroed_full_size_model(tokens):
         assert layer_shape(cut) == (2, 2, 48) and cut.self_attn.num_key_value_groups == 1
     torch.testing.assert_close(_logits(sliced, tokens), _logits(full, tokens), rtol=1e-4, atol=1e-5)
 
+    full = tiny_model("mistral", 6, 2, hidden=24)  # groups (0, 1, 2) and (3, 4, 5): keep two of each
+    sliced = copy.deepcopy(full)
+    for zeroed, cut in zip(full.model.layers, sliced.model.layers):
+        _zero_heads(zeroed, [2, 5])
+        keep_query_heads(cut, 2)
+        assert layer_shape(cut) == (4, 2, 48) and cut.self_attn.num_key_value_groups == 2
+    torch.testing.assert_close(_logits(sliced, tokens), _logits(full, tokens), rtol=1e-4, atol=1e-5)
+
 
 def _check_configs_follow(model, expected_class):
     assert type(model) is expected_class
     assert all(m.config is model.config for m in model.modules() if hasattr(m, "config"))  # no stale config left
     assert model.config.architectures in (None, [expected_class.__name__])
+    assert model.config.transformers_version in (None, transformers.__version__)
     assert "auto_map" not in model.config.to_dict()
 
 
@@ -119,6 +129,7 @@ def test_uniform_shapes_give_a_stock_config_that_loads_anywhere(tmp_path, tokens
     full = tiny_model("llama", 4, 4, ffn=48)  # MHA, hidden 32, head_dim 8
     full.config.auto_map = {"AutoConfig": "modeling_slimgpt.SlimGPTLlamaConfig"}  # as loaded with remote code
     full.config.architectures = ["SlimGPTLlamaForCausalLM"]
+    full.config.transformers_version = "4.40.0"  # written by another version
     sliced = copy.deepcopy(full)
     for zeroed, cut in zip(full.model.layers, sliced.model.layers):
         _zero_heads(zeroed, [0, 3])
@@ -182,7 +193,9 @@ def test_mixed_shapes_and_a_second_pass(tmp_path, tokens):
     torch.testing.assert_close(_logits(_round_trip(odd, tmp_path / "odd"), tokens), _logits(odd, tokens))
 
 
-def test_a_qwen2_model_keeps_its_biases_through_save_and_load(tmp_path, tokens):
+@pytest.mark.parametrize("uniform", [False, True])
+def test_a_qwen2_model_keeps_its_biases_through_save_and_load(tmp_path, tokens, uniform):
+    """Qwen2 configs have no head_dim attribute: a uniform pruned config must still say it (32 / 2 heads is not 8)."""
     full = tiny_model("qwen2", 4, 2)
     with torch.no_grad():
         for layer in full.model.layers:
@@ -190,23 +203,26 @@ def test_a_qwen2_model_keeps_its_biases_through_save_and_load(tmp_path, tokens):
                 lin.bias.normal_(0, 0.1)
     sliced = copy.deepcopy(full)
     for i, (zeroed, cut) in enumerate(zip(full.model.layers, sliced.model.layers)):
-        _zero_heads(zeroed, [0, 1] if i == 1 else [])
-        keep_kv_groups(cut, [1] if i == 1 else [0, 1])
+        _zero_heads(zeroed, [0, 1] if i == 1 or uniform else [])
+        keep_kv_groups(cut, [1] if i == 1 or uniform else [0, 1])
     update_config(sliced)
-    assert base_model_type(sliced.config) == "qwen2" and type(sliced.config).__name__ == "SlimGPTQwen2Config"
+    assert base_model_type(sliced.config) == "qwen2"
+    assert type(sliced.config).__name__ == ("Qwen2Config" if uniform else "SlimGPTQwen2Config")
     loaded = _round_trip(sliced, tmp_path / "qwen")
     torch.testing.assert_close(_logits(loaded, tokens), _logits(full, tokens), rtol=1e-4, atol=1e-5)
 
 
-def test_loading_builds_every_layers_shape():
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_loading_builds_every_layers_shape(arch):
     """resize_layer through from_config: query heads, KV heads (and heads per group) and FFN width per layer."""
-    config = SlimGPTLlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+    config_cls, model_cls = CLASSES[arch]
+    config = config_cls(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
                                 head_dim=8, num_hidden_layers=5, vocab_size=101,
                                 layer_num_attention_heads=[4, 2, 2, 1, 4],
                                 layer_num_key_value_heads=[2, 1, 2, 1, 2],
                                 layer_intermediate_size=[48, 48, 7, 1, 47])
     model = AutoModelForCausalLM.from_config(config)
-    assert type(model) is SlimGPTLlamaForCausalLM
+    assert type(model) is model_cls
     assert [layer_shape(layer) for layer in model.model.layers] == [(4, 2, 48), (2, 1, 48), (2, 2, 7), (1, 1, 1),
                                                                     (4, 2, 47)]
     assert [layer.self_attn.num_key_value_groups for layer in model.model.layers] == [2, 2, 1, 1, 2]
@@ -272,6 +288,9 @@ def test_target_shape():
     assert target_shape({"layer_num_attention_heads": [4, 2, 1], "layer_intermediate_size": [1, 2, 3],
                          "hidden_size": 32, "num_hidden_layers": 3}, model) == ([4, 2, 1], [1, 2, 3])  # 32 // 4 = 8
     assert target_shape({"num_attention_heads": 3, "intermediate_size": 5}, model) == ([3] * 3, [5] * 3)  # no sizes
+    assert target_shape({"num_attention_heads": 1, "intermediate_size": 5}, model) == ([1] * 3, [5] * 3)
+    assert target_shape({"num_attention_heads": 2, "intermediate_size": 6, "head_dim": 8, "hidden_size": 64},
+                        model) == ([2] * 3, [6] * 3)  # an explicit head_dim wins over hidden_size / heads
     cases = {
         "target architecture has 4 layers but the model has 3: only widths can be pruned":
             {"num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 8},
@@ -279,6 +298,10 @@ def test_target_shape():
             {"num_attention_heads": 2},
         "target head size 16 differs from the model's 8: heads cannot be resized":
             {"num_attention_heads": 2, "intermediate_size": 8, "hidden_size": 32},
+        "target head size 32 differs from the model's 8: heads cannot be resized":
+            {"num_attention_heads": 1, "intermediate_size": 8, "hidden_size": 32},
+        "target head size 4 differs from the model's 8: heads cannot be resized":
+            {"num_attention_heads": 2, "intermediate_size": 8, "head_dim": 4, "hidden_size": 16},
     }
     for sentence, target in cases.items():
         with pytest.raises(SlimGPTError) as err:
@@ -288,6 +311,7 @@ def test_target_shape():
 
 def test_registration_in_a_fresh_process(tmp_path):
     """Our classes load in a new process without remote code once registered (twice is harmless)."""
+    register_auto_classes()  # again, in this process too: harmless
     model = tiny_model("llama", 4, 2)
     keep_kv_groups(model.model.layers[1], [0])
     update_config(model)
@@ -302,3 +326,18 @@ def test_registration_in_a_fresh_process(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["SlimGPTQwen2Config", "SlimGPTLlamaForCausalLM", "8"]
+
+
+def test_a_one_layer_model_pruned_uniformly(tmp_path, tokens):
+    full = tiny_model("llama", 4, 2, layers=1)
+    sliced = copy.deepcopy(full)
+    _zero_heads(full.model.layers[0], [0, 1])
+    _zero_channels(full.model.layers[0], range(10, 48))
+    keep_kv_groups(sliced.model.layers[0], [1])
+    keep_channels(sliced.model.layers[0], range(10))
+    update_config(sliced)
+    _check_configs_follow(sliced, LlamaForCausalLM)
+    assert (sliced.config.num_attention_heads, sliced.config.num_key_value_heads, sliced.config.intermediate_size) == \
+        (2, 1, 10)
+    torch.testing.assert_close(_logits(_round_trip(sliced, tmp_path / "one"), tokens), _logits(full, tokens),
+                               rtol=1e-4, atol=1e-5)

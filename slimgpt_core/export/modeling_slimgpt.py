@@ -68,12 +68,11 @@ def resize_layer(layer, n_heads: int, n_kv: int, d_ff: int) -> None:
     q0, kv0, f0 = layer_shape(layer)
     if (n_heads, n_kv, d_ff) == (q0, kv0, f0):
         return
-    rep0 = q0 // kv0
-    if n_heads % max(n_kv, 1) or not (1 <= n_kv <= kv0 and 1 <= n_heads // n_kv <= rep0 and 1 <= d_ff <= f0):
+    rep0, rep = layer.self_attn.num_key_value_groups, n_heads // max(n_kv, 1)
+    if n_heads != rep * n_kv or not (1 <= n_kv <= kv0 and 1 <= rep <= rep0 and 1 <= d_ff <= f0):
         raise ValueError(f"layer shape {n_heads} heads / {n_kv} KV heads / {d_ff} channels does not fit {q0}/{kv0}/{f0}")
     keep_kv_groups(layer, list(range(n_kv)))
-    if n_heads // n_kv < rep0:  # fewer query heads per KV group (sheared models)
-        keep_query_heads(layer, n_heads // n_kv)
+    keep_query_heads(layer, rep)  # fewer query heads per KV group (sheared models); all of them is a plain copy
     keep_channels(layer, list(range(d_ff)))
 
 

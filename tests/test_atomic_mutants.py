@@ -127,18 +127,27 @@ def test_zip_is_written_whole(tmp_path, monkeypatch):
     target.write_text("an older zip")
     real_write = zipfile.ZipFile.write
 
+    written_to = []
+
     def write_then_fill_up(self, filename, *args, **kwargs):
+        written_to.append(Path(self.filename))
         if self.namelist():
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(self, filename, *args, **kwargs)
 
-    monkeypatch.setattr(zipfile.ZipFile, "write", write_then_fill_up)
-    with pytest.raises(SlimGPTError) as err:
+    with monkeypatch.context() as patched, pytest.raises(SlimGPTError) as err:
+        patched.setattr(zipfile.ZipFile, "write", write_then_fill_up)
         atomic_zip(folder, target)
     assert str(err.value) == f"could not write {target}: No space left on device"
     assert target.read_text() == "an older zip"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run.zip"]
-    monkeypatch.undo()
+    # the archive was being written beside the target (same file system: the rename is atomic), hidden
+    assert written_to[0].parent == tmp_path and written_to[0].name.startswith(".run.tmp-")
+
+    with pytest.raises(SlimGPTError) as err:  # nothing to zip: fails before any archive exists
+        atomic_zip(tmp_path / "missing", target)
+    assert str(err.value) == f"could not write {target}: No such file or directory"
+    assert target.read_text() == "an older zip" and sorted(p.name for p in tmp_path.iterdir()) == ["run", "run.zip"]
 
     blocked = tmp_path / "blocked.zip"  # a folder where the zip should go: the rename fails
     blocked.mkdir()

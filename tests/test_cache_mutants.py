@@ -95,6 +95,37 @@ def test_bad_json_entries_are_deleted_and_counted(root, text):
     assert _delta(before, "results.hit") == {"results.hit": 1}
 
 
+def test_two_readers_of_one_bad_entry(root, monkeypatch):
+    """Another process deletes the bad entry between our read and our delete: still a plain miss for us."""
+    import safetensors
+
+    cache.store_json("results", "k", 1)
+    path = cache._path("results", "k", ".json")
+    path.write_text("[1, 2]")
+    real_read_text = Path.read_text
+
+    def read_then_deleted_elsewhere(self, *args, **kwargs):
+        text = real_read_text(self, *args, **kwargs)
+        self.unlink()
+        return text
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "read_text", read_then_deleted_elsewhere)
+        assert cache.lookup_json("results", "k") is None
+
+    save_file({"x": torch.ones(2)}, str(cache._path("stats", "k", ".safetensors")), metadata={"key": "another"})
+    real_open = safetensors.safe_open
+
+    def open_then_deleted_elsewhere(filename, *args, **kwargs):
+        opened = real_open(filename, *args, **kwargs)
+        os.unlink(filename)
+        return opened
+
+    monkeypatch.setattr(safetensors, "safe_open", open_then_deleted_elsewhere)
+    assert cache.lookup_tensors("stats", "k") is None
+    assert list((root / "results").iterdir()) == [] and list((root / "stats").iterdir()) == []
+
+
 class Interrupted(Exception):
     pass
 
@@ -154,6 +185,12 @@ def test_fingerprint_tells_models_apart(monkeypatch):
     fps = [cache.model_fingerprint(m) for m in different]
     assert len(set(fps + [fp])) == len(fps) + 1  # name, shape, dtype, config, one value, an extra tensor
 
+    one, other = Weights({"a": w}), Weights({"a": w})
+    one.config.first, one.config.second = 1, 2
+    other.config.second, other.config.first = 2, 1  # the same config, its keys in another order
+    one.config.where = other.config.where = Path("/models/x")  # not JSON: written as text
+    assert cache.model_fingerprint(one) == cache.model_fingerprint(other) != fp
+
     model = Weights({"a": w})
     assert cache.model_fingerprint(model) == fp
     with torch.no_grad():
@@ -170,13 +207,13 @@ def test_large_models_are_fingerprinted_by_strided_samples(monkeypatch):
     monkeypatch.setattr(cache, "FULL_HASH_BYTES", 1000)
     monkeypatch.setattr(cache, "SAMPLED_TENSOR_BYTES", 400)
     monkeypatch.setattr(cache, "SAMPLES_PER_TENSOR", 100)
-    big = torch.zeros(1200, dtype=torch.uint8)  # 1200 bytes: stride 12
-    small = torch.zeros(400, dtype=torch.uint8)  # not over SAMPLED_TENSOR_BYTES: every byte
+    big = torch.zeros(300, dtype=torch.float32)  # 1200 bytes: stride 12
+    small = torch.zeros(100, dtype=torch.float32)  # 400 bytes, not over SAMPLED_TENSOR_BYTES: every byte
     fp = cache.model_fingerprint(Weights({"big": big, "small": small}))
 
     def with_byte(name, index):
         t = {"big": big.clone(), "small": small.clone()}
-        t[name][index] = 1
+        t[name].view(torch.uint8)[index] = 1
         return cache.model_fingerprint(Weights(t))
 
     assert with_byte("big", 12 * 7) != fp and with_byte("big", 12 * 99) != fp and with_byte("big", 0) != fp
@@ -191,6 +228,7 @@ def test_tokens_digest():
     ids = torch.arange(24).reshape(4, 6)
     d = cache.tokens_digest(ids)
     assert cache.tokens_digest(ids.clone()) == d
+    assert len(d) == 24 + len("(4, 6)") and d.endswith("(4, 6)") and int(d[:24], 16) >= 0  # 12 bytes in hex, shape
     assert cache.tokens_digest(ids.t().contiguous().t()) == d  # the same values in another memory layout
     assert len({d, cache.tokens_digest(ids.reshape(6, 4)), cache.tokens_digest(ids + (ids == 23)),
                 cache.tokens_digest(ids.to(torch.int32))}) == 4
@@ -211,6 +249,25 @@ def test_info_and_clear_count_bytes_on_disk(root):
     assert cache.clear("results") == results_bytes
     assert not (root / "results").exists() and (root / "tokens").is_dir()
     assert cache.info()["tokens"]["entries"] == 1
-    assert cache.clear() == tokens_bytes
+    cache.store_json("results", "c", "again")
+    results_bytes = size("results")
+    assert cache.clear() == tokens_bytes + results_bytes  # every kind's bytes, summed
     assert sorted(p.name for p in root.iterdir()) == ["README.md"]
     assert cache.clear() == 0
+
+
+def test_clear_is_best_effort(root, monkeypatch):
+    """An entry that cannot be removed (in use by another process, say) does not stop the rest."""
+    cache.store_json("results", "stuck", 1)
+    cache.store_json("results", "free", 2)
+    stuck = cache._path("results", "stuck", ".json").name
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.fspath(path).endswith(stuck):
+            raise PermissionError(13, "Permission denied")
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    cache.clear("results")
+    assert [p.name for p in (root / "results").iterdir()] == [stuck]

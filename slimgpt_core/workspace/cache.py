@@ -30,7 +30,7 @@ SAMPLES_PER_TENSOR = 2**20
 
 def _path(kind: str, key: str, suffix: str) -> Path:
     folder = cache_root() / kind
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(exist_ok=True)  # cache_root() made the root
     return folder / (hashlib.sha256(key.encode()).hexdigest()[:32] + suffix)
 
 
@@ -111,7 +111,7 @@ def store_json(kind: str, key: str, value) -> None:
 def model_fingerprint(model) -> str:
     """Hash of the config and the weights (every byte up to 2 GB of weights, strided samples beyond)."""
     cached = getattr(model, "_slimgpt_fingerprint", None)
-    if cached:
+    if cached is not None:
         return cached
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
@@ -144,7 +144,7 @@ def info() -> dict[str, dict]:
     out = {}
     for kind in KINDS:
         folder = root / kind
-        files = [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+        files = [p for p in folder.rglob("*") if p.is_file()]  # none when the folder does not exist
         entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.exists() else []
         out[kind] = {"entries": len(entries), "bytes": sum(p.stat().st_size for p in files)}
     out["root"] = {"path": str(root)}

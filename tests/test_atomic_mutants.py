@@ -43,11 +43,21 @@ def test_output_folder_rules(tmp_path, monkeypatch):
     with pytest.raises(SlimGPTError) as err:  # the parent is a file: it cannot be created
         check_output_folder(a_file / "run")
     assert str(err.value) == f"cannot create the output folder's parent {a_file}: File exists"
-    unwritable = Path("/proc/sys")  # not writable even for root
-    assert unwritable.is_dir() and not os.access(unwritable, os.W_OK)
+    unwritable = _unwritable_folder(tmp_path)
     with pytest.raises(SlimGPTError) as err:
         check_output_folder(unwritable / "slimgpt-run")
-    assert str(err.value) == "cannot write into /proc/sys"
+    assert str(err.value) == f"cannot write into {unwritable}"
+
+
+def _unwritable_folder(tmp_path):
+    """A folder this user cannot write into: a read-only one, or (root ignores modes) /proc/sys."""
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    for folder in (read_only, Path("/proc/sys")):
+        if folder.is_dir() and not os.access(folder, os.W_OK):
+            return folder
+    pytest.fail("no folder here that this user cannot write into")
 
 
 def test_folder_appears_whole_and_replaces_the_old_one(tmp_path):

@@ -60,6 +60,7 @@ def test_writer_processes_and_a_reader_never_see_half_an_entry(tmp_path, monkeyp
         for w in writers:
             if w.poll() is None:
                 w.kill()
+                w.wait()  # reaped here: a zombie left behind is picked up by the next os.wait() (mutmut's)
     assert all(w.returncode == 0 for w in writers)
     assert min(writes) > 0 and seen_json and seen_json <= {0, 1, 2} and seen_tensors and seen_tensors <= {0, 1, 2}
     for folder, suffix in (("results", ".json"), ("stats", ".safetensors")):

@@ -28,10 +28,10 @@ FAST_TESTS = {
     "methods.obs": ["test_obs.py"],
     "schedules.schedule": ["test_schedule.py"],
     "evaluation.evaluate": ["test_evaluate.py"],
-    "workspace.cache": ["test_cache.py"],
-    "workspace.atomic": ["test_cache.py"],
-    "methods.surgery": ["test_slicing.py"],
-    "export.modeling_slimgpt": ["test_slicing.py"],
+    "workspace.cache": ["test_cache.py", "test_cache_mutants.py"],
+    "workspace.atomic": ["test_atomic_mutants.py"],
+    "methods.surgery": ["test_slicing.py", "test_slicing_mutants.py"],
+    "export.modeling_slimgpt": ["test_slicing.py", "test_slicing_mutants.py"],
 }
 DEFAULT_MODULES = ["methods.obs", "schedules.schedule", "evaluation.evaluate"]
 MUTMUT = "mutmut==3.8.1"

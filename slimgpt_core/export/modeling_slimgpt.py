@@ -14,8 +14,9 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
 LAYER_KEYS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size")
 
 
-def sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
-    """A new Linear holding only the given output rows / input columns of `linear`."""
+def sliced_linear(linear: nn.Linear, rows: torch.Tensor | list[int] | None = None,
+                  cols: torch.Tensor | list[int] | None = None) -> nn.Linear:
+    """A new Linear holding only the given output rows / input columns of `linear` (index tensors or lists)."""
     w = linear.weight.data
     if rows is not None:
         w = w[rows]
@@ -28,18 +29,17 @@ def sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: tor
     return new
 
 
-def _unit_rows(units, size: int, device) -> torch.Tensor:
-    if not len(units):
-        return torch.zeros(0, dtype=torch.long, device=device)
-    return torch.cat([torch.arange(u * size, (u + 1) * size, device=device) for u in units])
+def _unit_rows(units, size: int) -> list[int]:
+    """The rows of whole units of `size` consecutive rows, unit by unit (a list: indexing puts it on the weight's
+    device)."""
+    return [u * size + j for u in units for j in range(size)]
 
 
 def keep_kv_groups(layer, keep) -> None:
     """Keep only these KV groups (one k/v head and its query heads each; under MHA a group is one head)."""
     attn = layer.self_attn
     d, rep = attn.head_dim, attn.num_key_value_groups
-    dev = attn.q_proj.weight.device
-    q_rows, kv_rows = _unit_rows(keep, d * rep, dev), _unit_rows(keep, d, dev)
+    q_rows, kv_rows = _unit_rows(keep, d * rep), _unit_rows(keep, d)
     attn.q_proj = sliced_linear(attn.q_proj, rows=q_rows)
     attn.k_proj = sliced_linear(attn.k_proj, rows=kv_rows)
     attn.v_proj = sliced_linear(attn.v_proj, rows=kv_rows)
@@ -48,7 +48,7 @@ def keep_kv_groups(layer, keep) -> None:
 
 def keep_channels(layer, keep) -> None:
     mlp = layer.mlp
-    idx = torch.as_tensor(list(keep), dtype=torch.long, device=mlp.down_proj.weight.device)
+    idx = list(keep)
     mlp.gate_proj = sliced_linear(mlp.gate_proj, rows=idx)
     mlp.up_proj = sliced_linear(mlp.up_proj, rows=idx)
     mlp.down_proj = sliced_linear(mlp.down_proj, cols=idx)
@@ -68,12 +68,11 @@ def resize_layer(layer, n_heads: int, n_kv: int, d_ff: int) -> None:
     q0, kv0, f0 = layer_shape(layer)
     if (n_heads, n_kv, d_ff) == (q0, kv0, f0):
         return
-    rep0 = q0 // kv0
-    if n_heads % max(n_kv, 1) or not (1 <= n_kv <= kv0 and 1 <= n_heads // n_kv <= rep0 and 1 <= d_ff <= f0):
+    rep0, rep = layer.self_attn.num_key_value_groups, n_heads // max(n_kv, 1)
+    if n_heads != rep * n_kv or not (1 <= n_kv <= kv0 and 1 <= rep <= rep0 and 1 <= d_ff <= f0):
         raise ValueError(f"layer shape {n_heads} heads / {n_kv} KV heads / {d_ff} channels does not fit {q0}/{kv0}/{f0}")
     keep_kv_groups(layer, list(range(n_kv)))
-    if n_heads // n_kv < rep0:  # fewer query heads per KV group (sheared models)
-        keep_query_heads(layer, n_heads // n_kv)
+    keep_query_heads(layer, rep)  # fewer query heads per KV group (sheared models); all of them is a plain copy
     keep_channels(layer, list(range(d_ff)))
 
 
@@ -82,9 +81,8 @@ def keep_query_heads(layer, per_group: int) -> None:
     attn = layer.self_attn
     d, rep = attn.head_dim, attn.num_key_value_groups
     n_kv = attn.k_proj.out_features // d
-    dev = attn.q_proj.weight.device
     heads = [g * rep + j for g in range(n_kv) for j in range(per_group)]
-    rows = _unit_rows(heads, d, dev)
+    rows = _unit_rows(heads, d)
     attn.q_proj = sliced_linear(attn.q_proj, rows=rows)
     attn.o_proj = sliced_linear(attn.o_proj, cols=rows)
     attn.num_key_value_groups = per_group

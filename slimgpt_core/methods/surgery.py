@@ -12,7 +12,7 @@ SUPPORTED_ARCHITECTURES = tuple(CLASSES)
 
 
 def base_model_type(config) -> str | None:
-    mt = getattr(config, "model_type", None)
+    mt = config.model_type
     return mt[len("slimgpt_"):] if mt and mt.startswith("slimgpt_") else mt
 
 
@@ -67,13 +67,8 @@ def is_heterogeneous(config) -> bool:
 
 
 def count_parameters(module: nn.Module) -> int:
-    """Unique parameters (tied embeddings count once)."""
-    seen, total = set(), 0
-    for p in module.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
+    """Unique parameters (tied embeddings count once: parameters() yields a shared one once)."""
+    return sum(p.numel() for p in module.parameters())
 
 
 def target_shape(target_config: dict, model) -> tuple[list[int], list[int]]:

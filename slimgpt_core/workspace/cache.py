@@ -21,11 +21,16 @@ from slimgpt_core.assets import cache_root
 
 KINDS = ("models", "tokens", "stats", "results")
 STATS: Counter = Counter()
+# model_fingerprint: weights up to this many bytes are hashed in full; beyond, each tensor over SAMPLED_TENSOR_BYTES
+# contributes about SAMPLES_PER_TENSOR strided bytes (hashing 14 GB byte by byte would take minutes)
+FULL_HASH_BYTES = 2**31
+SAMPLED_TENSOR_BYTES = 2**22
+SAMPLES_PER_TENSOR = 2**20
 
 
 def _path(kind: str, key: str, suffix: str) -> Path:
     folder = cache_root() / kind
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(exist_ok=True)  # cache_root() made the root
     return folder / (hashlib.sha256(key.encode()).hexdigest()[:32] + suffix)
 
 
@@ -53,8 +58,9 @@ def lookup_tensors(kind: str, key: str) -> dict[str, torch.Tensor] | None:
     try:
         with safe_open(str(path), "pt") as f:
             if (f.metadata() or {}).get("key") == key:
-                STATS[f"{kind}.hit"] += 1
-                return {name: f.get_tensor(name) for name in f.keys()}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+                STATS[f"{kind}.hit"] += 1  # counted once read: a bad entry is only "corrupt"
+                return tensors
     except Exception:  # truncated or corrupt: recompute
         pass
     path.unlink(missing_ok=True)
@@ -87,8 +93,9 @@ def lookup_json(kind: str, key: str):
     try:
         payload = json.loads(path.read_text())
         if payload.get("key") == key:
-            STATS[f"{kind}.hit"] += 1
-            return payload["value"]
+            value = payload["value"]
+            STATS[f"{kind}.hit"] += 1  # counted once read: a bad entry is only "corrupt"
+            return value
     except (OSError, ValueError, AttributeError, KeyError):
         pass
     path.unlink(missing_ok=True)
@@ -104,7 +111,7 @@ def store_json(kind: str, key: str, value) -> None:
 def model_fingerprint(model) -> str:
     """Hash of the config and the weights (every byte up to 2 GB of weights, strided samples beyond)."""
     cached = getattr(model, "_slimgpt_fingerprint", None)
-    if cached:
+    if cached is not None:
         return cached
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
@@ -114,8 +121,8 @@ def model_fingerprint(model) -> str:
         t = state[name].detach().contiguous().cpu()
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         raw = t.view(-1).view(torch.uint8)
-        if total > 2**31 and raw.numel() > 2**22:
-            raw = raw[:: max(1, raw.numel() // 2**20)]
+        if total > FULL_HASH_BYTES and raw.numel() > SAMPLED_TENSOR_BYTES:
+            raw = raw[:: raw.numel() // SAMPLES_PER_TENSOR]
         h.update(raw.numpy().tobytes())
     fp = h.hexdigest()
     model._slimgpt_fingerprint = fp
@@ -137,7 +144,7 @@ def info() -> dict[str, dict]:
     out = {}
     for kind in KINDS:
         folder = root / kind
-        files = [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+        files = [p for p in folder.rglob("*") if p.is_file()]  # none when the folder does not exist
         entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.exists() else []
         out[kind] = {"entries": len(entries), "bytes": sum(p.stat().st_size for p in files)}
     out["root"] = {"path": str(root)}

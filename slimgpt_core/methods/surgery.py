@@ -42,7 +42,7 @@ def update_config(model) -> None:
     config_cls, model_cls = CLASSES[base]
     lists = describe_layers(model)
     d = config.to_dict()
-    for key in ("model_type", "transformers_version", "architectures", "auto_map", *LAYER_KEYS):
+    for key in ("model_type", "architectures", "auto_map", *LAYER_KEYS):
         d.pop(key, None)
     d["head_dim"] = head_dim(config)
     uniform = all(len(set(v)) == 1 for v in lists.values())

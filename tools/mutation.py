@@ -32,6 +32,8 @@ FAST_TESTS = {
     "workspace.atomic": ["test_atomic_mutants.py"],
     "methods.surgery": ["test_slicing.py", "test_slicing_mutants.py"],
     "export.modeling_slimgpt": ["test_slicing.py", "test_slicing_mutants.py"],
+    "methods.kfac": ["test_surgeon.py", "test_surgeon_update.py", "test_kfac_mutants.py"],
+    "methods.curvature": ["test_surgeon.py", "test_surgeon_update.py", "test_kfac_mutants.py"],
 }
 DEFAULT_MODULES = ["methods.obs", "schedules.schedule", "evaluation.evaluate"]
 MUTMUT = "mutmut==3.8.1"

@@ -32,58 +32,62 @@ class FactorAccumulator:
 
 def damped(F: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """F + damp·mean(diag F)·I in fp64 (an all-zero factor gets the identity, so it stays invertible)."""
-    F = F.double()
-    mean_diag = float(F.diagonal().mean()) if F.numel() else 0.0
-    shift = damp * mean_diag if mean_diag > 0 else 1.0
-    return F + shift * torch.eye(F.shape[0], dtype=F.dtype, device=F.device)
+    F = F.double().clone()
+    mean_diag = float(F.diagonal().mean())  # nan (not > 0) for a 0×0 factor, which stays 0×0
+    F.diagonal().add_(damp * mean_diag if mean_diag > 0 else 1.0)
+    return F
+
+
+def _cholesky(B: torch.Tensor, jitters: tuple[float, ...]) -> torch.Tensor:
+    """Lower Cholesky factors of SPD matrices B [..., n, n]. Where rounding broke definiteness, every matrix
+    gets the first of `jitters` (times its mean |diagonal|) on its diagonal that makes all of them factor."""
+    L, info = torch.linalg.cholesky_ex(B)
+    scale = B.diagonal(dim1=-2, dim2=-1).abs().mean(-1)
+    for jitter in jitters:
+        if not bool(info.any()):
+            return L
+        shifted = B.clone()
+        shifted.diagonal(dim1=-2, dim2=-1).add_((jitter * scale)[..., None])
+        L, info = torch.linalg.cholesky_ex(shifted)
+    if bool(info.any()):
+        raise SlimGPTError("a curvature factor is not positive definite even with damping: use more calibration "
+                           "samples or more damping")
+    return L
 
 
 def inverse(F_damped: torch.Tensor) -> torch.Tensor:
     """F⁻¹ from a Cholesky factor (fp64). Rounding that broke definiteness gets a tiny extra jitter."""
-    F = F_damped.double()
-    L, info = torch.linalg.cholesky_ex(F)
-    jitter = 1e-10 * float(F.diagonal().abs().mean().clamp_min(1e-30))
-    for _ in range(4):
-        if int(info) == 0:
-            return torch.cholesky_inverse(L)
-        L, info = torch.linalg.cholesky_ex(F + jitter * torch.eye(F.shape[0], dtype=F.dtype, device=F.device))
-        jitter *= 100
-    raise SlimGPTError("a curvature factor is not positive definite even with damping: use more calibration samples")
+    return torch.cholesky_inverse(_cholesky(F_damped.double(), (1e-10, 1e-8, 1e-6, 1e-4)))
+
+
+def _units(W: torch.Tensor, group: int, what: str) -> torch.Tensor:
+    """The rows of W [n, m] in units of `group` consecutive ones: [n / group, group, m], fp64."""
+    if len(W) % group:
+        raise SlimGPTError(f"{len(W)} {what} do not split into groups of {group}")
+    return W.double().reshape(len(W) // group, group, W.shape[1])
 
 
 def _blocks(M: torch.Tensor, group: int) -> torch.Tensor:
     """The diagonal blocks [U, group, group] of a square matrix of U·group rows."""
-    U = M.shape[0] // group
-    return M.reshape(U, group, U, group).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    unit = torch.arange(len(M) // group)
+    return M.reshape(len(unit), group, len(unit), group)[unit, :, unit, :]
 
 
 def _trace_solve(B: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """tr(B⁻¹ M) for batches of SPD blocks B (Cholesky) and blocks M."""
-    L, info = torch.linalg.cholesky_ex(B)
-    if bool((info != 0).any()):
-        eps = 1e-12 * B.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1e-30)
-        L = torch.linalg.cholesky(B + torch.diag_embed(eps[:, None].expand(B.shape[:-1])))
-    return torch.cholesky_solve(M, L).diagonal(dim1=-2, dim2=-1).sum(-1)
+    return torch.cholesky_solve(M, _cholesky(B, (1e-12,))).diagonal(dim1=-2, dim2=-1).sum(1)
 
 
 def row_unit_costs(W: torch.Tensor, A: torch.Tensor, G_inv: torch.Tensor, group: int = 1) -> torch.Tensor:
     """½ tr(([G⁻¹]_RR)⁻¹ W_R A W_Rᵀ) for every unit R of `group` consecutive rows (one batched Cholesky)."""
-    W = W.double()
-    out, n_in = W.shape
-    if out % group:
-        raise SlimGPTError(f"{out} rows do not split into groups of {group}")
-    Wu = W.reshape(out // group, group, n_in)
+    Wu = _units(W, group, "rows")
     M = Wu @ A.double() @ Wu.mT  # W_R A W_Rᵀ per unit
     return 0.5 * _trace_solve(_blocks(G_inv.double(), group), M)
 
 
 def column_unit_costs(W: torch.Tensor, G: torch.Tensor, A_inv: torch.Tensor, group: int = 1) -> torch.Tensor:
     """½ tr(([A⁻¹]_CC)⁻¹ W_Cᵀ G W_C) for every unit C of `group` consecutive columns."""
-    W = W.double()
-    out, n_in = W.shape
-    if n_in % group:
-        raise SlimGPTError(f"{n_in} columns do not split into groups of {group}")
-    Wu = W.T.reshape(n_in // group, group, out)  # W_Cᵀ per unit
+    Wu = _units(W.T, group, "columns")  # W_Cᵀ per unit
     M = Wu @ G.double() @ Wu.mT
     return 0.5 * _trace_solve(_blocks(A_inv.double(), group), M)
 
@@ -91,21 +95,13 @@ def column_unit_costs(W: torch.Tensor, G: torch.Tensor, A_inv: torch.Tensor, gro
 def row_drop_costs(W: torch.Tensor, A: torch.Tensor, G: torch.Tensor, group: int = 1) -> torch.Tensor:
     """½ tr(G_RR W_R A W_Rᵀ) for every unit R of `group` consecutive rows: the loss of zeroing them with nothing
     compensated (K-OBD; the authors' OBD costs, which use G's diagonal block instead of 1/[G⁻¹])."""
-    W = W.double()
-    out, n_in = W.shape
-    if out % group:
-        raise SlimGPTError(f"{out} rows do not split into groups of {group}")
-    Wu = W.reshape(out // group, group, n_in)
+    Wu = _units(W, group, "rows")
     return 0.5 * ((Wu @ A.double() @ Wu.mT) * _blocks(G.double(), group)).sum((-2, -1))
 
 
 def column_drop_costs(W: torch.Tensor, G: torch.Tensor, A: torch.Tensor, group: int = 1) -> torch.Tensor:
     """½ tr(A_CC W_Cᵀ G W_C) for every unit C of `group` consecutive columns, nothing compensated (K-OBD)."""
-    W = W.double()
-    out, n_in = W.shape
-    if n_in % group:
-        raise SlimGPTError(f"{n_in} columns do not split into groups of {group}")
-    Wu = W.T.reshape(n_in // group, group, out)
+    Wu = _units(W.T, group, "columns")
     return 0.5 * ((Wu @ G.double() @ Wu.mT) * _blocks(A.double(), group)).sum((-2, -1))
 
 
@@ -123,18 +119,12 @@ def column_set_cost(W: torch.Tensor, G: torch.Tensor, A_inv: torch.Tensor, cols:
 
 def _solve(B: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """B⁻¹ rhs for one SPD block through its Cholesky factor."""
-    L, info = torch.linalg.cholesky_ex(B)
-    if int(info) != 0:
-        L = torch.linalg.cholesky(B + 1e-12 * float(B.diagonal().abs().mean()) * torch.eye(
-            B.shape[0], dtype=B.dtype, device=B.device))
-    return torch.cholesky_solve(rhs, L)
+    return torch.cholesky_solve(rhs, _cholesky(B, (1e-12,)))
 
 
 def row_update(W: torch.Tensor, G_inv: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """ΔW = −(G⁻¹)_{:,R} [(G⁻¹)_RR]⁻¹ W_R: all rows R removed in one solve (A cancels). fp64."""
     W = W.double()
-    if len(rows) == 0:
-        return torch.zeros_like(W)
     G_inv = G_inv.double()
     return -G_inv[:, rows] @ _solve(G_inv[rows][:, rows], W[rows])
 
@@ -142,8 +132,6 @@ def row_update(W: torch.Tensor, G_inv: torch.Tensor, rows: torch.Tensor) -> torc
 def column_update(W: torch.Tensor, A_inv: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """ΔW = −W_{:,C} [(A⁻¹)_CC]⁻¹ (A⁻¹)_{C,:}: all columns C removed in one solve (G cancels). fp64."""
     W = W.double()
-    if len(cols) == 0:
-        return torch.zeros_like(W)
     A_inv = A_inv.double()
     return -W[:, cols] @ _solve(A_inv[cols][:, cols], A_inv[cols])
 

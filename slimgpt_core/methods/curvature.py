@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from slimgpt_core.errors import PruningCancelled
+from slimgpt_core.errors import PruningCancelled, SlimGPTError
 from slimgpt_core.methods.kfac import FactorAccumulator
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -39,10 +39,12 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, fisher: str = "empi
     """Σ over sequences of each sequence's mean next-token cross-entropy: its gradient is, sequence by
     sequence, that of one backward per sequence. Labels from the data (empirical Fisher) or sampled from
     the model's own softmax (true Fisher)."""
+    if fisher not in ("empirical", "true"):
+        raise SlimGPTError(f"the Fisher must be 'empirical' or 'true', got {fisher!r}")
     pred = logits[:, :-1].float()
     if fisher == "true":
         probs = pred.detach().softmax(-1).reshape(-1, pred.shape[-1])
-        labels = torch.multinomial(probs, 1, generator=generator).view(ids.shape[0], -1)
+        labels = torch.multinomial(probs, 1, generator=generator)  # one per position, flattened below
     else:
         labels = ids[:, 1:]
     ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), labels.reshape(-1), reduction="none")
@@ -67,21 +69,19 @@ class CurvatureCollector:
 
     `positions` (optional) sub-samples that many token positions per sequence, the same for A and G of a
     batch; the backward pass itself stays whole."""
+    index: torch.Tensor | slice  # the current batch's sampled rows (or all of them), set by `run` for the hooks
 
     def __init__(self, model, device: torch.device | str, positions: int | None = None, seed: int = 0):
         self.model = model
-        self.device = device
         self.positions = positions
         self.generator = torch.Generator().manual_seed(seed)
         self.A = [{n: FactorAccumulator(lin[n].in_features, device) for n in A_OWNERS}
                   for lin in map(linears, model.model.layers)]
         self.G = [{n: FactorAccumulator(m.out_features, device) for n, m in lin.items()}
                   for lin in map(linears, model.model.layers)]
-        self.index: torch.Tensor | None = None
 
     def _select(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.reshape(-1, t.shape[-1])
-        return t if self.index is None else t[self.index.to(t.device)]
+        return t.reshape(-1, t.shape[-1])[self.index]  # a CPU index may select rows of a tensor anywhere
 
     @contextmanager
     def hooks(self):
@@ -109,28 +109,27 @@ class CurvatureCollector:
         model = self.model
         embed = model.get_input_embeddings()
         dev = embed.weight.device
-        n_batches = (tokens.shape[0] + batch_size - 1) // batch_size
+        starts = range(0, tokens.shape[0], batch_size)
         with frozen(model), self.hooks():
-            for b, s in enumerate(range(0, tokens.shape[0], batch_size)):
+            for b, s in enumerate(starts):
                 if should_stop is not None and should_stop():
                     raise PruningCancelled()
                 ids = tokens[s:s + batch_size].to(dev)
                 self.index = self._positions(ids.shape)
                 with torch.enable_grad():
                     embeds = embed(ids).detach().requires_grad_(True)
-                    logits = model(inputs_embeds=embeds, use_cache=False).logits
+                    logits = model(inputs_embeds=embeds).logits
                     loss = next_token_loss(logits, ids, fisher, self.generator if dev.type == "cpu" else None)
                     torch.autograd.grad(loss, embeds)
                 del logits, loss, embeds
                 if progress is not None:
-                    progress(b + 1, n_batches)
-        self.index = None
+                    progress(b + 1, len(starts))
         return [{n: acc.mean for n, acc in a.items()} for a in self.A], [{n: acc.mean for n, acc in g.items()}
                                                                          for g in self.G]
 
-    def _positions(self, shape) -> torch.Tensor | None:
+    def _positions(self, shape) -> torch.Tensor | slice:
         batch, seqlen = shape
         if self.positions is None or self.positions >= seqlen:
-            return None
+            return slice(None)
         picks = [torch.randperm(seqlen, generator=self.generator)[:self.positions] + r * seqlen for r in range(batch)]
         return torch.cat(picks).sort().values

@@ -179,6 +179,16 @@ def test_true_fisher_samples_labels_from_the_model_with_the_seeded_generator(tok
     assert float(next_token_loss(logits, ids)) == pytest.approx(float(by_hand), rel=1e-6)  # empirical default
 
 
+def test_the_curvature_forward_builds_no_key_value_cache(tokens):
+    """Every layer's K/V of the batch would stay alive beside the autograd graph: the forward asks for no cache."""
+    model = tiny_model(layers=2)
+    model.config.use_cache = True  # as in real checkpoints (SmolLM2, LLaMA)
+    seen = []
+    model.register_forward_hook(lambda m, args, kwargs, out: seen.append(out.past_key_values), with_kwargs=True)
+    CurvatureCollector(model, "cpu").run(tokens[:2], batch_size=2)
+    assert seen == [None]
+
+
 def test_sampled_positions_are_the_same_for_A_and_G_in_every_sequence(tokens):
     """5 of 24 positions per sequence, drawn by the collector's seeded generator (randperm per sequence)."""
     model = tiny_model(layers=2)

@@ -118,7 +118,8 @@ class CurvatureCollector:
                 self.index = self._positions(ids.shape)
                 with torch.enable_grad():
                     embeds = embed(ids).detach().requires_grad_(True)
-                    logits = model(inputs_embeds=embeds).logits
+                    # no key/value cache: it would keep every layer's K/V of the batch for nothing
+                    logits = model(inputs_embeds=embeds, use_cache=False).logits
                     loss = next_token_loss(logits, ids, fisher, self.generator if dev.type == "cpu" else None)
                     torch.autograd.grad(loss, embeds)
                 del logits, loss, embeds

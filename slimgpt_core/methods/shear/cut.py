@@ -32,11 +32,16 @@ def _slice_norm(norm, dims: torch.Tensor, scale: torch.Tensor | None) -> None:
     norm.weight = nn.Parameter(w.contiguous())
 
 
-@torch.no_grad()
 def cut_model(model, gates: dict[str, torch.Tensor]) -> None:
     """Slice `model` in place to the open entries of `gates` (as ShearMasks.deterministic() gives them). The
     query-head gate is one row per layer shared by its groups, or one row per group ([L, groups, per group],
     Minitron); every group must keep the same count."""
+    with torch.no_grad():
+        _cut(model, gates)
+
+
+def _cut(model, gates: dict[str, torch.Tensor]) -> None:
+    # (not a decorated function: mutation testing skips those)
     inner = model.model
     config = model.config
     dims, hidden_scale = _open(gates.get("hidden"), config.hidden_size)

@@ -44,7 +44,8 @@ def test_a_mask_per_shrunk_structure_starting_nearly_dense():
     assert [p is la for p, la in zip(masks.mask_parameters(), masks.log_alpha.values())] == [True] * 5
     assert all(torch.equal(lam, torch.zeros(2)) for lam in masks.lambda_parameters())
     assert list(masks.lambdas) == masks.names and len(masks.lambda_parameters()) == 5
-    assert float(masks.expected_counts()["ffn"][0]) == pytest.approx(8 * float(keep_probability(torch.tensor(5.0))))
+    dense = float(keep_probability(torch.tensor(5.0)))  # 0.9991
+    assert float(masks.expected_counts()["ffn"][0].detach()) == pytest.approx(8 * dense)
     some = ShearMasks(SOURCE, SOME, 2, 101, False)  # a structure kept whole gets no mask
     assert sorted(some.names) == ["ffn", "heads"] and list(some.lambdas) == some.names
     assert some.target_sparsity("heads") == pytest.approx(1 / 3) and some.target_sparsity("ffn") == 3 / 8
@@ -189,6 +190,27 @@ def test_training_gates_follow_each_masks_own_log_alpha():
     assert float((draws != 0).float().mean()) == pytest.approx(float(keep_probability(torch.tensor(0.0))), abs=0.02)
 
 
+def test_a_sample_is_the_stretched_clipped_concrete_of_its_uniforms():
+    """z = clamp(σ((ln u − ln(1−u) + log α)/β)·1.2 − 0.1, 0, 1) with u drawn by the given generator, in log α's
+    dtype and on its device (meta as the default device must not matter)."""
+    log_alpha = torch.linspace(-6, 6, 500, dtype=torch.float64)
+    with torch.device("meta"):
+        z = hc.sample(log_alpha, torch.Generator().manual_seed(3))
+    u = torch.rand(500, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + log_alpha) / (2 / 3))
+    assert z.dtype == torch.float64 and z.device.type == "cpu"
+    assert torch.allclose(z, (s * 1.2 - 0.1).clamp(0, 1), rtol=0, atol=1e-12)
+    torch.manual_seed(0)  # the global generator is not used
+    assert torch.equal(z, hc.sample(log_alpha, torch.Generator().manual_seed(3)))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert hc.sample(log_alpha.float()).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(default)
+    assert hc.sample(torch.full((4,), -5.0), torch.Generator().manual_seed(0)).tolist() == [0.0] * 4
+
+
 def test_clamp_keeps_log_alpha_within_a_hundredfold_odds():
     masks = masks_with_random_log_alpha(ALL, seed=7, scale=8.0)
     before = {name: la.detach().clone() for name, la in masks.log_alpha.items()}
@@ -243,3 +265,156 @@ def test_domains_drawn_from_the_given_generator():
     assert torch.equal(a, b) and a.shape == (50,)
     assert not torch.equal(a, draw_domains(w, 50, torch.Generator().manual_seed(1)))
     assert torch.equal(a, torch.multinomial(w, 50, replacement=True, generator=torch.Generator().manual_seed(0)))
+
+
+# the cut, against a forward pass written out with plain torch ops
+
+
+def _rms(x, weight, eps, open_dims):
+    """RMSNorm over the open hidden dimensions only (the closed ones hold zeros)."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / open_dims + eps) * weight
+
+
+def _rope(x, theta):
+    """Rotary embedding of [batch, heads, tokens, d] (rotate-half convention)."""
+    d, n = x.shape[-1], x.shape[-2]
+    freqs = torch.arange(n, dtype=torch.float32)[:, None] / theta ** (torch.arange(0, d, 2).float() / d)[None, :]
+    cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
+    rotated = torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1)
+    return x * cos + rotated * sin
+
+
+def gated_forward(model, ids, gates):
+    """Logits of the full-size `model` with every gate applied where SPEC §9 puts it: hidden gate on the
+    embedding, on each block's output and on every norm's output; head gates (KV group × head within group) on
+    the heads' outputs; channel gates on the FFN; a layer's gate on its two block outputs."""
+    c = model.config
+    n_heads, n_kv, hidden = c.num_attention_heads, c.num_key_value_heads, c.hidden_size
+    d, rep, eps = hidden // n_heads, n_heads // n_kv, c.rms_norm_eps
+    theta = c.rope_parameters["rope_theta"]
+    z_hidden = gates.get("hidden", torch.ones(hidden))
+    open_dims = float((z_hidden != 0).sum())
+    x = model.model.embed_tokens.weight[ids] * z_hidden
+    b, n = ids.shape
+    causal = torch.full((n, n), float("-inf")).triu(1)
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        z_layer = gates["layers"][i] if "layers" in gates else 1.0
+        h = _rms(x, layer.input_layernorm.weight, eps, open_dims) * z_hidden
+        q = (h @ attn.q_proj.weight.T).view(b, n, n_heads, d).transpose(1, 2)
+        k = (h @ attn.k_proj.weight.T).view(b, n, n_kv, d).transpose(1, 2)
+        v = (h @ attn.v_proj.weight.T).view(b, n, n_kv, d).transpose(1, 2)
+        q, k = _rope(q, theta), _rope(k, theta)
+        heads = []
+        for head in range(n_heads):
+            g = head // rep  # query head `head` reads KV group head // rep
+            weights = torch.softmax(q[:, head] @ k[:, g].transpose(-1, -2) / math.sqrt(d) + causal, -1)
+            z = gates["kv_groups"][i, g] if "kv_groups" in gates else 1.0
+            if "heads" in gates:
+                row = gates["heads"][i] if gates["heads"].dim() == 2 else gates["heads"][i, g]
+                z = z * row[head % rep]
+            heads.append(weights @ v[:, g] * z)
+        out = torch.cat(heads, -1) @ attn.o_proj.weight.T
+        x = x + out * z_layer * z_hidden
+        h = _rms(x, layer.post_attention_layernorm.weight, eps, open_dims) * z_hidden
+        a = torch.nn.functional.silu(h @ mlp.gate_proj.weight.T) * (h @ mlp.up_proj.weight.T)
+        a = a * (gates["ffn"][i] if "ffn" in gates else 1.0)
+        x = x + (a @ mlp.down_proj.weight.T) * z_layer * z_hidden
+    return _rms(x, model.model.norm.weight, eps, open_dims) * z_hidden @ model.lm_head.weight.T
+
+
+def _gates(target, seed, minitron=False):
+    """Deterministic gates of random log α (values between 0 and 1, not binary); Minitron's head gate is one row
+    per KV group, binary."""
+    masks = masks_with_random_log_alpha(target, seed=seed)
+    gates = masks.deterministic()
+    if minitron and "heads" in gates:
+        g = torch.Generator().manual_seed(seed)
+        per_group = torch.zeros(3, 2, 3)
+        for i in range(3):
+            for group in range(2):
+                per_group[i, group, torch.randperm(3, generator=g)[:target.heads_per_group]] = 1.0
+        gates["heads"] = per_group
+    return gates
+
+
+@pytest.mark.parametrize("target, tied, minitron", [
+    (ALL, False, False), (ALL, True, False), (ALL, False, True), (SOME, True, False), (SOME, False, True),
+    (Shape(layers=2, kv_groups=2, heads=6, ffn=8, hidden=12), False, False),  # layers only
+    (Shape(layers=3, kv_groups=1, heads=3, ffn=8, hidden=7), True, False),  # KV groups and hidden only
+], ids=["all", "all-tied", "all-minitron", "some-tied", "some-minitron", "layers", "kv-hidden-tied"])
+def test_cut_equals_the_gated_forward_written_out(target, tied, minitron):
+    model = tiny_model(heads=6, kv=2, layers=3, ffn=8, hidden=12, seed=1)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    with torch.no_grad():  # norms other than all-ones, so that slicing and scaling them matters
+        for module in model.modules():
+            if "RMSNorm" in type(module).__name__:
+                module.weight.uniform_(0.5, 1.5)
+    gates = _gates(target, seed=8, minitron=minitron)
+    ids = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = gated_forward(model, ids, gates)
+        cut_model(model, gates)
+        logits = model(ids).logits
+    assert (logits - expected).abs().max() < 2e-5
+    assert source_shape(model) == target and count_parameters(model) == ShearMasks(
+        SOURCE, target, 2, 101, tied).target_parameters()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    c = model.config
+    assert (c.hidden_size, c.num_hidden_layers) == (target.hidden, target.layers)
+    assert model.model.embed_tokens.embedding_dim == target.hidden
+    for pos, layer in enumerate(model.model.layers):
+        assert layer.self_attn.num_key_value_groups == target.heads_per_group
+        assert layer.mlp.intermediate_size == target.ffn and layer.self_attn.layer_idx == pos
+    # decoding with a KV cache (indexed by layer_idx) gives the full forward's last logits
+    with torch.no_grad():
+        first = model(ids[:, :-1], use_cache=True)
+        step = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).logits[:, -1]
+    assert torch.allclose(step, logits[:, -1], atol=1e-5)
+
+
+def test_cut_of_a_qwen2_model_keeps_the_kept_layers_types():
+    model = tiny_model("qwen2", heads=6, kv=2, layers=3, ffn=8, hidden=12)
+    model.config.layer_types = ["full_attention", "sliding_attention", "full_attention"]
+    gates = {"layers": torch.tensor([0.0, 0.7, 0.9])}
+    cut_model(model, gates)
+    assert model.config.layer_types == ["sliding_attention", "full_attention"] and model.config.num_hidden_layers == 2
+
+
+def test_cut_makes_its_tensors_on_the_models_device():
+    """With meta (a device without data) as the default device, the CPU cut is unchanged: every tensor it makes
+    names the model's device (on a GPU, a tensor made on the default device would be on the CPU)."""
+    for target in (ALL, SOME):
+        a, b = tiny_model(heads=6, kv=2, layers=3, ffn=8, hidden=12), tiny_model(heads=6, kv=2, layers=3, ffn=8,
+                                                                                 hidden=12)
+        gates = _gates(target, seed=9)
+        cut_model(a, gates)
+        with torch.device("meta"):
+            cut_model(b, gates)
+        assert all(p.device.type == "cpu" for p in b.parameters())
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_cut_of_a_bf16_model_stays_bf16():
+    model = tiny_model(heads=6, kv=2, layers=3, ffn=8, hidden=12).to(torch.bfloat16)
+    full = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+    gates = _gates(ALL, seed=10)
+    cut_model(model, gates)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    dims = torch.nonzero(gates["hidden"]).flatten()
+    z_hidden = gates["hidden"][dims]
+    kept = torch.nonzero(gates["layers"]).flatten().tolist()
+    emb = full["model.embed_tokens.weight"][:, dims] * z_hidden
+    close = dict(rtol=2 ** -7, atol=0)  # bf16 rounding (twice at most)
+    assert torch.allclose(model.model.embed_tokens.weight.float(), emb, **close)
+    untied_norm = full["model.norm.weight"][dims] * z_hidden  # untied head: the hidden gate folds into the norm
+    assert torch.allclose(model.model.norm.weight.float(), untied_norm, **close)
+    for pos, i in enumerate(kept):
+        layer = model.model.layers[pos]
+        norm = full[f"model.layers.{i}.input_layernorm.weight"][dims] * z_hidden
+        assert torch.allclose(layer.input_layernorm.weight.float(), norm, **close)
+        channels = torch.nonzero(gates["ffn"][i]).flatten()
+        down = full[f"model.layers.{i}.mlp.down_proj.weight"][dims][:, channels]
+        down = down * (gates["layers"][i] * z_hidden)[:, None] * gates["ffn"][i][channels][None, :]
+        assert torch.allclose(layer.mlp.down_proj.weight.float(), down, **close)

@@ -19,7 +19,7 @@ def _open(gate: torch.Tensor | None, size: int, device) -> tuple[torch.Tensor, t
 
 
 def _scale(linear: nn.Linear, out_scale: torch.Tensor, in_scale: torch.Tensor) -> None:
-    """Gate values folded into a weight, in place (an fp32 scale multiplies a bf16 weight in fp32)."""
+    """Gate values folded into a weight, in place (an fp32 scale multiplies a bf16 weight in fp32, no cast)."""
     linear.weight.data.mul_(in_scale[None, :]).mul_(out_scale[:, None])
 
 

@@ -34,7 +34,13 @@ FAST_TESTS = {
     "export.modeling_slimgpt": ["test_slicing.py", "test_slicing_mutants.py"],
     "methods.kfac": ["test_surgeon.py", "test_surgeon_update.py", "test_kfac_mutants.py"],
     "methods.curvature": ["test_surgeon.py", "test_surgeon_update.py", "test_kfac_mutants.py"],
+    "methods.shear.hard_concrete": ["test_shear.py", "test_shear_mutants.py"],
+    "methods.shear.masks": ["test_shear.py", "test_shear_mutants.py"],
+    "methods.shear.cut": ["test_shear.py", "test_shear_mutants.py"],
+    "methods.shear.domain_mix": ["test_shear.py", "test_shear_mutants.py"],
 }
+# tests of a mapped file that take too long to run once per mutant (deselected from every mutmut run)
+SLOW_TESTS = ["test_shear.py::test_expected_sizes_reach_the_target_within_200_steps"]
 DEFAULT_MODULES = ["methods.obs", "schedules.schedule", "evaluation.evaluate"]
 MUTMUT = "mutmut==3.8.1"
 
@@ -61,11 +67,12 @@ def prepare(workdir: Path, modules: list[str], tests: list[str]) -> None:
         shutil.copy(ROOT / "tests" / name, workdir / "tests" / name)
     only = "\n".join(f"    slimgpt_core/{m.replace('.', '/')}.py" for m in modules)
     selection = "\n".join(f"    tests/{t}" for t in tests)
+    deselect = "".join(f"    --deselect\n    tests/{t}\n" for t in SLOW_TESTS if t.split("::")[0] in tests)
     (workdir / "setup.cfg").write_text(
         "[mutmut]\nsource_paths=slimgpt_core\n"
         f"only_mutate=\n{only}\n"
         f"pytest_add_cli_args_test_selection=\n{selection}\n"
-        "pytest_add_cli_args=\n    -p\n    no:cacheprovider\n    -q\n"
+        "pytest_add_cli_args=\n    -p\n    no:cacheprovider\n    -q\n" + deselect +
         # generous: on a shared machine a slow test run must not pass for a mutant caught by a timeout
         "timeout_multiplier=60\n")
 

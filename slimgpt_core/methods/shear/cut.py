@@ -9,39 +9,42 @@ from slimgpt_core.export.modeling_slimgpt import sliced_linear
 from slimgpt_core.methods.surgery import update_config
 
 
-def _open(gate: torch.Tensor | None, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of open entries and their values (all entries at value 1 when the structure is not masked)."""
+def _open(gate: torch.Tensor | None, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of open entries and their values (all entries at value 1, made on `device`, when the structure is
+    not masked; a gate is on the model's device already)."""
     if gate is None:
-        return torch.arange(size), torch.ones(size)
-    idx = torch.nonzero(gate != 0).flatten()
+        return torch.arange(size, device=device), torch.ones(size, device=device)
+    idx = torch.nonzero(gate).flatten()
     return idx, gate[idx].float()
 
 
-def _scale_rows(linear: nn.Linear, scale: torch.Tensor) -> None:
-    linear.weight.data.mul_(scale.to(linear.weight.dtype)[:, None])
+def _scale(linear: nn.Linear, out_scale: torch.Tensor, in_scale: torch.Tensor) -> None:
+    """Gate values folded into a weight, in place (an fp32 scale multiplies a bf16 weight in fp32, no cast)."""
+    linear.weight.data.mul_(in_scale[None, :]).mul_(out_scale[:, None])
 
 
-def _scale_cols(linear: nn.Linear, scale: torch.Tensor) -> None:
-    linear.weight.data.mul_(scale.to(linear.weight.dtype)[None, :])
-
-
-def _slice_norm(norm, dims: torch.Tensor, scale: torch.Tensor | None) -> None:
-    w = norm.weight.data[dims]
+def _slice_norm(norm, dims: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+    w = norm.weight.data[dims]  # a copy (advanced indexing)
     if scale is not None:
-        w = w * scale.to(w.dtype)
-    norm.weight = nn.Parameter(w.contiguous())
+        w.mul_(scale)
+    norm.weight = nn.Parameter(w)
 
 
-@torch.no_grad()
 def cut_model(model, gates: dict[str, torch.Tensor]) -> None:
     """Slice `model` in place to the open entries of `gates` (as ShearMasks.deterministic() gives them). The
     query-head gate is one row per layer shared by its groups, or one row per group ([L, groups, per group],
-    Minitron); every group must keep the same count."""
+    Minitron); every group must keep the same count. Gates are on the model's device."""
+    with torch.no_grad():
+        _cut(model, gates)
+
+
+def _cut(model, gates: dict[str, torch.Tensor]) -> None:
+    # (not a decorated function: mutation testing skips those)
     inner = model.model
     config = model.config
-    dims, hidden_scale = _open(gates.get("hidden"), config.hidden_size)
-    masked_hidden = "hidden" in gates
-    layer_idx, layer_scale = _open(gates.get("layers"), len(inner.layers))
+    device = inner.embed_tokens.weight.device  # on a GPU: index and scale tensors are made there too
+    dims, hidden_scale = _open(gates.get("hidden"), config.hidden_size, device)  # ones when not masked
+    layer_idx, layer_scale = _open(gates.get("layers"), len(inner.layers), device)
     kept_layers = []
     for pos, i in enumerate(layer_idx.tolist()):
         layer = inner.layers[i]
@@ -51,49 +54,45 @@ def cut_model(model, gates: dict[str, torch.Tensor]) -> None:
         n_heads = attn.q_proj.out_features // d
         n_kv = attn.k_proj.out_features // d
         rep = n_heads // n_kv
-        groups, group_scale = _open(gates["kv_groups"][i] if "kv_groups" in gates else None, n_kv)
+        groups, group_scale = _open(gates["kv_groups"][i] if "kv_groups" in gates else None, n_kv, device)
         head_gate = gates["heads"][i] if "heads" in gates else None  # [heads per group], or [groups, per group]
-        rows = [_open(head_gate if head_gate is None or head_gate.dim() == 1 else head_gate[g], rep)
+        rows = [_open(head_gate if head_gate is None or head_gate.dim() == 1 else head_gate[g], rep, device)
                 for g in groups.tolist()]
-        within = rows[0][0]
         heads = torch.cat([g * rep + idx for g, (idx, _) in zip(groups.tolist(), rows)])
         head_scale = torch.cat([gs * val for gs, (_, val) in zip(group_scale, rows)])
-        q_rows = (heads[:, None] * d + torch.arange(d)[None, :]).flatten()
-        kv_rows = (groups[:, None] * d + torch.arange(d)[None, :]).flatten()
+        within_head = torch.arange(d, device=device)
+        q_rows = (heads[:, None] * d + within_head[None, :]).flatten()
+        kv_rows = (groups[:, None] * d + within_head[None, :]).flatten()
         attn.q_proj = sliced_linear(attn.q_proj, rows=q_rows, cols=dims)
         attn.k_proj = sliced_linear(attn.k_proj, rows=kv_rows, cols=dims)
         attn.v_proj = sliced_linear(attn.v_proj, rows=kv_rows, cols=dims)
         attn.o_proj = sliced_linear(attn.o_proj, rows=dims, cols=q_rows)
-        _scale_cols(attn.o_proj, head_scale.repeat_interleave(d))
-        _scale_rows(attn.o_proj, out_scale)
-        attn.num_key_value_groups = len(within)
-        channels, channel_scale = _open(gates["ffn"][i] if "ffn" in gates else None, mlp.down_proj.in_features)
+        _scale(attn.o_proj, out_scale, head_scale.repeat_interleave(d))
+        attn.num_key_value_groups = len(heads) // len(groups)  # query heads per KV group, the same for each
+        channels, channel_scale = _open(gates["ffn"][i] if "ffn" in gates else None, mlp.down_proj.in_features, device)
         mlp.gate_proj = sliced_linear(mlp.gate_proj, rows=channels, cols=dims)
         mlp.up_proj = sliced_linear(mlp.up_proj, rows=channels, cols=dims)
         mlp.down_proj = sliced_linear(mlp.down_proj, rows=dims, cols=channels)
-        _scale_cols(mlp.down_proj, channel_scale)
-        _scale_rows(mlp.down_proj, out_scale)
+        _scale(mlp.down_proj, out_scale, channel_scale)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = len(channels)
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            _slice_norm(norm, dims, hidden_scale if masked_hidden else None)
+            _slice_norm(norm, dims, hidden_scale)
         attn.layer_idx = pos
         kept_layers.append(layer)
     inner.layers = nn.ModuleList(kept_layers)
     # embedding: the hidden gate folds into it; a tied head then shares it, so the final norm stays unscaled
     tied = model.lm_head.weight is inner.embed_tokens.weight
-    emb = inner.embed_tokens.weight.data[:, dims]
-    if masked_hidden:
-        emb = emb * hidden_scale.to(emb.dtype)[None, :]
-    inner.embed_tokens.weight = nn.Parameter(emb.contiguous())
+    emb = inner.embed_tokens.weight.data[:, dims].contiguous()
+    emb.mul_(hidden_scale[None, :])
+    inner.embed_tokens.weight = nn.Parameter(emb)
     inner.embed_tokens.embedding_dim = len(dims)
+    model.lm_head = sliced_linear(model.lm_head, cols=dims)
     if tied:
-        model.lm_head = sliced_linear(model.lm_head, cols=dims)
         model.lm_head.weight = inner.embed_tokens.weight
-        _slice_norm(inner.norm, dims, None)
+        _slice_norm(inner.norm, dims)
     else:
-        model.lm_head = sliced_linear(model.lm_head, cols=dims)
-        _slice_norm(inner.norm, dims, hidden_scale if masked_hidden else None)
+        _slice_norm(inner.norm, dims, hidden_scale)
     config.hidden_size = len(dims)
     config.num_hidden_layers = len(kept_layers)
     kept = layer_idx.tolist()

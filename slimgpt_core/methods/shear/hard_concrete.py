@@ -12,13 +12,12 @@ LOW, HIGH, BETA = -0.1, 1.1, 2.0 / 3.0  # stretch interval (l, r) and temperatur
 LOG_ALPHA_INIT = 5.0
 LOG_ALPHA_MIN, LOG_ALPHA_MAX = math.log(1e-2), math.log(1e2)  # ±4.605
 DETERMINISTIC_SHARPEN = 0.8  # the authors' factor in the deterministic gate value σ(log α / β · 0.8)
-_EPS = 1e-6
 
 
 def sample(log_alpha: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw z = clamp(σ((ln u − ln(1−u) + log α)/β)·(r−l) + l, 0, 1), u ~ U(0, 1), per entry."""
+    """One draw z = clamp(σ((ln u − ln(1−u) + log α)/β)·(r−l) + l, 0, 1), u ~ U[0, 1), per entry (u = 0 gives
+    ln u = −∞ and z = 0, the limit)."""
     u = torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device, dtype=log_alpha.dtype)
-    u = u.clamp(_EPS, 1 - _EPS)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
     return (s * (HIGH - LOW) + LOW).clamp(0.0, 1.0)
 
@@ -38,7 +37,7 @@ def top_k_gates(log_alpha: torch.Tensor, k: int) -> torch.Tensor:
     are 0. Every row keeps exactly k."""
     values = deterministic_value(log_alpha)
     keep = torch.zeros_like(values, dtype=torch.bool)
-    keep.scatter_(-1, log_alpha.topk(k, dim=-1).indices, True)
+    keep.scatter_(-1, log_alpha.topk(k).indices, True)  # topk: along the last dimension
     return torch.where(keep, values, torch.zeros_like(values))
 
 

@@ -12,11 +12,20 @@ from . import hard_concrete as hc
 from .target import Shape
 
 
+def layer_parameters(kv, heads, ffn, hidden, head_dim: int):
+    """Parameters of one llama-family layer of this (possibly expected, fractional) shape: q/k/v/o, gate/up/down
+    and two norms. Works on floats and tensors alike."""
+    return hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * ffn + 2 * hidden
+
+
+def outer_parameters(hidden, vocab: int, tied: bool):
+    """Parameters outside the layers: embedding, untied head and final norm."""
+    return hidden * (vocab * (1 if tied else 2) + 1)
+
+
 def shape_parameters(layers, kv, heads, ffn, hidden, head_dim: int, vocab: int, tied: bool):
-    """Parameters of a llama-family model of this (possibly expected, fractional) shape: q/k/v/o, gate/up/down
-    and two norms per layer; embedding, untied head and final norm. Works on floats and tensors alike."""
-    per_layer = hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * ffn + 2 * hidden
-    return layers * per_layer + hidden * (vocab * (1 if tied else 2) + 1)
+    """Parameters of a llama-family model of this shape."""
+    return layers * layer_parameters(kv, heads, ffn, hidden, head_dim) + outer_parameters(hidden, vocab, tied)
 
 
 class ShearMasks(nn.Module):
@@ -91,13 +100,13 @@ class ShearMasks(nn.Module):
         with torch.no_grad():
             p = {name: hc.keep_probability(la) for name, la in self.log_alpha.items()}
             layer_p = p.get("layers", torch.ones(s.layers))
-            kv = p["kv_groups"].sum(-1) if "kv_groups" in p else torch.full((s.layers,), float(s.kv_groups))
-            rep = p["heads"].sum(-1) if "heads" in p else torch.full((s.layers,), float(s.heads_per_group))
-            ffn = p["ffn"].sum(-1) if "ffn" in p else torch.full((s.layers,), float(s.ffn))
+            # per layer (the 2-D masks' rows summed over dimension 1)
+            kv = p["kv_groups"].sum(1) if "kv_groups" in p else torch.full((s.layers,), float(s.kv_groups))
+            rep = p["heads"].sum(1) if "heads" in p else torch.full((s.layers,), float(s.heads_per_group))
+            ffn = p["ffn"].sum(1) if "ffn" in p else torch.full((s.layers,), float(s.ffn))
             hidden = p["hidden"].sum() if "hidden" in p else torch.tensor(float(s.hidden))
-            per_layer = shape_parameters(1, kv, kv * rep, ffn, hidden, self.head_dim, 0, True) - hidden
-            return float((layer_p * per_layer).sum() + shape_parameters(0, 0, 0, 0, hidden, self.head_dim,
-                                                                        self.vocab, self.tied))
+            per_layer = layer_parameters(kv, kv * rep, ffn, hidden, self.head_dim)
+            return float((layer_p * per_layer).sum() + outer_parameters(hidden, self.vocab, self.tied))
 
     def target_parameters(self) -> int:
         t = self.target

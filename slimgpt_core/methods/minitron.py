@@ -53,11 +53,16 @@ def collect_scores(model, tokens: torch.Tensor, batch_size: int = 8, device: str
             hidden_sq[idx] = hidden_sq[idx] + _seq_mean_abs(out).pow(2).sum(0)
         return hook
 
-    def depth_hook(idx):
-        def hook(module, args, kwargs, out):
-            x = args[0] if args else kwargs["hidden_states"]
-            y = out[0] if isinstance(out, tuple) else out
-            cos_sum[idx] += F.cosine_similarity(x.float(), y.float(), dim=-1).sum().cpu()
+    # a layer's input and output are the residual stream entering its input norm and the next one (the final norm
+    # after the last layer): read there, whatever a layer's call signature or return type, one tensor held at a time
+    entering = {}
+
+    def stream_hook(idx):
+        def hook(module, args):
+            x = args[0].float()
+            if idx:
+                cos_sum[idx - 1] += F.cosine_similarity(entering.pop("x"), x, dim=-1).sum().cpu()
+            entering["x"] = x
         return hook
 
     for i, layer in enumerate(layers):
@@ -65,7 +70,8 @@ def collect_scores(model, tokens: torch.Tensor, batch_size: int = 8, device: str
                     layer.mlp.down_proj.register_forward_pre_hook(accumulate(ffn_sq, i)),
                     layer.input_layernorm.register_forward_hook(norm_hook(2 * i)),
                     layer.post_attention_layernorm.register_forward_hook(norm_hook(2 * i + 1)),
-                    layer.register_forward_hook(depth_hook(i), with_kwargs=True)]
+                    layer.input_layernorm.register_forward_pre_hook(stream_hook(i))]
+    handles.append(model.model.norm.register_forward_pre_hook(stream_hook(L)))
     model.to(device)
     try:
         for s in range(0, len(tokens), batch_size):
@@ -88,7 +94,7 @@ def collect_scores(model, tokens: torch.Tensor, batch_size: int = 8, device: str
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     """1.0 on the k largest entries of each row, 0 elsewhere."""
     gate = torch.zeros_like(scores)
-    gate.scatter_(-1, scores.topk(k, dim=-1).indices, 1.0)
+    gate.scatter_(-1, scores.topk(k).indices, 1.0)
     return gate
 
 

@@ -4,6 +4,7 @@ Activations are hooked by the test itself on one forward of the whole batch, whi
 of 5 (12 sequences: 5 + 5 + 2), so the batching, the mean over the sequence, the L2 over the batch and the token
 count all show in the numbers."""
 import copy
+import time
 
 import pytest
 import torch
@@ -168,7 +169,9 @@ def test_prune_minitron_keeps_the_best_groups_and_channels(model, tokens):
     before = copy.deepcopy(model)
     events = []
     model._slimgpt_fingerprint = "stale"
+    t0 = time.perf_counter()
     report = minitron.prune_minitron(model, tokens, settings, callback=events.append, model_name="tiny")
+    wall = time.perf_counter() - t0
     for i, (old, new) in enumerate(zip(before.model.layers, model.model.layers)):
         group = s.heads[i].view(KV, 2).pow(2).sum(-1).argmax().item()  # half the groups: the best one stays
         channels = sorted(s.ffn[i].argsort(descending=True)[:FFN // 2].tolist())
@@ -186,9 +189,12 @@ def test_prune_minitron_keeps_the_best_groups_and_channels(model, tokens):
     assert model.config.slimgpt["source_model"] == "tiny" and model.config.slimgpt["ratio"] == 0.5
     assert [(e.layer, e.n_layers, e.phase) for e in events] == [
         (0, L, "capture"), (0, L, "outputs"), (1, L, "outputs"), (2, L, "outputs"), (L - 1, L, "done")]
-    assert events[0].elapsed_s == 0 and events[-1].elapsed_s == report.total_seconds
+    assert events[0].elapsed_s == 0 and events[-1].elapsed_s == report.total_seconds <= wall
     assert all(isinstance(e, Progress) for e in events)
-    minitron.prune_minitron(copy.deepcopy(before), tokens, settings)  # no callback: runs
+    assert all(0 <= a.elapsed_s <= b.elapsed_s for a, b in zip(events, events[1:]))
+    unnamed = copy.deepcopy(before)
+    assert minitron.prune_minitron(unnamed, tokens, settings).model == ""  # no callback, no name: runs
+    assert unnamed.config.slimgpt["source_model"] == ""
 
 
 def test_prune_minitron_cancels_between_layers(model, tokens):
@@ -205,7 +211,9 @@ def test_shape_run_reports_the_cut(model, tokens):
     target = resolve_target({"layers": 2, "kv_groups": 1, "heads": 2, "ffn": 18, "hidden": 12}, model)
     s = collect_scores(model, tokens, batch_size=3)
     before = copy.deepcopy(model)
+    t0 = time.perf_counter()
     result = minitron.shape_run(model, tokens, target, batch_size=3, device="cpu", model_name="tiny")
+    wall = time.perf_counter() - t0
     kept = sorted(s.layers.argsort(descending=True)[:2].tolist())
     r = result.report
     assert result.kept_layers == kept and result.source == source_shape(before) and result.target == target
@@ -213,7 +221,7 @@ def test_shape_run_reports_the_cut(model, tokens):
     assert r.settings == {"method": "minitron", "source_model": "tiny", "target": target.to_dict(),
                           "source_shape": source_shape(before).to_dict(), "kept_layers": kept,
                           "calibration_tokens": tokens.numel()}
-    assert r.model == "tiny" and r.device == "cpu" and r.total_seconds > 0
+    assert r.model == "tiny" and r.device == "cpu" and 0 < r.total_seconds <= wall
     assert r.head_ratios == [0.5, 0.5] and r.ffn_ratios == [0.25, 0.25]
     assert (r.params_before, r.layer_params_before) == (count_parameters(before), count_parameters(before.model.layers))
     assert (r.params_after, r.layer_params_after) == (count_parameters(model), count_parameters(model.model.layers))
@@ -234,12 +242,31 @@ def test_each_driver_scores_on_its_device_then_cuts_on_the_cpu(model, tokens, ru
         args = lambda m, device: (m, tokens, target, 5, device)  # noqa: E731
         kwargs = {}
     getattr(minitron, run)(*args(plain, "cpu"), **kwargs)
+    n = len(list(model.parameters())) + len(list(model.buffers()))  # tensors moved by model.to
     with DeviceMoves(pretend="meta") as moves:
         out = getattr(minitron, run)(*args(model, "meta"), **kwargs)
     metas = [i for i, d in enumerate(moves.moves) if d == torch.device("meta")]
-    cpus = [i for i, d in enumerate(moves.moves) if d == torch.device("cpu")]
-    assert len(metas) >= 3 and cpus and cpus[-1] > metas[-1]  # batches sent to the device, the model back after
+    run_of_cpu, longest = 0, 0  # after the last batch, the forward's own casts, then the model moved back whole
+    for d in moves.moves[metas[-1] + 1:]:
+        run_of_cpu = run_of_cpu + 1 if d == torch.device("cpu") else 0
+        longest = max(longest, run_of_cpu)
+    assert len(metas) == n + 3 and longest >= n  # the model and 3 batches sent there, every tensor back after
     if run != "prune_to_shape":
         assert (out.report if run == "shape_run" else out).device == "meta"
     with torch.no_grad():
         assert torch.equal(model(tokens[:2]).logits, plain(tokens[:2]).logits)
+
+
+@pytest.mark.parametrize("run", ["prune_to_shape", "shape_run"])
+def test_shape_drivers_defaults_and_cancel(model, run):
+    """Defaults: batches of 8 on the CPU, no name; `should_stop` is asked before each batch (17 rows: 3 batches)."""
+    tokens = torch.randint(0, 101, (17, 6), generator=torch.Generator().manual_seed(4))
+    target = resolve_target({"layers": 2}, model)
+    asked = []
+    out = getattr(minitron, run)(copy.deepcopy(model), tokens, target, should_stop=lambda: asked.append(1) or False)
+    assert len(asked) == 3
+    if run == "shape_run":
+        assert out.report.device == "cpu" and out.report.model == "" and out.report.settings["source_model"] == ""
+    with pytest.raises(PruningCancelled):
+        getattr(minitron, run)(model, tokens, target, should_stop=lambda: True)
+    assert source_shape(model).layers == L  # nothing cut

@@ -28,6 +28,10 @@ class MinitronScores:
     layers: torch.Tensor  # [L] 1 − mean cos(input, output)
 
 
+def _ignore(event) -> None:
+    """The listener of a run given no callback: events are dropped."""
+
+
 def _seq_mean_abs(x: torch.Tensor) -> torch.Tensor:
     return x.detach().float().abs().mean(1)  # [batch, channels]
 
@@ -138,13 +142,12 @@ def prune_minitron(model, tokens: torch.Tensor, settings, callback=None, should_
     from slimgpt_core.models import resolve_device
     from slimgpt_core.methods.prune_settings import plan_removals
 
-    emit = callback or (lambda e: None)
+    emit = callback or _ignore
     device = resolve_device(settings.device)
     head_r, ffn_r, head_rm, ffn_rm = plan_removals(model, settings)
     layers = model.model.layers
+    params_before, layer_params_before = count_parameters(model), count_parameters(layers)
     t0 = time.perf_counter()
-    report = PruneReport(model_name, asdict(settings), head_r, ffn_r, count_parameters(model), 0,
-                         count_parameters(layers), 0, device=str(device))
     emit(Progress(0, len(layers), "capture", 0.0))
     scores = collect_scores(model, tokens, settings.batch_size, device, should_stop)
     model.to("cpu")
@@ -153,15 +156,16 @@ def prune_minitron(model, tokens: torch.Tensor, settings, callback=None, should_
         if should_stop is not None and should_stop():
             raise PruningCancelled()
         q, kv, f = layer_shape(layer)
-        group_scores = scores.heads[i].view(kv, q // kv).norm(dim=-1)
+        group_scores = scores.heads[i].view(kv, q // kv).norm(dim=1)
         keep_kv_groups(layer, sorted(group_scores.topk(kv - head_rm[i]).indices.tolist()))
         keep_channels(layer, sorted(scores.ffn[i].topk(f - ffn_rm[i]).indices.tolist()))
         emit(Progress(i, len(layers), "outputs", time.perf_counter() - t0))
     update_config(model)
     forget_fingerprint(model)
-    report.params_after, report.layer_params_after = count_parameters(model), count_parameters(layers)
-    report.total_seconds = time.perf_counter() - t0
-    report.phase_seconds = {"scores": t_scores, "cut": report.total_seconds - t_scores}
+    total = time.perf_counter() - t0
+    report = PruneReport(model_name, asdict(settings), head_r, ffn_r, params_before, count_parameters(model),
+                         layer_params_before, count_parameters(layers), phase_seconds={
+                             "scores": t_scores, "cut": total - t_scores}, total_seconds=total, device=str(device))
     model.config.slimgpt = {"source_model": model_name, **asdict(settings)}
     emit(Progress(len(layers) - 1, len(layers), "done", report.total_seconds))
     return report

@@ -61,6 +61,10 @@ class TrainResult:
     peak_memory_mb: float = 0.0
 
 
+def _ignore(event) -> None:
+    """The listener of a run given no callback: events are dropped."""
+
+
 def autocast_context(device: torch.device, bf16: bool = True):
     """bf16 autocast on CUDA devices that support it; full precision otherwise (CPU)."""
     if bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -74,9 +78,8 @@ def batch_loss(model, batch: dict[str, torch.Tensor], device: torch.device, bf16
     with autocast_context(device, bf16):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                        use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                             labels.reshape(-1), ignore_index=IGNORE)
+    labels = batch["labels"][:, 1:]  # IGNORE is cross_entropy's default ignore_index
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
 def heldout_loss(model, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, bf16: bool = True) -> float:
@@ -114,7 +117,7 @@ def train(model, batches: Iterator[dict[str, torch.Tensor]], steps: int, optim: 
     loss stays the cross-entropy); `after_step(step)` runs after each update, before that step's event.
     `should_stop()` is checked before every step; a stop raises PruningCancelled (the caller decides what
     to keep)."""
-    emit = callback or (lambda e: None)
+    emit = callback or _ignore
     loss_fn = loss_fn or batch_loss
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
@@ -151,7 +154,7 @@ def train(model, batches: Iterator[dict[str, torch.Tensor]], steps: int, optim: 
             torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()  # gradients set to None: freed until the next backward
         seconds = time.perf_counter() - t0
         result.tokens_seen += input_tokens
         held = evaluate(step) if (eval_every and step % eval_every == 0) or step == steps else None

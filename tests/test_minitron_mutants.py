@@ -16,7 +16,7 @@ from slimgpt_core.methods import minitron
 from slimgpt_core.methods.minitron import MinitronScores, collect_scores, shape_gates
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.methods.shear.cut import cut_model
-from slimgpt_core.methods.shear.target import Shape, resolve_target, source_shape
+from slimgpt_core.methods.shear.target import resolve_target, source_shape
 from slimgpt_core.methods.surgery import count_parameters
 
 L, HEADS, KV, FFN, HIDDEN = 3, 4, 2, 24, 16  # head size 4, 2 heads per KV group
@@ -226,7 +226,6 @@ def test_shape_run_reports_the_cut(model, tokens):
     assert (r.params_before, r.layer_params_before) == (count_parameters(before), count_parameters(before.model.layers))
     assert (r.params_after, r.layer_params_after) == (count_parameters(model), count_parameters(model.model.layers))
     assert model.config.slimgpt == {"source_model": "tiny", "method": "minitron", "target": target.to_dict()}
-    assert Shape(**target.to_dict()) == target
 
 
 @pytest.mark.parametrize("run", ["prune_minitron", "prune_to_shape", "shape_run"])

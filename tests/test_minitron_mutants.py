@@ -115,7 +115,7 @@ def _gate(n, open_):
 
 @pytest.mark.parametrize("structure", ["layers", "kv_groups", "heads", "ffn", "hidden", "none"])
 def test_a_gate_only_for_what_shrinks_and_open_on_the_top_scores(model, structure):
-    s, src = _scores(), source_shape(model)
+    s = _scores()
     smaller = {"layers": 2, "kv_groups": 1, "heads": 1, "ffn": 20, "hidden": 13}
     spec = {"layers": L, "kv_groups": KV, "heads": HEADS, "ffn": FFN, "hidden": HIDDEN}
     if structure == "heads":

@@ -35,10 +35,8 @@ FFN_CURVE_TOLERANCE = 0.25
 def head_curve(W: torch.Tensor, H: torch.Tensor, group: int, damp: float = 0.01) -> tuple[list[float], list[int]]:
     """(E(k) for k = 0 … n_units−1 in absolute units, the greedy removal order). Greedy is deterministic, so
     removing k units is the first k steps of removing n_units−1."""
-    n_units = W.shape[1] // group
-    errors = [0.0] + [obs.prune_head_groups(W, H, group, k, damp).predicted_error for k in range(1, n_units)]
-    order = obs.prune_head_groups(W, H, group, n_units - 1, damp).removed if n_units > 1 else []
-    return errors, order
+    passes = [obs.prune_head_groups(W, H, group, k, damp) for k in range(1, W.shape[1] // group)]
+    return [0.0] + [p.predicted_error for p in passes], passes[-1].removed if passes else []
 
 
 def ffn_curve(W: torch.Tensor, H: torch.Tensor, step: int, damp: float = 0.01) -> tuple[list[int], list[float],
@@ -56,8 +54,8 @@ def ffn_curve(W: torch.Tensor, H: torch.Tensor, step: int, damp: float = 0.01) -
     column = torch.arange(n, device=W.device)  # original index of each column still held
     dead = torch.zeros(n, dtype=torch.bool, device=W.device)  # removed since the last compaction
     counts, errors, order, total = [0], [0.0], [], 0.0
-    while len(order) < n - 1:
-        cnt = min(step, n - 1 - len(order))
+    for done in range(0, n - 1, step):  # done == len(order)
+        cnt = min(step, n - 1 - done)
         scores = W.pow(2).sum(0) / torch.diag(Hinv)  # live columns: H⁻¹'s diagonal is positive
         scores[dead] = torch.inf
         cols = torch.topk(scores, cnt, largest=False).indices.sort().values
@@ -154,7 +152,7 @@ def layer_curves(layer, H_attn: torch.Tensor, H_mlp: torch.Tensor, damp: float =
     e_attn, e_mlp = obs.quadratic_error(Wo, H_attn), obs.quadratic_error(Wd, H_mlp)
     head_abs, head_order = head_curve(Wo, H_attn, group, damp)
     counts, ffn_abs, ffn_order = ffn_curve(Wd, H_mlp, ffn_step(Wd.shape[1]), damp)
-    return LayerCurves(Wo.shape[1] // group, rep, Wd.shape[1], [e / e_attn if e_attn else 0.0 for e in head_abs],
+    return LayerCurves(len(head_abs), rep, Wd.shape[1], [e / e_attn if e_attn else 0.0 for e in head_abs],
                        head_order, counts, [e / e_mlp if e_mlp else 0.0 for e in ffn_abs], ffn_order, e_attn, e_mlp)
 
 

@@ -58,10 +58,9 @@ def atomic_zip(folder: Path, zip_path: Path) -> Path:
 
 
 def save_run(model, tokenizer, report, out: str | Path, overwrite: bool = False, label: str = "") -> Path:
-    """A run: the checkpoint (see export.write_checkpoint), report.json and the workspace's meta.json, so a run
-    written anywhere (say `prune --out "$SLIMGPT_RUNS/x"`) is listed by the studio like its own."""
-    from slimgpt_core.export.checkpoint import export_checkpoint
-    from slimgpt_core.workspace.store import write_meta
+    """A run written at a path (say `prune --out "$SLIMGPT_RUNS/x"`): the workspace's own writer with the path's
+    folder as the root, so it is listed by the studio like a run made there."""
+    from slimgpt_core.workspace.store import save_run as save_named
 
-    return export_checkpoint(model, tokenizer, out, report, overwrite=overwrite,
-                             extra=lambda tmp: write_meta(tmp, report, label or Path(out).name)).folder
+    out = Path(out)
+    return save_named(model, tokenizer, report, name=out.name, label=label, root=out.parent, overwrite=overwrite).path

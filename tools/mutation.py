@@ -41,6 +41,7 @@ FAST_TESTS = {
     "methods.minitron": ["test_shear.py", "test_minitron_mutants.py"],
     "training.loop": ["test_training_mutants.py"],
     "schedules.curves": ["test_schedule_mutants.py"],
+    "schedules.autoschedule": ["test_schedule_mutants.py", "test_autoschedule_mutants.py"],
 }
 # tests of a mapped file that take too long to run once per mutant (deselected from every mutmut run)
 SLOW_TESTS = ["test_shear.py::test_expected_sizes_reach_the_target_within_200_steps"]

@@ -13,6 +13,7 @@ from conftest import tiny_model
 from slimgpt_core.errors import PruningCancelled, SlimGPTError
 from slimgpt_core.methods.statistics import dense_hessians
 from slimgpt_core.schedules import autoschedule, curves
+from slimgpt_core.schedules.curves import LayerCurves, ModelCurves
 from slimgpt_core.schedules.schedule import layer_ratios
 
 S = autoschedule.AutoSettings
@@ -56,6 +57,8 @@ def test_variant_database_holds_the_obs_variants_of_the_curves_orders(setup):
         for c in (1, 7, 30):
             ref = _least_squares(layer.mlp.down_proj.weight.data, _damped(H_mlp, 0.05), lc.ffn_order[:c])
             assert torch.allclose(db.ffn(i, c).double(), ref, atol=2e-4)
+    assert torch.equal(db.attention(2, 0), model.model.layers[2].self_attn.o_proj.weight.data)  # nothing removed
+    assert torch.equal(db.ffn(0, 0), model.model.layers[0].mlp.down_proj.weight.data)
     # a least-recently-used cache of 3: a hit returns the same tensor and refreshes it; the oldest goes first
     db.cached.clear()
     a, b = db.ffn(0, 2), db.attention(0, 1)
@@ -112,7 +115,7 @@ def test_stitched_model_runs_the_variants_and_scores_kl_per_token(setup):
     other = net.run([0, 2, 0], [0, 0, 7], 1, states[1])  # layer 0's removals are not re-applied from layer 1
     assert net.kl(other[-1], list(range(5))) == pytest.approx(_kl(model, db, [1, 2, 0], [5, 0, 7], fitness), rel=1e-4)
     assert net.kl(net.run([0] * 3, [0] * 3)[-1][[0, 2]], [0, 2]) == pytest.approx(0.0, abs=1e-7)
-    one = autoschedule.StitchedModel(model, db, fitness, device="cpu")  # batches of 8 by default: one batch
+    one = autoschedule.StitchedModel(model, db, fitness)  # batches of 8 by default: one batch; device "auto"
     assert one.bs == 8 and len(one.dense_logp) == 1
 
 
@@ -143,12 +146,20 @@ def _budget(setup, remove, levels=8):
 def test_ffn_fill_just_meets_the_budget_left_after_the_heads(setup, kind):
     b = _budget(setup, 9000)
     heads = [0.25, 0.25, 0.5]
+    b.remove = b.removed_params(b.from_ratios(heads, layer_ratios(3, 0.3, kind, 2.0)))  # met exactly at some mean
     ffn = autoschedule._ffn_fill(b, heads, kind, S(shape=2.0))
     mean = sum(ffn) / 3
-    assert ffn == pytest.approx(layer_ratios(3, mean, kind, 2.0), abs=1e-12)
-    assert b.removed_params(b.from_ratios(heads, ffn)) >= 9000
+    assert b.removed_params(b.from_ratios(heads, ffn)) >= b.remove
     # the smallest such mean, to the bisection's precision (0.95 / 2³⁰)
-    assert b.removed_params(b.from_ratios(heads, layer_ratios(3, mean - 2e-9, kind, 2.0))) < 9000
+    assert b.removed_params(b.from_ratios(heads, layer_ratios(3, mean - 2e-9, kind, 2.0))) < b.remove
+    lo, hi = 0.0, 0.95  # the 30 halvings of [0, 0.95], written out
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if b.removed_params(b.from_ratios(heads, layer_ratios(3, mid, kind, 2.0))) >= b.remove:
+            hi = mid
+        else:
+            lo = mid
+    assert ffn == layer_ratios(3, hi, kind, 2.0)
     default = autoschedule._ffn_fill(b, heads, kind, S())  # shape 4
     assert default == pytest.approx(layer_ratios(3, sum(default) / 3, kind, 4.0), abs=1e-12)
     # no FFN ratio meets the budget: the highest mean the schedule can give, as a uniform list where the schedule
@@ -278,6 +289,7 @@ def _reference_search(model, tokens, fitness, settings, mc, starts=None):
     (S(ratio=0.2, generations=6, offspring=4, survivors=2, screen_samples=2, ffn_levels=8, device="cpu"), None),
     (S(target_params=None, ratio=0.45, generations=5, offspring=3, survivors=1, screen_samples=9, ffn_levels=5,
        shape=2.0, seed=3, ceiling=0.8, damp=0.05, device="cpu"), {"mine": ([0.1, 0.2, 0.3], [0.3, 0.3, 0.3])}),
+    (S(ratio=0.7, generations=2, offspring=2, ffn_levels=8, device="cpu"), None),  # heads×1.5 capped at 0.95
 ])
 def test_search_is_the_plain_one_plus_lambda_search(setup, settings, starts):
     model, tokens, fitness, mc = setup
@@ -291,7 +303,10 @@ def test_search_is_the_plain_one_plus_lambda_search(setup, settings, starts):
     assert [h for h, _ in result.history] == list(range(settings.generations + 1))
     assert [k for _, k in result.history] == pytest.approx(ref["history"], rel=1e-4)
     assert result.kl == result.history[-1][1] and result.kl == pytest.approx(ref["kl"], rel=1e-4)
-    assert len(set(k for _, k in result.history)) > 1  # the search improved on its start
+    if settings.ratio < 0.5:
+        assert len(set(k for _, k in result.history)) > 1  # the search improved on its start
+    else:  # balance 1.5 asks more than 0.95 of the heads: capped there (uniform), not refused
+        assert "uniform heads×1.5" in result.baselines
     assert result.evaluations == ref["evaluations"] and result.generations == settings.generations
     kv, ch = ref["parent"][:n].tolist(), b.exact_channels(ref["parent"])
     assert result.keep_heads == [(4 - k) * 2 for k in kv] and result.keep_ffn == [40 - c for c in ch]
@@ -377,3 +392,121 @@ def test_auto_job_samples_database_and_fitness_windows(setup, monkeypatch):
     with pytest.raises(PruningCancelled, match="statistics were cancelled"):  # should_stop reaches the search
         autoschedule.auto_job(loaded, "tinystories", 6, 16, 4, settings, should_stop=lambda: True)
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_search_times_itself_on_its_own_clock(setup, monkeypatch):
+    """A fake clock that ticks 1 s per reading: the elapsed times and the time limit are then exact."""
+    from types import SimpleNamespace
+    model, tokens, fitness, mc = setup
+    ticks = iter(range(10_000, 20_000))
+    monkeypatch.setattr(autoschedule, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    events = []
+    # readings: start, database, baselines, generation 0, then per generation the limit check and its event
+    result = autoschedule.search(model, tokens, fitness, S(ratio=0.2, generations=9, offspring=2, max_seconds=8,
+                                                           ffn_levels=8, device="cpu"), events.append, curves=mc)
+    # generation 3's check reads 8 s: not over 8; generation 4's reads 10 s
+    assert result.generations == 3 and not result.stopped
+    assert [e.elapsed_s for e in events] == [1, 2, 3, 5, 7, 9, 11] and result.seconds == 11
+
+
+def test_search_puts_the_model_on_its_device_and_auto_job_back(setup, monkeypatch):
+    from types import SimpleNamespace
+    model, tokens, fitness, mc = setup
+    moves, to = [], model.to
+
+    def recording(*args, **kwargs):
+        moves.append((args, kwargs))
+        return to(*args, **kwargs)
+    monkeypatch.setattr(model, "to", recording)
+    monkeypatch.setattr(autoschedule, "error_curves", lambda *a, **k: mc)
+    import slimgpt_core.data
+    monkeypatch.setattr(slimgpt_core.data, "calibration_tokens", lambda tok, calib, n, seqlen, seed: tokens[:n, :seqlen])
+    autoschedule.auto_job(SimpleNamespace(model=model, tokenizer="tok"), "tinystories", 6, 16, 0,
+                          S(ratio=0.2, generations=1, offspring=1, ffn_levels=8, device="cpu"))
+    assert moves == [((torch.device("cpu"),), {}), ((torch.device("cpu"),), {})]  # the search's, then home
+
+
+def test_ceilings_count_whole_units_despite_rounding():
+    """0.29 × 100 is 28.999… in floating point: the ceiling still allows 29 channels."""
+    mc = ModelCurves([LayerCurves(n_kv=100, heads_per_unit=1, n_ffn=100, head_errors=[0.0] * 100,
+                                  head_order=list(range(99)), ffn_counts=[0, 99], ffn_errors=[0.0, 1.0],
+                                  ffn_order=list(range(99)), attn_energy=1.0, mlp_energy=1.0)])
+    b = autoschedule.Budget(mc, [10], [3], 100, 0.29, 100)
+    assert b.max_head == [29] and b.max_ffn_ch == [29] and b.step == [1]
+    assert autoschedule.Budget(mc, [10], [3], 29 * 13, 0.29, 100).remove == 377  # exactly the most it can remove
+
+
+def test_budget_boundaries_and_orders(setup):
+    from slimgpt_core.schedules.curves import ModelCurves as MC
+    from test_schedule_mutants import _lc
+    mc = MC([_lc(n_kv=4, n_ffn=10), _lc(n_kv=2, n_ffn=7, head_errors=[0.0, 0.5])])
+    b = autoschedule.Budget(mc, [100, 60], [7, 5], 370, 0.9, 4)  # steps of 3 and 2 channels
+    # the excess goes back from the layer with the most channels first: 404 − 370 = 34 → 6 × 5, then 0 × 7
+    assert b.exact_channels(np.array([3, 1, 2, 6])) == [2, 0]
+    g = np.array([1, 0, 3, 2])
+    b.remove = b.removed_params(g)
+    for m in range(4):  # one move up from the budget, lowered back exactly onto it when only m may move
+        up = g.copy()
+        up[m] = b.moved(g, m, 1)
+        assert b.repair(up, np.random.default_rng(m), frozen=[j for j in range(4) if j != m]).tolist() == g.tolist()
+    b.remove += 1  # one parameter short: one module raised by one move
+    r = b.repair(g, np.random.default_rng(0), frozen=range(4))
+    assert any(r.tolist() == [*g[:m], b.moved(g, m, 1), *g[m + 1:]] for m in range(4))
+    # the raise picks uniformly among the modules below their ceiling (module 0 at its ceiling is never picked)
+    start = np.array([3, 0, 0, 0])
+    b.remove = 400
+    for seed in range(20):
+        rng, mine = np.random.default_rng(seed), np.random.default_rng(seed)
+        out = b.repair(start, rng, frozen=range(4))
+        ref, r = start.copy(), b.removed_params(start)
+        while r < 400:
+            m = int(mine.choice([m for m in range(4) if ref[m] < b.maximum[m]]))
+            ref[m] = b.moved(ref, m, 1)
+            r = b.removed_params(ref)
+        assert out.tolist() == ref.tolist()
+
+
+def test_search_asks_its_parts_for_its_own_settings(setup, monkeypatch, tmp_path):
+    model, tokens, fitness, mc = setup
+    monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
+    asked = []
+    stitched = autoschedule.StitchedModel
+
+    def curves_of(*args, **kwargs):
+        asked.append(("curves", args, kwargs))
+        return mc
+
+    def stitched_of(*args, **kwargs):
+        asked.append(("stitched", args, kwargs))
+        return stitched(*args, **kwargs)
+    monkeypatch.setattr(autoschedule, "error_curves", curves_of)
+    monkeypatch.setattr(autoschedule, "StitchedModel", stitched_of)
+    stop = lambda: False  # noqa: E731
+    result = autoschedule.search(model, tokens, fitness, S(ratio=0.2, generations=0, damp=0.03, batch_size=3,
+                                                           device="cpu"), should_stop=stop)
+    assert asked[0] == ("curves", (model, tokens, 0.03, 3, "cpu"), {"should_stop": stop})
+    assert asked[1][0] == "stitched" and asked[1][1][2:] == (fitness, 3, "cpu") and asked[1][2] == {}
+    assert result.generations == 0 and len(result.history) == 1 and not result.stopped
+
+
+def test_ties_keep_the_first_start_and_the_parent(setup, monkeypatch):
+    """With every candidate scoring the same KL, the first start wins and no child replaces the parent."""
+    model, tokens, fitness, mc = setup
+    monkeypatch.setattr(autoschedule.StitchedModel, "kl", lambda self, final, samples: 0.5)
+    result = autoschedule.search(model, tokens, fitness, S(ratio=0.2, generations=3, offspring=3, ffn_levels=8,
+                                                           device="cpu"), curves=mc, starts={"first": ([0.1] * 3, [0.2] * 3)})
+    b = _budget(setup, autoschedule.removal_budget(model, S(ratio=0.2))[2])
+    g = b.repair(b.from_ratios([0.1] * 3, [0.2] * 3), np.random.default_rng(0))
+    assert result.start == "first" and result.history == [(k, 0.5) for k in range(4)]
+    assert result.head_ratios == [k / 4 for k in g[:3]] and result.keep_ffn == [40 - c for c in b.exact_channels(g)]
+
+
+def test_stitched_model_runs_a_half_precision_model(setup):
+    import copy
+    model, tokens, fitness, mc = setup
+    db = autoschedule.VariantDatabase(model, mc, tokens, device="cpu")
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    net = autoschedule.StitchedModel(half, db, fitness, device="cpu")
+    final = net.run([1, 2, 0], [3, 0, 9])[-1]
+    assert final.dtype == torch.bfloat16
+    assert net.kl(final, list(range(5))) == pytest.approx(_kl(model, db, [1, 2, 0], [3, 0, 9], fitness), rel=0.2)

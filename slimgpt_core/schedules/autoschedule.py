@@ -236,7 +236,7 @@ class VariantDatabase:
             W = remove_units(Wd, Hi_d, torch.tensor(sorted(lc.ffn_order[:count]), dtype=torch.long))
         self.cached[key] = W
         if len(self.cached) > self.max_cached:
-            self.cached.popitem(False)  # the least recently used
+            del self.cached[next(iter(self.cached))]  # the least recently used
         return W
 
 

@@ -420,7 +420,8 @@ def test_search_puts_the_model_on_its_device_and_auto_job_back(setup, monkeypatc
     monkeypatch.setattr(model, "to", recording)
     monkeypatch.setattr(autoschedule, "error_curves", lambda *a, **k: mc)
     import slimgpt_core.data
-    monkeypatch.setattr(slimgpt_core.data, "calibration_tokens", lambda tok, calib, n, seqlen, seed: tokens[:n, :seqlen])
+    monkeypatch.setattr(slimgpt_core.data, "calibration_tokens",
+                        lambda tok, calib, n, seqlen, seed: tokens[:n, :seqlen])
     autoschedule.auto_job(SimpleNamespace(model=model, tokenizer="tok"), "tinystories", 6, 16, 0,
                           S(ratio=0.2, generations=1, offspring=1, ffn_levels=8, device="cpu"))
     assert moves == [((torch.device("cpu"),), {}), ((torch.device("cpu"),), {})]  # the search's, then home
@@ -493,8 +494,8 @@ def test_ties_keep_the_first_start_and_the_parent(setup, monkeypatch):
     """With every candidate scoring the same KL, the first start wins and no child replaces the parent."""
     model, tokens, fitness, mc = setup
     monkeypatch.setattr(autoschedule.StitchedModel, "kl", lambda self, final, samples: 0.5)
-    result = autoschedule.search(model, tokens, fitness, S(ratio=0.2, generations=3, offspring=3, ffn_levels=8,
-                                                           device="cpu"), curves=mc, starts={"first": ([0.1] * 3, [0.2] * 3)})
+    settings = S(ratio=0.2, generations=3, offspring=3, ffn_levels=8, device="cpu")
+    result = autoschedule.search(model, tokens, fitness, settings, curves=mc, starts={"first": ([0.1] * 3, [0.2] * 3)})
     b = _budget(setup, autoschedule.removal_budget(model, S(ratio=0.2))[2])
     g = b.repair(b.from_ratios([0.1] * 3, [0.2] * 3), np.random.default_rng(0))
     assert result.start == "first" and result.history == [(k, 0.5) for k in range(4)]

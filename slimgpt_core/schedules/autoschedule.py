@@ -192,8 +192,8 @@ class Budget:
 # --- variants and the stitched forward -------------------------------------------------------------------------
 
 def remove_units(W: torch.Tensor, Hinv: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """W after one group-OBS removal of `cols` (δW = −W_Q (H⁻¹_QQ)⁻¹ H⁻¹_{Q,:}), removed columns zero (no `cols`:
-    a copy of W, the empty factorisation changes nothing)."""
+    """W after one group-OBS removal of `cols` (δW = −W_Q (H⁻¹_QQ)⁻¹ H⁻¹_{Q,:}), removed columns zero
+    (no `cols`: a copy of W, the empty factorisation changes nothing)."""
     L = torch.linalg.cholesky(Hinv[cols][:, cols])
     out = W - W[:, cols] @ torch.cholesky_solve(Hinv[cols, :], L)
     out[:, cols] = 0.0

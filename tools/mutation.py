@@ -43,6 +43,7 @@ FAST_TESTS = {
     "schedules.curves": ["test_schedule_mutants.py"],
     "methods.activations": ["test_preview.py", "test_obs.py"],
     "methods.statistics": ["test_preview.py"],
+    "schedules.autoschedule": ["test_schedule_mutants.py", "test_autoschedule_mutants.py"],
 }
 # tests of a mapped file that take too long to run once per mutant (deselected from every mutmut run)
 SLOW_TESTS = ["test_shear.py::test_expected_sizes_reach_the_target_within_200_steps"]

@@ -121,7 +121,7 @@ class Budget:
         self.max_head = [min(lc.n_kv - 1, int(ceiling * lc.n_kv + 1e-9)) for lc in curves.layers]
         self.max_ffn_ch = [min(lc.n_ffn - 1, int(ceiling * lc.n_ffn + 1e-9)) for lc in curves.layers]
         self.maximum = np.array(self.max_head + self.max_ffn_ch)
-        self.cost = np.array(head_cost + ffn_cost, dtype=np.int64)
+        self.cost = np.array(head_cost + ffn_cost)  # Python ints: int64
         self.head_cost, self.ffn_cost = head_cost, ffn_cost
         if self.removed_params(self.maximum) < remove:
             raise SlimGPTError(f"cannot remove {remove:,} parameters within a ceiling of {ceiling:.0%} per layer "
@@ -131,7 +131,7 @@ class Budget:
         return [int(c) for c in g[self.n:]]
 
     def removed_params(self, g: np.ndarray) -> int:
-        return int((g.astype(np.int64) * self.cost).sum())
+        return int(g @ self.cost)  # int64 genomes and costs
 
     def moved(self, g: np.ndarray, m: int, direction: int) -> int:
         """Module m's value after one move up (+1) or down (−1)."""
@@ -175,7 +175,7 @@ class Budget:
              enumerate(zip(self.curves.layers, head_ratios))]
         g += [min(units_to_remove(lc.n_ffn, r), self.max_ffn_ch[i]) for i, (lc, r) in
               enumerate(zip(self.curves.layers, ffn_ratios))]
-        return np.array(g, dtype=np.int64)
+        return np.array(g)
 
     def exact_channels(self, g: np.ndarray) -> list[int]:
         """FFN channels per layer with the excess over the budget given back one channel at a time, so the
@@ -192,9 +192,8 @@ class Budget:
 # --- variants and the stitched forward -------------------------------------------------------------------------
 
 def remove_units(W: torch.Tensor, Hinv: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """W after one group-OBS removal of `cols` (δW = −W_Q (H⁻¹_QQ)⁻¹ H⁻¹_{Q,:}), removed columns zero."""
-    if cols.numel() == 0:
-        return W.clone()
+    """W after one group-OBS removal of `cols` (δW = −W_Q (H⁻¹_QQ)⁻¹ H⁻¹_{Q,:}), removed columns zero
+    (no `cols`: a copy of W, the empty factorisation changes nothing)."""
     L = torch.linalg.cholesky(Hinv[cols][:, cols])
     out = W - W[:, cols] @ torch.cholesky_solve(Hinv[cols, :], L)
     out[:, cols] = 0.0
@@ -237,7 +236,7 @@ class VariantDatabase:
             W = remove_units(Wd, Hi_d, torch.tensor(sorted(lc.ffn_order[:count]), dtype=torch.long))
         self.cached[key] = W
         if len(self.cached) > self.max_cached:
-            self.cached.popitem(last=False)
+            del self.cached[next(iter(self.cached))]  # the least recently used
         return W
 
 
@@ -323,8 +322,10 @@ def search(model, tokens: torch.Tensor, fitness_tokens: torch.Tensor, settings: 
     `starts`: more starting schedules (name → head ratios, FFN ratios), e.g. log/linear/uniform at the requested
     ratio; each is fitted to the budget and scored with the built-in log/linear/uniform × head balances."""
     t0 = time.perf_counter()
-    emit = callback or (lambda e: None)
-    stop = should_stop or (lambda: False)
+    def emit(event):
+        if callback is not None:
+            callback(event)
+    stop = should_stop or bool  # bool() is False
     rng = np.random.default_rng(settings.seed)
     before, target, remove = removal_budget(model, settings)
     curves = curves or error_curves(model, tokens, settings.damp, settings.batch_size, settings.device,
@@ -332,7 +333,7 @@ def search(model, tokens: torch.Tensor, fitness_tokens: torch.Tensor, settings: 
     head_cost, ffn_cost = unit_costs(model)
     budget = Budget(curves, head_cost, ffn_cost, remove, settings.ceiling, settings.ffn_levels)
     n = budget.n
-    emit(SearchProgress(0, float("nan"), float("nan"), 0, time.perf_counter() - t0, [], [], "database"))
+    emit(SearchProgress(0, math.nan, math.nan, 0, time.perf_counter() - t0, [], [], "database"))
     db = VariantDatabase(model, curves, tokens, settings.damp, settings.batch_size, settings.device, should_stop)
     net = StitchedModel(model, db, fitness_tokens, settings.batch_size, settings.device)
     all_samples = list(range(fitness_tokens.shape[0]))
@@ -352,9 +353,8 @@ def search(model, tokens: torch.Tensor, fitness_tokens: torch.Tensor, settings: 
         return net.kl(states[-1], all_samples), states
 
     # starting points: log / linear / uniform at several head-vs-FFN balances, fitted to the budget
-    emit(SearchProgress(0, float("nan"), float("nan"), 0, time.perf_counter() - t0, [], [], "baselines"))
-    layer_share = remove / max(1, sum(h * lc.n_kv + f * lc.n_ffn for h, f, lc in
-                                      zip(head_cost, ffn_cost, curves.layers)))
+    emit(SearchProgress(0, math.nan, math.nan, 0, time.perf_counter() - t0, [], [], "baselines"))
+    layer_share = remove / sum(h * lc.n_kv + f * lc.n_ffn for h, f, lc in zip(head_cost, ffn_cost, curves.layers))
     candidates = dict(starts or {})
     for kind in BASE_SCHEDULES:
         for balance in HEAD_BALANCES:
@@ -382,14 +382,11 @@ def search(model, tokens: torch.Tensor, fitness_tokens: torch.Tensor, settings: 
             stopped = stop()
             generation -= 1
             break
-        screen = sorted(rng.choice(all_samples, min(settings.screen_samples, len(all_samples)), replace=False).tolist())
+        screen = sorted(rng.choice(all_samples, min(settings.screen_samples, len(all_samples)), False).tolist())
         scored = []
         for _ in range(settings.offspring):
-            child = budget.mutate(parent, rng)
-            changed = np.nonzero((child[:n] != parent[:n]) | (child[n:] != parent[n:]))[0]
-            if changed.size == 0:
-                continue
-            first = int(changed.min())
+            child = budget.mutate(parent, rng)  # differs from the parent: the modules it raises stay raised
+            first = int(np.nonzero((child[:n] != parent[:n]) | (child[n:] != parent[n:]))[0].min())
             kv, ch = decode(child)
             x = parent_states[first][screen]
             states = net.run(kv, ch, first, x)
@@ -438,7 +435,7 @@ def _ffn_fill(budget: Budget, head_ratios: Sequence[float], kind: str, settings:
     try:
         return layer_ratios(budget.n, hi, kind, settings.shape)
     except SlimGPTError:
-        return [min(0.95, hi)] * budget.n
+        return [hi] * budget.n  # hi ≤ 0.95
 
 
 def auto_job(loaded, calib: str, nsamples: int, seqlen: int, seed: int, settings: AutoSettings,

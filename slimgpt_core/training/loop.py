@@ -172,16 +172,23 @@ def train(model, batches: Iterator[dict[str, torch.Tensor]], steps: int, optim: 
     return result
 
 
-def trained_report(model, source_report=None, source: str = ""):
+def trained_report(model, source_report=None, source: str = "", kind: str = "", record: dict | None = None):
     """The report a model trained after pruning starts from: a copy of its source run's report (its pruning
-    history), or a fresh one naming `source` when it has none (a dense model)."""
+    history), or a fresh one naming `source` when it has none (a dense model). With `kind` ("recovery",
+    "pretrain") the training's `record` is set there, an earlier record of that kind kept as `previous_<kind>`."""
     import copy
 
     from slimgpt_core.events import PruneReport
     from slimgpt_core.methods.surgery import count_parameters
 
     if source_report is not None:
-        return copy.deepcopy(source_report)
-    n, n_layers = count_parameters(model), count_parameters(model.model.layers)
-    return PruneReport(model=source, settings={}, head_ratios=[], ffn_ratios=[], params_before=n, params_after=n,
-                       layer_params_before=n_layers, layer_params_after=n_layers)
+        report = copy.deepcopy(source_report)
+    else:
+        n, n_layers = count_parameters(model), count_parameters(model.model.layers)
+        report = PruneReport(model=source, settings={}, head_ratios=[], ffn_ratios=[], params_before=n,
+                             params_after=n, layer_params_before=n_layers, layer_params_after=n_layers)
+    if kind:
+        if getattr(report, kind, None):
+            record[f"previous_{kind}"] = getattr(report, kind)
+        setattr(report, kind, record)
+    return report

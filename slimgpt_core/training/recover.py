@@ -300,11 +300,7 @@ def recover(model, tokenizer, settings: RecoverSettings, callback: Callable | No
 
 def recovered_report(result: RecoverResult, source_report=None, source: str = ""):
     """The source run's report (its pruning history) with the recovery recorded; a fresh one for a dense model."""
-    report = trained_report(result.model, source_report, source)
-    record = result.record(source)
-    if getattr(report, "recovery", None):
-        record["previous_recovery"] = report.recovery
-    report.recovery = record
+    report = trained_report(result.model, source_report, source, "recovery", result.record(source))
     for key, value in (("recovery_ppl_before", result.ppl_before), ("recovery_ppl_after", result.ppl_after)):
         if value is not None:
             report.evaluation[key] = value

@@ -395,11 +395,7 @@ TEXTS = {"tinystories": "TinyStories asset, last 1/5 of its tokens (never traine
 
 def pretrained_report(result: PretrainResult, source_report=None, source: str = ""):
     """The source run's report (its pruning history) with the continued pre-training recorded."""
-    report = trained_report(result.model, source_report, source)
-    record = result.record(source)
-    if getattr(report, "pretrain", None):
-        record["previous_pretrain"] = report.pretrain
-    report.pretrain = record
+    report = trained_report(result.model, source_report, source, "pretrain", result.record(source))
     for when, values in (("before", result.ppl_before), ("after", result.ppl_after)):
         for name, value in values.items():
             report.evaluation[f"pretrain_ppl_{when}_{name}"] = value

@@ -299,3 +299,13 @@ def test_trained_report_copies_the_source_or_starts_fresh(model):
     source.settings = {"method": "slimgpt", "nested": [1]}
     copied = loop.trained_report(model, source, "ignored")
     assert copied == source and copied is not source and copied.settings is not source.settings
+
+
+def test_a_second_training_keeps_the_first_record_as_previous(model):
+    first = loop.trained_report(model, None, "dense-tiny", "recovery", {"steps": 3})
+    assert first.recovery == {"steps": 3} and first.pretrain is None
+    second = loop.trained_report(model, first, "run-a", "recovery", {"steps": 5})
+    assert second.recovery == {"steps": 5, "previous_recovery": {"steps": 3}}
+    assert first.recovery == {"steps": 3}  # the source run's report is not touched
+    other = loop.trained_report(model, second, "run-b", "pretrain", {"tokens": 7})
+    assert other.pretrain == {"tokens": 7} and other.recovery == second.recovery  # kinds chain separately

@@ -8,7 +8,10 @@ in a temporary git worktree, and both trees prune the same model on the same cal
 processes, alternating, several repeats; prints the median time ratio (this tree / that commit), the phase
 tables, peak memory and whether the results are identical (removed units, errors, perplexity):
 
-    python bench/prune_bench.py --against [COMMIT] [--modes accumulation,no-accumulation] [--repeats 3]
+    python bench/prune_bench.py --against [COMMIT] [--modes accumulation,no-accumulation] [--repeats 3] [--flops]
+
+--flops also counts both trees' matrix-product FLOPs (torch's FlopCounterMode, one extra run each) and prints the
+floor they set: this tree's FLOPs at the best matrix-product rate the machine reaches, over the base's time.
 """
 from __future__ import annotations
 
@@ -76,10 +79,18 @@ def worker(args) -> None:
                              track_accumulation=MODES[args.mode])
     rss_before = _rss_peak_mb()
     reset = _rss_peak_reset()
+    counter = None
+    if args.flops:  # the matrix products' floating-point operations (the counter slows the run: time not used)
+        from torch.utils.flop_counter import FlopCounterMode
+        counter = FlopCounterMode(display=False)
+        counter.__enter__()
     t0 = time.perf_counter()
     report = prune_model(model, calib, settings, use_cache=False)
     wall = time.perf_counter() - t0
+    if counter is not None:
+        counter.__exit__(None, None, None)
     out = {"tree": args.tree, "mode": args.mode, "seconds": wall, "phases": report.phase_seconds,
+           "matmul_flops": counter.get_total_flops() if counter is not None else None,
            "peak_rss_mb": _rss_peak_mb() if reset else report.peak_memory_mb, "rss_before_mb": rss_before,
            "heads_removed": [h.removed for h in report.heads],
            "units_removed": [(m.module, m.units_removed) for m in report.modules],
@@ -97,12 +108,12 @@ def worker(args) -> None:
 
 # ---------------------------------------------------------------------------------------- side by side comparison
 
-def _run_worker(tree: Path, calib_file: Path, mode: str, args, windows: int) -> dict:
+def _run_worker(tree: Path, calib_file: Path, mode: str, args, windows: int, flops: bool = False) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result = Path(f.name)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--tree", str(tree), "--calib-file",
            str(calib_file), "--mode", mode, "--result", str(result), "--model", args.model, "--ratio",
-           str(args.ratio), "--schedule", args.schedule, "--windows", str(windows)]
+           str(args.ratio), "--schedule", args.schedule, "--windows", str(windows)] + (["--flops"] if flops else [])
     subprocess.run(cmd, check=True)
     out = json.loads(result.read_text())
     result.unlink()
@@ -157,6 +168,10 @@ def against(args) -> None:
                         print(f"{mode} repeat {r + 1}/{args.repeats} {who}: {out['seconds']:.1f} s, "
                               f"peak RSS {out['peak_rss_mb']:.0f} MB", flush=True)
                 rows[mode] = _summary(mode, runs)
+                if args.flops:
+                    rows[mode]["floor"] = _floor(mode, {who: _run_worker(tree, calib_file, mode, args, 0, True)
+                                                         for who, tree in (("new", ROOT), ("old", old_tree))},
+                                                 rows[mode])
             if args.json:
                 Path(args.json).write_text(json.dumps(rows, indent=1))
         finally:
@@ -181,6 +196,36 @@ def _summary(mode: str, runs: dict) -> dict:
           f"(process before pruning: {row['rss_before_prune_mb']:.0f} MB)")
     print(f"perplexity: new {row['ppl_new']}, old {row['ppl_old']}; identical: {same}", flush=True)
     return row
+
+
+def matmul_rate() -> float:
+    """The best fp32 matrix-product rate (FLOP/s) this process reaches, on layer-shaped and large square products:
+    no implementation of a given number of matrix-product FLOPs runs faster than FLOPs / this rate."""
+    import torch
+    best = 0.0
+    for m, k, n in ((2048, 576, 1536), (2048, 1536, 576), (576, 2048, 576), (2048, 2048, 2048)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        best = max(best, 10 * 2 * m * k * n / (time.perf_counter() - t0))
+    return best
+
+
+def _floor(mode: str, counted: dict, row: dict) -> dict:
+    """The matrix-product FLOPs of both trees and the time ratio no implementation of this tree's FLOPs can beat
+    on this machine (its FLOPs at the best matrix-product rate, over the base's median time)."""
+    rate = matmul_rate()
+    new, old = counted["new"]["matmul_flops"], counted["old"]["matmul_flops"]
+    floor_s = new / rate
+    out = {"matmul_flops_new": new, "matmul_flops_old": old, "flop_ratio": new / old,
+           "matmul_rate_gflops": rate / 1e9, "floor_seconds": floor_s,
+           "floor_ratio": floor_s / statistics.median(row["seconds_old"])}
+    print(f"{mode}: matrix-product FLOPs new {new / 1e12:.2f} T, old {old / 1e12:.2f} T (ratio {new / old:.3f}); "
+          f"best matrix-product rate here {rate / 1e9:.0f} GFLOP/s, so this tree needs at least {floor_s:.1f} s: "
+          f"{out['floor_ratio']:.3f}x the base's median time", flush=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ plain benchmark
@@ -240,6 +285,8 @@ def main() -> None:
     ap.add_argument("--modes", default="accumulation,no-accumulation")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ratio", type=float, default=0.2, help="with --against")
+    ap.add_argument("--flops", action="store_true", help="with --against: also count both trees' matrix-product "
+                    "FLOPs (one more run each) and print the time ratio they allow at best on this machine")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tree", help=argparse.SUPPRESS)
     ap.add_argument("--calib-file", help=argparse.SUPPRESS)

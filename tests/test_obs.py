@@ -310,6 +310,17 @@ def test_relative_error_of_a_silent_layer_is_zero():
     assert obs.relative_error(small, torch.zeros(1, 3), H) == pytest.approx(1.0)
 
 
+def test_relative_error_uses_a_given_denominator():
+    W, X = _problem(seed=11)
+    H = _hessian(X)
+    W2 = W * 0.9
+    by_hand = float(((W2 - W) @ X.T).pow(2).sum() / (W @ X.T).pow(2).sum())  # ‖ΔW X‖² / ‖W X‖², H ∝ X Xᵀ
+    assert obs.relative_error(W, W2, H) == pytest.approx(by_hand, rel=1e-4)
+    denom = obs.quadratic_error(W, H)
+    assert obs.relative_error(W, W2, H, denom) == obs.relative_error(W, W2, H)
+    assert obs.relative_error(W, W2, H, 2 * denom) == pytest.approx(by_hand / 2, rel=1e-4)
+
+
 def test_defaults_and_error_sentences():
     W, X = _problem(seed=10)
     H = _hessian(X)

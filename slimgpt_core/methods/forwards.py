@@ -178,19 +178,30 @@ def capture_attention_inputs(layer, x: torch.Tensor, kwargs: dict, batch_size: i
 
 
 class _Replayed:
-    """While active, `module` returns `result()` instead of computing; the surrounding layer runs as usual."""
+    """While active, `module` returns `result()` instead of computing; the surrounding layer runs as usual. The
+    norm that only feeds `module` (`_FEEDS`) passes its input through meanwhile: its output would be ignored."""
 
-    def __init__(self, module: torch.nn.Module | None, result):
-        self.module, self.result = module, result
+    def __init__(self, layer: torch.nn.Module, name: str, result, active: bool = True):
+        self.modules = [getattr(layer, name), getattr(layer, _FEEDS[name], None)] if active else []
+        self.result = result
 
     def __enter__(self):
-        if self.module is not None:
-            self.module.forward = lambda *args, **kwargs: self.result()
+        module, norm = self.modules or (None, None)
+        if module is not None:
+            module.forward = lambda *args, **kwargs: self.result()
+        if norm is not None:
+            norm.forward = lambda hidden_states: hidden_states
         return self
 
     def __exit__(self, *exc):
-        if self.module is not None:
-            del self.module.forward
+        for module in self.modules:
+            if module is not None:
+                del module.forward
+
+
+# the norm whose output only the module reads, in the decoder layers of every supported architecture (LLaMA,
+# Mistral, Qwen2: pre-norm, sequential attention then MLP)
+_FEEDS = {"self_attn": "input_layernorm", "mlp": "post_attention_layernorm"}
 
 
 def _select(chunk: torch.Tensor, columns: torch.Tensor | None, dev: torch.device) -> torch.Tensor:
@@ -200,24 +211,30 @@ def _select(chunk: torch.Tensor, columns: torch.Tensor | None, dev: torch.device
 
 def collect_mlp_inputs(layer, x: torch.Tensor, kwargs: dict, batch_size: int, attn_inputs: list[torch.Tensor],
                        columns: torch.Tensor | None, acc: obs.HessianAccumulator, where: torch.device | None = None,
-                       tf32: bool = False) -> list[torch.Tensor] | None:
+                       tf32: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
     """down_proj's statistics after head pruning without a second attention pass: the attention's output is the
-    (updated) o_proj applied to the kept heads' `columns` of its captured inputs. With `where`, down_proj's
-    inputs are kept there too, one chunk per micro-batch."""
+    (updated) o_proj applied to the kept heads' `columns` of its captured inputs. With `where`, the attention's
+    outputs and down_proj's inputs are kept there too, one chunk per micro-batch each (for `replay_outputs`)."""
     attn, dev = layer.self_attn, _layer_device(layer)
-    kept: list[torch.Tensor] | None = [] if where is not None else None
+    kept: tuple[list[torch.Tensor], list[torch.Tensor]] | None = ([], []) if where is not None else None
     current: dict[str, torch.Tensor] = {}
+
+    def attention():
+        y = attn.o_proj(current["z"])
+        if kept is not None:
+            kept[0].append(keep_on(y, where))
+        return y, None
 
     def hook(module, args):
         with _TF32(False):
             acc.add_batch(args[0])
         if kept is not None:
-            kept.append(keep_on(args[0], where))
+            kept[1].append(keep_on(args[0], where))
         raise _StopForward
 
     handle = layer.mlp.down_proj.register_forward_pre_hook(hook)
     try:
-        with torch.no_grad(), _TF32(tf32), _Replayed(attn, lambda: (attn.o_proj(current["z"]), None)):
+        with torch.no_grad(), _TF32(tf32), _Replayed(layer, "self_attn", attention):
             for k, s in enumerate(range(0, x.shape[0], batch_size)):
                 current["z"] = _select(attn_inputs[k], columns, dev)
                 try:
@@ -231,18 +248,25 @@ def collect_mlp_inputs(layer, x: torch.Tensor, kwargs: dict, batch_size: int, at
 
 
 def replay_outputs(layer, x: torch.Tensor, kwargs: dict, batch_size: int, attn_inputs: list[torch.Tensor],
-                   columns: torch.Tensor | None, out: torch.Tensor, mlp_inputs: list[torch.Tensor] | None = None,
-                   channels: torch.Tensor | None = None, tf32: bool = False) -> torch.Tensor:
-    """The pruned layer's outputs from its kept inputs: o_proj on the kept heads' columns, then the MLP (only
-    down_proj on the kept channels of its captured inputs when those are given)."""
+                   columns: torch.Tensor | None, out: torch.Tensor,
+                   kept: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+                   down_weight: torch.Tensor | None = None, tf32: bool = False) -> torch.Tensor:
+    """The pruned layer's outputs from what the earlier passes kept: when `kept` (from `collect_mlp_inputs`)
+    holds the attention's outputs and down_proj's inputs at full width, those outputs and `down_weight` (down_proj
+    updated at full width, removed columns zero: cheaper than taking the kept channels' columns of its inputs);
+    otherwise o_proj on the kept heads' columns of `attn_inputs` and the pruned MLP run again."""
     attn, mlp, dev = layer.self_attn, layer.mlp, _layer_device(layer)
     current: dict[str, torch.Tensor] = {}
-    with torch.no_grad(), _TF32(tf32), _Replayed(attn, lambda: (attn.o_proj(current["z"]), None)), \
-            _Replayed(mlp if mlp_inputs is not None else None, lambda: mlp.down_proj(current["a"])):
+    if kept is None:
+        attention = lambda: (attn.o_proj(_select(attn_inputs[current["k"]], columns, dev)), None)  # noqa: E731
+    else:
+        attention = lambda: (kept[0][current["k"]].to(dev, non_blocking=True), None)  # noqa: E731
+    with torch.no_grad(), _TF32(tf32), _Replayed(layer, "self_attn", attention), \
+            _Replayed(layer, "mlp", lambda: torch.nn.functional.linear(
+                kept[1][current["k"]].to(dev, non_blocking=True), down_weight, mlp.down_proj.bias),
+                      active=kept is not None):
         for k, s in enumerate(range(0, x.shape[0], batch_size)):
-            current["z"] = _select(attn_inputs[k], columns, dev)
-            if mlp_inputs is not None:
-                current["a"] = _select(mlp_inputs[k], channels, dev)
+            current["k"] = k
             y = layer(x[s:s + batch_size].to(dev, non_blocking=True), **kwargs)
             out[s:s + batch_size].copy_(y[0] if isinstance(y, tuple) else y, non_blocking=True)
     return out

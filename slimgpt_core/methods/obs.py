@@ -68,10 +68,12 @@ def quadratic_error(delta_w: torch.Tensor, H: torch.Tensor) -> float:
     return float(((d @ H) * d).sum())
 
 
-def relative_error(w_before: torch.Tensor, w_after: torch.Tensor, H: torch.Tensor) -> float:
-    """‖WX − ŴX‖² / ‖WX‖² on the calibration inputs whose statistics H holds (undamped H)."""
+def relative_error(w_before: torch.Tensor, w_after: torch.Tensor, H: torch.Tensor,
+                   denom: float | None = None) -> float:
+    """‖WX − ŴX‖² / ‖WX‖² on the calibration inputs whose statistics H holds (undamped H). `denom`: ‖WX‖² when
+    the caller has it already (a 576×1536 by 1536×1536 product for SmolLM2's down_proj)."""
     w0 = w_before.float()
-    denom = quadratic_error(w0, H)
+    denom = quadratic_error(w0, H) if denom is None else denom
     return quadratic_error(w_after.float() - w0, H) / denom if denom > 0 else 0.0
 
 

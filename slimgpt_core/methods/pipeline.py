@@ -179,7 +179,7 @@ def _prune_inputs(linear: torch.nn.Linear, H: torch.Tensor, group: int, n_remove
             res = obs.without_compensation(w0, H, res, group)
     linear.weight.data = res.weight.to(linear.weight.dtype)
     denom = obs.quadratic_error(w0, H)
-    return res, obs.relative_error(w0, res.weight, H), (res.predicted_error / denom if denom else 0.0)
+    return res, obs.relative_error(w0, res.weight, H, denom), (res.predicted_error / denom if denom else 0.0)
 
 
 @dataclass
@@ -197,8 +197,8 @@ def _layer_once(layer, i, st: _Streams, settings: PruneSettings, plan, emit, pha
     """Prune layer i running its attention once on the calibration stream (and once on the dense reference).
 
     The attention pass keeps o_proj's inputs; after head pruning the MLP statistics are the layer replayed from
-    the kept heads' columns with the updated o_proj, and so are the outputs, from down_proj's kept inputs when
-    they fit in memory (else the pruned MLP runs again). When the calibration stream is the dense one (layer 0,
+    the kept heads' columns with the updated o_proj, and so are the outputs, from the attention's outputs and
+    down_proj's inputs kept by that pass when they fit in memory (else o_proj and the pruned MLP run again). When the calibration stream is the dense one (layer 0,
     dense-input runs) the dense reference pass is the attention pass."""
     head_ratio, head_rm, ffn_ratio, ffn_rm = plan
     bs, tf32 = settings.batch_size, settings.tf32
@@ -228,21 +228,20 @@ def _layer_once(layer, i, st: _Streams, settings: PruneSettings, plan, emit, pha
     columns = None if head_rm == 0 else _unit_columns(kept_units, group, attn.o_proj.weight.device)
     if columns is not None and z is not None and z[0].device == columns.device:
         z, columns = [chunk.index_select(-1, columns) for chunk in z], None  # kept heads selected once
-    a = None
+    kept = None
     if H_mlp is None:
         t0 = phase(i, "mlp-stats")
         acc = obs.HessianAccumulator(mlp.down_proj.in_features, mlp.down_proj.weight.device)
-        keep_a = replay and fits(calib_in.shape[:-1].numel() * mlp.down_proj.in_features * calib_in.element_size(),
-                                  st.where)
-        a = collect_mlp_inputs(layer, calib_in, st.kwargs, bs, z, columns, acc, st.where if keep_a else None, tf32)
+        keep = replay and fits(calib_in.shape[:-1].numel() * (mlp.down_proj.in_features + calib_in.shape[-1])
+                                 * calib_in.element_size(), st.where)  # down_proj's inputs, the attention's outputs
+        kept = collect_mlp_inputs(layer, calib_in, st.kwargs, bs, z, columns, acc, st.where if keep else None, tf32)
         H_mlp = stats.store(i, "mlp", acc.H, dense and head_rm == 0)
         done("mlp-stats", t0)
-    kept_channels = _prune_mlp(layer, i, H_mlp, settings, ffn_ratio, ffn_rm, emit, phase, done)
+    down_weight = _prune_mlp(layer, i, H_mlp, settings, ffn_ratio, ffn_rm, emit, phase, done)
     if st.pruned_out is not None:
         t0 = phase(i, "outputs")
         if replay:
-            channels = None if ffn_rm == 0 else torch.as_tensor(kept_channels, device=mlp.down_proj.weight.device)
-            replay_outputs(layer, st.pruned_in, st.kwargs, bs, z, columns, st.pruned_out, a, channels, tf32)
+            replay_outputs(layer, st.pruned_in, st.kwargs, bs, z, columns, st.pruned_out, kept, down_weight, tf32)
         else:  # dense-input run: the pruned stream differs from the calibrated one
             run_layer(layer, st.pruned_in, st.kwargs, bs, st.pruned_out, tf32)
         done("outputs", t0)
@@ -288,16 +287,17 @@ def _prune_attention(layer, i, H, settings, ratio, n_remove, emit, phase, done) 
     return kept
 
 
-def _prune_mlp(layer, i, H, settings, ratio, n_remove, emit, phase, done) -> list[int]:
+def _prune_mlp(layer, i, H, settings, ratio, n_remove, emit, phase, done) -> torch.Tensor:
+    """Prune layer i's FFN channels; returns down_proj's updated weight at full width (removed columns zero)."""
     mlp = layer.mlp
     H = H.to(mlp.down_proj.weight.device)
     t0 = phase(i, "mlp-prune")
     n_ch = mlp.down_proj.in_features
     res, rel, predicted = _prune_inputs(mlp.down_proj, H, 1, n_remove, settings, lambda w: obs.prune_channels(
         w, H, n_remove, settings.damp, settings.ffn_group_floor, settings.ffn_group_ceiling))
-    kept = sorted(set(range(n_ch)) - set(res.removed))
-    keep_channels(layer, kept)
+    full_width = mlp.down_proj.weight.data
+    keep_channels(layer, sorted(set(range(n_ch)) - set(res.removed)))
     done("mlp-prune", t0)
     emit(_ffn_summary(i, res.first_scores, n_remove, res.steps))
     emit(ModuleMeasured(i, "mlp", n_ch, n_remove, ratio, rel, predicted, res.damping, time.perf_counter() - t0))
-    return kept
+    return full_width

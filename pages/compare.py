@@ -6,7 +6,7 @@ import streamlit as st
 
 from slimgpt_core.evaluation.compare import VARIANTS, figures, run_grid
 from slimgpt_core.evaluation.zeroshot import TASKS
-from ui.state import finished_job, job, require_model, submit
+from ui.state import finished_job, job, live_fragment, require_model, submit
 
 st.title("Compare")
 loaded = require_model()
@@ -49,4 +49,4 @@ def grid_view() -> None:
         st.plotly_chart(fig, key=f"cmp_{name}")
 
 
-st.fragment(run_every=1.0 if job("compare") and job("compare").running else None)(grid_view)()
+live_fragment(grid_view, "compare")

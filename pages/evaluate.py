@@ -6,7 +6,7 @@ from slimgpt_core.studio import evaluate
 from slimgpt_core.workspace.store import dense_evaluations_folder
 from slimgpt_core.evaluation.zeroshot import TASKS
 from ui import charts
-from ui.state import current_run, finished_job, job, require_model, run_model, runs, submit
+from ui.state import current_run, finished_job, job, live_fragment, require_model, run_model, runs, submit
 
 st.title("Evaluate")
 loaded = require_model()
@@ -73,5 +73,4 @@ def show_results() -> None:
         c2.plotly_chart(charts.evaluation_bars(results), key="eval_task_chart")
 
 
-running = bool(job("eval") and job("eval").running)  # after the button: a job it started counts
-st.fragment(run_every=1.0 if running else None)(show_results)()
+live_fragment(show_results, "eval")

@@ -5,7 +5,7 @@ import streamlit as st
 
 from slimgpt_core.assets import cache_root
 from slimgpt_core.studio import export_run
-from ui.state import current_run, finished_job, job, require_runs, submit
+from ui.state import current_run, finished_job, job, live_fragment, require_runs, submit
 
 st.title("Export")
 all_runs = require_runs()
@@ -23,14 +23,7 @@ if st.button("Export", type="primary", disabled=bool(job("export") and job("expo
     submit("export", export_run, run.path, folder, True, dtype, job_label=rid, heavy=False)
 
 
-polling = bool(job("export") and job("export").running)
-
-
 def show_export() -> None:
-    if polling and not job("export").running:
-        # the export ended while this fragment polled: stop polling, or the Download button is redrawn every
-        # second and a click can land on a button whose file was just replaced (no download starts)
-        st.rerun(scope="app")
     ej = finished_job("export", "Cancel export")
     if ej is None or ej.label != rid:
         return
@@ -53,4 +46,4 @@ def show_export() -> None:
             st.markdown(card.read_text().split("---", 2)[-1])
 
 
-st.fragment(run_every=1.0 if polling else None)(show_export)()
+live_fragment(show_export, "export")

@@ -3,7 +3,7 @@ column per model as the tokens come, with each model's tokens/s."""
 import streamlit as st
 
 from slimgpt_core.evaluation.generation import DEFAULT_PROMPTS, generate_side_by_side
-from ui.state import current_run, job, job_progress, require_model, runs, submit, take_result
+from ui.state import current_run, job, job_progress, live_fragment, require_model, runs, submit
 
 st.title("Generate")
 loaded = require_model()
@@ -59,9 +59,6 @@ def show_generations() -> None:
                             f" · {done.device}")
             elif streamed is not None:
                 col.caption(f"{streamed.new_tokens} tokens · {streamed.seconds:.1f} s")
-    if take_result(gj) and polling:
-        st.rerun(scope="app")  # the job ended while the page polled: stop polling
 
 
-polling = bool(job("generate") and job("generate").running)  # after the button: a job it started counts
-st.fragment(run_every=1.0 if polling else None)(show_generations)()
+live_fragment(show_generations, "generate")

@@ -8,7 +8,7 @@ from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.schedules.run_schedule import EDITOR_MAX_RATIO, run_schedule
 from slimgpt_core.studio import prune_to_workspace
 from ui import charts
-from ui.state import job, job_progress, require_model, require_runs, run_report, submit, take_result
+from ui.state import job, job_progress, live_fragment, require_model, require_runs, run_report, submit, take_result
 
 st.title("Inspect")
 all_runs = require_runs()
@@ -62,8 +62,7 @@ def twin_status() -> None:
         st.rerun(scope="app")
 
 
-tj_running = bool(job("twin") and job("twin").running)  # after the button: a job it started counts
-st.fragment(run_every=1.0 if tj_running else None)(twin_status)()
+live_fragment(twin_status, "twin")
 
 # per-layer detail
 st.subheader("Layer detail")

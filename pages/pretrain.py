@@ -8,7 +8,7 @@ from slimgpt_core.methods.shear.domains import DOMAINS
 from slimgpt_core.methods.shear.pretrain import PretrainSettings
 from slimgpt_core.methods.shear.pretrain_job import pretrain_to_workspace
 from ui import pretrain_charts
-from ui.state import job, job_progress, runs, submit, take_result
+from ui.state import job, job_progress, live_fragment, runs, submit, take_result
 
 st.title("Continued pre-training")
 st.caption("Train a pruned or sheared run further on a mix of C4, TinyStories and WikiText-2 (its validation split; "
@@ -58,7 +58,7 @@ def live() -> None:
 
 
 def show_job() -> None:
-    st.fragment(run_every=1.0 if job("pretrain") and job("pretrain").running else None)(live)()
+    live_fragment(live, "pretrain")
 
 
 all_runs = runs()

@@ -8,7 +8,7 @@ from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.schedules.schedule import layer_ratios
 from slimgpt_core.studio import head_importance, preview_schedule, prune_to_workspace
 from ui import charts
-from ui.state import job, job_progress, require_model, run_report, submit, take_result
+from ui.state import job, job_progress, live_fragment, require_model, run_report, submit, take_result
 
 st.title("Prune")
 loaded = require_model()
@@ -232,8 +232,7 @@ def whatif_jobs() -> None:
                    "The sliders hold its ratios: edit them freely.")
 
 
-whatif_busy = any(j is not None and j.running for j in (job("curves"), job("auto")))
-st.fragment(run_every=1.0 if whatif_busy else None)(whatif_jobs)()
+live_fragment(whatif_jobs, "curves", "auto")
 
 # --- head-importance preview from cached dense statistics -------------------------------------
 stats_key = repr((ss.model_spec, calib, int(nsamples), int(seqlen), int(seed), float(damp)))
@@ -309,5 +308,4 @@ def live_view() -> None:
         st.rerun()
 
 
-busy = any(j is not None and j.running for j in (job("stats"), job("prune")))
-st.fragment(run_every=1.0 if busy else None)(live_view)()
+live_fragment(live_view, "stats", "prune")

@@ -4,7 +4,7 @@ import streamlit as st
 from slimgpt_core.training.recover import RecoverSettings
 from slimgpt_core.studio import recover_to_workspace
 from ui import training_charts
-from ui.state import current_model, current_run, job, job_progress, require_runs, submit, take_result
+from ui.state import current_model, current_run, job, job_progress, live_fragment, require_runs, submit, take_result
 
 st.title("Recover")
 st.caption("LoRA through peft on q/k/v/o and gate/up/down, the SlimGPT paper's recipe by default (r 8, α 16, "
@@ -79,4 +79,4 @@ def live() -> None:
         st.rerun()
 
 
-st.fragment(run_every=1.0 if job("recover") and job("recover").running else None)(live)()
+live_fragment(live, "recover")

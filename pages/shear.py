@@ -12,7 +12,7 @@ from slimgpt_core.methods.shear.target import read_target, resolve_target, sourc
 from slimgpt_core.methods.shear.train import ShearSettings
 from slimgpt_core.methods.surgery import count_parameters
 from ui import shear_charts
-from ui.state import current_model, job, job_progress, run_model, runs, submit, take_result
+from ui.state import current_model, job, job_progress, live_fragment, run_model, runs, submit, take_result
 
 st.title("Shear")
 st.caption("Sheared-LLaMA (Xia et al., ICLR 2024): hard-concrete masks on layers, KV groups, query heads, FFN "
@@ -70,7 +70,7 @@ def live() -> None:
 
 def show_job() -> None:
     """The shear job's progress, curves and result, polled while it runs."""
-    st.fragment(run_every=1.0 if job("shear") and job("shear").running else None)(live)()
+    live_fragment(live, "shear")
 
 
 # --- source -------------------------------------------------------------------------------------------------------

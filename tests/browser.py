@@ -24,16 +24,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def studio_server(env: dict | None = None):
-    """A studio on a free port; its workspace is a fresh temporary folder unless `env` names one."""
+def studio_server(env: dict | None = None, script: Path = ROOT / "app.py"):
+    """A studio (or another Streamlit `script` of this repository) on a free port; its workspace is a fresh
+    temporary folder unless `env` names one."""
     import tempfile
     env = {"SLIMGPT_RUNS": tempfile.mkdtemp(prefix="slimgpt-runs-"), **(env or {})}
     port = free_port()
     log = open(ROOT / "cache" / f".streamlit-{port}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port",
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(script), "--server.port",
                              str(port), "--server.address", "127.0.0.1", "--server.headless", "true",
                              "--browser.gatherUsageStats", "false"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                                 **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):

@@ -6,6 +6,8 @@ workspace. A reload, a second tab or a restart finds all of it again. Session st
 is looking at (the chosen run, widget values)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import streamlit as st
 
 from slimgpt_core.workspace import store as workspace
@@ -118,6 +120,26 @@ def sidebar() -> None:
             st.caption("**Working:** " + ", ".join(
                 f"{j.name}{' (' + j.label + ')' if j.label else ''}{' · queued' if j.queued else ''}" for j in active))
         st.caption(f"Workspace: `{workspace.runs_root()}`")
+
+
+def live_fragment(view: Callable[[], None], *kinds: str) -> None:
+    """Draw `view` in a fragment that reruns every second while the newest job of any of `kinds` runs.
+
+    A fragment's `run_every` is fixed when the page is drawn. So when those jobs have all ended while the
+    fragment polls, the whole page is rerun once instead, and drawn again without polling: charts are not redrawn
+    every second for nothing, and a Download button is not replaced under the user's click (which then starts no
+    download). Rerunning the page before `view` draws the finished state means that state is drawn only once."""
+    def running() -> bool:
+        return any(j is not None and j.running for j in map(job, kinds))
+
+    polling = running()  # after the page's buttons: a job one of them just started counts
+
+    def fragment() -> None:
+        if polling and not running():
+            st.rerun(scope="app")
+        view()
+
+    st.fragment(run_every=1.0 if polling else None)(fragment)()
 
 
 def job_progress(j: Job, cancel_label: str, key: str, n_steps: int | None = None) -> None:

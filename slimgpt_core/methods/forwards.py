@@ -71,16 +71,30 @@ def _layer_device(layer) -> torch.device:
     return next(layer.parameters()).device
 
 
+def _over_micro_batches(layer, x: torch.Tensor, kwargs: dict, batch_size: int, out: torch.Tensor | None = None,
+                        tf32: bool = False, before=None) -> None:
+    """Run `layer` on x one micro-batch at a time (x may live in CPU memory while the layer is on the GPU).
+
+    A hook may end a forward early by raising `_StopForward`; the outputs of forwards that finish are written to
+    `out` when given. `before(k)` runs before micro-batch k (to set what a replayed module returns)."""
+    dev = _layer_device(layer)
+    with torch.no_grad(), _TF32(tf32):
+        for k, s in enumerate(range(0, x.shape[0], batch_size)):
+            if before is not None:
+                before(k)
+            try:
+                y = layer(x[s:s + batch_size].to(dev, non_blocking=True), **kwargs)
+            except _StopForward:
+                continue
+            if out is not None:
+                out[s:s + batch_size].copy_(y[0] if isinstance(y, tuple) else y, non_blocking=True)
+
+
 def run_layer(layer, x: torch.Tensor, kwargs: dict, batch_size: int, out: torch.Tensor | None = None,
               tf32: bool = False) -> torch.Tensor:
     """Layer outputs for every sample; x may live in CPU memory while the layer is on the GPU."""
     out = torch.empty_like(x) if out is None else out
-    dev = _layer_device(layer)
-    with torch.no_grad(), _TF32(tf32):
-        for s in range(0, x.shape[0], batch_size):
-            y = layer(x[s:s + batch_size].to(dev, non_blocking=True), **kwargs)
-            y = y[0] if isinstance(y, tuple) else y
-            out[s:s + batch_size].copy_(y, non_blocking=True)
+    _over_micro_batches(layer, x, kwargs, batch_size, out, tf32)
     return out
 
 
@@ -95,14 +109,8 @@ def collect_hessian(layer, linear: torch.nn.Linear, x: torch.Tensor, kwargs: dic
         raise _StopForward
 
     handle = linear.register_forward_pre_hook(hook)
-    dev = _layer_device(layer)
     try:
-        with torch.no_grad(), _TF32(tf32):
-            for s in range(0, x.shape[0], batch_size):
-                try:
-                    layer(x[s:s + batch_size].to(dev, non_blocking=True), **kwargs)
-                except _StopForward:
-                    pass
+        _over_micro_batches(layer, x, kwargs, batch_size, tf32=tf32)
     finally:
         handle.remove()
     acc.all_reduce()  # torch.distributed: every rank ends with the statistics of all shards
@@ -161,20 +169,18 @@ def capture_attention_inputs(layer, x: torch.Tensor, kwargs: dict, batch_size: i
             raise _StopForward
 
     handle = layer.self_attn.o_proj.register_forward_pre_hook(hook)
-    dev = _layer_device(layer)
     try:
-        with torch.no_grad(), _TF32(tf32):
-            for s in range(0, x.shape[0], batch_size):
-                try:
-                    y = layer(x[s:s + batch_size].to(dev, non_blocking=True), **kwargs)
-                except _StopForward:
-                    continue
-                out[s:s + batch_size].copy_(y[0] if isinstance(y, tuple) else y, non_blocking=True)
+        _over_micro_batches(layer, x, kwargs, batch_size, out, tf32)
     finally:
         handle.remove()
     if acc is not None:
         acc.all_reduce()
     return chunks
+
+
+# the norm whose output only the module reads, in the decoder layers of every supported architecture (LLaMA,
+# Mistral, Qwen2: pre-norm, sequential attention then MLP)
+_FEEDS = {"self_attn": "input_layernorm", "mlp": "post_attention_layernorm"}
 
 
 class _Replayed:
@@ -197,11 +203,6 @@ class _Replayed:
         for module in self.modules:
             if module is not None:
                 del module.forward
-
-
-# the norm whose output only the module reads, in the decoder layers of every supported architecture (LLaMA,
-# Mistral, Qwen2: pre-norm, sequential attention then MLP)
-_FEEDS = {"self_attn": "input_layernorm", "mlp": "post_attention_layernorm"}
 
 
 def _select(chunk: torch.Tensor, columns: torch.Tensor | None, dev: torch.device) -> torch.Tensor:
@@ -234,13 +235,9 @@ def collect_mlp_inputs(layer, x: torch.Tensor, kwargs: dict, batch_size: int, at
 
     handle = layer.mlp.down_proj.register_forward_pre_hook(hook)
     try:
-        with torch.no_grad(), _TF32(tf32), _Replayed(layer, "self_attn", attention):
-            for k, s in enumerate(range(0, x.shape[0], batch_size)):
-                current["z"] = _select(attn_inputs[k], columns, dev)
-                try:
-                    layer(x[s:s + batch_size].to(dev, non_blocking=True), **kwargs)
-                except _StopForward:
-                    pass
+        with _Replayed(layer, "self_attn", attention):
+            _over_micro_batches(layer, x, kwargs, batch_size, tf32=tf32,
+                                before=lambda k: current.update(z=_select(attn_inputs[k], columns, dev)))
     finally:
         handle.remove()
     acc.all_reduce()
@@ -256,17 +253,17 @@ def replay_outputs(layer, x: torch.Tensor, kwargs: dict, batch_size: int, attn_i
     updated at full width, removed columns zero: cheaper than taking the kept channels' columns of its inputs);
     otherwise o_proj on the kept heads' columns of `attn_inputs` and the pruned MLP run again."""
     attn, mlp, dev = layer.self_attn, layer.mlp, _layer_device(layer)
-    current: dict[str, torch.Tensor] = {}
-    if kept is None:
-        attention = lambda: (attn.o_proj(_select(attn_inputs[current["k"]], columns, dev)), None)  # noqa: E731
-    else:
-        attention = lambda: (kept[0][current["k"]].to(dev, non_blocking=True), None)  # noqa: E731
-    with torch.no_grad(), _TF32(tf32), _Replayed(layer, "self_attn", attention), \
-            _Replayed(layer, "mlp", lambda: torch.nn.functional.linear(
-                kept[1][current["k"]].to(dev, non_blocking=True), down_weight, mlp.down_proj.bias),
-                      active=kept is not None):
-        for k, s in enumerate(range(0, x.shape[0], batch_size)):
-            current["k"] = k
-            y = layer(x[s:s + batch_size].to(dev, non_blocking=True), **kwargs)
-            out[s:s + batch_size].copy_(y[0] if isinstance(y, tuple) else y, non_blocking=True)
+    current = {"k": 0}
+
+    def attention():
+        if kept is not None:
+            return kept[0][current["k"]].to(dev, non_blocking=True), None
+        return attn.o_proj(_select(attn_inputs[current["k"]], columns, dev)), None
+
+    def mlp_output():
+        return torch.nn.functional.linear(kept[1][current["k"]].to(dev, non_blocking=True), down_weight,
+                                          mlp.down_proj.bias)
+
+    with _Replayed(layer, "self_attn", attention), _Replayed(layer, "mlp", mlp_output, active=kept is not None):
+        _over_micro_batches(layer, x, kwargs, batch_size, out, tf32, before=lambda k: current.update(k=k))
     return out

@@ -54,6 +54,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive, default=8, help="sequences per forward pass")
 
 
+def _ppl_options(p: argparse.ArgumentParser, default: str | None, help: str, windows: int | None) -> None:
+    """--ppl TEXT(S), --ppl-seqlen, --ppl-windows: the perplexity a command measures before and after."""
+    p.add_argument("--ppl", default=default, help=help)
+    p.add_argument("--ppl-seqlen", type=_positive, default=128, help="perplexity window length")
+    p.add_argument("--ppl-windows", type=_positive, default=windows, help="at most this many perplexity windows")
+
+
+def _training_device_options(p: argparse.ArgumentParser, dtype_help: str) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, bf16 autocast), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="float32", help=dtype_help)
+
+
 def _runs_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", help="the workspace folder of runs (default: $SLIMGPT_RUNS, else runs/ in the project)")
 
@@ -101,9 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ffn-group-ceiling", type=_positive, default=1024, help="largest FFN group")
     p.add_argument("--dense-inputs", action="store_true",
                    help="calibrate every layer on the dense model's inputs (no error accumulation)")
-    p.add_argument("--ppl", help="also measure dense and pruned perplexity on this text (e.g. wikitext2)")
-    p.add_argument("--ppl-seqlen", type=_positive, default=128, help="perplexity window length")
-    p.add_argument("--ppl-windows", type=_positive, help="at most this many perplexity windows")
+    _ppl_options(p, None, "also measure dense and pruned perplexity on this text (e.g. wikitext2)", None)
     p.add_argument("--method", choices=["slimgpt", "magnitude", "wanda-sp", "surgeon", "kobd", "obs-multishot",
                                         "minitron"],
                    default="slimgpt", help="SlimGPT, or a baseline from the seed papers (same pipeline, events and "
@@ -177,9 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nsamples", type=_positive, default=32)
     g.add_argument("--seqlen", type=_positive, default=256)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--ppl", default="wikitext2")
-    g.add_argument("--ppl-seqlen", type=_positive, default=128)
-    g.add_argument("--ppl-windows", type=_positive, default=64)
+    _ppl_options(g, "wikitext2", "perplexity text of every grid point", 64)
     g.add_argument("--tasks", help="zero-shot tasks, comma separated (default: none)")
     g.add_argument("--limit", type=_positive, default=50)
     g.add_argument("--auto-generations", type=_positive, default=100, help="slimgpt-auto: search generations")
@@ -211,9 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lambda-lr", type=float, default=1.0, help="Lagrange multipliers' learning rate (ascent)")
     s.add_argument("--freeze-weights", action="store_true", help="learn the masks only")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--ppl", help="also measure dense and sheared perplexity on this text (e.g. wikitext2)")
-    s.add_argument("--ppl-seqlen", type=_positive, default=128, help="perplexity window length")
-    s.add_argument("--ppl-windows", type=_positive, help="at most this many perplexity windows")
+    _ppl_options(s, None, "also measure dense and sheared perplexity on this text (e.g. wikitext2)", None)
     s.add_argument("--out", required=True, help="folder for the sheared model and report.json (must not exist)")
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
     s.add_argument("--quiet", action="store_true", help="no progress")
@@ -237,12 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--heldout", type=int, default=32, help="held-out examples for validation loss")
     r.add_argument("--eval-every", type=int, default=20, help="held-out loss every N steps (0: only at the end)")
     r.add_argument("--seed", type=int, default=0, help="seed for data order, held-out choice and LoRA init")
-    r.add_argument("--device", default="auto", help="auto (CUDA when available, bf16 autocast), cpu, cuda, cuda:N")
-    r.add_argument("--dtype", default="float32", help="weights' dtype while training and saved (float32, bfloat16)")
-    r.add_argument("--ppl", default="wikitext2", help="perplexity before and after on this text's test split "
-                                                      "('none' to skip)")
-    r.add_argument("--ppl-seqlen", type=_positive, default=128, help="perplexity window length")
-    r.add_argument("--ppl-windows", type=_positive, default=64, help="at most this many perplexity windows")
+    _training_device_options(r, "weights' dtype while training and saved (float32, bfloat16)")
+    _ppl_options(r, "wikitext2", "perplexity before and after on this text's test split ('none' to skip)", 64)
     r.add_argument("--out", required=True, help="folder for the recovered run (must not exist)")
     r.add_argument("--force", action="store_true", help="replace --out if it exists")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -284,12 +286,8 @@ def _pretrain_parser(sub) -> None:
     t.add_argument("--grad-accumulation", type=int, default=1, help="micro-batches per optimizer step")
     t.add_argument("--heldout", type=int, default=16, help="held-out windows per domain (for the mix)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto", help="auto (CUDA when available, bf16 autocast), cpu, cuda, cuda:N")
-    t.add_argument("--dtype", default="float32", help="weights' dtype while training and saved")
-    t.add_argument("--ppl", default="tinystories,wikitext2", help="perplexity before and after on these test texts "
-                                                                 "('none' to skip)")
-    t.add_argument("--ppl-seqlen", type=_positive, default=128, help="perplexity window length")
-    t.add_argument("--ppl-windows", type=_positive, default=64, help="at most this many perplexity windows")
+    _training_device_options(t, "weights' dtype while training and saved")
+    _ppl_options(t, "tinystories,wikitext2", "perplexity before and after on these test texts ('none' to skip)", 64)
     t.add_argument("--out", help="folder for the new run (default: a new run in the workspace)")
     t.add_argument("--label", default="", help="the run's label in the studio")
     _runs_option(t)

@@ -66,6 +66,8 @@ def worker(args) -> None:
     """Prune with the slimgpt_core of `args.tree` on the saved calibration tokens; write the results as JSON."""
     sys.path.insert(0, args.tree)
     import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from safetensors.torch import load_file
 
     from slimgpt_core.models import load_model
@@ -113,7 +115,8 @@ def _run_worker(tree: Path, calib_file: Path, mode: str, args, windows: int, flo
         result = Path(f.name)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--tree", str(tree), "--calib-file",
            str(calib_file), "--mode", mode, "--result", str(result), "--model", args.model, "--ratio",
-           str(args.ratio), "--schedule", args.schedule, "--windows", str(windows)] + (["--flops"] if flops else [])
+           str(args.ratio), "--schedule", args.schedule, "--windows", str(windows), "--threads", str(args.threads)] \
+        + (["--flops"] if flops else [])
     subprocess.run(cmd, check=True)
     out = json.loads(result.read_text())
     result.unlink()
@@ -285,6 +288,8 @@ def main() -> None:
     ap.add_argument("--modes", default="accumulation,no-accumulation")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ratio", type=float, default=0.2, help="with --against")
+    ap.add_argument("--threads", type=int, default=0, help="with --against: torch threads in both trees' runs "
+                    "(default: torch's own choice; 1 keeps a shared machine's other core for the other load)")
     ap.add_argument("--flops", action="store_true", help="with --against: also count both trees' matrix-product "
                     "FLOPs (one more run each) and print the time ratio they allow at best on this machine")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -3,12 +3,12 @@ the mutation pass (tools/mutation.py, docs/testing.md) showed untested. Each aga
 explicit sums over tokens in fp64, torch.linalg.inv of the jittered matrix, autograd through the model."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import DeviceMoves, tiny_model
+from kfac_reference import factors_by_autograd
 from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.methods import kfac
-from slimgpt_core.methods.curvature import CurvatureCollector, factor_bytes, linears, next_token_loss
+from slimgpt_core.methods.curvature import CurvatureCollector, factor_bytes, next_token_loss
 
 NONE = torch.zeros(0, dtype=torch.long)
 
@@ -120,35 +120,6 @@ def test_units_must_split_evenly_and_default_to_single_rows_and_columns():
 
 # --- curvature collection ------------------------------------------------------------------------------------
 
-def _by_autograd(model, tokens, labels=None, rows=None):
-    """A and G of every linear from kept inputs and autograd gradients of the summed per-sequence mean CE, over
-    the flattened (sequence, position) `rows` (all when None), in fp64."""
-    inputs, outputs = {}, {}
-
-    def keep(key):
-        def hook(module, args, out):
-            inputs[key], outputs[key] = args[0], out
-        return hook
-    handles = [m.register_forward_hook(keep((i, n)))
-               for i, layer in enumerate(model.model.layers) for n, m in linears(layer).items()]
-    with torch.enable_grad():
-        logits = model(tokens).logits
-    for h in handles:
-        h.remove()
-    labels = tokens[:, 1:] if labels is None else labels
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
-    keys = list(outputs)
-    grads = torch.autograd.grad(ce.view(tokens.shape[0], -1).mean(1).sum(), [outputs[k] for k in keys])
-    A, G = {}, {}
-    for key, g in zip(keys, grads):
-        g = g.reshape(-1, g.shape[-1]).double()
-        x = inputs[key].detach().reshape(-1, inputs[key].shape[-1]).double()
-        if rows is not None:
-            g, x = g[rows], x[rows]
-        G[key], A[key] = g.T @ g / len(g), x.T @ x / len(x)
-    return A, G
-
-
 def _true_labels(model, tokens, generator=None):
     with torch.no_grad():
         probs = model(tokens).logits[:, :-1].float().softmax(-1)
@@ -167,7 +138,7 @@ def test_true_fisher_samples_labels_from_the_model_with_the_seeded_generator(tok
     model = tiny_model(layers=2)
     labels = _true_labels(model, tokens, torch.Generator().manual_seed(0))  # the default seed
     A, G = CurvatureCollector(model, "cpu").run(tokens, batch_size=len(tokens), fisher="true")
-    _assert_factors(A, G, *_by_autograd(model, tokens, labels))
+    _assert_factors(A, G, *factors_by_autograd(model, tokens, labels))
     # sub-sampling every position is no sub-sampling: the same labels, nothing else drawn
     A2, G2 = CurvatureCollector(model, "cpu", positions=tokens.shape[1]).run(tokens, len(tokens), "true")
     assert all(torch.equal(G[1][n], G2[1][n]) for n in G[1])
@@ -196,7 +167,7 @@ def test_sampled_positions_are_the_same_for_A_and_G_in_every_sequence(tokens):
     S = tokens.shape[1]
     rows = torch.cat([torch.randperm(S, generator=g)[:5] + r * S for r in range(len(tokens))]).sort().values
     A, G = CurvatureCollector(model, "cpu", positions=5, seed=4).run(tokens, batch_size=len(tokens))
-    _assert_factors(A, G, *_by_autograd(model, tokens, rows=rows))
+    _assert_factors(A, G, *factors_by_autograd(model, tokens, rows=rows))
 
 
 def test_progress_factor_bytes_and_factors_on_the_asked_device(tokens):
@@ -242,4 +213,4 @@ def test_ids_go_to_the_model_device_and_the_global_generator_samples_there(token
     with DeviceMoves(pretend="meta") as moves:
         A, G = CurvatureCollector(Elsewhere(model), "cpu").run(tokens, batch_size=len(tokens), fisher="true")
     assert [m for m in moves.moves if m is not None and m.type == "meta"] == [torch.device("meta")]
-    _assert_factors(A, G, *_by_autograd(model, tokens, labels))
+    _assert_factors(A, G, *factors_by_autograd(model, tokens, labels))

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import tiny_model
+from kfac_reference import factors_by_autograd
 from slimgpt_core.methods import kfac
 from slimgpt_core.methods import obs
 from slimgpt_core.cli import main
-from slimgpt_core.methods.curvature import LINEARS, CurvatureCollector, factor_bytes, linears
+from slimgpt_core.methods.curvature import LINEARS, CurvatureCollector, factor_bytes
 from slimgpt_core.errors import PruningCancelled, SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
@@ -129,29 +129,11 @@ def test_hooks_give_the_covariance_of_output_gradients_from_autograd(tokens):
     A, G = collector.run(tokens, batch_size=5)
     assert all(p.grad is None for p in model.parameters())  # activation gradients only
     assert all(p.requires_grad for p in model.parameters())  # restored afterwards
-    # independently: keep every linear's input and output, differentiate the loss w.r.t. the outputs
-    inputs, outputs = {}, {}
-
-    def keep(key):
-        def hook(module, args, out):
-            inputs[key], outputs[key] = args[0], out
-        return hook
-    handles = [m.register_forward_hook(keep((i, n)))
-               for i, layer in enumerate(model.model.layers) for n, m in linears(layer).items()]
-    logits = model(tokens, use_cache=False).logits
-    for h in handles:
-        h.remove()
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
-    loss = ce.view(tokens.shape[0], -1).mean(1).sum()  # one backward per sequence, summed
-    keys = list(outputs)
-    grads = torch.autograd.grad(loss, [outputs[k] for k in keys])
-    n = tokens.numel()
-    for (i, name), g in zip(keys, grads):
-        g = g.reshape(-1, g.shape[-1]).double()
-        torch.testing.assert_close(G[i][name].double(), g.T @ g / n, rtol=1e-4, atol=1e-12)
+    A_ref, G_ref = factors_by_autograd(model, tokens)  # independently: kept inputs, autograd output gradients
+    for (i, name), g in G_ref.items():
+        torch.testing.assert_close(G[i][name].double(), g, rtol=1e-4, atol=1e-12)
         if name in A[i]:
-            x = inputs[(i, name)].reshape(-1, inputs[(i, name)].shape[-1]).double()
-            torch.testing.assert_close(A[i][name].double(), x.T @ x / n, rtol=1e-4, atol=1e-8)
+            torch.testing.assert_close(A[i][name].double(), A_ref[(i, name)], rtol=1e-4, atol=1e-8)
     assert set(G[0]) == set(LINEARS) and set(A[0]) == {"q_proj", "o_proj", "gate_proj", "down_proj"}
 
 

@@ -69,7 +69,8 @@ def prepare(workdir: Path, modules: list[str], tests: list[str]) -> None:
     (workdir / "tests").mkdir(parents=True)
     shutil.copytree(ROOT / "slimgpt_core", workdir / "slimgpt_core",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ["conftest.py", *tests]:
+    helpers = [p.name for p in (ROOT / "tests").glob("*.py") if not p.name.startswith("test_")]  # conftest & co.
+    for name in [*helpers, *tests]:
         shutil.copy(ROOT / "tests" / name, workdir / "tests" / name)
     only = "\n".join(f"    slimgpt_core/{m.replace('.', '/')}.py" for m in modules)
     selection = "\n".join(f"    tests/{t}" for t in tests)

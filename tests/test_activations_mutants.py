@@ -72,6 +72,11 @@ def test_two_processes_get_whole_batches_round_robin_and_one_distance(tmp_path):
     assert abs(_fp64_distance(A[:25], B[:25]) - whole) > 1e-3  # a shard's own distance differs
     for g_ in got:
         assert g_["distance"] == pytest.approx(whole, rel=1e-12)
+    # one process holding everything gets the same (called here too: mutmut maps a test to the functions it
+    # calls in its own process, and runs it for their mutants)
+    assert relative_distance(A, B) == pytest.approx(whole, rel=1e-12)
+    tokens = torch.arange(13 * 4).reshape(13, 4)
+    assert shard_tokens(tokens, 3) is tokens
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

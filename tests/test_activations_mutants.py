@@ -174,7 +174,8 @@ def test_activation_device_asks_the_gpu_it_would_use(monkeypatch, tokens):
 
 
 @pytest.mark.parametrize("sequential,track,streams", [
-    (True, True, (True, True)), (True, False, (False, True)), (False, True, (True, True)), (False, False, (True, False))])
+    (True, True, (True, True)), (True, False, (False, True)),
+    (False, True, (True, True)), (False, False, (True, False))])
 def test_activation_streams(sequential, track, streams):
     assert activation_streams(PruneSettings(sequential=sequential, track_accumulation=track)) == streams
 

@@ -105,8 +105,8 @@ def check_memory(model, nsamples: int, seqlen: int, device: torch.device, buffer
     if have is not None and need > 0.9 * have:
         raise SlimGPTError(
             f"calibration activations need {need / 2**30:.1f} GiB but {device} has {have / 2**30:.1f} GiB free: "
-            "lower --nsamples, --seqlen or --batch-size, keep calibration activations on the CPU (--offload-activations "
-            "always), use a smaller --dtype, or a device with more memory")
+            "lower --nsamples, --seqlen or --batch-size, keep calibration activations on the CPU "
+            "(--offload-activations always), use a smaller --dtype, or a device with more memory")
 
 
 def fits(nbytes: int, where: torch.device) -> bool:

@@ -41,8 +41,8 @@ FAST_TESTS = {
     "methods.minitron": ["test_shear.py", "test_minitron_mutants.py"],
     "training.loop": ["test_training_mutants.py"],
     "schedules.curves": ["test_schedule_mutants.py"],
-    "methods.activations": ["test_preview.py", "test_obs.py"],
-    "methods.statistics": ["test_preview.py"],
+    "methods.activations": ["test_preview.py", "test_activations_mutants.py"],
+    "methods.statistics": ["test_preview.py", "test_statistics_mutants.py"],
     "schedules.autoschedule": ["test_schedule_mutants.py", "test_autoschedule_mutants.py"],
 }
 # tests of a mapped file that take too long to run once per mutant (deselected from every mutmut run)

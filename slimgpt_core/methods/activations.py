@@ -6,7 +6,9 @@ import resource
 
 import torch
 
-from slimgpt_core.errors import SlimGPTError, out_of_memory_message
+from slimgpt_core.errors import SlimGPTError
+
+MEMINFO = "/proc/meminfo"  # Linux; elsewhere the CPU's free memory is unknown (None)
 
 
 def distributed_rank_world() -> tuple[int, int]:
@@ -33,10 +35,9 @@ def relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖/‖b‖ over all shards of a distributed run. Norms in fp64 over chunks (whole-buffer fp64 copies
     cost more than the norms)."""
     import torch.distributed as dist
-    sums = torch.zeros(2, dtype=torch.float64, device=a.device)
-    for s in range(0, a.shape[0], 16):
-        sums[0] += torch.linalg.vector_norm(a[s:s + 16] - b[s:s + 16], dtype=torch.float64).square()
-        sums[1] += torch.linalg.vector_norm(b[s:s + 16], dtype=torch.float64).square()
+    chunks = [slice(s, s + 16) for s in range(0, a.shape[0], 16)]
+    sums = torch.stack([sum(torch.linalg.vector_norm(a[c] - b[c], dtype=torch.float64).square() for c in chunks),
+                        sum(torch.linalg.vector_norm(b[c], dtype=torch.float64).square() for c in chunks)])
     if distributed_rank_world()[1] > 1:
         dist.all_reduce(sums)
     return float(sums[0].sqrt() / sums[1].sqrt().clamp_min(1e-30))
@@ -59,7 +60,7 @@ def activation_bytes(model, n_tokens: int, buffers: int) -> int:
     return buffers * n_tokens * model.config.hidden_size * next(model.parameters()).element_size()
 
 
-def activation_device(model, tokens: torch.Tensor, device: torch.device, mode: str = "auto",
+def activation_device(model, tokens: torch.Tensor, device: torch.device, mode: str,
                       buffers: int = 4) -> torch.device:
     """Where the calibration activation buffers live: on the GPU when they fit comfortably, else in pinned CPU
     memory (micro-batches are copied to the GPU as each layer runs)."""
@@ -88,7 +89,7 @@ def available_memory_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
-        with open("/proc/meminfo") as f:
+        with open(MEMINFO) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
@@ -104,7 +105,8 @@ def check_memory(model, nsamples: int, seqlen: int, device: torch.device, buffer
     if have is not None and need > 0.9 * have:
         raise SlimGPTError(
             f"calibration activations need {need / 2**30:.1f} GiB but {device} has {have / 2**30:.1f} GiB free: "
-            + out_of_memory_message("pruning", str(device)).split(": ", 1)[1])
+            "lower --nsamples, --seqlen or --batch-size, keep calibration activations on the CPU "
+            "(--offload-activations always), use a smaller --dtype, or a device with more memory")
 
 
 def fits(nbytes: int, where: torch.device) -> bool:

@@ -22,8 +22,9 @@ class StatisticsCache:
     def __init__(self, model, tokens: torch.Tensor, enabled: bool):
         from slimgpt_core.workspace import cache
         self.enabled = enabled
-        # v3: upper-triangular fp64 sums; bump when the way Hessians are accumulated changes
-        self.prefix = f"stats-v3|{cache.model_fingerprint(model)}|{cache.tokens_digest(tokens)}" if enabled else ""
+        # v3: upper-triangular fp64 sums; bump when the way Hessians are accumulated changes. A disabled cache
+        # has no prefix (and never fingerprints the model: seconds for a large one)
+        self.prefix = f"stats-v3|{cache.model_fingerprint(model)}|{cache.tokens_digest(tokens)}" if enabled else None
         self.reused = 0
 
     def hessian(self, layer_idx: int, module: str, compute: Callable[[], torch.Tensor], dense: bool) -> torch.Tensor:
@@ -102,14 +103,13 @@ def dense_hessians(model, tokens: torch.Tensor, batch_size: int = 8, device: str
             return x
 
         H_attn, H_mlp = stats.lookup(i, "attn", True), stats.lookup(i, "mlp", True)
-        advanced = False
-        if H_attn is None or H_mlp is None:  # one pass gives both, and the next layer's inputs
-            attn_H, mlp_H, x_next = collect_layer_hessians(layer, inputs(), kwargs, batch_size)
+        collected = H_attn is None or H_mlp is None
+        if collected:  # one pass gives both, and the next layer's inputs
+            attn_H, mlp_H, x = collect_layer_hessians(layer, inputs(), kwargs, batch_size)
             H_attn = H_attn if H_attn is not None else stats.store(i, "attn", attn_H, True)
             H_mlp = H_mlp if H_mlp is not None else stats.store(i, "mlp", mlp_H, True)
-            x, advanced = x_next, True
         yield i, layer, H_attn.to(dev), H_mlp.to(dev)
-        if x is not None and not advanced and i + 1 < len(layers):
+        if x is not None and not collected and i + 1 < len(layers):  # cached: run only to feed the next layer
             x = run_layer(layer, x, kwargs, batch_size)
         layer.to(home)
 

@@ -12,8 +12,9 @@ class PruningCancelled(SlimGPTError):
         super().__init__(message)
 
 
+MEMORY_ADVICE = ("lower --nsamples, --seqlen or --batch-size, keep calibration activations on the CPU "
+                 "(--offload-activations always), use a smaller --dtype, or a device with more memory")
+
+
 def out_of_memory_message(what: str, device: str) -> str:
-    return (
-        f"out of memory on {device} while {what}: lower --nsamples, --seqlen or --batch-size, keep calibration "
-        "activations on the CPU (--offload-activations always), use a smaller --dtype, or a device with more memory"
-    )
+    return f"out of memory on {device} while {what}: {MEMORY_ADVICE}"

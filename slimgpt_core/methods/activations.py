@@ -6,7 +6,7 @@ import resource
 
 import torch
 
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.errors import MEMORY_ADVICE, SlimGPTError
 
 MEMINFO = "/proc/meminfo"  # Linux; elsewhere the CPU's free memory is unknown (None)
 
@@ -105,8 +105,7 @@ def check_memory(model, nsamples: int, seqlen: int, device: torch.device, buffer
     if have is not None and need > 0.9 * have:
         raise SlimGPTError(
             f"calibration activations need {need / 2**30:.1f} GiB but {device} has {have / 2**30:.1f} GiB free: "
-            "lower --nsamples, --seqlen or --batch-size, keep calibration activations on the CPU "
-            "(--offload-activations always), use a smaller --dtype, or a device with more memory")
+            + MEMORY_ADVICE)
 
 
 def fits(nbytes: int, where: torch.device) -> bool:

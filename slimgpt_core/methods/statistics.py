@@ -85,7 +85,7 @@ def dense_hessians(model, tokens: torch.Tensor, batch_size: int = 8, device: str
     dev = resolve_device(device)
     stats = StatisticsCache(model, tokens, True)
     layers = model.model.layers
-    x, kwargs = None, None
+    x, kwargs, x_at = None, None, 0  # x: the dense inputs of layer x_at, once a layer has needed them
     for i, layer in enumerate(layers):
         if should_stop is not None and should_stop():
             raise PruningCancelled(f"{what} were cancelled")
@@ -93,24 +93,23 @@ def dense_hessians(model, tokens: torch.Tensor, batch_size: int = 8, device: str
         layer.to(dev)
 
         def inputs(i=i):
-            nonlocal x, kwargs
+            nonlocal x, kwargs, x_at
             if x is None:
                 x, kwargs = capture_layer_inputs(model, tokens, batch_size, dev)
-                for j in range(i):  # catch up through earlier layers whose statistics were cached
-                    h = next(layers[j].parameters()).device
-                    x = run_layer(layers[j].to(dev), x, kwargs, batch_size)
-                    layers[j].to(h)
+            for j in range(x_at, i):  # catch up through earlier layers whose statistics were cached
+                h = next(layers[j].parameters()).device
+                x = run_layer(layers[j].to(dev), x, kwargs, batch_size)
+                layers[j].to(h)
+            x_at = i
             return x
 
         H_attn, H_mlp = stats.lookup(i, "attn", True), stats.lookup(i, "mlp", True)
-        collected = H_attn is None or H_mlp is None
-        if collected:  # one pass gives both, and the next layer's inputs
+        if H_attn is None or H_mlp is None:  # one pass gives both, and the next layer's inputs
             attn_H, mlp_H, x = collect_layer_hessians(layer, inputs(), kwargs, batch_size)
+            x_at = i + 1
             H_attn = H_attn if H_attn is not None else stats.store(i, "attn", attn_H, True)
             H_mlp = H_mlp if H_mlp is not None else stats.store(i, "mlp", mlp_H, True)
-        yield i, layer, H_attn.to(dev), H_mlp.to(dev)
-        if x is not None and not collected and i + 1 < len(layers):  # cached: run only to feed the next layer
-            x = run_layer(layer, x, kwargs, batch_size)
+        yield i, layer, H_attn.to(dev), H_mlp.to(dev)  # the caller must leave the layer dense
         layer.to(home)
 
 

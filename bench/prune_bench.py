@@ -171,6 +171,7 @@ def against(args) -> None:
                         print(f"{mode} repeat {r + 1}/{args.repeats} {who}: {out['seconds']:.1f} s, "
                               f"peak RSS {out['peak_rss_mb']:.0f} MB", flush=True)
                 rows[mode] = _summary(mode, runs)
+                rows[mode]["threads"] = args.threads
                 if args.flops:
                     rows[mode]["floor"] = _floor(mode, {who: _run_worker(tree, calib_file, mode, args, 0, True)
                                                          for who, tree in (("new", ROOT), ("old", old_tree))},
@@ -219,6 +220,9 @@ def matmul_rate() -> float:
 def _floor(mode: str, counted: dict, row: dict) -> dict:
     """The matrix-product FLOPs of both trees and the time ratio no implementation of this tree's FLOPs can beat
     on this machine (its FLOPs at the best matrix-product rate, over the base's median time)."""
+    import torch
+    if args_threads := row.get("threads"):
+        torch.set_num_threads(args_threads)  # the rate at the thread count the timed runs used
     rate = matmul_rate()
     new, old = counted["new"]["matmul_flops"], counted["old"]["matmul_flops"]
     floor_s = new / rate

@@ -52,13 +52,12 @@ def twin_status() -> None:
         return
     if tj.running:
         job_progress(tj, "Cancel twin", "cancel_twin", len(base_report.layers))
-    elif take_result(tj):
-        if tj.state == "done":
-            st.session_state.inspect_select_next = list(dict.fromkeys([tj.result.summary.get("source_run") or base_id,
-                                                                       tj.result.name]))
-            st.session_state.current_run = tj.result.name
-        elif tj.state == "failed":
-            st.error(tj.error)
+    elif tj.state == "failed":
+        st.error(tj.error)  # drawn on every run, not only once: a rerun would wipe it
+    elif take_result(tj) and tj.state == "done":
+        st.session_state.inspect_select_next = list(dict.fromkeys([tj.result.summary.get("source_run") or base_id,
+                                                                   tj.result.name]))
+        st.session_state.current_run = tj.result.name
         st.rerun(scope="app")
 
 

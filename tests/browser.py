@@ -31,11 +31,11 @@ def studio_server(env: dict | None = None, script: Path = ROOT / "app.py"):
     env = {"SLIMGPT_RUNS": tempfile.mkdtemp(prefix="slimgpt-runs-"), **(env or {})}
     port = free_port()
     log = open(ROOT / "cache" / f".streamlit-{port}.log", "w")
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # ui/ for any script
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(script), "--server.port",
                              str(port), "--server.address", "127.0.0.1", "--server.headless", "true",
                              "--browser.gatherUsageStats", "false"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                                 **(env or {})})
+                            env={**os.environ, "PYTHONPATH": python_path, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):

@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_model
 from slimgpt_core.methods import pipeline
 from slimgpt_core.methods.prune_settings import PruneSettings
+from slimgpt_core.methods.surgery import SUPPORTED_ARCHITECTURES
 
 RTOL = 1e-5
 
@@ -49,7 +50,16 @@ MODES = {"sequential": {}, "no-accumulation": {"track_accumulation": False},
          "no-compensation": {"compensate": False}, "wanda-sp": {"method": "wanda-sp"}}
 
 
-@pytest.mark.parametrize("arch,heads,kv", [("llama", 4, 4), ("llama", 4, 2), ("qwen2", 4, 2)])
+ARCHITECTURES = [("llama", 4, 4), ("llama", 4, 2), ("mistral", 4, 2), ("qwen2", 4, 2)]
+
+
+def test_every_supported_architecture_is_checked_here():
+    """The replays pass the norm feeding a replayed module through (forwards._FEEDS), which holds for pre-norm
+    layers only: an architecture added to the engine must be added to the comparisons below."""
+    assert set(SUPPORTED_ARCHITECTURES) <= {arch for arch, _, _ in ARCHITECTURES}
+
+
+@pytest.mark.parametrize("arch,heads,kv", ARCHITECTURES)
 @pytest.mark.parametrize("mode", list(MODES))
 def test_tiny_models_match_the_previous_implementation(arch, heads, kv, mode, tokens):
     settings = PruneSettings(ratio=0.4, ffn_group_floor=2, batch_size=5, **MODES[mode])  # 5: a ragged last batch

@@ -118,7 +118,6 @@ def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
     act_device = activation_device(model, tokens, device, settings.offload_activations,
                                    2 * (need_dense + need_pruned) + 1)  # + the kept o_proj inputs
     report.settings["activations_on"] = str(act_device)
-    tf32 = settings.tf32
     try:
         t0 = phase(0, "capture")
         x0, kwargs = capture_layer_inputs(model, tokens, settings.batch_size, device)
@@ -198,8 +197,9 @@ def _layer_once(layer, i, st: _Streams, settings: PruneSettings, plan, emit, pha
 
     The attention pass keeps o_proj's inputs; after head pruning the MLP statistics are the layer replayed from
     the kept heads' columns with the updated o_proj, and so are the outputs, from the attention's outputs and
-    down_proj's inputs kept by that pass when they fit in memory (else o_proj and the pruned MLP run again). When the calibration stream is the dense one (layer 0,
-    dense-input runs) the dense reference pass is the attention pass."""
+    down_proj's inputs kept by that pass when they fit in memory (else o_proj and the pruned MLP run again).
+    When the calibration stream is the dense one (layer 0, dense-input runs) the dense reference pass is the
+    attention pass."""
     head_ratio, head_rm, ffn_ratio, ffn_rm = plan
     bs, tf32 = settings.batch_size, settings.tf32
     calib_in = st.pruned_in if settings.sequential else st.dense_in
@@ -235,6 +235,8 @@ def _layer_once(layer, i, st: _Streams, settings: PruneSettings, plan, emit, pha
         keep = replay and fits(calib_in.shape[:-1].numel() * (mlp.down_proj.in_features + calib_in.shape[-1])
                                  * calib_in.element_size(), st.where)  # down_proj's inputs, the attention's outputs
         kept = collect_mlp_inputs(layer, calib_in, st.kwargs, bs, z, columns, acc, st.where if keep else None, tf32)
+        if kept is not None:
+            z = None  # the outputs follow from what was kept: o_proj's inputs are not needed again
         H_mlp = stats.store(i, "mlp", acc.H, dense and head_rm == 0)
         done("mlp-stats", t0)
     down_weight = _prune_mlp(layer, i, H_mlp, settings, ffn_ratio, ffn_rm, emit, phase, done)

@@ -91,21 +91,15 @@ def dense_hessians(model, tokens: torch.Tensor, batch_size: int = 8, device: str
             raise PruningCancelled(f"{what} were cancelled")
         home = next(layer.parameters()).device
         layer.to(dev)
-
-        def inputs(i=i):
-            nonlocal x, kwargs, x_at
+        H_attn, H_mlp = stats.lookup(i, "attn", True), stats.lookup(i, "mlp", True)
+        if H_attn is None or H_mlp is None:  # one pass gives both, and the next layer's inputs
             if x is None:
                 x, kwargs = capture_layer_inputs(model, tokens, batch_size, dev)
             for j in range(x_at, i):  # catch up through earlier layers whose statistics were cached
                 h = next(layers[j].parameters()).device
                 x = run_layer(layers[j].to(dev), x, kwargs, batch_size)
                 layers[j].to(h)
-            x_at = i
-            return x
-
-        H_attn, H_mlp = stats.lookup(i, "attn", True), stats.lookup(i, "mlp", True)
-        if H_attn is None or H_mlp is None:  # one pass gives both, and the next layer's inputs
-            attn_H, mlp_H, x = collect_layer_hessians(layer, inputs(), kwargs, batch_size)
+            attn_H, mlp_H, x = collect_layer_hessians(layer, x, kwargs, batch_size)
             x_at = i + 1
             H_attn = H_attn if H_attn is not None else stats.store(i, "attn", attn_H, True)
             H_mlp = H_mlp if H_mlp is not None else stats.store(i, "mlp", mlp_H, True)

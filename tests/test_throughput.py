@@ -7,6 +7,7 @@ import torch
 
 from conftest import tiny_model
 from slimgpt_core.methods import pipeline
+from slimgpt_core.methods.forwards import replay_outputs
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.methods.surgery import SUPPORTED_ARCHITECTURES
 
@@ -69,6 +70,30 @@ def test_tiny_models_match_the_previous_implementation(arch, heads, kv, mode, to
     _assert_same_results(new, ref)
     _assert_same_units_kept(new_model, ref_model)
     torch.testing.assert_close(_logits(new_model, tokens), _logits(ref_model, tokens), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("room", ["both", "down_proj's inputs", "nothing"])
+def test_what_memory_holds_changes_only_what_the_outputs_recompute(monkeypatch, tokens, room):
+    """The MLP-statistics pass keeps down_proj's inputs and the attention's outputs when both fit, down_proj's inputs
+    alone when only they fit, nothing otherwise; the outputs then run o_proj and the pruned MLP again as needed."""
+    ffn, rows = 48, tokens.numel() * 4  # tiny_model's FFN; fp32 activations, one row per calibration token
+    limit = {"both": float("inf"), "down_proj's inputs": rows * ffn, "nothing": 0}[room]
+    monkeypatch.setattr(pipeline, "fits", lambda nbytes, where: nbytes <= limit)
+    settings = PruneSettings(ratio=0.4, ffn_group_floor=2, batch_size=5, track_accumulation=False)
+    model, ref_model = tiny_model(ffn=ffn), tiny_model(ffn=ffn)
+    replays = []
+
+    def replay(layer, x, kwargs, batch_size, attn_inputs, columns, out, kept=None, *args):
+        replays.append((attn_inputs is not None, kept is not None and kept[0] is not None, kept is not None))
+        return replay_outputs(layer, x, kwargs, batch_size, attn_inputs, columns, out, kept, *args)
+    monkeypatch.setattr(pipeline, "replay_outputs", replay)
+    new = pipeline._prune_pass(model, tokens, settings, use_cache=False)
+    ref = pipeline._prune_pass(ref_model, tokens, settings, use_cache=False, _reference=True)
+    _assert_same_results(new, ref)
+    torch.testing.assert_close(_logits(model, tokens), _logits(ref_model, tokens), rtol=1e-4, atol=1e-5)
+    # (o_proj's inputs still held, the attention's outputs kept, down_proj's inputs kept), in every layer
+    expected = {"both": (False, True, True), "down_proj's inputs": (True, False, True), "nothing": (True, False, False)}
+    assert replays == [expected[room]] * len(model.model.layers)
 
 
 def test_qwen2_biases_reach_the_replayed_outputs(tokens):

@@ -212,17 +212,19 @@ def _select(chunk: torch.Tensor, columns: torch.Tensor | None, dev: torch.device
 
 def collect_mlp_inputs(layer, x: torch.Tensor, kwargs: dict, batch_size: int, attn_inputs: list[torch.Tensor],
                        columns: torch.Tensor | None, acc: obs.HessianAccumulator, where: torch.device | None = None,
-                       tf32: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+                       tf32: bool = False, keep_attention: bool = True
+                       ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]] | None:
     """down_proj's statistics after head pruning without a second attention pass: the attention's output is the
-    (updated) o_proj applied to the kept heads' `columns` of its captured inputs. With `where`, the attention's
-    outputs and down_proj's inputs are kept there too, one chunk per micro-batch each (for `replay_outputs`)."""
+    (updated) o_proj applied to the kept heads' `columns` of its captured inputs. With `where`, down_proj's inputs
+    are kept there too, one chunk per micro-batch, and so are the attention's outputs unless not `keep_attention`
+    (for `replay_outputs`)."""
     attn, dev = layer.self_attn, _layer_device(layer)
-    kept: tuple[list[torch.Tensor], list[torch.Tensor]] | None = ([], []) if where is not None else None
+    kept = ([] if keep_attention else None, []) if where is not None else None
     current: dict[str, torch.Tensor] = {}
 
     def attention():
         y = attn.o_proj(current["z"])
-        if kept is not None:
+        if kept is not None and kept[0] is not None:
             kept[0].append(keep_on(y, where))
         return y, None
 
@@ -244,19 +246,19 @@ def collect_mlp_inputs(layer, x: torch.Tensor, kwargs: dict, batch_size: int, at
     return kept
 
 
-def replay_outputs(layer, x: torch.Tensor, kwargs: dict, batch_size: int, attn_inputs: list[torch.Tensor],
+def replay_outputs(layer, x: torch.Tensor, kwargs: dict, batch_size: int, attn_inputs: list[torch.Tensor] | None,
                    columns: torch.Tensor | None, out: torch.Tensor,
-                   kept: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+                   kept: tuple[list[torch.Tensor] | None, list[torch.Tensor]] | None = None,
                    down_weight: torch.Tensor | None = None, tf32: bool = False) -> torch.Tensor:
-    """The pruned layer's outputs from what the earlier passes kept: when `kept` (from `collect_mlp_inputs`)
-    holds the attention's outputs and down_proj's inputs at full width, those outputs and `down_weight` (down_proj
-    updated at full width, removed columns zero: cheaper than taking the kept channels' columns of its inputs);
-    otherwise o_proj on the kept heads' columns of `attn_inputs` and the pruned MLP run again."""
+    """The pruned layer's outputs from what the earlier passes kept (`kept`, from `collect_mlp_inputs`): the
+    attention's outputs, else o_proj on the kept heads' `columns` of `attn_inputs`; down_proj's inputs at full width
+    with `down_weight` (down_proj updated at full width, removed columns zero: cheaper than taking the kept
+    channels' columns of its inputs), else the pruned MLP run again."""
     attn, mlp, dev = layer.self_attn, layer.mlp, _layer_device(layer)
     current = {"k": 0}
 
     def attention():
-        if kept is not None:
+        if kept is not None and kept[0] is not None:
             return kept[0][current["k"]].to(dev, non_blocking=True), None
         return attn.o_proj(_select(attn_inputs[current["k"]], columns, dev)), None
 

@@ -232,10 +232,12 @@ def _layer_once(layer, i, st: _Streams, settings: PruneSettings, plan, emit, pha
     if H_mlp is None:
         t0 = phase(i, "mlp-stats")
         acc = obs.HessianAccumulator(mlp.down_proj.in_features, mlp.down_proj.weight.device)
-        keep = replay and fits(calib_in.shape[:-1].numel() * (mlp.down_proj.in_features + calib_in.shape[-1])
-                                 * calib_in.element_size(), st.where)  # down_proj's inputs, the attention's outputs
-        kept = collect_mlp_inputs(layer, calib_in, st.kwargs, bs, z, columns, acc, st.where if keep else None, tf32)
-        if kept is not None:
+        row_bytes = calib_in.shape[:-1].numel() * calib_in.element_size()
+        keep = replay and fits(row_bytes * mlp.down_proj.in_features, st.where)  # down_proj's inputs first
+        keep_attention = keep and fits(row_bytes * (mlp.down_proj.in_features + calib_in.shape[-1]), st.where)
+        kept = collect_mlp_inputs(layer, calib_in, st.kwargs, bs, z, columns, acc, st.where if keep else None, tf32,
+                                  keep_attention)
+        if keep_attention:
             z = None  # the outputs follow from what was kept: o_proj's inputs are not needed again
         H_mlp = stats.store(i, "mlp", acc.H, dense and head_rm == 0)
         done("mlp-stats", t0)

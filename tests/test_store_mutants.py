@@ -236,6 +236,7 @@ def test_read_run_of_an_old_run_summarises_its_report(tmp_path):
     ("meta folder", "unreadable: IsADirectoryError: [Errno 21] Is a directory: '{path}/meta.json'"),
     ("bad report", "unreadable: TypeError: PruneReport.__init__() got an unexpected keyword argument 'bogus'"),
     ("report target", "unreadable: KeyError: 'heads'"),
+    ("meta list", "unreadable: AttributeError: 'list' object has no attribute 'get'"),
     ("bad evaluations", "unreadable: JSONDecodeError: Expecting value: line 1 column 1 (char 0)"),
 ])
 def test_read_run_says_why_a_folder_is_broken(tmp_path, case, reason):
@@ -246,6 +247,8 @@ def test_read_run_says_why_a_folder_is_broken(tmp_path, case, reason):
         (path / "model.safetensors").rename(path / "model.bin")
     elif case == "bad meta":
         (path / "meta.json").write_text("{oops")
+    elif case == "meta list":  # valid JSON, not an object: once an exception that broke the whole listing
+        (path / "meta.json").write_text("[1]")
     elif case == "meta folder":
         (path / "meta.json").mkdir()
     elif case == "bad report":

@@ -127,7 +127,7 @@ def read_run(path: Path) -> RunInfo:
             info.summary = summary_of(PruneReport.load(path / "report.json"))
         if (path / EVALUATIONS).exists():
             info.evaluations = _read_json(path / EVALUATIONS)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:  # AttributeError: JSON not an object
         info.broken = f"unreadable: {type(exc).__name__}: {exc}"
     return info
 

@@ -261,3 +261,15 @@ def test_the_board_keeps_fifty_finished_jobs_by_default():
     # the 52nd submit kept k1..k50 (the newest 50 of k0..k50) and added k51
     assert board.latest("k0") is None and all(board.latest(f"k{i}") for i in range(1, 52))
     assert isinstance(BOARD, JobBoard) and BOARD is jobs.BOARD
+
+
+def test_trimming_keeps_the_order_so_latest_is_the_newest_of_its_kind():
+    board = JobBoard(keep=5)
+    done = _finished(board, "prune")
+    work, entered, gate = _gate()
+    live = board.submit("prune", work, "again", heavy=False)  # newer, still running
+    assert entered.wait(WAIT)
+    _finished(board, "export")  # any later submit trims the board
+    assert board.latest("prune") is live and done.result == "prune"  # not the older finished one
+    gate.set()
+    assert live.wait(WAIT).result == "again" and board.latest("prune") is live

@@ -140,7 +140,7 @@ def list_runs(root: Path | None = None) -> list[RunInfo]:
 
 
 def run_path(name: str, root: Path | None = None) -> Path:
-    if not name or "/" in name or name.startswith(".") or name in ("..",):
+    if not name or "/" in name or name.startswith("."):  # "." and ".." start with "." too
         raise SlimGPTError(f"{name!r} is not a run name (a folder name inside the runs folder)")
     path = (Path(root) if root else runs_root()) / name
     if not path.is_dir():

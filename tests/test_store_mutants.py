@@ -306,6 +306,7 @@ def test_new_run_name_counts_up_from_two(runs, tmp_path):
     (runs / "my-run").mkdir()
     assert store.new_run_name("my run") == "my-run-2"
     (runs / "my-run-2").write_text("a file takes the name too")
+    assert store.new_run_name("my run") == "my-run-3"
     (runs / "my-run-3").mkdir()
     assert store.new_run_name("my run") == "my-run-4"
     assert store.new_run_name("my run", tmp_path) == "my-run"

@@ -43,7 +43,7 @@ class RecordingTurn:
     def acquire(self, timeout=None):
         self.timeouts.append(timeout)
         self.asked.set()
-        return self.open.is_set()
+        return self.open.wait(0.001)  # a short pause, as a real refusal would take (no busy loop)
 
     def release(self):
         self.releases += 1

@@ -122,6 +122,9 @@ def test_a_failed_json_write_leaves_the_old_file_and_no_temporary(tmp_path, monk
     with pytest.raises(SlimGPTError) as err:
         store._write_json_atomic(tmp_path / "b.json", 1)
     assert str(err.value) == f"could not write {tmp_path / 'b.json'}: quota" and os.listdir(tmp_path) == ["a.json"]
+    with pytest.raises(SlimGPTError) as err:  # no folder to write into: the temporary never existed
+        store._write_json_atomic(tmp_path / "gone" / "c.json", 1)
+    assert str(err.value) == f"could not write {tmp_path / 'gone' / 'c.json'}: No such file or directory"
 
 
 # --- summaries ------------------------------------------------------------------------------------------
@@ -294,7 +297,7 @@ def test_run_path_finds_runs_in_the_given_or_default_folder(runs, tmp_path):
 
 @pytest.mark.parametrize("text, expected", [
     ("My run: 50%/x", "My-run-50-x"), ("a.b_c-d", "a.b_c-d"), ("..a..", "a"), ("--a--", "a"), ("-.-a", "a"),
-    ("///", "run"), ("", "run"), ("é", "run"), ("x" * 70, "x" * 60), ("a  b", "a-b"),
+    ("Xmas X", "Xmas-X"), ("///", "run"), ("", "run"), ("é", "run"), ("x" * 70, "x" * 60), ("a  b", "a-b"),
 ])
 def test_slug(text, expected):
     assert store.slug(text) == expected
@@ -325,11 +328,17 @@ def test_save_run_names_and_labels_it(runs, stories, monkeypatch):
     assert info.name == "20260102-030405-stories260k" and info.label == info.name and info.notes == ""
     info = store.save_run(m.model, m.tokenizer, _report(model=""), root=str(runs))
     assert info.name == "20260102-030405-run"
+    elsewhere = runs.parent / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "20260102-030405-stories260k").mkdir()
+    info = store.save_run(m.model, m.tokenizer, _report(), root=elsewhere)  # named by what is taken there
+    assert info.path == elsewhere / "20260102-030405-stories260k-2"
+    assert sorted(os.listdir(elsewhere)) == ["20260102-030405-stories260k", "20260102-030405-stories260k-2"]
     with pytest.raises(SlimGPTError, match="already exists"):
         store.save_run(m.model, m.tokenizer, _report(), name="20260102-030405-run")
     again = store.save_run(m.model, m.tokenizer, _report(), name="20260102-030405-run", overwrite=True,
                            label="again")
-    assert again.label == "again" and len(store.list_runs()) == 3
+    assert again.label == "again" and len(store.list_runs()) == 3 and len(store.list_runs(elsewhere)) == 2
 
 
 def test_update_meta_changes_only_label_and_notes(runs):
@@ -340,6 +349,11 @@ def test_update_meta_changes_only_label_and_notes(runs):
                                                                  "summary": {"x": 1}}
     info = store.update_meta("r", str(runs), notes="nn")
     assert (info.label, info.notes) == ("new", "nn")
+    other = runs.parent / "other"
+    _fake_run(other, "r", {"label": "there"})
+    assert store.update_meta("r", other, notes="o").path == other / "r"
+    assert json.loads((other / "r" / "meta.json").read_text()) == {"label": "there", "notes": "o"}
+    assert store.read_run(runs / "r").notes == "nn"
     path = _fake_run(runs, "no-meta")
     os.utime(path, (55.0, 55.0))
     store.update_meta("no-meta", notes="x")
@@ -355,6 +369,10 @@ def test_rename_run(runs):
     with pytest.raises(SlimGPTError) as err:
         store.rename_run("new-name", "taken", str(runs))
     assert str(err.value) == "a run named 'taken' already exists" and (runs / "new-name").is_dir()
+    other = runs.parent / "other"
+    _fake_run(other, "new-name")
+    assert store.rename_run("new-name", "moved", other).path == other / "moved"
+    assert os.listdir(other) == ["moved"] and sorted(os.listdir(runs)) == ["new-name", "taken"]
 
 
 def test_delete_run_leaves_the_listing_even_if_the_disk_refuses(runs, monkeypatch):
@@ -362,6 +380,10 @@ def test_delete_run_leaves_the_listing_even_if_the_disk_refuses(runs, monkeypatc
     _fake_run(runs, "b")
     store.delete_run("a")
     assert os.listdir(runs) == ["b"]
+    other = runs.parent / "other"
+    _fake_run(other, "b")
+    store.delete_run("b", other)
+    assert os.listdir(other) == [] and os.listdir(runs) == ["b"]
     leftovers = []
 
     def stubborn_rmtree(path, ignore_errors=False):  # shutil.rmtree's contract: raise unless told to ignore
@@ -446,6 +468,10 @@ def test_remember_and_recall(runs, tmp_path):
     assert json.loads((runs / ".studio.json").read_text()) == {"fresh": True}
     (runs / ".studio.json").write_text("[1, 2]")
     assert store.recall("fresh", "d") == "d"
+    store.remember("again", 2)  # valid JSON that is not an object: started anew too (was a TypeError)
+    assert json.loads((runs / ".studio.json").read_text()) == {"again": 2}
+    (runs / ".studio.json").write_text("null")
+    assert store.recall("again", "d") == "d"
 
 
 def test_as_dict_is_json_ready(tmp_path):

@@ -330,10 +330,11 @@ def test_save_run_names_and_labels_it(runs, stories, monkeypatch):
     assert info.name == "20260102-030405-run"
     elsewhere = runs.parent / "elsewhere"
     elsewhere.mkdir()
-    (elsewhere / "20260102-030405-stories260k").mkdir()
-    info = store.save_run(m.model, m.tokenizer, _report(), root=elsewhere)  # named by what is taken there
-    assert info.path == elsewhere / "20260102-030405-stories260k-2"
-    assert sorted(os.listdir(elsewhere)) == ["20260102-030405-stories260k", "20260102-030405-stories260k-2"]
+    (elsewhere / "20260102-030405-only-here").mkdir()
+    (elsewhere / "20260102-030405-only-here" / "x").write_text("taken")
+    info = store.save_run(m.model, m.tokenizer, _report(), label="only here", root=elsewhere)
+    assert info.path == elsewhere / "20260102-030405-only-here-2"  # named by what is taken there, not here
+    assert sorted(os.listdir(elsewhere)) == ["20260102-030405-only-here", "20260102-030405-only-here-2"]
     with pytest.raises(SlimGPTError, match="already exists"):
         store.save_run(m.model, m.tokenizer, _report(), name="20260102-030405-run")
     again = store.save_run(m.model, m.tokenizer, _report(), name="20260102-030405-run", overwrite=True,

@@ -44,6 +44,8 @@ FAST_TESTS = {
     "methods.activations": ["test_preview.py", "test_activations_mutants.py"],
     "methods.statistics": ["test_preview.py", "test_statistics_mutants.py"],
     "schedules.autoschedule": ["test_schedule_mutants.py", "test_autoschedule_mutants.py"],
+    "workspace.jobs": ["test_jobs_mutants.py"],
+    "workspace.store": ["test_atomic_mutants.py", "test_run_comparison.py", "test_store_mutants.py"],
 }
 # tests of a mapped file that take too long to run once per mutant (deselected from every mutmut run)
 SLOW_TESTS = ["test_shear.py::test_expected_sizes_reach_the_target_within_200_steps"]

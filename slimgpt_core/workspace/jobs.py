@@ -102,7 +102,10 @@ class JobBoard:
         with self._lock:
             job = Job(kind, state="queued" if heavy else "running", label=job_label, id=self._next_id)
             self._next_id += 1
-            self._jobs = [j for j in self._jobs if j.running] + [j for j in self._jobs if not j.running][-self._keep:]
+            # drop all but the newest `keep` finished jobs, in place: the order is what `latest` relies on
+            finished = [j for j in self._jobs if not j.running]
+            dropped = {id(j) for j in finished[:-self._keep]}
+            self._jobs = [j for j in self._jobs if id(j) not in dropped]
             self._jobs.append(job)
         return _launch(job, self._turn if heavy else None, fn, args, kwargs)
 

@@ -22,6 +22,7 @@ from slimgpt_core.errors import SlimGPTError
 RUNS_ENV = "SLIMGPT_RUNS"
 META = "meta.json"
 EVALUATIONS = "evaluations.json"
+EVAL_LIBRARY = "lm_eval"  # its distribution name, also the key its version is recorded under
 _write_lock = threading.Lock()  # read-modify-write of the small files within this process
 
 
@@ -47,6 +48,15 @@ def _write_json_atomic(path: Path, value) -> None:
 
 def _read_json(path: Path):
     return json.loads(path.read_text())
+
+
+def _read_object(path: Path) -> dict:
+    """A JSON object from a file; {} when the file is missing, torn, or holds something else."""
+    try:
+        value = _read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def shape_text(target: dict) -> str:
@@ -127,7 +137,7 @@ def read_run(path: Path) -> RunInfo:
             info.summary = summary_of(PruneReport.load(path / "report.json"))
         if (path / EVALUATIONS).exists():
             info.evaluations = _read_json(path / EVALUATIONS)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:  # AttributeError: JSON not an object
         info.broken = f"unreadable: {type(exc).__name__}: {exc}"
     return info
 
@@ -140,7 +150,7 @@ def list_runs(root: Path | None = None) -> list[RunInfo]:
 
 
 def run_path(name: str, root: Path | None = None) -> Path:
-    if not name or "/" in name or name.startswith(".") or name in ("..",):
+    if not name or "/" in name or name.startswith("."):  # "." and ".." start with "." too
         raise SlimGPTError(f"{name!r} is not a run name (a folder name inside the runs folder)")
     path = (Path(root) if root else runs_root()) / name
     if not path.is_dir():
@@ -224,9 +234,8 @@ def dense_evaluations_folder(model_name: str, root: Path | None = None) -> Path:
 
 
 def read_evaluations(folder: Path) -> list[dict]:
-    path = Path(folder) / EVALUATIONS
-    try:
-        return _read_json(path) if path.exists() else []
+    try:  # a missing file is an OSError too: no evaluations
+        return _read_json(Path(folder) / EVALUATIONS)
     except (OSError, ValueError):
         return []
 
@@ -238,7 +247,7 @@ def versions() -> dict:
     out = {"torch": torch.__version__, "transformers": transformers.__version__}
     try:
         from importlib.metadata import version
-        out["lm_eval"] = version("lm_eval")
+        out[EVAL_LIBRARY] = version(EVAL_LIBRARY)
     except Exception:  # lm-eval not installed: nothing measured with it
         pass
     return out
@@ -252,20 +261,13 @@ def remember(key: str, value, root: Path | None = None) -> None:
     """Server-wide studio state that survives reloads and restarts (the loaded model, for instance)."""
     path = studio_state_path(root)
     with _write_lock:
-        state = {}
-        try:
-            state = _read_json(path) if path.exists() else {}
-        except (OSError, ValueError):
-            pass
+        state = _read_object(path)
         state[key] = value
         _write_json_atomic(path, state)
 
 
 def recall(key: str, default=None, root: Path | None = None):
-    try:
-        return _read_json(studio_state_path(root)).get(key, default)
-    except (OSError, ValueError, AttributeError):
-        return default
+    return _read_object(studio_state_path(root)).get(key, default)
 
 
 def as_dict(info: RunInfo) -> dict:

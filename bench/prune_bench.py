@@ -221,8 +221,8 @@ def _floor(mode: str, counted: dict, row: dict) -> dict:
     """The matrix-product FLOPs of both trees and the time ratio no implementation of this tree's FLOPs can beat
     on this machine (its FLOPs at the best matrix-product rate, over the base's median time)."""
     import torch
-    if args_threads := row.get("threads"):
-        torch.set_num_threads(args_threads)  # the rate at the thread count the timed runs used
+    if row.get("threads"):
+        torch.set_num_threads(row["threads"])  # the rate at the thread count the timed runs used
     rate = matmul_rate()
     new, old = counted["new"]["matmul_flops"], counted["old"]["matmul_flops"]
     floor_s = new / rate

@@ -83,9 +83,9 @@ def test_what_memory_holds_changes_only_what_the_outputs_recompute(monkeypatch, 
     model, ref_model = tiny_model(ffn=ffn), tiny_model(ffn=ffn)
     replays = []
 
-    def replay(layer, x, kwargs, batch_size, attn_inputs, columns, out, kept=None, *args):
-        replays.append((attn_inputs is not None, kept is not None and kept[0] is not None, kept is not None))
-        return replay_outputs(layer, x, kwargs, batch_size, attn_inputs, columns, out, kept, *args)
+    def replay(layer, x, kwargs, batch_size, attn_inputs, columns, out, attn_outputs=None, mlp_inputs=None, *args):
+        replays.append((attn_inputs is not None, attn_outputs is not None, mlp_inputs is not None))
+        return replay_outputs(layer, x, kwargs, batch_size, attn_inputs, columns, out, attn_outputs, mlp_inputs, *args)
     monkeypatch.setattr(pipeline, "replay_outputs", replay)
     new = pipeline._prune_pass(model, tokens, settings, use_cache=False)
     ref = pipeline._prune_pass(ref_model, tokens, settings, use_cache=False, _reference=True)

@@ -188,19 +188,19 @@ class _Replayed:
     norm that only feeds `module` (`_FEEDS`) passes its input through meanwhile: its output would be ignored."""
 
     def __init__(self, layer: torch.nn.Module, name: str, result, active: bool = True):
-        self.modules = [getattr(layer, name), getattr(layer, _FEEDS[name], None)] if active else []
+        self.module = getattr(layer, name) if active else None
+        self.norm = getattr(layer, _FEEDS[name], None) if active else None
         self.result = result
 
     def __enter__(self):
-        module, norm = self.modules or (None, None)
-        if module is not None:
-            module.forward = lambda *args, **kwargs: self.result()
-        if norm is not None:
-            norm.forward = lambda hidden_states: hidden_states
+        if self.module is not None:
+            self.module.forward = lambda *args, **kwargs: self.result()
+        if self.norm is not None:
+            self.norm.forward = lambda hidden_states: hidden_states
         return self
 
     def __exit__(self, *exc):
-        for module in self.modules:
+        for module in (self.module, self.norm):
             if module is not None:
                 del module.forward
 
@@ -211,28 +211,29 @@ def _select(chunk: torch.Tensor, columns: torch.Tensor | None, dev: torch.device
 
 
 def collect_mlp_inputs(layer, x: torch.Tensor, kwargs: dict, batch_size: int, attn_inputs: list[torch.Tensor],
-                       columns: torch.Tensor | None, acc: obs.HessianAccumulator, where: torch.device | None = None,
-                       tf32: bool = False, keep_attention: bool = True
-                       ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]] | None:
+                       columns: torch.Tensor | None, acc: obs.HessianAccumulator, where: torch.device,
+                       keep_inputs: bool = False, keep_attention: bool = False, tf32: bool = False
+                       ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
     """down_proj's statistics after head pruning without a second attention pass: the attention's output is the
-    (updated) o_proj applied to the kept heads' `columns` of its captured inputs. With `where`, down_proj's inputs
-    are kept there too, one chunk per micro-batch, and so are the attention's outputs unless not `keep_attention`
-    (for `replay_outputs`)."""
+    (updated) o_proj applied to the kept heads' `columns` of its captured inputs. Returns the attention's outputs
+    (with `keep_attention`) and down_proj's inputs (with `keep_inputs`), one chunk per micro-batch kept on `where`
+    for `replay_outputs`, else None."""
     attn, dev = layer.self_attn, _layer_device(layer)
-    kept = ([] if keep_attention else None, []) if where is not None else None
+    attn_outputs = [] if keep_attention else None
+    mlp_inputs = [] if keep_inputs else None
     current: dict[str, torch.Tensor] = {}
 
     def attention():
         y = attn.o_proj(current["z"])
-        if kept is not None and kept[0] is not None:
-            kept[0].append(keep_on(y, where))
+        if attn_outputs is not None:
+            attn_outputs.append(keep_on(y, where))
         return y, None
 
     def hook(module, args):
         with _TF32(False):
             acc.add_batch(args[0])
-        if kept is not None:
-            kept[1].append(keep_on(args[0], where))
+        if mlp_inputs is not None:
+            mlp_inputs.append(keep_on(args[0], where))
         raise _StopForward
 
     handle = layer.mlp.down_proj.register_forward_pre_hook(hook)
@@ -243,29 +244,30 @@ def collect_mlp_inputs(layer, x: torch.Tensor, kwargs: dict, batch_size: int, at
     finally:
         handle.remove()
     acc.all_reduce()
-    return kept
+    return attn_outputs, mlp_inputs
 
 
 def replay_outputs(layer, x: torch.Tensor, kwargs: dict, batch_size: int, attn_inputs: list[torch.Tensor] | None,
-                   columns: torch.Tensor | None, out: torch.Tensor,
-                   kept: tuple[list[torch.Tensor] | None, list[torch.Tensor]] | None = None,
-                   down_weight: torch.Tensor | None = None, tf32: bool = False) -> torch.Tensor:
-    """The pruned layer's outputs from what the earlier passes kept (`kept`, from `collect_mlp_inputs`): the
-    attention's outputs, else o_proj on the kept heads' `columns` of `attn_inputs`; down_proj's inputs at full width
-    with `down_weight` (down_proj updated at full width, removed columns zero: cheaper than taking the kept
-    channels' columns of its inputs), else the pruned MLP run again."""
+                   columns: torch.Tensor | None, out: torch.Tensor, attn_outputs: list[torch.Tensor] | None = None,
+                   mlp_inputs: list[torch.Tensor] | None = None, down_weight: torch.Tensor | None = None,
+                   tf32: bool = False) -> torch.Tensor:
+    """The pruned layer's outputs from what `collect_mlp_inputs` kept: the attention's outputs, else o_proj on the
+    kept heads' `columns` of `attn_inputs`; down_proj's inputs at full width with `down_weight` (down_proj updated
+    at full width, removed columns zero: cheaper than taking the kept channels' columns of its inputs), else the
+    pruned MLP run again."""
     attn, mlp, dev = layer.self_attn, layer.mlp, _layer_device(layer)
     current = {"k": 0}
 
     def attention():
-        if kept is not None and kept[0] is not None:
-            return kept[0][current["k"]].to(dev, non_blocking=True), None
+        if attn_outputs is not None:
+            return attn_outputs[current["k"]].to(dev, non_blocking=True), None
         return attn.o_proj(_select(attn_inputs[current["k"]], columns, dev)), None
 
     def mlp_output():
-        return torch.nn.functional.linear(kept[1][current["k"]].to(dev, non_blocking=True), down_weight,
+        return torch.nn.functional.linear(mlp_inputs[current["k"]].to(dev, non_blocking=True), down_weight,
                                           mlp.down_proj.bias)
 
-    with _Replayed(layer, "self_attn", attention), _Replayed(layer, "mlp", mlp_output, active=kept is not None):
+    with _Replayed(layer, "self_attn", attention), _Replayed(layer, "mlp", mlp_output,
+                                                             active=mlp_inputs is not None):
         _over_micro_batches(layer, x, kwargs, batch_size, out, tf32, before=lambda k: current.update(k=k))
     return out

@@ -196,8 +196,8 @@ def _layer_once(layer, i, st: _Streams, settings: PruneSettings, plan, emit, pha
     """Prune layer i running its attention once on the calibration stream (and once on the dense reference).
 
     The attention pass keeps o_proj's inputs; after head pruning the MLP statistics are the layer replayed from
-    the kept heads' columns with the updated o_proj, and so are the outputs, from the attention's outputs and
-    down_proj's inputs kept by that pass when they fit in memory (else o_proj and the pruned MLP run again).
+    the kept heads' columns with the updated o_proj, and so are the outputs, from down_proj's inputs and the
+    attention's outputs kept by that pass as far as they fit in memory (else the pruned MLP and o_proj run again).
     When the calibration stream is the dense one (layer 0, dense-input runs) the dense reference pass is the
     attention pass."""
     head_ratio, head_rm, ffn_ratio, ffn_rm = plan
@@ -228,15 +228,15 @@ def _layer_once(layer, i, st: _Streams, settings: PruneSettings, plan, emit, pha
     columns = None if head_rm == 0 else _unit_columns(kept_units, group, attn.o_proj.weight.device)
     if columns is not None and z is not None and z[0].device == columns.device:
         z, columns = [chunk.index_select(-1, columns) for chunk in z], None  # kept heads selected once
-    kept = None
+    attn_outputs = mlp_inputs = None  # kept by the MLP-statistics pass when memory allows
     if H_mlp is None:
         t0 = phase(i, "mlp-stats")
         acc = obs.HessianAccumulator(mlp.down_proj.in_features, mlp.down_proj.weight.device)
         row_bytes = calib_in.shape[:-1].numel() * calib_in.element_size()
         keep = replay and fits(row_bytes * mlp.down_proj.in_features, st.where)  # down_proj's inputs first
         keep_attention = keep and fits(row_bytes * (mlp.down_proj.in_features + calib_in.shape[-1]), st.where)
-        kept = collect_mlp_inputs(layer, calib_in, st.kwargs, bs, z, columns, acc, st.where if keep else None, tf32,
-                                  keep_attention)
+        attn_outputs, mlp_inputs = collect_mlp_inputs(layer, calib_in, st.kwargs, bs, z, columns, acc, st.where,
+                                                      keep, keep_attention, tf32)
         if keep_attention:
             z = None  # the outputs follow from what was kept: o_proj's inputs are not needed again
         H_mlp = stats.store(i, "mlp", acc.H, dense and head_rm == 0)
@@ -245,7 +245,8 @@ def _layer_once(layer, i, st: _Streams, settings: PruneSettings, plan, emit, pha
     if st.pruned_out is not None:
         t0 = phase(i, "outputs")
         if replay:
-            replay_outputs(layer, st.pruned_in, st.kwargs, bs, z, columns, st.pruned_out, kept, down_weight, tf32)
+            replay_outputs(layer, st.pruned_in, st.kwargs, bs, z, columns, st.pruned_out, attn_outputs, mlp_inputs,
+                           down_weight, tf32)
         else:  # dense-input run: the pruned stream differs from the calibrated one
             run_layer(layer, st.pruned_in, st.kwargs, bs, st.pruned_out, tf32)
         done("outputs", t0)

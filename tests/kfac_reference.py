@@ -34,3 +34,23 @@ def factors_by_autograd(model, tokens, labels=None, rows=None):
             g, x = g[rows], x[rows]
         G[key], A[key] = g.T @ g / len(g), x.T @ x / len(x)
     return A, G
+
+
+def assert_factors_close(A, G, A_ref, G_ref, rtol=1e-4, scaled_atol=1e-5):
+    """Each collected factor equals the fp64 reference, entry by entry, within rtol of the entry plus
+    scaled_atol × sqrt(F_ii F_jj). The factors are fp32 sums of products over rows, and the collector's gradients
+    come from another fp32 backward than autograd's, so an entry's error scales with the Cauchy-Schwarz bound of its
+    terms, sqrt(F_ii F_jj) (≥ the mean of |x_i x_j|), not with the entry: an entry near zero is a cancellation."""
+    for (i, name), g in G_ref.items():
+        _assert_factor_close(G[i][name].double(), g, rtol, scaled_atol, f"G of layer {i} {name}")
+        if name in A[i]:
+            _assert_factor_close(A[i][name].double(), A_ref[(i, name)], rtol, scaled_atol, f"A of layer {i} {name}")
+
+
+def _assert_factor_close(actual, expected, rtol, scaled_atol, what):
+    d = expected.diagonal().clamp(min=0)
+    bound = rtol * expected.abs() + scaled_atol * (d[:, None] * d[None, :]).sqrt()
+    excess = (actual - expected).abs() - bound
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert float(excess.max()) <= 0, (f"{what}: off by {float((actual - expected).abs().max()):.3g} "
+                                      f"(worst excess over the bound {float(excess.max()):.3g})")

@@ -13,6 +13,7 @@ page = st.navigation([
     st.Page("pages/runs.py", title="Runs", icon=":material/folder_open:"),
     st.Page("pages/recover.py", title="Recover", icon=":material/healing:"),
     st.Page("pages/inspect_runs.py", title="Inspect", icon=":material/query_stats:"),
+    st.Page("pages/accumulation.py", title="Accumulation", icon=":material/stacked_line_chart:"),
     st.Page("pages/evaluate.py", title="Evaluate", icon=":material/leaderboard:"),
     st.Page("pages/side_by_side.py", title="Side by side", icon=":material/view_column:"),
     st.Page("pages/generate.py", title="Generate", icon=":material/chat:"),

@@ -4,11 +4,14 @@ import dataclasses
 import streamlit as st
 
 from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.evaluation.accumulation import DemoConfig, profile_runs, stored_profile
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.schedules.run_schedule import EDITOR_MAX_RATIO, run_schedule
 from slimgpt_core.studio import prune_to_workspace
 from ui import charts
-from ui.state import job, job_progress, live_fragment, require_model, require_runs, run_report, submit, take_result
+from ui.colors import run_color
+from ui.state import (current_model, job, job_progress, live_fragment, require_model, require_runs, run_report, submit,
+                      take_result)
 
 st.title("Inspect")
 all_runs = require_runs()
@@ -19,11 +22,57 @@ st.session_state.setdefault("inspect_runs", list(labels)[:3])
 st.session_state.inspect_runs = [r for r in st.session_state.inspect_runs if r in labels]  # runs may be gone
 chosen = st.multiselect("Runs to compare", list(labels), format_func=labels.get, key="inspect_runs")
 if chosen:
+    colors = {labels[r]: run_color(r, all_runs) for r in chosen}
+    twins = [labels[r] for r in chosen if not all_runs[r].summary.get("sequential", True)]  # dense-input runs
+    scale = st.radio("Accumulated error scale", ["outlier-robust (held-out)", "raw (calibration)"], horizontal=True,
+                     key="inspect_scale", help="outlier-robust: every hidden dimension divided by the dense stream's "
+                     "RMS of that dimension (each counts equally), from the runs' accumulation profiles on held-out "
+                     "text; raw: ‖Δh‖/‖h‖ on the calibration tokens, measured while pruning, dominated by a few "
+                     "outlier dimensions of the residual stream")
+    profiles = {r: stored_profile(all_runs[r].evaluations, {}) for r in chosen}
     c1, c2 = st.columns(2)
-    c1.plotly_chart(charts.accumulated_error({labels[r]: run_report(all_runs[r]).layers for r in chosen}),
-                    key="inspect_acc")
-    c2.plotly_chart(charts.reconstruction_error({labels[r]: run_report(all_runs[r]).modules for r in chosen}),
-                    key="inspect_recon")
+    measured = {(p.dataset, p.seqlen, p.windows) for p in profiles.values() if p is not None}
+    if scale.startswith("outlier") and all(profiles.values()) and len(measured) == 1:
+        dataset, seqlen, windows = measured.pop()
+        c1.plotly_chart(charts.depth_lines({labels[r]: profiles[r].total_std for r in chosen},
+                                           "Accumulated error along depth · outlier-robust",
+                                           f"relative error, standardised ({dataset}, {windows}×{seqlen})", colors,
+                                           twins), key="inspect_acc")
+    else:
+        c1.plotly_chart(charts.accumulated_error({labels[r]: run_report(all_runs[r]).layers for r in chosen}, colors,
+                                                 twins), key="inspect_acc")
+        if scale.startswith("outlier"):
+            lacking = [r for r in chosen if profiles[r] is None]
+            c1.caption("Raw scale shown: " + (f"{len(lacking)} of these runs have no accumulation profile yet."
+                                              if lacking else "their profiles were measured on different text."))
+            loaded_now = current_model()
+            base_ok = loaded_now is not None and all(run_report(all_runs[r]).model == loaded_now.name for r in lacking)
+            profiling = job("inspect_profiles")
+            if lacking and c1.button("Profile them on held-out text", key="inspect_profile",
+                                     disabled=not base_ok or bool(profiling and profiling.running),
+                                     help="the Accumulation page's held-out text and windows; needs their base "
+                                          "model loaded"):
+                held_out = st.session_state.get("acc_settings", {})  # the Accumulation page's, when visited
+                config = DemoConfig(heldout=held_out.get("acc_heldout", "wikitext2"),
+                                    eval_seqlen=int(held_out.get("acc_eval_seqlen", 128)),
+                                    windows=int(held_out.get("acc_windows", 64)), device=st.session_state.model_spec[1])
+                submit("inspect_profiles", profile_runs, loaded_now, [all_runs[r] for r in lacking], config,
+                       job_label=f"{len(lacking)} profile(s)")
+    c2.plotly_chart(charts.reconstruction_error({labels[r]: run_report(all_runs[r]).modules for r in chosen}, colors,
+                                                twins), key="inspect_recon")
+
+
+def profiles_status() -> None:
+    pj = job("inspect_profiles")
+    if pj is not None and pj.running:
+        job_progress(pj, "Cancel profiles", "cancel_inspect_profiles")
+    elif pj is not None and pj.state == "failed":
+        st.error(pj.error)
+    elif take_result(pj):
+        st.rerun(scope="app")
+
+
+live_fragment(profiles_status, "inspect_profiles")
 
 # a dense-input twin shows what the sequential pipeline's error accumulation costs
 st.subheader("Sequential vs dense inputs")

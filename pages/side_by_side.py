@@ -6,6 +6,7 @@ import streamlit as st
 from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.evaluation.run_comparison import NOISE_Z, compare_evaluations, kv_group_grid, provenance_rows, sides_for
 from ui import charts, comparison_charts
+from ui.colors import DENSE_COLOR, run_color
 from ui.state import current_run, require_runs
 
 st.title("Side by side")
@@ -27,6 +28,8 @@ except SlimGPTError as exc:
     st.error(str(exc))
     st.stop()
 runs_only = [s for s in sides if not s.dense]
+colors = {s.label: DENSE_COLOR if s.dense else run_color(s.key, all_runs) for s in sides}  # as on every page
+twins = [s.label for s in runs_only if not (s.report.settings or {}).get("sequential", True)]  # dense-input runs
 
 st.subheader("What they are")
 st.dataframe(pd.DataFrame([{
@@ -39,10 +42,12 @@ st.dataframe(pd.DataFrame([{
     "size on disk (MB)": round(s.size_bytes / 2**20, 2) if s.size_bytes else None,
 } for s in sides]), hide_index=True)
 
-st.plotly_chart(comparison_charts.schedules(sides), key="sbs_schedules")
+st.plotly_chart(comparison_charts.schedules(sides, colors), key="sbs_schedules")
 c1, c2 = st.columns(2)
-c1.plotly_chart(charts.reconstruction_error({s.label: s.report.modules for s in runs_only}), key="sbs_recon")
-c2.plotly_chart(charts.accumulated_error({s.label: s.report.layers for s in runs_only}), key="sbs_acc")
+c1.plotly_chart(charts.reconstruction_error({s.label: s.report.modules for s in runs_only}, colors, twins),
+                key="sbs_recon")
+c2.plotly_chart(charts.accumulated_error({s.label: s.report.layers for s in runs_only}, colors, twins),
+                key="sbs_acc")
 
 st.subheader("KV groups kept")
 grid = kv_group_grid(sides)
@@ -91,6 +96,6 @@ for g in groups:
     rows.append(row)
 st.dataframe(pd.DataFrame(rows), hide_index=True)
 if any(g.metric == "acc" for g in groups):
-    st.plotly_chart(comparison_charts.accuracies(groups), key="sbs_acc_bars")
+    st.plotly_chart(comparison_charts.accuracies(groups, colors), key="sbs_acc_bars")
 with st.expander("Every measurement with its provenance"):
     st.dataframe(pd.DataFrame(provenance_rows(sides)), hide_index=True)

@@ -33,26 +33,102 @@ def schedule_curve(head_ratios: Sequence[float], ffn_ratios: Sequence[float], he
     return _layout(fig, "Pruning ratio per layer", "layer", "ratio")
 
 
-def reconstruction_error(runs: dict[str, Iterable]) -> go.Figure:
-    """Relative reconstruction error per layer, attention and MLP, for one or more runs (ModuleMeasured events)."""
+def _run_line(color: str | None, dashed: bool) -> dict:
+    """A run's line: solid and wide; a dense-input twin's dashed and thinner, so it never hides the run's."""
+    return dict(color=color, dash="dash" if dashed else "solid", width=1.8 if dashed else 3)
+
+
+def _twins_first(labels: Iterable[str], dense_input: Iterable[str]) -> list[str]:
+    """Drawing order: dense-input twins first, so the runs' lines are drawn over them."""
+    twins = set(dense_input)
+    labels = list(labels)
+    return [label for label in labels if label in twins] + [label for label in labels if label not in twins]
+
+
+def reconstruction_error(runs: dict[str, Iterable], colors: dict[str, str] | None = None,
+                         dense_input: Iterable[str] = ()) -> go.Figure:
+    """Relative reconstruction error per layer, attention and MLP, for one or more runs (ModuleMeasured events).
+    `colors`: label -> the run's colour (ui.colors.run_color); `dense_input`: labels of dense-input twins."""
     fig = go.Figure()
-    for k, (label, modules) in enumerate(runs.items()):
-        modules = list(modules)
-        for module, dash in (("attn", "solid"), ("mlp", "dot")):
+    twins = set(dense_input)
+    for k, label in enumerate(_twins_first(runs, twins)):
+        modules = list(runs[label])
+        color = (colors or {}).get(label, COLORS[list(runs).index(label) % len(COLORS)])
+        for module, marker in (("attn", "circle"), ("mlp", "diamond")):
             pts = [m for m in modules if m.module == module]
+            line = _run_line(color, label in twins)
+            if module == "mlp":
+                line.update(dash="dot", width=line["width"] - 1)
             fig.add_scatter(x=[m.layer for m in pts], y=[max(m.rel_error, 1e-12) for m in pts], mode="lines+markers",
-                            name=f"{label} · {module}", line=dict(dash=dash, color=COLORS[k % len(COLORS)]))
+                            name=f"{label} · {module}", line=line, marker=dict(symbol=marker))
     return _layout(fig, "Reconstruction error ‖WX−ŴX‖²/‖WX‖²", "layer", "relative error", log_y=True)
 
 
-def accumulated_error(runs: dict[str, Iterable]) -> go.Figure:
-    """‖h_pruned − h_dense‖/‖h_dense‖ after each layer (LayerDone events), one line per run."""
+def accumulated_error(runs: dict[str, Iterable], colors: dict[str, str] | None = None,
+                      dense_input: Iterable[str] = ()) -> go.Figure:
+    """‖h_pruned − h_dense‖/‖h_dense‖ after each layer (LayerDone events, on the calibration tokens: the raw
+    scale), one line per run; dense-input twins dashed, thinner and drawn first."""
+    series = {label: [e.accumulated_error for e in layers] for label, layers in runs.items()}
+    xs = {label: [e.layer for e in layers] for label, layers in runs.items()}
+    return depth_lines(series, "Accumulated error along depth", "relative distance to dense (raw ‖Δh‖/‖h‖)",
+                       colors, dense_input, xs=xs)
+
+
+def depth_lines(series: dict[str, Sequence[float]], title: str, y_title: str, colors: dict[str, str] | None = None,
+                dense_input: Iterable[str] = (), presenter: bool = False, zero_line: bool = False,
+                xs: dict[str, Sequence[int]] | None = None) -> go.Figure:
+    """One value per layer for each run (label -> values), in the runs' colours; twins dashed, drawn first."""
     fig = go.Figure()
-    for k, (label, layers) in enumerate(runs.items()):
-        layers = list(layers)
-        fig.add_scatter(x=[e.layer for e in layers], y=[e.accumulated_error for e in layers], mode="lines+markers",
-                        name=label, line=dict(color=COLORS[k % len(COLORS)]))
-    return _layout(fig, "Accumulated error along depth", "layer", "relative distance to dense")
+    twins = set(dense_input)
+    order = list(series)
+    for label in _twins_first(order, twins):
+        values = list(series[label])
+        color = (colors or {}).get(label, COLORS[order.index(label) % len(COLORS)])
+        fig.add_scatter(x=list((xs or {}).get(label, range(len(values)))), y=values, mode="lines+markers", name=label,
+                        line=_run_line(color, label in twins), marker=dict(size=5 if label in twins else 7),
+                        legendrank=order.index(label))
+    if zero_line:
+        fig.add_hline(y=0, line=dict(color="gray", width=1))
+    return _presenter(_layout(fig, title, "layer", y_title), presenter)
+
+
+def own_vs_total(label: str, own: Sequence[float], total: Sequence[float], color: str, y_title: str,
+                 presenter: bool = False) -> go.Figure:
+    """One run: what each layer adds on its own (bars) and what the model carries after it (line); the gap
+    between them is inherited."""
+    layers = list(range(len(own)))
+    fig = go.Figure()
+    fig.add_bar(x=layers, y=list(own), name="own: pruned layer on dense inputs", marker_color=color, opacity=0.45)
+    fig.add_scatter(x=layers, y=list(total), name="total: pruned model after the layer", mode="lines+markers",
+                    line=dict(color=color, width=3),
+                    customdata=[t - o for t, o in zip(total, own)],
+                    hovertemplate="layer %{x}<br>total %{y:.4f}<br>total − own %{customdata:.4f}<extra></extra>")
+    return _presenter(_layout(fig, f"{label}: own vs inherited error per layer", "layer", y_title), presenter)
+
+
+def dense_stream(rms: Sequence[float], outlier_share: Sequence[float], presenter: bool = False) -> go.Figure:
+    """The dense model's hidden state per layer: its RMS and the share of its energy in its largest 1% of
+    dimensions (why the raw scale falls where outlier dimensions switch on)."""
+    from plotly.subplots import make_subplots
+
+    layers = list(range(len(rms)))
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_scatter(x=layers, y=list(rms), name="RMS of the dense hidden state", mode="lines+markers",
+                    line=dict(color="#222222", width=3), secondary_y=False)
+    fig.add_scatter(x=layers, y=list(outlier_share), name="energy share of its largest 1% of dimensions",
+                    mode="lines+markers", line=dict(color="#e6550d", dash="dot", width=2), secondary_y=True)
+    fig.update_yaxes(title_text="RMS", type="log", secondary_y=False)
+    fig.update_yaxes(title_text="share", range=[0, 1], secondary_y=True)
+    return _presenter(_layout(fig, "The dense residual stream: where outlier dimensions switch on", "layer", ""),
+                      presenter)
+
+
+def _presenter(fig: go.Figure, presenter: bool) -> go.Figure:
+    """Presenter mode: type readable across a room, one chart filling the screen."""
+    if presenter:
+        fig.update_layout(font=dict(size=20), title_font=dict(size=28), height=640,
+                          margin=dict(l=80, r=30, t=80, b=60))
+    return fig
 
 
 def head_heatmap(scores: Sequence[Sequence[float]], removed: Sequence[Sequence[int]] = (), heads_per_unit: int = 1,

@@ -13,12 +13,13 @@ def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
     return fig
 
 
-def schedules(sides) -> go.Figure:
+def schedules(sides, colors: dict[str, str] | None = None) -> go.Figure:
     """Per-layer fraction removed, heads and FFN side by side: achieved (lines, from the measured modules) and
-    requested (open markers, the schedule's ratios). Runs only: the dense model removes nothing."""
+    requested (open markers, the schedule's ratios). Runs only: the dense model removes nothing. `colors`: label ->
+    the run's colour (ui.colors.run_color)."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("attention heads", "FFN channels"), shared_yaxes=True)
     for k, side in enumerate(s for s in sides if not s.dense):
-        color = COLORS[k % len(COLORS)]
+        color = (colors or {}).get(side.label, COLORS[k % len(COLORS)])
         for col, module, requested in ((1, "attn", side.report.head_ratios), (2, "mlp", side.report.ffn_ratios)):
             mods = sorted((m for m in side.report.modules if m.module == module), key=lambda m: m.layer)
             fig.add_scatter(x=[m.layer for m in mods], y=[m.units_removed / max(1, m.units_total) for m in mods],
@@ -57,7 +58,7 @@ def kv_group_diff(grid) -> go.Figure:
     return fig
 
 
-def accuracies(groups) -> go.Figure:
+def accuracies(groups, colors: dict[str, str] | None = None) -> go.Figure:
     """Every accuracy row as bars with ± 1 standard error, one bar per side; rows are labelled with their
     document count so bars of different settings never look alike."""
     rows = [g for g in groups if g.metric == "acc"]
@@ -71,7 +72,7 @@ def accuracies(groups) -> go.Figure:
                 xs.append(f"{g.name} (n={n})" if g.kind == "task" else g.name)
                 ys.append(g.values[label].value)
                 es.append(g.values[label].stderr or 0.0)
-        fig.add_bar(x=xs, y=ys, name=label, marker_color=COLORS[k % len(COLORS)],
+        fig.add_bar(x=xs, y=ys, name=label, marker_color=(colors or {}).get(label, COLORS[k % len(COLORS)]),
                     error_y=dict(type="data", array=es, visible=True))
     fig.update_layout(barmode="group")
     return _layout(fig, "Accuracy ± 1 standard error", "task (documents scored)", "accuracy")

@@ -441,3 +441,20 @@ def story(entries: list[DemoEntry], scale: str) -> dict[str, str]:
                         "falls there without the model improving; the outlier-robust scale gives every dimension "
                         "the same weight.")
     return out
+
+
+_PAIRS = (("slimgpt", "twin"), ("uniform", "uniform-twin"))
+
+
+def twin_differences(entries: list[DemoEntry], scale: str) -> dict[str, list[float]]:
+    """Per schedule, the sequential run's total error minus its dense-input twin's, by the sequential run's key:
+    below zero, sequential calibration carried less error to that depth."""
+    by = {e.run.key: e for e in entries if e.profile is not None}
+    return {run: [a - b for a, b in zip(by[run].profile.total(scale), by[twin].profile.total(scale))]
+            for run, twin in _PAIRS if run in by and twin in by}
+
+
+def inherited(entries: list[DemoEntry], scale: str) -> dict[str, list[float]]:
+    """Per run (by key), total minus own error per layer: what each layer's output carries beyond its own error."""
+    return {e.run.key: [t - o for t, o in zip(e.profile.total(scale), e.profile.own(scale))]
+            for e in entries if e.profile is not None}

@@ -16,9 +16,12 @@ if loaded is None:
 # the settings live in plain session state (widget state is dropped when the user visits another page)
 context = int(getattr(loaded.model.config, "max_position_embeddings", 2048) or 2048)
 DEFAULTS = {"acc_ratio": float(ss.get("editor", {}).get("target_ratio", 0.3)), "acc_calib": "c4",
-            "acc_nsamples": 16, "acc_seqlen": min(128, context), "acc_seed": 0, "acc_heldout": "wikitext2",
-            "acc_eval_seqlen": min(128, context), "acc_windows": 64, "acc_uniform_twin": True}
+            "acc_nsamples": 8, "acc_seqlen": min(128, context), "acc_seed": 0, "acc_heldout": "wikitext2",
+            "acc_eval_seqlen": min(128, context), "acc_windows": 32, "acc_uniform_twin": True}
 ss.setdefault("acc_settings", dict(DEFAULTS))
+prune_target = ss.get("editor", {}).get("target_ratio")
+if prune_target is not None and prune_target != ss.get("acc_prune_target"):  # a new budget on the Prune page
+    ss.acc_prune_target = ss.acc_settings["acc_ratio"] = float(prune_target)
 for key, value in ss.acc_settings.items():
     ss[key] = value
 
@@ -58,7 +61,8 @@ missing = [e.run.title for e in entries if e.found is None]
 unprofiled = [e.run.title for e in entries if e.found is not None and e.profile is None]
 demo_job = job("accumulation")
 b1, b2 = st.columns([1, 3])
-if b1.button("Run the demo", type="primary", disabled=bool(demo_job and demo_job.running) or not (missing or unprofiled)):
+busy = bool(demo_job and demo_job.running)
+if b1.button("Run the demo", type="primary", disabled=busy or not (missing or unprofiled)):
     submit("accumulation", run_demo, loaded, config, job_label=f"{loaded.name} {config.ratio:.0%}")
 if missing or unprofiled:
     b2.caption(f"At {config.ratio:.0%}: "

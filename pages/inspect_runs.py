@@ -4,7 +4,7 @@ import dataclasses
 import streamlit as st
 
 from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.evaluation.accumulation import DemoConfig, profile_runs, stored_profile
+from slimgpt_core.evaluation import accumulation
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.schedules.run_schedule import EDITOR_MAX_RATIO, run_schedule
 from slimgpt_core.studio import prune_to_workspace
@@ -27,9 +27,10 @@ if chosen:
     scale = st.radio("Accumulated error scale", ["outlier-robust (held-out)", "raw (calibration)"], horizontal=True,
                      key="inspect_scale", help="outlier-robust: every hidden dimension divided by the dense stream's "
                      "RMS of that dimension (each counts equally), from the runs' accumulation profiles on held-out "
-                     "text; raw: ‖Δh‖/‖h‖ on the calibration tokens, measured while pruning, dominated by a few "
+                     "text; raw: ‖Δh‖/‖h‖ on the calibration tokens, measured while pruning, dominated by a "
+                     "few "
                      "outlier dimensions of the residual stream")
-    profiles = {r: stored_profile(all_runs[r].evaluations, {}) for r in chosen}
+    profiles = {r: accumulation.stored_profile(all_runs[r].evaluations, {}) for r in chosen}
     c1, c2 = st.columns(2)
     measured = {(p.dataset, p.seqlen, p.windows) for p in profiles.values() if p is not None}
     if scale.startswith("outlier") and all(profiles.values()) and len(measured) == 1:
@@ -46,18 +47,19 @@ if chosen:
             c1.caption("Raw scale shown: " + (f"{len(lacking)} of these runs have no accumulation profile yet."
                                               if lacking else "their profiles were measured on different text."))
             loaded_now = current_model()
-            base_ok = loaded_now is not None and all(run_report(all_runs[r]).model == loaded_now.name for r in lacking)
+            base_ok = loaded_now is not None and all(accumulation.same_model(run_report(all_runs[r]).model,
+                                                                             loaded_now.name) for r in lacking)
             profiling = job("inspect_profiles")
             if lacking and c1.button("Profile them on held-out text", key="inspect_profile",
                                      disabled=not base_ok or bool(profiling and profiling.running),
                                      help="the Accumulation page's held-out text and windows; needs their base "
                                           "model loaded"):
                 held_out = st.session_state.get("acc_settings", {})  # the Accumulation page's, when visited
-                config = DemoConfig(heldout=held_out.get("acc_heldout", "wikitext2"),
+                config = accumulation.DemoConfig(heldout=held_out.get("acc_heldout", "wikitext2"),
                                     eval_seqlen=int(held_out.get("acc_eval_seqlen", 128)),
-                                    windows=int(held_out.get("acc_windows", 64)), device=st.session_state.model_spec[1])
-                submit("inspect_profiles", profile_runs, loaded_now, [all_runs[r] for r in lacking], config,
-                       job_label=f"{len(lacking)} profile(s)")
+                                    windows=int(held_out.get("acc_windows", 32)), device=st.session_state.model_spec[1])
+                submit("inspect_profiles", accumulation.profile_runs, loaded_now, [all_runs[r] for r in lacking],
+                       config, job_label=f"{len(lacking)} profile(s)")
     c2.plotly_chart(charts.reconstruction_error({labels[r]: run_report(all_runs[r]).modules for r in chosen}, colors,
                                                 twins), key="inspect_recon")
 

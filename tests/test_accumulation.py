@@ -142,3 +142,34 @@ def test_record_round_trip_and_lookup_by_identity():
     assert stored_profile([rec], {"dataset": "wikitext2", "seqlen": 128, "windows": 4, "dense": "m"}) == p
     assert stored_profile([rec], {"dataset": "wikitext2", "seqlen": 64, "windows": 4, "dense": "m"}) is None
     assert stored_profile([{"kind": "perplexity", "dataset": "wikitext2"}], {"dataset": "wikitext2"}) is None
+
+
+def test_the_offline_default_is_one_model_under_both_aliases(assets_root):
+    from slimgpt_core.evaluation.accumulation import same_model
+    assert same_model("default", "smollm2") and same_model("stories260k", "stories260k")
+    assert not same_model("stories260k", "default") and not same_model("default", "someorg/some-model")
+
+
+def _entry(key: str, total: list[float], own: list[float], ppl: float = 20.0, kl: float = 0.1):
+    from slimgpt_core.evaluation.accumulation import DEMO_RUNS, DemoEntry
+    run = next(r for r in DEMO_RUNS if r.key == key)
+    profile = AccumulationProfile(own, total, own, total, [1.0, 1.0, 8.0], [0.1, 0.1, 0.9], ppl, 10.0, kl, 4, 16)
+    return DemoEntry(run, None, object(), profile)
+
+
+def test_the_story_follows_the_numbers_and_says_when_they_miss_the_point():
+    from slimgpt_core.evaluation.accumulation import inherited, story, twin_differences
+    good = [_entry("slimgpt", [0.1, 0.2, 0.3], [0.1, 0.1, 0.1]), _entry("twin", [0.1, 0.3, 0.5], [0.1, 0.1, 0.1]),
+            _entry("uniform", [0.2, 0.4, 0.6], [0.2, 0.1, 0.1])]
+    text = story(good, "standardised")
+    assert text["sequential"].startswith("log: sequential 0.300 vs dense inputs 0.500 at the last layer, lower")
+    assert "deep layers inherit less" in text["schedule"] and "0.300 vs 0.600 at the last layer" in text["schedule"]
+    assert "at layer 2 the model carries 0.300 while the layer alone adds 0.100" in text["own"]
+    assert "goes from 1.00 to 8.00 at layer 2" in text["scale"] and "carry 90%" in text["scale"]
+    assert twin_differences(good, "raw") == {"slimgpt": pytest.approx([0.0, -0.1, -0.2])}
+    assert inherited(good, "raw")["uniform"] == pytest.approx([0.0, 0.3, 0.5])
+    bad = [_entry("slimgpt", [0.1, 0.2, 0.7], [0.1, 0.1, 0.1]), _entry("twin", [0.1, 0.3, 0.5], [0.1, 0.1, 0.1]),
+           _entry("uniform", [0.2, 0.4, 0.6], [0.2, 0.1, 0.1])]
+    text = story(bad, "raw")
+    assert "0.700 vs dense inputs 0.500 at the last layer, not lower" in text["sequential"]
+    assert "does not end lower than uniform" in text["schedule"] and "raw scale" in text["schedule"]

@@ -44,7 +44,8 @@ def test_one_click_reuses_the_prune_pages_run_and_draws_the_story(app):
     app.switch_page("pages/accumulation.py").run()
     assert app.slider(key="acc_ratio").value == 0.3  # the Prune page's budget
     small_demo(app)
-    assert any("to prune: dense inputs, log, sequential, uniform, dense inputs, uniform" in c.value for c in app.caption)
+    to_prune = "to prune: dense inputs, log, sequential, uniform, dense inputs, uniform"
+    assert any(to_prune in c.value for c in app.caption)
     button(app, "Run the demo").click().run()
     settle(app, "accumulation")
     result = BOARD.latest("accumulation").result

@@ -9,8 +9,8 @@ Layer 0's inputs are the embeddings, identical in both models, so e^own_0 = e^to
 
 Two normalisations, both sums over every held-out token t and hidden dimension c, accumulated in fp64.
 With E_c = Σ_t e[t,c]² and D_c = Σ_t h^d_i[t,c]²:
-- raw          ‖e‖/‖h^d_i‖ = sqrt(Σ_c E_c / Σ_c D_c). Each dimension weighs by its dense energy D_c, so the few
-  residual-stream outlier dimensions (massive activations, up to thousands of times the typical size) decide the
+- raw          ‖e‖/‖h^d_i‖ = sqrt(Σ_c E_c / Σ_c D_c). Each dimension weighs by its dense energy D_c, so the
+  few residual-stream outlier dimensions (massive activations, up to thousands of times the typical size) decide the
   number; where they switch on, the denominator jumps and the curve falls without the model getting better.
 - standardised sqrt(mean_c E_c / D_c): every dimension divided by the dense stream's RMS of that dimension at that
   layer, s_c = sqrt(D_c / N), then the RMS over tokens and dimensions: sqrt(mean_{t,c} (e[t,c]/s_c)²). Each
@@ -226,7 +226,7 @@ class DemoConfig:
     ratio: float = 0.3
     shape: float = 4.0
     calib: str = "c4"
-    nsamples: int = 16
+    nsamples: int = 8
     seqlen: int = 128
     seed: int = 0
     heldout: str = "wikitext2"
@@ -256,6 +256,18 @@ class DemoEntry:
     profile: AccumulationProfile | None = None
 
 
+def same_model(a: str, b: str) -> bool:
+    """Two names of one base model: equal, or aliases of the same local file ("default" and "smollm2")."""
+    from slimgpt_core.models import _resolve_alias
+
+    if a == b:
+        return True
+    try:
+        return _resolve_alias(a) == _resolve_alias(b)
+    except SlimGPTError:  # an alias whose asset is missing names nothing
+        return False
+
+
 _SAME = ("method", "damp", "head_error", "ffn_group_floor", "ffn_group_ceiling", "compensate", "sequential")
 
 
@@ -265,7 +277,7 @@ def same_run(report, model_name: str, settings, removals: tuple[list[int], list[
     calibration and sequential mode, and the same number of KV groups and FFN channels removed in every layer
     (the Prune page's rounded preset ratios count as the preset)."""
     s = report.settings or {}
-    if report.model != model_name or report.recovery or getattr(report, "pretrain", None):
+    if not same_model(report.model, model_name) or report.recovery or getattr(report, "pretrain", None):
         return False
     defaults = asdict(settings)
     if any(s.get(k, defaults[k]) != defaults[k] for k in _SAME):
@@ -282,7 +294,8 @@ def same_run(report, model_name: str, settings, removals: tuple[list[int], list[
 def stored_profile(evaluations: list[dict], identity: dict) -> AccumulationProfile | None:
     """The newest stored profile measured on this held-out text against this dense model."""
     for record in reversed(evaluations):
-        if record.get("kind") == PROFILE_KIND and all(record.get(k) == v for k, v in identity.items()):
+        if record.get("kind") == PROFILE_KIND and all(
+                same_model(str(record.get(k)), v) if k == "dense" else record.get(k) == v for k, v in identity.items()):
             try:
                 return AccumulationProfile.from_record(record)
             except (KeyError, TypeError):
@@ -290,7 +303,8 @@ def stored_profile(evaluations: list[dict], identity: dict) -> AccumulationProfi
     return None
 
 
-def demo_entries(dense_model, model_name: str, config: DemoConfig, runs: list[tuple[object, object]]) -> list[DemoEntry]:
+def demo_entries(dense_model, model_name: str, config: DemoConfig,
+                 runs: list[tuple[object, object]]) -> list[DemoEntry]:
     """The demo's runs at this budget, each with the newest workspace run of identical settings (`runs`: pairs of
     RunInfo and its report, newest first) and that run's stored profile on this held-out text."""
     from slimgpt_core.methods.prune_settings import plan_removals
@@ -362,27 +376,27 @@ def run_demo(loaded, config: DemoConfig, callback: Callable | None = None,
         return out
 
     entries = demo_entries(loaded.model, loaded.name, config, listed())
-    steps = [e for e in entries if e.found is None] + entries
-    total = len(steps)
+    total = 2 * len(entries)  # each run: made (or found), then profiled
     result = DemoResult()
-    for k, entry in enumerate(steps):
-        def progress(event, k=k):
+    for k, entry in enumerate(entries):
+        def progress(event, step):
             if getattr(event, "kind", None) == "progress":
                 frac = event.layer / max(1, event.n_layers)
-                emit(Progress(k * 100 + int(100 * frac), total * 100, f"{entry.run.title}: {event.phase}",
+                emit(Progress(step * 100 + int(100 * frac), total * 100, f"{entry.run.title}: {event.phase}",
                               time.perf_counter() - t0))
 
         if entry.found is None:
-            emit(Progress(k * 100, total * 100, f"{entry.run.title}: pruning", time.perf_counter() - t0))
+            emit(Progress(2 * k * 100, total * 100, f"{entry.run.title}: pruning", time.perf_counter() - t0))
             entry.found = prune_to_workspace(loaded, entry.settings, config.calib, config.nsamples, config.seqlen,
                                              config.seed, label=f"demo · {entry.run.title} {config.ratio:.0%}",
-                                             device=config.device, callback=progress, should_stop=should_stop)
+                                             device=config.device, callback=lambda e: progress(e, 2 * k),
+                                             should_stop=should_stop)
             result.made.append(entry.run.key)
-            continue
         result.runs[entry.run.key] = entry.found.name
-        if entry.profile is None:
-            emit(Progress(k * 100, total * 100, f"{entry.run.title}: profile", time.perf_counter() - t0))
-            entry.profile = profile_run(loaded, read_run(entry.found.path), config, progress, should_stop)
+        if entry.profile is None:  # profiled at once: a run shows on the page as soon as it is measured
+            emit(Progress((2 * k + 1) * 100, total * 100, f"{entry.run.title}: profile", time.perf_counter() - t0))
+            entry.profile = profile_run(loaded, read_run(entry.found.path), config,
+                                        lambda e: progress(e, 2 * k + 1), should_stop)
             result.profiled.append(entry.run.key)
     emit(Progress(total * 100, total * 100, "done", time.perf_counter() - t0))
     return result
@@ -400,6 +414,9 @@ def profile_runs(loaded, infos: list, config: DemoConfig, callback: Callable | N
     return done
 
 
+_PAIRS = (("slimgpt", "twin"), ("uniform", "uniform-twin"))
+
+
 def story(entries: list[DemoEntry], scale: str) -> dict[str, str]:
     """One caption per chart, from the numbers (it says so when they do not show the paper's point)."""
     by = {e.run.key: e for e in entries if e.profile is not None}
@@ -409,41 +426,42 @@ def story(entries: list[DemoEntry], scale: str) -> dict[str, str]:
         p = by["slimgpt"].profile
         own, tot = p.own(scale), p.total(scale)
         deep = max(range(len(tot)), key=lambda i: tot[i] - own[i])
-        out["own"] = (f"Each bar is what layer i adds on its own (pruned layer on the dense model's inputs); the line is "
-                      f"what the pruned model carries after it. The gap is inherited: at layer {deep} the model "
-                      f"carries {tot[deep]:.3f} while the layer alone adds {own[deep]:.3f} ({scale_name}).")
-    pairs = [("slimgpt", "twin", "log"), ("uniform", "uniform-twin", "uniform")]
+        out["own"] = (f"Each bar is what layer i adds on its own (pruned layer on the dense model's inputs); the "
+                      f"line is what the pruned model carries after it. The gap is inherited: at layer {deep} the "
+                      f"model carries {tot[deep]:.3f} while the layer alone adds {own[deep]:.3f} ({scale_name}).")
     lines = []
-    for run, twin, name in pairs:
+    for run, twin in _PAIRS:
         if run in by and twin in by:
-            a, b = by[run].profile.total(scale)[-1], by[twin].profile.total(scale)[-1]
-            verdict = ("lower: calibrating each layer on the pruned model's inputs let it compensate what it "
-                       "inherited" if a < b else "not lower: on this model and budget sequential calibration does "
-                       "not reduce what the last layer carries")
-            lines.append(f"{name}: sequential {a:.3f} vs dense inputs {b:.3f} at the last layer, {verdict}")
+            p, q = by[run].profile, by[twin].profile
+            a, b = p.total(scale)[-1], q.total(scale)[-1]
+            verdict = ("lower: calibrated on the pruned model's inputs, each layer compensated part of what it "
+                       "inherited" if a < b else "not lower: here sequential calibration does not reduce what the "
+                       "last layer carries")
+            lines.append(f"{by[run].run.schedule}: sequential {a:.3f} vs dense inputs {b:.3f} at the last layer, "
+                         f"{verdict} (PPL {p.ppl:.2f} vs {q.ppl:.2f}, KL {p.kl:.3f} vs {q.kl:.3f})")
     if lines:
-        out["sequential"] = "; ".join(lines) + f" ({scale_name})."
+        out["sequential"] = "; ".join(lines) + f"; {scale_name}."
     if "slimgpt" in by and "uniform" in by:
         a, b = by["slimgpt"].profile, by["uniform"].profile
-        half = len(a.total(scale)) // 2
-        verdict = ("the log schedule prunes shallow layers less, so deep layers inherit less" if
-                   a.total(scale)[-1] < b.total(scale)[-1] else
-                   "here the log schedule does not end lower than uniform")
-        out["schedule"] = (f"Log vs uniform at the same budget: {a.total(scale)[half]:.3f} vs {b.total(scale)[half]:.3f} at "
-                           f"layer {half}, {a.total(scale)[-1]:.3f} vs {b.total(scale)[-1]:.3f} at the last layer; "
-                           f"{verdict} ({scale_name}). PPL {a.ppl:.2f} vs {b.ppl:.2f}, KL {a.kl:.3f} vs {b.kl:.3f}.")
+        ta, tb = a.total(scale), b.total(scale)
+        half = len(ta) // 2
+        verdict = ("the log schedule prunes shallow layers less, so deep layers inherit less" if ta[-1] < tb[-1]
+                   else "here the log schedule does not end lower than uniform")
+        out["schedule"] = (f"Log vs uniform at the same budget: {ta[half]:.3f} vs {tb[half]:.3f} at layer {half}, "
+                           f"{ta[-1]:.3f} vs {tb[-1]:.3f} at the last layer; {verdict} ({scale_name}). "
+                           f"PPL {a.ppl:.2f} vs {b.ppl:.2f}, KL {a.kl:.3f} vs {b.kl:.3f}.")
     if by:
-        p = next(iter(by.values())).profile
-        jump = max(range(1, len(p.dense_rms)), key=lambda i: p.dense_rms[i] / p.dense_rms[i - 1], default=0)
-        out["scale"] = (f"Why two scales: the dense stream's RMS goes from {p.dense_rms[max(0, jump - 1)]:.2f} to "
-                        f"{p.dense_rms[jump]:.2f} at layer {jump}, where its largest 1% of dimensions carry "
-                        f"{p.outlier_share[jump]:.0%} of its energy. The raw ratio ‖Δh‖/‖h‖ divides by that norm and "
-                        "falls there without the model improving; the outlier-robust scale gives every dimension "
-                        "the same weight.")
+        e = by.get("slimgpt") or next(iter(by.values()))
+        p = e.profile
+        j = max(range(1, len(p.dense_rms)), key=lambda i: p.dense_rms[i] / p.dense_rms[i - 1], default=0)
+        out["scale"] = (f"Why two scales: the dense stream's RMS goes from {p.dense_rms[max(0, j - 1)]:.2f} to "
+                        f"{p.dense_rms[j]:.2f} at layer {j}, where its largest 1% of dimensions carry "
+                        f"{p.outlier_share[j]:.0%} of its energy. The raw ‖Δh‖/‖h‖ divides by that norm: "
+                        f"{e.run.title}'s raw total goes {p.total_raw[max(0, j - 1)]:.3f} → {p.total_raw[j]:.3f} "
+                        f"there, its outlier-robust total {p.total_std[max(0, j - 1)]:.3f} → {p.total_std[j]:.3f} "
+                        "(every dimension weighs the same).")
     return out
 
-
-_PAIRS = (("slimgpt", "twin"), ("uniform", "uniform-twin"))
 
 
 def twin_differences(entries: list[DemoEntry], scale: str) -> dict[str, list[float]]:

@@ -2,7 +2,8 @@
 schedule, each profiled on held-out text (own vs inherited error per layer), with perplexity and KL."""
 import streamlit as st
 
-from slimgpt_core.evaluation.accumulation import DemoConfig, demo_entries, inherited, run_demo, story, twin_differences
+from slimgpt_core.evaluation.accumulation import (PROFILED, DemoConfig, demo_entries, inherited, run_demo, story,
+                                                  twin_differences)
 from ui import charts
 from ui.colors import DENSE_COLOR, run_color
 from ui.state import job, job_progress, live_fragment, require_model, run_report, runs, submit, take_result
@@ -80,11 +81,17 @@ def demo_status() -> None:
         return
     if j.running:
         job_progress(j, "Cancel the demo", "cancel_accumulation")
-    elif j.state == "failed":
-        st.error(j.error)
-    elif j.state == "cancelled" and not take_result(j):
+        profiled = sum(1 for e in list(j.events) if getattr(e, "phase", "").endswith(PROFILED))
+        seen = ss.get("acc_profiled_seen", (j.id, 0))
+        if profiled != (seen[1] if seen[0] == j.id else 0):  # a run was measured: draw it now
+            ss.acc_profiled_seen = (j.id, profiled)
+            st.rerun(scope="app")
+        return
+    if j.state == "failed":
+        st.error(j.error)  # drawn on every run, not only once: a rerun would wipe it
+    elif j.state == "cancelled":
         st.warning("The demo was cancelled; the runs and profiles it finished are kept.")
-    elif take_result(j):
+    if take_result(j):  # once: the page draws what the job made
         st.rerun(scope="app")
 
 

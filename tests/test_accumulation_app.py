@@ -52,6 +52,8 @@ def test_one_click_reuses_the_prune_pages_run_and_draws_the_story(app):
     assert result.runs["slimgpt"] == made_on_prune_page.name  # identical settings: reused, not pruned again
     assert result.made == ["twin", "uniform", "uniform-twin"]
     assert sorted(result.profiled) == ["slimgpt", "twin", "uniform", "uniform-twin"]
+    # one event per stored profile: the page redraws on each while the job still runs
+    assert sum(getattr(e, "phase", "").endswith("profiled") for e in BOARD.latest("accumulation").events) == 4
     infos = {i.name: i for i in list_runs()}
     assert len(infos) == 4 and set(result.runs.values()) == set(infos)
     assert not infos[result.runs["twin"]].summary["sequential"] and infos[result.runs["uniform"]].summary["sequential"]

@@ -51,7 +51,7 @@ def reconstruction_error(runs: dict[str, Iterable], colors: dict[str, str] | Non
     `colors`: label -> the run's colour (ui.colors.run_color); `dense_input`: labels of dense-input twins."""
     fig = go.Figure()
     twins = set(dense_input)
-    for k, label in enumerate(_twins_first(runs, twins)):
+    for label in _twins_first(runs, twins):
         modules = list(runs[label])
         color = (colors or {}).get(label, COLORS[list(runs).index(label) % len(COLORS)])
         for module, marker in (("attn", "circle"), ("mlp", "diamond")):

@@ -39,6 +39,7 @@ from slimgpt_core.events import Progress
 
 PROFILE_KIND = "accumulation"
 UNUSED_DIMENSION = 1e-12  # D_c below this fraction of the mean: a dimension the dense stream does not use
+PROFILED = "profiled"  # the phase of the progress event a demo job emits when a run's profile is stored
 OUTLIER_FRACTION = 0.01  # the "largest dimensions" whose share of the dense stream's energy is reported
 
 
@@ -356,8 +357,8 @@ def profile_run(loaded, info, config: DemoConfig, callback: Callable | None = No
 def run_demo(loaded, config: DemoConfig, callback: Callable | None = None,
              should_stop: Callable[[], bool] | None = None) -> DemoResult:
     """The job behind the demo's one button: for each run the story needs, reuse the newest workspace run with
-    identical settings or prune one (`studio.prune_to_workspace`); then profile every run without a stored profile
-    on this held-out text. Each run and each profile is on disk as soon as it is done, so a cancel keeps them."""
+    identical settings or prune one (`studio.prune_to_workspace`), then profile it unless a profile on this held-out
+    text is stored. Each run and each profile is on disk as soon as it is done, so a cancel keeps them."""
     from slimgpt_core.events import PruneReport
     from slimgpt_core.studio import prune_to_workspace
     from slimgpt_core.workspace.store import list_runs, read_run
@@ -398,6 +399,7 @@ def run_demo(loaded, config: DemoConfig, callback: Callable | None = None,
             entry.profile = profile_run(loaded, read_run(entry.found.path), config,
                                         lambda e: progress(e, 2 * k + 1), should_stop)
             result.profiled.append(entry.run.key)
+            emit(Progress((2 * k + 2) * 100, total * 100, f"{entry.run.title}: {PROFILED}", time.perf_counter() - t0))
     emit(Progress(total * 100, total * 100, "done", time.perf_counter() - t0))
     return result
 

@@ -125,9 +125,8 @@ def outcome() -> None:
     cols[0].metric("dense · PPL", f"{dense.ppl_dense:.2f}")
     cols[0].caption("KL 0 (the reference)")
     for col, e in zip(cols[1:], shown):
-        col.markdown(f"<span style='color:{colors[e.run.title]}'>■</span> **{e.run.title}** · {e.found.title}",
-                     unsafe_allow_html=True)
-        col.metric(f"{e.run.title} · PPL", f"{e.profile.ppl:.2f}")
+        col.markdown(f"<span style='color:{colors[e.run.title]}'>■</span> **{e.run.title}**", unsafe_allow_html=True)
+        col.metric(f"{e.run.title} · PPL", f"{e.profile.ppl:.2f}", help=f"run {e.found.title}")
         col.caption(f"KL(dense‖run) {e.profile.kl:.4f} nats per token")
     st.caption(f"Perplexity on the first {dense.windows} windows of {dense.seqlen} tokens of {dense.dataset}; KL "
                "averaged over every position of those windows.")

@@ -182,7 +182,7 @@ if presenter:
                 "{font-size: 1.45rem; line-height: 1.5} [data-testid='stMetricValue'] {font-size: 3rem}</style>",
                 unsafe_allow_html=True)
     ss.setdefault("acc_slide", 0)
-    n1, n2, n3 = st.columns([1, 6, 1])
+    n1, n2, n3 = st.columns([1.5, 6, 1.2])
     n1.button("◀ Previous", key="acc_prev", disabled=ss.acc_slide == 0,
               on_click=lambda: ss.__setitem__("acc_slide", ss.acc_slide - 1))
     n3.button("Next ▶", key="acc_next", disabled=ss.acc_slide == len(SLIDES) - 1,

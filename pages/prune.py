@@ -74,7 +74,9 @@ def widget(make, key: str, *args, **kwargs):
     return make(*args, key=key, on_change=edit, args=(key,), **kwargs)
 
 
-with st.expander(f"Calibration data and method · {form.describe_calibration()}", expanded=False):
+# Open, so what a run will use is in view. The label stays fixed: a label that changes makes a new expander, which
+# closes under the user's edit.
+with st.expander("Calibration data and method", expanded=True):
     c1, c2, c3, c4 = st.columns(4)
     widget(c1.selectbox, "calib_source", "Calibration text", list(CALIBRATION_SOURCES))
     if form.calib == "file…":

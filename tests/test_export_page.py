@@ -59,10 +59,11 @@ def test_export_follows_the_chosen_run_in_chromium(tmp_path, monkeypatch):
         page.get_by_role("button", name="Export", exact=True).click()
         download = page.get_by_role("button", name=f"Download {sequential.name}.zip")
         download.wait_for(timeout=300_000)
+        page.get_by_text(f"Model card of {sequential.title}").wait_for(timeout=60_000)  # drawn after the button
         main_text = page.locator("[data-testid='stMain']").inner_text()
         assert f"Exported {sequential.title} to {exports / sequential.name}" in main_text
         assert f"Model card of {sequential.title}" in main_text and f"# {sequential.title}" not in main_text
-        assert f"Run {sequential.name} of SlimGPT Studio" in main_text and twin.name not in main_text
+        assert f"pruned with SlimGPT Studio as run {sequential.name}:" in main_text and twin.name not in main_text
         with page.expect_download(timeout=300_000) as info:
             download.click()
         assert info.value.suggested_filename == f"{sequential.name}.zip"
@@ -71,13 +72,15 @@ def test_export_follows_the_chosen_run_in_chromium(tmp_path, monkeypatch):
         # back to the twin: its typed folder again, and the sequential run's export is not shown as the twin's
         _choose_run(page, twin.title)
         assert _folder(page).input_value() == str(tmp_path / "twin-export")
+        # the rerun ends with the sequential run's result gone (stale elements stay until the run ends)
+        page.get_by_text(f"The latest export is of {sequential.title}").wait_for(timeout=60_000)
+        page.get_by_text(f"Model card of {sequential.title}").wait_for(state="detached", timeout=60_000)
         main_text = page.locator("[data-testid='stMain']").inner_text()
-        assert f"The latest export is of {sequential.title}" in main_text
         assert page.get_by_role("button", name="Download").count() == 0 and "Exported" not in main_text
     with zipfile.ZipFile(path) as z:
         card = z.read("README.md").decode()
         assert z.read("model.safetensors") == (sequential.path / "model.safetensors").read_bytes()
-    assert f"# {sequential.title}" in card and f"Run `{sequential.name}`" in card and twin.name not in card
+    assert f"# {sequential.title}" in card and f"as run `{sequential.name}`" in card and twin.name not in card
     assert sorted(p.name for p in exports.iterdir()) == [sequential.name, f"{sequential.name}.zip"]
     assert (exports / sequential.name / "README.md").read_text() == card
     assert not (tmp_path / "twin-export").exists()

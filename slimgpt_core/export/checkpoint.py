@@ -106,7 +106,7 @@ def model_card(model, report=None, evaluation: dict | None = None, source: str =
     lines = ["---", "library_name: transformers", "tags: [pruned, structured-pruning, slimgpt]", "---", ""]
     if run is not None:  # the run exported names the card, with what made it
         summary = run.get("summary") or {}
-        facts = [f"model `{source}`", f"method {summary.get('method') or method}"]
+        facts = [f"method {summary.get('method') or method}"]
         schedule = summary.get("schedule") or settings.get("schedule")
         if schedule:
             facts.append(f"schedule {schedule}")
@@ -115,7 +115,8 @@ def model_card(model, report=None, evaluation: dict | None = None, source: str =
                          f"({report.achieved_ratio:.1%} of all)")
         elif summary.get("achieved_layer_ratio") is not None:
             facts.append(f"achieved {summary['achieved_layer_ratio']:.1%} of decoder-layer parameters removed")
-        lines += [f"# {run['title']}", "", f"Run `{run['name']}` of SlimGPT Studio: {', '.join(facts)}.", ""]
+        lines += [f"# {run['title']}", "",
+                  f"`{source}` pruned with SlimGPT Studio as run `{run['name']}`: {', '.join(facts)}.", ""]
     else:
         lines += [f"# {source} pruned with SlimGPT", ""]
     if method == "slimgpt":

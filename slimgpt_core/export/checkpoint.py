@@ -171,8 +171,12 @@ def _check_zip_target(zip_path: Path, overwrite: bool) -> None:
 
 
 def _place_zip(tmp_zip: Path, zip_path: Path) -> tuple[int, int]:
-    os.replace(tmp_zip, zip_path)
-    stat = zip_path.stat()
+    try:
+        os.replace(tmp_zip, zip_path)
+        stat = zip_path.stat()
+    except OSError as exc:  # the folder is in place; no zip (an older one was already removed)
+        raise SlimGPTError(f"could not write {zip_path}: {exc.strerror or exc}; the folder beside it is complete, "
+                           "without a zip") from None
     return stat.st_size, stat.st_mtime_ns
 
 

@@ -65,6 +65,7 @@ def test_inverse_adds_the_first_jitter_that_makes_the_factor_definite(jitter):
     scale = float(base.diagonal().abs().mean())
     F_ = base - 0.5 * jitter * scale * torch.eye(6, dtype=torch.float64)
     expect = torch.linalg.inv(F_ + jitter * scale * torch.eye(6, dtype=torch.float64))
+    # condition number up to 4e10 (jitter 1e-10): fp64 inverses agree to a few cond·2⁻⁵³ (1e-4 measured)
     torch.testing.assert_close(kfac.inverse(F_), expect, rtol=1e-3, atol=0)
 
 

@@ -6,6 +6,7 @@ from slimgpt_core.evaluation.accumulation import (PROFILED, DemoConfig, demo_ent
                                                   twin_differences)
 from ui import charts
 from ui.colors import DENSE_COLOR, run_color
+from ui.prune_form import load_form
 from ui.state import job, job_progress, live_fragment, require_model, run_report, runs, submit, take_result
 
 ss = st.session_state
@@ -16,12 +17,12 @@ if loaded is None:
 
 # the settings live in plain session state (widget state is dropped when the user visits another page)
 context = int(getattr(loaded.model.config, "max_position_embeddings", 2048) or 2048)
-DEFAULTS = {"acc_ratio": float(ss.get("editor", {}).get("target_ratio", 0.3)), "acc_calib": "c4",
+prune_target = float(load_form().target_ratio)  # the Prune page's budget (kept in the workspace)
+DEFAULTS = {"acc_ratio": prune_target, "acc_calib": "c4",
             "acc_nsamples": 8, "acc_seqlen": min(128, context), "acc_seed": 0, "acc_heldout": "wikitext2",
             "acc_eval_seqlen": min(128, context), "acc_windows": 32, "acc_uniform_twin": True}
 ss.setdefault("acc_settings", dict(DEFAULTS))
-prune_target = ss.get("editor", {}).get("target_ratio")
-if prune_target is not None and prune_target != ss.get("acc_prune_target"):  # a new budget on the Prune page
+if prune_target != ss.get("acc_prune_target"):  # a new budget on the Prune page
     ss.acc_prune_target = ss.acc_settings["acc_ratio"] = float(prune_target)
 for key, value in ss.acc_settings.items():
     ss[key] = value

@@ -10,6 +10,7 @@ from slimgpt_core.schedules.run_schedule import EDITOR_MAX_RATIO, run_schedule
 from slimgpt_core.studio import prune_to_workspace
 from ui import charts
 from ui.colors import run_color
+from ui.prune_form import copy_schedule_into_editor
 from ui.state import (current_model, job, job_progress, live_fragment, require_model, require_runs, run_report, submit,
                       take_result)
 
@@ -139,8 +140,8 @@ st.subheader("Allocation as a schedule")
 
 
 def copy_schedule(head_ratios: list[float], ffn_ratios: list[float], title: str) -> None:
-    """A button callback, like the editor's own: the Prune page hands every slider its value from `schedule`."""
-    st.session_state.schedule = {"hr": list(head_ratios), "fr": list(ffn_ratios)}
+    """A button callback: the schedule becomes the Prune page's hand-edited one (its previous hand edits are kept)."""
+    copy_schedule_into_editor(head_ratios, ffn_ratios, st.session_state.model_spec[0])
     st.session_state.schedule_copied = title
 
 

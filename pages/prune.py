@@ -8,6 +8,9 @@ from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.schedules.schedule import layer_ratios
 from slimgpt_core.studio import head_importance, preview_schedule, prune_to_workspace
 from ui import charts
+from ui.prune_form import (CALIBRATION_SOURCES, PRESETS, PRUNE_FORM_FIELDS, SCHEDULE_FIELDS, PruneForm, apply_preset,
+                           calibration_text, describe_frozen, frozen, load_form, problems, restore_custom, save_form,
+                           set_schedule)
 from ui.state import job, job_progress, live_fragment, require_model, run_report, submit, take_result
 
 st.title("Prune")
@@ -16,105 +19,107 @@ if loaded is None:
     st.stop()
 n_layers = len(loaded.model.model.layers)
 ss = st.session_state
+ss.setdefault("error_curves", {})
 
 # --- calibration and method -------------------------------------------------------------------
-with st.expander("Calibration data and method", expanded=False):
-    c1, c2, c3, c4 = st.columns(4)
-    calib = c1.selectbox("Calibration text", ["c4", "wikitext2", "tinystories", "file…"], key="calib_source")
-    if calib == "file…":
-        calib = st.text_input("Path to a .txt or .jsonl file", key="calib_path").strip() or "c4"
-    context = getattr(loaded.model.config, "max_position_embeddings", 2048) or 2048
-    nsamples = c2.number_input("Samples", 1, 1024, 32, key="nsamples")
-    seqlen = c3.number_input("Sequence length", 16, int(context), min(256, int(context)), step=16, key="seqlen")
-    seed = c4.number_input("Seed", 0, 10**6, 0, key="seed")
-    m1, m2, m3, m4, m5 = st.columns(5)
-    damp = m1.number_input("Damping λ", 0.0, 1.0, 0.01, step=0.005, format="%.3f", key="damp")
-    head_error = m2.selectbox("Head error", ["exact", "approx"], key="head_error",
-                              help="exact group OBS error, or the authors' cheaper diagonal approximation")
-    floor = m3.number_input("FFN group floor", 1, 4096, 64, key="ffn_floor")
-    ceiling = m4.number_input("FFN group ceiling", 1, 8192, 1024, key="ffn_ceiling")
-    dense_inputs = m5.checkbox("Dense inputs", key="dense_inputs",
-                               help="calibrate every layer on the dense model's inputs (no error accumulation)")
+# One settings object (ui.prune_form) defines the run; it lives in the workspace, so page switches, reloads, other tabs
+# and restarts show the same values. Streamlit sends a widget's value to the browser only in a run that sets it through
+# session state; a rerun that starts while the server still holds unsent messages drops them, and the browser would
+# then mount the widget at its default and send that back. So every widget is handed its value from the form on every
+# run, and only its callback changes the form.
+attn_params = sum(p.numel() for layer in loaded.model.model.layers for p in layer.self_attn.parameters())
+mlp_params = sum(p.numel() for layer in loaded.model.model.layers for p in layer.mlp.parameters())
+context = int(getattr(loaded.model.config, "max_position_embeddings", 2048) or 2048)
+form = load_form()
+if form.model != loaded.name or len(form.hr) != n_layers or len(form.fr) != n_layers:
+    form.model, form.origin, form.custom = loaded.name, "preset", None  # another model: its own preset schedule
+    apply_preset(form, n_layers, attn_params, mlp_params)
+    save_form(form)
+if "auto_pending" in ss:  # a finished (or stopped) auto search: its schedule goes into the editor, still editable
+    found = ss.pop("auto_pending")
+    if len(found.head_ratios) == n_layers:
+        set_schedule(form, [round(r, 4) for r in found.head_ratios], [round(r, 4) for r in found.ffn_ratios], "auto")
+        save_form(form)
+
+WIDGET_FIELDS = {"calib_source": "calib"}  # widget key -> form field, where they differ
 
 
-# --- schedule editor ----------------------------------------------------------------------------
-# Streamlit sends a widget's value to the browser only in a run that sets it through session state. A rerun that
-# starts while the server still holds that run's unsent messages drops them, and the browser then mounts the widget
-# at its default (0.0 for a slider) and sends that back at the next interaction: the job pruned nothing while the page
-# had shown the preset. So the editor's state is plain session state (`ss.editor`, `ss.schedule`), changed only by
-# the widgets' callbacks, and every widget is handed its value on every run: each of its messages carries it.
-EDITOR_DEFAULTS = {"target_ratio": 0.2, "ffn_target": 0.2, "shape": 4.0, "preset": "log", "separate": False,
-                   "balance": 1.0}
-
-
-def balanced_targets() -> tuple[float, float]:
-    """(head mean, FFN mean): the heads take `balance` × the target, the FFN what keeps the parameter cut."""
-    e = ss.editor
-    if e["separate"]:
-        return e["target_ratio"], e["ffn_target"]
-    attn = sum(p.numel() for layer in loaded.model.model.layers for p in layer.self_attn.parameters())
-    mlp = sum(p.numel() for layer in loaded.model.model.layers for p in layer.mlp.parameters())
-    head = min(0.9, e["balance"] * e["target_ratio"])
-    return head, min(0.9, max(0.0, (e["target_ratio"] * (attn + mlp) - head * attn) / mlp))
-
-
-def apply_preset() -> None:
-    e = ss.editor
-    if e["preset"] == "auto" and ss.get("auto_shown") and "schedule" in ss:  # a search's schedule stays in the sliders until a setting moves
-        return
-    try:
-        head_t, ffn_t = balanced_targets()
-        preset = "log" if e["preset"] == "auto" else e["preset"]  # auto starts from log until a search ends
-        heads = layer_ratios(n_layers, head_t, preset, e["shape"])
-        ffn = layer_ratios(n_layers, ffn_t, preset, e["shape"])
-    except SlimGPTError as exc:
-        ss.preset_error = str(exc)
-        return
-    ss.preset_error = None
-    ss.schedule = {"hr": [round(r, 4) for r in heads], "fr": [round(r, 4) for r in ffn]}
-
-
-def edit_setting(key: str) -> None:
-    ss.editor[key] = ss[key]
-    ss.pop("auto_shown", None)  # a new target or shape needs a new search: auto shows log until then
-    apply_preset()
+def edit(key: str) -> None:
+    """A widget's callback: the change goes into the stored form (read afresh: another tab may have written)."""
+    f = load_form()
+    name = WIDGET_FIELDS.get(key, key)
+    setattr(f, name, ss[key])
+    if name in SCHEDULE_FIELDS:  # a new target or shape needs a new preset (and a new search for auto)
+        apply_preset(f, n_layers, attn_params, mlp_params)
+    save_form(f)
 
 
 def edit_ratio(kind: str, i: int) -> None:
-    if i < len(ss.schedule[kind]):  # not a slider of a previous model's deeper schedule
-        ss.schedule[kind][i] = ss[f"{kind}_{i}"]
+    f = load_form()
+    ratios = f.hr if kind == "hr" else f.fr
+    if i < len(ratios):  # not a slider of a previous model's deeper schedule
+        ratios[i] = ss[f"{kind}_{i}"]
+        set_schedule(f, f.hr, f.fr, "hand")
+        save_form(f)
 
 
-ss.setdefault("editor", dict(EDITOR_DEFAULTS))
-for key, value in EDITOR_DEFAULTS.items():
-    ss.editor.setdefault(key, value)
-for key, value in ss.editor.items():
-    ss[key] = value
-ss.setdefault("error_curves", {})
-if len(ss.get("schedule", {}).get("hr", ())) != n_layers:
-    ss.pop("schedule", None)
-    apply_preset()
-if "auto_pending" in ss:  # a finished (or stopped) auto search: its schedule goes into the sliders, still editable
-    found = ss.pop("auto_pending")
-    if len(found.head_ratios) == n_layers:
-        ss.schedule = {"hr": [round(r, 4) for r in found.head_ratios], "fr": [round(r, 4) for r in found.ffn_ratios]}
-        ss.auto_shown = True
+def restore_hand_edits() -> None:
+    f = load_form()
+    restore_custom(f)
+    save_form(f)
 
+
+def widget(make, key: str, *args, **kwargs):
+    ss[key] = getattr(form, WIDGET_FIELDS.get(key, key))
+    return make(*args, key=key, on_change=edit, args=(key,), **kwargs)
+
+
+# Open, so what a run will use is in view. The label stays fixed: a label that changes makes a new expander, which
+# closes under the user's edit.
+with st.expander("Calibration data and method", expanded=True):
+    c1, c2, c3, c4 = st.columns(4)
+    widget(c1.selectbox, "calib_source", "Calibration text", list(CALIBRATION_SOURCES))
+    if form.calib == "file…":
+        widget(st.text_input, "calib_path", "Path to a .txt or .jsonl file")
+    widget(c2.number_input, "nsamples", "Samples", 0, 1_000_000)
+    widget(c3.number_input, "seqlen", "Sequence length", 0, 1_000_000, step=16,
+           help=f"at most the model's context, {context} tokens")
+    widget(c4.number_input, "seed", "Seed", 0, 10**6)
+    m1, m2, m3, m4, m5 = st.columns(5)
+    widget(m1.number_input, "damp", "Damping λ", 0.0, 1.0, step=0.005, format="%.3f")
+    widget(m2.selectbox, "head_error", "Head error", ["exact", "approx"],
+           help="exact group OBS error, or the authors' cheaper diagonal approximation")
+    widget(m3.number_input, "ffn_floor", "FFN group floor", 1, 4096)
+    widget(m4.number_input, "ffn_ceiling", "FFN group ceiling", 1, 8192)
+    widget(m5.checkbox, "dense_inputs", "Dense inputs",
+           help="calibrate every layer on the dense model's inputs (no error accumulation)")
+calib, nsamples, seqlen, seed, damp = form.calibration, form.nsamples, form.seqlen, form.seed, form.damp
+
+
+# --- schedule editor ----------------------------------------------------------------------------
 st.subheader("Schedule")
 p1, p2, p3, p4, p5 = st.columns([1.2, 1.5, 1, 1, 1.5])
-p1.selectbox("Preset", ["log", "linear", "uniform", "auto"], key="preset", on_change=edit_setting, args=("preset",),
-             help="log: Incremental Pruning Ratio (SlimGPT); auto: searched for the parameter budget (KL on "
-                  "calibration tokens)")
-p2.slider("Target mean ratio", 0.0, 0.9, key="target_ratio", step=0.01, on_change=edit_setting, args=("target_ratio",))
-p3.number_input("Shape (last/first)", 1.0, 20.0, key="shape", step=0.5, on_change=edit_setting, args=("shape",))
-p4.checkbox("Separate FFN target", key="separate", on_change=edit_setting, args=("separate",))
-if ss.editor["separate"]:
-    p5.slider("FFN mean ratio", 0.0, 0.9, key="ffn_target", step=0.01, on_change=edit_setting, args=("ffn_target",))
+widget(p1.selectbox, "preset", "Preset", list(PRESETS),
+       help="log: Incremental Pruning Ratio (SlimGPT); auto: searched for the parameter budget (KL on calibration "
+            "tokens). Hand edits a preset replaces are kept: you can return to them.")
+widget(p2.slider, "target_ratio", "Target mean ratio", 0.0, 0.9, step=0.01)
+widget(p3.number_input, "shape", "Shape (last/first)", 1.0, 20.0, step=0.5)
+widget(p4.checkbox, "separate", "Separate FFN target")
+if form.separate:
+    widget(p5.slider, "ffn_target", "FFN mean ratio", 0.0, 0.9, step=0.01)
 else:
-    p5.slider("Heads share (× target)", 0.0, 2.0, key="balance", step=0.05, on_change=edit_setting, args=("balance",),
-              help="heads take this multiple of the target mean ratio; the FFN takes what keeps the parameter cut")
-if ss.get("preset_error"):
-    st.error(ss.preset_error)
+    widget(p5.slider, "balance", "Heads share (× target)", 0.0, 2.0, step=0.05,
+           help="heads take this multiple of the target mean ratio; the FFN takes what keeps the parameter cut")
+if form.preset_error:
+    st.error(form.preset_error)
+if form.custom is not None and form.origin != "hand":
+    h1, h2 = st.columns([3, 1])
+    h1.info(f"Your hand-edited schedule was replaced by the **{form.preset}** preset; it is kept.")
+    h2.button("Back to my hand edits", on_click=restore_hand_edits, key="restore_custom")
+origin_text = {"preset": f"the {form.preset if form.preset != 'auto' else 'log'} preset",
+               "auto": "the auto search", "hand": "your hand edits"}[form.origin]
+st.caption(f"The per-layer ratios below come from {origin_text}.")
+ss.schedule = {"hr": list(form.hr), "fr": list(form.fr)}  # what the run uses, for code that reads session state
 
 with st.expander("Per-layer ratios (drag to edit)", expanded=n_layers <= 8):
     h_col, f_col = st.columns(2)
@@ -126,138 +131,169 @@ with st.expander("Per-layer ratios (drag to edit)", expanded=n_layers <= 8):
             col.slider(f"layer {i} {part}", 0.0, 0.95, key=f"{kind}_{i}", step=0.01, on_change=edit_ratio,
                        args=(kind, i))
 
-head_ratios = list(ss.schedule["hr"])
-ffn_ratios = list(ss.schedule["fr"])
-settings = PruneSettings(ratio=ss.editor["target_ratio"], schedule=ss.editor["preset"], shape=ss.editor["shape"],
-                         head_ratios=head_ratios, ffn_ratios=ffn_ratios, damp=damp, head_error=head_error,
-                         ffn_group_floor=int(floor), ffn_group_ceiling=int(ceiling), sequential=not dense_inputs,
-                         device=ss.get("device", "auto"))
-try:
-    preview = preview_schedule(loaded.model, settings)
-except SlimGPTError as exc:
-    st.error(str(exc))
-    st.stop()
-
-info_cols = st.columns(4)
-info_cols[0].metric("Parameters after", f"{preview.params_after / 1e6:.2f} M",
-                    f"-{(preview.params_before - preview.params_after) / 1e6:.2f} M")
-info_cols[1].metric("Achieved (decoder layers)", f"{preview.achieved_layer_ratio:.1%}",
-                    help="rounded to whole heads / KV groups")
-info_cols[2].metric("Achieved (whole model)", f"{preview.achieved_ratio:.1%}")
-info_cols[3].metric("Requested mean", f"{sum(head_ratios + ffn_ratios) / (2 * n_layers):.1%}")
-q0 = [layer.self_attn.q_proj.out_features // layer.self_attn.head_dim for layer in loaded.model.model.layers]
-f0 = [layer.mlp.down_proj.in_features for layer in loaded.model.model.layers]
-st.plotly_chart(charts.schedule_curve(head_ratios, ffn_ratios, [k / q for k, q in zip(preview.heads_kept, q0)],
-                                      [k / f for k, f in zip(preview.ffn_kept, f0)]), key="schedule_chart")
-
-# --- what-if from the error curves (no forward pass) and the auto search ----------------------------
+head_ratios = list(form.hr)
+ffn_ratios = list(form.fr)
+settings = PruneSettings(ratio=form.target_ratio, schedule=form.preset, shape=form.shape,
+                         head_ratios=head_ratios, ffn_ratios=ffn_ratios, damp=damp, head_error=form.head_error,
+                         ffn_group_floor=int(form.ffn_floor), ffn_group_ceiling=int(form.ffn_ceiling),
+                         sequential=not form.dense_inputs, device=ss.get("device", "auto"))
+blocking = problems(form, n_layers, context)  # why Start cannot run these settings (shown beside it)
+preview = None
+if not form.preset_error:
+    try:
+        preview = preview_schedule(loaded.model, settings)
+    except SlimGPTError as exc:
+        blocking.append(str(exc))
+        st.error(str(exc))
 curves_id = (ss.model_spec, calib, int(nsamples), int(seqlen), int(seed), float(damp))  # Inspect looks them up
 curves_key = repr(curves_id)  # the job's label: which curves a finished job holds
-st.subheader("What-if (predicted on dense inputs)")
-model_curves = ss.error_curves.get(curves_id)
-if model_curves is None and job("curves") and job("curves").state == "done" and job("curves").label == curves_key:
-    model_curves = ss.error_curves[curves_id] = job("curves").result  # another tab's, or before a reload
-if ss.editor["preset"] == "auto":
-    a1, a2, a3, a4 = st.columns([1, 1.4, 1, 1.2])
-    a1.number_input("Per-layer ceiling", 0.1, 0.95, 0.9, step=0.05, key="auto_ceiling",
-                    help="at most this fraction of any layer's KV groups or FFN channels is removed")
-    a2.number_input("Target parameters (0: from the mean ratio)", 0, int(preview.params_before), 0, step=100_000,
-                    key="auto_target_params")
-    a3.number_input("Generations", 1, 5000, 200, key="auto_generations")
-    auto_running = bool(job("auto") and job("auto").running)
-    if a4.button("Search auto schedule", disabled=auto_running, type="primary"):
-        target_params = int(ss.auto_target_params) or None
-        e = ss.editor
-        starts = {kind: (layer_ratios(n_layers, e["target_ratio"], kind, e["shape"]),) * 2
-                  for kind in ("log", "linear", "uniform")} if target_params is None else None
-        auto_settings = AutoSettings(target_params=target_params, ratio=e["target_ratio"], ceiling=ss.auto_ceiling,
-                                     generations=int(ss.auto_generations), shape=e["shape"], seed=int(seed),
-                                     damp=float(damp), device=ss.get("device", "auto"))
-        submit("auto", auto_job, loaded, calib, int(nsamples), int(seqlen), int(seed), auto_settings, starts,
-               job_label=f"{loaded.name} {e['target_ratio']:.0%}")
-if model_curves is not None:
-    pred = predict(model_curves, head_ratios, ffn_ratios)
-    st.plotly_chart(charts.whatif_errors(pred.attn, pred.mlp), key="whatif_chart")
-    smap = sensitivity_map(model_curves)
-    st.plotly_chart(charts.sensitivity_map(
-        smap.ratios, smap.heads, smap.ffn, [k / lc.n_kv for k, lc in zip(pred.kv_removed, model_curves.layers)],
-        [c / lc.n_ffn for c, lc in zip(pred.ffn_removed, model_curves.layers)]), key="sensitivity_chart")
-else:
-    st.caption("Computes every layer's OBS error curves once from the dense statistics (cached); then every "
-               "slider move redraws the predicted errors without a forward pass.")
-    if st.button("Compute error curves", disabled=bool(job("curves") and job("curves").running)):
-        submit("curves", curves_job, loaded, calib, int(nsamples), int(seqlen), int(seed), float(damp),
-               ss.get("device", "auto"), job_label=curves_key)
-
-
-def whatif_jobs() -> None:
-    """Polls the curves and auto jobs; never blocks."""
-    cj = job("curves")
-    if cj is not None and cj.running:
-        progress = [e for e in cj.events if e.kind == "progress"]
-        done = progress[-1].layer if progress else 0
-        st.progress(done / n_layers, text=f"error curves: layer {done}/{n_layers}")
-    elif take_result(cj):
-        if cj.state == "done" and cj.label == curves_key:
-            ss.error_curves[curves_id] = cj.result
-        elif cj.error:
-            st.error(cj.error)
-        st.rerun(scope="app")
-    aj = job("auto")
-    if aj is None:
-        return
-    events = [e for e in aj.events if e.kind == "search"]
-    history = [(e.generation, e.best_kl) for e in events if e.phase in ("search", "done")]
-    if aj.running:
-        last = events[-1] if events else None
-        text = (f"auto: {last.phase} · generation {last.generation} · KL {last.best_kl:.4f} (start {last.start_kl:.4f})"
-                f" · {aj.elapsed:.0f} s" if last and history else f"auto: building the database · {aj.elapsed:.0f} s")
-        st.progress(min(1.0, (last.generation if last else 0) / max(1, int(ss.get("auto_generations", 200)))),
-                    text=text)
-        if st.button("Stop search (keep the best so far)", key="stop_auto"):
-            aj.cancel()
-        if aj.queued:
-            st.caption("queued: waits for the running job to finish")
-    elif aj.state == "failed":
-        st.error(aj.error)
-    if history:
-        st.plotly_chart(charts.search_progress(history), key="auto_search_chart")
-    if aj.state == "done" and take_result(aj):
-        ss.auto_pending = aj.result
-        st.rerun(scope="app")
-    elif aj.state == "done":
-        r = aj.result
-        st.success(f"auto: KL {r.kl:.4f} (started from {r.start}, KL {r.start_kl:.4f}) after {r.generations} "
-                   f"generations; {r.params_after / 1e6:.3f} M parameters (target {r.target_params / 1e6:.3f} M). "
-                   "The sliders hold its ratios: edit them freely.")
-
-
-live_fragment(whatif_jobs, "curves", "auto")
-
-# --- head-importance preview from cached dense statistics -------------------------------------
 stats_key = repr((ss.model_spec, calib, int(nsamples), int(seqlen), int(seed), float(damp)))
-stats = ss.head_stats.get(stats_key)
-if stats is None and job("stats") and job("stats").state == "done" and job("stats").label == stats_key:
-    stats = ss.head_stats[stats_key] = job("stats").result  # computed by another tab or before a reload
-st.subheader("Head importance preview")
-if stats is not None:
-    removed = stats.preview_removed(head_ratios)
-    st.plotly_chart(charts.head_heatmap(stats.head_scores, removed, max(stats.heads_per_unit),
-                                        "Dense head importance; ✕ = would be removed at these ratios"),
-                    key="preview_heatmap")
-else:
-    st.caption("Scores every head group of the dense model once (cached), then marks what each layer would lose as "
-               "you drag.")
-    if st.button("Compute head importance", disabled=bool(job("stats") and job("stats").running)):
-        submit("stats", head_importance, loaded, calib, int(nsamples), int(seqlen), int(seed), float(damp),
-               ss.model_spec[1], job_label=stats_key)
+
+if preview is not None:  # the views below need a valid schedule; the Run section says why not
+    info_cols = st.columns(4)
+    info_cols[0].metric("Parameters after", f"{preview.params_after / 1e6:.2f} M",
+                        f"-{(preview.params_before - preview.params_after) / 1e6:.2f} M")
+    info_cols[1].metric("Achieved (decoder layers)", f"{preview.achieved_layer_ratio:.1%}",
+                        help="rounded to whole heads / KV groups")
+    info_cols[2].metric("Achieved (whole model)", f"{preview.achieved_ratio:.1%}")
+    info_cols[3].metric("Requested mean", f"{sum(head_ratios + ffn_ratios) / (2 * n_layers):.1%}")
+    q0 = [layer.self_attn.q_proj.out_features // layer.self_attn.head_dim for layer in loaded.model.model.layers]
+    f0 = [layer.mlp.down_proj.in_features for layer in loaded.model.model.layers]
+    st.plotly_chart(charts.schedule_curve(head_ratios, ffn_ratios, [k / q for k, q in zip(preview.heads_kept, q0)],
+                                          [k / f for k, f in zip(preview.ffn_kept, f0)]), key="schedule_chart")
+
+    # --- what-if from the error curves (no forward pass) and the auto search ----------------------------
+    st.subheader("What-if (predicted on dense inputs)")
+    model_curves = ss.error_curves.get(curves_id)
+    if model_curves is None and job("curves") and job("curves").state == "done" and job("curves").label == curves_key:
+        model_curves = ss.error_curves[curves_id] = job("curves").result  # another tab's, or before a reload
+    if form.preset == "auto":
+        a1, a2, a3, a4 = st.columns([1, 1.4, 1, 1.2])
+        a1.number_input("Per-layer ceiling", 0.1, 0.95, 0.9, step=0.05, key="auto_ceiling",
+                        help="at most this fraction of any layer's KV groups or FFN channels is removed")
+        a2.number_input("Target parameters (0: from the mean ratio)", 0, int(preview.params_before), 0, step=100_000,
+                        key="auto_target_params")
+        a3.number_input("Generations", 1, 5000, 200, key="auto_generations")
+        auto_running = bool(job("auto") and job("auto").running)
+        if a4.button("Search auto schedule", disabled=auto_running, type="primary"):
+            target_params = int(ss.auto_target_params) or None
+            starts = {kind: (layer_ratios(n_layers, form.target_ratio, kind, form.shape),) * 2
+                      for kind in ("log", "linear", "uniform")} if target_params is None else None
+            auto_settings = AutoSettings(target_params=target_params, ratio=form.target_ratio, ceiling=ss.auto_ceiling,
+                                         generations=int(ss.auto_generations), shape=form.shape, seed=int(seed),
+                                         damp=float(damp), device=ss.get("device", "auto"))
+            submit("auto", auto_job, loaded, calib, int(nsamples), int(seqlen), int(seed), auto_settings, starts,
+                   job_label=f"{loaded.name} {form.target_ratio:.0%}")
+    if model_curves is not None:
+        pred = predict(model_curves, head_ratios, ffn_ratios)
+        st.plotly_chart(charts.whatif_errors(pred.attn, pred.mlp), key="whatif_chart")
+        smap = sensitivity_map(model_curves)
+        st.plotly_chart(charts.sensitivity_map(
+            smap.ratios, smap.heads, smap.ffn, [k / lc.n_kv for k, lc in zip(pred.kv_removed, model_curves.layers)],
+            [c / lc.n_ffn for c, lc in zip(pred.ffn_removed, model_curves.layers)]), key="sensitivity_chart")
+    else:
+        st.caption("Computes every layer's OBS error curves once from the dense statistics (cached); then every "
+                   "slider move redraws the predicted errors without a forward pass.")
+        if st.button("Compute error curves", disabled=bool(job("curves") and job("curves").running)):
+            submit("curves", curves_job, loaded, calib, int(nsamples), int(seqlen), int(seed), float(damp),
+                   ss.get("device", "auto"), job_label=curves_key)
+
+
+    def whatif_jobs() -> None:
+        """Polls the curves and auto jobs; never blocks."""
+        cj = job("curves")
+        if cj is not None and cj.running:
+            progress = [e for e in cj.events if e.kind == "progress"]
+            done = progress[-1].layer if progress else 0
+            st.progress(done / n_layers, text=f"error curves: layer {done}/{n_layers}")
+        elif take_result(cj):
+            if cj.state == "done" and cj.label == curves_key:
+                ss.error_curves[curves_id] = cj.result
+            elif cj.error:
+                st.error(cj.error)
+            st.rerun(scope="app")
+        aj = job("auto")
+        if aj is None:
+            return
+        events = [e for e in aj.events if e.kind == "search"]
+        history = [(e.generation, e.best_kl) for e in events if e.phase in ("search", "done")]
+        if aj.running:
+            last = events[-1] if events else None
+            text = (f"auto: {last.phase} · generation {last.generation} · KL {last.best_kl:.4f} (start {last.start_kl:.4f})"
+                    f" · {aj.elapsed:.0f} s" if last and history else f"auto: building the database · {aj.elapsed:.0f} s")
+            st.progress(min(1.0, (last.generation if last else 0) / max(1, int(ss.get("auto_generations", 200)))),
+                        text=text)
+            if st.button("Stop search (keep the best so far)", key="stop_auto"):
+                aj.cancel()
+            if aj.queued:
+                st.caption("queued: waits for the running job to finish")
+        elif aj.state == "failed":
+            st.error(aj.error)
+        if history:
+            st.plotly_chart(charts.search_progress(history), key="auto_search_chart")
+        if aj.state == "done" and take_result(aj):
+            ss.auto_pending = aj.result
+            st.rerun(scope="app")
+        elif aj.state == "done":
+            r = aj.result
+            st.success(f"auto: KL {r.kl:.4f} (started from {r.start}, KL {r.start_kl:.4f}) after {r.generations} "
+                       f"generations; {r.params_after / 1e6:.3f} M parameters (target {r.target_params / 1e6:.3f} M). "
+                       "The sliders hold its ratios: edit them freely.")
+
+
+    live_fragment(whatif_jobs, "curves", "auto")
+
+    # --- head-importance preview from cached dense statistics -------------------------------------
+    stats = ss.head_stats.get(stats_key)
+    if stats is None and job("stats") and job("stats").state == "done" and job("stats").label == stats_key:
+        stats = ss.head_stats[stats_key] = job("stats").result  # computed by another tab or before a reload
+    st.subheader("Head importance preview")
+    if stats is not None:
+        removed = stats.preview_removed(head_ratios)
+        st.plotly_chart(charts.head_heatmap(stats.head_scores, removed, max(stats.heads_per_unit),
+                                            "Dense head importance; ✕ = would be removed at these ratios"),
+                        key="preview_heatmap")
+    else:
+        st.caption("Scores every head group of the dense model once (cached), then marks what each layer would lose as "
+                   "you drag.")
+        if st.button("Compute head importance", disabled=bool(job("stats") and job("stats").running)):
+            submit("stats", head_importance, loaded, calib, int(nsamples), int(seqlen), int(seed), float(damp),
+                   ss.model_spec[1], job_label=stats_key)
+
 
 # --- the run --------------------------------------------------------------------------------------
 st.subheader("Run")
 prune_job = job("prune")
-if st.button("Start pruning", type="primary", disabled=bool(prune_job and prune_job.running)):
-    submit("prune", prune_to_workspace, loaded, settings, calib, int(nsamples), int(seqlen), int(seed),
-           device=ss.model_spec[1], job_label=f"{loaded.name} {preview.achieved_layer_ratio:.0%}")
+busy = bool(prune_job and prune_job.running)
+r1, r2 = st.columns([1, 3])
+if r1.button("Start pruning", type="primary", disabled=busy or bool(blocking) or preview is None):
+    started = submit("prune", prune_to_workspace, loaded, settings, calib, int(nsamples), int(seqlen), int(seed),
+                     device=ss.model_spec[1], job_label=f"{loaded.name} {preview.achieved_layer_ratio:.0%}")
+    started.settings = frozen(form)
+if blocking:
+    r2.error("Start is disabled: " + " ".join(blocking))
+elif busy:
+    r2.caption("A pruning job is running: it must end (or be cancelled) before the next starts.")
+else:
+    r2.caption(f"Runs {form.describe_calibration()}.")
+
+
+def load_job_settings(settings: dict) -> None:
+    """The editor takes a job's frozen settings (the button beside a job whose settings differ from the editor's)."""
+    f = PruneForm(**{k: v for k, v in settings.items() if k in PRUNE_FORM_FIELDS})
+    save_form(f)
+
+
+def job_settings(pj) -> None:
+    """A job's frozen settings beside it, and a way back to them when the editor has moved on."""
+    if not pj.settings:
+        return
+    st.caption(f"**{pj.label}** was started with: {describe_frozen(pj.settings)}.")
+    if {k: v for k, v in pj.settings.items() if k != "custom"} != {k: v for k, v in frozen(load_form()).items()
+                                                                   if k != "custom"}:
+        if st.button("The editor has changed since: show this job's settings in it", key=f"job_settings_{pj.id}"):
+            load_job_settings(pj.settings)
+            st.rerun(scope="app")  # the whole page shows them, not only this live view
 
 
 def live_view() -> None:
@@ -287,12 +323,13 @@ def live_view() -> None:
         r = run_report(info)
         st.success(f"Done in {r.total_seconds:.1f} s: {r.params_before / 1e6:.2f} M → {r.params_after / 1e6:.2f} M "
                    f"parameters, achieved {r.achieved_layer_ratio:.1%} of layer parameters "
-                   f"({r.achieved_ratio:.1%} of all). Saved as run **{info.title}** in the workspace; evaluate or "
-                   "export it on the next pages.")
+                   f"({r.achieved_ratio:.1%} of all), calibrated on {calibration_text(r.settings)}. Saved as run "
+                   f"**{info.title}** in the workspace; evaluate or export it on the next pages.")
     elif pj.state == "cancelled":
         st.warning("Pruning was cancelled; nothing was written and the loaded model is unchanged.")
     elif pj.state == "failed":
         st.error(pj.error)
+    job_settings(pj)
     modules = [e for e in events if e.kind == "module"]
     heads = [e for e in events if e.kind == "heads"]
     if modules:

@@ -228,11 +228,13 @@ def evaluate(models: dict[str, tuple], ppl_source: str | None, seqlen: int, max_
 
 def export_run(run_folder: str | Path, out: str | Path, make_zip: bool = True, dtype: str | None = None,
                overwrite: bool = True, callback: Callable | None = None, should_stop: Callable[[], bool] | None = None):
-    """Write a workspace run as a loadable checkpoint (+ zip), in the dtype asked for."""
+    """Write a workspace run as a loadable checkpoint (+ zip), in the dtype asked for ("as stored": the run's own
+    dtype, its weight files copied as they are). The result names the run it came from."""
     from slimgpt_core.export.checkpoint import export_model
 
     return export_model(str(run_folder), out, make_zip, overwrite,
-                        "auto" if not dtype or dtype == "as loaded" else dtype)
+                        "auto" if not dtype or dtype in ("as stored", "as loaded") else dtype,
+                        callback=callback, should_stop=should_stop)
 
 
 @dataclass

@@ -99,10 +99,19 @@ def load_default_model(page, url: str, shots: Path | None = None) -> None:
         page.screenshot(path=str(shots / "model.png"), full_page=True)
 
 
+def open_calibration(page) -> None:
+    """The Prune page's calibration settings in view (their expander starts open)."""
+    expander = page.locator("details", has_text="Calibration data and method").first
+    expander.wait_for()
+    if not expander.evaluate("e => e.open"):  # its content may show a moment after it is open: never click then
+        page.get_by_text("Calibration data and method").click()
+    page.get_by_label("Samples", exact=True).wait_for(state="visible")
+
+
 def start_pruning(page, nsamples: int = 4, seqlen: int = 64) -> None:
     """On the Prune page: a small calibration, then Start pruning (returns once the job is running)."""
     go(page, "Prune")
-    page.get_by_text("Calibration data and method").click()
+    open_calibration(page)
     set_number(page, "Samples", nsamples)
     set_number(page, "Sequence length", seqlen)
     page.get_by_role("button", name="Start pruning").click()

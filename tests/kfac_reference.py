@@ -42,12 +42,14 @@ def assert_factors_close(A, G, A_ref, G_ref, rtol=1e-4, scaled_atol=1e-5):
     come from another fp32 backward than autograd's, so an entry's error scales with the Cauchy-Schwarz bound of its
     terms, sqrt(F_ii F_jj) (≥ the mean of |x_i x_j|), not with the entry: an entry near zero is a cancellation."""
     for (i, name), g in G_ref.items():
-        _assert_factor_close(G[i][name].double(), g, rtol, scaled_atol, f"G of layer {i} {name}")
+        assert_gram_close(G[i][name].double(), g, rtol, scaled_atol, f"G of layer {i} {name}")
         if name in A[i]:
-            _assert_factor_close(A[i][name].double(), A_ref[(i, name)], rtol, scaled_atol, f"A of layer {i} {name}")
+            assert_gram_close(A[i][name].double(), A_ref[(i, name)], rtol, scaled_atol, f"A of layer {i} {name}")
 
 
-def _assert_factor_close(actual, expected, rtol, scaled_atol, what):
+def assert_gram_close(actual, expected, rtol, scaled_atol, what="Gram matrix"):
+    """|actual − expected| ≤ rtol·|expected| + scaled_atol·sqrt(E_ii E_jj) entry by entry, for a mean of outer
+    products `expected` (fp64) and its fp32 computation `actual`."""
     d = expected.diagonal().clamp(min=0)
     bound = rtol * expected.abs() + scaled_atol * (d[:, None] * d[None, :]).sqrt()
     excess = (actual - expected).abs() - bound

@@ -17,7 +17,7 @@ from streamlit.proto.BackMsg_pb2 import BackMsg
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 from streamlit.runtime.forward_msg_queue import ForwardMsgQueue
 
-from browser import browser_page, go, set_number, studio_server, wait_idle
+from browser import browser_page, go, open_calibration, set_number, studio_server, wait_idle
 
 
 class LateFlush:
@@ -88,7 +88,7 @@ def test_schedule_survives_a_rerun_that_drops_the_first_prune_run(tmp_path):
 
         late.armed = True  # the first Prune run: its messages after "Samples" arrive too late
         page.locator("[data-testid='stSidebarNav'] a", has_text="Prune").first.click()
-        page.get_by_text("Calibration data and method").click()
+        open_calibration(page)
         samples = page.get_by_label("Samples", exact=True)
         samples.fill("4")
         samples.press("Enter")  # the browser's rerun starts the next run while those messages still wait

@@ -1,6 +1,6 @@
 """In a real headless Chromium: compute the error curves on stories260k, drag a per-layer slider, and see the
 what-if chart redraw with other predicted errors (no job started)."""
-from browser import browser_page, go, set_number, studio_server, wait_idle
+from browser import browser_page, go, open_calibration, set_number, studio_server, wait_idle
 
 
 def whatif_title(page) -> str:
@@ -18,7 +18,7 @@ def test_dragging_a_layer_slider_redraws_the_whatif(tmp_path):
         page.get_by_text("Loaded:").wait_for(timeout=300_000)
         wait_idle(page)
         go(page, "Prune")
-        page.get_by_text("Calibration data and method").click()
+        open_calibration(page)
         set_number(page, "Samples", 8)
         set_number(page, "Sequence length", 64)
         page.get_by_role("button", name="Compute error curves").click()

@@ -28,6 +28,7 @@ def _measured(W0, W1, X):
 
 def test_running_mean_hessian_equals_batch_formula():
     _, X = _problem()
+    # both fp32 sums of 400 products with H_ii up to 87: ~sqrt(400)·2⁻²⁴·87 ≈ 1e-4 apart (1.6e-5 measured)
     torch.testing.assert_close(_hessian(X, 5), 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-3)
 
 
@@ -41,6 +42,7 @@ def test_triangular_gram_equals_the_fp64_product(columns):
     X = torch.cat(chunks).double()
     assert torch.count_nonzero(torch.tril(acc.sum, -1)) == 0  # only the upper triangle is accumulated
     expected = 2 * X.T @ X / X.shape[0]
+    # fp32 products over chunks of ≤ 300 rows: at most 300·2⁻²⁴·sqrt(H_ii H_jj) ≈ 300·6e-8·2 ≈ 4e-5 off
     torch.testing.assert_close(acc.H.double(), expected, rtol=1e-5, atol=1e-4)
     assert torch.equal(acc.H, acc.H.T)
 
@@ -206,6 +208,7 @@ def test_dead_inputs():
     assert torch.all(W0[:, 5] == 0) and torch.equal(W0[:, :5], W[:, :5]) and lam == 0.0
     fixed = H.clone()
     fixed[5, 5] = 1.0  # a dead input's diagonal becomes 1 (the mean diagonal is taken after that)
+    # two fp32 inverses of a matrix of condition number 660: each within ~cond·2⁻²⁴ ≈ 4e-5 (5e-6 measured)
     torch.testing.assert_close(Hinv, torch.linalg.inv(fixed), rtol=1e-3, atol=1e-6)
 
 
@@ -246,7 +249,8 @@ def test_safe_cholesky_jitters_a_block_that_rounding_made_indefinite():
     B = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[2.0, 0.5], [0.5, 1.0]]])  # the first block is singular
     L = obs._safe_cholesky(B)
     assert torch.isfinite(L).all() and torch.all(torch.triu(L, 1) == 0)
-    # jitter 1e-6 x the block's mean diagonal: L_11 = sqrt((1 + 1e-6) − 1/(1 + 1e-6)) ≈ sqrt(2e-6)
+    # jitter 1e-6 x the block's mean diagonal: L_11 = sqrt((1 + 1e-6) − 1/(1 + 1e-6)) ≈ sqrt(2e-6); in fp32 the
+    # two terms round by up to ~3·2⁻²⁴ ≈ 2e-7 of 1, about 9% of their 2e-6 difference (5% of L_11)
     assert float(L[0, 1, 1]) == pytest.approx(2e-6 ** 0.5, rel=0.1)
     good = torch.tensor([[[2.0, 0.5], [0.5, 1.0]]])
     assert torch.equal(obs._safe_cholesky(good), torch.linalg.cholesky(good))
@@ -443,7 +447,7 @@ def test_damping_is_relative_to_the_mean_diagonal():
 
 def test_safe_cholesky_jitter_follows_each_blocks_own_scale():
     # singular blocks [[a, a], [a, a]] of mean diagonal 4 and 0.25 beside a block of mean diagonal 150; with jitter
-    # ε = 1e-6·a on the block's own diagonal, L₁₁² = (a + ε) − a²/(a + ε) ≈ 2ε
+    # ε = 1e-6·a on the block's own diagonal, L₁₁² = (a + ε) − a²/(a + ε) ≈ 2ε, to ~9% in fp32 (see above)
     B = torch.tensor([[[4.0, 4.0], [4.0, 4.0]], [[0.25, 0.25], [0.25, 0.25]], [[200.0, 50.0], [50.0, 100.0]]])
     L = obs._safe_cholesky(B)
     assert float(L[0, 1, 1]) ** 2 == pytest.approx(2 * 4e-6, rel=0.25)

@@ -133,3 +133,16 @@ def test_the_auto_schedule_has_no_formula():
     with pytest.raises(SlimGPTError, match=r"^the auto schedule has no formula: it is found by a search for a parameter "
                                            r"budget \(slimgpt_core\.schedules\.autoschedule\.search, or prune --schedule auto\)$"):
         layer_ratios(4, 0.2, "auto")
+
+
+def test_balanced_targets_keep_the_parameter_cut():
+    from slimgpt_core.schedules.schedule import balanced_targets
+    attn, mlp = 4 * 576 * 576, 3 * 576 * 1536
+    for target, balance in ((0.2, 1.0), (0.3, 0.5), (0.5, 1.5), (0.1, 0.0)):
+        head, ffn = balanced_targets(target, balance, attn, mlp)
+        assert head == pytest.approx(balance * target)
+        assert head * attn + ffn * mlp == pytest.approx(target * (attn + mlp), rel=1e-12)
+    assert balanced_targets(0.8, 2.0, attn, mlp)[0] == 0.9  # the heads' share is capped
+    assert balanced_targets(0.05, 2.0, attn, 10 * attn) == pytest.approx((0.1, 0.045))
+    assert balanced_targets(0.05, 9.0, attn, attn)[1] == 0.0  # never a negative FFN ratio
+    assert balanced_targets(0.3, 1.0, attn, mlp, ffn_target=0.1) == (0.3, 0.1)  # separate targets as given

@@ -89,7 +89,10 @@ def test_sliced_model_equals_masked_model(assets_root, case):
     cut_model(model, gates)
     with torch.no_grad():
         sliced = model(ids).logits
-    assert (sliced - masked).abs().max() < 1e-5
+    # fp32 forwards of different widths (gates folded into the weights vs multiplied in): errors of about
+    # layers·sqrt(width)·u of the logits' size (5·sqrt(172)·2⁻²⁴ ≈ 4e-6); 8.6e-6 and 9.5e-6 were measured
+    # (AVX2, default kernels) with logits up to 15, against an absolute 1e-5 before
+    assert (sliced - masked).abs().max() < 1e-5 * masked.abs().max()
     assert source_shape(model) == target
     for layer in model.model.layers:  # every KV group keeps the same number of query heads
         attn = layer.self_attn

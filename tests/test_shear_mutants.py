@@ -173,6 +173,8 @@ def test_deterministic_gates_keep_the_target_count_at_their_eval_values():
             top = set(sorted(range(len(row)), key=lambda j: -float(row[j]))[:keep[name]])
             for j in range(len(row)):
                 expected = 1 / (1 + math.exp(-0.8 * float(row[j]) / (2 / 3))) if j in top else 0.0
+                # fp32 sigmoid of 1.2·la: the argument's rounding moves it by (1 − σ)·|x|·2⁻²⁴ (|x| ≲ 6) plus a
+                # few ulp of its own, under 17·2⁻²⁴ ≈ 1e-6
                 assert float(value[j]) == pytest.approx(expected, rel=1e-6, abs=1e-7), (name, j)
 
 
@@ -409,7 +411,7 @@ def test_cut_of_a_bf16_model_stays_bf16():
     z_hidden = gates["hidden"][dims]
     kept = torch.nonzero(gates["layers"]).flatten().tolist()
     emb = full["model.embed_tokens.weight"][:, dims] * z_hidden
-    close = dict(rtol=2 ** -7, atol=0)  # bf16 rounding (twice at most)
+    close = dict(rtol=2 ** -7, atol=0)  # bf16 rounding (twice at most; elementwise, the same on every CPU)
     assert torch.allclose(model.model.embed_tokens.weight.float(), emb, **close)
     untied_norm = full["model.norm.weight"][dims] * z_hidden  # untied head: the hidden gate folds into the norm
     assert torch.allclose(model.model.norm.weight.float(), untied_norm, **close)

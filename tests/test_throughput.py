@@ -11,7 +11,10 @@ from slimgpt_core.methods.forwards import replay_outputs
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.methods.surgery import SUPPORTED_ARCHITECTURES
 
-RTOL = 1e-5
+# The two implementations sum the same fp32 Hessians in different orders and every OBS update solves with H⁻¹:
+# results agree to about cond(H)·u, cond(H + damping) up to 1.5e3 in these tiny models (u = 2⁻²⁴: 9e-5).
+# Measured up to 4e-6 apart (AVX2 and default kernels).
+RTOL = 1e-4
 
 
 def _close(a: float, b: float) -> bool:
@@ -19,7 +22,7 @@ def _close(a: float, b: float) -> bool:
 
 
 def _assert_same_results(new, ref):
-    """Same removed units in every layer; errors equal to 1e-5 relative."""
+    """Same removed units in every layer; errors equal to RTOL relative."""
     assert [h.removed for h in new.heads] == [h.removed for h in ref.heads]
     assert [m.units_removed for m in new.modules] == [m.units_removed for m in ref.modules]
     assert [f.group_steps for f in new.ffn] == [f.group_steps for f in ref.ffn]
@@ -43,6 +46,13 @@ def _assert_same_units_kept(new_model, ref_model):
 def _logits(model, tokens):
     with torch.no_grad():
         return model(tokens, use_cache=False).logits
+
+
+def _assert_logits_close(model, ref_model, tokens):
+    """Logits within RTOL of each other, entries near zero within RTOL of the largest logit (a logit near zero is
+    a cancellation of terms of the logits' size, so its error follows their size)."""
+    got, want = _logits(model, tokens), _logits(ref_model, tokens)
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * float(want.abs().max()))
 
 
 MODES = {"sequential": {}, "no-accumulation": {"track_accumulation": False},
@@ -69,7 +79,7 @@ def test_tiny_models_match_the_previous_implementation(arch, heads, kv, mode, to
     ref = pipeline._prune_pass(ref_model, tokens, settings, use_cache=False, _reference=True)
     _assert_same_results(new, ref)
     _assert_same_units_kept(new_model, ref_model)
-    torch.testing.assert_close(_logits(new_model, tokens), _logits(ref_model, tokens), rtol=1e-4, atol=1e-5)
+    _assert_logits_close(new_model, ref_model, tokens)
 
 
 @pytest.mark.parametrize("room", ["both", "down_proj's inputs", "nothing"])
@@ -90,7 +100,7 @@ def test_what_memory_holds_changes_only_what_the_outputs_recompute(monkeypatch, 
     new = pipeline._prune_pass(model, tokens, settings, use_cache=False)
     ref = pipeline._prune_pass(ref_model, tokens, settings, use_cache=False, _reference=True)
     _assert_same_results(new, ref)
-    torch.testing.assert_close(_logits(model, tokens), _logits(ref_model, tokens), rtol=1e-4, atol=1e-5)
+    _assert_logits_close(model, ref_model, tokens)
     # (o_proj's inputs still held, the attention's outputs kept, down_proj's inputs kept), in every layer
     expected = {"both": (False, True, True), "down_proj's inputs": (True, False, True), "nothing": (True, False, False)}
     assert replays == [expected[room]] * len(model.model.layers)

@@ -80,3 +80,14 @@ def parse_ratio_list(text: str) -> list[float]:
 def units_to_remove(n_units: int, ratio: float, keep_min: int = 1) -> int:
     """Whole units (heads, KV groups, channels) to remove; at least `keep_min` stay."""
     return max(0, min(int(round(ratio * n_units)), n_units - keep_min))
+
+
+def balanced_targets(target: float, balance: float, attn_params: int, mlp_params: int,
+                     ffn_target: float | None = None) -> tuple[float, float]:
+    """(head mean ratio, FFN mean ratio) for a parameter cut of `target` of the decoder layers: the heads take
+    `balance` × target and the FFN what keeps the cut (both at most 0.9); with `ffn_target`, the two targets as
+    given."""
+    if ffn_target is not None:
+        return target, ffn_target
+    head = min(0.9, balance * target)
+    return head, min(0.9, max(0.0, (target * (attn_params + mlp_params) - head * attn_params) / mlp_params))

@@ -27,6 +27,7 @@ class Job:
     _thread: threading.Thread | None = field(default=None, repr=False)
     label: str = ""  # what the user sees (e.g. the run being made)
     id: int = 0
+    settings: dict = field(default_factory=dict)  # what it was started with, frozen (shown beside it)
 
     def cancel(self) -> None:
         self._cancel.set()

@@ -136,6 +136,24 @@ def test_drag_redraws_in_the_page_and_reaches_the_server_once(page, server, engi
     assert statistics.median(samples) <= 16 and p95 <= 50
 
 
+def test_data_arriving_during_a_drag_waits_for_the_drop(page, server, engine):
+    _, payload = engine
+    x, y0 = y_for(page, "hr", 3, 0.0)
+    page.mouse.move(x, y0)
+    page.mouse.down()
+    page.mouse.move(x, y_for(page, "hr", 3, 0.5)[1], steps=5)
+    held = bar_state(page, "hr", 3)
+    # a rerun's data (another schedule) reaches the component while the bar is held: nothing jumps
+    page.evaluate("""() => { const ed = window.slimgptEditor.editor();
+        ed.setData({...ed.payload, hr: ed.payload.preset.hr.map(() => 0), fr: ed.payload.preset.fr}, ed.sendEdit); }""")
+    assert bar_state(page, "hr", 3) == held and bar_state(page, "hr", 4)[0] == payload["preset"]["hr"][4]
+    page.mouse.up()
+    wait_received(page, 1)
+    assert received(server) == [{"hr": [[3, held[0]]], "fr": [], "seq": 1}]
+    assert bar_state(page, "hr", 3) == held  # the dropped value stays, and the server's answer agrees
+    assert json.loads(page.locator("code").last.text_content())["schedule"]["hr"][3] == held[0]
+
+
 def test_arrow_keys_step_one_group_and_tell_the_server_on_release(page, server, engine):
     _, payload = engine
     n_kv = payload["layers"][1]["n_kv"]

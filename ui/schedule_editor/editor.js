@@ -51,6 +51,17 @@ export function expandCounts(counts) {
   return out;
 }
 
+const expandedCounts = new WeakMap(); // curve -> its counts as a list, expanded once per payload
+
+function countsOf(curve) {
+  let counts = expandedCounts.get(curve);
+  if (!counts) {
+    counts = expandCounts(curve.ffn_counts);
+    expandedCounts.set(curve, counts);
+  }
+  return counts;
+}
+
 function headError(errors, k) {
   return errors[Math.max(0, Math.min(k, errors.length - 1))];
 }
@@ -90,7 +101,7 @@ export function compute(payload, hr, fr) {
     if (curves) {
       const c = curves[i];
       const a = headError(c.head_errors, kv);
-      const m = interp(ch, c._counts || expandCounts(c.ffn_counts), c.ffn_errors);
+      const m = interp(ch, countsOf(c), c.ffn_errors);
       out.attn.push(a);
       out.mlp.push(m);
       totalAttn += a;
@@ -114,7 +125,7 @@ export function sensitivityMap(payload) {
   const heads = [], ffn = [];
   payload.layers.forEach((t, i) => {
     const c = payload.curves[i];
-    const counts = c._counts || expandCounts(c.ffn_counts);
+    const counts = countsOf(c);
     heads.push(ratios.map((r) => headError(c.head_errors, unitsToRemove(t.n_kv, r))));
     ffn.push(ratios.map((r) => interp(unitsToRemove(t.n_ffn, r), counts, c.ffn_errors)));
   });
@@ -177,6 +188,7 @@ class Editor {
     this.sent = [];
     this.timings = { update: [], frame: [] };
     this.sendEdit = () => {};
+    this.pending = null; // data that arrived during an edit
     this.width = 0;
     this.resizeObserver = new ResizeObserver(() => {
       const w = this.root.clientWidth;
@@ -185,26 +197,35 @@ class Editor {
     this.resizeObserver.observe(this.root);
   }
 
-  // A new payload rebuilds the drawing; a new schedule alone is adopted unless the user holds a bar.
+  // A new payload rebuilds the drawing, a new schedule is drawn; both wait while the user holds a bar or a key.
   setData(data, sendEdit) {
     this.sendEdit = sendEdit;
+    if (this.drag || this.keyEdit) {
+      this.pending = data;
+      return;
+    }
+    this.pending = null;
     const { hr, fr, ...payload } = data;
     const signature = JSON.stringify(payload);
     if (signature !== this.signature) {
       this.signature = signature;
       this.payload = payload;
-      if (payload.curves) payload.curves.forEach((c) => { c._counts = expandCounts(c.ffn_counts); });
       this.map = sensitivityMap(payload);
       this.hr = [...hr];
       this.fr = [...fr];
       this.build();
       return;
     }
-    if (!this.drag && !this.keyEdit) {
-      this.hr = [...hr];
-      this.fr = [...fr];
-      this.update();
-    }
+    this.hr = [...hr];
+    this.fr = [...fr];
+    this.update();
+  }
+
+  // After an edit ends: a payload that came in the meantime, drawn at the edited schedule (the data's own schedule
+  // predates the edit; the server's answer to the edit brings the schedule again).
+  applyPending() {
+    if (this.pending && !this.drag && !this.keyEdit) this.setData({ ...this.pending, hr: this.hr, fr: this.fr },
+      this.sendEdit);
   }
 
   nUnits(kind, i) {
@@ -501,6 +522,7 @@ class Editor {
     const d = this.drag;
     this.drag = null;
     this.send({ [d.kind]: this.changes(d.kind, d.start) });
+    this.applyPending();
   }
 
   cancelDrag() {
@@ -508,6 +530,7 @@ class Editor {
     this[this.drag.kind] = [...this.drag.start];
     this.drag = null;
     this.update();
+    this.applyPending();
   }
 
   changes(kind, before) {
@@ -571,6 +594,7 @@ class Editor {
     const { kind, start } = this.keyEdit;
     this.keyEdit = null;
     this.send({ [kind]: this.changes(kind, start) });
+    this.applyPending();
   }
 
   // Bars back to the preset's own ratios: one bar (layer and kind), a layer's two bars (kind null), or all.

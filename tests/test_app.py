@@ -213,7 +213,7 @@ def _dense_group_errors(model, tokens, damp: float) -> list[list[float]]:
     return errors
 
 
-def test_head_importance_preview_marks_what_the_sliders_remove(app):
+def test_head_importance_preview_marks_what_the_schedule_removes(app):
     import math
 
     from slimgpt_core.data import calibration_tokens
@@ -231,9 +231,7 @@ def test_head_importance_preview_marks_what_the_sliders_remove(app):
     assert len(heat["data"][1]["x"]) == 10 != n_marked
     # a hand-made schedule: each layer loses its k least important groups, by an importance computed here
     ratios, k = [0.25, 0.5, 0.75, 0.0, 0.5], [1, 2, 3, 0, 2]
-    for i, r in enumerate(ratios):
-        app.slider(key=f"hr_{i}").set_value(r)
-    app.run()
+    edit_schedule(app, {("hr", i): r for i, r in enumerate(ratios)})
     dense = load_model("stories260k")
     errors = _dense_group_errors(dense.model, calibration_tokens(dense.tokenizer, "c4", 8, 64, 0), damp=0.01)
     heat = figures(app)[title]

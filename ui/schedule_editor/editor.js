@@ -275,7 +275,8 @@ class Editor {
     hint.className = "se-hint";
     hint.textContent = "Drag a bar (removed fraction, snapped to whole KV groups / channels). Shift-drag: every " +
       "layer from where the drag started to the one under the pointer takes the value. Keys on a focused bar: " +
-      "↑/↓ one step (Shift: one unit), PgUp/PgDn 10%, Home/End, ←/→ next layer, G: back to the preset (the dashed ghost).";
+      "↑/↓ one step (Shift: one unit), PgUp/PgDn 10%, Home/End, ←/→ next layer, G: back to the preset " +
+      "(the dashed ghost).";
     this.root.appendChild(hint);
 
     // the bars
@@ -296,14 +297,14 @@ class Editor {
     for (let i = 0; i < n; i++) {
       for (const kind of ["hr", "fr"]) {
         const x = this.barX(kind, i);
-        const bar = el("rect", { x, width: barW, class: `se-bar se-${kind}`, fill: kind === "hr" ? HEAD_COLOR : FFN_COLOR },
-          bars);
+        const bar = el("rect", { x, width: barW, class: `se-bar se-${kind}`,
+          fill: kind === "hr" ? HEAD_COLOR : FFN_COLOR }, bars);
         this.barNodes[kind].push(bar);
         ghostPoints[kind].push(`${x + barW / 2},${yOf(p.preset[kind][i])}`);
       }
       if (n <= 40 || i % Math.ceil(n / 40) === 0) {
-        el("text", { x: left + slot * (i + 0.5), y: g.barsTop + g.barsH + 14, class: "se-axis", "text-anchor": "middle" },
-          bars).textContent = String(i);
+        el("text", { x: left + slot * (i + 0.5), y: g.barsTop + g.barsH + 14, class: "se-axis",
+          "text-anchor": "middle" }, bars).textContent = String(i);
       }
     }
     for (const kind of ["hr", "fr"]) {
@@ -434,11 +435,13 @@ class Editor {
         hit.setAttribute("data-ratio", ratio);
         hit.setAttribute("data-units", removed);
         hit.setAttribute("aria-valuenow", shown.toFixed(4));
-        hit.setAttribute("aria-valuetext", `${removed} of ${units} ${kind === "hr" ? "KV groups" : "channels"} removed`);
+        const what = kind === "hr" ? "KV groups" : "channels";
+        hit.setAttribute("aria-valuetext", `${removed} of ${units} ${what} removed`);
       }
     }
     const t = this.text;
-    t.params.textContent = `${formatParams(res.params_after)} (−${formatParams(res.params_before - res.params_after)})`;
+    const cut = formatParams(res.params_before - res.params_after);
+    t.params.textContent = `${formatParams(res.params_after)} (−${cut})`;
     t["layer-ratio"].textContent = percent(res.achieved_layer_ratio);
     t["model-ratio"].textContent = percent(res.achieved_ratio);
     t["err-attn"].textContent = formatError(res.total_attn);

@@ -280,7 +280,7 @@ class Editor {
     this.root.appendChild(hint);
 
     // the bars
-    const barsH = g.barsTop + g.barsH + 30;
+    const barsH = g.barsTop + g.barsH + 40;
     const bars = el("svg", { class: "se-bars", width: W, height: barsH, viewBox: `0 0 ${W} ${barsH}` });
     this.root.appendChild(bars);
     this.barsSvg = bars;

@@ -28,14 +28,20 @@ _mount = st.components.v2.component(
 def schedule_editor(payload: dict, head_ratios: Sequence[float], ffn_ratios: Sequence[float],
                     on_edit: Callable[[], None], key: str = EDITOR_KEY):
     """Draw the editor on `payload` (slimgpt_core.schedules.editor_data.editor_payload) at this schedule."""
-    data = {**payload, "hr": [float(r) for r in head_ratios], "fr": [float(r) for r in ffn_ratios]}
+    data = {**payload, "hr": [float(r) for r in head_ratios], "fr": [float(r) for r in ffn_ratios],
+            "acked": st.session_state.get(f"{key}_acked", 0)}
     return _mount(key=key, data=data, on_edit_change=on_edit)
 
 
 def dropped_edit(key: str = EDITOR_KEY) -> dict | None:
-    """The edit that came with this rerun (read it in the `on_edit` callback)."""
+    """The edit that came with this rerun (read it in the `on_edit` callback, then apply it). Its sequence number
+    goes back to the browser with the next drawing: the edits up to it are in the schedule, and the browser stops
+    repeating them in its messages."""
     state = st.session_state.get(key)
-    return state.get("edit") if state else None
+    edit = state.get("edit") if state else None
+    if isinstance(edit, dict) and isinstance(edit.get("seq"), int):
+        st.session_state[f"{key}_acked"] = edit["seq"]
+    return edit
 
 
 def apply_edit(schedule: dict, edit: dict | None) -> int:

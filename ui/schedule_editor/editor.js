@@ -186,6 +186,11 @@ class Editor {
     this.keyEdit = null;
     this.focus = null; // {kind, layer}
     this.sent = [];
+    // edits sent and not yet in the schedule the server sent back (data.acked: the last seq it applied). Streamlit
+    // merges two rerun requests that arrive before the first run starts, keeping the newer trigger only, so every
+    // message carries these too, and the drawing keeps them over older data.
+    this.unacked = [];
+    this.seq = 0;
     this.timings = { update: [], frame: [] };
     this.sendEdit = () => {};
     this.pending = null; // data that arrived during an edit
@@ -205,7 +210,14 @@ class Editor {
       return;
     }
     this.pending = null;
-    const { hr, fr, ...payload } = data;
+    const { hr: serverHr, fr: serverFr, acked = 0, ...payload } = data;
+    this.seq = Math.max(this.seq, acked);
+    this.unacked = this.unacked.filter((e) => e.seq > acked);
+    const hr = [...serverHr], fr = [...serverFr];
+    for (const e of this.unacked) {
+      for (const [i, v] of e.hr) if (i < hr.length) hr[i] = v;
+      for (const [i, v] of e.fr) if (i < fr.length) fr[i] = v;
+    }
     const signature = JSON.stringify(payload);
     if (signature !== this.signature) {
       this.signature = signature;
@@ -221,11 +233,9 @@ class Editor {
     this.update();
   }
 
-  // After an edit ends: a payload that came in the meantime, drawn at the edited schedule (the data's own schedule
-  // predates the edit; the server's answer to the edit brings the schedule again).
+  // After an edit ends: data that came in the meantime (drawn with the edit over it, as the edit is unacknowledged).
   applyPending() {
-    if (this.pending && !this.drag && !this.keyEdit) this.setData({ ...this.pending, hr: this.hr, fr: this.fr },
-      this.sendEdit);
+    if (this.pending && !this.drag && !this.keyEdit) this.setData(this.pending, this.sendEdit);
   }
 
   nUnits(kind, i) {
@@ -542,13 +552,19 @@ class Editor {
     return out;
   }
 
-  // One message per finished edit: {hr: [[layer, ratio], …], fr: […], seq}; nothing when nothing changed.
+  // One message per finished edit: {hr: [[layer, ratio], …], fr: […], seq}, with the changes of every edit the
+  // server has not acknowledged yet; nothing when nothing changed.
   send(edit) {
-    const full = { hr: edit.hr || [], fr: edit.fr || [] };
-    if (!full.hr.length && !full.fr.length) return;
-    full.seq = this.sent.length + 1;
-    this.sent.push(full);
-    this.sendEdit(full);
+    const entry = { hr: edit.hr || [], fr: edit.fr || [] };
+    if (!entry.hr.length && !entry.fr.length) return;
+    this.seq += 1;
+    entry.seq = this.seq;
+    this.unacked.push(entry);
+    const merged = { hr: new Map(), fr: new Map() };
+    for (const e of this.unacked) for (const kind of ["hr", "fr"]) for (const [i, v] of e[kind]) merged[kind].set(i, v);
+    const message = { hr: [...merged.hr], fr: [...merged.fr], seq: this.seq };
+    this.sent.push(message);
+    this.sendEdit(message);
   }
 
   onKeyDown(e, kind, i) {

@@ -1,5 +1,5 @@
 """Screenshots of every page of the studio, driven in headless Chromium: `python docs/make_screenshots.py`
-(`python docs/make_screenshots.py shear`: only the Shear page)."""
+(`python docs/make_screenshots.py shear`: only the Shear page; `… editor`: only the schedule editor)."""
 import sys
 from pathlib import Path
 
@@ -32,6 +32,36 @@ def shear() -> None:
         page.screenshot(path=str(HERE / "shear.png"), full_page=True)
 
 
+def editor() -> None:
+    """The schedule editor on SmolLM2 with its error curves (tests/apps/schedule_editor_app.py: 4 × 64 tinystories
+    tokens; the curves are cached after the first time), one FFN bar dragged; prints the in-page redraw time of
+    that drag and the size of the payload the editor got."""
+    import statistics
+
+    with studio_server(script=HERE.parent / "tests" / "apps" / "schedule_editor_app.py") as url, \
+            browser_page(1280, 1300) as page:
+        page.goto(f"{url}/?model=smollm2")
+        page.get_by_text("server received 0 edits").wait_for(timeout=3_600_000)
+        page.locator(".se-path").first.wait_for(state="attached")
+        wait_idle(page)
+        bar = page.locator(".se-hit[data-kind='fr'][data-layer='12']")
+        box = bar.bounding_box()
+        x = box["x"] + box["width"] / 2
+        page.evaluate("window.slimgptEditor.editor().timings = {update: [], frame: []}")
+        page.mouse.move(x, box["y"] + 0.8 * box["height"])
+        page.mouse.down()
+        page.mouse.move(x, box["y"] + 0.25 * box["height"], steps=40)
+        page.mouse.up()
+        page.get_by_text("server received 1 edits").wait_for()
+        wait_idle(page)
+        t = page.evaluate("window.slimgptEditor.editor().timings")
+        size = page.evaluate("JSON.stringify(window.slimgptEditor.editor().payload).length")
+        print(f"SmolLM2, {len(t['update'])} pointermoves: redraw median {statistics.median(t['update']):.2f} ms, "
+              f"p95 {statistics.quantiles(t['update'], n=20)[-1]:.2f} ms; to the next frame median "
+              f"{statistics.median(t['frame']):.2f} ms; payload {size / 1000:.1f} kB of JSON")
+        page.locator("[data-testid='stBidiComponentIsolated']").screenshot(path=str(HERE / "editor.png"))
+
+
 def main() -> None:
     with studio_server() as url, browser_page(1440, 2000) as page:
         prune_default_model(page, url, shots=HERE, nsamples=16, seqlen=128)
@@ -62,6 +92,8 @@ def main() -> None:
 if __name__ == "__main__":
     if sys.argv[1:] == ["shear"]:
         shear()
+    elif sys.argv[1:] == ["editor"]:
+        editor()
     else:
         main()
         shear()

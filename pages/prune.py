@@ -1,16 +1,19 @@
 """Calibration, method, schedule editor with instant preview, and the pruning run with live charts."""
+import pandas as pd
 import streamlit as st
 
 from slimgpt_core.schedules.autoschedule import AutoSettings, auto_job
-from slimgpt_core.schedules.curves import curves_job, predict, sensitivity_map
+from slimgpt_core.schedules.curves import curves_job
+from slimgpt_core.schedules.editor_data import editor_payload
 from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.methods.prune_settings import PruneSettings
-from slimgpt_core.schedules.schedule import layer_ratios
+from slimgpt_core.schedules.schedule import balanced_targets, layer_ratios
 from slimgpt_core.studio import head_importance, preview_schedule, prune_to_workspace
 from ui import charts
 from ui.prune_form import (CALIBRATION_SOURCES, PRESETS, PRUNE_FORM_FIELDS, SCHEDULE_FIELDS, PruneForm, apply_preset,
                            calibration_text, describe_frozen, frozen, load_form, problems, restore_custom, save_form,
                            set_schedule)
+from ui.schedule_editor import MAX_RATIO, apply_edit, dropped_edit, schedule_editor
 from ui.state import job, job_progress, live_fragment, require_model, run_report, submit, take_result
 
 st.title("Prune")
@@ -54,13 +57,34 @@ def edit(key: str) -> None:
     save_form(f)
 
 
-def edit_ratio(kind: str, i: int) -> None:
+def edit_schedule(edit: dict | None) -> int:
+    """Write an edit ({"hr": [[layer, ratio], …], "fr": […]}) into the stored schedule as a hand edit; returns how
+    many ratios it wrote (layers the schedule has, ratios in range)."""
     f = load_form()
-    ratios = f.hr if kind == "hr" else f.fr
-    if i < len(ratios):  # not a slider of a previous model's deeper schedule
-        ratios[i] = ss[f"{kind}_{i}"]
-        set_schedule(f, f.hr, f.fr, "hand")
+    schedule = {"hr": list(f.hr), "fr": list(f.fr)}
+    written = apply_edit(schedule, edit)
+    if written:
+        set_schedule(f, schedule["hr"], schedule["fr"], "hand")
         save_form(f)
+    return written
+
+
+def editor_dropped() -> None:
+    """A drag or key edit ended in the editor: its ratios become the schedule's."""
+    edit_schedule(dropped_edit())
+
+
+def preset_ghost() -> tuple[list[float], list[float]]:
+    """The preset's own ratios, as apply_preset writes them, for the editor's ghost and snap-back (auto: log, where
+    its search starts); the schedule itself when the preset cannot be built."""
+    try:
+        head_t, ffn_t = balanced_targets(form.target_ratio, form.balance, attn_params, mlp_params,
+                                         form.ffn_target if form.separate else None)
+        kind = "log" if form.preset == "auto" else form.preset
+        return ([round(r, 4) for r in layer_ratios(n_layers, head_t, kind, form.shape)],
+                [round(r, 4) for r in layer_ratios(n_layers, ffn_t, kind, form.shape)])
+    except SlimGPTError:
+        return list(form.hr), list(form.fr)
 
 
 def restore_hand_edits() -> None:
@@ -121,15 +145,14 @@ origin_text = {"preset": f"the {form.preset if form.preset != 'auto' else 'log'}
 st.caption(f"The per-layer ratios below come from {origin_text}.")
 ss.schedule = {"hr": list(form.hr), "fr": list(form.fr)}  # what the run uses, for code that reads session state
 
-with st.expander("Per-layer ratios (drag to edit)", expanded=n_layers <= 8):
-    h_col, f_col = st.columns(2)
-    h_col.caption("Attention heads")
-    f_col.caption("FFN channels")
-    for i in range(n_layers):
-        for kind, col, part in (("hr", h_col, "heads"), ("fr", f_col, "FFN")):
-            ss[f"{kind}_{i}"] = ss.schedule[kind][i]
-            col.slider(f"layer {i} {part}", 0.0, 0.95, key=f"{kind}_{i}", step=0.01, on_change=edit_ratio,
-                       args=(kind, i))
+curves_id = (ss.model_spec, calib, int(nsamples), int(seqlen), int(seed), float(damp))  # Inspect looks them up
+curves_key = repr(curves_id)  # the job's label: which curves a finished job holds
+model_curves = ss.error_curves.get(curves_id)
+if model_curves is None and job("curves") and job("curves").state == "done" and job("curves").label == curves_key:
+    model_curves = ss.error_curves[curves_id] = job("curves").result  # another tab's, or before a reload
+# the editor draws the bars, the predicted errors and the sensitivity map, and recomputes them in the browser while
+# a bar moves; the page hears of an edit when the drag ends
+schedule_editor(editor_payload(loaded.model, model_curves, *preset_ghost()), form.hr, form.fr, on_edit=editor_dropped)
 
 head_ratios = list(form.hr)
 ffn_ratios = list(form.fr)
@@ -145,8 +168,6 @@ if not form.preset_error:
     except SlimGPTError as exc:
         blocking.append(str(exc))
         st.error(str(exc))
-curves_id = (ss.model_spec, calib, int(nsamples), int(seqlen), int(seed), float(damp))  # Inspect looks them up
-curves_key = repr(curves_id)  # the job's label: which curves a finished job holds
 stats_key = repr((ss.model_spec, calib, int(nsamples), int(seqlen), int(seed), float(damp)))
 
 if preview is not None:  # the views below need a valid schedule; the Run section says why not
@@ -157,16 +178,36 @@ if preview is not None:  # the views below need a valid schedule; the Run sectio
                         help="rounded to whole heads / KV groups")
     info_cols[2].metric("Achieved (whole model)", f"{preview.achieved_ratio:.1%}")
     info_cols[3].metric("Requested mean", f"{sum(head_ratios + ffn_ratios) / (2 * n_layers):.1%}")
-    q0 = [layer.self_attn.q_proj.out_features // layer.self_attn.head_dim for layer in loaded.model.model.layers]
-    f0 = [layer.mlp.down_proj.in_features for layer in loaded.model.model.layers]
-    st.plotly_chart(charts.schedule_curve(head_ratios, ffn_ratios, [k / q for k, q in zip(preview.heads_kept, q0)],
-                                          [k / f for k, f in zip(preview.ffn_kept, f0)]), key="schedule_chart")
+
+    # the same schedule as numbers: a secondary view, edited cell by cell. Its key changes after each edit, so the
+    # table always starts from the schedule (a preset change or a drag in the editor is never overlaid with older edits)
+    ss.setdefault("schedule_table", 0)
+    with st.expander("Per-layer ratios (table)", expanded=False):
+        kv0 = [layer.self_attn.k_proj.out_features // layer.self_attn.head_dim for layer in loaded.model.model.layers]
+        f0 = [layer.mlp.down_proj.in_features for layer in loaded.model.model.layers]
+        ratio_column = st.column_config.NumberColumn(min_value=0.0, max_value=MAX_RATIO, step=0.0001, format="%.4f")
+        table = st.data_editor(
+            pd.DataFrame({"layer": range(n_layers), "heads ratio": head_ratios, "FFN ratio": ffn_ratios,
+                          "heads removed (whole KV groups)": [1 - k / n for k, n in zip(preview.kv_kept, kv0)],
+                          "FFN removed (channels)": [1 - k / f for k, f in zip(preview.ffn_kept, f0)]}),
+            key=f"schedule_table_{ss.schedule_table}", hide_index=True, column_config={
+                "heads ratio": ratio_column, "FFN ratio": ratio_column,
+                "heads removed (whole KV groups)": st.column_config.NumberColumn(format="%.4f"),
+                "FFN removed (channels)": st.column_config.NumberColumn(format="%.4f")},
+            disabled=["layer", "heads removed (whole KV groups)", "FFN removed (channels)"])
+        edited = {"hr": [(i, r) for i, (r, old) in enumerate(zip(table["heads ratio"], head_ratios)) if r != old],
+                  "fr": [(i, r) for i, (r, old) in enumerate(zip(table["FFN ratio"], ffn_ratios)) if r != old]}
+        if edited["hr"] or edited["fr"]:
+            if edit_schedule(edited) < len(edited["hr"]) + len(edited["fr"]):
+                ss.table_error = (f"A per-layer ratio must be a number from 0 to {MAX_RATIO}; that cell was left as "
+                                  "it was.")
+            ss.schedule_table += 1
+            st.rerun()
+        if ss.get("table_error"):
+            st.error(ss.pop("table_error"))
 
     # --- what-if from the error curves (no forward pass) and the auto search ----------------------------
     st.subheader("What-if (predicted on dense inputs)")
-    model_curves = ss.error_curves.get(curves_id)
-    if model_curves is None and job("curves") and job("curves").state == "done" and job("curves").label == curves_key:
-        model_curves = ss.error_curves[curves_id] = job("curves").result  # another tab's, or before a reload
     if form.preset == "auto":
         a1, a2, a3, a4 = st.columns([1, 1.4, 1, 1.2])
         a1.number_input("Per-layer ceiling", 0.1, 0.95, 0.9, step=0.05, key="auto_ceiling",
@@ -185,15 +226,12 @@ if preview is not None:  # the views below need a valid schedule; the Run sectio
             submit("auto", auto_job, loaded, calib, int(nsamples), int(seqlen), int(seed), auto_settings, starts,
                    job_label=f"{loaded.name} {form.target_ratio:.0%}")
     if model_curves is not None:
-        pred = predict(model_curves, head_ratios, ffn_ratios)
-        st.plotly_chart(charts.whatif_errors(pred.attn, pred.mlp), key="whatif_chart")
-        smap = sensitivity_map(model_curves)
-        st.plotly_chart(charts.sensitivity_map(
-            smap.ratios, smap.heads, smap.ffn, [k / lc.n_kv for k, lc in zip(pred.kv_removed, model_curves.layers)],
-            [c / lc.n_ffn for c, lc in zip(pred.ffn_removed, model_curves.layers)]), key="sensitivity_chart")
+        st.caption("The schedule editor above draws every layer's predicted error and the sensitivity map from these "
+                   "curves, recomputed in the browser as a bar moves.")
     else:
-        st.caption("Computes every layer's OBS error curves once from the dense statistics (cached); then every "
-                   "slider move redraws the predicted errors without a forward pass.")
+        st.caption("Computes every layer's OBS error curves once from the dense statistics (cached); then the schedule "
+                   "editor redraws the predicted errors and the sensitivity map as a bar moves, without a forward "
+                   "pass.")
         if st.button("Compute error curves", disabled=bool(job("curves") and job("curves").running)):
             submit("curves", curves_job, loaded, calib, int(nsamples), int(seqlen), int(seed), float(damp),
                    ss.get("device", "auto"), job_label=curves_key)
@@ -238,7 +276,7 @@ if preview is not None:  # the views below need a valid schedule; the Run sectio
             r = aj.result
             st.success(f"auto: KL {r.kl:.4f} (started from {r.start}, KL {r.start_kl:.4f}) after {r.generations} "
                        f"generations; {r.params_after / 1e6:.3f} M parameters (target {r.target_params / 1e6:.3f} M). "
-                       "The sliders hold its ratios: edit them freely.")
+                       "The editor holds its ratios: edit them freely.")
 
 
     live_fragment(whatif_jobs, "curves", "auto")

@@ -41,6 +41,29 @@ def button(at, label):
     return next(b for b in at.button if b.label == label)
 
 
+def editor_data(at) -> dict:
+    """What the Prune page hands the schedule editor component in this run: the payload and the schedule."""
+    [editor] = at.get("bidi_component")
+    proto = editor.proto
+    return json.loads(proto.json if proto.WhichOneof("data") == "json" else proto.mixed.json)
+
+
+def schedule_table(at):
+    """The Prune page's per-layer table (a DataFrame: the schedule, and what whole units make of it)."""
+    return next(t for t in at.data_editor if (t.key or "").startswith("schedule_table_")).value
+
+
+def edit_schedule(at, ratios: dict[tuple[str, int], float]) -> AppTest:
+    """Type ratios {("hr" | "fr", layer): ratio} into the per-layer table's cells, as a user does, and rerun."""
+    column = {"hr": "heads ratio", "fr": "FFN ratio"}
+    rows: dict[int, dict] = {}
+    for (kind, layer), ratio in ratios.items():
+        rows.setdefault(layer, {})[column[kind]] = ratio
+    at.session_state[f"schedule_table_{at.session_state['schedule_table']}"] = {
+        "edited_rows": rows, "added_rows": [], "deleted_rows": []}
+    return at.run()
+
+
 def small_calibration(at) -> None:
     at.number_input(key="nsamples").set_value(8).run()
     at.number_input(key="seqlen").set_value(64).run()
@@ -82,29 +105,35 @@ def _decoder_layer_parameters(config, heads: int, kv_heads: int, ffn: int) -> in
     return sum(a * b for a, b in shapes)
 
 
-def test_schedule_editor_presets_sliders_and_preview(app):
+def test_schedule_editor_presets_table_and_preview(app):
     load_stories(app)
     app.switch_page("pages/prune.py").run()
-    assert len([s for s in app.slider if s.label.startswith("layer ")]) == 10  # heads and FFN per layer
-    before = [app.slider(key=f"hr_{i}").value for i in range(5)]
+    assert len(schedule_table(app)) == 5  # one row per layer
+    before = list(schedule_table(app)["heads ratio"])
     assert before == sorted(before) and before[0] < before[-1]  # log increase
+    # the editor component draws this schedule, with the preset as its ghost
+    data = editor_data(app)
+    assert data["hr"] == before and data["preset"]["hr"] == before and len(data["layers"]) == 5
     app.slider(key="target_ratio").set_value(0.5).run()
-    after = [app.slider(key=f"hr_{i}").value for i in range(5)]
-    assert sum(after) / 5 == pytest.approx(0.5, abs=0.01)
+    after = list(schedule_table(app)["heads ratio"])
+    assert sum(after) / 5 == pytest.approx(0.5, abs=0.01) and editor_data(app)["hr"] == after
     achieved = {m.label: m.value for m in app.metric}["Achieved (decoder layers)"]
     app.selectbox(key="preset").set_value("uniform").run()
-    assert {app.slider(key=f"hr_{i}").value for i in range(5)} == {0.5}
-    app.slider(key="hr_0").set_value(0.0).run()  # drag one layer: fewer parameters removed
+    assert set(schedule_table(app)["heads ratio"]) == {0.5}
+    edit_schedule(app, {("hr", 0): 0.0})  # one layer edited: fewer parameters removed
+    assert not app.exception
     assert {m.label: m.value for m in app.metric}["Achieved (decoder layers)"] != achieved
-    curve = figures(app)["Pruning ratio per layer"]
-    assert curve["data"][0]["y"][0] == 0.0 and curve["data"][0]["y"][1] == 0.5
+    table = schedule_table(app)
+    assert table["heads ratio"][0] == 0.0 and table["heads ratio"][1] == 0.5
+    assert editor_data(app)["hr"][:2] == [0.0, 0.5] and editor_data(app)["preset"]["hr"][0] == 0.5  # ghost: uniform
+    edit_schedule(app, {("hr", 1): 1.5})  # out of range: one sentence, the schedule as it was
+    assert [e.value for e in app.error] == ["A per-layer ratio must be a number from 0 to 0.95; that cell was left "
+                                            "as it was."]
+    assert list(schedule_table(app)["heads ratio"][:2]) == [0.0, 0.5]
 
     # a hand-made schedule: the preview's numbers against a count from the config and against the real run
     heads_r, ffn_r = [0.95, 0.5, 0.25, 0.0, 0.75], [0.95, 0.9, 0.3, 0.0, 0.6]
-    for i in range(5):
-        app.slider(key=f"hr_{i}").set_value(heads_r[i])
-        app.slider(key=f"fr_{i}").set_value(ffn_r[i])
-    app.run()  # one rerun: every slider's callback fires
+    edit_schedule(app, {**{("hr", i): heads_r[i] for i in range(5)}, **{("fr", i): ffn_r[i] for i in range(5)}})
     from slimgpt_core.models import load_model
     config = load_model("stories260k").model.config
     groups, per_group, ffn = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads, \
@@ -119,10 +148,11 @@ def test_schedule_editor_presets_sliders_and_preview(app):
     assert metrics["Achieved (decoder layers)"] == f"{1 - pruned_layers / dense_layers:.1%}"
     assert metrics["Achieved (whole model)"] == f"{1 - (pruned_layers + embeddings) / (dense_layers + embeddings):.1%}"
     assert metrics["Parameters after"] == f"{(pruned_layers + embeddings) / 1e6:.2f} M"
-    curve = {t["name"]: t["y"] for t in figures(app)["Pruning ratio per layer"]["data"]}
-    assert curve["heads (requested)"] == heads_r and curve["FFN (requested)"] == ffn_r
-    assert curve["heads (achieved, whole groups)"] == pytest.approx([1 - g / groups for g in groups_left])
-    assert curve["FFN (achieved)"] == pytest.approx([1 - f / ffn for f in ffn_left])
+    table = schedule_table(app)
+    assert list(table["heads ratio"]) == heads_r and list(table["FFN ratio"]) == ffn_r
+    assert list(table["heads removed (whole KV groups)"]) == pytest.approx([1 - g / groups for g in groups_left])
+    assert list(table["FFN removed (channels)"]) == pytest.approx([1 - f / ffn for f in ffn_left])
+    assert (editor_data(app)["hr"], editor_data(app)["fr"]) == (heads_r, ffn_r)
     small_calibration(app)
     button(app, "Start pruning").click().run()
     settle(app, "prune")
@@ -183,7 +213,7 @@ def _dense_group_errors(model, tokens, damp: float) -> list[list[float]]:
     return errors
 
 
-def test_head_importance_preview_marks_what_the_sliders_remove(app):
+def test_head_importance_preview_marks_what_the_schedule_removes(app):
     import math
 
     from slimgpt_core.data import calibration_tokens
@@ -201,9 +231,7 @@ def test_head_importance_preview_marks_what_the_sliders_remove(app):
     assert len(heat["data"][1]["x"]) == 10 != n_marked
     # a hand-made schedule: each layer loses its k least important groups, by an importance computed here
     ratios, k = [0.25, 0.5, 0.75, 0.0, 0.5], [1, 2, 3, 0, 2]
-    for i, r in enumerate(ratios):
-        app.slider(key=f"hr_{i}").set_value(r)
-    app.run()
+    edit_schedule(app, {("hr", i): r for i, r in enumerate(ratios)})
     dense = load_model("stories260k")
     errors = _dense_group_errors(dense.model, calibration_tokens(dense.tokenizer, "c4", 8, 64, 0), damp=0.01)
     heat = figures(app)[title]

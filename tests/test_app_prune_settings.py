@@ -6,7 +6,7 @@ import json
 from streamlit.testing.v1 import AppTest
 
 from conftest import ROOT
-from test_app import button, load_stories, settle
+from test_app import button, edit_schedule, load_stories, settle
 from slimgpt_core.schedules.schedule import layer_ratios
 from slimgpt_core.workspace.jobs import BOARD
 from ui.prune_form import PruneForm, load_form
@@ -73,7 +73,7 @@ def test_invalid_settings_disable_start_with_the_reason(app):
 def test_a_preset_keeps_the_hand_edits_it_replaces(app):
     load_stories(app)
     prune_page(app)
-    app.slider(key="hr_0").set_value(0.5).run()
+    edit_schedule(app, {("hr", 0): 0.5})
     hand = list(app.session_state["schedule"]["hr"])
     assert hand[0] == 0.5 and load_form().origin == "hand"
     assert any("your hand edits" in c.value for c in app.caption)

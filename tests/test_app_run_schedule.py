@@ -6,7 +6,7 @@ from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings, plan_removals
 from slimgpt_core.schedules.run_schedule import run_schedule
-from test_app import button, figures, load_stories
+from test_app import button, edit_schedule, editor_data, figures, load_stories, schedule_table
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_copy_the_allocation_into_the_schedule_editor(app, surgeon_run):
     info, report, _ = surgeon_run
     load_stories(app)
     app.switch_page("pages/prune.py").run()  # the editor starts from its log preset
-    log_preset = [app.slider(key=f"hr_{i}").value for i in range(5)]
+    log_preset = list(schedule_table(app)["heads ratio"])
     app.switch_page("pages/inspect_runs.py").run()
     app.selectbox(key="detail_run").set_value(info.name).run()
     assert not app.exception
@@ -61,12 +61,13 @@ def test_copy_the_allocation_into_the_schedule_editor(app, surgeon_run):
     assert any("hold the allocation" in s.value for s in app.success)
     app.switch_page("pages/prune.py").run()
     assert not app.exception
-    heads = [app.slider(key=f"hr_{i}").value for i in range(5)]
-    ffn = [app.slider(key=f"fr_{i}").value for i in range(5)]
+    heads = list(schedule_table(app)["heads ratio"])
+    ffn = list(schedule_table(app)["FFN ratio"])
     assert heads == report.head_ratios and ffn == report.ffn_ratios and heads != log_preset
     assert app.session_state["schedule"] == {"hr": report.head_ratios, "fr": report.ffn_ratios}
     # the preview of that schedule is the run's size
     assert {m.label: m.value for m in app.metric}["Parameters after"] == f"{report.params_after / 1e6:.2f} M"
-    # still editable: one slider moves, the others keep the run's values
-    app.slider(key="fr_0").set_value(0.0).run()
+    assert (editor_data(app)["hr"], editor_data(app)["fr"]) == (report.head_ratios, report.ffn_ratios)
+    # still editable: one layer changes, the others keep the run's values
+    edit_schedule(app, {("fr", 0): 0.0})
     assert app.session_state["schedule"]["fr"] == [0.0] + report.ffn_ratios[1:]

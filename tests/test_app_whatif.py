@@ -1,12 +1,19 @@
 """The Prune page's what-if (error curves, no forward pass per move) and the auto preset, through AppTest on
 stories260k."""
-from test_app import button, figures, load_stories, settle, small_calibration
+from test_app import button, edit_schedule, editor_data, figures, load_stories, schedule_table, settle, \
+    small_calibration
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from slimgpt_core.schedules.curves import predict
+from slimgpt_core.schedules.editor_data import payload_curves
 
-def whatif(at) -> dict:
-    return next(spec for title, spec in figures(at).items() if title.startswith("Predicted error per layer"))
+
+def whatif(at):
+    """The predicted errors the editor draws in the browser, from the curves and schedule the page hands it."""
+    data = editor_data(at)
+    assert data["curves"] is not None
+    return predict(payload_curves(data), data["hr"], data["fr"])
 
 
 def prune_page(at) -> AppTest:
@@ -17,29 +24,32 @@ def prune_page(at) -> AppTest:
     return at
 
 
-def test_slider_changes_the_whatif_without_a_job(app):
+def test_edit_changes_the_whatif_without_a_job(app):
     prune_page(app)
+    assert editor_data(app)["curves"] is None
     button(app, "Compute error curves").click().run()
     settle(app, "curves")
     before = whatif(app)
-    assert "Sensitivity map" in " ".join(figures(app))
+    # the curves the editor gets are the page's curves, compacted
+    [model_curves] = app.session_state["error_curves"].values()
+    assert predict(model_curves, editor_data(app)["hr"], editor_data(app)["fr"]).attn == \
+        pytest.approx(before.attn, rel=1e-4)
     from slimgpt_core.workspace.jobs import BOARD
     jobs = {j.id for j in BOARD._jobs}
-    app.slider(key="hr_0").set_value(0.75).run()
-    app.slider(key="fr_3").set_value(0.6).run()
+    edit_schedule(app, {("hr", 0): 0.75})
+    edit_schedule(app, {("fr", 3): 0.6})
     after = whatif(app)
     assert not app.exception
-    attn_before, attn_after = before["data"][0]["y"], after["data"][0]["y"]
-    assert attn_after[0] > attn_before[0]  # layer 0 lost more KV groups: its predicted attention error rose
-    assert after["data"][1]["y"][3] > before["data"][1]["y"][3]
-    assert attn_after[1:] == attn_before[1:]
+    assert after.attn[0] > before.attn[0]  # layer 0 lost more KV groups: its predicted attention error rose
+    assert after.mlp[3] > before.mlp[3]
+    assert after.attn[1:] == before.attn[1:]
     assert {j.id for j in BOARD._jobs} == jobs  # no job was started by the moves
 
 
-def test_auto_preset_searches_and_fills_the_sliders(app):
+def test_auto_preset_searches_and_fills_the_editor(app):
     prune_page(app)
     app.slider(key="target_ratio").set_value(0.5).run()
-    log_heads = [app.session_state[f"hr_{i}"] for i in range(5)]
+    log_heads = list(schedule_table(app)["heads ratio"])
     app.selectbox(key="preset").set_value("auto").run()
     app.number_input(key="auto_generations").set_value(3).run()
     button(app, "Search auto schedule").click().run()
@@ -51,16 +61,16 @@ def test_auto_preset_searches_and_fills_the_sliders(app):
     app.run()
     assert not app.exception
     result = job.result
-    sliders = [app.session_state[f"hr_{i}"] for i in range(5)]
-    assert sliders == [round(r, 4) for r in result.head_ratios]
-    assert [app.session_state[f"fr_{i}"] for i in range(5)] == [round(r, 4) for r in result.ffn_ratios]
-    assert sliders != log_heads or result.start.startswith("log")
+    heads = list(schedule_table(app)["heads ratio"])
+    assert heads == [round(r, 4) for r in result.head_ratios] == editor_data(app)["hr"]
+    assert list(schedule_table(app)["FFN ratio"]) == [round(r, 4) for r in result.ffn_ratios]
+    assert heads != log_heads or result.start.startswith("log")
     assert any(t.startswith("Auto schedule search") for t in figures(app))
-    app.slider(key="hr_1").set_value(0.0).run()  # still editable
-    assert app.session_state["hr_1"] == 0.0 and not app.exception
+    edit_schedule(app, {("hr", 1): 0.0})  # still editable
+    assert app.session_state["schedule"]["hr"][1] == 0.0 and not app.exception
     app.slider(key="target_ratio").set_value(0.3).run()  # a new target needs a new search: log at 0.3 until then
     from slimgpt_core.schedules.schedule import layer_ratios
-    assert [app.session_state[f"hr_{i}"] for i in range(5)] == [round(r, 4) for r in layer_ratios(5, 0.3, "log")]
+    assert list(schedule_table(app)["heads ratio"]) == [round(r, 4) for r in layer_ratios(5, 0.3, "log")]
 
 
 def test_inspect_overlays_predicted_and_measured(app):

@@ -18,6 +18,7 @@ from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 from streamlit.runtime.forward_msg_queue import ForwardMsgQueue
 
 from browser import browser_page, go, open_calibration, set_number, studio_server, wait_idle
+from test_app import edit_schedule, editor_data, schedule_table
 
 
 class LateFlush:
@@ -75,6 +76,11 @@ def on_screen(page, label: str) -> float:
     return float(page.locator(f"input[type='range'][aria-label='{label}']").input_value())
 
 
+def bar_on_screen(page, kind: str, layer: int) -> float:
+    """The ratio the schedule editor holds for a layer's heads (hr) or FFN (fr) bar."""
+    return float(page.locator(f".se-hit[data-kind='{kind}'][data-layer='{layer}']").get_attribute("data-ratio"))
+
+
 def test_schedule_survives_a_rerun_that_drops_the_first_prune_run(tmp_path):
     late = LateFlush("Samples")
     with studio_server() as url, browser_page() as page:
@@ -100,11 +106,11 @@ def test_schedule_survives_a_rerun_that_drops_the_first_prune_run(tmp_path):
         wait_idle(page)
         set_number(page, "Sequence length", 64)  # one more interaction: the browser sends every widget's value
 
-        heads = [on_screen(page, f"layer {i} heads") for i in range(5)]
-        ffn = [on_screen(page, f"layer {i} FFN") for i in range(5)]
+        heads = [bar_on_screen(page, "hr", i) for i in range(5)]
+        ffn = [bar_on_screen(page, "fr", i) for i in range(5)]
         requested = page.locator("[data-testid='stMetric']").filter(has_text="Requested mean").inner_text()
         # the browser shows the schedule the page was given (the log preset for the default mean 0.2), and the
-        # label describes the schedule on screen (up to the sliders' 0.01 steps)
+        # label describes the schedule on screen
         assert on_screen(page, "Target mean ratio") == 0.2
         assert min(heads + ffn) > 0 and heads == sorted(heads), (heads, ffn)
         assert abs(float(requested.split()[-1].rstrip("%")) / 100 - sum(heads + ffn) / 10) < 0.005, (requested, heads)
@@ -131,18 +137,19 @@ def test_every_schedule_widget_is_handed_its_value_on_every_run(tmp_path, monkey
     next(b for b in at.button if b.label == "Load model").click().run()
     at.switch_page("pages/prune.py").run()
     at.slider(key="target_ratio").set_value(0.3).run()
-    at.slider(key="hr_2").set_value(0.5).run()
+    edit_schedule(at, {("hr", 2): 0.5})
     at.run()
     widgets = [at.slider(key="target_ratio"), at.number_input(key="shape"), at.selectbox(key="preset"),
-               at.checkbox(key="separate")] + [at.slider(key=f"{k}_{i}") for k in ("hr", "fr") for i in range(5)]
+               at.checkbox(key="separate")]
     assert all(w.proto.set_value for w in widgets), [w.key for w in widgets if not w.proto.set_value]
-    shown = [at.slider(key=f"hr_{i}").value for i in range(5)]
+    shown = list(schedule_table(at)["heads ratio"])
     assert shown[2] == 0.5 and min(shown) > 0
+    assert editor_data(at)["hr"] == shown  # the editor's message carries the schedule in every run
     at.switch_page("pages/evaluate.py").run()
     at.switch_page("pages/prune.py").run()
     assert not at.exception
     assert at.slider(key="target_ratio").value == 0.3
-    assert [at.slider(key=f"hr_{i}").value for i in range(5)] == shown
+    assert list(schedule_table(at)["heads ratio"]) == shown == editor_data(at)["hr"]
     requested = {m.label: m.value for m in at.metric}["Requested mean"]
-    ffn = [at.slider(key=f"fr_{i}").value for i in range(5)]
+    ffn = editor_data(at)["fr"]
     assert requested == f"{sum(shown + ffn) / 10:.1%}"

@@ -129,7 +129,7 @@ def test_every_schedule_widget_is_handed_its_value_on_every_run(tmp_path, monkey
     at.run()
     at.radio(key="model_source").set_value("stories260k (tiny, offline)").run()
     next(b for b in at.button if b.label == "Load model").click().run()
-    at.switch_page("pages/prune.py").run()
+    at.switch_page("studio_pages/prune.py").run()
     at.slider(key="target_ratio").set_value(0.3).run()
     at.slider(key="hr_2").set_value(0.5).run()
     at.run()
@@ -138,8 +138,8 @@ def test_every_schedule_widget_is_handed_its_value_on_every_run(tmp_path, monkey
     assert all(w.proto.set_value for w in widgets), [w.key for w in widgets if not w.proto.set_value]
     shown = [at.slider(key=f"hr_{i}").value for i in range(5)]
     assert shown[2] == 0.5 and min(shown) > 0
-    at.switch_page("pages/evaluate.py").run()
-    at.switch_page("pages/prune.py").run()
+    at.switch_page("studio_pages/evaluate.py").run()
+    at.switch_page("studio_pages/prune.py").run()
     assert not at.exception
     assert at.slider(key="target_ratio").value == 0.3
     assert [at.slider(key=f"hr_{i}").value for i in range(5)] == shown

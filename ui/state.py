@@ -9,16 +9,19 @@ from __future__ import annotations
 from typing import Callable
 
 import streamlit as st
+from streamlit import runtime
 
 from slimgpt_core.workspace import store as workspace
 from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.events import PruneReport
-from slimgpt_core.workspace.jobs import BOARD, Job
+from slimgpt_core.workspace.jobs import BOARD, Job, stop_promptly_on_signals
 from slimgpt_core.workspace.model_pool import POOL
 from slimgpt_core.models import LoadedModel
 
 
 def init_state() -> None:
+    if runtime.exists():  # a server (not a test harness): its main thread's loop installs the stop handlers
+        runtime.get_instance().stopped.get_loop().call_soon_threadsafe(stop_promptly_on_signals)
     ss = st.session_state
     if ss.get("model_spec") is None:
         remembered = workspace.recall("model_spec")

@@ -107,3 +107,32 @@ def test_a_running_job_is_cancelled_cleanly_when_the_studio_stops(tmp_path):
     # nothing half-written: no temporary entry left in the cache or the workspace
     leftovers = [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
     assert leftovers == []
+
+
+# every navigation link's text (its icon's ligature left out), recorded from the first paint on
+NAV_RECORDER = """
+window.__navTexts = [];
+const record = () => {
+  for (const link of document.querySelectorAll("a[data-testid='stSidebarNavLink'], a[data-testid='stTopNavLink']")) {
+    const copy = link.cloneNode(true);
+    copy.querySelectorAll("[data-testid='stIconMaterial']").forEach(icon => icon.remove());
+    const text = copy.textContent.trim();
+    if (!window.__navTexts.includes(text)) window.__navTexts.push(text);
+  }
+};
+new MutationObserver(record).observe(document, {childList: true, subtree: true, characterData: true});
+"""
+
+
+@pytest.mark.parametrize("path,heading", [("", "Model"), ("runs", "Runs")], ids=["root", "runs"])
+def test_the_first_visitor_after_a_start_sees_titles_and_the_wide_layout(tmp_path, path, heading):
+    with studio_process(tmp_path) as (proc, url, log), browser_page() as page:
+        page.add_init_script(NAV_RECORDER)
+        page.goto(f"{url}/{path}")
+        page.get_by_role("heading", name=heading).first.wait_for()
+        wait_idle(page)
+        page.wait_for_timeout(1000)
+        shown = page.evaluate("window.__navTexts")
+        assert shown == TITLES  # never a file name, from the first paint on, in the order of app.py
+        width = page.locator("[data-testid='stMainBlockContainer']").bounding_box()["width"]
+        assert width > 1000, f"main column {width:.0f} px wide in a 1440 px window: not the wide layout"

@@ -65,3 +65,42 @@ def test_every_layer_axis_heatmap_puts_layer_0_at_the_top():
             ref = trace.yaxis or "y"
             axis = fig.layout[f"yaxis{ref[1:]}"]
             assert axis.autorange == "reversed", f"{name}: layer 0 at the bottom of {ref}"
+
+
+# --- the Model page says what to do next ------------------------------------------------------------------------
+
+def test_the_model_page_links_to_the_next_steps_once_a_model_is_loaded(app):
+    assert not app.get("page_link")  # nothing to go on with before a model is loaded
+    load_stories(app)
+    links = {link.proto.page: link.proto.label for link in app.get("page_link")}
+    assert set(links) == {"prune", "shear", "evaluate"}, links  # the pages' URL names under st.navigation
+    assert "Prune" in links["prune"] and "Shear" in links["shear"] and "Evaluate" in links["evaluate"]
+
+
+# --- the Runs page keeps the run the user works on ----------------------------------------------------------------
+
+def two_runs() -> list[str]:
+    from slimgpt_core.methods.prune_settings import PruneSettings
+    from slimgpt_core.studio import prune_to_workspace
+    from slimgpt_core.workspace.model_pool import POOL
+
+    loaded = POOL.get("stories260k", "auto", "auto")
+    return [prune_to_workspace(loaded, PruneSettings(ratio=r), "tinystories", 4, 32).name for r in (0.2, 0.4)]
+
+
+def test_saving_a_label_or_renaming_keeps_that_run_chosen(app):
+    older, newer = two_runs()
+    app.session_state["current_run"] = newer  # the run the other pages show: the selector's default
+    app.switch_page("studio_pages/runs.py").run()
+    assert app.selectbox(key="runs_pick").value == newer
+    app.selectbox(key="runs_pick").set_value(older).run()
+    app.text_input(key=f"label_{older}").input("baseline for the paper")
+    button(app, "Save label and notes").click().run()
+    assert not app.exception
+    assert app.selectbox(key="runs_pick").value == older
+    assert "baseline for the paper" in app.selectbox(key="runs_pick").format_func(older)  # its new title shown
+    app.text_input(key=f"rename_{older}").input("paper-baseline").run()
+    button(app, "Rename").click().run()
+    assert not app.exception
+    assert app.selectbox(key="runs_pick").value == "paper-baseline"
+    assert "(paper-baseline)" in app.selectbox(key="runs_pick").format_func("paper-baseline")

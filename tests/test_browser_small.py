@@ -136,3 +136,32 @@ def test_the_first_visitor_after_a_start_sees_titles_and_the_wide_layout(tmp_pat
         assert shown == TITLES  # never a file name, from the first paint on, in the order of app.py
         width = page.locator("[data-testid='stMainBlockContainer']").bounding_box()["width"]
         assert width > 1000, f"main column {width:.0f} px wide in a 1440 px window: not the wide layout"
+
+
+def test_saving_a_label_keeps_that_run_chosen_in_the_browser(tmp_path, monkeypatch):
+    """The selector's value reached the browser as the run's title, which the label is part of."""
+    from slimgpt_core.methods.prune_settings import PruneSettings
+    from slimgpt_core.studio import prune_to_workspace
+    from slimgpt_core.workspace.model_pool import POOL
+
+    monkeypatch.setenv("SLIMGPT_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
+    loaded = POOL.get("stories260k", "auto", "auto")
+    older, newer = (prune_to_workspace(loaded, PruneSettings(ratio=r), "tinystories", 4, 32) for r in (0.2, 0.4))
+    with studio_process(tmp_path) as (proc, url, log), browser_page() as page:
+        page.goto(f"{url}/runs")
+        page.get_by_role("heading", name="Runs").first.wait_for()
+        wait_idle(page)
+        picker = page.locator("[data-testid='stSelectbox']").filter(has_text="Run")
+        picker.click()
+        page.get_by_role("option", name=older.title).click()
+        wait_idle(page)
+        page.wait_for_function("document.querySelectorAll(\"input[aria-label='Label']\").length === 1")
+        page.get_by_label("Label", exact=True).fill("baseline for the paper")
+        page.get_by_role("button", name="Save label and notes").click()
+        wait_idle(page)
+        page.wait_for_timeout(1000)
+        wait_idle(page)
+        chosen = page.locator("[data-testid='stCaptionContainer']").filter(has_text="stored measurement").text_content()
+        assert chosen.startswith(f"baseline for the paper ({older.name}) · "), chosen  # the chosen run's facts
+        assert page.get_by_label("Label", exact=True).input_value() == "baseline for the paper"

@@ -104,3 +104,45 @@ def test_saving_a_label_or_renaming_keeps_that_run_chosen(app):
     assert not app.exception
     assert app.selectbox(key="runs_pick").value == "paper-baseline"
     assert "(paper-baseline)" in app.selectbox(key="runs_pick").format_func("paper-baseline")
+
+
+# --- alerts belong to the job that caused them -------------------------------------------------------------------
+
+def test_a_failed_evaluation_alert_is_dismissed_and_replaced_by_the_next_run(app):
+    load_stories(app)
+    app.switch_page("studio_pages/evaluate.py").run()
+    app.number_input(key="eval_seqlen").set_value(1024).run()  # longer than stories260k's context of 512
+    button(app, "Evaluate").click().run()
+    BOARD.latest("eval").wait(120)
+    app.run()
+    assert [e.value for e in app.error] == ["evaluation length 1024 exceeds the model's context of 512 tokens"]
+    button(app, "Dismiss").click().run()
+    assert not app.error and not [b for b in app.button if b.label == "Dismiss"]
+    app.number_input(key="eval_seqlen").set_value(1000).run()
+    button(app, "Evaluate").click().run()
+    BOARD.latest("eval").wait(120)
+    app.run()
+    assert [e.value for e in app.error] == ["evaluation length 1000 exceeds the model's context of 512 tokens"]
+    app.number_input(key="eval_seqlen").set_value(64).run()  # the cause fixed: the next run replaces the alert
+    app.number_input(key="eval_windows").set_value(2).run()
+    button(app, "Evaluate").click().run()
+    settle(app, "eval")
+    assert not app.error and not app.warning
+
+
+def test_an_old_cancelled_job_says_nothing_to_a_new_session(app):
+    from slimgpt_core.errors import PruningCancelled
+    from streamlit.testing.v1 import AppTest
+
+    from conftest import ROOT
+
+    def cancelled(callback, should_stop):
+        raise PruningCancelled()
+
+    load_stories(app)
+    BOARD.submit("eval", cancelled, heavy=False).wait(10)  # cancelled before this session ever looked
+    fresh = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    fresh.run()
+    fresh.switch_page("studio_pages/evaluate.py").run()
+    assert not fresh.exception
+    assert not [w.value for w in fresh.warning if w.value == "Cancelled."]

@@ -34,14 +34,14 @@ def test_one_click_reuses_the_prune_pages_run_and_draws_the_story(app):
     from slimgpt_core.workspace.store import list_runs
 
     load_stories(app)
-    app.switch_page("pages/prune.py").run()
+    app.switch_page("studio_pages/prune.py").run()
     small_calibration(app)  # c4, 8 × 64, seed 0: the demo's calibration below
     app.slider(key="target_ratio").set_value(0.3).run()
     button(app, "Start pruning").click().run()
     settle(app, "prune")
     [made_on_prune_page] = list_runs()
 
-    app.switch_page("pages/accumulation.py").run()
+    app.switch_page("studio_pages/accumulation.py").run()
     assert app.slider(key="acc_ratio").value == 0.3  # the Prune page's budget
     small_demo(app)
     to_prune = "to prune: dense inputs, log, sequential, uniform, dense inputs, uniform"
@@ -99,7 +99,7 @@ def test_one_click_reuses_the_prune_pages_run_and_draws_the_story(app):
 
     # the same run in the same colour on Inspect and Side by side; its twin dashed under it
     pair = [result.runs["slimgpt"], result.runs["twin"]]
-    app.switch_page("pages/inspect_runs.py").run()
+    app.switch_page("studio_pages/inspect_runs.py").run()
     app.multiselect(key="inspect_runs").set_value(pair).run()
     robust = figures(app)["Accumulated error along depth · outlier-robust"]
     assert [t["name"] for t in robust["data"]] == [infos[pair[1]].title, infos[pair[0]].title]
@@ -111,7 +111,7 @@ def test_one_click_reuses_the_prune_pages_run_and_draws_the_story(app):
     app.radio(key="inspect_scale").set_value("raw (calibration)").run()
     calib = traces(figures(app)["Accumulated error along depth"])
     assert calib[infos[pair[0]].title]["line"]["color"] == lines[titles["slimgpt"]]["line"]["color"]
-    app.switch_page("pages/side_by_side.py").run()
+    app.switch_page("studio_pages/side_by_side.py").run()
     app.multiselect(key="sbs_runs").set_value(pair).run()
     sbs = traces(figures(app)["Accumulated error along depth"])
     assert sbs[infos[pair[0]].title]["line"]["color"] == lines[titles["slimgpt"]]["line"]["color"]
@@ -120,7 +120,7 @@ def test_one_click_reuses_the_prune_pages_run_and_draws_the_story(app):
 
 def test_presenter_mode_shows_one_chart_per_screen_in_large_type(app):
     load_stories(app)
-    app.switch_page("pages/accumulation.py").run()
+    app.switch_page("studio_pages/accumulation.py").run()
     small_demo(app, uniform_twin=False)
     button(app, "Run the demo").click().run()
     settle(app, "accumulation")

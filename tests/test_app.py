@@ -89,9 +89,9 @@ def test_model_page_offline_hub_id_is_a_readable_error(app):
 
 
 def test_pages_without_a_model_or_run_say_what_to_do(app):
-    for page, text in (("pages/prune.py", "Load a model"), ("pages/inspect_runs.py", "No runs yet"),
-                       ("pages/evaluate.py", "Load a model"), ("pages/export.py", "No runs yet"),
-                       ("pages/compare.py", "Load a model")):
+    for page, text in (("studio_pages/prune.py", "Load a model"), ("studio_pages/inspect_runs.py", "No runs yet"),
+                       ("studio_pages/evaluate.py", "Load a model"), ("studio_pages/export.py", "No runs yet"),
+                       ("studio_pages/compare.py", "Load a model")):
         app.switch_page(page).run()
         assert not app.exception
         assert any(text in i.value for i in app.info), page
@@ -107,7 +107,7 @@ def _decoder_layer_parameters(config, heads: int, kv_heads: int, ffn: int) -> in
 
 def test_schedule_editor_presets_table_and_preview(app):
     load_stories(app)
-    app.switch_page("pages/prune.py").run()
+    app.switch_page("studio_pages/prune.py").run()
     assert len(schedule_table(app)) == 5  # one row per layer
     before = list(schedule_table(app)["heads ratio"])
     assert before == sorted(before) and before[0] < before[-1]  # log increase
@@ -166,7 +166,7 @@ def test_schedule_editor_presets_table_and_preview(app):
 
 def test_prune_run_produces_live_charts_and_heatmap(app):
     load_stories(app)
-    app.switch_page("pages/prune.py").run()
+    app.switch_page("studio_pages/prune.py").run()
     small_calibration(app)
     button(app, "Start pruning").click().run()
     settle(app, "prune")
@@ -219,7 +219,7 @@ def test_head_importance_preview_marks_what_the_schedule_removes(app):
     from slimgpt_core.data import calibration_tokens
     from slimgpt_core.models import load_model
     load_stories(app)
-    app.switch_page("pages/prune.py").run()
+    app.switch_page("studio_pages/prune.py").run()
     small_calibration(app)
     button(app, "Compute head importance").click().run()
     settle(app, "stats")
@@ -249,12 +249,12 @@ def test_head_importance_preview_marks_what_the_schedule_removes(app):
 
 def test_inspect_evaluate_export(app, tmp_path):
     load_stories(app)
-    app.switch_page("pages/prune.py").run()
+    app.switch_page("studio_pages/prune.py").run()
     small_calibration(app)
     button(app, "Start pruning").click().run()
     settle(app, "prune")
     # Inspect: a dense-input twin, overlaid
-    app.switch_page("pages/inspect_runs.py").run()
+    app.switch_page("studio_pages/inspect_runs.py").run()
     assert not app.exception
     button(app, "Run its twin with dense inputs").click().run()
     settle(app, "twin")
@@ -266,7 +266,7 @@ def test_inspect_evaluate_export(app, tmp_path):
     app.slider(key="detail_layer").set_value(4).run()
     assert any(t.startswith("Layer 4: FFN channel scores") for t in figures(app))
     # Evaluate: dense and pruned side by side; what the user just made (the twin) and its source are preselected
-    app.switch_page("pages/evaluate.py").run()
+    app.switch_page("studio_pages/evaluate.py").run()
     twin, first = list_runs()
     assert app.multiselect(key="eval_runs").value == [twin.name, first.name]
     app.selectbox(key="eval_ppl").set_value("tinystories").run()
@@ -292,7 +292,7 @@ def test_inspect_evaluate_export(app, tmp_path):
     dense = read_evaluations(dense_evaluations_folder("stories260k"))
     assert [e["kind"] for e in dense] == ["perplexity", "task"]
     # Export: folder, zip, model card
-    app.switch_page("pages/export.py").run()
+    app.switch_page("studio_pages/export.py").run()
     app.text_input(key="export_folder").set_value(str(tmp_path / "exported")).run()
     button(app, "Export").click().run()
     settle(app, "export")
@@ -330,7 +330,7 @@ def test_jobs_cancel_and_fail_cleanly():
 
 def test_compare_page_runs_a_grid(app):
     load_stories(app)
-    app.switch_page("pages/compare.py").run()
+    app.switch_page("studio_pages/compare.py").run()
     assert not app.exception
     app.multiselect(key="cmp_variants").set_value(["slimgpt", "magnitude"]).run()
     app.multiselect(key="cmp_ratios").set_value([0.3]).run()
@@ -359,7 +359,7 @@ def test_a_second_tab_reattaches_to_a_queued_then_running_job(app, tmp_path):
     blocker = BOARD.submit("stats", lambda callback=None, should_stop=None: hold.wait(60), job_label="blocker")
     try:
         load_stories(app)
-        app.switch_page("pages/prune.py").run()
+        app.switch_page("studio_pages/prune.py").run()
         small_calibration(app)
         button(app, "Start pruning").click().run()
         prune_job = BOARD.latest("prune")
@@ -368,7 +368,7 @@ def test_a_second_tab_reattaches_to_a_queued_then_running_job(app, tmp_path):
         other.run()
         assert other.session_state["model_spec"] == ("stories260k", "auto", "auto")  # remembered, not re-chosen
         assert "queued" in other.sidebar.caption[-2].value or any("queued" in c.value for c in other.sidebar.caption)
-        other.switch_page("pages/prune.py").run()
+        other.switch_page("studio_pages/prune.py").run()
         assert any(b.label == "Cancel" for b in other.button)
         assert any("queued" in str(p.proto) for p in other.get("progress"))
     finally:
@@ -388,12 +388,12 @@ def test_recover_page_makes_a_new_run_with_live_loss_and_perplexities(app):
     from slimgpt_core.workspace.store import list_runs
 
     load_stories(app)
-    app.switch_page("pages/prune.py").run()
+    app.switch_page("studio_pages/prune.py").run()
     small_calibration(app)
     button(app, "Start pruning").click().run()
     settle(app, "prune")
     [pruned] = list_runs()
-    app.switch_page("pages/recover.py").run()
+    app.switch_page("studio_pages/recover.py").run()
     assert app.selectbox(key="rec_run").value == pruned.name  # what the user just made
     app.number_input(key="rec_steps").set_value(4).run()
     app.selectbox(key="rec_data").set_value("tinystories").run()

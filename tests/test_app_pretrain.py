@@ -14,7 +14,7 @@ def pruned_run(at):
     from slimgpt_core.workspace.store import list_runs
 
     load_stories(at)
-    at.switch_page("pages/prune.py").run()
+    at.switch_page("studio_pages/prune.py").run()
     small_calibration(at)
     button(at, "Start pruning").click().run()
     settle(at, "prune")
@@ -36,7 +36,7 @@ def test_a_distilled_dynamic_mix_job_becomes_a_run_with_its_curves(app):
     from slimgpt_core.workspace.store import list_runs
 
     source = pruned_run(app)
-    app.switch_page("pages/pretrain.py").run()
+    app.switch_page("studio_pages/pretrain.py").run()
     assert not app.exception
     assert app.selectbox(key="pretrain_source").value == source.name  # what the user just made
     assert any("stories260k" in c.value for c in app.caption)  # the reference named
@@ -47,10 +47,10 @@ def test_a_distilled_dynamic_mix_job_becomes_a_run_with_its_curves(app):
     trained, first = list_runs()
     assert first.name == source.name and trained.summary["source_run"] == source.name
     assert trained.summary["trained"] == ["pretrain"] and first.summary["trained"] == []
-    app.switch_page("pages/runs.py").run()
+    app.switch_page("studio_pages/runs.py").run()
     methods = dict(zip(app.dataframe[0].value["run"], app.dataframe[0].value["method"]))
     assert methods == {trained.name: "slimgpt + pretrain", source.name: "slimgpt"}
-    app.switch_page("pages/pretrain.py").run()
+    app.switch_page("studio_pages/pretrain.py").run()
     assert app.session_state["current_run"] == trained.name
     assert "Saved as run" in app.success[0].value
     record = PruneReport.load(trained.path / "report.json").pretrain
@@ -78,7 +78,7 @@ def test_no_domain_is_one_sentence_and_starts_nothing(app):
     from slimgpt_core.workspace.jobs import BOARD
 
     pruned_run(app)
-    app.switch_page("pages/pretrain.py").run()
+    app.switch_page("studio_pages/pretrain.py").run()
     app.multiselect(key="pretrain_data").set_value([]).run()
     button(app, "Start continued pre-training").click().run()
     assert [e.value for e in app.error] == ["choose at least one domain"]
@@ -90,7 +90,7 @@ def test_cancel_from_another_session_writes_nothing(app):
     from slimgpt_core.workspace.store import list_runs
 
     source = pruned_run(app)
-    app.switch_page("pages/pretrain.py").run()
+    app.switch_page("studio_pages/pretrain.py").run()
     small_job(app, steps=500, ppl_windows=0)
     button(app, "Start continued pre-training").click().run()
     job = BOARD.latest("pretrain")
@@ -100,7 +100,7 @@ def test_cancel_from_another_session_writes_nothing(app):
         threading.Event().wait(0.1)
     other = AppTest.from_file(APP, default_timeout=300)
     other.run()
-    other.switch_page("pages/pretrain.py").run()
+    other.switch_page("studio_pages/pretrain.py").run()
     button(other, "Cancel continued pre-training").click().run()
     assert job.wait(120).state == "cancelled"
     assert sum(getattr(e, "kind", "") == "pretrain-step" for e in job.events) < 500

@@ -15,7 +15,7 @@ APP = str(ROOT / "app.py")
 
 
 def prune_page(at) -> AppTest:
-    at.switch_page("pages/prune.py").run()
+    at.switch_page("studio_pages/prune.py").run()
     assert not at.exception, at.exception
     return at
 
@@ -39,7 +39,7 @@ def test_settings_survive_page_switches_reloads_and_restarts(app, tmp_path):
     app.number_input(key="seed").set_value(3).run()
     app.slider(key="target_ratio").set_value(0.3).run()
     app.checkbox(key="dense_inputs").check().run()
-    app.switch_page("pages/runs.py").run()
+    app.switch_page("studio_pages/runs.py").run()
     prune_page(app)
     assert app.number_input(key="nsamples").value == 8 and app.number_input(key="seqlen").value == 64
     assert app.slider(key="target_ratio").value == 0.3 and app.checkbox(key="dense_inputs").value

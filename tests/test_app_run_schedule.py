@@ -49,9 +49,9 @@ def test_run_schedule_replays_the_run_shape(surgeon_run):
 def test_copy_the_allocation_into_the_schedule_editor(app, surgeon_run):
     info, report, _ = surgeon_run
     load_stories(app)
-    app.switch_page("pages/prune.py").run()  # the editor starts from its log preset
+    app.switch_page("studio_pages/prune.py").run()  # the editor starts from its log preset
     log_preset = list(schedule_table(app)["heads ratio"])
-    app.switch_page("pages/inspect_runs.py").run()
+    app.switch_page("studio_pages/inspect_runs.py").run()
     app.selectbox(key="detail_run").set_value(info.name).run()
     assert not app.exception
     assert "Pruning ratio per layer" in figures(app)
@@ -59,7 +59,7 @@ def test_copy_the_allocation_into_the_schedule_editor(app, surgeon_run):
     assert list(table["FFN kept"]) == report.shots[-1].keep_ffn
     button(app, "Copy into the schedule editor").click().run()
     assert any("hold the allocation" in s.value for s in app.success)
-    app.switch_page("pages/prune.py").run()
+    app.switch_page("studio_pages/prune.py").run()
     assert not app.exception
     heads = list(schedule_table(app)["heads ratio"])
     ffn = list(schedule_table(app)["FFN ratio"])

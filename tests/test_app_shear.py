@@ -35,7 +35,7 @@ def shown_parameters(at) -> int:
 
 def shear_page(at) -> AppTest:
     load_stories(at)
-    at.switch_page("pages/shear.py").run()
+    at.switch_page("studio_pages/shear.py").run()
     assert not at.exception
     return at
 
@@ -55,7 +55,7 @@ def small_job(at, steps: int, ppl_windows: int = 2) -> None:
 
 
 def test_without_a_model_or_run_the_page_says_what_to_do(app):
-    app.switch_page("pages/shear.py").run()
+    app.switch_page("studio_pages/shear.py").run()
     assert not app.exception
     assert any("Load a model" in i.value for i in app.info)
 
@@ -167,7 +167,7 @@ def test_a_shear_job_runs_live_in_a_second_session_and_becomes_a_run(app):
         assert job.queued and not app.error
         other = AppTest.from_file(APP, default_timeout=300)
         other.run()
-        other.switch_page("pages/shear.py").run()
+        other.switch_page("studio_pages/shear.py").run()
         assert any(b.label == "Cancel shear" for b in other.button)
         assert any("queued" in str(p.proto) for p in other.get("progress"))
     finally:
@@ -202,14 +202,14 @@ def test_a_shear_job_runs_live_in_a_second_session_and_becomes_a_run(app):
     lam = figs["Lagrange multipliers λ"]["data"]
     assert len(lam) == 10 and lam[0]["y"] == pytest.approx([e["lambdas"]["layers"][0] for e in history])
     # Runs, Evaluate and Export list it
-    other.switch_page("pages/runs.py").run()
+    other.switch_page("studio_pages/runs.py").run()
     assert run.name in list(other.dataframe[0].value["run"])
-    other.switch_page("pages/evaluate.py").run()
+    other.switch_page("studio_pages/evaluate.py").run()
     assert run.title in other.multiselect(key="eval_runs").options
-    other.switch_page("pages/export.py").run()
+    other.switch_page("studio_pages/export.py").run()
     assert not other.exception
     # its shape can be copied as a target, and the run itself sheared further (read from disk, not changed)
-    other.switch_page("pages/shear.py").run()
+    other.switch_page("studio_pages/shear.py").run()
     other.radio(key="shear_mode").set_value("Copy the shape of").run()
     assert other.selectbox(key="shear_copy_from").value == run.name and shown_parameters(other) == promised
     other.radio(key="shear_mode").set_value("Set the counts").run()
@@ -240,7 +240,7 @@ def test_cancel_from_another_session_writes_nothing(app):
         threading.Event().wait(0.1)
     other = AppTest.from_file(APP, default_timeout=300)
     other.run()
-    other.switch_page("pages/shear.py").run()
+    other.switch_page("studio_pages/shear.py").run()
     button(other, "Cancel shear").click().run()
     assert job.wait(120).state == "cancelled"
     assert sum(e.kind == "shear" for e in job.events) < 300  # stopped between steps, not at the end

@@ -18,7 +18,7 @@ def whatif(at):
 
 def prune_page(at) -> AppTest:
     load_stories(at)
-    at.switch_page("pages/prune.py").run()
+    at.switch_page("studio_pages/prune.py").run()
     assert not at.exception
     small_calibration(at)
     return at
@@ -80,7 +80,7 @@ def test_inspect_overlays_predicted_and_measured(app):
     app.slider(key="target_ratio").set_value(0.4).run()
     button(app, "Start pruning").click().run()
     settle(app, "prune")
-    app.switch_page("pages/inspect_runs.py").run()
+    app.switch_page("studio_pages/inspect_runs.py").run()
     assert not app.exception
     figs = figures(app)
     spec = next(s for t, s in figs.items() if t.startswith("Predicted error per layer"))

@@ -135,7 +135,7 @@ def test_every_schedule_widget_is_handed_its_value_on_every_run(tmp_path, monkey
     at.run()
     at.radio(key="model_source").set_value("stories260k (tiny, offline)").run()
     next(b for b in at.button if b.label == "Load model").click().run()
-    at.switch_page("pages/prune.py").run()
+    at.switch_page("studio_pages/prune.py").run()
     at.slider(key="target_ratio").set_value(0.3).run()
     edit_schedule(at, {("hr", 2): 0.5})
     at.run()
@@ -145,8 +145,8 @@ def test_every_schedule_widget_is_handed_its_value_on_every_run(tmp_path, monkey
     shown = list(schedule_table(at)["heads ratio"])
     assert shown[2] == 0.5 and min(shown) > 0
     assert editor_data(at)["hr"] == shown  # the editor's message carries the schedule in every run
-    at.switch_page("pages/evaluate.py").run()
-    at.switch_page("pages/prune.py").run()
+    at.switch_page("studio_pages/evaluate.py").run()
+    at.switch_page("studio_pages/prune.py").run()
     assert not at.exception
     assert at.slider(key="target_ratio").value == 0.3
     assert list(schedule_table(at)["heads ratio"]) == shown == editor_data(at)["hr"]

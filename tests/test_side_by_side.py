@@ -119,7 +119,7 @@ def test_generation_stops_when_asked_and_refuses_empty_prompts(workspace):
 
 
 def test_side_by_side_page(app, workspace):
-    app.switch_page("pages/side_by_side.py").run()
+    app.switch_page("studio_pages/side_by_side.py").run()
     assert not app.exception
     runs = workspace["runs"]
     app.multiselect(key="sbs_runs").set_value([runs["log 30%"].name, runs["uniform 30%"].name]).run()
@@ -158,7 +158,7 @@ def test_side_by_side_page(app, workspace):
 def test_generate_page_streams_one_column_per_model(app, workspace):
     from slimgpt_core.workspace.jobs import BOARD
     run = workspace["runs"]["log 30%"]
-    app.switch_page("pages/generate.py").run()
+    app.switch_page("studio_pages/generate.py").run()
     assert not app.exception
     app.multiselect(key="gen_runs").set_value([run.name]).run()
     app.text_area(key="gen_prompts").set_value(PROMPT).run()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Iterable, Sequence
 
 import plotly.graph_objects as go
@@ -146,7 +147,7 @@ def head_heatmap(scores: Sequence[Sequence[float]], removed: Sequence[Sequence[i
     label = f"{unit} ({heads_per_unit} query heads each)" if heads_per_unit > 1 else unit
     fig = _layout(fig, title, label, "layer")
     fig.update_xaxes(dtick=1)
-    fig.update_yaxes(autorange="reversed")
+    fig.update_yaxes(autorange="reversed")  # layer 0 at the top, read like a table
     return fig
 
 
@@ -184,19 +185,43 @@ def head_scores_bar(head) -> go.Figure:
                    log_y=True)
 
 
+def _wrapped(label: str, width: int = 24) -> str:
+    """A long label over several lines (the bars' axis stays narrow; distinct labels stay distinct)."""
+    return "<br>".join(textwrap.wrap(label, width, break_long_words=True, break_on_hyphens=False)) or label
+
+
+def _bar_height(n_bars: int, lines_per_bar: int = 1) -> int:
+    """Horizontal bars: enough height per bar for its label, so labels never overlap and never need rotating."""
+    return max(260, max(26, 15 * lines_per_bar + 8) * n_bars + 130)
+
+
 def evaluation_bars(results: Sequence, metric: str = "acc") -> go.Figure:
+    """One group of horizontal bars per task (one bar per model), task names on the y axis as written."""
     fig = go.Figure()
+    tasks = list(dict.fromkeys(t for res in results for t in res.tasks))
     for res in results:
-        tasks = list(res.tasks)
-        fig.add_bar(x=tasks, y=[res.tasks[t][metric] for t in tasks], name=res.label)
-    fig.update_layout(barmode="group")
-    return _layout(fig, f"Zero-shot {metric}", "task", metric)
+        names = [t for t in tasks if t in res.tasks]
+        fig.add_bar(y=names, x=[res.tasks[t][metric] for t in names], name=res.label, orientation="h",
+                    hovertemplate=f"{res.label}<br>%{{y}}: %{{x:.4f}}<extra></extra>")
+    fig = _layout(fig, f"Zero-shot {metric}", metric, "task")
+    fig.update_layout(barmode="group", height=_bar_height(len(tasks) * max(1, len(results))),
+                      legend=dict(orientation="h", y=-0.15))
+    fig.update_yaxes(autorange="reversed", automargin=True, tickangle=0)
+    return fig
 
 
 def perplexity_bars(results: Sequence) -> go.Figure:
-    fig = go.Figure(go.Bar(x=[r.label for r in results if r.perplexity],
-                           y=[r.perplexity["ppl"] for r in results if r.perplexity]))
-    return _layout(fig, "Perplexity (lower is better)", "model", "perplexity")
+    """One horizontal bar per model; long run names wrapped on the axis, whole on hover."""
+    measured = [r for r in results if r.perplexity]
+    labels = [_wrapped(r.label) for r in measured]
+    fig = go.Figure(go.Bar(y=labels, x=[r.perplexity["ppl"] for r in measured],
+                           orientation="h", customdata=[r.label for r in measured],
+                           hovertemplate="%{customdata}<br>perplexity %{x:.3f}<extra></extra>"))
+    fig = _layout(fig, "Perplexity (lower is better)", "perplexity", "model")
+    lines = max((label.count("<br>") + 1 for label in labels), default=1)
+    fig.update_layout(height=_bar_height(len(measured), lines))
+    fig.update_yaxes(autorange="reversed", automargin=True, tickangle=0)
+    return fig
 
 
 def whatif_errors(attn: Sequence[float], mlp: Sequence[float], measured_attn: Sequence[float] = (),
@@ -241,6 +266,7 @@ def sensitivity_map(ratios: Sequence[float], heads: Sequence[Sequence[float]], f
                       margin=dict(l=50, r=20, t=70, b=40))
     fig.update_xaxes(title_text="ratio removed")
     fig.update_yaxes(title_text="layer", row=1, col=1)
+    fig.update_yaxes(autorange="reversed")  # layer 0 at the top, as in every layer-axis heatmap here
     return fig
 
 

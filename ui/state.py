@@ -9,16 +9,19 @@ from __future__ import annotations
 from typing import Callable
 
 import streamlit as st
+from streamlit import runtime
 
 from slimgpt_core.workspace import store as workspace
 from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.events import PruneReport
-from slimgpt_core.workspace.jobs import BOARD, Job
+from slimgpt_core.workspace.jobs import BOARD, Job, stop_promptly_on_signals
 from slimgpt_core.workspace.model_pool import POOL
 from slimgpt_core.models import LoadedModel
 
 
 def init_state() -> None:
+    if runtime.exists():  # a server (not a test harness): its main thread's loop installs the stop handlers
+        runtime.get_instance().stopped.get_loop().call_soon_threadsafe(stop_promptly_on_signals)
     ss = st.session_state
     if ss.get("model_spec") is None:
         remembered = workspace.recall("model_spec")
@@ -26,6 +29,8 @@ def init_state() -> None:
     ss.setdefault("current_run", None)  # a run's folder name
     ss.setdefault("head_stats", {})  # key -> DenseStatistics (cheap to rebuild from the statistics cache)
     ss.setdefault("seen_jobs", set())  # ids of finished jobs whose result this session already took in
+    ss.setdefault("watched_jobs", set())  # ids of jobs this session started or saw unfinished
+    ss.setdefault("dismissed_jobs", set())  # ids of jobs whose failure or cancellation the user dismissed
 
 
 def load_dense_model(name: str, device: str, dtype: str) -> LoadedModel:
@@ -53,7 +58,23 @@ def job(kind: str) -> Job | None:
 
 
 def submit(kind: str, fn, *args, job_label: str = "", heavy: bool = True, **kwargs) -> Job:
-    return BOARD.submit(kind, fn, *args, job_label=job_label, heavy=heavy, **kwargs)
+    started = BOARD.submit(kind, fn, *args, job_label=job_label, heavy=heavy, **kwargs)
+    st.session_state["watched_jobs"].add(started.id)
+    return started
+
+
+def job_alert(j: Job, cancelled_text: str = "Cancelled.") -> None:
+    """A finished job's failure or cancellation, with a Dismiss button. It belongs to that job: shown only to the
+    sessions that started it or saw it running (an old job's alert is no news to a new tab), gone once dismissed,
+    and replaced when a newer job of its kind starts (pages draw only the newest)."""
+    ss = st.session_state
+    if j.state not in ("failed", "cancelled") or j.id not in ss["watched_jobs"] or j.id in ss["dismissed_jobs"]:
+        return
+    if j.state == "failed":
+        st.error(j.error)
+    else:
+        st.warning(cancelled_text)
+    st.button("Dismiss", key=f"dismiss_{j.id}", on_click=ss["dismissed_jobs"].add, args=(j.id,))
 
 
 def runs() -> dict[str, workspace.RunInfo]:
@@ -144,6 +165,7 @@ def live_fragment(view: Callable[[], None], *kinds: str) -> None:
 
 def job_progress(j: Job, cancel_label: str, key: str, n_steps: int | None = None) -> None:
     """A running or queued job's progress bar and its Cancel button."""
+    st.session_state["watched_jobs"].add(j.id)
     if j.queued:
         st.progress(0.0, text=f"queued behind {', '.join(o.name for o in BOARD.running() if not o.queued) or 'another job'}"
                               " · waits for its turn")
@@ -165,10 +187,7 @@ def finished_job(name: str, cancel_label: str):
     if j.running:
         job_progress(j, cancel_label, key=f"cancel_{name}")
         return None
-    if j.state == "failed":
-        st.error(j.error)
-    elif j.state == "cancelled":
-        st.warning("Cancelled.")
+    job_alert(j)
     return j if j.state == "done" else None
 
 

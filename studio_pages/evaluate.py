@@ -66,11 +66,11 @@ def show_results() -> None:
             row["KV KB/token"] = round(r.speed["kv_cache_kb_per_token"], 2)
         rows.append(row)
     st.dataframe(pd.DataFrame(rows), hide_index=True)
-    c1, c2 = st.columns(2)
+    # one chart per row: a half-width column crushed the bars and their labels
     if any(r.perplexity for r in results):
-        c1.plotly_chart(charts.perplexity_bars(results), key="eval_ppl_chart")
+        st.plotly_chart(charts.perplexity_bars(results), key="eval_ppl_chart")
     if any(r.tasks for r in results):
-        c2.plotly_chart(charts.evaluation_bars(results), key="eval_task_chart")
+        st.plotly_chart(charts.evaluation_bars(results), key="eval_task_chart")
 
 
 live_fragment(show_results, "eval")

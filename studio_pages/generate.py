@@ -3,7 +3,7 @@ column per model as the tokens come, with each model's tokens/s."""
 import streamlit as st
 
 from slimgpt_core.evaluation.generation import DEFAULT_PROMPTS, generate_side_by_side
-from ui.state import current_run, job, job_progress, live_fragment, require_model, runs, submit
+from ui.state import current_run, job, job_alert, job_progress, live_fragment, require_model, runs, submit
 
 st.title("Generate")
 loaded = require_model()
@@ -38,10 +38,8 @@ def show_generations() -> None:
     if gj.running:
         job_progress(gj, "Stop generating", "cancel_generate", len(started.models) * len(started.prompts)
                      if started else None)
-    elif gj.state == "failed":
-        st.error(gj.error)
-    elif gj.state == "cancelled":
-        st.warning("Stopped.")
+    else:
+        job_alert(gj, "Stopped.")
     if started is None:
         return
     latest = {(e.model, e.prompt): e for e in events if getattr(e, "kind", None) == "token"}

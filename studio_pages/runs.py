@@ -33,6 +33,8 @@ def row(r: workspace.RunInfo) -> dict:
 st.dataframe(pd.DataFrame([row(r) for r in listed]), hide_index=True, key="runs_table")
 names = [r.name for r in listed]
 by_name = {r.name: r for r in listed}
+if "runs_pick_next" in st.session_state:  # the run just relabelled or renamed stays chosen (its title changed)
+    st.session_state.runs_pick = st.session_state.pop("runs_pick_next")
 default = st.session_state.get("current_run")
 name = st.selectbox("Run", names, index=names.index(default) if default in names else 0, key="runs_pick",
                     format_func=lambda n: by_name[n].title)
@@ -54,6 +56,7 @@ with st.form(f"meta_{name}"):
     notes = st.text_area("Notes", run.notes, key=f"notes_{name}")
     if st.form_submit_button("Save label and notes") and not run.broken:
         workspace.update_meta(name, root, label=label, notes=notes)
+        st.session_state.runs_pick_next = name
         st.rerun()
 
 c1, c2 = st.columns(2)
@@ -67,6 +70,7 @@ with c1:
         else:
             POOL.forget(str(run.path))
             st.session_state.current_run = info.name
+            st.session_state.runs_pick_next = info.name
             st.rerun()
 with c2:
     sure = st.checkbox(f"Yes, delete **{name}** from disk", key=f"sure_{name}")

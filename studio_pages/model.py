@@ -49,3 +49,9 @@ if loaded is not None:
                f"{info.dtype} · decoder layers hold {info.layer_parameters / 1e6:.2f} M parameters · {info.path}")
     if info.kv_heads < info.heads:
         st.info(f"Grouped-query attention: heads are pruned in whole KV groups of {info.heads // info.kv_heads}.")
+    st.markdown("**Next step**")
+    n1, n2, n3 = st.columns(3)
+    n1.page_link("studio_pages/prune.py", label="Prune it: heads and FFN channels, layer by layer",
+                 icon=":material/content_cut:")
+    n2.page_link("studio_pages/shear.py", label="Shear it to a target shape", icon=":material/compress:")
+    n3.page_link("studio_pages/evaluate.py", label="Evaluate the dense model first", icon=":material/leaderboard:")

@@ -4,7 +4,8 @@ import streamlit as st
 from slimgpt_core.training.recover import RecoverSettings
 from slimgpt_core.studio import recover_to_workspace
 from ui import training_charts
-from ui.state import current_model, current_run, job, job_progress, live_fragment, require_runs, submit, take_result
+from ui.state import (current_model, current_run, job, job_alert, job_progress, live_fragment, require_runs, submit,
+                      take_result)
 
 st.title("Recover")
 st.caption("LoRA through peft on q/k/v/o and gate/up/down, the SlimGPT paper's recipe by default (r 8, α 16, "
@@ -59,10 +60,8 @@ def live() -> None:
                        f"{s.tokens_per_s:.0f} tokens/s · ETA {s.eta_s:.0f} s")
         elif phases:
             st.caption(f"**{j.label}** · {phases[-1].phase}")
-    elif j.state == "failed":
-        st.error(j.error)
-    elif j.state == "cancelled":
-        st.warning("Recovery was cancelled: nothing was written.")
+    else:
+        job_alert(j, "Recovery was cancelled: nothing was written.")
     if steps_done or heldout:
         st.plotly_chart(training_charts.loss_curve(steps_done, heldout), key="rec_loss")
     if j.state == "done":

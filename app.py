@@ -23,6 +23,6 @@ page = st.navigation([
     st.Page("studio_pages/generate.py", title="Generate", icon=":material/chat:"),
     st.Page("studio_pages/compare.py", title="Compare", icon=":material/compare:"),
     st.Page("studio_pages/export.py", title="Export", icon=":material/download:"),
-])
+], expanded=True)  # every page listed: collapsed, the navigation hides the last ones behind "View more"
 sidebar()
 page.run()

@@ -59,7 +59,7 @@ def job(kind: str) -> Job | None:
 
 def submit(kind: str, fn, *args, job_label: str = "", heavy: bool = True, **kwargs) -> Job:
     started = BOARD.submit(kind, fn, *args, job_label=job_label, heavy=heavy, **kwargs)
-    st.session_state["watched_jobs"].add(started.id)
+    st.session_state.setdefault("watched_jobs", set()).add(started.id)  # also on pages that skip init_state
     return started
 
 
@@ -68,7 +68,8 @@ def job_alert(j: Job, cancelled_text: str = "Cancelled.") -> None:
     sessions that started it or saw it running (an old job's alert is no news to a new tab), gone once dismissed,
     and replaced when a newer job of its kind starts (pages draw only the newest)."""
     ss = st.session_state
-    if j.state not in ("failed", "cancelled") or j.id not in ss["watched_jobs"] or j.id in ss["dismissed_jobs"]:
+    if (j.state not in ("failed", "cancelled") or j.id not in ss.setdefault("watched_jobs", set())
+            or j.id in ss.setdefault("dismissed_jobs", set())):
         return
     if j.state == "failed":
         st.error(j.error)
@@ -165,7 +166,7 @@ def live_fragment(view: Callable[[], None], *kinds: str) -> None:
 
 def job_progress(j: Job, cancel_label: str, key: str, n_steps: int | None = None) -> None:
     """A running or queued job's progress bar and its Cancel button."""
-    st.session_state["watched_jobs"].add(j.id)
+    st.session_state.setdefault("watched_jobs", set()).add(j.id)
     if j.queued:
         st.progress(0.0, text=f"queued behind {', '.join(o.name for o in BOARD.running() if not o.queued) or 'another job'}"
                               " · waits for its turn")

@@ -43,7 +43,9 @@ def test_studio_end_to_end_in_chromium(tmp_path):
         set_number(page, "Windows (0: all)", 2)
         page.get_by_role("button", name="Evaluate", exact=True).click()
         page.locator("[data-testid='stDataFrame']").first.wait_for(timeout=300_000)
-        assert page.locator("[data-testid='stPlotlyChart']").filter(has_text="Perplexity").count() == 1
+        ppl_chart = page.locator("[data-testid='stPlotlyChart']").filter(has_text="Perplexity")
+        ppl_chart.first.wait_for(timeout=60_000)  # drawn after the table, in the same rerun
+        assert ppl_chart.count() == 1
         ppl = json.loads((run / "evaluations.json").read_text())[0]
         assert ppl["kind"] == "perplexity" and ppl["windows"] == 2
     # a server restart: the loaded model, the run and its evaluation are all still there

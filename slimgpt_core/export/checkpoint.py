@@ -184,35 +184,47 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
 
 
+def _write_folder_and_zip(out: Path, zip_path: Path | None, overwrite: bool, fill: Callable[[Path], None],
+                          zip_progress: Callable[[Path], ByteProgress]) -> tuple[int, int] | None:
+    """`fill` the folder `out` all at once and, with `zip_path`, zip it beside it. The zip is complete before either
+    name changes, and an older zip goes first: a failure never leaves a new folder beside the zip of an older export.
+    Returns the placed zip's (size, mtime) stamp."""
+    tmp_zip = None
+    try:
+        with atomic_folder(out, overwrite) as tmp:
+            fill(tmp)
+            if zip_path is not None:
+                tmp_zip = write_zip(tmp, zip_path, zip_progress(tmp))
+                zip_path.unlink(missing_ok=True)
+        return _place_zip(tmp_zip, zip_path) if zip_path is not None else None
+    finally:
+        if tmp_zip is not None:
+            tmp_zip.unlink(missing_ok=True)
+
+
 def export_checkpoint(model, tokenizer, out: str | Path, report=None, evaluation: dict | None = None,
                       source: str = "", make_zip: bool = False, overwrite: bool = False,
                       extra: Callable[[Path], None] | None = None, run: dict | None = None,
                       callback: Callable | None = None, should_stop: Callable[[], bool] | None = None) -> ExportResult:
     """Write the checkpoint (and report.json) into `out` all at once, optionally zipped beside it.
-    `extra(tmp)` writes further files into the folder before it appears (the workspace's meta.json).
-    The zip is complete before either name changes, and an older zip goes first: a failure never leaves a new
-    folder beside the zip of an older export."""
+    `extra(tmp)` writes further files into the folder before it appears (the workspace's meta.json)."""
     out = Path(out)
     zip_path = zip_path_for(out) if make_zip else None
     if zip_path is not None:
         check_output_folder(out, overwrite)
         _check_zip_target(zip_path, overwrite)
-    tmp_zip = None
-    try:
-        with atomic_folder(out, overwrite) as tmp:
-            hetero = write_checkpoint(model, tokenizer, tmp, report, evaluation, source, run)
-            if report is not None:
-                report.save(tmp / "report.json")
-            if extra is not None:
-                extra(tmp)
-            if zip_path is not None:
-                tmp_zip = write_zip(tmp, zip_path, ByteProgress(_folder_bytes(tmp), callback, should_stop))
-                zip_path.unlink(missing_ok=True)
-        stamp = _place_zip(tmp_zip, zip_path) if zip_path is not None else None
-    finally:
-        if tmp_zip is not None:
-            tmp_zip.unlink(missing_ok=True)
-    return ExportResult(out, zip_path, hetero, count_parameters(model), sorted(p.name for p in out.iterdir()),
+    hetero = []
+
+    def fill(tmp: Path) -> None:
+        hetero.append(write_checkpoint(model, tokenizer, tmp, report, evaluation, source, run))
+        if report is not None:
+            report.save(tmp / "report.json")
+        if extra is not None:
+            extra(tmp)
+
+    stamp = _write_folder_and_zip(out, zip_path, overwrite, fill,
+                                  lambda tmp: ByteProgress(_folder_bytes(tmp), callback, should_stop))
+    return ExportResult(out, zip_path, hetero[0], count_parameters(model), sorted(p.name for p in out.iterdir()),
                         source=(run or {}).get("name", source), title=(run or {}).get("title", source),
                         card=(out / "README.md").read_text(), zip_stamp=stamp)
 
@@ -269,21 +281,15 @@ def export_files(folder: Path, out: str | Path, config, report=None, evaluation:
     copied = sum(p.stat().st_size for p in files)
     total = copied * (2 if make_zip else 1)
     progress = ByteProgress(total, callback, should_stop)
-    tmp_zip = None
-    try:
-        with atomic_folder(out, overwrite) as tmp:
-            for path in files:
-                copy_file(path, tmp / path.name, progress)
-            if hetero:
-                _add_remote_code(tmp, model, json.loads((folder / "config.json").read_text()))
-            (tmp / "README.md").write_text(card)
-            if zip_path is not None:
-                tmp_zip = write_zip(tmp, zip_path, progress)
-                zip_path.unlink(missing_ok=True)
-        stamp = _place_zip(tmp_zip, zip_path) if zip_path is not None else None
-    finally:
-        if tmp_zip is not None:
-            tmp_zip.unlink(missing_ok=True)
+
+    def fill(tmp: Path) -> None:
+        for path in files:
+            copy_file(path, tmp / path.name, progress)
+        if hetero:
+            _add_remote_code(tmp, model, json.loads((folder / "config.json").read_text()))
+        (tmp / "README.md").write_text(card)
+
+    stamp = _write_folder_and_zip(out, zip_path, overwrite, fill, lambda tmp: progress)
     return ExportResult(out, zip_path, hetero, count_parameters(model), sorted(p.name for p in out.iterdir()),
                         source=(run or {}).get("name", source), source_folder=folder,
                         title=(run or {}).get("title", source), card=card, reused_weights=True, zip_stamp=stamp)

@@ -24,36 +24,45 @@ def free_port() -> int:
 
 
 @contextmanager
+def studio_process(env: dict | None = None, script: Path = ROOT / "app.py", log_path: Path | None = None):
+    """A Streamlit `script` of this repository on a free port; yields (process, url). The process is ended on exit
+    unless it already has."""
+    port = free_port()
+    log_path = log_path or ROOT / "cache" / f".streamlit-{port}.log"
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # ui/ for any script
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(script), "--server.port",
+                                 str(port), "--server.address", "127.0.0.1", "--server.headless", "true",
+                                 "--browser.gatherUsageStats", "false"], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": python_path, **(env or {})})
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(240):
+                try:
+                    if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                        break
+                except OSError:
+                    time.sleep(0.5)
+            else:
+                raise RuntimeError("streamlit did not start")
+            yield proc, url
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@contextmanager
 def studio_server(env: dict | None = None, script: Path = ROOT / "app.py"):
     """A studio (or another Streamlit `script` of this repository) on a free port; its workspace is a fresh
     temporary folder unless `env` names one."""
     import tempfile
-    env = {"SLIMGPT_RUNS": tempfile.mkdtemp(prefix="slimgpt-runs-"), **(env or {})}
-    port = free_port()
-    log = open(ROOT / "cache" / f".streamlit-{port}.log", "w")
-    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # ui/ for any script
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(script), "--server.port",
-                             str(port), "--server.address", "127.0.0.1", "--server.headless", "true",
-                             "--browser.gatherUsageStats", "false"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONPATH": python_path, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("streamlit did not start")
+    with studio_process({"SLIMGPT_RUNS": tempfile.mkdtemp(prefix="slimgpt-runs-"), **(env or {})}, script) as (_, url):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @contextmanager

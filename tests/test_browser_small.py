@@ -2,52 +2,29 @@
 cleanly), and its navigation shows page titles from the first paint, on any first URL."""
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from browser import ROOT, browser_page, free_port, go, set_number, wait_idle
+from browser import ROOT, browser_page, go, set_number, studio_process, wait_idle
 
 TITLES = re.findall(r'st\.Page\("[^"]+", title="([^"]+)"', (ROOT / "app.py").read_text())  # in app.py's order
 STOP_BOUND_S = 10.0  # the bound the issue asks for (a plain Streamlit app stops in under 8 s)
 
 
 @contextmanager
-def studio_process(tmp_path: Path):
-    """A fresh studio on a free port with its own workspace and cache; yields (process, url, log file)."""
-    port = free_port()
+def fresh_studio(tmp_path: Path):
+    """A fresh studio with its own workspace and cache; yields (process, url, log file)."""
     log_path = tmp_path / "streamlit.log"
-    env = {**os.environ, "SLIMGPT_RUNS": str(tmp_path / "runs"), "SLIMGPT_CACHE": str(tmp_path / "cache"),
-           "PYTHONFAULTHANDLER": "1",  # a hung server, sent SIGABRT, writes every thread's stack to the log
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port",
-                                 str(port), "--server.address", "127.0.0.1", "--server.headless", "true",
-                                 "--browser.gatherUsageStats", "false"], cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT, env=env)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(240):
-                try:
-                    if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
-                        break
-                except OSError:
-                    time.sleep(0.5)
-            else:
-                raise RuntimeError("streamlit did not start")
-            yield proc, url, log_path
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    env = {"SLIMGPT_RUNS": str(tmp_path / "runs"), "SLIMGPT_CACHE": str(tmp_path / "cache"),
+           "PYTHONFAULTHANDLER": "1"}  # a hung server, sent SIGABRT, writes every thread's stack to the log
+    with studio_process(env, log_path=log_path) as (proc, url):
+        yield proc, url, log_path
 
 
 def stop_and_time(proc: subprocess.Popen, signum: int) -> float:
@@ -70,7 +47,7 @@ def stop_and_time(proc: subprocess.Popen, signum: int) -> float:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_the_studio_stops_promptly_with_a_tab_open(tmp_path, signum):
-    with studio_process(tmp_path) as (proc, url, log), browser_page() as page:
+    with fresh_studio(tmp_path) as (proc, url, log), browser_page() as page:
         page.goto(url)
         page.get_by_role("heading", name="Model").first.wait_for()
         wait_idle(page)
@@ -84,7 +61,7 @@ def test_the_studio_stops_promptly_with_a_tab_open(tmp_path, signum):
 def test_a_running_job_is_cancelled_cleanly_when_the_studio_stops(tmp_path):
     """An evaluation of every window of WikiText-2 at length 16 runs for minutes on stories260k; SIGTERM must end
     it through its cancellation (the job's own cleanup runs) and the process must exit normally and promptly."""
-    with studio_process(tmp_path) as (proc, url, log), browser_page() as page:
+    with fresh_studio(tmp_path) as (proc, url, log), browser_page() as page:
         page.goto(url)
         page.get_by_text("stories260k (tiny, offline)").click()
         wait_idle(page)
@@ -126,7 +103,7 @@ new MutationObserver(record).observe(document, {childList: true, subtree: true, 
 
 @pytest.mark.parametrize("path,heading", [("", "Model"), ("runs", "Runs")], ids=["root", "runs"])
 def test_the_first_visitor_after_a_start_sees_titles_and_the_wide_layout(tmp_path, path, heading):
-    with studio_process(tmp_path) as (proc, url, log), browser_page() as page:
+    with fresh_studio(tmp_path) as (proc, url, log), browser_page() as page:
         page.add_init_script(NAV_RECORDER)
         page.goto(f"{url}/{path}")
         page.get_by_role("heading", name=heading).first.wait_for()
@@ -148,7 +125,7 @@ def test_saving_a_label_keeps_that_run_chosen_in_the_browser(tmp_path, monkeypat
     monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
     loaded = POOL.get("stories260k", "auto", "auto")
     older, newer = (prune_to_workspace(loaded, PruneSettings(ratio=r), "tinystories", 4, 32) for r in (0.2, 0.4))
-    with studio_process(tmp_path) as (proc, url, log), browser_page() as page:
+    with fresh_studio(tmp_path) as (proc, url, log), browser_page() as page:
         page.goto(f"{url}/runs")
         page.get_by_role("heading", name="Runs").first.wait_for()
         wait_idle(page)

@@ -6,18 +6,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from browser import browser_page, go, prune_default_model, set_number, studio_server, wait_idle  # noqa: E402
+from browser import (browser_page, go, load_stories260k, prune_default_model, set_number,  # noqa: E402
+                     studio_server, wait_idle)
 
 
 def shear() -> None:
     """The Shear page on stories260k after a short mask-learning run (the curves over the whole run)."""
     with studio_server() as url, browser_page(1440, 1900) as page:
         page.goto(url)
-        page.get_by_text("stories260k (tiny, offline)").click()
-        wait_idle(page)
-        page.get_by_role("button", name="Load model").click()
-        page.get_by_text("Loaded:").wait_for(timeout=300_000)
-        wait_idle(page)
+        load_stories260k(page)
         go(page, "Shear")
         for label, value in (("Layers", 4), ("KV groups per layer", 2), ("Query heads per group", 1),
                              ("FFN width", 128), ("Hidden size", 48), ("Steps", 200), ("Sequence length", 128)):

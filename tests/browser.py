@@ -99,6 +99,15 @@ def set_number(page, label: str, value) -> None:
     wait_idle(page)
 
 
+def load_stories260k(page) -> None:
+    """On the Model page: load the tiny offline model and wait until it is loaded."""
+    page.get_by_text("stories260k (tiny, offline)").click()
+    wait_idle(page)
+    page.get_by_role("button", name="Load model").click()
+    page.get_by_text("Loaded:").wait_for(timeout=300_000)
+    wait_idle(page)
+
+
 def load_default_model(page, url: str, shots: Path | None = None) -> None:
     page.goto(url)
     page.get_by_role("button", name="Load model").click()

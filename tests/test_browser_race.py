@@ -17,7 +17,7 @@ from streamlit.proto.BackMsg_pb2 import BackMsg
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 from streamlit.runtime.forward_msg_queue import ForwardMsgQueue
 
-from browser import browser_page, go, open_calibration, set_number, studio_server, wait_idle
+from browser import browser_page, load_stories260k, open_calibration, set_number, studio_server, wait_idle
 from test_app import edit_schedule, editor_data, schedule_table
 
 
@@ -86,11 +86,7 @@ def test_schedule_survives_a_rerun_that_drops_the_first_prune_run(tmp_path):
     with studio_server() as url, browser_page() as page:
         page.route_web_socket(re.compile(r"/_stcore/stream"), late.route)
         page.goto(url)
-        page.get_by_text("stories260k (tiny, offline)").click()
-        wait_idle(page)
-        page.get_by_role("button", name="Load model").click()
-        page.get_by_text("Loaded:").wait_for(timeout=120_000)
-        wait_idle(page)
+        load_stories260k(page)
 
         late.armed = True  # the first Prune run: its messages after "Samples" arrive too late
         page.locator("[data-testid='stSidebarNav'] a", has_text="Prune").first.click()

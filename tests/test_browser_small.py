@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import ROOT, browser_page, go, set_number, studio_process, wait_idle
+from browser import ROOT, browser_page, go, load_stories260k, set_number, studio_process, wait_idle
 
 TITLES = re.findall(r'st\.Page\("[^"]+", title="([^"]+)"', (ROOT / "app.py").read_text())  # in app.py's order
 STOP_BOUND_S = 10.0  # the bound the issue asks for (a plain Streamlit app stops in under 8 s)
@@ -63,11 +63,7 @@ def test_a_running_job_is_cancelled_cleanly_when_the_studio_stops(tmp_path):
     it through its cancellation (the job's own cleanup runs) and the process must exit normally and promptly."""
     with fresh_studio(tmp_path) as (proc, url, log), browser_page() as page:
         page.goto(url)
-        page.get_by_text("stories260k (tiny, offline)").click()
-        wait_idle(page)
-        page.get_by_role("button", name="Load model").click()
-        page.get_by_text("Loaded:").wait_for(timeout=300_000)
-        wait_idle(page)
+        load_stories260k(page)
         go(page, "Evaluate")
         set_number(page, "Window length", 16)
         set_number(page, "Windows (0: all)", 0)

@@ -1,7 +1,7 @@
 """In a real headless Chromium, the studio's Prune page: compute the error curves on stories260k, drag a layer's
 heads bar in the schedule editor, see the predicted errors redraw in the page during the drag (no server run), and
 the page's own preview follow the drop."""
-from browser import browser_page, go, open_calibration, set_number, studio_server, wait_idle
+from browser import browser_page, go, load_stories260k, open_calibration, set_number, studio_server, wait_idle
 
 
 def editor_text(page, name: str) -> str:
@@ -16,11 +16,7 @@ def metric(page, label: str) -> str:
 def test_dragging_a_bar_redraws_the_whatif_and_the_page_follows_the_drop(tmp_path):
     with studio_server({"SLIMGPT_CACHE": str(tmp_path / "cache")}) as url, browser_page() as page:
         page.goto(url)
-        page.get_by_text("stories260k (tiny, offline)").click()
-        wait_idle(page)
-        page.get_by_role("button", name="Load model").click()
-        page.get_by_text("Loaded:").wait_for(timeout=300_000)
-        wait_idle(page)
+        load_stories260k(page)
         go(page, "Prune")
         assert page.locator(".se-err").count() == 0  # no curves yet: bars and numbers only
         open_calibration(page)

@@ -7,12 +7,12 @@ from slimgpt_core.schedules.curves import curves_job
 from slimgpt_core.schedules.editor_data import editor_payload
 from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.methods.prune_settings import PruneSettings
-from slimgpt_core.schedules.schedule import balanced_targets, layer_ratios
+from slimgpt_core.schedules.schedule import layer_ratios
 from slimgpt_core.studio import head_importance, preview_schedule, prune_to_workspace
 from ui import charts
 from ui.prune_form import (CALIBRATION_SOURCES, PRESETS, PRUNE_FORM_FIELDS, SCHEDULE_FIELDS, PruneForm, apply_preset,
-                           calibration_text, describe_frozen, frozen, load_form, problems, restore_custom, save_form,
-                           set_schedule)
+                           calibration_text, describe_frozen, frozen, load_form, preset_ratios, problems, restore_custom,
+                           save_form, set_schedule)
 from ui.schedule_editor import MAX_RATIO, apply_edit, dropped_edit, schedule_editor
 from ui.state import job, job_progress, live_fragment, require_model, run_report, submit, take_result
 
@@ -75,14 +75,10 @@ def editor_dropped() -> None:
 
 
 def preset_ghost() -> tuple[list[float], list[float]]:
-    """The preset's own ratios, as apply_preset writes them, for the editor's ghost and snap-back (auto: log, where
-    its search starts); the schedule itself when the preset cannot be built."""
+    """The preset's own ratios for the editor's ghost and snap-back; the schedule itself when the preset cannot be
+    built."""
     try:
-        head_t, ffn_t = balanced_targets(form.target_ratio, form.balance, attn_params, mlp_params,
-                                         form.ffn_target if form.separate else None)
-        kind = "log" if form.preset == "auto" else form.preset
-        return ([round(r, 4) for r in layer_ratios(n_layers, head_t, kind, form.shape)],
-                [round(r, 4) for r in layer_ratios(n_layers, ffn_t, kind, form.shape)])
+        return preset_ratios(form, n_layers, attn_params, mlp_params)
     except SlimGPTError:
         return list(form.hr), list(form.fr)
 

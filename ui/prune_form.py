@@ -49,8 +49,8 @@ class PruneForm:
         return self.calib_path.strip() if self.calib == "file…" else self.calib
 
     def describe_calibration(self) -> str:
-        inputs = "dense inputs" if self.dense_inputs else "sequential inputs"
-        return f"{self.calibration or '(no file)'}, {self.nsamples} × {self.seqlen} tokens, seed {self.seed}, {inputs}"
+        return calibration_text({"calib": self.calibration or "(no file)", "nsamples": self.nsamples,
+                                 "seqlen": self.seqlen, "seed": self.seed, "sequential": not self.dense_inputs})
 
 
 PRUNE_FORM_FIELDS = frozenset(f.name for f in fields(PruneForm))
@@ -110,19 +110,25 @@ def apply_preset(form: PruneForm, n_layers: int, attn_params: int, mlp_params: i
     """Fill the per-layer ratios from the preset (auto starts from log until a search ends). Hand edits that this
     replaces are kept in `custom`."""
     try:
-        head_t, ffn_t = balanced_targets(form.target_ratio, form.balance, attn_params, mlp_params,
-                                         form.ffn_target if form.separate else None)
-        preset = "log" if form.preset == "auto" else form.preset
-        heads = layer_ratios(n_layers, head_t, preset, form.shape)
-        ffn = layer_ratios(n_layers, ffn_t, preset, form.shape)
+        heads, ffn = preset_ratios(form, n_layers, attn_params, mlp_params)
     except SlimGPTError as exc:
         form.preset_error = str(exc)
         return
     if form.origin == "hand" and len(form.hr) == n_layers:
         form.custom = {"hr": list(form.hr), "fr": list(form.fr)}
     form.preset_error = None
-    form.hr, form.fr = [round(r, 4) for r in heads], [round(r, 4) for r in ffn]
+    form.hr, form.fr = heads, ffn
     form.origin = "preset"
+
+
+def preset_ratios(form: PruneForm, n_layers: int, attn_params: int, mlp_params: int) -> tuple[list[float], list[float]]:
+    """The preset's per-layer (head, FFN) ratios at the form's target, shape and balance, rounded as the editor
+    stores them (auto: log, where its search starts). Raises SlimGPTError when the preset cannot make them."""
+    head_t, ffn_t = balanced_targets(form.target_ratio, form.balance, attn_params, mlp_params,
+                                     form.ffn_target if form.separate else None)
+    kind = "log" if form.preset == "auto" else form.preset
+    return ([round(r, 4) for r in layer_ratios(n_layers, head_t, kind, form.shape)],
+            [round(r, 4) for r in layer_ratios(n_layers, ffn_t, kind, form.shape)])
 
 
 def set_schedule(form: PruneForm, head_ratios, ffn_ratios, origin: str = "hand") -> None:
@@ -175,9 +181,7 @@ def frozen(form: PruneForm) -> dict:
 
 def describe_frozen(settings: dict) -> str:
     form = PruneForm(**{k: v for k, v in settings.items() if k in PRUNE_FORM_FIELDS})
-    schedule = {"preset": form.preset, "auto": "auto", "hand": "custom"}.get(form.origin, form.preset)
-    if form.origin == "preset":
-        schedule = form.preset
+    schedule = {"auto": "auto", "hand": "custom"}.get(form.origin, form.preset)
     mean = (sum(form.hr) + sum(form.fr)) / max(1, len(form.hr) + len(form.fr))
     return (f"schedule **{schedule}** (requested mean ratio {mean:.1%}, target {form.target_ratio:.0%}); calibration "
             f"{form.describe_calibration()}; damping {form.damp:g}, head error {form.head_error}, FFN groups "

@@ -23,32 +23,32 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# module -> the fast tests (tiny tensors and tiny random models, seconds each) that exercise it
+# module -> the fast tests (tiny tensors and tiny random models, seconds each) that exercise it, relative to tests/
 FAST_TESTS = {
-    "methods.obs": ["test_obs.py"],
-    "schedules.schedule": ["test_schedule.py"],
-    "evaluation.evaluate": ["test_evaluate.py"],
-    "workspace.cache": ["test_cache.py", "test_cache_mutants.py"],
-    "workspace.atomic": ["test_atomic_mutants.py"],
-    "methods.surgery": ["test_slicing.py", "test_slicing_mutants.py"],
-    "export.modeling_slimgpt": ["test_slicing.py", "test_slicing_mutants.py"],
-    "methods.kfac": ["test_surgeon.py", "test_surgeon_update.py", "test_kfac_mutants.py"],
-    "methods.curvature": ["test_surgeon.py", "test_surgeon_update.py", "test_kfac_mutants.py"],
-    "methods.shear.hard_concrete": ["test_shear.py", "test_shear_mutants.py"],
-    "methods.shear.masks": ["test_shear.py", "test_shear_mutants.py"],
-    "methods.shear.cut": ["test_shear.py", "test_shear_mutants.py"],
-    "methods.shear.domain_mix": ["test_shear.py", "test_shear_mutants.py"],
-    "methods.minitron": ["test_shear.py", "test_minitron_mutants.py"],
-    "training.loop": ["test_training_mutants.py"],
-    "schedules.curves": ["test_schedule_mutants.py"],
-    "methods.activations": ["test_preview.py", "test_activations_mutants.py"],
-    "methods.statistics": ["test_preview.py", "test_statistics_mutants.py"],
-    "schedules.autoschedule": ["test_schedule_mutants.py", "test_autoschedule_mutants.py"],
-    "workspace.jobs": ["test_jobs_mutants.py"],
-    "workspace.store": ["test_atomic_mutants.py", "test_run_comparison.py", "test_store_mutants.py"],
+    "methods.obs": ["methods/test_obs.py"],
+    "schedules.schedule": ["schedules/test_schedule.py"],
+    "evaluation.evaluate": ["evaluation/test_evaluate.py"],
+    "workspace.cache": ["workspace/test_cache.py"],
+    "workspace.atomic": ["workspace/test_atomic.py"],
+    "methods.surgery": ["methods/test_surgery.py"],
+    "export.modeling_slimgpt": ["methods/test_surgery.py"],
+    "methods.kfac": ["methods/test_surgeon.py", "methods/test_surgeon_update.py", "methods/test_kfac.py"],
+    "methods.curvature": ["methods/test_surgeon.py", "methods/test_surgeon_update.py", "methods/test_kfac.py"],
+    "methods.shear.hard_concrete": ["methods/shear/test_shear.py"],
+    "methods.shear.masks": ["methods/shear/test_shear.py"],
+    "methods.shear.cut": ["methods/shear/test_shear.py"],
+    "methods.shear.domain_mix": ["methods/shear/test_shear.py"],
+    "methods.minitron": ["methods/shear/test_shear.py", "methods/test_minitron.py"],
+    "training.loop": ["training/test_loop.py"],
+    "schedules.curves": ["schedules/test_curves.py"],
+    "methods.activations": ["methods/test_preview.py", "methods/test_activations.py"],
+    "methods.statistics": ["methods/test_preview.py", "methods/test_statistics.py"],
+    "schedules.autoschedule": ["schedules/test_curves.py", "schedules/test_autoschedule.py"],
+    "workspace.jobs": ["workspace/test_jobs.py"],
+    "workspace.store": ["workspace/test_atomic.py", "evaluation/test_run_comparison.py", "workspace/test_store.py"],
 }
 # tests of a mapped file that take too long to run once per mutant (deselected from every mutmut run)
-SLOW_TESTS = ["test_shear.py::test_expected_sizes_reach_the_target_within_200_steps"]
+SLOW_TESTS = ["methods/shear/test_shear.py::test_expected_sizes_reach_the_target_within_200_steps"]
 DEFAULT_MODULES = ["methods.obs", "schedules.schedule", "evaluation.evaluate"]
 MUTMUT = "mutmut==3.8.1"
 
@@ -68,11 +68,14 @@ def ensure_mutmut() -> None:
 def prepare(workdir: Path, modules: list[str], tests: list[str]) -> None:
     if workdir.exists():
         shutil.rmtree(workdir)
-    (workdir / "tests").mkdir(parents=True)
+    workdir.mkdir(parents=True)
     shutil.copytree(ROOT / "slimgpt_core", workdir / "slimgpt_core",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    helpers = [p.name for p in (ROOT / "tests").glob("*.py") if not p.name.startswith("test_")]  # conftest & co.
+    # the tests' package files, conftest and helpers in every folder, then the chosen test files
+    helpers = [p.relative_to(ROOT / "tests") for p in (ROOT / "tests").rglob("*.py")
+               if not p.name.startswith("test_") and "apps" not in p.parts]
     for name in [*helpers, *tests]:
+        (workdir / "tests" / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / "tests" / name, workdir / "tests" / name)
     only = "\n".join(f"    slimgpt_core/{m.replace('.', '/')}.py" for m in modules)
     selection = "\n".join(f"    tests/{t}" for t in tests)

@@ -1,5 +1,5 @@
 """KFAC factors computed independently of `CurvatureCollector`: keep every linear's input and output with forward
-hooks, differentiate the loss with torch.autograd. Shared by test_surgeon.py and test_kfac_mutants.py."""
+hooks, differentiate the loss with torch.autograd. Shared by methods/test_surgeon.py and methods/test_kfac.py."""
 import torch
 import torch.nn.functional as F
 

@@ -1,4 +1,4 @@
-"""One job and `ui.state.live_fragment` over it: the page tests/test_browser_polling.py drives."""
+"""One job and `ui.state.live_fragment` over it: the page tests/studio/browser/test_browser_polling.py drives."""
 import time
 
 import streamlit as st

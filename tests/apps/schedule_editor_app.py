@@ -1,4 +1,4 @@
-"""The schedule editor alone, on a real model and its error curves: what tests/test_browser_editor.py drives.
+"""The schedule editor alone, on a real model and its error curves: what tests/studio/browser/test_browser_editor.py drives.
 
 Query parameters: model (stories260k | smollm2, default stories260k), curves (1 | 0). Every edit the server
 receives is appended, as JSON, to the file named by SLIMGPT_EDITOR_LOG (when set) and shown on the page.

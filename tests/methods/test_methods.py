@@ -18,7 +18,7 @@ METHOD_FLAGS = {"magnitude": ["--method", "magnitude"], "wanda-sp": ["--method",
 
 # Measured here (16x128 TinyStories calibration, ratio 0.3, first 10 windows of 512 TinyStories tokens): dense 3.83,
 # slimgpt 10.63, obs-multishot (2 shots) 10.85, no compensation 18.0, wanda-sp 18.0, magnitude 36.9. The bounds leave
-# ~35% for BLAS differences. Which units the baselines pick is checked exactly in test_obs.py and below.
+# ~35% for BLAS differences. Which units the baselines pick is checked exactly in methods/test_obs.py and below.
 PPL_BOUNDS = {"slimgpt": 14.0, "obs-multishot": 14.5, "nocomp": 24.0, "wanda-sp": 24.0, "magnitude": 48.0}
 
 

@@ -291,7 +291,7 @@ def test_curves_job_reports_progress_per_layer(cache_dir, tokens, monkeypatch):
         curves.curves_job(loaded, "tinystories", 4, 16, damp=0.5, device="abacus")
 
 
-# --- the auto schedule's parameter arithmetic (autoschedule.py; the search: test_autoschedule_mutants.py) -----
+# --- the auto schedule's parameter arithmetic (autoschedule.py; the search: schedules/test_autoschedule.py) -----
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases go with their heads
 def test_unit_costs_are_what_the_real_surgery_removes(arch, tokens, cache_dir):

@@ -148,7 +148,7 @@ def test_llamacpp_quantization_q4_k_m(stories, tmp_path):
 def tiny_qwen2_mixed(mixed: bool) -> LoadedModel:
     """A tiny random Qwen2 (q/k/v biases) with stories260k's tokenizer (512 tokens)."""
     model = tiny_model("qwen2", heads=4, kv=2, layers=3, ffn=64, hidden=32)
-    model.resize_token_embeddings(512)
+    model.resize_token_embeddings(512, mean_resizing=False)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):

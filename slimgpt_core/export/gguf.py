@@ -208,26 +208,27 @@ def _copy_tokenizer(writer: gguf.GGUFWriter, source: Path) -> None:
         writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
 
 
-def _hf_tokenizer(writer: gguf.GGUFWriter, folder: Path, n_vocab: int) -> str:
-    """The tokenizer from Hugging Face files through the gguf package's vocabulary helpers."""
-    folder = Path(folder)
-    kinds = []
-    if (folder / "tokenizer.model").exists():
-        kinds.append(gguf.vocab.SentencePieceVocab)
-    if (folder / "tokenizer.json").exists():
-        model_type = json.loads((folder / "tokenizer.json").read_text()).get("model", {}).get("type")
-        byte_fallback = json.loads((folder / "tokenizer.json").read_text()).get("model", {}).get("byte_fallback")
-        kinds.append(gguf.vocab.LlamaHfVocab if model_type == "BPE" and byte_fallback else gguf.vocab.BpeVocab)
+def _hf_tokenizer(writer: gguf.GGUFWriter, folders: list[Path], n_vocab: int) -> str:
+    """The tokenizer from Hugging Face files through the gguf package's vocabulary helpers. A SentencePiece
+    `tokenizer.model` (in the model's folder or the one it was pruned from) wins: llama.cpp then splits text with
+    the model's own scores, as the Hugging Face tokenizer does; a tokenizer.json alone is read as BPE."""
+    candidates = [(gguf.vocab.SentencePieceVocab, f) for f in folders if (f / "tokenizer.model").exists()]
+    for folder in folders:
+        if (folder / "tokenizer.json").exists():
+            model = json.loads((folder / "tokenizer.json").read_text()).get("model", {})
+            kind = gguf.vocab.LlamaHfVocab if model.get("type") == "BPE" and model.get("byte_fallback") \
+                else gguf.vocab.BpeVocab
+            candidates.append((kind, folder))
     vocab = None
-    for kind in kinds:
+    for kind, folder in candidates:
         try:
             vocab = kind(folder)
             break
         except Exception:  # the helpers raise plain exceptions for files of another kind: try the next
             continue
     if vocab is None:
-        raise SlimGPTError(f"cannot build a GGUF tokenizer from {folder}: neither a SentencePiece tokenizer.model "
-                           "nor a BPE tokenizer.json was readable")
+        raise SlimGPTError("cannot build a GGUF tokenizer: neither a SentencePiece tokenizer.model nor a BPE "
+                           "tokenizer.json was readable")
     tokens, scores, types = [], [], []
     for text, score, kind in vocab.all_tokens():
         tokens.append(text)
@@ -269,7 +270,7 @@ def _temporary_name(path: Path) -> Path:
     return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
-def _write_file(model, tokenizer_folder: Callable[[], Path], source_gguf: Path | None, out: Path, arch: str,
+def _write_file(model, tokenizer_folders: Callable[[], list[Path]], source_gguf: Path | None, out: Path, arch: str,
                 weight_type: str, source: str, report, evaluation: dict, step: Callable[[str], None]) -> tuple[str, list]:
     qtype, ftype = DIRECT_TYPES[weight_type]
     writer = gguf.GGUFWriter(out, arch)
@@ -285,7 +286,7 @@ def _write_file(model, tokenizer_folder: Callable[[], Path], source_gguf: Path |
             _copy_tokenizer(writer, source_gguf)
             tokenizer_source = f"source GGUF {source_gguf.name}"
         else:
-            tokenizer_source = _hf_tokenizer(writer, tokenizer_folder(), int(model.config.vocab_size))
+            tokenizer_source = _hf_tokenizer(writer, tokenizer_folders(), int(model.config.vocab_size))
         with torch.no_grad():
             for name, tensor in _tensors(model, arch):
                 data, raw = _weights_array(name, tensor, qtype, fallback)
@@ -334,7 +335,8 @@ def export_gguf(source, path: str | Path, weight_type: str = "f16", progress: Ca
     model = loaded.model
     arch = gguf_architecture(model)
     _rope_theta(model.config)
-    source_gguf = source_gguf_of(report.model if report is not None and report.model else name)
+    source_name = report.model if report is not None and report.model else name
+    source_gguf = source_gguf_of(source_name)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -353,15 +355,20 @@ def export_gguf(source, path: str | Path, weight_type: str = "f16", progress: Ca
     staging = _temporary_name(out.with_suffix(".f32.gguf")) if weight_type in LLAMACPP_TYPES else None
     tok_dir: list[tempfile.TemporaryDirectory] = []
 
-    def tokenizer_folder() -> Path:
+    def tokenizer_folders() -> list[Path]:
+        """The model's folder, the folder of the model it was pruned from, and the loaded tokenizer saved afresh."""
+        from slimgpt_core.models import _resolve_alias
+
+        folders = [Path(p) for p in (getattr(loaded, "path", ""), _resolve_alias(str(source_name)) if source_name
+                                     else "") if p and Path(p).is_dir()]
         holder = tempfile.TemporaryDirectory(prefix="slimgpt-tokenizer-")
         tok_dir.append(holder)
         loaded.tokenizer.save_pretrained(holder.name)
-        return Path(holder.name)
+        return folders + [Path(holder.name)]
 
     try:
         direct = "f32" if staging is not None else weight_type
-        tokenizer_source, fallback = _write_file(model, tokenizer_folder, source_gguf, staging or tmp, arch, direct,
+        tokenizer_source, fallback = _write_file(model, tokenizer_folders, source_gguf, staging or tmp, arch, direct,
                                                  name, report, evaluation, step)
         if staging is not None:
             _llamacpp_quantize(staging, tmp, weight_type, threads or max(1, os.cpu_count() or 1))

@@ -33,9 +33,11 @@ def test_aligned_run_exports_to_gguf_through_the_cli(tmp_path, capsys):
     out = tmp_path / "run.q8_0.gguf"
     assert main(["export", "--model", str(run), "--format", "gguf", "--weight-type", "q8_0", "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert printed["f16_fallback"] == [] and printed["out"] == str(out)
+    assert printed["out"] == str(out)
+    # stories260k's heads are 8 wide: attn_output rows of 6 heads (48) stay f16; aligned FFN rows all quantize
+    assert all(name.endswith("attn_output.weight") for name in printed["f16_fallback"]), printed["f16_fallback"]
     types = llamacpp.tensor_types(out)
-    assert all(types[f"blk.{i}.ffn_down.weight"] == "Q8_0" for i in range(5))  # aligned rows quantize
+    assert all(types[f"blk.{i}.ffn_down.weight"] == "Q8_0" for i in range(5))
     meta = llamacpp.gguf_metadata(out)
     assert meta["slimgpt.method"] == "slimgpt" and meta["slimgpt.schedule"] == "log"
     assert meta["slimgpt.achieved_layer_ratio"] == pytest.approx(report["summary"]["achieved_layer_ratio"], rel=1e-6)

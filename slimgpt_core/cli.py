@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=0.01, help="Hessian damping λ (fraction of mean diagonal)")
     p.add_argument("--head-error", choices=["exact", "approx"], default="exact",
                    help="exact group OBS error, or the authors' cheaper approximation")
+    p.add_argument("--align", type=_positive, default=1, help="keep a multiple of N FFN channels in every pruned "
+                   "layer (32: llama.cpp's Q8_0 blocks, 256: its K-quants)")
     p.add_argument("--ffn-group-floor", type=_positive, default=64, help="smallest FFN group (1 with ceiling 1: greedy)")
     p.add_argument("--ffn-group-ceiling", type=_positive, default=1024, help="largest FFN group")
     p.add_argument("--dense-inputs", action="store_true",
@@ -171,9 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a checkpoint that transformers loads (and optionally a zip)")
     x.add_argument("--model", required=True, help="a pruned run folder or any model")
-    x.add_argument("--out", required=True, help="checkpoint folder to write (must not exist)")
+    x.add_argument("--out", required=True, help="checkpoint folder to write (must not exist); with --format gguf "
+                   "the .gguf file")
     x.add_argument("--zip", action="store_true", help="also write OUT.zip")
     x.add_argument("--dtype", default="auto", help="weights' dtype: auto (as stored), float32, float16, bfloat16")
+    x.add_argument("--format", choices=("safetensors", "gguf"), default="safetensors",
+                   help="safetensors for transformers, or one GGUF file for llama.cpp / Ollama / LM Studio")
+    x.add_argument("--weight-type", default="q8_0", help="GGUF weights: f32, f16, bf16, q8_0, or a llama.cpp "
+                   "quantization (q4_k_m, q4_k_s, q5_k_m, q6_k, q4_0, ...)")
     x.add_argument("--force", action="store_true", help="replace --out if it exists")
 
     g = sub.add_parser("compare", help="grid of methods and ablations × ratios, table and plots")
@@ -393,7 +400,7 @@ def _cmd_prune(args, rank: int) -> int:
         compensate=not args.no_compensation, shots=args.shots, surgeon_units=args.surgeon_units,
         fisher=args.fisher, surgeon_update=args.surgeon_update, kfac_positions=args.kfac_positions,
         surgeon_lora_steps=args.surgeon_lora_steps, offload_activations=args.offload_activations,
-        tf32=args.tf32, track_accumulation=not args.no_accumulation)
+        tf32=args.tf32, track_accumulation=not args.no_accumulation, align=args.align)
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.device, args.dtype)
     model = loaded.model
@@ -605,6 +612,14 @@ def _eval_summary(payload: dict) -> dict:
 def cmd_export(args) -> int:
     from slimgpt_core.export.checkpoint import export_model
 
+    if args.format == "gguf":
+        from slimgpt_core.export.gguf import export_gguf
+
+        written = export_gguf(args.model, args.out, args.weight_type, overwrite=args.force)
+        print(json.dumps({"out": str(written.path), "architecture": written.architecture,
+                          "weight_type": written.weight_type, "bytes": written.bytes,
+                          "tokenizer": written.tokenizer_source, "f16_fallback": written.fallback_tensors}))
+        return 0
     result = export_model(args.model, args.out, args.zip, args.force, args.dtype)
     print(json.dumps({"out": str(result.folder), "zip": str(result.zip_path) if result.zip_path else None,
                       "remote_code": result.heterogeneous, "parameters": result.parameters, "files": result.files}))

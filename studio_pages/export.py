@@ -3,7 +3,9 @@ it was exported from, and the folder follows the chosen run."""
 import streamlit as st
 
 from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.evaluation.llamacpp import install_llama_cpp, llama_cpp_available
 from slimgpt_core.export.checkpoint import EXPORTS, default_export_folder
+from slimgpt_core.export.gguf import DIRECT_TYPES, WEIGHT_TYPES, default_gguf_path, export_run_gguf
 from slimgpt_core.studio import export_run
 from slimgpt_core.workspace.store import runs_root
 from ui.state import current_run, finished_job, job, live_fragment, require_runs, submit
@@ -29,6 +31,48 @@ if shown_for != rid or "export_folder" not in ss:
         typed[shown_for] = ss["export_folder"]  # typed in the same rerun that switched runs
     ss["export_folder"] = typed.get(rid, str(default_export_folder(rid)))
     ss["export_folder_run"] = rid
+
+fmt = st.radio("Format", ["safetensors (transformers)", "GGUF (llama.cpp, Ollama, LM Studio)"], horizontal=True,
+               key="export_format")
+if fmt.startswith("GGUF"):
+    g1, g2 = st.columns([1, 3])
+    weight_type = g1.selectbox("Weight type", WEIGHT_TYPES, index=WEIGHT_TYPES.index("q8_0"), key="export_weight_type",
+                               help="f32/f16/bf16/q8_0 are written directly; the others by llama.cpp's quantize "
+                                    "(needs llama.cpp, built once). Rows whose length is not a multiple of the "
+                                    "block (32, or 256 for K-quants) stay in a wider type")
+    target = default_gguf_path(rid, weight_type)
+    g2.text_input("File", str(target), disabled=True, key=f"export_gguf_file_{rid}_{weight_type}")
+    g2.caption(f"Exports **{run.title}** as one GGUF file in the workspace's exports.")
+    needs_build = weight_type not in DIRECT_TYPES and not llama_cpp_available()
+    busy = bool(job("export_gguf") and job("export_gguf").running) or bool(job("llamacpp") and job("llamacpp").running)
+    if needs_build:
+        st.info(f"{weight_type} is made by llama.cpp's own quantize routine: build llama.cpp once (about ten minutes "
+                "on two cores).")
+        if st.button("Build llama.cpp", disabled=busy):
+            submit("llamacpp", install_llama_cpp, job_label="llama.cpp", heavy=True)
+    elif st.button("Export GGUF", type="primary", disabled=busy):
+        submit("export_gguf", export_run_gguf, run.path, target, weight_type, job_label=rid, heavy=True)
+
+    def show_gguf() -> None:
+        built = finished_job("llamacpp", "Cancel build")
+        if built is not None:
+            st.success(f"llama.cpp built (llama-cpp-python {built.result}).")
+        latest = job("export_gguf")
+        if latest is not None and latest.label != rid:
+            st.caption(f"The latest GGUF export is of **{labels.get(latest.label, latest.label)}**.")
+            return
+        done = finished_job("export_gguf", "Cancel export")
+        if done is None:
+            return
+        result = done.result
+        note = (f"; {len(result.fallback_tensors)} tensors kept in f16 (rows not a multiple of the block)"
+                if result.fallback_tensors else "")
+        st.success(f"Wrote `{result.path}` ({result.bytes / 2**20:.1f} MB, `{result.architecture}` layout, "
+                   f"{result.weight_type}, tokenizer from {result.tokenizer_source}{note}).")
+        st.markdown(result.instructions)
+
+    live_fragment(show_gguf, "export_gguf", "llamacpp")
+    st.stop()
 
 c1, c2 = st.columns([1, 3])
 dtype = c1.selectbox("Weights dtype", DTYPES, key="export_dtype",

@@ -2,7 +2,8 @@
 column per model as the tokens come, with each model's tokens/s."""
 import streamlit as st
 
-from slimgpt_core.evaluation.generation import DEFAULT_PROMPTS, generate_side_by_side
+from slimgpt_core.evaluation.generation import DEFAULT_PROMPTS, GGUF_PREFIX, generate_side_by_side
+from slimgpt_core.evaluation.llamacpp import llama_cpp_available
 from ui.state import current_run, job, job_alert, job_progress, live_fragment, require_model, runs, submit
 
 st.title("Generate")
@@ -18,10 +19,16 @@ chosen = st.multiselect("Runs", list(labels), format_func=labels.get, key="gen_r
 include_dense = st.checkbox(f"Include the dense model ({loaded.name})", value=True, key="gen_dense")
 prompts = st.text_area("Prompts, one per line", "\n".join(DEFAULT_PROMPTS), key="gen_prompts", height=110)
 max_new = st.number_input("Max new tokens", 1, 1024, 48, step=8, key="gen_max_new")
+with_llamacpp = st.checkbox("Also from llama.cpp (each model's q8_0 GGUF, 2 threads)", key="gen_llamacpp",
+                            disabled=not llama_cpp_available(),
+                            help="llama.cpp is not built yet: the Export page builds it" if not llama_cpp_available()
+                            else "each model is exported once to a q8_0 GGUF in the workspace's exports")
 
 spec = st.session_state.model_spec  # (name, device, dtype) of the dense model
 models = ([(f"dense · {loaded.name}", spec[0])] if include_dense else []) + \
          [(labels[name], str(all_runs[name].path)) for name in chosen]
+if with_llamacpp and llama_cpp_available():
+    models += [(f"{label} · llama.cpp q8_0", GGUF_PREFIX + source) for label, source in models]
 gen_job = job("generate")
 if st.button("Generate", type="primary", disabled=bool(gen_job and gen_job.running) or not models):
     # not a heavy job: it takes turns with nothing and the page keeps drawing tokens while it runs

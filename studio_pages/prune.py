@@ -105,12 +105,15 @@ with st.expander("Calibration data and method", expanded=True):
     widget(c3.number_input, "seqlen", "Sequence length", 0, 1_000_000, step=16,
            help=f"at most the model's context, {context} tokens")
     widget(c4.number_input, "seed", "Seed", 0, 10**6)
-    m1, m2, m3, m4, m5 = st.columns(5)
+    m1, m2, m3, m4, m5, m6 = st.columns(6)
     widget(m1.number_input, "damp", "Damping λ", 0.0, 1.0, step=0.005, format="%.3f")
     widget(m2.selectbox, "head_error", "Head error", ["exact", "approx"],
            help="exact group OBS error, or the authors' cheaper diagonal approximation")
     widget(m3.number_input, "ffn_floor", "FFN group floor", 1, 4096)
     widget(m4.number_input, "ffn_ceiling", "FFN group ceiling", 1, 8192)
+    widget(m6.number_input, "align", "Align FFN widths", 1, 1024,
+           help="every pruned layer keeps a multiple of this many FFN channels: 32 lets llama.cpp quantize every "
+                "row to Q8_0, 256 to its K-quants; 1: no rounding")
     widget(m5.checkbox, "dense_inputs", "Dense inputs",
            help="calibrate every layer on the dense model's inputs (no error accumulation)")
 calib, nsamples, seqlen, seed, damp = form.calibration, form.nsamples, form.seqlen, form.seed, form.damp
@@ -155,7 +158,7 @@ ffn_ratios = list(form.fr)
 settings = PruneSettings(ratio=form.target_ratio, schedule=form.preset, shape=form.shape,
                          head_ratios=head_ratios, ffn_ratios=ffn_ratios, damp=damp, head_error=form.head_error,
                          ffn_group_floor=int(form.ffn_floor), ffn_group_ceiling=int(form.ffn_ceiling),
-                         sequential=not form.dense_inputs, device=ss.get("device", "auto"))
+                         sequential=not form.dense_inputs, device=ss.get("device", "auto"), align=int(form.align))
 blocking = problems(form, n_layers, context)  # why Start cannot run these settings (shown beside it)
 preview = None
 if not form.preset_error:

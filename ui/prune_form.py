@@ -30,6 +30,7 @@ class PruneForm:
     head_error: str = "exact"
     ffn_floor: int = 64
     ffn_ceiling: int = 1024
+    align: int = 1  # kept FFN widths a multiple of this (llama.cpp quantizes rows in blocks of 32 / 256)
     dense_inputs: bool = False
     preset: str = "log"
     target_ratio: float = 0.2
@@ -185,4 +186,4 @@ def describe_frozen(settings: dict) -> str:
     mean = (sum(form.hr) + sum(form.fr)) / max(1, len(form.hr) + len(form.fr))
     return (f"schedule **{schedule}** (requested mean ratio {mean:.1%}, target {form.target_ratio:.0%}); calibration "
             f"{form.describe_calibration()}; damping {form.damp:g}, head error {form.head_error}, FFN groups "
-            f"{form.ffn_floor}–{form.ffn_ceiling}")
+            f"{form.ffn_floor}–{form.ffn_ceiling}" + (f", FFN widths multiples of {form.align}" if form.align > 1 else ""))

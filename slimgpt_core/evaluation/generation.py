@@ -16,6 +16,7 @@ from transformers.generation.streamers import BaseStreamer
 from slimgpt_core.errors import PruningCancelled, SlimGPTError
 from slimgpt_core.events import Progress
 
+GGUF_PREFIX = "gguf:"  # a model given as "gguf:<run folder or model name>" runs in llama.cpp from its q8_0 GGUF
 DEFAULT_PROMPTS = (
     "Once upon a time, there was a little girl named Lily. She",
     "The capital of France is",
@@ -143,6 +144,17 @@ def generate_side_by_side(models: list[tuple[str, str]], prompts: list[str], max
     results, steps, done = [], len(models) * len(prompts), 0
     for label, name in models:
         emit(Progress(done, steps, f"{label}: loading", 0.0))
+        if str(name).startswith(GGUF_PREFIX):  # the same model run by llama.cpp from its GGUF
+            from slimgpt_core.evaluation.llamacpp import gguf_generate
+            from slimgpt_core.export.gguf import gguf_for
+
+            path = gguf_for_source(str(name)[len(GGUF_PREFIX):], device, dtype, gguf_for, should_stop)
+            for k, prompt in enumerate(prompts):
+                emit(Progress(done, steps, f"{label}: prompt {k + 1}/{len(prompts)}", 0.0))
+                results.append(gguf_generate(path, label, prompt, max_new_tokens, on_text=lambda text, n, s, label=label,
+                                             k=k: emit(TokenStreamed(label, k, text, n, s)), should_stop=should_stop))
+                done += 1
+            continue
         loaded = POOL.get(name, device, dtype)
         for k, prompt in enumerate(prompts):
             emit(Progress(done, steps, f"{label}: prompt {k + 1}/{len(prompts)}", 0.0))
@@ -152,3 +164,16 @@ def generate_side_by_side(models: list[tuple[str, str]], prompts: list[str], max
             done += 1
     emit(Progress(steps, steps, "done", 0.0))
     return results
+
+
+def gguf_for_source(name: str, device: str, dtype: str, gguf_for, should_stop) -> "Path":
+    """The q8_0 GGUF of a run folder (exported once into the workspace) or of a named model (from the pool)."""
+    from pathlib import Path
+
+    from slimgpt_core.workspace.model_pool import POOL
+
+    if Path(name).is_dir():
+        return gguf_for(name, Path(name).name, "q8_0", cancel=should_stop)
+    loaded = POOL.get(name, device, dtype)
+    label = "dense-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(name).name)
+    return gguf_for(loaded, label, "q8_0", cancel=should_stop)

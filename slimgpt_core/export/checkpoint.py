@@ -161,7 +161,13 @@ def model_card(model, report=None, evaluation: dict | None = None, source: str =
               "path = \"<this folder>\"", load, "tokenizer = AutoTokenizer.from_pretrained(path)", "```", ""]
     if hetero:
         lines.append(f"Layers differ in shape, so `config.json` lists them per layer ({', '.join(LAYER_KEYS)}) and "
-                     f"`modeling_slimgpt.py` (base architecture: {base_model_type(model.config)}) builds them.")
+                     f"`modeling_slimgpt.py` (base architecture: {base_model_type(model.config)}) builds them. "
+                     "vLLM cannot serve it today: its query-head count is one for all layers.")
+    lines += ["", "## llama.cpp, Ollama, LM Studio", "",
+              "`python -m slimgpt_core export --model <this folder> --format gguf --weight-type q8_0 --out model.gguf` "
+              "writes one GGUF file (layers of different shapes as llama.cpp's `deci` architecture); then "
+              "`llama-cli -m model.gguf -p \"Once upon a time\" -n 128`, or an Ollama `Modelfile` holding "
+              "`FROM ./model.gguf` and `ollama create pruned -f Modelfile`."]
     return "\n".join(lines) + "\n"
 
 

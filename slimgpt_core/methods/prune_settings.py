@@ -39,6 +39,7 @@ class PruneSettings:
     offload_activations: str = "auto"  # auto | never | always: calibration activations in (pinned) CPU memory
     tf32: bool = False  # TF32 matmuls in layer forwards on CUDA (statistics and OBS stay full fp32)
     track_accumulation: bool = True  # False: skip the reference forward that measures accumulated error
+    align: int = 1  # every pruned layer keeps a multiple of this many FFN channels (quantization blocks, kernel tiles)
 
 
 METHODS = ("slimgpt", "magnitude", "wanda-sp", "surgeon", "kobd", "obs-multishot", "minitron")
@@ -61,6 +62,8 @@ def validate_settings(settings: PruneSettings) -> None:
         raise SlimGPTError(f"batch size must be >= 1, got {settings.batch_size}")
     if settings.method not in METHODS:
         raise SlimGPTError(f"unknown method {settings.method!r} (choose from {', '.join(METHODS)})")
+    if settings.align < 1:
+        raise SlimGPTError(f"align must be >= 1, got {settings.align}")
     if settings.shots < 1:
         raise SlimGPTError(f"shots must be >= 1, got {settings.shots}")
     obs.dynamic_group_sizes(0, settings.ffn_group_floor, settings.ffn_group_ceiling)
@@ -101,6 +104,15 @@ def plan_removals(model, settings: PruneSettings) -> tuple[list[float], list[flo
             ffn_rm.append(f - keep)
             ffn_r[i] = 1 - keep / f
         else:
-            ffn_rm.append(units_to_remove(f, ffn_r[i]))
+            ffn_rm.append(f - aligned_width(f - units_to_remove(f, ffn_r[i]), f, settings.align))
+            ffn_r[i] = ffn_rm[-1] / f if settings.align > 1 else ffn_r[i]
     return head_r, ffn_r, head_rm, ffn_rm
+
+
+def aligned_width(keep: int, full: int, align: int) -> int:
+    """The kept FFN width rounded to the nearest multiple of `align`, halves up (at least one multiple, at most the
+    full width); a layer left whole stays whole."""
+    if align <= 1 or keep == full or full < align:
+        return keep
+    return min(max(align, (keep + align // 2) // align * align), full // align * align)
 

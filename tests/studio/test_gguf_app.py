@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from slimgpt_core.evaluation import llamacpp
 from slimgpt_core.export.gguf import default_gguf_path
-from test_app import button, load_stories, settle
-from test_app_small import two_runs
+from tests.studio.test_app import button, load_stories, settle
+from tests.studio.test_app_small import two_runs
 
 
 def test_export_page_writes_the_runs_gguf(app):

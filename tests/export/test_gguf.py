@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
+from tests.tiny_models import tiny_model
 from slimgpt_core.errors import PruningCancelled, SlimGPTError
 from slimgpt_core.evaluation import llamacpp
 from slimgpt_core.export.gguf import export_gguf, layer_shapes

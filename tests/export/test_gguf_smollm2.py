@@ -13,7 +13,7 @@ from slimgpt_core.evaluation import llamacpp
 from slimgpt_core.export.gguf import export_gguf, layer_shapes
 from slimgpt_core.methods.surgery import keep_channels, keep_kv_groups
 from slimgpt_core.models import load_model
-from test_gguf import LOGIT_TOLERANCE, _windows, torch_logits, torch_nll
+from tests.export.test_gguf import LOGIT_TOLERANCE, _windows, torch_logits, torch_nll
 
 PROMPT = "The capital of France is"
 

@@ -6,6 +6,11 @@ import torch
 from tests import ROOT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers share two cores: one thread each (and for the CLIs, servers and llama.cpp they start), so
+    # neither waits on the other's spinning threads
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -79,7 +79,7 @@ def test_f32_gguf_matches_pytorch(stories, tmp_path, shape):
         assert meta["deci.attention.head_count_kv"] == [2, 0, 1, 4, 3]
         assert meta["deci.feed_forward_length"] == [100, 172, 1, 64, 33]
         assert not any(k.startswith("blk.1.attn") for k in llamacpp.tensor_types(result.path))
-    llm = llamacpp.open_gguf(result.path, n_ctx=128, threads=2, logits_all=True, f32_cache=True)
+    llm = llamacpp.open_gguf(result.path, n_ctx=128, threads=1, logits_all=True, f32_cache=True)
     ids = loaded.tokenizer(PROMPT)["input_ids"]
     # the tokenizer in the file splits text as the Hugging Face one does
     assert llm.tokenize(PROMPT.encode(), add_bos=True) == ids
@@ -123,7 +123,7 @@ def test_q8_0_perplexity_within_two_percent(stories, tmp_path, shape):
     if shape == "mixed":
         assert types["blk.3.ffn_down.weight"] == "Q8_0"
     windows = _windows(loaded.tokenizer, 8, 128)
-    llm = llamacpp.open_gguf(result.path, n_ctx=128, threads=2, logits_all=True)
+    llm = llamacpp.open_gguf(result.path, n_ctx=128, threads=1, logits_all=True)
     ours = llamacpp.perplexity(llm, windows)
     reference = math.exp(torch_nll(loaded.model, windows))
     assert ours.windows == 8 and ours.tokens == 8 * 127
@@ -140,7 +140,7 @@ def test_llamacpp_quantization_q4_k_m(stories, tmp_path):
     assert meta["deci.attention.head_count"] == [4, 0, 2, 8, 6]  # llama.cpp's quantize keeps the metadata
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m-f16.gguf", "m-q4.gguf"]  # no staging file left
     windows = _windows(loaded.tokenizer, 4, 128)
-    llm = llamacpp.open_gguf(q4.path, n_ctx=128, threads=2, logits_all=True)
+    llm = llamacpp.open_gguf(q4.path, n_ctx=128, threads=1, logits_all=True)
     reference = math.exp(torch_nll(loaded.model, windows))
     assert abs(llamacpp.perplexity(llm, windows).ppl / reference - 1) < 0.10
 
@@ -168,7 +168,7 @@ def test_qwen2_biases_follow_their_rows(tmp_path, mixed):
     result = export_gguf(loaded, tmp_path / "q.gguf", "f32")
     assert result.architecture == ("deci" if mixed else "qwen2")
     assert "blk.0.attn_q.bias" in llamacpp.tensor_types(result.path)
-    llm = llamacpp.open_gguf(result.path, n_ctx=64, threads=2, logits_all=True, f32_cache=True)
+    llm = llamacpp.open_gguf(result.path, n_ctx=64, threads=1, logits_all=True, f32_cache=True)
     ids = [1, 57, 300, 12, 99, 4, 250, 8]
     expected, got = torch_logits(loaded.model, ids), llamacpp.logits(llm, ids)
     assert np.abs(got - expected).max() <= LOGIT_TOLERANCE * np.abs(expected).max()

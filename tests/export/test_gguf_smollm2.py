@@ -39,7 +39,7 @@ def test_f32_gguf_of_mixed_smollm2_matches_pytorch(smollm2_mixed, tmp_path):
 
     source = gguf.GGUFReader(smollm2_gguf()).fields["tokenizer.chat_template"].contents()
     assert meta["tokenizer.chat_template"] == source and meta["tokenizer.ggml.pre"] == "smollm"
-    llm = llamacpp.open_gguf(result.path, n_ctx=128, threads=2, logits_all=True, f32_cache=True)
+    llm = llamacpp.open_gguf(result.path, n_ctx=128, threads=1, logits_all=True, f32_cache=True)
     ids = loaded.tokenizer(PROMPT)["input_ids"]
     assert llm.tokenize(PROMPT.encode(), add_bos=False) == ids
     expected, got = torch_logits(loaded.model, ids), llamacpp.logits(llm, ids)
@@ -56,7 +56,7 @@ def test_q8_0_gguf_of_mixed_smollm2_perplexity_within_two_percent(smollm2_mixed,
     result = export_gguf(loaded, tmp_path / "smol.gguf", "q8_0")
     assert len(result.fallback_tensors) == 30  # every ffn_down: 1296, 1000 and 575 are not multiples of 32
     windows = _windows(loaded.tokenizer, 4, 128)
-    llm = llamacpp.open_gguf(result.path, n_ctx=128, threads=2, logits_all=True)
+    llm = llamacpp.open_gguf(result.path, n_ctx=128, threads=1, logits_all=True)
     ours = llamacpp.perplexity(llm, windows)
     reference = math.exp(torch_nll(loaded.model, windows))
     assert abs(ours.ppl / reference - 1) < 0.02, (ours.ppl, reference)

@@ -1,4 +1,4 @@
-"""SmolLM2 (the offline default, from its GGUF) with a mixed schedule, exported and run in llama.cpp: the fewest,
+"""SmolLM2 (the offline default, from its GGUF) pruned by SlimGPT, exported and run in llama.cpp: the fewest,
 slowest GGUF checks. The tokenizer is copied from the source GGUF."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from slimgpt_core.assets import smollm2_gguf
+from slimgpt_core.cli import main
 from slimgpt_core.evaluation import llamacpp
 from slimgpt_core.export.gguf import export_gguf, layer_shapes
-from slimgpt_core.methods.surgery import keep_channels, keep_kv_groups
 from slimgpt_core.models import load_model
 from tests.export.test_gguf import LOGIT_TOLERANCE, _windows, torch_logits, torch_nll
 
@@ -19,20 +19,22 @@ PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def smollm2_mixed():
-    """SmolLM2 sliced to SlimGPT-like mixed shapes (9/6/3 query heads, widths that are not multiples of 32)."""
-    loaded = load_model("default", "cpu", "float32")
-    widths = [1296, 1000, 575]
-    for i, layer in enumerate(loaded.model.model.layers):
-        keep_kv_groups(layer, range(3 - i % 3))
-        keep_channels(layer, range(widths[i % 3]))
-    assert layer_shapes(loaded.model)[:3] == [(9, 3, 1296), (6, 2, 1000), (3, 1, 575)]
-    return loaded
+def smollm2_mixed(tmp_path_factory):
+    """SmolLM2 pruned by SlimGPT to 20% (log schedule, 4 × 128 C4 samples): whole KV groups and FFN widths that
+    differ by layer and are not multiples of 32, OBS-compensated, so its perplexity is a model's (sliced without
+    compensation it is in the thousands, where q8_0's rounding moves it by more than 2%)."""
+    run = tmp_path_factory.mktemp("smollm2") / "run"
+    assert main(["prune", "--model", "default", "--ratio", "0.2", "--calib", "c4", "--nsamples", "4", "--seqlen",
+                 "128", "--out", str(run), "--quiet"]) == 0
+    loaded = load_model(str(run), "cpu", "float32")
+    shapes = layer_shapes(loaded.model)
+    assert len(set(shapes)) > 1 and all(heads % 3 == 0 and heads == 3 * kv for heads, kv, _ in shapes)
+    return run, loaded
 
 
 def test_f32_gguf_of_mixed_smollm2_matches_pytorch(smollm2_mixed, tmp_path):
-    loaded = smollm2_mixed
-    result = export_gguf(loaded, tmp_path / "smol.gguf", "f32")
+    run, loaded = smollm2_mixed
+    result = export_gguf(run, tmp_path / "smol.gguf", "f32")
     assert result.architecture == "deci" and result.tokenizer_source.startswith("source GGUF")
     meta = llamacpp.gguf_metadata(result.path)
     import gguf
@@ -52,9 +54,11 @@ def test_f32_gguf_of_mixed_smollm2_matches_pytorch(smollm2_mixed, tmp_path):
 
 
 def test_q8_0_gguf_of_mixed_smollm2_perplexity_within_two_percent(smollm2_mixed, tmp_path):
-    loaded = smollm2_mixed
-    result = export_gguf(loaded, tmp_path / "smol.gguf", "q8_0")
-    assert len(result.fallback_tensors) == 30  # every ffn_down: 1296, 1000 and 575 are not multiples of 32
+    run, loaded = smollm2_mixed
+    result = export_gguf(run, tmp_path / "smol.gguf", "q8_0")
+    # Q8_0 blocks are 32 wide: exactly the ffn_down tensors whose width is not a multiple of 32 stay f16
+    unaligned = {f"blk.{i}.ffn_down.weight" for i, (_, _, width) in enumerate(layer_shapes(loaded.model)) if width % 32}
+    assert unaligned and set(result.fallback_tensors) == unaligned
     windows = _windows(loaded.tokenizer, 4, 128)
     llm = llamacpp.open_gguf(result.path, n_ctx=128, threads=1, logits_all=True)
     ours = llamacpp.perplexity(llm, windows)

@@ -208,7 +208,8 @@ def markdown(state: dict) -> str:
         diff = [a - b for a, b in zip(r["nlls"], log["nlls"])] if log else None
         rel = math.exp(nll - statistics.fmean(log["nlls"])) if log else math.nan
         kl = r.get("kl")
-        lines.append(f"| {r['ratio']:.0%} | {r['row']} | {r['params']:,} | {math.exp(nll):.1f} | {nll:.3f} ± "
+        ppl = math.exp(nll)
+        lines.append(f"| {r['ratio']:.0%} | {r['row']} | {r['params']:,} | {ppl:.{2 if ppl < 100 else 1}f} | {nll:.3f} ± "
                      f"{_se(r['nlls']):.3f} | " + (f"{statistics.fmean(diff):+.3f} ± {_se(diff):.3f}"
                                                      if diff and r['row'] != 'log' else "–")
                      + f" | {rel:.3f} | " + (f"{kl:.4f}" if kl is not None and math.isfinite(kl) else "–")
@@ -224,6 +225,12 @@ def markdown(state: dict) -> str:
 
 def _se(values) -> float:
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+
+
+def render(out: str) -> None:
+    """Rewrite OUT/grid.md from OUT/grid.json (the table's format without rerunning anything)."""
+    path = Path(out)
+    write_text_atomic(path / "grid.md", markdown(json.loads((path / "grid.json").read_text())))
 
 
 if __name__ == "__main__":

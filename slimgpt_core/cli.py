@@ -89,10 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=float, default=4.0, help="last/first layer ratio for log and linear schedules")
     p.add_argument("--target-params", type=_positive,
                    help="auto: parameters of the pruned model (default: --ratio of the decoder layers' parameters)")
-    p.add_argument("--ceiling", type=_ratio, default=0.9, help="auto: at most this fraction of a layer's KV groups "
-                   "or channels removed")
-    p.add_argument("--search-generations", type=_positive, default=200, help="auto: generations of the search")
-    p.add_argument("--search-seconds", type=float, help="auto: stop the search after this many seconds")
+    p.add_argument("--budget-scope", choices=["layers", "model"], default="layers",
+                   help="auto: --ratio is a fraction of the decoder layers' parameters or of the whole model's")
+    p.add_argument("--min-keep", type=_ratio, help="auto: every layer keeps at least this fraction of its KV groups "
+                   "and of its FFN channels (default 0.1; at least one of each)")
+    p.add_argument("--ceiling", type=_ratio, help="auto: at most this fraction of a layer's KV groups or channels "
+                   "removed (the same as --min-keep 1-C)")
+    p.add_argument("--auto-seconds", "--search-seconds", dest="auto_seconds", type=float, default=600.0,
+                   help="auto: the fast schedule, then a KL search refining it until this many seconds have passed "
+                        "(0: the fast schedule only)")
+    p.add_argument("--search-generations", type=_positive, help="auto: stop the search after this many generations")
     p.add_argument("--fitness-samples", type=_positive, default=8,
                    help="auto: calibration sequences (other windows, seed+1) the search's KL is measured on")
     p.add_argument("--fitness-seqlen", type=_positive, default=128, help="auto: their length")
@@ -428,7 +434,7 @@ def _cmd_prune(args, rank: int) -> int:
     report.settings.update(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                            dtype=str(next(model.parameters()).dtype))
     if auto is not None:
-        report.settings["auto"] = {k: v for k, v in asdict(auto).items() if k != "history"}
+        report.settings["auto"] = {k: v for k, v in asdict(auto).items() if k not in ("history", "snapshots")}
     if rank > 0:
         return 0  # every rank holds the same pruned model; rank 0 writes it
     if args.ppl:
@@ -457,26 +463,39 @@ def _cmd_prune(args, rank: int) -> int:
 
 
 def _auto_schedule(args, loaded, tokens, settings):
-    """Search the per-layer counts for the budget (autoschedule.py) and put them into `settings`."""
-    from slimgpt_core.schedules.autoschedule import AutoSettings, search
+    """The fast schedule for the budget, refined by the KL search for --auto-seconds (refine.py); its counts go
+    into `settings`. --head-ratio/--ffn-ratio set the heads' and the FFN's budgets apart."""
     from slimgpt_core.data import calibration_tokens
-    from slimgpt_core.schedules.schedule import layer_ratios
+    from slimgpt_core.schedules.global_allocation import BudgetSpec
+    from slimgpt_core.schedules.refine import AutoConfig, auto_schedule
 
+    if args.min_keep is not None and args.ceiling is not None:
+        raise SlimGPTError("give --min-keep or --ceiling, not both (--ceiling C is --min-keep 1-C)")
+    min_keep = args.min_keep if args.min_keep is not None else 1.0 - args.ceiling if args.ceiling is not None else 0.1
+    if args.auto_seconds < 0:
+        raise SlimGPTError(f"--auto-seconds must be 0 or more, got {args.auto_seconds:g}")
     fitness = calibration_tokens(loaded.tokenizer, args.calib, args.fitness_samples, args.fitness_seqlen,
                                  args.seed + 1)
-    auto = AutoSettings(target_params=args.target_params, ratio=args.ratio, ceiling=args.ceiling,
-                        generations=args.search_generations, max_seconds=args.search_seconds, shape=args.shape,
-                        seed=args.seed, damp=args.damp, batch_size=args.batch_size, device=args.device)
+    budget = BudgetSpec(ratio=args.ratio, scope=args.budget_scope, target_params=args.target_params,
+                        head_ratio=args.head_ratio, ffn_ratio=args.ffn_ratio, min_keep=min_keep)
+    config = AutoConfig(budget=budget, max_seconds=args.auto_seconds, generations=args.search_generations,
+                        refine=args.auto_seconds > 0, shape=args.shape, seed=args.seed, damp=args.damp,
+                        batch_size=args.batch_size, device=args.device)
+    shown = {"phase": None}
 
     def show(event):
-        if not args.quiet and event.phase in ("search", "done") and event.generation % 10 == 0:
-            print(f"auto: generation {event.generation} KL {event.best_kl:.4f} (start {event.start_kl:.4f}, "
-                  f"{event.evaluations} evaluations, {event.elapsed_s:.0f} s)", file=sys.stderr)
-    n = len(loaded.model.model.layers)
-    starts = {kind: (layer_ratios(n, args.ratio, kind, args.shape),) * 2 for kind in ("log", "linear", "uniform")} \
-        if args.target_params is None else None
-    result = search(loaded.model, tokens, fitness, auto, show, starts=starts)
+        if args.quiet:
+            return
+        if event.phase != shown["phase"] or (event.phase == "search" and event.generation % 10 == 0):
+            shown["phase"] = event.phase
+            kl = f" · best {event.best} KL {event.best_kl:.4f}" if event.best and event.best_kl == event.best_kl else ""
+            eta = f" · about {event.eta_s:.0f} s left" if event.eta_s is not None else ""
+            print(f"auto: {event.phase} {event.fraction:.0%}{eta}{kl} · generation {event.generation} · "
+                  f"{event.elapsed_s:.0f} s", file=sys.stderr)
+    result = auto_schedule(loaded.model, tokens, fitness, config, show)
     loaded.model.to("cpu")
+    if not args.quiet:
+        print(f"auto: {result.describe()}", file=sys.stderr)
     settings.keep_heads, settings.keep_ffn = result.keep_heads, result.keep_ffn
     settings.head_ratios, settings.ffn_ratios = result.head_ratios, result.ffn_ratios
     return result

@@ -2,12 +2,12 @@
 import pandas as pd
 import streamlit as st
 
-from slimgpt_core.schedules.autoschedule import AutoSettings, auto_job
 from slimgpt_core.schedules.curves import curves_job
 from slimgpt_core.schedules.editor_data import editor_payload
+from slimgpt_core.schedules.global_allocation import BudgetSpec
+from slimgpt_core.schedules.refine import AutoConfig, auto_job
 from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.methods.prune_settings import PruneSettings
-from slimgpt_core.schedules.schedule import layer_ratios
 from slimgpt_core.studio import head_importance, preview_schedule, prune_to_workspace
 from ui import charts
 from ui.prune_form import (CALIBRATION_SOURCES, PRESETS, PRUNE_FORM_FIELDS, SCHEDULE_FIELDS, PruneForm, apply_preset,
@@ -38,7 +38,7 @@ if form.model != loaded.name or len(form.hr) != n_layers or len(form.fr) != n_la
     form.model, form.origin, form.custom = loaded.name, "preset", None  # another model: its own preset schedule
     apply_preset(form, n_layers, attn_params, mlp_params)
     save_form(form)
-if "auto_pending" in ss:  # a finished (or stopped) auto search: its schedule goes into the editor, still editable
+if "auto_pending" in ss:  # auto's best schedule so far (or its last): into the editor, still editable
     found = ss.pop("auto_pending")
     if len(found.head_ratios) == n_layers:
         set_schedule(form, [round(r, 4) for r in found.head_ratios], [round(r, 4) for r in found.ffn_ratios], "auto")
@@ -208,21 +208,28 @@ if preview is not None:  # the views below need a valid schedule; the Run sectio
     # --- what-if from the error curves (no forward pass) and the auto search ----------------------------
     st.subheader("What-if (predicted on dense inputs)")
     if form.preset == "auto":
-        a1, a2, a3, a4 = st.columns([1, 1.4, 1, 1.2])
-        a1.number_input("Per-layer ceiling", 0.1, 0.95, 0.9, step=0.05, key="auto_ceiling",
-                        help="at most this fraction of any layer's KV groups or FFN channels is removed")
-        a2.number_input("Target parameters (0: from the mean ratio)", 0, int(preview.params_before), 0, step=100_000,
+        a1, a2, a3, a4, a5 = st.columns([1, 1, 1.3, 1, 1.2])
+        a1.selectbox("Budget of", ["decoder layers", "whole model"], key="auto_scope",
+                     help="the target mean ratio is a fraction of the decoder layers' parameters or of the whole "
+                          "model's; with 'Separate FFN target' the heads and the FFN get their own budgets")
+        a2.number_input("Per-layer minimum kept", 0.0, 0.9, 0.1, step=0.05, key="auto_min_keep",
+                        help="every layer keeps at least this fraction of its KV groups and of its FFN channels")
+        a3.number_input("Target parameters (0: from the ratio)", 0, int(preview.params_before), 0, step=100_000,
                         key="auto_target_params")
-        a3.number_input("Generations", 1, 5000, 200, key="auto_generations")
+        a4.number_input("Search seconds (0: fast only)", 0, 24 * 3600, 600, step=60, key="auto_seconds",
+                        help="a first schedule comes in about a minute; the KL search then refines it for this long "
+                             "(Stop keeps the best so far)")
         auto_running = bool(job("auto") and job("auto").running)
-        if a4.button("Search auto schedule", disabled=auto_running, type="primary"):
-            target_params = int(ss.auto_target_params) or None
-            starts = {kind: (layer_ratios(n_layers, form.target_ratio, kind, form.shape),) * 2
-                      for kind in ("log", "linear", "uniform")} if target_params is None else None
-            auto_settings = AutoSettings(target_params=target_params, ratio=form.target_ratio, ceiling=ss.auto_ceiling,
-                                         generations=int(ss.auto_generations), shape=form.shape, seed=int(seed),
-                                         damp=float(damp), device=ss.get("device", "auto"))
-            submit("auto", auto_job, loaded, calib, int(nsamples), int(seqlen), int(seed), auto_settings, starts,
+        if a5.button("Find auto schedule", disabled=auto_running, type="primary"):
+            budget = BudgetSpec(ratio=form.target_ratio, scope="model" if ss.auto_scope == "whole model" else "layers",
+                                target_params=int(ss.auto_target_params) or None,
+                                head_ratio=form.target_ratio if form.separate else None,
+                                ffn_ratio=form.ffn_target if form.separate else None,
+                                min_keep=float(ss.auto_min_keep))
+            config = AutoConfig(budget=budget, max_seconds=float(ss.auto_seconds), refine=ss.auto_seconds > 0,
+                                shape=form.shape, seed=int(seed), damp=float(damp), device=ss.get("device", "auto"))
+            ss.auto_shown = None
+            submit("auto", auto_job, loaded, calib, int(nsamples), int(seqlen), int(seed), config,
                    job_label=f"{loaded.name} {form.target_ratio:.0%}")
     if model_curves is not None:
         st.caption("The schedule editor above draws every layer's predicted error and the sensitivity map from these "
@@ -235,6 +242,15 @@ if preview is not None:  # the views below need a valid schedule; the Run sectio
             submit("curves", curves_job, loaded, calib, int(nsamples), int(seqlen), int(seed), float(damp),
                    ss.get("device", "auto"), job_label=curves_key)
 
+
+    PHASES = {"curves": "error curves", "database": "variant database", "sensitivity": "output sensitivity",
+              "fast": "fast schedule", "search": "refining (KL search)", "done": "done"}
+
+    def best_text(e) -> str:
+        """Which schedule the editor shows now."""
+        kl = f"KL {e.best_kl:.4f}" if e.best_kl == e.best_kl else "KL pending"
+        return (f"editor: fast schedule, {kl}" if e.best == "fast" else
+                f"editor: refined, generation {e.generation}, {kl} (fast {e.fast_kl:.4f})")
 
     def whatif_jobs() -> None:
         """Polls the curves and auto jobs; never blocks."""
@@ -252,30 +268,42 @@ if preview is not None:  # the views below need a valid schedule; the Run sectio
         aj = job("auto")
         if aj is None:
             return
-        events = [e for e in aj.events if e.kind == "search"]
-        history = [(e.generation, e.best_kl) for e in events if e.phase in ("search", "done")]
+        events = [e for e in aj.events if e.kind == "auto"]
+        last = events[-1] if events else None
+        fast = [e.fast_kl for e in events if e.fast_kl == e.fast_kl]  # KL of the fast schedule, once scored
+        history = ([(0, fast[-1])] if fast else []) + [(e.generation, e.best_kl) for e in events if e.phase == "search"]
         if aj.running:
-            last = events[-1] if events else None
-            text = (f"auto: {last.phase} · generation {last.generation} · KL {last.best_kl:.4f} (start {last.start_kl:.4f})"
-                    f" · {aj.elapsed:.0f} s" if last and history else f"auto: building the database · {aj.elapsed:.0f} s")
-            st.progress(min(1.0, (last.generation if last else 0) / max(1, int(ss.get("auto_generations", 200)))),
-                        text=text)
-            if st.button("Stop search (keep the best so far)", key="stop_auto"):
+            if last is None:
+                text = f"auto: starting · {aj.elapsed:.0f} s"
+            else:
+                eta = f" · about {last.eta_s:.0f} s left" if last.eta_s is not None else ""
+                text = f"auto: {PHASES.get(last.phase, last.phase)} {last.fraction:.0%}{eta} · {aj.elapsed:.0f} s"
+                if last.best:
+                    text += " · " + best_text(last)
+            st.progress(last.fraction if last else 0.0, text=text)
+            if st.button("Stop (keep the best so far)", key="stop_auto"):
                 aj.cancel()
             if aj.queued:
                 st.caption("queued: waits for the running job to finish")
+            shown = (aj.id, tuple(last.head_ratios), tuple(last.ffn_ratios)) if last and last.head_ratios else None
+            if shown is not None and ss.get("auto_shown") != shown:  # a better schedule: the sliders follow it
+                ss.auto_shown = shown
+                ss.auto_pending = last
+                st.rerun(scope="app")
         elif aj.state == "failed":
             st.error(aj.error)
-        if history:
+        elif aj.state == "cancelled":
+            st.warning("auto was stopped before its first schedule was ready: the editor keeps its schedule.")
+        if len(history) > 1:
             st.plotly_chart(charts.search_progress(history), key="auto_search_chart")
         if aj.state == "done" and take_result(aj):
             ss.auto_pending = aj.result
             st.rerun(scope="app")
         elif aj.state == "done":
             r = aj.result
-            st.success(f"auto: KL {r.kl:.4f} (started from {r.start}, KL {r.start_kl:.4f}) after {r.generations} "
-                       f"generations; {r.params_after / 1e6:.3f} M parameters (target {r.target_params / 1e6:.3f} M). "
-                       "The editor holds its ratios: edit them freely.")
+            ended = "stopped" if r.stopped else "finished"
+            st.success(f"auto {ended}: the editor holds {r.describe()}; {r.params_after / 1e6:.3f} M parameters. "
+                       "Edit it freely.")
 
 
     live_fragment(whatif_jobs, "curves", "auto")

@@ -43,8 +43,9 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "slimgpt-dense": ({"sequential": False}, "ablation: calibrated on dense inputs"),
     "slimgpt-uniform": ({"schedule": "uniform"}, "ablation: uniform schedule"),
     "slimgpt-linear": ({"schedule": "linear"}, "ablation: linear schedule"),
-    "slimgpt-auto": ({"schedule": "auto"}, "auto schedule: (1+λ) search on KL over dense-input variants, at the "
-                     "log schedule's achieved parameter count (SPEC §10)"),
+    "slimgpt-auto": ({"schedule": "auto"}, "auto schedule: a global allocation on Fisher-scaled predicted errors, "
+                     "refined by a (1+λ) search on KL over dense-input variants, at the log schedule's achieved "
+                     "parameter count (SPEC §7, §10)"),
 }
 
 
@@ -129,15 +130,15 @@ def run_grid(model_name: str, ratios: list[float], variants: list[str], calib: s
 
 def _auto_settings(loaded, tokens, settings: PruneSettings, calib: str, seed: int, device: str, generations: int,
                    seconds: float | None, target_params: int | None) -> PruneSettings:
-    """Search the auto schedule (at the log row's achieved count when there is one) on other calibration windows."""
-    from slimgpt_core.schedules.autoschedule import AutoSettings, search
-    from slimgpt_core.schedules.schedule import layer_ratios
+    """The auto schedule (the fast one refined by the KL search, refine.py) at the log row's achieved count when
+    there is one, its KL on other calibration windows."""
+    from slimgpt_core.schedules.global_allocation import BudgetSpec
+    from slimgpt_core.schedules.refine import AutoConfig, auto_schedule
 
-    n = len(loaded.model.model.layers)
     fitness = calibration_tokens(loaded.tokenizer, calib, 8, 128, seed + 1)
-    starts = {kind: (layer_ratios(n, settings.ratio, kind, settings.shape),) * 2 for kind in ("log", "linear", "uniform")}
-    result = search(loaded.model, tokens, fitness, AutoSettings(target_params=target_params, ratio=settings.ratio,
-                    generations=generations, max_seconds=seconds, seed=seed, device=device), starts=starts)
+    config = AutoConfig(budget=BudgetSpec(ratio=settings.ratio, target_params=target_params), max_seconds=seconds,
+                        generations=generations, shape=settings.shape, seed=seed, device=device)
+    result = auto_schedule(loaded.model, tokens, fitness, config)
     loaded.model.to("cpu")
     return replace(settings, keep_heads=result.keep_heads, keep_ffn=result.keep_ffn, head_ratios=result.head_ratios,
                    ffn_ratios=result.ffn_ratios)

@@ -51,8 +51,9 @@ def test_auto_preset_searches_and_fills_the_editor(app):
     app.slider(key="target_ratio").set_value(0.5).run()
     log_heads = list(schedule_table(app)["heads ratio"])
     app.selectbox(key="preset").set_value("auto").run()
-    app.number_input(key="auto_generations").set_value(3).run()
-    button(app, "Search auto schedule").click().run()
+    app.number_input(key="auto_seconds").set_value(3).run()
+    app.number_input(key="auto_min_keep").set_value(0.25).run()
+    button(app, "Find auto schedule").click().run()
     from slimgpt_core.workspace.jobs import BOARD
     job = BOARD.latest("auto")
     job.wait(600)
@@ -64,13 +65,77 @@ def test_auto_preset_searches_and_fills_the_editor(app):
     heads = list(schedule_table(app)["heads ratio"])
     assert heads == [round(r, 4) for r in result.head_ratios] == editor_data(app)["hr"]
     assert list(schedule_table(app)["FFN ratio"]) == [round(r, 4) for r in result.ffn_ratios]
-    assert heads != log_heads or result.start.startswith("log")
-    assert any(t.startswith("Auto schedule search") for t in figures(app))
+    assert max(result.head_ratios + result.ffn_ratios) <= 0.75  # the minimum kept, 25%
+    assert heads != log_heads or result.fast.startswith("log")
+    [message] = [m.value for m in app.success if m.value.startswith("auto ")]
+    assert message.startswith("auto finished: the editor holds ") and result.describe() in message
     edit_schedule(app, {("hr", 1): 0.0})  # still editable
     assert app.session_state["schedule"]["hr"][1] == 0.0 and not app.exception
     app.slider(key="target_ratio").set_value(0.3).run()  # a new target needs a new search: log at 0.3 until then
     from slimgpt_core.schedules.schedule import layer_ratios
     assert list(schedule_table(app)["heads ratio"]) == [round(r, 4) for r in layer_ratios(5, 0.3, "log")]
+
+
+def _wait_for(job, condition, timeout=600.0):
+    """Until an event of the running job satisfies `condition` (or the job ends); the event."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [e for e in list(job.events) if condition(e)]
+        if found or not job.running:
+            return found[-1] if found else None
+        time.sleep(0.05)
+    return None
+
+
+def test_auto_sliders_follow_the_search_and_stop_keeps_the_best(app):
+    """While auto runs the editor shows its best schedule so far; Stop ends it with that schedule and says which."""
+    prune_page(app)
+    app.slider(key="target_ratio").set_value(0.4).run()
+    app.selectbox(key="preset").set_value("auto").run()
+    app.number_input(key="auto_seconds").set_value(3600).run()
+    button(app, "Find auto schedule").click().run()
+    from slimgpt_core.workspace.jobs import BOARD
+    job = BOARD.latest("auto")
+    scored = _wait_for(job, lambda e: e.kind == "auto" and e.phase == "search" and e.best_kl == e.best_kl)
+    assert scored is not None and job.running, job.error
+    app.run()  # the fragment sees the newer best and reruns the page with it in the editor
+    app.run()
+    assert not app.exception
+    shown = editor_data(app)["hr"]
+    seen = [e for e in list(job.events) if e.head_ratios]
+    assert any(shown == [round(r, 4) for r in e.head_ratios] for e in seen)
+    texts = [p.proto.text for p in app.get("progress")]
+    assert any(t.startswith("auto: refining (KL search) ") and "s left" in t and "editor: " in t for t in texts), texts
+    button(app, "Stop (keep the best so far)").click().run()
+    job.wait(600)
+    assert job.state == "done", job.error
+    app.run()
+    app.run()
+    result = job.result
+    assert result.stopped and result.which in ("fast", "refined")
+    assert result.kl == min(kl for _, _, kl in result.history)
+    assert editor_data(app)["hr"] == [round(r, 4) for r in result.head_ratios]
+    [message] = [m.value for m in app.success if m.value.startswith("auto ")]
+    which = "the fast schedule" if result.which == "fast" else f"refined at generation {result.generation}"
+    assert message.startswith(f"auto stopped: the editor holds {which} (KL {result.kl:.4f}")
+
+
+def test_auto_stopped_before_its_first_schedule_says_so(app):
+    prune_page(app)
+    app.selectbox(key="preset").set_value("auto").run()
+    before = editor_data(app)["hr"]
+    button(app, "Find auto schedule").click()
+    app.run()
+    from slimgpt_core.workspace.jobs import BOARD
+    BOARD.latest("auto").cancel()  # before its first phase has ended
+    BOARD.latest("auto").wait(600)
+    app.run()
+    app.run()
+    assert BOARD.latest("auto").state == "cancelled"
+    assert [w.value for w in app.warning] == ["auto was stopped before its first schedule was ready: the editor keeps "
+                                              "its schedule."]
+    assert editor_data(app)["hr"] == before
 
 
 def test_inspect_overlays_predicted_and_measured(app):

@@ -1,0 +1,375 @@
+"""`auto` as an anytime job: a fast first schedule (global_allocation.py) in about a minute, then a (1+λ) search on
+end-to-end KL (SPEC §10) that refines it for as long as it is allowed to, Stop keeping the best so far.
+
+Phases, each reported with a fraction and an estimate of the seconds left (`AutoProgress`):
+- `curves`: the error curves (cached in cache/stats with the dense statistics they come from);
+- `database`: the dense statistics' inverses; the variants themselves (o_proj / down_proj OBS-pruned on dense
+  inputs at a level) are made lazily, when a candidate asks for one (so the search's neighbourhood first), and kept
+  on disk in cache/stats, keyed by model, calibration tokens and damping: a second run, or a run at another
+  ratio, reuses them;
+- `sensitivity`: one forward and backward for the Fisher of every module's output;
+- `fast`: the global allocation at a few heads/FFN balances and the log schedule fitted to the same budget,
+  scored by KL; the lowest is the fast schedule (the first allocation is sent at once, before any KL);
+- `search`: (1+λ) from the fast schedule: λ offspring screened on a few sequences, the best re-scored on all,
+  kept only if better than the parent on the same tokens.
+The result says which schedule it is (fast, or refined at generation g) and its KL.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.methods import obs
+from slimgpt_core.methods.statistics import dense_hessians
+from slimgpt_core.methods.surgery import count_parameters
+from slimgpt_core.schedules import global_allocation as ga
+from slimgpt_core.schedules.autoschedule import StitchedModel, VariantDatabase, unit_costs
+from slimgpt_core.schedules.curves import ModelCurves, error_curves
+
+VARIANTS_VERSION = "variants-v1"
+
+
+@dataclass
+class AutoProgress:
+    """What the studio shows while `auto` runs: the phase with its fraction and estimate, and the best schedule so
+    far (which one, its KL, its ratios)."""
+    phase: str  # curves | database | sensitivity | fast | search | done
+    fraction: float  # of this phase
+    eta_s: float | None  # seconds this phase still needs (None: not known yet)
+    elapsed_s: float
+    best: str = ""  # "" (none yet) | fast | refined
+    best_kl: float = math.nan
+    fast_kl: float = math.nan
+    generation: int = 0
+    evaluations: int = 0
+    head_ratios: list[float] = field(default_factory=list)
+    ffn_ratios: list[float] = field(default_factory=list)
+    variants_built: int = 0
+    variants_from_disk: int = 0
+    kind: str = "auto"
+
+
+@dataclass
+class AutoConfig:
+    budget: ga.BudgetSpec = field(default_factory=ga.BudgetSpec)
+    max_seconds: float | None = 600.0  # the whole job, fast phase included (None: only `generations` ends it)
+    generations: int | None = None  # at most this many search generations (None: no limit)
+    fast_seconds: float = 30.0  # the fast phase scores candidates until this many seconds have passed (≥ 2 scored)
+    refine: bool = True
+    offspring: int = 8
+    survivors: int = 2
+    screen_samples: int = 2
+    ffn_levels: int = 40  # FFN moves: 1/40 of the width
+    shape: float = 4.0  # of the log schedule among the fast candidates
+    seed: int = 0
+    damp: float = 0.01
+    batch_size: int = 8
+    device: str = "auto"
+    snapshots: Sequence[float] = ()  # also keep the best schedule as it was at these elapsed seconds
+
+
+@dataclass
+class AutoResult:
+    keep_heads: list[int]  # query heads kept per layer
+    keep_ffn: list[int]
+    head_ratios: list[float]  # fraction of KV groups removed per layer
+    ffn_ratios: list[float]
+    params_before: int
+    params_after: int
+    remove: int  # parameters the budget asked to remove
+    which: str  # fast | refined
+    kl: float  # KL(dense ‖ this) on the fitness tokens (at the search's FFN moves; nan: stopped before any KL)
+    fast: str  # the fast candidate chosen
+    fast_kl: float
+    candidates: dict[str, float]  # KL of every fast candidate scored
+    generation: int  # the generation that found it (0: the fast schedule)
+    generations: int  # generations run
+    evaluations: int
+    fast_seconds: float  # until the fast schedule was chosen
+    seconds: float
+    stopped: bool  # by Stop (not by the time or generation limit)
+    history: list[tuple[float, int, float]] = field(default_factory=list)  # (seconds, generation, best KL)
+    snapshots: dict[float, dict] = field(default_factory=dict)  # seconds → {keep_heads, keep_ffn, kl, which, ...}
+    variants_built: int = 0
+    variants_from_disk: int = 0
+    fast_keep_heads: list[int] = field(default_factory=list)  # the fast schedule, for comparing it with the result
+    fast_keep_ffn: list[int] = field(default_factory=list)
+
+    def describe(self) -> str:
+        what = "the fast schedule" if self.which == "fast" else f"refined at generation {self.generation}"
+        kl = f"KL {self.kl:.4f}" if math.isfinite(self.kl) else "no KL yet"
+        return (f"{what} ({kl}; fast {self.fast}, KL {self.fast_kl:.4f}), after {self.generations} generations in "
+                f"{self.seconds:.0f} s")
+
+
+class DiskVariantDatabase(VariantDatabase):
+    """The variant database with every variant also kept in cache/stats (key: model, calibration tokens, damping,
+    layer, module, count), so runs share them; it keeps the dense Hessians for the sensitivity probes."""
+
+    def __init__(self, model, curves: ModelCurves, tokens: torch.Tensor, damp: float = 0.01, batch_size: int = 8,
+                 device: str = "auto", should_stop: Callable[[], bool] | None = None, max_cached: int = 512,
+                 progress: Callable[[int, int], None] | None = None):
+        from slimgpt_core.workspace import cache
+
+        self.curves = curves
+        self.prefix = f"{VARIANTS_VERSION}|{cache.model_fingerprint(model)}|{cache.tokens_digest(tokens)}|{damp}"
+        self.inverse, self.hessians = [], []
+        n = len(model.model.layers)
+        for i, layer, H_attn, H_mlp in dense_hessians(model, tokens, batch_size, device, should_stop, "variants"):
+            Wo, Hi_o, _ = obs.damped_inverse(layer.self_attn.o_proj.weight.data.float(), H_attn, damp)
+            Wd, Hi_d, _ = obs.damped_inverse(layer.mlp.down_proj.weight.data.float(), H_mlp, damp)
+            self.inverse.append((Wo.cpu(), Hi_o.cpu(), Wd.cpu(), Hi_d.cpu()))
+            self.hessians.append((H_attn.cpu(), H_mlp.cpu()))
+            if progress is not None:
+                progress(i + 1, n)
+        self.group = [layer.self_attn.head_dim * layer.self_attn.num_key_value_groups for layer in model.model.layers]
+        self.cached = OrderedDict()
+        self.max_cached = max_cached
+        self.built = self.from_disk = 0
+
+    def disk_key(self, layer: int, module: str, count: int) -> str:
+        return f"{self.prefix}|{layer}|{module}|{count}"
+
+    def _variant(self, layer: int, module: str, count: int) -> torch.Tensor:
+        from slimgpt_core.workspace import cache
+
+        key = (layer, module, count)
+        if key in self.cached:
+            self.cached.move_to_end(key)
+            return self.cached[key]
+        found = cache.lookup_tensors("stats", self.disk_key(layer, module, count))
+        if found is not None:
+            self.from_disk += 1
+            self.cached[key] = found["W"]
+            if len(self.cached) > self.max_cached:
+                del self.cached[next(iter(self.cached))]
+            return found["W"]
+        W = super()._variant(layer, module, count)
+        self.built += 1
+        cache.store_tensors("stats", self.disk_key(layer, module, count), {"W": W.contiguous()})
+        return W
+
+    def dense_weight(self, layer: int, module: str) -> torch.Tensor:
+        Wo, _, Wd, _ = self.inverse[layer]
+        return Wo if module == "attn" else Wd
+
+
+def module_sensitivities(model, db: DiskVariantDatabase, budget: ga.GroupBudget, fitness: torch.Tensor,
+                         batch_size: int, seed: int) -> list[float]:
+    """Per module (heads of every layer, then FFN): the Fisher of its output met by its own pruning error at the
+    budget's mean fraction (global_allocation.directional_sensitivity)."""
+    G_attn, G_mlp = ga.output_fisher(model, fitness, batch_size, seed)
+    share = budget.remove / max(1, budget._all(list(range(2 * budget.n))))
+    out = []
+    for m in range(2 * budget.n):
+        layer, attn = m % budget.n, m < budget.n
+        k = ga.probe_level(int(budget.units[m]), int(budget.maximum[m]), share, 1 if attn else int(budget.step[m]))
+        module = "attn" if attn else "mlp"
+        delta = (db.attention(layer, k) if attn else db.ffn(layer, k)) - db.dense_weight(layer, module) if k else \
+            torch.zeros(1, 1)
+        G = G_attn[layer] if attn else G_mlp[layer]
+        H = db.hessians[layer][0 if attn else 1]
+        out.append(ga.directional_sensitivity(G, delta, H) if k else float(torch.trace(G)) / G.shape[0])
+    return out
+
+
+def auto_schedule(model, tokens: torch.Tensor, fitness: torch.Tensor, config: AutoConfig,
+                  callback: Callable | None = None, should_stop: Callable[[], bool] | None = None,
+                  curves: ModelCurves | None = None) -> AutoResult:
+    """The fast schedule, then the refining search; see the module docstring. `tokens`: calibration (statistics,
+    curves, variants); `fitness`: other calibration windows the KL is measured on (never evaluation text).
+    Stop before the first schedule exists raises PruningCancelled; after, it returns the best so far."""
+    t0 = time.perf_counter()
+    stop = should_stop or bool
+    rng = np.random.default_rng(config.seed)
+    state: dict = {"best": "", "kl": math.nan, "fast_kl": math.nan, "generation": 0, "found_at": 0, "evaluations": 0,
+                   "g": None}
+
+    def elapsed() -> float:
+        return time.perf_counter() - t0
+
+    def emit(phase: str, fraction: float, eta: float | None):
+        if callback is None:
+            return
+        g = state["g"]
+        hr, fr = ratios(g) if g is not None else ([], [])
+        callback(AutoProgress(phase, max(0.0, min(1.0, fraction)), eta, elapsed(), state["best"], state["kl"],
+                              state["fast_kl"], state["generation"], state["evaluations"], hr, fr,
+                              db.built if db else 0, db.from_disk if db else 0))
+
+    def phase_progress(phase: str):
+        started = time.perf_counter()
+
+        def report(done: int, total: int):
+            spent = time.perf_counter() - started
+            emit(phase, done / total, spent / done * (total - done) if done else None)
+        return report
+
+    db = None
+    emit("curves", 0.0, None)
+    curves = curves or error_curves(model, tokens, config.damp, config.batch_size, config.device,
+                                    progress=phase_progress("curves"), should_stop=should_stop)
+    n = len(curves.layers)
+    n_kv, n_ffn = [lc.n_kv for lc in curves.layers], [lc.n_ffn for lc in curves.layers]
+    head_cost, ffn_cost = unit_costs(model)
+    budget = ga.GroupBudget(n_kv, n_ffn, head_cost, ffn_cost, config.budget, count_parameters(model),
+                            count_parameters(model.model.layers), config.ffn_levels)
+
+    def ratios(g):
+        return ([int(k) / u for k, u in zip(g[:n], n_kv)], [int(c) / u for c, u in zip(g[n:], n_ffn)])
+
+    emit("database", 0.0, None)
+    db = DiskVariantDatabase(model, curves, tokens, config.damp, config.batch_size, config.device, should_stop,
+                             progress=phase_progress("database"))
+    if stop():
+        raise PruningCancelled("auto was stopped before its first schedule")
+    emit("sensitivity", 0.0, None)
+    net = StitchedModel(model, db, fitness, config.batch_size, config.device)
+    sensitivity = module_sensitivities(model, db, budget, fitness, config.batch_size, config.seed)
+    emit("sensitivity", 1.0, 0.0)
+
+    # --- fast: the allocation at a few balances and the fitted log schedule, scored by KL ---------------------
+    if len(budget.groups) == 2:  # heads and FFN apart: no balance to choose
+        plans = [("global", lambda: ga.allocate(curves, budget, sensitivity)),
+                 ("log", lambda: ga.fitted_schedule(budget, n_kv, n_ffn, "log", config.shape))]
+    else:
+        plans = [(f"global β={b:g}", lambda b=b: ga.allocate(curves, budget, sensitivity, b)) for b in ga.BALANCES]
+        plans.insert(1, ("log", lambda: ga.fitted_schedule(budget, n_kv, n_ffn, "log", config.shape)))
+        plans.insert(5, ("log heads×0.5", lambda: ga.fitted_schedule(budget, n_kv, n_ffn, "log", config.shape, 0.5)))
+    all_samples = list(range(fitness.shape[0]))
+    candidates: dict[str, float] = {}
+    seen: dict[bytes, str] = {}
+    fast_start = time.perf_counter()
+    best = None  # (kl, genome, states, name)
+    for i, (name, plan) in enumerate(plans):
+        g = plan()
+        if not budget.meets(g):
+            raise SlimGPTError(f"internal: the {name} candidate misses the budget")  # a bug, never bad input
+        if state["g"] is None:  # the first allocation goes to the sliders before any KL
+            state.update(best="fast", g=g, fast=name)
+            emit("fast", 0.0, None)
+        if g.tobytes() in seen:
+            candidates[name] = candidates[seen[g.tobytes()]]
+            continue
+        seen[g.tobytes()] = name
+        if len(candidates) >= 2 and (stop() or time.perf_counter() - fast_start > config.fast_seconds):
+            break
+        if stop() and best is not None:
+            break
+        states = net.run(*_decode(g, n))
+        state["evaluations"] += 1
+        kl = net.kl(states[-1], all_samples)
+        candidates[name] = kl
+        if best is None or kl < best[0]:
+            best = (kl, g, states, name)
+            state.update(kl=kl, fast_kl=kl, g=g, fast=name)
+        spent = time.perf_counter() - fast_start
+        emit("fast", (i + 1) / len(plans), max(0.0, min(config.fast_seconds - spent,
+                                                       spent / (i + 1) * (len(plans) - i - 1))))
+        if stop():
+            break
+    if best is None:  # stopped before any KL: the first allocation, unscored
+        best = (math.nan, state["g"], None, state["fast"])
+    fast_seconds = elapsed()
+    parent_kl, parent, parent_states, fast_name = best
+    fast_summary = _summary(budget, parent, parent_kl, state, n_kv, n_ffn, curves)
+    history = [(fast_seconds, 0, parent_kl)]
+    snapshots: dict[float, dict] = {}
+    pending = sorted(config.snapshots)
+
+    def snapshot_due():
+        while pending and elapsed() >= pending[0]:
+            snapshots[pending.pop(0)] = _summary(budget, parent, parent_kl, state, n_kv, n_ffn, curves)
+
+    # --- search ---------------------------------------------------------------------------------------------
+    generation, stopped = 0, stop()
+    limit = config.max_seconds
+    while config.refine and parent_states is not None and not stopped:
+        snapshot_due()
+        if (limit is not None and elapsed() >= limit) or (config.generations is not None
+                                                          and generation >= config.generations):
+            break
+        if stop():
+            stopped = True
+            break
+        generation += 1
+        screen = sorted(rng.choice(all_samples, min(config.screen_samples, len(all_samples)), False).tolist())
+        scored = []
+        for _ in range(config.offspring):
+            child = budget.mutate(parent, rng)
+            changed = np.nonzero(child != parent)[0]
+            if len(changed) == 0:
+                continue
+            first = int((changed % n).min())
+            states = net.run(*_decode(child, n), first, parent_states[first][screen])
+            state["evaluations"] += 1
+            scored.append((net.kl(states[-1], screen), child, first))
+            if stop():
+                break
+        scored.sort(key=lambda s: s[0])
+        for _, child, first in scored[:config.survivors]:
+            if stop():
+                break
+            states = parent_states[:first] + net.run(*_decode(child, n), first, parent_states[first])
+            state["evaluations"] += 1
+            kl = net.kl(states[-1], all_samples)
+            if kl < parent_kl:
+                parent_kl, parent, parent_states = kl, child, states
+                state.update(best="refined", kl=kl, g=child, found_at=generation)
+        state["generation"] = generation
+        history.append((elapsed(), generation, parent_kl))
+        if limit is not None:
+            emit("search", elapsed() / limit, max(0.0, limit - elapsed()))
+        elif config.generations:
+            emit("search", generation / config.generations, elapsed() / generation * (config.generations - generation))
+        else:
+            emit("search", 0.0, None)
+        stopped = stop()
+    snapshot_due()
+    summary = _summary(budget, parent, parent_kl, state, n_kv, n_ffn, curves)
+    result = AutoResult(**summary, params_before=budget.params_before, remove=budget.remove,
+                        fast=fast_name, fast_kl=best[0], candidates=candidates, generations=generation,
+                        evaluations=state["evaluations"], fast_seconds=fast_seconds, seconds=elapsed(),
+                        stopped=stopped, history=history, snapshots=snapshots, variants_built=db.built,
+                        variants_from_disk=db.from_disk, fast_keep_heads=fast_summary["keep_heads"],
+                        fast_keep_ffn=fast_summary["keep_ffn"])
+    state["g"] = parent
+    emit("done", 1.0, 0.0)
+    return result
+
+
+def _decode(g: np.ndarray, n: int) -> tuple[list[int], list[int]]:
+    return [int(k) for k in g[:n]], [int(c) for c in g[n:]]
+
+
+def _summary(budget: ga.GroupBudget, g: np.ndarray, kl: float, state: dict, n_kv, n_ffn, curves) -> dict:
+    """The schedule a genome stands for, with FFN channels given back to the exact budget."""
+    exact = budget.exact(g)
+    n = budget.n
+    kv, ch = _decode(exact, n)
+    return dict(keep_heads=[(u - k) * lc.heads_per_unit for k, u, lc in zip(kv, n_kv, curves.layers)],
+                keep_ffn=[u - c for c, u in zip(ch, n_ffn)],
+                head_ratios=[k / u for k, u in zip(kv, n_kv)], ffn_ratios=[c / u for c, u in zip(ch, n_ffn)],
+                params_after=budget.params_before - budget.removed(exact), which=state["best"] or "fast", kl=kl,
+                generation=state["found_at"] if state["best"] == "refined" else 0)
+
+
+def auto_job(loaded, calib: str, nsamples: int, seqlen: int, seed: int, config: AutoConfig, fitness_samples: int = 8,
+             fitness_seqlen: int = 128, callback=None, should_stop=None) -> AutoResult:
+    """For the studio's job runner: calibration windows `seed` (curves, variants) and `seed`+1 (the KL)."""
+    from slimgpt_core.data import calibration_tokens
+
+    tokens = calibration_tokens(loaded.tokenizer, calib, nsamples, seqlen, seed)
+    fitness = calibration_tokens(loaded.tokenizer, calib, fitness_samples, min(fitness_seqlen, seqlen), seed + 1)
+    home = next(loaded.model.parameters()).device
+    try:
+        return auto_schedule(loaded.model, tokens, fitness, config, callback, should_stop)
+    finally:
+        loaded.model.to(home)

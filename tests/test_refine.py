@@ -1,0 +1,173 @@
+"""`auto` as an anytime job (schedules/refine.py) on a tiny random llama: Stop keeps the best so far and says which,
+the on-disk variant database is reused and keyed by what makes a variant, the progress events, the exact budget;
+and one end-to-end run of the CLI on stories260k. KLs are recomputed here with a plain HF forward of the model
+with the variants' weights swapped in."""
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from slimgpt_core.errors import PruningCancelled
+from slimgpt_core.schedules import curves, global_allocation as ga, refine
+from slimgpt_core.schedules.autoschedule import remove_units
+from slimgpt_core.workspace import cache
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLIMGPT_CACHE", str(tmp_path_factory.mktemp("cache")))
+        model = tiny_model(layers=3, hidden=32, heads=8, kv=4, ffn=40)
+        g = torch.Generator().manual_seed(1)
+        tokens = torch.randint(0, 101, (12, 24), generator=g)
+        fitness = torch.randint(0, 101, (5, 16), generator=g)
+        mc = curves.error_curves(model, tokens, device="cpu")
+        yield model, tokens, fitness, mc, mp
+
+
+def config(**kw):
+    base = dict(budget=ga.BudgetSpec(ratio=0.35), max_seconds=None, generations=4, offspring=3, ffn_levels=8,
+                device="cpu", batch_size=4)
+    return refine.AutoConfig(**{**base, **kw})
+
+
+def _kl_by_hand(model, db, keep_heads, keep_ffn, fitness):
+    """KL(dense ‖ schedule) per token with the schedule's variants swapped into a copy of the HF model (fp64 sums)."""
+    import copy
+    n = len(model.model.layers)
+    kv = [4 - k // 2 for k in keep_heads]
+    ch = [40 - c for c in keep_ffn]
+    cand = copy.deepcopy(model)
+    for i, layer in enumerate(cand.model.layers):
+        lc = db.curves.layers[i]
+        Wo, Hi_o, Wd, Hi_d = db.inverse[i]
+        cols = torch.tensor([u * 8 + j for u in lc.head_order[:kv[i]] for j in range(8)], dtype=torch.long)
+        if kv[i]:
+            layer.self_attn.o_proj.weight.data = remove_units(Wo, Hi_o, cols)
+        if ch[i]:
+            layer.mlp.down_proj.weight.data = remove_units(Wd, Hi_d, torch.tensor(sorted(lc.ffn_order[:ch[i]])))
+    with torch.no_grad():
+        p = torch.log_softmax(model(fitness).logits.double(), -1)
+        q = torch.log_softmax(cand(fitness).logits.double(), -1)
+    assert n == 3
+    return float((p.exp() * (p - q)).sum() / (fitness.shape[0] * fitness.shape[1]))
+
+
+def test_auto_meets_the_budget_and_its_kl_is_the_models(setup):
+    model, tokens, fitness, mc, _ = setup
+    events = []
+    result = refine.auto_schedule(model, tokens, fitness, config(), events.append, curves=mc)
+    head_unit, channel = 768, 96  # parameters of one KV group and one FFN channel of this model
+    removed = sum((8 - k) // 2 * head_unit for k in result.keep_heads) + sum((40 - c) * channel
+                                                                              for c in result.keep_ffn)
+    assert result.remove <= removed < result.remove + channel
+    assert result.params_after == result.params_before - removed
+    assert result.kl == min(kl for _, _, kl in result.history) <= result.fast_kl == min(result.candidates.values())
+    # the reported KL is at the search's FFN moves; the final give-back of channels is within one move of it
+    db = refine.DiskVariantDatabase(model, mc, tokens, device="cpu")
+    fast_kl = _kl_by_hand(model, db, result.fast_keep_heads, result.fast_keep_ffn, fitness)
+    assert fast_kl == pytest.approx(result.fast_kl, rel=0.2)
+    phases = [e.phase for e in events]
+    assert phases[0] == "curves" and phases[-1] == "done"
+    order = ["curves", "database", "sensitivity", "fast", "search", "done"]
+    assert [order.index(p) for p in phases] == sorted(order.index(p) for p in phases)
+    assert all(0.0 <= e.fraction <= 1.0 and (e.eta_s is None or e.eta_s >= 0.0) for e in events)
+    first_fast = next(e for e in events if e.phase == "fast")
+    assert first_fast.best == "fast" and math.isnan(first_fast.best_kl) and first_fast.head_ratios  # before any KL
+    search = [e for e in events if e.phase == "search"]
+    assert [e.fraction for e in search] == [g / 4 for g in range(1, 5)] and search[-1].eta_s == 0.0
+    assert events[-1].best == result.which and events[-1].best_kl == result.kl
+
+
+def test_stop_keeps_the_best_so_far_and_says_which(setup):
+    model, tokens, fitness, mc, _ = setup
+    full = refine.auto_schedule(model, tokens, fitness, config(generations=6), curves=mc)
+
+    def stopping_at(k):
+        calls = []
+        return lambda: calls.append(1) or len(calls) > k
+    # stopped before the first schedule (while the database is made): nothing to keep
+    with pytest.raises(PruningCancelled, match="were cancelled|before its first schedule"):
+        refine.auto_schedule(model, tokens, fitness, config(), should_stop=stopping_at(1), curves=mc)
+    results = []
+    for k in range(4, 40, 3):
+        events = []
+        r = refine.auto_schedule(model, tokens, fitness, config(generations=6), events.append,
+                                 should_stop=stopping_at(k), curves=mc)
+        results.append(r)
+        assert r.stopped
+        assert r.kl == min(kl for _, _, kl in r.history) or math.isnan(r.kl)
+        assert set(r.candidates.items()) <= set(full.candidates.items())  # same tokens, same scores
+        if r.which == "fast":
+            assert r.generation == 0 and r.keep_heads == r.fast_keep_heads and r.keep_ffn == r.fast_keep_ffn
+            assert r.describe().startswith(f"the fast schedule (KL {r.kl:.4f}; fast {r.fast}")
+        else:
+            assert r.kl < r.fast_kl and 1 <= r.generation <= r.generations
+            assert r.describe().startswith(f"refined at generation {r.generation} (KL {r.kl:.4f}")
+        assert events[-1].head_ratios == r.head_ratios or r.which == "fast"
+    assert {r.which for r in results} == {"fast", "refined"}  # both cases were met
+    assert [r.generations for r in results] == sorted(r.generations for r in results)
+
+
+def test_variants_are_kept_on_disk_and_keyed_by_model_tokens_and_damping(setup, tmp_path):
+    model, tokens, fitness, mc, mp = setup
+    mp.setenv("SLIMGPT_CACHE", str(tmp_path / "fresh"))
+    first = refine.auto_schedule(model, tokens, fitness, config(), curves=mc)
+    assert first.variants_built > 0 and first.variants_from_disk == 0
+    again = refine.auto_schedule(model, tokens, fitness, config(), curves=mc)
+    assert again.variants_built == 0 and again.variants_from_disk == first.variants_built
+    assert (again.keep_heads, again.keep_ffn, again.kl) == (first.keep_heads, first.keep_ffn, first.kl)
+    assert [h[1:] for h in again.history] == [h[1:] for h in first.history]  # (generation, KL); not the seconds
+    db = refine.DiskVariantDatabase(model, mc, tokens, device="cpu")
+    stored = cache.lookup_tensors("stats", db.disk_key(1, "mlp", 10))
+    fresh = refine.VariantDatabase(model, mc, tokens, device="cpu").ffn(1, 10)
+    assert stored is None or torch.equal(stored["W"], fresh)
+    assert torch.equal(db.ffn(1, 10), fresh)  # made now if it was not on disk, then read back
+    assert torch.equal(cache.lookup_tensors("stats", db.disk_key(1, "mlp", 10))["W"], fresh)
+    # another damping, other calibration tokens or another model: other keys, nothing reused
+    other_damp = refine.auto_schedule(model, tokens, fitness, config(damp=0.05),
+                                      curves=curves.error_curves(model, tokens, 0.05, device="cpu"))
+    assert other_damp.variants_from_disk == 0
+    other_tokens = tokens.roll(1, 0)
+    assert refine.DiskVariantDatabase(model, mc, other_tokens, device="cpu").prefix != db.prefix
+    other_model = tiny_model(layers=3, hidden=32, heads=8, kv=4, ffn=40, seed=1)
+    assert refine.DiskVariantDatabase(other_model, mc, tokens, device="cpu").prefix != db.prefix
+
+
+def test_fast_only_and_budgets_apart(setup):
+    model, tokens, fitness, mc, _ = setup
+    fast = refine.auto_schedule(model, tokens, fitness, config(refine=False), curves=mc)
+    assert fast.which == "fast" and fast.generations == 0 and not fast.stopped
+    apart = refine.auto_schedule(model, tokens, fitness, config(budget=ga.BudgetSpec(head_ratio=0.25, ffn_ratio=0.5,
+                                                                                    min_keep=0.2)), curves=mc)
+    kv_removed = sum((8 - k) // 2 for k in apart.keep_heads)
+    assert kv_removed == 3  # 25% of 12 KV groups' parameters, whole groups
+    assert 0.5 * 120 <= sum(40 - c for c in apart.keep_ffn) < 0.5 * 120 + 1
+    assert set(apart.candidates) == {"global", "log"}
+    assert all(k >= 4 for k in apart.keep_heads) and all(c >= 8 for c in apart.keep_ffn)  # 20% kept
+
+
+def test_cli_prune_auto_on_stories260k(tmp_path, capsys, monkeypatch):
+    """One real end-to-end run: the fast schedule refined for two generations, pruned by the pipeline, at the
+    whole-model budget, every layer keeping a third."""
+    from slimgpt_core.cli import main
+    from slimgpt_core.models import load_model
+    monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
+    before = sum(p.numel() for p in load_model("stories260k", "cpu").model.parameters())
+    out = tmp_path / "auto"
+    assert main(["prune", "--model", "stories260k", "--schedule", "auto", "--ratio", "0.25", "--budget-scope", "model",
+                 "--min-keep", "0.34", "--auto-seconds", "600", "--search-generations", "2", "--calib", "tinystories", "--nsamples", "8",
+                 "--seqlen", "64", "--fitness-samples", "4", "--fitness-seqlen", "64", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    report = json.loads((out / "report.json").read_text())
+    channel = 3 * 64  # stories260k: hidden 64, one FFN channel is a gate row, an up row and a down column
+    remove = round(0.25 * before)
+    assert before - remove - channel < summary["params_after"] <= before - remove
+    auto = report["settings"]["auto"]
+    assert report["settings"]["keep_ffn"] == auto["keep_ffn"] and auto["which"] in ("fast", "refined")
+    assert all(k >= 0.34 * 172 - 1e-9 for k in auto["keep_ffn"])  # stories260k's FFN width is 172
+    assert auto["generations"] == 2 and auto["kl"] <= auto["fast_kl"]

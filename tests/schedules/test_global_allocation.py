@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from tests.tiny_models import tiny_model
 
 from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model

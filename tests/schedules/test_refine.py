@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from tests.tiny_models import tiny_model
 
 from slimgpt_core.errors import PruningCancelled
 from slimgpt_core.schedules import curves, global_allocation as ga, refine

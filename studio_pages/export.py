@@ -2,8 +2,8 @@
 it was exported from, and the folder follows the chosen run."""
 import streamlit as st
 
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.export.checkpoint import EXPORTS, default_export_folder
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.workspace.exports import EXPORTS, default_export_folder
 from slimgpt_core.studio import export_run
 from slimgpt_core.workspace.store import runs_root
 from ui.state import current_run, finished_job, job, live_fragment, require_runs, submit

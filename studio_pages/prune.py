@@ -5,7 +5,7 @@ import streamlit as st
 from slimgpt_core.schedules.autoschedule import AutoSettings, auto_job
 from slimgpt_core.schedules.curves import curves_job
 from slimgpt_core.schedules.editor_data import editor_payload
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.schedules.schedule import layer_ratios
 from slimgpt_core.studio import head_importance, preview_schedule, prune_to_workspace

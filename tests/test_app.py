@@ -156,7 +156,7 @@ def test_schedule_editor_presets_table_and_preview(app):
     small_calibration(app)
     button(app, "Start pruning").click().run()
     settle(app, "prune")
-    from slimgpt_core.methods.surgery import count_parameters
+    from slimgpt_core.base.shapes import count_parameters
     from slimgpt_core.workspace.store import list_runs
     [info] = list_runs()
     pruned = load_model(str(info.path)).model
@@ -172,7 +172,7 @@ def test_prune_run_produces_live_charts_and_heatmap(app):
     settle(app, "prune")
     assert "Done in" in app.success[0].value
     from slimgpt_core.workspace.store import list_runs
-    from slimgpt_core.events import PruneReport
+    from slimgpt_core.base.events import PruneReport
     [info] = list_runs()
     run = type("Run", (), {"report": PruneReport.load(info.path / "report.json"), "id": info.name})
     figs = figures(app)
@@ -305,11 +305,11 @@ def test_inspect_evaluate_export(app, tmp_path):
 def test_jobs_cancel_and_fail_cleanly():
     import time
 
-    from slimgpt_core.errors import SlimGPTError
+    from slimgpt_core.base.errors import SlimGPTError
     from slimgpt_core.workspace.jobs import start_job
 
     def slow(callback=None, should_stop=None):
-        from slimgpt_core.errors import PruningCancelled
+        from slimgpt_core.base.errors import PruningCancelled
         for i in range(1000):
             callback(i)
             if should_stop():
@@ -384,7 +384,7 @@ def test_a_second_tab_reattaches_to_a_queued_then_running_job(app, tmp_path):
 
 
 def test_recover_page_makes_a_new_run_with_live_loss_and_perplexities(app):
-    from slimgpt_core.events import PruneReport
+    from slimgpt_core.base.events import PruneReport
     from slimgpt_core.workspace.store import list_runs
 
     load_stories(app)

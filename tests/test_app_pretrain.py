@@ -32,7 +32,7 @@ def small_job(at, steps: int, ppl_windows: int = 2) -> None:
 
 
 def test_a_distilled_dynamic_mix_job_becomes_a_run_with_its_curves(app):
-    from slimgpt_core.events import PruneReport
+    from slimgpt_core.base.events import PruneReport
     from slimgpt_core.workspace.store import list_runs
 
     source = pruned_run(app)

@@ -131,7 +131,7 @@ def test_a_failed_evaluation_alert_is_dismissed_and_replaced_by_the_next_run(app
 
 
 def test_an_old_cancelled_job_says_nothing_to_a_new_session(app):
-    from slimgpt_core.errors import PruningCancelled
+    from slimgpt_core.base.errors import PruningCancelled
     from streamlit.testing.v1 import AppTest
 
     from conftest import ROOT

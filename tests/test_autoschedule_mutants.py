@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
 from slimgpt_core.methods.statistics import dense_hessians
 from slimgpt_core.schedules import autoschedule, curves
 from slimgpt_core.schedules.curves import LayerCurves, ModelCurves
@@ -120,7 +120,7 @@ def test_stitched_model_runs_the_variants_and_scores_kl_per_token(setup):
 
 
 def test_removal_budget_by_ratio_or_target():
-    from slimgpt_core.methods.surgery import count_parameters
+    from slimgpt_core.base.shapes import count_parameters
     model = tiny_model(layers=2, hidden=16, heads=4, kv=2, ffn=24)
     before = sum(p.numel() for p in model.parameters())
     in_layers = sum(p.numel() for p in model.model.layers.parameters())

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import LlamaConfig
 
-from slimgpt_core.workspace import cache
+from slimgpt_core.base import cache
 
 
 @pytest.fixture

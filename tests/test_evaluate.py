@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_model
 from slimgpt_core.evaluation import evaluate
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
 
 
 def _hand_nll(model, tokens, seqlen, windows):
@@ -137,7 +137,7 @@ def test_a_model_without_a_context_length_is_not_limited(model, stream):
 
 def test_cached_perplexity_hits_and_bypasses(model, monkeypatch, tmp_path):
     from slimgpt_core import data
-    from slimgpt_core.workspace import cache
+    from slimgpt_core.base import cache
 
     monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path))
     text = torch.randint(0, 101, (300,), generator=torch.Generator().manual_seed(9))

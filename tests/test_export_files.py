@@ -16,9 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from slimgpt_core.data import calibration_tokens
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
-from slimgpt_core.export import archive, checkpoint
-from slimgpt_core.export.checkpoint import EXPORTS, default_export_folder, export_model
+from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.export import archive
+from slimgpt_core.workspace import exports
+from slimgpt_core.workspace.exports import EXPORTS, default_export_folder, export_model
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.models import load_model
@@ -68,7 +69,7 @@ def _forbid_weight_saving(monkeypatch):
 
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", refuse)
     monkeypatch.setattr(safetensors.torch, "save_file", refuse)
-    monkeypatch.setattr(checkpoint, "load_model", refuse)
+    monkeypatch.setattr(exports, "load_model", refuse)
 
 
 def test_as_stored_export_copies_the_run_and_names_it(workspace, tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
 from slimgpt_core.workspace import jobs
 from slimgpt_core.workspace.jobs import BOARD, Job, JobBoard, start_job
 

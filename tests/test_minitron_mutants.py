@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from slimgpt_core.errors import PruningCancelled
-from slimgpt_core.events import Progress
+from slimgpt_core.base.errors import PruningCancelled
+from slimgpt_core.base.events import Progress
 from slimgpt_core.methods import minitron
 from slimgpt_core.methods.minitron import MinitronScores, collect_scores, shape_gates
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.methods.shear.cut import cut_model
 from slimgpt_core.methods.shear.target import resolve_target, source_shape
-from slimgpt_core.methods.surgery import count_parameters
+from slimgpt_core.base.shapes import count_parameters
 
 L, HEADS, KV, FFN, HIDDEN = 3, 4, 2, 24, 16  # head size 4, 2 heads per KV group
 

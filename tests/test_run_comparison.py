@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from slimgpt_core.events import HeadImportance, PruneReport
-from slimgpt_core.evaluation.run_comparison import (Side, compare_evaluations, kv_group_grid, provenance_rows, sides_for,
+from slimgpt_core.base.events import HeadImportance, PruneReport
+from slimgpt_core.workspace.run_comparison import (Side, compare_evaluations, kv_group_grid, provenance_rows, sides_for,
                                          verdict, Value)
 
 VERSIONS = {"torch": "2.13.0", "transformers": "5.23.0", "lm_eval": "0.4.13"}
@@ -171,7 +171,7 @@ def test_sides_from_a_workspace_folder(tmp_path):
 
 
 def test_a_model_folder_without_a_report_is_one_clear_error(tmp_path):
-    from slimgpt_core.errors import SlimGPTError
+    from slimgpt_core.base.errors import SlimGPTError
     from slimgpt_core.workspace.store import read_run
     (tmp_path / "copied").mkdir()
     with pytest.raises(SlimGPTError, match="no report.json"):

@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT, tiny_model
 from slimgpt_core.methods import obs
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
 from slimgpt_core.methods import obs
 from slimgpt_core.schedules import curves
 from slimgpt_core.schedules.curves import LayerCurves, ModelCurves
@@ -236,7 +236,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 def test_error_curves_cache_progress_and_batches(cache_dir, tokens):
     from slimgpt_core.methods.statistics import dense_hessians
-    from slimgpt_core.workspace import cache
+    from slimgpt_core.base import cache
     model = tiny_model(layers=3, hidden=16, heads=4, kv=2, ffn=24)
     batches, seen = [], []
     hook = model.model.layers[0].register_forward_pre_hook(lambda m, a, k: batches.append(

@@ -11,10 +11,10 @@ import torch
 from conftest import tiny_model
 from slimgpt_core.methods.shear import hard_concrete as hc
 from slimgpt_core.methods.shear.cut import cut_model
-from slimgpt_core.methods.shear.domain_mix import draw_domains, update_domain_weights
+from slimgpt_core.training.domain_mix import draw_domains, update_domain_weights
 from slimgpt_core.methods.shear.masks import ShearMasks
 from slimgpt_core.methods.shear.target import Shape, source_shape
-from slimgpt_core.methods.surgery import count_parameters
+from slimgpt_core.base.shapes import count_parameters
 
 SOURCE = Shape(layers=3, kv_groups=2, heads=6, ffn=8, hidden=12)  # 3 query heads per group, head size 2
 ALL = Shape(layers=2, kv_groups=1, heads=2, ffn=5, hidden=9)  # shrinks every structure

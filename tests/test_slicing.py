@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from slimgpt_core.methods.surgery import describe_layers, keep_channels, keep_kv_groups, layer_shape, update_config
+from slimgpt_core.base.shapes import describe_layers, keep_channels, keep_kv_groups, layer_shape, update_config
 
 CASES = [("llama", 4, 4, [[0, 2], [1, 2, 3], [3]]), ("llama", 4, 2, [[1], [0, 1], [0]]),
          ("qwen2", 4, 2, [[0], [1], [0, 1]]), ("mistral", 6, 3, [[0, 2], [1], [0, 1, 2]])]

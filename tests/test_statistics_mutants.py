@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 
 from conftest import DeviceMoves, tiny_model
-from slimgpt_core.errors import PruningCancelled
+from slimgpt_core.base.errors import PruningCancelled
 from slimgpt_core.methods import obs, statistics
 from slimgpt_core.methods.statistics import StatisticsCache, dense_hessians, dense_statistics
-from slimgpt_core.workspace import cache
+from slimgpt_core.base import cache
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.events import PruneReport
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.events import PruneReport
 from slimgpt_core.workspace import store
 
 

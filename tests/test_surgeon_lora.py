@@ -3,7 +3,7 @@ after every shot, merged into plain weights; off by default. Real stories260k.""
 import pytest
 import torch
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 

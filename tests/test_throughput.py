@@ -9,7 +9,7 @@ from conftest import tiny_model
 from slimgpt_core.methods import pipeline
 from slimgpt_core.methods.forwards import replay_outputs
 from slimgpt_core.methods.prune_settings import PruneSettings
-from slimgpt_core.methods.surgery import SUPPORTED_ARCHITECTURES
+from slimgpt_core.base.shapes import SUPPORTED_ARCHITECTURES
 
 # The two implementations sum the same fp32 Hessians in different orders and every OBS update solves with H⁻¹:
 # results agree to about cond(H)·u, cond(H + damping) up to 1.5e3 in these tiny models (u = 2⁻²⁴: 9e-5).

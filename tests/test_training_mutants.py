@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from slimgpt_core.errors import PruningCancelled
+from slimgpt_core.base.errors import PruningCancelled
 from slimgpt_core.training import loop
 from slimgpt_core.training.loop import IGNORE, OptimizerConfig, TrainStep, batch_loss, heldout_loss, train
 
@@ -286,8 +286,8 @@ def test_autocast_only_on_a_cuda_device_with_bf16(monkeypatch):
 
 
 def test_trained_report_copies_the_source_or_starts_fresh(model):
-    from slimgpt_core.events import PruneReport
-    from slimgpt_core.methods.surgery import count_parameters
+    from slimgpt_core.base.events import PruneReport
+    from slimgpt_core.base.shapes import count_parameters
     assert loop.trained_report(model).model == ""
     fresh = loop.trained_report(model, source="dense-tiny")
     n = sum(p.numel() for p in model.parameters())

@@ -12,8 +12,8 @@ import streamlit as st
 from streamlit import runtime
 
 from slimgpt_core.workspace import store as workspace
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.events import PruneReport
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.events import PruneReport
 from slimgpt_core.workspace.jobs import BOARD, Job, stop_promptly_on_signals
 from slimgpt_core.workspace.model_pool import POOL
 from slimgpt_core.models import LoadedModel

@@ -4,13 +4,15 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError, out_of_memory_message
+from slimgpt_core import data
+from slimgpt_core.base.cache import lookup_json, model_fingerprint, store_json
+from slimgpt_core.base.errors import PruningCancelled, SlimGPTError, out_of_memory_message
 
 
 @dataclass
@@ -70,12 +72,9 @@ def cached_perplexity(model, tokenizer, source: str, seqlen: int = 128, batch_si
                       progress: Callable[[int, int], None] | None = None,
                       should_stop: Callable[[], bool] | None = None, use_cache: bool = True) -> PerplexityResult:
     """Perplexity on a named text or file, cached per (model fingerprint, text, length, windows)."""
-    from dataclasses import asdict
 
-    from slimgpt_core.workspace.cache import lookup_json, model_fingerprint, store_json
-    from slimgpt_core.data import evaluation_tokens
 
-    tokens = evaluation_tokens(tokenizer, source)
+    tokens = data.evaluation_tokens(tokenizer, source)
     # v2: results carry the standard error of the per-window NLL
     key = f"ppl-v2|{model_fingerprint(model)}|{source}|{tokens.numel()}|{seqlen}|{max_windows}"
     hit = lookup_json("results", key) if use_cache else None

@@ -15,8 +15,8 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from slimgpt_core.errors import PruningCancelled
-from slimgpt_core.events import Progress
+from slimgpt_core.base.errors import PruningCancelled
+from slimgpt_core.base.events import Progress
 
 CHUNK = 8 * 2**20
 MB = 2**20

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
 from slimgpt_core.methods.kfac import FactorAccumulator
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -9,16 +9,21 @@ from typing import Callable, Sequence
 
 import torch
 
+from slimgpt_core.base.cache import forget_fingerprint
+from slimgpt_core.base.devices import peak_memory_mb, resolve_device
+from slimgpt_core.base.errors import PruningCancelled, SlimGPTError, out_of_memory_message
+from slimgpt_core.base.events import (Callback, FFNScores, HeadImportance, LayerDone, ModuleMeasured, Progress,
+                                      PruneReport)
+from slimgpt_core.base.shapes import count_parameters, keep_channels, keep_kv_groups, layer_shape, update_config
 from slimgpt_core.methods import obs
-from slimgpt_core.methods.activations import (activation_device, activation_streams, buffer_like, distributed_rank_world, fits,
-                          peak_memory_mb, place, relative_distance, shard_tokens)
-from slimgpt_core.errors import PruningCancelled, SlimGPTError, out_of_memory_message
-from slimgpt_core.events import Callback, FFNScores, HeadImportance, LayerDone, ModuleMeasured, Progress, PruneReport
-from slimgpt_core.methods.forwards import (capture_attention_inputs, capture_layer_inputs, collect_hessian, collect_mlp_inputs,
-                       replay_outputs, run_layer)
+from slimgpt_core.methods.activations import (activation_device, activation_streams, buffer_like,
+                                              distributed_rank_world, fits, place, relative_distance, shard_tokens)
+from slimgpt_core.methods.forwards import (capture_attention_inputs, capture_layer_inputs, collect_hessian,
+                                           collect_mlp_inputs, replay_outputs, run_layer)
+from slimgpt_core.methods.minitron import prune_minitron
 from slimgpt_core.methods.prune_settings import PruneSettings, plan_removals
 from slimgpt_core.methods.statistics import StatisticsCache
-from slimgpt_core.methods.surgery import count_parameters, keep_channels, keep_kv_groups, layer_shape, update_config
+from slimgpt_core.methods.surgeon import prune_surgeon
 
 
 def _ffn_summary(layer_idx: int, scores: Sequence[float], n_removed: int, steps: list[int]) -> FFNScores:
@@ -37,10 +42,8 @@ def prune_model(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
                 use_cache: bool = True) -> PruneReport:
     """Prune `model` in place on calibration `tokens` [N, seqlen] with `settings.method`; return the report."""
     if settings.method == "minitron":  # activation importance, one shot (minitron.py)
-        from slimgpt_core.methods.minitron import prune_minitron
         return prune_minitron(model, tokens, settings, callback, should_stop, model_name)
     if settings.method in ("surgeon", "kobd"):  # LLM Surgeon and K-OBD: KFAC curvature, global threshold
-        from slimgpt_core.methods.surgeon import prune_surgeon
         return prune_surgeon(model, tokens, settings, callback, should_stop, model_name)
     if settings.method != "obs-multishot":
         return _prune_pass(model, tokens, settings, callback, should_stop, model_name, use_cache)
@@ -84,8 +87,6 @@ def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
     `use_cache`, dense statistics of layers whose inputs are the dense model's are read from / written to
     cache/stats (layer 0 always; every layer with dense inputs). `_reference` (tests only): the previous
     implementation, which ran each layer's attention four times."""
-    from slimgpt_core.workspace.cache import forget_fingerprint
-    from slimgpt_core.models import resolve_device
 
     device = resolve_device(settings.device)
     head_r, ffn_r, head_rm, ffn_rm = plan_removals(model, settings)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.events import PruneReport
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.events import PruneReport
 
 EDITOR_MAX_RATIO = 0.95  # the schedule editor's sliders end here
 

@@ -8,14 +8,18 @@ hands in a batch iterator; continued pre-training (shear/pretrain.py) hands in i
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from slimgpt_core.methods.activations import peak_memory_mb
-from slimgpt_core.errors import PruningCancelled
+from slimgpt_core.base.devices import peak_memory_mb
+from slimgpt_core.base.errors import PruningCancelled
+from slimgpt_core.base.events import PruneReport
+from slimgpt_core.base.shapes import count_parameters, layer_shape
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding); torch's cross-entropy default
 
@@ -97,8 +101,6 @@ def heldout_loss(model, batches: Iterable[dict[str, torch.Tensor]], device: torc
 
 
 def make_scheduler(optimizer, config: OptimizerConfig, steps: int):
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
     if config.schedule == "cosine":
         return get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, steps)
     return get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
@@ -176,10 +178,7 @@ def trained_report(model, source_report=None, source: str = "", kind: str = "", 
     """The report a model trained after pruning starts from: a copy of its source run's report (its pruning
     history), or a fresh one naming `source` when it has none (a dense model). With `kind` ("recovery",
     "pretrain") the training's `record` is set there, an earlier record of that kind kept as `previous_<kind>`."""
-    import copy
 
-    from slimgpt_core.events import PruneReport
-    from slimgpt_core.methods.surgery import count_parameters
 
     if source_report is not None:
         report = copy.deepcopy(source_report)
@@ -192,3 +191,16 @@ def trained_report(model, source_report=None, source: str = "", kind: str = "", 
             record[f"previous_{kind}"] = getattr(report, kind)
         setattr(report, kind, record)
     return report
+
+
+def training_bytes(model, batch_size: int, seqlen: int, train_weights: bool = True) -> int:
+    """A rough upper estimate of what mask learning holds: fp32 weights, their gradients and two AdamW moments,
+    and the activations autograd keeps (per token and layer: a few hidden-sized tensors, the FFN's three
+    intermediate ones, the attention scores; the logits three times)."""
+    c = model.config
+    n = count_parameters(model)
+    q, _, f = layer_shape(model.model.layers[0])
+    tokens = batch_size * seqlen
+    per_token_layer = 12 * c.hidden_size + 4 * f + 2 * q * seqlen
+    activations = tokens * (len(model.model.layers) * per_token_layer + 3 * c.vocab_size)
+    return 4 * (n * (4 if train_weights else 1) + activations)

@@ -16,7 +16,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
 
 
 @dataclass

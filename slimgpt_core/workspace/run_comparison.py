@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.events import PruneReport
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.events import PruneReport
 from slimgpt_core.workspace.store import RunInfo, dense_evaluations_folder, read_evaluations
 
 NOISE_Z = 2.0  # about a 95% two-sided interval for a difference of two independent means

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from slimgpt_core.assets import cache_root
+from slimgpt_core.base.assets import cache_root
 
 KINDS = ("models", "tokens", "stats", "results")
 STATS: Counter = Counter()
@@ -49,7 +51,6 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 def lookup_tensors(kind: str, key: str) -> dict[str, torch.Tensor] | None:
     """The stored tensors, or None when absent or unreadable (a bad entry is deleted)."""
-    from safetensors import safe_open
 
     path = _path(kind, key, ".safetensors")
     if not path.exists():
@@ -69,8 +70,6 @@ def lookup_tensors(kind: str, key: str) -> dict[str, torch.Tensor] | None:
 
 
 def store_tensors(kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
     _atomic_write(_path(kind, key, ".safetensors"),
                   lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp,
                                         metadata={"key": key}))

@@ -13,8 +13,9 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
-from slimgpt_core.events import Progress
+from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.events import Progress
+from slimgpt_core.workspace.model_pool import POOL
 
 DEFAULT_PROMPTS = (
     "Once upon a time, there was a little girl named Lily. She",
@@ -131,7 +132,6 @@ def generate_side_by_side(models: list[tuple[str, str]], prompts: list[str], max
     """Every prompt through every model [(label, model name or run folder)], greedy, streamed as
     TokenStreamed events. Weights come from the model pool (loaded on first use) and stay where the pool
     keeps them; models take turns."""
-    from slimgpt_core.workspace.model_pool import POOL
 
     prompts = [p for p in prompts if p.strip()]
     if not prompts:

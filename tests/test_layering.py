@@ -104,14 +104,14 @@ def violations(root: Path = ROOT) -> list[str]:
 
 
 def import_counts(root: Path = ROOT) -> tuple[int, int]:
-    """(project imports in slimgpt_core, of which inside functions): the numbers docs/architecture.md quotes."""
-    total = inside = 0
+    """(import statements in slimgpt_core that name a project module, of which inside functions): the numbers
+    docs/architecture.md quotes."""
+    statements = {}
     for path in sorted((root / "slimgpt_core").rglob("*.py")):
-        for _, module, in_function in imports(path, root):
+        for line, module, in_function in imports(path, root):
             if module.startswith("slimgpt_core"):
-                total += 1
-                inside += in_function
-    return total, inside
+                statements[path, line] = in_function
+    return len(statements), sum(statements.values())
 
 
 def test_every_import_keeps_the_package_order():
@@ -170,3 +170,21 @@ def test_a_relative_import_upward_is_caught(tmp_path):
                              "slimgpt_core/workspace/__init__.py": "", "slimgpt_core/workspace/store.py": ""})
     assert violations(root) == [
         "slimgpt_core/base/x.py:1: base imports slimgpt_core.workspace.store from workspace, above it"]
+
+
+def longest_functions(root: Path = ROOT, most: int = 10) -> list[tuple[int, str]]:
+    """(lines, file:function) of the longest functions in slimgpt_core, decorators and docstrings included."""
+    found = []
+    for path in sorted((root / "slimgpt_core").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                found.append((node.end_lineno - start + 1, f"{path.relative_to(root)}:{node.name}"))
+    return sorted(found, reverse=True)[:most]
+
+
+if __name__ == "__main__":  # the numbers for docs/architecture.md: python tests/test_layering.py
+    total, inside = import_counts()
+    print(f"{total} import statements of project modules in slimgpt_core, {inside} inside functions")
+    for lines, name in longest_functions():
+        print(f"{lines:4d}  {name}")

@@ -17,11 +17,10 @@ from slimgpt_core.base import cache
 from slimgpt_core.base.atomic import check_output_folder
 from slimgpt_core.base.devices import resolve_device
 from slimgpt_core.base.errors import SlimGPTError
-from slimgpt_core.base.shapes import target_shape
+from slimgpt_core.base.shapes import check_context_length, target_shape
 from slimgpt_core.evaluation.evaluate import cached_perplexity
 from slimgpt_core.evaluation.speed import measure_speed
 from slimgpt_core.evaluation.zeroshot import parse_tasks, zero_shot
-from slimgpt_core.workspace.exports import export_model
 from slimgpt_core.methods.activations import activation_streams, check_memory
 from slimgpt_core.methods.minitron import shape_run
 from slimgpt_core.methods.pipeline import prune_model
@@ -40,6 +39,7 @@ from slimgpt_core.training.pretrain import (PretrainSettings, describe_step as d
                                             pretrain, summary as pretrain_summary)
 from slimgpt_core.training.recover import RecoverSettings, load_source_report, recover, summary as recovery_summary
 from slimgpt_core.workspace import store as workspace
+from slimgpt_core.workspace.exports import export_model
 from slimgpt_core.workspace.store import META, add_measurement, new_run_name, runs_root
 
 
@@ -414,9 +414,7 @@ def _cmd_prune(args, rank: int) -> int:
     model = loaded.model
     if args.target_config:
         settings.keep_heads, settings.keep_ffn = _target(args.target_config, model)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and args.seqlen > limit:
-        raise SlimGPTError(f"--seqlen {args.seqlen} exceeds the model's context of {limit} tokens")
+    check_context_length(model.config, args.seqlen, "--seqlen")
     if args.schedule != "auto":  # auto: validated once the search has chosen the counts
         plan_removals(model, settings)  # validate the schedule against the model before any work
     check_memory(model, args.nsamples, args.seqlen, device, 2 * sum(activation_streams(settings)))
@@ -612,9 +610,7 @@ def cmd_shear(args) -> int:
     loaded = load_model(args.model, args.device, args.dtype)
     model = loaded.model
     target = resolve_target(read_target(args.target), model)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and args.seqlen > limit:
-        raise SlimGPTError(f"--seqlen {args.seqlen} exceeds the model's context of {limit} tokens")
+    check_context_length(model.config, args.seqlen, "--seqlen")
     settings = ShearSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, mask_lr=args.mask_lr,
                              lambda_lr=args.lambda_lr, train_weights=not args.freeze_weights, seed=args.seed,
                              device=args.device)
@@ -698,9 +694,7 @@ def cmd_recover(args) -> int:
         ppl_windows=args.ppl_windows)
     settings.validate()  # before loading anything
     loaded = load_model(args.model, "cpu", args.dtype)
-    limit = getattr(loaded.model.config, "max_position_embeddings", None)
-    if limit and args.seqlen > limit:
-        raise SlimGPTError(f"--seqlen {args.seqlen} exceeds the model's context of {limit} tokens")
+    check_context_length(loaded.model.config, args.seqlen, "--seqlen")
     progress = _RecoverProgress(args.quiet)
     try:
         result = recover(loaded.model, loaded.tokenizer, settings, progress)
@@ -727,9 +721,7 @@ def cmd_pretrain(args) -> int:
         args.out = runs_root() / new_run_name(f"{Path(args.model).stem}-pretrain-{args.steps}")
     out = check_output_folder(args.out, args.force)
     loaded = load_model(args.model, "cpu", args.dtype)
-    limit = getattr(loaded.model.config, "max_position_embeddings", None)
-    if limit and args.seqlen > limit:
-        raise SlimGPTError(f"--seqlen {args.seqlen} exceeds the model's context of {limit} tokens")
+    check_context_length(loaded.model.config, args.seqlen, "--seqlen")
     report = load_source_report(loaded.path)
     source = report.model if report is not None and report.model else None
     companions: dict[str, object] = {}

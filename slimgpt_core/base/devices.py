@@ -48,3 +48,11 @@ def available_memory_bytes(device: torch.device) -> int | None:
     except OSError:
         return None
     return None
+
+
+def check_free_memory(need: int, device: torch.device, needs: str, advice: str) -> None:
+    """Refuse before any work when `need` bytes exceed nine tenths of what is free on `device` (unknown: go on):
+    "{needs} N GiB but DEVICE has M GiB free: {advice}"."""
+    have = available_memory_bytes(device)
+    if have is not None and need > 0.9 * have:
+        raise SlimGPTError(f"{needs} {need / 2**30:.1f} GiB but {device} has {have / 2**30:.1f} GiB free: {advice}")

@@ -88,3 +88,10 @@ def target_shape(target_config: dict, model) -> tuple[list[int], list[int]]:
     if tgt_dim and tgt_dim != src_dim:
         raise SlimGPTError(f"target head size {tgt_dim} differs from the model's {src_dim}: heads cannot be resized")
     return [int(h) for h in heads], [int(f) for f in ffn]
+
+
+def check_context_length(config, seqlen: int, what: str = "sequence length") -> None:
+    """Refuse a sequence longer than the model's context (`what` names the setting in the sentence)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and seqlen > limit:
+        raise SlimGPTError(f"{what} {seqlen} exceeds the model's context of {limit} tokens")

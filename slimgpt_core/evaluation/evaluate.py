@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from slimgpt_core import data
 from slimgpt_core.base.cache import lookup_json, model_fingerprint, store_json
 from slimgpt_core.base.errors import PruningCancelled, SlimGPTError, out_of_memory_message
+from slimgpt_core.base.shapes import check_context_length
 
 
 @dataclass
@@ -32,11 +33,9 @@ class PerplexityResult:
 def perplexity(model, tokens: torch.Tensor, seqlen: int = 128, batch_size: int = 8, max_windows: int | None = None,
                device: torch.device | str = "cpu", dataset: str = "", progress: Callable[[int, int], None] | None = None,
                should_stop: Callable[[], bool] | None = None) -> PerplexityResult:
-    limit = getattr(model.config, "max_position_embeddings", None)
     if seqlen < 2:
         raise SlimGPTError(f"evaluation length must be >= 2, got {seqlen}")
-    if limit and seqlen > limit:
-        raise SlimGPTError(f"evaluation length {seqlen} exceeds the model's context of {limit} tokens")
+    check_context_length(model.config, seqlen, "evaluation length")
     n_windows = tokens.numel() // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)

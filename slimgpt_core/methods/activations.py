@@ -10,7 +10,6 @@ from slimgpt_core.base import devices
 from slimgpt_core.base.errors import MEMORY_ADVICE, SlimGPTError
 
 
-
 def distributed_rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -79,12 +78,8 @@ def place(x: torch.Tensor, act_device: torch.device) -> torch.Tensor:
 
 def check_memory(model, nsamples: int, seqlen: int, device: torch.device, buffers: int = 4) -> None:
     """Refuse before starting when the calibration activation buffers cannot fit."""
-    need = activation_bytes(model, nsamples * seqlen, buffers)
-    have = devices.available_memory_bytes(device)
-    if have is not None and need > 0.9 * have:
-        raise SlimGPTError(
-            f"calibration activations need {need / 2**30:.1f} GiB but {device} has {have / 2**30:.1f} GiB free: "
-            + MEMORY_ADVICE)
+    devices.check_free_memory(activation_bytes(model, nsamples * seqlen, buffers), device,
+                              "calibration activations need", MEMORY_ADVICE)
 
 
 def fits(nbytes: int, where: torch.device) -> bool:

@@ -462,7 +462,6 @@ def story(entries: list[DemoEntry], scale: str) -> dict[str, str]:
     return out
 
 
-
 def twin_differences(entries: list[DemoEntry], scale: str) -> dict[str, list[float]]:
     """Per schedule, the sequential run's total error minus its dense-input twin's, by the sequential run's key:
     below zero, sequential calibration carried less error to that depth."""

@@ -13,6 +13,7 @@ from typing import Callable
 
 from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
 from slimgpt_core.base.events import Progress
+from slimgpt_core.base.shapes import check_context_length
 from slimgpt_core.export.checkpoint import export_checkpoint
 from slimgpt_core.models import LoadedModel, load_config, load_model
 from slimgpt_core.training.pretrain import PretrainResult, PretrainSettings, TEXTS, pretrain, pretrained_report
@@ -60,9 +61,7 @@ def pretrain_to_workspace(source: str | Path, settings: PretrainSettings, teache
     t0 = time.perf_counter()
     emit(Progress(0, settings.steps, "loading the run", 0.0))
     loaded = load_model(str(source), "cpu")
-    limit = getattr(loaded.model.config, "max_position_embeddings", None)
-    if limit and settings.seqlen > limit:
-        raise SlimGPTError(f"sequence length {settings.seqlen} exceeds the model's context of {limit} tokens")
+    check_context_length(loaded.model.config, settings.seqlen)
     report = load_source_report(loaded.path)
     source_model = report.model if report is not None and report.model else None
     if teacher == "source":

@@ -39,11 +39,8 @@ def training_tokens(tokenizer, sources: list[str], steps: int, batch_size: int, 
 
 
 def check_training_memory(model, batch_size: int, seqlen: int, device: torch.device, train_weights: bool) -> None:
-    need = training_bytes(model, batch_size, seqlen, train_weights)
-    have = devices.available_memory_bytes(device)
-    if have is not None and need > 0.9 * have:
-        raise SlimGPTError(f"mask learning needs about {need / 2**30:.1f} GiB but {device} has {have / 2**30:.1f} GiB "
-                           "free: lower --batch-size or --seqlen, or pass --freeze-weights")
+    devices.check_free_memory(training_bytes(model, batch_size, seqlen, train_weights), device,
+                              "mask learning needs about", "lower --batch-size or --seqlen, or pass --freeze-weights")
 
 
 def save_shear_run(model, tokenizer, result: ShearResult, out: str | Path, overwrite: bool = False) -> Path:

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Callable
 
 from slimgpt_core.base.devices import resolve_device
-from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import PruningCancelled
 from slimgpt_core.base.events import Progress
-from slimgpt_core.base.shapes import count_parameters
+from slimgpt_core.base.shapes import check_context_length, count_parameters
 from slimgpt_core.evaluation.evaluate import cached_perplexity
 from slimgpt_core.export.checkpoint import export_checkpoint
 from slimgpt_core.methods.shear.size import parameter_count
@@ -77,9 +77,7 @@ def shear_to_workspace(source: LoadedModel | str | Path, target: dict, settings:
         loaded = load_model(str(source), "cpu")
         model, tokenizer, name, source_run = loaded.model, loaded.tokenizer, Path(source).name, Path(source)
     shape = resolve_target(target, model)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and seqlen > limit:
-        raise SlimGPTError(f"sequence length {seqlen} exceeds the model's context of {limit} tokens")
+    check_context_length(model.config, seqlen)
     device = resolve_device(settings.device)
     check_training_memory(model, settings.batch_size, seqlen, device, settings.train_weights)
     emit(Progress(0, settings.steps, "training data", time.perf_counter() - t0))

@@ -209,19 +209,14 @@ def pretrain_memory_bytes(model, settings: PretrainSettings, teacher=None) -> in
     return int(need)
 
 
-
-
 def check_memory(model, settings: PretrainSettings, device: torch.device, teacher=None) -> None:
     need = pretrain_memory_bytes(model, settings, teacher)
     if device.type == "cpu":  # the weights are already in memory
         need -= sum(p.numel() * p.element_size() for m in (model, teacher) if m is not None for p in m.parameters())
-    have = devices.available_memory_bytes(device)
-    if have is not None and need > 0.9 * have:
-        lora = "" if settings.lora else ", pass --lora"
-        raise SlimGPTError(f"continued pre-training needs about {need / 2**30:.1f} GiB but {device} has "
-                           f"{have / 2**30:.1f} GiB free: lower --batch-size ({settings.batch_size}; raise "
-                           f"--grad-accumulation to keep the effective batch) or --seqlen ({settings.seqlen}){lora}, "
-                           "or use a device with more memory")
+    lora = "" if settings.lora else ", pass --lora"
+    devices.check_free_memory(need, device, "continued pre-training needs about",
+                              f"lower --batch-size ({settings.batch_size}; raise --grad-accumulation to keep the "
+                              f"effective batch) or --seqlen ({settings.seqlen}){lora}, or use a device with more memory")
 
 
 def _batches(windows: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:

@@ -204,12 +204,10 @@ def check_training_memory(model, settings: RecoverSettings, device: torch.device
     need = training_memory_bytes(model, settings)
     if device.type == "cpu":
         need -= sum(p.numel() * p.element_size() for p in model.parameters())  # already in memory
-    have = devices.available_memory_bytes(device)
-    if have is not None and need > 0.9 * have:
-        raise SlimGPTError(
-            f"recovery needs about {need / 2**30:.1f} GiB but {device} has {have / 2**30:.1f} GiB free: lower "
-            f"--batch-size ({settings.batch_size}; raise --grad-accumulation to keep the effective batch), "
-            f"--seqlen ({settings.seqlen}) or --rank ({settings.rank}), or use a device with more memory")
+    devices.check_free_memory(need, device, "recovery needs about",
+                              f"lower --batch-size ({settings.batch_size}; raise --grad-accumulation to keep the "
+                              f"effective batch), --seqlen ({settings.seqlen}) or --rank ({settings.rank}), or use a "
+                              "device with more memory")
 
 
 def _perplexity(model, tokenizer, settings: RecoverSettings, device, should_stop):

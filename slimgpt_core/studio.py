@@ -11,19 +11,19 @@ import torch
 
 from slimgpt_core.base.devices import resolve_device
 from slimgpt_core.base.errors import SlimGPTError
-from slimgpt_core.base.events import AchievedRatios, Progress, PruneReport
+from slimgpt_core.base.events import AchievedRatios, Progress, RunReport
 from slimgpt_core.base.shapes import count_parameters, layer_shape
 from slimgpt_core.data import calibration_tokens
 from slimgpt_core.evaluation.evaluate import cached_perplexity
 from slimgpt_core.evaluation.speed import measure_speed
 from slimgpt_core.evaluation.zeroshot import zero_shot
-from slimgpt_core.workspace.exports import export_model
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings, plan_removals
 from slimgpt_core.methods.statistics import DenseStatistics, dense_statistics
 from slimgpt_core.models import LoadedModel, load_model
 from slimgpt_core.schedules.schedule import layer_ratios
 from slimgpt_core.training.recover import load_source_report, recover, recovered_report
+from slimgpt_core.workspace.exports import export_model
 from slimgpt_core.workspace.model_pool import POOL
 from slimgpt_core.workspace.store import add_measurement, read_run, save_run
 
@@ -103,7 +103,7 @@ class PruneRun:
     model_name: str
     model: torch.nn.Module
     tokenizer: object
-    report: PruneReport
+    report: RunReport
     calib: dict = field(default_factory=dict)
 
 
@@ -123,7 +123,7 @@ def run_pruning(loaded: LoadedModel, settings: PruneSettings, calib: str, nsampl
                     {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed})
 
 
-def schedule_label(report: PruneReport, settings: PruneSettings) -> str:
+def schedule_label(report: RunReport, settings: PruneSettings) -> str:
     """A label describing the schedule the run actually used (the per-layer ratios, not the target slider):
     the preset's name when the ratios are the preset's, else "custom"; the mean requested ratio."""
     n = len(report.head_ratios)

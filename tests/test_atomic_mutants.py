@@ -170,13 +170,13 @@ def test_zip_is_written_whole(tmp_path, monkeypatch):
 
 def test_save_run_is_listed_under_its_label(tmp_path, assets_root):
     """A run written anywhere carries the workspace's meta.json: labelled as asked, else by its folder's name."""
-    from slimgpt_core.base.events import PruneReport
+    from slimgpt_core.base.events import RunReport
     from slimgpt_core.models import load_model
     from slimgpt_core.workspace.store import save_run_at
     from slimgpt_core.workspace.store import read_run
 
     loaded = load_model("stories260k", "cpu")
-    report = PruneReport("stories260k", {"method": "slimgpt", "ratio": 0.2}, [0.2], [0.2], 100, 80, 90, 70)
+    report = RunReport("stories260k", {"method": "slimgpt", "ratio": 0.2}, [0.2], [0.2], 100, 80, 90, 70)
     out = save_run_at(loaded.model, loaded.tokenizer, report, tmp_path / "my-run")
     assert out == tmp_path / "my-run" and read_run(out).label == "my-run"
     assert read_run(out).summary["params_after"] == 80 and (out / "report.json").exists()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.methods.statistics import dense_hessians
 from slimgpt_core.schedules import autoschedule, curves
 from slimgpt_core.schedules.curves import LayerCurves, ModelCurves
@@ -389,7 +389,7 @@ def test_auto_job_samples_database_and_fitness_windows(setup, monkeypatch):
     other = autoschedule.auto_job(loaded, "wikitext2", 6, 16, 0, settings, starts={"x": ([0.1] * 3, [0.2] * 3)})
     assert list(other.baselines)[0] == "x"
     assert asked[-2:] == [("tok", "wikitext2", 6, 16, 0), ("tok", "wikitext2", 8, 16, 1)]
-    with pytest.raises(PruningCancelled, match="statistics were cancelled"):  # should_stop reaches the search
+    with pytest.raises(JobCancelled, match="statistics were cancelled"):  # should_stop reaches the search
         autoschedule.auto_job(loaded, "tinystories", 6, 16, 4, settings, should_stop=lambda: True)
     assert next(model.parameters()).device.type == "cpu"
 

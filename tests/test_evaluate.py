@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_model
 from slimgpt_core.evaluation import evaluate
-from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 
 
 def _hand_nll(model, tokens, seqlen, windows):
@@ -76,7 +76,7 @@ def test_progress_and_cancel(model, stream):
     evaluate.perplexity(model, stream, seqlen=16, batch_size=10, progress=lambda d, n: seen.append((d, n)))
     assert seen == [(10, 25), (20, 25), (25, 25)]
     asked = []
-    with pytest.raises(PruningCancelled, match="^evaluation was cancelled$"):
+    with pytest.raises(JobCancelled, match="^evaluation was cancelled$"):
         evaluate.perplexity(model, stream, seqlen=16, batch_size=10, should_stop=lambda: len(asked.append(1) or asked) > 2,
                             progress=lambda d, n: seen.append((d, n)))
     assert len(asked) == 3 and seen[3:] == [(10, 25), (20, 25)]  # stopped before the third batch

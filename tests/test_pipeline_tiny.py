@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.workspace.store import save_run_at
@@ -71,7 +71,7 @@ def test_events_report_and_cancel(tokens):
     assert report.layers[0].accumulated_error > 0
     json.dumps(report.to_dict())
     calls = []
-    with pytest.raises(PruningCancelled):
+    with pytest.raises(JobCancelled):
         prune_model(tiny_model(), tokens, PruneSettings(ratio=0.4), should_stop=lambda: len(calls.append(1) or calls) > 4)
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from slimgpt_core.cli import main
 from slimgpt_core.data import calibration_tokens, evaluation_tokens
-from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.models import load_model
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
@@ -272,7 +272,7 @@ def test_cancel_leaves_nothing(pruned_run, tmp_path, capsys, monkeypatch):
     loaded = _pruned(pruned_run)
     original = copy.deepcopy(loaded.model.state_dict())
     calls = []
-    with pytest.raises(PruningCancelled):
+    with pytest.raises(JobCancelled):
         pretrain(loaded.model, loaded.tokenizer, PretrainSettings(data=["tinystories"], steps=10, lora=True,
                                                                   lr=1e-2, **SMALL),
                  should_stop=lambda: calls.append(1) or len(calls) > 3)

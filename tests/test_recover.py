@@ -16,7 +16,7 @@ import torch
 
 from slimgpt_core.cli import main
 from slimgpt_core.data import calibration_tokens
-from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.evaluation.evaluate import perplexity
 from slimgpt_core.training.finetune_data import IGNORE, PROMPT_NO_INPUT, instruction_example, load_finetune_data
 from slimgpt_core.models import load_model
@@ -215,7 +215,7 @@ def test_cancel_leaves_the_model_as_it_came(pruned_run):
     loaded = _pruned(pruned_run)
     state = copy.deepcopy(loaded.model.state_dict())
     steps = []
-    with pytest.raises(PruningCancelled):
+    with pytest.raises(JobCancelled):
         recover(loaded.model, loaded.tokenizer, RecoverSettings(data=["tinystories"], ppl_source=None, **{
             **FAST, "ppl_windows": None}), callback=lambda e: e.kind == "train-step" and steps.append(e.step),
             should_stop=lambda: len(steps) >= 3)

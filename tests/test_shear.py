@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_model
 from slimgpt_core.cli import main
-from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.methods.shear import hard_concrete as hc
 from slimgpt_core.methods.shear.apply import MaskedModel
 from slimgpt_core.methods.shear.cut import cut_model
@@ -174,7 +174,7 @@ def test_cancel_stops_before_any_change(assets_root):
     model = _stories(assets_root).model
     before = count_parameters(model)
     target = resolve_target({"layers": 3}, model)
-    with pytest.raises(PruningCancelled):
+    with pytest.raises(JobCancelled):
         shear_model(model, torch.zeros(4, 16, dtype=torch.long), target, ShearSettings(steps=5, device="cpu"),
                     should_stop=lambda: True)
     assert count_parameters(model) == before and len(model.model.layers) == 5

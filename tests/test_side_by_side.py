@@ -104,12 +104,12 @@ def test_greedy_text_of_a_run_equals_transformers_generate_on_its_checkpoint(wor
 
 
 def test_generation_stops_when_asked_and_refuses_empty_prompts(workspace):
-    from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
+    from slimgpt_core.base.errors import JobCancelled, SlimGPTError
     from slimgpt_core.services.generation import TokenStreamed, generate_side_by_side
     run = workspace["runs"]["uniform 30%"]
     events = []
     stop = lambda: sum(isinstance(e, TokenStreamed) for e in events) >= 3  # noqa: E731
-    with pytest.raises(PruningCancelled):
+    with pytest.raises(JobCancelled):
         generate_side_by_side([("u", str(run.path))], [PROMPT], 40, "cpu", callback=events.append, should_stop=stop)
     assert sum(isinstance(e, TokenStreamed) for e in events) in (3, 4)  # at most one token after the request
     with pytest.raises(SlimGPTError, match="no prompt"):

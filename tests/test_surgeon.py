@@ -11,7 +11,7 @@ from slimgpt_core.methods import kfac
 from slimgpt_core.methods import obs
 from slimgpt_core.cli import main
 from slimgpt_core.methods.curvature import LINEARS, CurvatureCollector, factor_bytes
-from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.methods.surgeon import rows_threshold, select_heads, zero_fraction, _Unit
@@ -251,7 +251,7 @@ def test_cancel_between_shots_and_bad_settings(stories):
     def stop():
         calls["n"] += 1
         return calls["n"] > 3
-    with pytest.raises(PruningCancelled):
+    with pytest.raises(JobCancelled):
         prune_model(loaded.model, stories[1], PruneSettings(ratio=0.3, method="surgeon", shots=3, device="cpu"),
                     should_stop=stop)
     with pytest.raises(SlimGPTError, match="fisher must be empirical or true"):

@@ -1,11 +1,12 @@
 """Issue 13: each layer's attention and MLP computed once gives the previous implementation's results.
 
 The previous implementation (dense reference, attention statistics, MLP statistics and outputs each a forward
-of the layer) stays in the pipeline as `_reference_layer`; these tests run both on the same model and inputs."""
+of the layer) lives in tests/reference_layer.py; these tests run both on the same model and inputs."""
 import pytest
 import torch
 
 from conftest import tiny_model
+from reference_layer import reference_layer
 from slimgpt_core.methods import pipeline
 from slimgpt_core.methods.forwards import replay_outputs
 from slimgpt_core.methods.prune_settings import PruneSettings
@@ -76,7 +77,7 @@ def test_tiny_models_match_the_previous_implementation(arch, heads, kv, mode, to
     settings = PruneSettings(ratio=0.4, ffn_group_floor=2, batch_size=5, **MODES[mode])  # 5: a ragged last batch
     new_model, ref_model = tiny_model(arch, heads, kv), tiny_model(arch, heads, kv)
     new = pipeline._prune_pass(new_model, tokens, settings, use_cache=False)
-    ref = pipeline._prune_pass(ref_model, tokens, settings, use_cache=False, _reference=True)
+    ref = pipeline._prune_pass(ref_model, tokens, settings, use_cache=False, layer_step=reference_layer)
     _assert_same_results(new, ref)
     _assert_same_units_kept(new_model, ref_model)
     _assert_logits_close(new_model, ref_model, tokens)
@@ -98,7 +99,7 @@ def test_what_memory_holds_changes_only_what_the_outputs_recompute(monkeypatch, 
         return replay_outputs(layer, x, kwargs, batch_size, attn_inputs, columns, out, attn_outputs, mlp_inputs, *args)
     monkeypatch.setattr(pipeline, "replay_outputs", replay)
     new = pipeline._prune_pass(model, tokens, settings, use_cache=False)
-    ref = pipeline._prune_pass(ref_model, tokens, settings, use_cache=False, _reference=True)
+    ref = pipeline._prune_pass(ref_model, tokens, settings, use_cache=False, layer_step=reference_layer)
     _assert_same_results(new, ref)
     _assert_logits_close(model, ref_model, tokens)
     # (o_proj's inputs still held, the attention's outputs kept, down_proj's inputs kept), in every layer
@@ -118,7 +119,7 @@ def test_qwen2_biases_reach_the_replayed_outputs(tokens):
     ref_model.load_state_dict(model.state_dict())
     settings = PruneSettings(ratio=0.5, ffn_group_floor=2)
     new = pipeline._prune_pass(model, tokens, settings, use_cache=False)
-    ref = pipeline._prune_pass(ref_model, tokens, settings, use_cache=False, _reference=True)
+    ref = pipeline._prune_pass(ref_model, tokens, settings, use_cache=False, layer_step=reference_layer)
     _assert_same_results(new, ref)
     _assert_same_units_kept(model, ref_model)
 
@@ -127,7 +128,7 @@ def test_statistics_cache_gives_the_same_results(tmp_path, monkeypatch, tokens):
     """Layers whose statistics come from cache/stats (dense inputs) still get their outputs right."""
     monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
     settings = PruneSettings(ratio=0.4, ffn_group_floor=2, sequential=False)
-    ref = pipeline._prune_pass(tiny_model(), tokens, settings, use_cache=False, _reference=True)
+    ref = pipeline._prune_pass(tiny_model(), tokens, settings, use_cache=False, layer_step=reference_layer)
     first = pipeline._prune_pass(tiny_model(), tokens, settings)
     again = pipeline._prune_pass(tiny_model(), tokens, settings)
     assert first.reused_statistics == 0 and again.reused_statistics > 0
@@ -147,7 +148,7 @@ def test_stories260k_matches_the_previous_implementation(assets_root, track):
     settings = PruneSettings(ratio=0.3, batch_size=6, ffn_group_floor=8, track_accumulation=track)
     ref_model = load_model("stories260k", "cpu").model
     new = pipeline._prune_pass(loaded.model, calib, settings, use_cache=False)
-    ref = pipeline._prune_pass(ref_model, calib, settings, use_cache=False, _reference=True)
+    ref = pipeline._prune_pass(ref_model, calib, settings, use_cache=False, layer_step=reference_layer)
     _assert_same_results(new, ref)
     _assert_same_units_kept(loaded.model, ref_model)
     assert sum(m.units_removed for m in new.modules) > 0

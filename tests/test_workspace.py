@@ -185,7 +185,7 @@ def test_memory_stays_bounded_as_runs_are_opened_one_after_another(runs_dir, sto
 
 
 def test_heavy_jobs_queue_and_a_queued_job_can_be_cancelled():
-    from slimgpt_core.base.errors import PruningCancelled
+    from slimgpt_core.base.errors import JobCancelled
     from slimgpt_core.workspace.jobs import JobBoard
 
     board = JobBoard(heavy_slots=1)
@@ -196,7 +196,7 @@ def test_heavy_jobs_queue_and_a_queued_job_can_be_cancelled():
         order.append(("start", tag))
         while not release.is_set():
             if should_stop():
-                raise PruningCancelled()
+                raise JobCancelled()
             time.sleep(0.01)
         order.append(("end", tag))
         return tag

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from slimgpt_core import data
 from slimgpt_core.base.cache import lookup_json, model_fingerprint, store_json
-from slimgpt_core.base.errors import PruningCancelled, SlimGPTError, out_of_memory_message
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError, out_of_memory_message
 from slimgpt_core.base.shapes import check_context_length
 
 
@@ -49,7 +49,7 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = 128, batch_size: int =
         with torch.no_grad():
             for s in range(0, n_windows, batch_size):
                 if should_stop is not None and should_stop():
-                    raise PruningCancelled("evaluation was cancelled")
+                    raise JobCancelled("evaluation was cancelled")
                 ids = windows[s:s + batch_size].to(model_device)
                 logits = model(ids, use_cache=False).logits.float()
                 losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),

@@ -13,7 +13,7 @@ from typing import Callable
 
 from slimgpt_core.base import assets
 from slimgpt_core.base.cache import lookup_json, model_fingerprint, store_json
-from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.models import require_hub
 
 TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -122,7 +122,7 @@ def _zero_shot(model, tokenizer, tasks: list[str], limit: int | None, batch_size
         local_manager = TaskManager(include_path=folder, include_defaults=False) if any(offline.values()) else None
         for i, task in enumerate(tasks):
             if should_stop is not None and should_stop():
-                raise PruningCancelled("evaluation was cancelled")
+                raise JobCancelled("evaluation was cancelled")
             if progress is not None:
                 progress(i, len(tasks), task)
             if offline[task] is not None:

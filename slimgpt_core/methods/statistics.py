@@ -9,7 +9,7 @@ import torch
 
 from slimgpt_core.base import cache
 from slimgpt_core.base.devices import resolve_device
-from slimgpt_core.base.errors import PruningCancelled
+from slimgpt_core.base.errors import JobCancelled
 from slimgpt_core.methods import obs
 from slimgpt_core.methods.forwards import capture_layer_inputs, collect_layer_hessians, run_layer
 from slimgpt_core.schedules.schedule import units_to_remove
@@ -85,7 +85,7 @@ def dense_hessians(model, tokens: torch.Tensor, batch_size: int = 8, device: str
     x, kwargs, x_at = None, None, 0  # x: the dense inputs of layer x_at, once a layer has needed them
     for i, layer in enumerate(layers):
         if should_stop is not None and should_stop():
-            raise PruningCancelled(f"{what} were cancelled")
+            raise JobCancelled(f"{what} were cancelled")
         home = next(layer.parameters()).device
         layer.to(dev)
         H_attn, H_mlp = stats.lookup(i, "attn", True), stats.lookup(i, "mlp", True)

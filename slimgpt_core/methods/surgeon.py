@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from slimgpt_core.base import devices
 from slimgpt_core.base.cache import forget_fingerprint
 from slimgpt_core.base.devices import peak_memory_mb, resolve_device
-from slimgpt_core.base.errors import PruningCancelled, SlimGPTError, out_of_memory_message
-from slimgpt_core.base.events import Callback, LayerDone, Progress, PruneReport, ShotDone
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError, out_of_memory_message
+from slimgpt_core.base.events import Callback, LayerDone, Progress, RunReport, ShotDone
 from slimgpt_core.base.shapes import count_parameters, keep_channels, keep_kv_groups, layer_shape, update_config
 from slimgpt_core.methods import kfac
 from slimgpt_core.methods.curvature import CurvatureCollector, factor_bytes, linears
@@ -246,7 +246,7 @@ def zero_fraction(layers) -> float:
 
 
 def prune_surgeon(model, tokens: torch.Tensor, settings, callback: Callback | None = None,
-                  should_stop: Callable[[], bool] | None = None, model_name: str = "") -> PruneReport:
+                  should_stop: Callable[[], bool] | None = None, model_name: str = "") -> RunReport:
     """LLM Surgeon (settings.method == "surgeon") or K-OBD ("kobd") in `settings.shots` shots to
     settings.ratio of the decoder-layer parameters; prunes `model` in place and returns the report."""
 
@@ -261,7 +261,7 @@ def prune_surgeon(model, tokens: torch.Tensor, settings, callback: Callback | No
         raise SlimGPTError("LLM Surgeon needs at least 2 calibration sequences (one is held out)")
     home = next(model.parameters()).device
     factor_device = check_memory(model, settings.batch_size, tokens.shape[1], device)
-    report = PruneReport(model_name, asdict(settings), [], [], count_parameters(model), 0, count_parameters(layers),
+    report = RunReport(model_name, asdict(settings), [], [], count_parameters(model), 0, count_parameters(layers),
                          0, device=str(device))
     report.settings.update(heldout_samples=int(heldout.shape[0]), factor_device=str(factor_device),
                            factor_gib=factor_bytes(model) / 2**30)
@@ -281,7 +281,7 @@ def prune_surgeon(model, tokens: torch.Tensor, settings, callback: Callback | No
 
     def stop() -> None:
         if should_stop is not None and should_stop():
-            raise PruningCancelled()
+            raise JobCancelled()
 
     try:
         model.to(device)
@@ -435,7 +435,7 @@ def _write(linear: torch.nn.Linear, weight: torch.Tensor) -> None:
     linear.weight.data = weight.to(device=linear.weight.device, dtype=linear.weight.dtype)
 
 
-def _finish(model, report: PruneReport, shapes0, heads_mode: bool, model_name: str, emit, device) -> None:
+def _finish(model, report: RunReport, shapes0, heads_mode: bool, model_name: str, emit, device) -> None:
     """Per-layer ratios and shapes, parameter counts, the config note."""
 
     layers = model.model.layers

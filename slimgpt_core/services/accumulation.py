@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 from slimgpt_core import data
 from slimgpt_core.base.devices import resolve_device
-from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
-from slimgpt_core.base.events import Progress, PruneReport
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
+from slimgpt_core.base.events import Progress, RunReport
 from slimgpt_core.methods.prune_settings import PruneSettings, plan_removals
 from slimgpt_core.models import _resolve_alias
 from slimgpt_core.studio import prune_to_workspace
@@ -163,7 +163,7 @@ def accumulation_profile(dense_model, pruned_model, windows: torch.Tensor, batch
         with torch.no_grad():
             for s in range(0, n, batch_size):
                 if should_stop is not None and should_stop():
-                    raise PruningCancelled("the accumulation profile was cancelled")
+                    raise JobCancelled("the accumulation profile was cancelled")
                 ids = windows[s:s + batch_size].to(device)
                 logits_d, outs_d, ins_d = _capture(dense_model, ids, inputs=True)
                 logits_p, outs_p, _ = _capture(pruned_model, ids, inputs=False)
@@ -368,7 +368,7 @@ def run_demo(loaded, config: DemoConfig, callback: Callable | None = None,
         for info in list_runs():
             if info.broken is None and (info.path / "report.json").exists():
                 try:
-                    out.append((info, PruneReport.load(info.path / "report.json")))
+                    out.append((info, RunReport.load(info.path / "report.json")))
                 except (OSError, ValueError, TypeError, KeyError):
                     continue  # an unreadable report is not a run to reuse
         return out

@@ -13,7 +13,7 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.base.events import Progress
 from slimgpt_core.workspace.model_pool import POOL
 
@@ -120,7 +120,7 @@ def greedy_generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, lab
                              stopping_criteria=stops, pad_token_id=pad)
     seconds = time.perf_counter() - t0
     if should_stop is not None and should_stop():
-        raise PruningCancelled("generation was cancelled")
+        raise JobCancelled("generation was cancelled")
     ids = out[0, inputs["input_ids"].shape[1]:].tolist()
     return Generation(label, prompt, tokenizer.decode(ids, skip_special_tokens=True), ids, seconds,
                       first[0] if first else seconds, str(device))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.base.events import Progress
 from slimgpt_core.base.shapes import check_context_length
 from slimgpt_core.export.checkpoint import export_checkpoint
@@ -76,7 +76,7 @@ def pretrain_to_workspace(source: str | Path, settings: PretrainSettings, teache
             emit(Progress(0, settings.steps, f"loading the {what}", time.perf_counter() - t0))
             companions[name] = load_companion(name, vocab, what)
     if stop():
-        raise PruningCancelled("continued pre-training was cancelled")
+        raise JobCancelled("continued pre-training was cancelled")
 
     def forward(event) -> None:
         emit(event)
@@ -89,7 +89,7 @@ def pretrain_to_workspace(source: str | Path, settings: PretrainSettings, teache
                       companions.get(teacher), forward, stop, reference_name=source_model or "",
                       teacher_name=teacher or "")
     if stop():
-        raise PruningCancelled("continued pre-training was cancelled")
+        raise JobCancelled("continued pre-training was cancelled")
     emit(Progress(settings.steps, settings.steps, "saving the run", time.perf_counter() - t0))
     label = label or f"{Path(source).name} pretrain {settings.steps}"
     root = runs_root()

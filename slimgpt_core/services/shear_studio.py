@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from slimgpt_core.base.devices import resolve_device
-from slimgpt_core.base.errors import PruningCancelled
+from slimgpt_core.base.errors import JobCancelled
 from slimgpt_core.base.events import Progress
 from slimgpt_core.base.shapes import check_context_length, count_parameters
 from slimgpt_core.evaluation.evaluate import cached_perplexity
@@ -90,7 +90,7 @@ def shear_to_workspace(source: LoadedModel | str | Path, target: dict, settings:
                                              should_stop=stop))
         model.to("cpu")
     if stop():
-        raise PruningCancelled("shear was cancelled")
+        raise JobCancelled("shear was cancelled")
     emit(ShearStart(source_shape(model).to_dict(), shape.to_dict(), count_parameters(model),
                     parameter_count(model, shape), settings.steps))
 
@@ -111,7 +111,7 @@ def shear_to_workspace(source: LoadedModel | str | Path, target: dict, settings:
         model.to("cpu")
         result.report.evaluation = {"dense_ppl": dense_ppl, "sheared_ppl": sheared_ppl}
     if stop():
-        raise PruningCancelled("shear was cancelled")
+        raise JobCancelled("shear was cancelled")
     emit(Progress(settings.steps, settings.steps, "saving the run", time.perf_counter() - t0))
     label = label or shear_label(name, shape)
     root = runs_root()

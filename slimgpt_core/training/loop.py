@@ -17,8 +17,8 @@ import torch
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from slimgpt_core.base.devices import peak_memory_mb
-from slimgpt_core.base.errors import PruningCancelled
-from slimgpt_core.base.events import PruneReport
+from slimgpt_core.base.errors import JobCancelled
+from slimgpt_core.base.events import RunReport
 from slimgpt_core.base.shapes import count_parameters, layer_shape
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding); torch's cross-entropy default
@@ -117,7 +117,7 @@ def train(model, batches: Iterator[dict[str, torch.Tensor]], steps: int, optim: 
     Held-out loss is measured before the first step, every `eval_every` steps and after the last one.
     `loss_fn(model, batch, device, bf16)` replaces the next-token cross-entropy as the training loss (held-out
     loss stays the cross-entropy); `after_step(step)` runs after each update, before that step's event.
-    `should_stop()` is checked before every step; a stop raises PruningCancelled (the caller decides what
+    `should_stop()` is checked before every step; a stop raises JobCancelled (the caller decides what
     to keep)."""
     emit = callback or _ignore
     loss_fn = loss_fn or batch_loss
@@ -141,7 +141,7 @@ def train(model, batches: Iterator[dict[str, torch.Tensor]], steps: int, optim: 
     t_start = time.perf_counter()
     for step in range(1, steps + 1):
         if should_stop is not None and should_stop():
-            raise PruningCancelled("training was cancelled")
+            raise JobCancelled("training was cancelled")
         t0 = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
         losses, loss_tokens, input_tokens = [], 0, 0
@@ -184,7 +184,7 @@ def trained_report(model, source_report=None, source: str = "", kind: str = "", 
         report = copy.deepcopy(source_report)
     else:
         n, n_layers = count_parameters(model), count_parameters(model.model.layers)
-        report = PruneReport(model=source, settings={}, head_ratios=[], ffn_ratios=[], params_before=n,
+        report = RunReport(model=source, settings={}, head_ratios=[], ffn_ratios=[], params_before=n,
                              params_after=n, layer_params_before=n_layers, layer_params_after=n_layers)
     if kind:
         if getattr(report, kind, None):

@@ -244,7 +244,7 @@ def pretrain(model, tokenizer, settings: PretrainSettings, reference=None, teach
     `reference`: the model whose per-domain held-out loss is the reference loss (the source model); None with
     no `settings.reference_losses`: the model's own loss before training. `teacher`: distill from it (same
     vocabulary). Events: PretrainPhase between stages, PretrainStep per step, MixUpdate at each update.
-    `should_stop()` is checked between steps (PruningCancelled)."""
+    `should_stop()` is checked between steps (JobCancelled)."""
 
     settings.validate()
     emit = callback or (lambda e: None)

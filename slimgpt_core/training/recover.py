@@ -23,7 +23,7 @@ from slimgpt_core.base import devices
 from slimgpt_core.base.cache import forget_fingerprint
 from slimgpt_core.base.devices import resolve_device
 from slimgpt_core.base.errors import SlimGPTError
-from slimgpt_core.base.events import PruneReport
+from slimgpt_core.base.events import RunReport
 from slimgpt_core.evaluation.evaluate import cached_perplexity
 from slimgpt_core.training import loop
 from slimgpt_core.training.finetune_data import batch_stream, check_source, fixed_batches, load_finetune_data
@@ -228,7 +228,7 @@ def recover(model, tokenizer, settings: RecoverSettings, callback: Callable | No
     """LoRA-fine-tune `model` on `settings.data`, merge the adapters, and measure perplexity before and after.
 
     Events: RecoverPhase between stages, training.HeldoutLoss and training.TrainStep while training.
-    `should_stop()` is checked between training steps and during the first perplexity (PruningCancelled; the
+    `should_stop()` is checked between training steps and during the first perplexity (JobCancelled; the
     model is left as it came). Once trained, the adapters are merged and measured without further checks."""
 
     settings.validate()
@@ -306,7 +306,7 @@ def recovered_report(result: RecoverResult, source_report=None, source: str = ""
 
 def load_source_report(folder: str | Path):
     path = Path(folder) / "report.json"
-    return PruneReport.load(path) if path.exists() else None
+    return RunReport.load(path) if path.exists() else None
 
 
 def summary(result: RecoverResult) -> dict:

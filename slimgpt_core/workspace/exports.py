@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from slimgpt_core.base.atomic import check_output_folder
 from slimgpt_core.base.devices import DTYPES
 from slimgpt_core.base.errors import SlimGPTError
-from slimgpt_core.base.events import PruneReport
+from slimgpt_core.base.events import RunReport
 from slimgpt_core.base.shapes import count_parameters, is_heterogeneous
 from slimgpt_core.export.archive import ByteProgress, copy_file, stored_float_dtypes
 from slimgpt_core.export.checkpoint import (ExportResult, add_remote_code, check_zip_target, export_checkpoint,
@@ -43,7 +43,7 @@ def _card_inputs(folder: Path | None) -> tuple:
     """What a source folder says about itself for the card: its report, its measurements, the run it is."""
     if folder is None or not folder.is_dir():
         return None, {}, None
-    report = PruneReport.load(folder / "report.json") if (folder / "report.json").exists() else None
+    report = RunReport.load(folder / "report.json") if (folder / "report.json").exists() else None
     evaluation = {}
     if (folder / "eval.json").exists():
         evaluation = _flatten_eval(json.loads((folder / "eval.json").read_text()))

@@ -22,7 +22,7 @@ import transformers
 
 from slimgpt_core.base.assets import PROJECT_ROOT
 from slimgpt_core.base.errors import SlimGPTError
-from slimgpt_core.base.events import PruneReport
+from slimgpt_core.base.events import RunReport
 from slimgpt_core.export.checkpoint import export_checkpoint
 
 RUNS_ENV = "SLIMGPT_RUNS"
@@ -139,7 +139,7 @@ def read_run(path: Path) -> RunInfo:
             info.created = meta.get("created", info.created)
             info.summary = meta.get("summary", {})
         elif (path / "report.json").exists():  # a run written before meta.json existed
-            info.summary = summary_of(PruneReport.load(path / "report.json"))
+            info.summary = summary_of(RunReport.load(path / "report.json"))
         if (path / EVALUATIONS).exists():
             info.evaluations = _read_json(path / EVALUATIONS)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:  # AttributeError: JSON not an object

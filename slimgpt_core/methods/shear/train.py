@@ -14,8 +14,8 @@ import torch
 
 from slimgpt_core.base.cache import forget_fingerprint
 from slimgpt_core.base.devices import peak_memory_mb, resolve_device
-from slimgpt_core.base.errors import PruningCancelled, SlimGPTError
-from slimgpt_core.base.events import PruneReport
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
+from slimgpt_core.base.events import RunReport
 from slimgpt_core.base.shapes import count_parameters, head_dim
 from slimgpt_core.methods.shear.apply import MaskedModel
 from slimgpt_core.methods.shear.cut import cut_model
@@ -57,7 +57,7 @@ class ShearStep:
 
 @dataclass
 class ShearResult:
-    report: PruneReport
+    report: RunReport
     source: Shape
     target: Shape
     kept_layers: list[int]
@@ -121,7 +121,7 @@ def shear_model(model, tokens: torch.Tensor, target: Shape, settings: ShearSetti
     with MaskedModel(model) as masked:
         for step in range(settings.steps):
             if should_stop is not None and should_stop():
-                raise PruningCancelled("shear was cancelled")
+                raise JobCancelled("shear was cancelled")
             pick = [order[(step * settings.batch_size + j) % len(order)] for j in range(settings.batch_size)]
             ids = tokens[torch.stack(pick)].to(device)
             warm = min(1.0, step / max(1.0, settings.target_warmup * settings.steps))
@@ -160,7 +160,7 @@ def shear_model(model, tokens: torch.Tensor, target: Shape, settings: ShearSetti
     learned = source_shape(model)
     if learned != target:
         raise SlimGPTError(f"internal error: the cut gave {learned}, not the target {target}")  # never expected
-    report = PruneReport(
+    report = RunReport(
         model_name, {"method": "shear", "source_model": model_name, "target": target.to_dict(),
                      "source_shape": source.to_dict(), "kept_layers": kept_layers, **asdict(settings),
                      "tokens_seen": seen},

@@ -1,7 +1,7 @@
 """Mutation testing of slimgpt_core with mutmut, against the fast tests only (not run in CI).
 
     python tools/mutation.py                       # methods/obs.py, schedules/schedule.py, evaluation/evaluate.py (~20 min, 2 cores)
-    python tools/mutation.py --modules workspace.cache workspace.atomic  # any other modules, with their fast tests
+    python tools/mutation.py --modules base.cache base.atomic  # any other modules, with their fast tests
     python tools/mutation.py --show                # also print the diff of every surviving mutant
 
 The project and the chosen test files are copied into a scratch folder (mutmut rewrites the sources it mutates
@@ -42,6 +42,7 @@ FAST_TESTS = {
     "training.loop": ["test_training_mutants.py"],
     "schedules.curves": ["test_schedule_mutants.py"],
     "methods.activations": ["test_preview.py", "test_activations_mutants.py"],
+    "base.devices": ["test_activations_mutants.py"],
     "methods.statistics": ["test_preview.py", "test_statistics_mutants.py"],
     "schedules.autoschedule": ["test_schedule_mutants.py", "test_autoschedule_mutants.py"],
     "workspace.jobs": ["test_jobs_mutants.py"],

@@ -9,7 +9,7 @@ Units:
 - heads (default; an adaptation for a physically smaller model): a KV group costs its q/k/v row sets plus its
   o_proj column set, an FFN channel its gate and up rows plus its down_proj column (costs add under
   block-diagonal KFAC). Rows are compensated in q/k/v/gate/up, columns in o_proj/down_proj, and the layers are
-  sliced (surgery.py). Every layer keeps at least one KV group and one FFN channel.
+  sliced (base/shapes.py). Every layer keeps at least one KV group and one FFN channel.
 - rows (the paper's own units): every row and column of every matrix; removed ones become zeros and the model
   keeps its shape: it is NOT smaller. Already-dead rows/columns count as removed at cost 0.
 """

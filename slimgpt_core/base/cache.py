@@ -15,9 +15,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
+import safetensors
+import safetensors.torch
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from slimgpt_core.base.assets import cache_root
 
@@ -57,7 +57,7 @@ def lookup_tensors(kind: str, key: str) -> dict[str, torch.Tensor] | None:
         STATS[f"{kind}.miss"] += 1
         return None
     try:
-        with safe_open(str(path), "pt") as f:
+        with safetensors.safe_open(str(path), "pt") as f:
             if (f.metadata() or {}).get("key") == key:
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
                 STATS[f"{kind}.hit"] += 1  # counted once read: a bad entry is only "corrupt"
@@ -71,7 +71,7 @@ def lookup_tensors(kind: str, key: str) -> dict[str, torch.Tensor] | None:
 
 def store_tensors(kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
     _atomic_write(_path(kind, key, ".safetensors"),
-                  lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  lambda tmp: safetensors.torch.save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp,
                                         metadata={"key": key}))
 
 

@@ -7,6 +7,7 @@ the checkpoint, `report.json`, and two small files the listing reads instead of 
 Folders whose name starts with "." are temporary (an export or run being written) and never listed."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -14,7 +15,6 @@ import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -256,7 +256,7 @@ def versions() -> dict:
     """Library versions that a measurement depends on (part of its provenance)."""
     out = {"torch": torch.__version__, "transformers": transformers.__version__}
     try:
-        out[EVAL_LIBRARY] = version(EVAL_LIBRARY)
+        out[EVAL_LIBRARY] = importlib.metadata.version(EVAL_LIBRARY)
     except Exception:  # lm-eval not installed: nothing measured with it
         pass
     return out

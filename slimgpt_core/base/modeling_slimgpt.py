@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 LAYER_KEYS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size")
 
@@ -167,6 +167,7 @@ CLASSES = {"llama": (SlimGPTLlamaConfig, SlimGPTLlamaForCausalLM),
 
 def register_auto_classes() -> None:
     """Let AutoConfig / AutoModelForCausalLM load our checkpoints in-process without remote code."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     for config_cls, model_cls in CLASSES.values():
         try:

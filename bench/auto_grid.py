@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from slimgpt_core.data import calibration_tokens, evaluation_tokens  # noqa: E402
 from slimgpt_core.methods.pipeline import prune_model  # noqa: E402
 from slimgpt_core.methods.prune_settings import PruneSettings  # noqa: E402
-from slimgpt_core.methods.surgery import count_parameters  # noqa: E402
+from slimgpt_core.base.shapes import count_parameters  # noqa: E402
 from slimgpt_core.models import load_model  # noqa: E402
 from slimgpt_core.schedules import global_allocation as ga  # noqa: E402
 from slimgpt_core.schedules.autoschedule import unit_costs  # noqa: E402

@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from slimgpt_core.export.archive import stored_float_dtypes  # noqa: E402
-from slimgpt_core.export.checkpoint import _card_inputs, export_checkpoint, export_model, zip_path_for  # noqa: E402
+from slimgpt_core.export.checkpoint import export_checkpoint, zip_path_for  # noqa: E402
+from slimgpt_core.workspace.exports import _card_inputs, export_model  # noqa: E402
 from slimgpt_core.models import load_model  # noqa: E402
-from slimgpt_core.workspace.atomic import atomic_zip  # noqa: E402
+from slimgpt_core.base.atomic import atomic_zip  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from slimgpt_core.evaluation import llamacpp  # noqa: E402
-from slimgpt_core.export.gguf import export_gguf  # noqa: E402
+from slimgpt_core.workspace.gguf import export_gguf  # noqa: E402
 from slimgpt_core.models import load_model  # noqa: E402
 from slimgpt_core.workspace.store import read_run  # noqa: E402
 

@@ -243,7 +243,8 @@ def plain(args) -> None:
 
     from slimgpt_core.data import calibration_tokens, evaluation_tokens
     from slimgpt_core.evaluation.evaluate import perplexity
-    from slimgpt_core.models import load_model, resolve_device
+    from slimgpt_core.base.devices import resolve_device
+    from slimgpt_core.models import load_model
     from slimgpt_core.methods.pipeline import PruneSettings, prune_model
 
     device = resolve_device(args.device)

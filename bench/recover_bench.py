@@ -22,7 +22,8 @@ import torch  # noqa: E402
 
 from slimgpt_core.data import calibration_tokens, evaluation_tokens  # noqa: E402
 from slimgpt_core.evaluation.evaluate import perplexity  # noqa: E402
-from slimgpt_core.models import load_model, resolve_device  # noqa: E402
+from slimgpt_core.base.devices import resolve_device  # noqa: E402
+from slimgpt_core.models import load_model  # noqa: E402
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings  # noqa: E402
 from slimgpt_core.training.recover import RecoverSettings, recover  # noqa: E402

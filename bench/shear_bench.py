@@ -32,11 +32,11 @@ import torch  # noqa: E402
 
 from slimgpt_core.evaluation.evaluate import perplexity  # noqa: E402
 from slimgpt_core.models import load_model  # noqa: E402
-from slimgpt_core.methods.surgery import count_parameters  # noqa: E402
+from slimgpt_core.base.shapes import count_parameters  # noqa: E402
 
 
 def speed_one(args) -> dict:
-    from slimgpt_core.methods.shear.run import training_tokens
+    from slimgpt_core.services.shear_run import training_tokens
     from slimgpt_core.methods.shear.target import resolve_target
     from slimgpt_core.methods.shear.train import ShearSettings, shear_model
 
@@ -137,8 +137,8 @@ def recipe(args) -> None:
     from slimgpt_core.methods.minitron import prune_to_shape
     from slimgpt_core.methods.pipeline import prune_model
     from slimgpt_core.methods.prune_settings import PruneSettings
-    from slimgpt_core.methods.shear.domains import perplexity_tokens
-    from slimgpt_core.methods.shear.pretrain import PretrainSettings, pretrain
+    from slimgpt_core.training.domains import perplexity_tokens
+    from slimgpt_core.training.pretrain import PretrainSettings, pretrain
     from slimgpt_core.methods.shear.target import resolve_target
     from slimgpt_core.methods.shear.train import ShearSettings, shear_model
 
@@ -279,7 +279,7 @@ def recipe_pairs(path: str) -> str:
 
 
 def pretrain_speed_one(args) -> dict:
-    from slimgpt_core.methods.shear.pretrain import PretrainSettings, pretrain
+    from slimgpt_core.training.pretrain import PretrainSettings, pretrain
 
     loaded = load_model(args.model, "cpu", "float32")
     teacher = load_model(args.model, "cpu", "float32").model if args.mode_detail == "distill" else None

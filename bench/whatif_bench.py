@@ -46,7 +46,7 @@ def main() -> None:
     t0 = time.perf_counter()
     hessians = [(H_a, H_m) for _, _, H_a, H_m in curves.dense_hessians(loaded.model, tokens, device="cpu")]
     t_stats = time.perf_counter() - t0
-    from slimgpt_core.workspace import cache
+    from slimgpt_core.base import cache
     key = f"{curves.CURVES_VERSION}|{cache.model_fingerprint(loaded.model)}|{cache.tokens_digest(tokens)}|0.01"
     print(f"{args.model}: {n} layers, calibration {args.calib} {args.nsamples}x{args.seqlen}")
     print(f"dense statistics (Hessians, from cache/stats where present): {t_stats:.1f} s")

@@ -3,11 +3,46 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from slimgpt_core.errors import SlimGPTError
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from slimgpt_core import data
+from slimgpt_core.base import cache
+from slimgpt_core.base.atomic import check_output_folder
+from slimgpt_core.base.devices import resolve_device
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.shapes import check_context_length, target_shape
+from slimgpt_core.evaluation.evaluate import cached_perplexity
+from slimgpt_core.workspace.gguf import export_gguf
+from slimgpt_core.evaluation.speed import measure_speed
+from slimgpt_core.evaluation.zeroshot import parse_tasks, zero_shot
+from slimgpt_core.methods.activations import activation_streams, check_memory
+from slimgpt_core.methods.minitron import shape_run
+from slimgpt_core.methods.pipeline import prune_model
+from slimgpt_core.methods.prune_settings import PruneSettings, plan_removals
+from slimgpt_core.methods.shear.target import read_target, resolve_target
+from slimgpt_core.methods.shear.train import ShearSettings, shear_model
+from slimgpt_core.models import load_config, load_model
+from slimgpt_core.schedules.global_allocation import BudgetSpec
+from slimgpt_core.schedules.refine import AutoConfig, auto_schedule
+from slimgpt_core.schedules.schedule import parse_ratio_list
+from slimgpt_core.services.compare import parse_variants, run_grid, write_outputs
+from slimgpt_core.services.pretrain_job import load_companion, save_pretrained_run
+from slimgpt_core.services.recover import save_recovered_run
+from slimgpt_core.services.shear_run import (check_training_memory, describe_step as describe_shear_step,
+                                             save_shear_run, target_summary, training_tokens)
+from slimgpt_core.training.pretrain import (PretrainSettings, describe_step as describe_pretrain_step, describe_update,
+                                            pretrain, summary as pretrain_summary)
+from slimgpt_core.training.recover import RecoverSettings, load_source_report, recover, summary as recovery_summary
+from slimgpt_core.workspace import store as workspace
+from slimgpt_core.workspace.exports import export_model
+from slimgpt_core.workspace.store import META, add_measurement, new_run_name, runs_root
 
 
 def _ratio(text: str) -> float:
@@ -31,7 +66,6 @@ def _positive(text: str) -> int:
 
 
 def _floats(text: str) -> list[float]:
-    from slimgpt_core.schedules.schedule import parse_ratio_list
     try:
         return parse_ratio_list(text)
     except SlimGPTError as exc:
@@ -72,7 +106,6 @@ def _runs_option(p: argparse.ArgumentParser) -> None:
 
 def _use_runs(args) -> None:
     """--runs moves the workspace for this process (the studio reads the same variable)."""
-    import os
     if getattr(args, "runs", None):
         os.environ["SLIMGPT_RUNS"] = str(Path(args.runs).expanduser())
 
@@ -317,7 +350,6 @@ class _TerminalProgress:
     def __call__(self, event) -> None:
         if self.quiet or event.kind != "progress":
             return
-        from tqdm import tqdm
         if self.bar is None:
             self.bar = tqdm(total=event.n_layers, unit="layer", desc="prune", file=sys.stderr)
         self.bar.n = event.layer + (1 if event.phase == "done" else 0)
@@ -331,7 +363,6 @@ class _TerminalProgress:
 
 
 def _bar(quiet: bool, desc: str, unit: str):
-    from tqdm import tqdm
     bar = None if quiet else tqdm(desc=desc, unit=unit, file=sys.stderr)
 
     def update(done, total, *_):
@@ -343,8 +374,6 @@ def _bar(quiet: bool, desc: str, unit: str):
 
 
 def _ppl(model, tokenizer, source, seqlen, windows, batch, device, quiet, label, use_cache=True):
-    from slimgpt_core.evaluation.evaluate import cached_perplexity
-
     bar, update = _bar(quiet, f"ppl {label}".strip(), "window")
     try:
         return cached_perplexity(model, tokenizer, source, seqlen, batch, windows, device, update, use_cache=use_cache)
@@ -355,10 +384,7 @@ def _ppl(model, tokenizer, source, seqlen, windows, batch, device, quiet, label,
 
 def _init_distributed(device: str) -> tuple[int, int, str]:
     """Under torchrun (WORLD_SIZE > 1): join the process group; gloo on CPU, NCCL on GPUs (one per rank)."""
-    import os
 
-    import torch
-    import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -379,20 +405,11 @@ def cmd_prune(args) -> int:
         return _cmd_prune(args, rank)
     finally:
         if world > 1:
-            import torch.distributed as dist
             dist.barrier()
             dist.destroy_process_group()
 
 
 def _cmd_prune(args, rank: int) -> int:
-    from slimgpt_core.data import calibration_tokens
-    from slimgpt_core.models import load_model, resolve_device
-    from slimgpt_core.methods.activations import activation_streams, check_memory
-    from slimgpt_core.methods.pipeline import prune_model
-    from slimgpt_core.methods.prune_settings import PruneSettings, plan_removals
-    from slimgpt_core.workspace.atomic import check_output_folder, save_run
-    from slimgpt_core.workspace.store import new_run_name, runs_root
-
     _use_runs(args)
     if not args.out:  # into the workspace, under a name that says what it is
         args.out = runs_root() / new_run_name(f"{Path(args.model).stem}-{args.method}-{args.schedule}-{args.ratio:g}")
@@ -412,13 +429,11 @@ def _cmd_prune(args, rank: int) -> int:
     model = loaded.model
     if args.target_config:
         settings.keep_heads, settings.keep_ffn = _target(args.target_config, model)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and args.seqlen > limit:
-        raise SlimGPTError(f"--seqlen {args.seqlen} exceeds the model's context of {limit} tokens")
+    check_context_length(model.config, args.seqlen, "--seqlen")
     if args.schedule != "auto":  # auto: validated once the search has chosen the counts
         plan_removals(model, settings)  # validate the schedule against the model before any work
     check_memory(model, args.nsamples, args.seqlen, device, 2 * sum(activation_streams(settings)))
-    tokens = calibration_tokens(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    tokens = data.calibration_tokens(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     evaluation = {}
     if args.ppl and rank == 0:
         model.to(device)
@@ -443,9 +458,8 @@ def _cmd_prune(args, rank: int) -> int:
                                                args.batch_size, device, args.quiet, "pruned"))
         model.to("cpu")
     report.evaluation = evaluation
-    save_run(model, loaded.tokenizer, report, out, args.force, args.label)
+    workspace.save_run_at(model, loaded.tokenizer, report, out, args.force, args.label)
     if "pruned_ppl" in evaluation:  # listed with the run, like the studio's measurements
-        from slimgpt_core.workspace.store import add_measurement
         add_measurement(out, "perplexity", evaluation["pruned_ppl"], batch_size=args.batch_size, device=str(device),
                         parameters=report.params_after)
     summary = {"out": str(out), "params_before": report.params_before, "params_after": report.params_after,
@@ -465,16 +479,13 @@ def _cmd_prune(args, rank: int) -> int:
 def _auto_schedule(args, loaded, tokens, settings):
     """The fast schedule for the budget, refined by the KL search for --auto-seconds (refine.py); its counts go
     into `settings`. --head-ratio/--ffn-ratio set the heads' and the FFN's budgets apart."""
-    from slimgpt_core.data import calibration_tokens
-    from slimgpt_core.schedules.global_allocation import BudgetSpec
-    from slimgpt_core.schedules.refine import AutoConfig, auto_schedule
 
     if args.min_keep is not None and args.ceiling is not None:
         raise SlimGPTError("give --min-keep or --ceiling, not both (--ceiling C is --min-keep 1-C)")
     min_keep = args.min_keep if args.min_keep is not None else 1.0 - args.ceiling if args.ceiling is not None else 0.1
     if args.auto_seconds < 0:
         raise SlimGPTError(f"--auto-seconds must be 0 or more, got {args.auto_seconds:g}")
-    fitness = calibration_tokens(loaded.tokenizer, args.calib, args.fitness_samples, args.fitness_seqlen,
+    fitness = data.calibration_tokens(loaded.tokenizer, args.calib, args.fitness_samples, args.fitness_seqlen,
                                  args.seed + 1)
     budget = BudgetSpec(ratio=args.ratio, scope=args.budget_scope, target_params=args.target_params,
                         head_ratio=args.head_ratio, ffn_ratio=args.ffn_ratio, min_keep=min_keep)
@@ -502,10 +513,6 @@ def _auto_schedule(args, loaded, tokens, settings):
 
 
 def _evaluate_one(name, args, device) -> dict:
-    from slimgpt_core.models import load_model
-    from slimgpt_core.evaluation.speed import measure_speed
-    from slimgpt_core.evaluation.zeroshot import zero_shot
-
     loaded = load_model(name, args.device, args.dtype)
     model = loaded.model.to(device)
     out: dict = {"model": name}
@@ -531,7 +538,6 @@ def _evaluate_one(name, args, device) -> dict:
 
 def _record_in_workspace(folder: Path, out: dict, args, device) -> None:
     """Measurements of a workspace run are kept with it (listed by the studio with their provenance)."""
-    from slimgpt_core.workspace.store import META, add_measurement
 
     if not (folder / META).exists():
         return  # not a run of ours: never write into someone's model folder
@@ -543,9 +549,6 @@ def _record_in_workspace(folder: Path, out: dict, args, device) -> None:
 
 
 def _target(spec: str, model):
-    from slimgpt_core.models import load_config
-    from slimgpt_core.methods.surgery import target_shape
-
     path = Path(spec)
     if path.is_file():
         try:
@@ -558,9 +561,6 @@ def _target(spec: str, model):
 
 
 def cmd_compare(args) -> int:
-    from slimgpt_core.evaluation.compare import parse_variants, run_grid, write_outputs
-    from slimgpt_core.evaluation.zeroshot import parse_tasks
-
     variants = parse_variants(args.variants)
     tasks = parse_tasks(args.tasks) if args.tasks else []
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -589,9 +589,6 @@ def cmd_compare(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from slimgpt_core.models import resolve_device
-    from slimgpt_core.evaluation.zeroshot import parse_tasks
-
     if not (args.ppl or args.tasks or args.speed):
         args.ppl = "wikitext2"
     if args.tasks:
@@ -629,11 +626,7 @@ def _eval_summary(payload: dict) -> dict:
 
 
 def cmd_export(args) -> int:
-    from slimgpt_core.export.checkpoint import export_model
-
     if args.format == "gguf":
-        from slimgpt_core.export.gguf import export_gguf
-
         written = export_gguf(args.model, args.out, args.weight_type, overwrite=args.force)
         print(json.dumps({"out": str(written.path), "architecture": written.architecture,
                           "weight_type": written.weight_type, "bytes": written.bytes,
@@ -646,21 +639,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_shear(args) -> int:
-    from slimgpt_core.models import load_model, resolve_device
-    from slimgpt_core.workspace.atomic import check_output_folder
-    from slimgpt_core.methods.shear.run import (check_training_memory, describe_step, save_shear_run, target_summary,
-                            training_tokens)
-    from slimgpt_core.methods.shear.target import read_target, resolve_target
-    from slimgpt_core.methods.shear.train import ShearSettings, shear_model
-
     out = check_output_folder(args.out, args.force)
     device = resolve_device(args.device)
     loaded = load_model(args.model, args.device, args.dtype)
     model = loaded.model
     target = resolve_target(read_target(args.target), model)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and args.seqlen > limit:
-        raise SlimGPTError(f"--seqlen {args.seqlen} exceeds the model's context of {limit} tokens")
+    check_context_length(model.config, args.seqlen, "--seqlen")
     settings = ShearSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, mask_lr=args.mask_lr,
                              lambda_lr=args.lambda_lr, train_weights=not args.freeze_weights, seed=args.seed,
                              device=args.device)
@@ -677,10 +661,9 @@ def cmd_shear(args) -> int:
 
     def progress(event):
         if not args.quiet:
-            print(describe_step(event), file=sys.stderr, flush=True)
+            print(describe_shear_step(event), file=sys.stderr, flush=True)
 
     if args.method == "minitron":
-        from slimgpt_core.methods.minitron import shape_run
         result = shape_run(model, tokens, target, args.batch_size, device, loaded.name)
     else:
         result = shear_model(model, tokens, target, settings, progress, model_name=loaded.name)
@@ -714,7 +697,6 @@ class _RecoverProgress:
     def __call__(self, event) -> None:
         if self.quiet:
             return
-        from tqdm import tqdm
         if event.kind == "recover-phase" and event.phase != "train":
             print(f"recover: {event.phase} ({event.elapsed_s:.0f} s)", file=sys.stderr)
         elif event.kind == "heldout":
@@ -735,10 +717,6 @@ class _RecoverProgress:
 
 
 def cmd_recover(args) -> int:
-    from slimgpt_core.models import load_model
-    from slimgpt_core.training.recover import RecoverSettings, load_source_report, recover, save_recovered_run, summary
-    from slimgpt_core.workspace.atomic import check_output_folder
-
     out = check_output_folder(args.out, args.force)
     settings = RecoverSettings(
         data=[d.strip() for d in args.data.split(",") if d.strip()], steps=args.steps, rank=args.rank,
@@ -750,27 +728,18 @@ def cmd_recover(args) -> int:
         ppl_windows=args.ppl_windows)
     settings.validate()  # before loading anything
     loaded = load_model(args.model, "cpu", args.dtype)
-    limit = getattr(loaded.model.config, "max_position_embeddings", None)
-    if limit and args.seqlen > limit:
-        raise SlimGPTError(f"--seqlen {args.seqlen} exceeds the model's context of {limit} tokens")
+    check_context_length(loaded.model.config, args.seqlen, "--seqlen")
     progress = _RecoverProgress(args.quiet)
     try:
         result = recover(loaded.model, loaded.tokenizer, settings, progress)
     finally:
         progress.close()
     save_recovered_run(result, loaded.tokenizer, out, load_source_report(loaded.path), loaded.path, args.force)
-    print(json.dumps({"out": str(out), "source": loaded.path, **summary(result)}))
+    print(json.dumps({"out": str(out), "source": loaded.path, **recovery_summary(result)}))
     return 0
 
 
 def cmd_pretrain(args) -> int:
-    from slimgpt_core.models import load_model
-    from slimgpt_core.training.recover import load_source_report
-    from slimgpt_core.workspace.atomic import check_output_folder
-    from slimgpt_core.methods.shear.pretrain import PretrainSettings, describe_step, describe_update, pretrain, save_pretrained_run, summary
-    from slimgpt_core.methods.shear.pretrain_job import load_companion
-    from slimgpt_core.workspace.store import new_run_name, runs_root
-
     _use_runs(args)
     settings = PretrainSettings(
         data=[d.strip() for d in args.data.split(",") if d.strip()], steps=args.steps, dynamic_mix=args.dynamic_mix,
@@ -786,9 +755,7 @@ def cmd_pretrain(args) -> int:
         args.out = runs_root() / new_run_name(f"{Path(args.model).stem}-pretrain-{args.steps}")
     out = check_output_folder(args.out, args.force)
     loaded = load_model(args.model, "cpu", args.dtype)
-    limit = getattr(loaded.model.config, "max_position_embeddings", None)
-    if limit and args.seqlen > limit:
-        raise SlimGPTError(f"--seqlen {args.seqlen} exceeds the model's context of {limit} tokens")
+    check_context_length(loaded.model.config, args.seqlen, "--seqlen")
     report = load_source_report(loaded.path)
     source = report.model if report is not None and report.model else None
     companions: dict[str, object] = {}
@@ -812,7 +779,7 @@ def cmd_pretrain(args) -> int:
         if args.quiet:
             return
         if event.kind == "pretrain-step":
-            print(describe_step(event), file=sys.stderr, flush=True)
+            print(describe_pretrain_step(event), file=sys.stderr, flush=True)
         elif event.kind == "domain-mix":
             print(describe_update(event), file=sys.stderr, flush=True)
         elif event.kind == "pretrain-phase" and event.phase != "train":
@@ -821,13 +788,11 @@ def cmd_pretrain(args) -> int:
     result = pretrain(loaded.model, loaded.tokenizer, settings, reference, teacher, progress,
                       reference_name=reference_name or "", teacher_name=teacher_name or "")
     save_pretrained_run(result, loaded.tokenizer, out, report, loaded.path, args.force, args.label)
-    print(json.dumps({"out": str(out), "source": loaded.path, **summary(result)}))
+    print(json.dumps({"out": str(out), "source": loaded.path, **pretrain_summary(result)}))
     return 0
 
 
 def cmd_cache(args) -> int:
-    from slimgpt_core.workspace import cache
-
     if args.action == "clear":
         freed = cache.clear(args.kind)
         print(json.dumps({"cleared": args.kind or "all", "bytes_freed": freed}))
@@ -837,8 +802,6 @@ def cmd_cache(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from slimgpt_core.workspace import store as workspace
-
     _use_runs(args)
     if args.delete:
         workspace.delete_run(args.delete)

@@ -12,8 +12,10 @@ from typing import Iterator
 
 import torch
 
-from slimgpt_core import assets
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base import assets
+from slimgpt_core.base.cache import get_tensors
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.models import hub_error, require_hub
 
 SOURCES = ("c4", "wikitext2", "tinystories")
 
@@ -58,7 +60,6 @@ def _hub_documents(source: str, split: str) -> Iterator[str]:
     except SlimGPTError:
         raise
     except Exception as exc:  # datasets/hub raise many kinds when offline
-        from slimgpt_core.models import hub_error
         raise hub_error(f"dataset {source} ({split})", exc) from None
 
 
@@ -86,7 +87,6 @@ def documents(source: str, split: str = "train") -> tuple[Iterator[str], str]:
         if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
             raise SlimGPTError(f"{source} ({split}) is not in the offline assets and the hub is switched off "
                                f"(HF_HUB_OFFLINE): set {assets.ENV_VAR} or pass a local .txt/.jsonl file")
-        from slimgpt_core.models import require_hub
         require_hub(f"dataset {source} ({split})")
         return _hub_documents(source, split), f"hub:{source}:{split}"
     path = Path(source).expanduser()
@@ -107,7 +107,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _cached_tensor(key: str, compute) -> torch.Tensor:
-    from slimgpt_core.workspace.cache import get_tensors
     return get_tensors("tokens", key, lambda: {"tokens": compute()})["tokens"]
 
 

@@ -4,23 +4,25 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from slimgpt_core import assets
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.export.modeling_slimgpt import CLASSES, register_auto_classes
-from slimgpt_core.methods.surgery import SUPPORTED_ARCHITECTURES, base_model_type, is_heterogeneous
+from slimgpt_core.base import assets
+from slimgpt_core.base.devices import resolve_device, resolve_dtype
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.modeling_slimgpt import CLASSES, register_auto_classes
+from slimgpt_core.base.shapes import SUPPORTED_ARCHITECTURES, base_model_type, is_heterogeneous
 
 register_auto_classes()
 
 ALIASES = {"smollm2": "SmolLM2-135M-Instruct (offline GGUF)", "default": "the offline default (SmolLM2)",
            "stories260k": "stories260k (offline)"}
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -29,25 +31,6 @@ class LoadedModel:
     tokenizer: object
     name: str  # what the user asked for
     path: str  # the local folder (or hub id) the weights came from
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SlimGPTError(f"device {device} asked for, but CUDA is not available here (use --device cpu)")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise SlimGPTError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N)") from None
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise SlimGPTError(f"unknown dtype {dtype!r} (auto, float32, float16, bfloat16)")
-    return DTYPES[dtype]
 
 
 def hub_error(what: str, exc: Exception) -> SlimGPTError:
@@ -67,8 +50,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         return False
     if _HUB_REACHABLE is None:
-        import socket
-        from urllib.parse import urlparse
 
         host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
         try:
@@ -119,7 +100,6 @@ def gguf_to_folder(gguf: Path) -> Path:
         import gguf as _  # noqa: F401
     except ImportError:
         raise SlimGPTError("loading .gguf files needs the `gguf` package: pip install gguf") from None
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf.parent), gguf.name
     try:
@@ -159,7 +139,6 @@ def _looks_like_path(name: str) -> bool:
 
 def load_config(name: str):
     """The config of a model (cheap): used to validate before loading weights."""
-    from transformers import AutoConfig
 
     src = _resolve_alias(name)
     path = Path(src).expanduser()
@@ -195,7 +174,6 @@ def _local_folder(path: Path, name: str) -> Path:
 
 def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Weights stay on the CPU (the pipeline moves one layer at a time to `device`) unless evaluating."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)

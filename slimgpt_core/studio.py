@@ -9,15 +9,23 @@ from typing import Callable
 
 import torch
 
+from slimgpt_core.base.devices import resolve_device
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.events import AchievedRatios, Progress, RunReport
+from slimgpt_core.base.shapes import count_parameters, layer_shape
 from slimgpt_core.data import calibration_tokens
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.events import AchievedRatios, Progress, PruneReport
-from slimgpt_core.models import LoadedModel
+from slimgpt_core.evaluation.evaluate import cached_perplexity
+from slimgpt_core.evaluation.speed import measure_speed
+from slimgpt_core.evaluation.zeroshot import zero_shot
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings, plan_removals
 from slimgpt_core.methods.statistics import DenseStatistics, dense_statistics
+from slimgpt_core.models import LoadedModel, load_model
 from slimgpt_core.schedules.schedule import layer_ratios
-from slimgpt_core.methods.surgery import count_parameters, layer_shape
+from slimgpt_core.training.recover import load_source_report, recover, recovered_report
+from slimgpt_core.workspace.exports import export_model
+from slimgpt_core.workspace.model_pool import POOL
+from slimgpt_core.workspace.store import add_measurement, read_run, save_run
 
 
 @dataclass
@@ -95,7 +103,7 @@ class PruneRun:
     model_name: str
     model: torch.nn.Module
     tokenizer: object
-    report: PruneReport
+    report: RunReport
     calib: dict = field(default_factory=dict)
 
 
@@ -115,7 +123,7 @@ def run_pruning(loaded: LoadedModel, settings: PruneSettings, calib: str, nsampl
                     {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed})
 
 
-def schedule_label(report: PruneReport, settings: PruneSettings) -> str:
+def schedule_label(report: RunReport, settings: PruneSettings) -> str:
     """A label describing the schedule the run actually used (the per-layer ratios, not the target slider):
     the preset's name when the ratios are the preset's, else "custom"; the mean requested ratio."""
     n = len(report.head_ratios)
@@ -137,8 +145,6 @@ def prune_to_workspace(loaded: LoadedModel, settings: PruneSettings, calib: str,
     """Prune a copy of the loaded model and write it into the workspace; the job's result is the listed run.
 
     Written by the job itself, so a run finished while no page watches is already on disk."""
-    from slimgpt_core.workspace.model_pool import POOL
-    from slimgpt_core.workspace.store import save_run
 
     run = run_pruning(loaded, settings, calib, nsamples, seqlen, seed, label, callback, should_stop)
     if source_run:
@@ -179,10 +185,6 @@ def evaluate(models: dict[str, tuple], ppl_source: str | None, seqlen: int, max_
 
     With `record_to` {label: folder}, every measurement is appended to that folder's evaluations.json at
     once, with its provenance, so a finished step survives a reload, a cancel or a restart."""
-    from slimgpt_core.evaluation.evaluate import cached_perplexity
-    from slimgpt_core.models import resolve_device
-    from slimgpt_core.evaluation.speed import measure_speed
-    from slimgpt_core.evaluation.zeroshot import zero_shot
 
     dev = resolve_device(device)
     emit = callback or (lambda e: None)
@@ -197,7 +199,6 @@ def evaluate(models: dict[str, tuple], ppl_source: str | None, seqlen: int, max_
 
         def record(kind: str, value: dict, folder=(record_to or {}).get(label)) -> None:
             if folder is not None:
-                from slimgpt_core.workspace.store import add_measurement
                 add_measurement(folder, kind, value, batch_size=batch_size, device=str(dev),
                                 parameters=res.parameters)
 
@@ -230,7 +231,6 @@ def export_run(run_folder: str | Path, out: str | Path, make_zip: bool = True, d
                overwrite: bool = True, callback: Callable | None = None, should_stop: Callable[[], bool] | None = None):
     """Write a workspace run as a loadable checkpoint (+ zip), in the dtype asked for ("as stored": the run's own
     dtype, its weight files copied as they are). The result names the run it came from."""
-    from slimgpt_core.export.checkpoint import export_model
 
     return export_model(str(run_folder), out, make_zip, overwrite,
                         "auto" if not dtype or dtype in ("as stored", "as loaded") else dtype,
@@ -250,10 +250,6 @@ class RecoveryOutcome:
 def recover_to_workspace(run_folder: str | Path, settings, label: str = "", dense: LoadedModel | None = None,
                          callback: Callable | None = None, should_stop: Callable[[], bool] | None = None):
     """LoRA-recover a workspace run (a fresh copy from disk, never the pool's) into a new workspace run."""
-    from slimgpt_core.evaluation.evaluate import cached_perplexity
-    from slimgpt_core.models import load_model, resolve_device
-    from slimgpt_core.training.recover import load_source_report, recover, recovered_report
-    from slimgpt_core.workspace.store import add_measurement, read_run, save_run
 
     source = read_run(Path(run_folder))
     loaded = load_model(str(source.path), "cpu")

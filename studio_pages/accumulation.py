@@ -2,7 +2,7 @@
 schedule, each profiled on held-out text (own vs inherited error per layer), with perplexity and KL."""
 import streamlit as st
 
-from slimgpt_core.evaluation.accumulation import (PROFILED, DemoConfig, demo_entries, inherited, run_demo, story,
+from slimgpt_core.services.accumulation import (PROFILED, DemoConfig, demo_entries, inherited, run_demo, story,
                                                   twin_differences)
 from ui import charts
 from ui.colors import DENSE_COLOR, run_color

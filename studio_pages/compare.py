@@ -4,7 +4,7 @@ from dataclasses import asdict
 import pandas as pd
 import streamlit as st
 
-from slimgpt_core.evaluation.compare import VARIANTS, figures, run_grid
+from slimgpt_core.services.compare import VARIANTS, figures, run_grid
 from slimgpt_core.evaluation.zeroshot import TASKS
 from ui.state import finished_job, job, live_fragment, require_model, submit
 

@@ -2,7 +2,8 @@
 import pandas as pd
 import streamlit as st
 
-from slimgpt_core.evaluation.llamacpp import llama_cpp_available, llamacpp_speed
+from slimgpt_core.evaluation.llamacpp import llama_cpp_available
+from slimgpt_core.workspace.gguf import llamacpp_speed
 from slimgpt_core.studio import evaluate
 from slimgpt_core.workspace.store import dense_evaluations_folder
 from slimgpt_core.evaluation.zeroshot import TASKS

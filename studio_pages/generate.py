@@ -2,7 +2,7 @@
 column per model as the tokens come, with each model's tokens/s."""
 import streamlit as st
 
-from slimgpt_core.evaluation.generation import DEFAULT_PROMPTS, GGUF_PREFIX, generate_side_by_side
+from slimgpt_core.services.generation import DEFAULT_PROMPTS, GGUF_PREFIX, generate_side_by_side
 from slimgpt_core.evaluation.llamacpp import llama_cpp_available
 from ui.state import current_run, job, job_alert, job_progress, live_fragment, require_model, runs, submit
 

@@ -3,8 +3,8 @@ import dataclasses
 
 import streamlit as st
 
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.evaluation import accumulation
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.services import accumulation
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.schedules.run_schedule import EDITOR_MAX_RATIO, run_schedule
 from slimgpt_core.studio import prune_to_workspace

@@ -1,8 +1,8 @@
 """Choose and load a model; show its architecture."""
 import streamlit as st
 
-from slimgpt_core import assets
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base import assets
+from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.models import ALIASES
 from slimgpt_core.studio import describe_model
 from ui.state import current_model, load_dense_model

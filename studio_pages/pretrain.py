@@ -3,10 +3,10 @@ domains that lag their reference loss, full weights or LoRA, optionally distille
 curves, Cancel; the result becomes a run."""
 import streamlit as st
 
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.methods.shear.domains import DOMAINS
-from slimgpt_core.methods.shear.pretrain import PretrainSettings
-from slimgpt_core.methods.shear.pretrain_job import pretrain_to_workspace
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.training.domains import DOMAINS
+from slimgpt_core.training.pretrain import PretrainSettings
+from slimgpt_core.services.pretrain_job import pretrain_to_workspace
 from ui import pretrain_charts
 from ui.state import job, job_progress, live_fragment, runs, submit, take_result
 

@@ -6,7 +6,7 @@ from slimgpt_core.schedules.curves import curves_job
 from slimgpt_core.schedules.editor_data import editor_payload
 from slimgpt_core.schedules.global_allocation import BudgetSpec
 from slimgpt_core.schedules.refine import AutoConfig, auto_job
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.studio import head_importance, preview_schedule, prune_to_workspace
 from ui import charts

@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from slimgpt_core.workspace import store as workspace
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.workspace.model_pool import POOL
 
 st.title("Runs")

@@ -3,8 +3,8 @@ and its noise. Reads the workspace only (no weights)."""
 import pandas as pd
 import streamlit as st
 
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.evaluation.run_comparison import NOISE_Z, compare_evaluations, kv_group_grid, provenance_rows, sides_for
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.workspace.run_comparison import NOISE_Z, compare_evaluations, kv_group_grid, provenance_rows, sides_for
 from ui import charts, comparison_charts
 from ui.colors import DENSE_COLOR, run_color
 from ui.state import current_run, require_runs

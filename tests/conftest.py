@@ -21,7 +21,7 @@ def tokens():
 
 @pytest.fixture(scope="session")
 def assets_root():
-    from slimgpt_core.assets import asset_root
+    from slimgpt_core.base.assets import asset_root
     root = asset_root(required=True)
     assert (root / "models" / "stories260k" / "model.safetensors").exists()
     return root

@@ -1,7 +1,7 @@
 """Mutation testing of slimgpt_core with mutmut, against the fast tests only (not run in CI).
 
     python tools/mutation.py                       # methods/obs.py, schedules/schedule.py, evaluation/evaluate.py (~20 min, 2 cores)
-    python tools/mutation.py --modules workspace.cache workspace.atomic  # any other modules, with their fast tests
+    python tools/mutation.py --modules base.cache base.atomic  # any other modules, with their fast tests
     python tools/mutation.py --show                # also print the diff of every surviving mutant
 
 The project and the chosen test files are copied into a scratch folder (mutmut rewrites the sources it mutates
@@ -28,20 +28,21 @@ FAST_TESTS = {
     "methods.obs": ["methods/test_obs.py"],
     "schedules.schedule": ["schedules/test_schedule.py"],
     "evaluation.evaluate": ["evaluation/test_evaluate.py"],
-    "workspace.cache": ["workspace/test_cache.py"],
-    "workspace.atomic": ["workspace/test_atomic.py"],
-    "methods.surgery": ["methods/test_surgery.py"],
-    "export.modeling_slimgpt": ["methods/test_surgery.py"],
+    "base.cache": ["workspace/test_cache.py"],
+    "base.atomic": ["workspace/test_atomic.py"],
+    "base.shapes": ["methods/test_surgery.py"],
+    "base.modeling_slimgpt": ["methods/test_surgery.py"],
     "methods.kfac": ["methods/test_surgeon.py", "methods/test_surgeon_update.py", "methods/test_kfac.py"],
     "methods.curvature": ["methods/test_surgeon.py", "methods/test_surgeon_update.py", "methods/test_kfac.py"],
     "methods.shear.hard_concrete": ["methods/shear/test_shear.py"],
     "methods.shear.masks": ["methods/shear/test_shear.py"],
     "methods.shear.cut": ["methods/shear/test_shear.py"],
-    "methods.shear.domain_mix": ["methods/shear/test_shear.py"],
+    "training.domain_mix": ["methods/shear/test_shear.py"],
     "methods.minitron": ["methods/shear/test_shear.py", "methods/test_minitron.py"],
     "training.loop": ["training/test_loop.py"],
     "schedules.curves": ["schedules/test_curves.py"],
     "methods.activations": ["methods/test_preview.py", "methods/test_activations.py"],
+    "base.devices": ["methods/test_activations.py"],
     "methods.statistics": ["methods/test_preview.py", "methods/test_statistics.py"],
     "schedules.autoschedule": ["schedules/test_curves.py", "schedules/test_autoschedule.py"],
     "workspace.jobs": ["workspace/test_jobs.py"],

@@ -1,4 +1,4 @@
-"""Plotly figures for runs side by side (slimgpt_core.evaluation.run_comparison's plain data). Pure functions, no Streamlit."""
+"""Plotly figures for runs side by side (slimgpt_core.workspace.run_comparison's plain data). Pure functions, no Streamlit."""
 from __future__ import annotations
 
 import plotly.graph_objects as go

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.schedules.schedule import balanced_targets, layer_ratios
 from slimgpt_core.workspace import store as workspace
 

@@ -12,8 +12,8 @@ import streamlit as st
 from streamlit import runtime
 
 from slimgpt_core.workspace import store as workspace
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.events import PruneReport
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.events import RunReport
 from slimgpt_core.workspace.jobs import BOARD, Job, stop_promptly_on_signals
 from slimgpt_core.workspace.model_pool import POOL
 from slimgpt_core.models import LoadedModel
@@ -84,11 +84,11 @@ def runs() -> dict[str, workspace.RunInfo]:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _report(path: str, mtime: float) -> PruneReport:
-    return PruneReport.load(f"{path}/report.json")
+def _report(path: str, mtime: float) -> RunReport:
+    return RunReport.load(f"{path}/report.json")
 
 
-def run_report(info: workspace.RunInfo) -> PruneReport:
+def run_report(info: workspace.RunInfo) -> RunReport:
     path = info.path / "report.json"
     return _report(str(info.path), path.stat().st_mtime)
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError, out_of_memory_message
+from slimgpt_core import data
+from slimgpt_core.base.cache import lookup_json, model_fingerprint, store_json
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError, out_of_memory_message
+from slimgpt_core.base.shapes import check_context_length
 
 
 @dataclass
@@ -30,11 +33,9 @@ class PerplexityResult:
 def perplexity(model, tokens: torch.Tensor, seqlen: int = 128, batch_size: int = 8, max_windows: int | None = None,
                device: torch.device | str = "cpu", dataset: str = "", progress: Callable[[int, int], None] | None = None,
                should_stop: Callable[[], bool] | None = None) -> PerplexityResult:
-    limit = getattr(model.config, "max_position_embeddings", None)
     if seqlen < 2:
         raise SlimGPTError(f"evaluation length must be >= 2, got {seqlen}")
-    if limit and seqlen > limit:
-        raise SlimGPTError(f"evaluation length {seqlen} exceeds the model's context of {limit} tokens")
+    check_context_length(model.config, seqlen, "evaluation length")
     n_windows = tokens.numel() // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
@@ -48,7 +49,7 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = 128, batch_size: int =
         with torch.no_grad():
             for s in range(0, n_windows, batch_size):
                 if should_stop is not None and should_stop():
-                    raise PruningCancelled("evaluation was cancelled")
+                    raise JobCancelled("evaluation was cancelled")
                 ids = windows[s:s + batch_size].to(model_device)
                 logits = model(ids, use_cache=False).logits.float()
                 losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
@@ -70,12 +71,9 @@ def cached_perplexity(model, tokenizer, source: str, seqlen: int = 128, batch_si
                       progress: Callable[[int, int], None] | None = None,
                       should_stop: Callable[[], bool] | None = None, use_cache: bool = True) -> PerplexityResult:
     """Perplexity on a named text or file, cached per (model fingerprint, text, length, windows)."""
-    from dataclasses import asdict
 
-    from slimgpt_core.workspace.cache import lookup_json, model_fingerprint, store_json
-    from slimgpt_core.data import evaluation_tokens
 
-    tokens = evaluation_tokens(tokenizer, source)
+    tokens = data.evaluation_tokens(tokenizer, source)
     # v2: results carry the standard error of the per-window NLL
     key = f"ppl-v2|{model_fingerprint(model)}|{source}|{tokens.numel()}|{seqlen}|{max_windows}"
     hit = lookup_json("results", key) if use_cache else None

@@ -4,7 +4,11 @@ llama-cpp-python is optional (it builds llama.cpp from source: `bash install-lla
 it through `import_llama_cpp`, which says in one sentence how to get it."""
 from __future__ import annotations
 
+import importlib
 import math
+import os
+import re
+import subprocess
 import statistics
 import time
 from dataclasses import dataclass
@@ -13,7 +17,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
+from slimgpt_core.base.events import Progress
 
 INSTALL_HINT = "bash install-llamacpp.sh (builds llama.cpp from source: about ten minutes on two cores, once)"
 
@@ -120,7 +125,7 @@ def perplexity(llm, windows: np.ndarray, progress: Callable[[int, int], None] | 
     nlls = []
     for i, window in enumerate(windows):
         if should_stop is not None and should_stop():
-            raise PruningCancelled("evaluation was cancelled")
+            raise JobCancelled("evaluation was cancelled")
         scores = logits(llm, window.tolist()).astype(np.float64)[:-1]
         peak = scores.max(axis=1, keepdims=True)
         log_norm = np.log(np.exp(scores - peak).sum(axis=1)) + peak[:, 0]
@@ -182,19 +187,13 @@ INSTALL_SCRIPT = Path(__file__).resolve().parents[2] / "install-llamacpp.sh"
 def install_llama_cpp(callback: Callable | None = None, should_stop: Callable[[], bool] | None = None) -> str:
     """Build and install llama-cpp-python with the project's pinned version and options (install-llamacpp.sh), with
     the build's steps as progress. Returns the installed version; one sentence when the build fails."""
-    import importlib
-    import re
-    import subprocess
-
-    from slimgpt_core.events import Progress
-
     if llama_cpp_available():
         return import_llama_cpp().__version__
     if not INSTALL_SCRIPT.exists():
         raise SlimGPTError(f"{INSTALL_SCRIPT.name} is missing from the project: llama.cpp cannot be built here")
     t0 = time.perf_counter()
     proc = subprocess.Popen(["bash", str(INSTALL_SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**__import__("os").environ, "LLAMACPP_VERBOSE": "1"})
+                            text=True, env={**os.environ, "LLAMACPP_VERBOSE": "1"})
     tail: list[str] = []
     try:
         for line in proc.stdout:
@@ -205,7 +204,7 @@ def install_llama_cpp(callback: Callable | None = None, should_stop: Callable[[]
                                   time.perf_counter() - t0))
             if should_stop is not None and should_stop():
                 proc.terminate()
-                raise PruningCancelled("the llama.cpp build was cancelled; nothing was installed")
+                raise JobCancelled("the llama.cpp build was cancelled; nothing was installed")
     finally:
         proc.wait()
     if proc.returncode != 0:
@@ -216,45 +215,12 @@ def install_llama_cpp(callback: Callable | None = None, should_stop: Callable[[]
     return import_llama_cpp().__version__
 
 
-def gguf_generate(path: str | Path, label: str, prompt: str, max_new_tokens: int, threads: int = 2,
-                  on_text: Callable[[str, int, float], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None):
-    """Greedy text from a GGUF in llama.cpp, streamed like generation.greedy_generate (same result type)."""
-    from slimgpt_core.evaluation.generation import Generation
-
-    if not prompt.strip():
-        raise SlimGPTError("the prompt is empty: give some text for the model to continue")
-    llm = open_gguf(path, n_ctx=max(512, max_new_tokens + 256), threads=threads)
-    try:
-        ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
-        out: list[int] = []
-        eos = llm.token_eos()
-        t0 = time.perf_counter()
-        first = None
-        for token in greedy(llm, ids, max_new_tokens, should_stop):
-            if token == eos:
-                break
-            out.append(token)
-            now = time.perf_counter() - t0
-            first = now if first is None else first
-            if on_text is not None:
-                on_text(llm.detokenize(out).decode(errors="ignore"), len(out), now)
-        seconds = time.perf_counter() - t0
-    finally:
-        llm.close()
-    if should_stop is not None and should_stop():
-        raise PruningCancelled("generation was cancelled")
-    return Generation(label, prompt, llm.detokenize(out).decode(errors="replace") if out else "", out, seconds,
-                      first if first is not None else seconds, f"llama.cpp cpu, {threads} threads")
-
 
 def speed_table(files: dict[str, Path], prompt_tokens: int = 128, new_tokens: int = 64, threads: int = 2,
                 repeats: int = 3, callback: Callable | None = None,
                 should_stop: Callable[[], bool] | None = None) -> list[dict]:
     """Prefill and decode tokens/s of each GGUF (label -> file), the models alternated within each repeat so that
     a change of load on the machine reaches all of them alike; medians and the spread (min-max)."""
-    from slimgpt_core.events import Progress
-
     rng = np.random.default_rng(0)
     samples: dict[str, list[GGUFSpeed]] = {label: [] for label in files}
     models = {label: open_gguf(path, n_ctx=prompt_tokens + new_tokens + 8, threads=threads)
@@ -263,7 +229,7 @@ def speed_table(files: dict[str, Path], prompt_tokens: int = 128, new_tokens: in
         for r in range(repeats):
             for i, (label, llm) in enumerate(models.items()):
                 if should_stop is not None and should_stop():
-                    raise PruningCancelled("the speed measurement was cancelled")
+                    raise JobCancelled("the speed measurement was cancelled")
                 prompt = rng.integers(100, llm.n_vocab() - 1, prompt_tokens).tolist()
                 samples[label].append(speed(llm, prompt, new_tokens))
                 if callback is not None:
@@ -279,24 +245,4 @@ def speed_table(files: dict[str, Path], prompt_tokens: int = 128, new_tokens: in
                      "new_tokens": new_tokens, "repeats": repeats,
                      "prefill_tokens_per_s": statistics.median(pre), "prefill_spread": (pre[0], pre[-1]),
                      "decode_tokens_per_s": statistics.median(dec), "decode_spread": (dec[0], dec[-1])})
-    return rows
-
-
-def llamacpp_speed(models: dict[str, object], weight_type: str = "q8_0", threads: int = 2, prompt_tokens: int = 128,
-                   new_tokens: int = 64, repeats: int = 3, callback: Callable | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> list[dict]:
-    """The Evaluate page's llama.cpp speed: each model (label -> run folder, or a loaded model for the dense one)
-    as a GGUF of `weight_type` (exported once into the workspace), then `speed_table`."""
-    from slimgpt_core.export.gguf import gguf_for
-
-    import_llama_cpp()
-    files = {}
-    for label, source in models.items():
-        name = Path(source).name if isinstance(source, (str, Path)) else \
-            "dense-" + "".join(c if c.isalnum() or c in "-_." else "-"
-                               for c in Path(str(getattr(source, "name", "") or label)).name)
-        files[label] = gguf_for(source, name, weight_type, cancel=should_stop)
-    rows = speed_table(files, prompt_tokens, new_tokens, threads, repeats, callback, should_stop)
-    for row in rows:
-        row["weight_type"] = weight_type
     return rows

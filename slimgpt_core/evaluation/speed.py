@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from slimgpt_core.methods.surgery import count_parameters
+from slimgpt_core.base.shapes import count_parameters
 
 
 @dataclass

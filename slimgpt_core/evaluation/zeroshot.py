@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from slimgpt_core import assets
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base import assets
+from slimgpt_core.base.cache import lookup_json, model_fingerprint, store_json
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
+from slimgpt_core.models import require_hub
 
 TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 _DOC_TO_TEXT = {"boolq": "{{query}}\nAnswer:", "arc_easy": "{{query}}\nAnswer:", "arc_challenge": "{{query}}\nAnswer:",
@@ -73,9 +76,7 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batc
     """Evaluate each task in turn (progress per task); acc and acc_norm per task.
 
     Results are cached per (model fingerprint, task, limit, task source)."""
-    from dataclasses import asdict
 
-    from slimgpt_core.workspace.cache import lookup_json, model_fingerprint, store_json
 
     tasks = parse_tasks(tasks)
     results: dict[str, TaskResult] = {}
@@ -102,8 +103,6 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batc
 def _zero_shot(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int,
                progress: Callable[[int, int, str], None] | None,
                should_stop: Callable[[], bool] | None) -> dict[str, TaskResult]:
-    import time
-
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -123,13 +122,12 @@ def _zero_shot(model, tokenizer, tasks: list[str], limit: int | None, batch_size
         local_manager = TaskManager(include_path=folder, include_defaults=False) if any(offline.values()) else None
         for i, task in enumerate(tasks):
             if should_stop is not None and should_stop():
-                raise PruningCancelled("evaluation was cancelled")
+                raise JobCancelled("evaluation was cancelled")
             if progress is not None:
                 progress(i, len(tasks), task)
             if offline[task] is not None:
                 manager, source = local_manager, f"offline:{offline[task].name}"
             else:
-                from slimgpt_core.models import require_hub
                 require_hub(f"the {task} dataset")
                 manager, source = TaskManager(), "lm-eval standard task"
             t0 = time.perf_counter()

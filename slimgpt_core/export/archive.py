@@ -15,8 +15,8 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from slimgpt_core.errors import PruningCancelled
-from slimgpt_core.events import Progress
+from slimgpt_core.base.errors import JobCancelled
+from slimgpt_core.base.events import Progress
 
 CHUNK = 8 * 2**20
 MB = 2**20
@@ -48,7 +48,7 @@ class ByteProgress:
 
     def check(self) -> None:
         if self.should_stop is not None and self.should_stop():
-            raise PruningCancelled("export was cancelled: nothing was kept")
+            raise JobCancelled("export was cancelled: nothing was kept")
 
     def advance(self, n: int, phase: str) -> None:
         self.done += n

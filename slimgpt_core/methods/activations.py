@@ -2,17 +2,15 @@
 before starting, peak memory, and the shards of a torch.distributed run."""
 from __future__ import annotations
 
-import resource
 
 import torch
+import torch.distributed as dist
 
-from slimgpt_core.errors import MEMORY_ADVICE, SlimGPTError
-
-MEMINFO = "/proc/meminfo"  # Linux; elsewhere the CPU's free memory is unknown (None)
+from slimgpt_core.base import devices
+from slimgpt_core.base.errors import MEMORY_ADVICE, SlimGPTError
 
 
 def distributed_rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -34,19 +32,12 @@ def shard_tokens(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
 def relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖/‖b‖ over all shards of a distributed run. Norms in fp64 over chunks (whole-buffer fp64 copies
     cost more than the norms)."""
-    import torch.distributed as dist
     chunks = [slice(s, s + 16) for s in range(0, a.shape[0], 16)]
     sums = torch.stack([sum(torch.linalg.vector_norm(a[c] - b[c], dtype=torch.float64).square() for c in chunks),
                         sum(torch.linalg.vector_norm(b[c], dtype=torch.float64).square() for c in chunks)])
     if distributed_rank_world()[1] > 1:
         dist.all_reduce(sums)
     return float(sums[0].sqrt() / sums[1].sqrt().clamp_min(1e-30))
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
 
 
 def activation_streams(settings) -> tuple[bool, bool]:
@@ -85,30 +76,13 @@ def place(x: torch.Tensor, act_device: torch.device) -> torch.Tensor:
     return x.to(act_device)
 
 
-def available_memory_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open(MEMINFO) as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def check_memory(model, nsamples: int, seqlen: int, device: torch.device, buffers: int = 4) -> None:
     """Refuse before starting when the calibration activation buffers cannot fit."""
-    need = activation_bytes(model, nsamples * seqlen, buffers)
-    have = available_memory_bytes(device)
-    if have is not None and need > 0.9 * have:
-        raise SlimGPTError(
-            f"calibration activations need {need / 2**30:.1f} GiB but {device} has {have / 2**30:.1f} GiB free: "
-            + MEMORY_ADVICE)
+    devices.check_free_memory(activation_bytes(model, nsamples * seqlen, buffers), device,
+                              "calibration activations need", MEMORY_ADVICE)
 
 
 def fits(nbytes: int, where: torch.device) -> bool:
     """Whether a buffer kept between passes fits comfortably (a quarter of what is free there)."""
-    have = available_memory_bytes(where)
+    have = devices.available_memory_bytes(where)
     return have is None or nbytes < 0.25 * have

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.methods.kfac import FactorAccumulator
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -113,7 +113,7 @@ class CurvatureCollector:
         with frozen(model), self.hooks():
             for b, s in enumerate(starts):
                 if should_stop is not None and should_stop():
-                    raise PruningCancelled()
+                    raise JobCancelled()
                 ids = tokens[s:s + batch_size].to(dev)
                 self.index = self._positions(ids.shape)
                 with torch.enable_grad():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base.errors import SlimGPTError
 
 
 class FactorAccumulator:

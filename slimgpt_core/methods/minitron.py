@@ -15,9 +15,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from slimgpt_core.errors import PruningCancelled
-from slimgpt_core.events import Progress, PruneReport
-from slimgpt_core.methods.surgery import count_parameters, keep_channels, keep_kv_groups, layer_shape, update_config
+from slimgpt_core.base.cache import forget_fingerprint
+from slimgpt_core.base.devices import resolve_device
+from slimgpt_core.base.errors import JobCancelled
+from slimgpt_core.base.events import Progress, RunReport
+from slimgpt_core.base.shapes import count_parameters, keep_channels, keep_kv_groups, layer_shape, update_config
+from slimgpt_core.methods.prune_settings import plan_removals
+from slimgpt_core.methods.shear.cut import cut_model
+from slimgpt_core.methods.shear.target import source_shape
+from slimgpt_core.methods.shear.train import ShearResult
 
 
 @dataclass
@@ -80,7 +86,7 @@ def collect_scores(model, tokens: torch.Tensor, batch_size: int = 8, device: str
     try:
         for s in range(0, len(tokens), batch_size):
             if should_stop is not None and should_stop():
-                raise PruningCancelled()
+                raise JobCancelled()
             ids = tokens[s:s + batch_size].to(device)
             model(input_ids=ids, use_cache=False)
             n_tokens += ids.numel()
@@ -105,7 +111,6 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
 def shape_gates(model, scores: MinitronScores, target) -> dict[str, torch.Tensor]:
     """Binary gates to a target shape (shear.target.Shape) for shear.cut.cut_model: query heads ranked within
     their KV group (each group keeps the same count), groups by the L2 of their heads, channels, hidden, layers."""
-    from slimgpt_core.methods.shear.target import source_shape
 
     src = source_shape(model)
     rep = src.heads_per_group
@@ -135,12 +140,9 @@ def prune_to_shape(model, tokens: torch.Tensor, target, batch_size: int = 8, dev
 
 
 def prune_minitron(model, tokens: torch.Tensor, settings, callback=None, should_stop=None,
-                   model_name: str = "") -> PruneReport:
+                   model_name: str = "") -> RunReport:
     """The pipeline's `--method minitron`: the same per-layer counts of KV groups and FFN channels as every
     method (prune_settings.plan_removals), chosen by activation importance; a KV group scores as the L2 of its heads."""
-    from slimgpt_core.workspace.cache import forget_fingerprint
-    from slimgpt_core.models import resolve_device
-    from slimgpt_core.methods.prune_settings import plan_removals
 
     emit = callback or _ignore
     device = resolve_device(settings.device)
@@ -154,7 +156,7 @@ def prune_minitron(model, tokens: torch.Tensor, settings, callback=None, should_
     t_scores = time.perf_counter() - t0
     for i, layer in enumerate(layers):
         if should_stop is not None and should_stop():
-            raise PruningCancelled()
+            raise JobCancelled()
         q, kv, f = layer_shape(layer)
         group_scores = scores.heads[i].view(kv, q // kv).norm(dim=1)
         keep_kv_groups(layer, sorted(group_scores.topk(kv - head_rm[i]).indices.tolist()))
@@ -163,7 +165,7 @@ def prune_minitron(model, tokens: torch.Tensor, settings, callback=None, should_
     update_config(model)
     forget_fingerprint(model)
     total = time.perf_counter() - t0
-    report = PruneReport(model_name, asdict(settings), head_r, ffn_r, params_before, count_parameters(model),
+    report = RunReport(model_name, asdict(settings), head_r, ffn_r, params_before, count_parameters(model),
                          layer_params_before, count_parameters(layers), phase_seconds={
                              "scores": t_scores, "cut": total - t_scores}, total_seconds=total, device=str(device))
     model.config.slimgpt = {"source_model": model_name, **asdict(settings)}
@@ -174,8 +176,6 @@ def prune_minitron(model, tokens: torch.Tensor, settings, callback=None, should_
 def shape_run(model, tokens: torch.Tensor, target, batch_size: int = 8, device="cpu", model_name: str = "",
               should_stop: Callable[[], bool] | None = None):
     """`shear --method minitron`: one-shot Minitron to a target shape, as a run (a ShearResult with no steps)."""
-    from slimgpt_core.methods.shear.target import source_shape
-    from slimgpt_core.methods.shear.train import ShearResult
 
     source = source_shape(model)
     params_before, layer_params_before = count_parameters(model), count_parameters(model.model.layers)
@@ -184,7 +184,7 @@ def shape_run(model, tokens: torch.Tensor, target, batch_size: int = 8, device="
     model.to("cpu")
     kept = sorted(scores.layers.topk(target.layers).indices.tolist())
     prune_to_shape_from_scores(model, scores, target)
-    report = PruneReport(
+    report = RunReport(
         model_name, {"method": "minitron", "source_model": model_name, "target": target.to_dict(),
                      "source_shape": source.to_dict(), "kept_layers": kept, "calibration_tokens": tokens.numel()},
         [1 - target.heads / source.heads] * target.layers, [1 - target.ffn / source.ffn] * target.layers,
@@ -195,8 +195,5 @@ def shape_run(model, tokens: torch.Tensor, target, batch_size: int = 8, device="
 
 
 def prune_to_shape_from_scores(model, scores: MinitronScores, target) -> None:
-    from slimgpt_core.workspace.cache import forget_fingerprint
-    from slimgpt_core.methods.shear.cut import cut_model
-
     cut_model(model, shape_gates(model, scores, target))
     forget_fingerprint(model)

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base.errors import SlimGPTError
 
 
 GRAM_STRIP = 192  # columns per strip of the upper-triangular Gram
@@ -50,7 +51,6 @@ class HessianAccumulator:
 
     def all_reduce(self) -> None:
         """Sum the statistics of all processes of a torch.distributed job (no-op when not distributed)."""
-        import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():  # a one-process group sums to the identity
             dist.all_reduce(self.sum)
             n = self.sum.new_tensor([self.nsamples])  # fp64 beside the sums: exact for any count

@@ -9,16 +9,20 @@ from typing import Callable, Sequence
 
 import torch
 
+from slimgpt_core.base.cache import forget_fingerprint
+from slimgpt_core.base.devices import peak_memory_mb, resolve_device
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError, out_of_memory_message
+from slimgpt_core.base.events import Callback, FFNScores, HeadImportance, LayerDone, ModuleMeasured, Progress, RunReport
+from slimgpt_core.base.shapes import count_parameters, keep_channels, keep_kv_groups, layer_shape, update_config
 from slimgpt_core.methods import obs
-from slimgpt_core.methods.activations import (activation_device, activation_streams, buffer_like, distributed_rank_world, fits,
-                          peak_memory_mb, place, relative_distance, shard_tokens)
-from slimgpt_core.errors import PruningCancelled, SlimGPTError, out_of_memory_message
-from slimgpt_core.events import Callback, FFNScores, HeadImportance, LayerDone, ModuleMeasured, Progress, PruneReport
-from slimgpt_core.methods.forwards import (capture_attention_inputs, capture_layer_inputs, collect_hessian, collect_mlp_inputs,
-                       replay_outputs, run_layer)
+from slimgpt_core.methods.activations import (activation_device, activation_streams, buffer_like,
+                                              distributed_rank_world, fits, place, relative_distance, shard_tokens)
+from slimgpt_core.methods.forwards import (capture_attention_inputs, capture_layer_inputs, collect_mlp_inputs,
+                                           replay_outputs, run_layer)
+from slimgpt_core.methods.minitron import prune_minitron
 from slimgpt_core.methods.prune_settings import PruneSettings, plan_removals
 from slimgpt_core.methods.statistics import StatisticsCache
-from slimgpt_core.methods.surgery import count_parameters, keep_channels, keep_kv_groups, layer_shape, update_config
+from slimgpt_core.methods.surgeon import prune_surgeon
 
 
 def _ffn_summary(layer_idx: int, scores: Sequence[float], n_removed: int, steps: list[int]) -> FFNScores:
@@ -34,20 +38,18 @@ def _ffn_summary(layer_idx: int, scores: Sequence[float], n_removed: int, steps:
 
 def prune_model(model, tokens: torch.Tensor, settings: PruneSettings, callback: Callback | None = None,
                 should_stop: Callable[[], bool] | None = None, model_name: str = "",
-                use_cache: bool = True) -> PruneReport:
+                use_cache: bool = True) -> RunReport:
     """Prune `model` in place on calibration `tokens` [N, seqlen] with `settings.method`; return the report."""
     if settings.method == "minitron":  # activation importance, one shot (minitron.py)
-        from slimgpt_core.methods.minitron import prune_minitron
         return prune_minitron(model, tokens, settings, callback, should_stop, model_name)
     if settings.method in ("surgeon", "kobd"):  # LLM Surgeon and K-OBD: KFAC curvature, global threshold
-        from slimgpt_core.methods.surgeon import prune_surgeon
         return prune_surgeon(model, tokens, settings, callback, should_stop, model_name)
     if settings.method != "obs-multishot":
         return _prune_pass(model, tokens, settings, callback, should_stop, model_name, use_cache)
     return _prune_multishot(model, tokens, settings, callback, should_stop, model_name, use_cache)
 
 
-def _prune_multishot(model, tokens, settings, callback, should_stop, model_name, use_cache) -> PruneReport:
+def _prune_multishot(model, tokens, settings, callback, should_stop, model_name, use_cache) -> RunReport:
     """Layer-wise multi-shot OBS (obs-multishot): `shots` passes over the whole model; after shot s each layer
     has lost s/shots of its final target (linear schedule across shots). Every pass re-collects the curvature
     (layer-wise Hessians) from the partially pruned model and updates the remaining weights with OBS. The report's per-layer events
@@ -77,22 +79,20 @@ def _prune_multishot(model, tokens, settings, callback, should_stop, model_name,
 
 def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: Callback | None = None,
                 should_stop: Callable[[], bool] | None = None, model_name: str = "",
-                use_cache: bool = True, _reference: bool = False) -> PruneReport:
+                use_cache: bool = True, layer_step: Callable | None = None) -> RunReport:
     """One sequential pass of SlimGPT (or a scoring baseline) over the model.
 
     The model may live on the CPU: each decoder layer is moved to the compute device in turn. With
     `use_cache`, dense statistics of layers whose inputs are the dense model's are read from / written to
-    cache/stats (layer 0 always; every layer with dense inputs). `_reference` (tests only): the previous
-    implementation, which ran each layer's attention four times."""
-    from slimgpt_core.workspace.cache import forget_fingerprint
-    from slimgpt_core.models import resolve_device
+    cache/stats (layer 0 always; every layer with dense inputs). `layer_step` stands in for `_layer_once` (the
+    tests pass the previous four-pass implementation, tests/reference_layer.py, to compare against)."""
 
     device = resolve_device(settings.device)
     head_r, ffn_r, head_rm, ffn_rm = plan_removals(model, settings)
     layers = model.model.layers
     n = len(layers)
     t_start = time.perf_counter()
-    report = PruneReport(model_name, asdict(settings), head_r, ffn_r, count_parameters(model), 0,
+    report = RunReport(model_name, asdict(settings), head_r, ffn_r, count_parameters(model), 0,
                          count_parameters(layers), 0, device=str(device))
 
     def emit(event) -> None:
@@ -103,7 +103,7 @@ def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
 
     def phase(layer_idx: int, name: str) -> float:
         if should_stop is not None and should_stop():
-            raise PruningCancelled()
+            raise JobCancelled()
         emit(Progress(layer_idx, n, name, time.perf_counter() - t_start))
         return time.perf_counter()
 
@@ -135,7 +135,7 @@ def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
             home = next(layers[i].parameters()).device
             layer = layers[i].to(device)
             streams = _Streams(dense_in, dense_out, pruned_in, pruned_out, kwargs, act_device)
-            step = _reference_layer if _reference else _layer_once
+            step = layer_step or _layer_once
             step(layer, i, streams, settings, (head_r[i], head_rm[i], ffn_r[i], ffn_rm[i]), emit, phase, done,
                  stats)
             acc = relative_distance(pruned_out, dense_out) if need_dense and need_pruned else float("nan")
@@ -250,24 +250,6 @@ def _layer_once(layer, i, st: _Streams, settings: PruneSettings, plan, emit, pha
         else:  # dense-input run: the pruned stream differs from the calibrated one
             run_layer(layer, st.pruned_in, st.kwargs, bs, st.pruned_out, tf32)
         done("outputs", t0)
-
-
-def _reference_layer(layer, i, st: _Streams, settings: PruneSettings, plan, emit, phase, done, stats) -> None:
-    """The previous implementation (tests compare against it): four attention passes per layer."""
-    head_ratio, head_rm, ffn_ratio, ffn_rm = plan
-    bs, tf32 = settings.batch_size, settings.tf32
-    calib_in = st.pruned_in if settings.sequential else st.dense_in
-    dense = i == 0 or not settings.sequential
-    if st.dense_out is not None:
-        run_layer(layer, st.dense_in, st.kwargs, bs, st.dense_out, tf32)
-    H = stats.hessian(i, "attn", lambda: collect_hessian(layer, layer.self_attn.o_proj, calib_in, st.kwargs, bs,
-                                                         tf32), dense)
-    _prune_attention(layer, i, H, settings, head_ratio, head_rm, emit, phase, done)
-    H = stats.hessian(i, "mlp", lambda: collect_hessian(layer, layer.mlp.down_proj, calib_in, st.kwargs, bs, tf32),
-                      dense and head_rm == 0)
-    _prune_mlp(layer, i, H, settings, ffn_ratio, ffn_rm, emit, phase, done)
-    if st.pruned_out is not None:
-        run_layer(layer, st.pruned_in, st.kwargs, bs, st.pruned_out, tf32)
 
 
 def _unit_columns(units: Sequence[int], group: int, device) -> torch.Tensor:

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.shapes import layer_shape
 from slimgpt_core.methods import obs
-from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.schedules.schedule import SCHEDULES, check_ratio, custom_ratios, layer_ratios, units_to_remove
-from slimgpt_core.methods.surgery import layer_shape
 
 
 @dataclass

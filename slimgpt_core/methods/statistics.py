@@ -7,8 +7,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from slimgpt_core.base import cache
+from slimgpt_core.base.devices import resolve_device
+from slimgpt_core.base.errors import JobCancelled
 from slimgpt_core.methods import obs
-from slimgpt_core.errors import PruningCancelled
 from slimgpt_core.methods.forwards import capture_layer_inputs, collect_layer_hessians, run_layer
 from slimgpt_core.schedules.schedule import units_to_remove
 
@@ -20,7 +22,6 @@ class StatisticsCache:
     """Dense per-layer Hessians in cache/stats, keyed by model fingerprint, calibration tokens, layer, module."""
 
     def __init__(self, model, tokens: torch.Tensor, enabled: bool):
-        from slimgpt_core.workspace import cache
         self.enabled = enabled
         # v3: upper-triangular fp64 sums; bump when the way Hessians are accumulated changes. A disabled cache
         # has no prefix (and never fingerprints the model: seconds for a large one)
@@ -30,7 +31,6 @@ class StatisticsCache:
     def hessian(self, layer_idx: int, module: str, compute: Callable[[], torch.Tensor], dense: bool) -> torch.Tensor:
         if not (self.enabled and dense):
             return compute()
-        from slimgpt_core.workspace import cache
         key = f"{self.prefix}|{layer_idx}|{module}"
         found = cache.lookup_tensors("stats", key)
         if found is not None:
@@ -44,7 +44,6 @@ class StatisticsCache:
     def lookup(self, layer_idx: int, module: str, dense: bool) -> torch.Tensor | None:
         if not (self.enabled and dense):
             return None
-        from slimgpt_core.workspace import cache
         found = cache.lookup_tensors("stats", f"{self.prefix}|{layer_idx}|{module}")
         if found is None:
             return None
@@ -53,7 +52,6 @@ class StatisticsCache:
 
     def store(self, layer_idx: int, module: str, H: torch.Tensor, dense: bool) -> torch.Tensor:
         if self.enabled and dense and H.numel() * 4 <= MAX_CACHED_STATISTIC_BYTES:
-            from slimgpt_core.workspace import cache
             cache.store_tensors("stats", f"{self.prefix}|{layer_idx}|{module}", {"H": H})
         return H
 
@@ -80,7 +78,6 @@ def dense_hessians(model, tokens: torch.Tensor, batch_size: int = 8, device: str
 
     Hessians come from the statistics cache when it holds them (the same entries `dense_statistics`
     writes), so a model whose statistics exist needs no forward pass here."""
-    from slimgpt_core.models import resolve_device
 
     dev = resolve_device(device)
     stats = StatisticsCache(model, tokens, True)
@@ -88,7 +85,7 @@ def dense_hessians(model, tokens: torch.Tensor, batch_size: int = 8, device: str
     x, kwargs, x_at = None, None, 0  # x: the dense inputs of layer x_at, once a layer has needed them
     for i, layer in enumerate(layers):
         if should_stop is not None and should_stop():
-            raise PruningCancelled(f"{what} were cancelled")
+            raise JobCancelled(f"{what} were cancelled")
         home = next(layer.parameters()).device
         layer.to(dev)
         H_attn, H_mlp = stats.lookup(i, "attn", True), stats.lookup(i, "mlp", True)

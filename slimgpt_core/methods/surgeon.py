@@ -9,7 +9,7 @@ Units:
 - heads (default; an adaptation for a physically smaller model): a KV group costs its q/k/v row sets plus its
   o_proj column set, an FFN channel its gate and up rows plus its down_proj column (costs add under
   block-diagonal KFAC). Rows are compensated in q/k/v/gate/up, columns in o_proj/down_proj, and the layers are
-  sliced (surgery.py). Every layer keeps at least one KV group and one FFN channel.
+  sliced (base/shapes.py). Every layer keeps at least one KV group and one FFN channel.
 - rows (the paper's own units): every row and column of every matrix; removed ones become zeros and the model
   keeps its shape: it is NOT smaller. Already-dead rows/columns count as removed at cost 0.
 """
@@ -23,12 +23,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from slimgpt_core.base import devices
+from slimgpt_core.base.cache import forget_fingerprint
+from slimgpt_core.base.devices import peak_memory_mb, resolve_device
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError, out_of_memory_message
+from slimgpt_core.base.events import Callback, LayerDone, Progress, RunReport, ShotDone
+from slimgpt_core.base.shapes import count_parameters, keep_channels, keep_kv_groups, layer_shape, update_config
 from slimgpt_core.methods import kfac
 from slimgpt_core.methods.curvature import CurvatureCollector, factor_bytes, linears
-from slimgpt_core.errors import PruningCancelled, SlimGPTError, out_of_memory_message
-from slimgpt_core.events import Callback, LayerDone, Progress, PruneReport, ShotDone
+from slimgpt_core.methods.prune_settings import plan_removals
+from slimgpt_core.methods.surgeon_lora import lora_steps
 from slimgpt_core.schedules.schedule import check_ratio
-from slimgpt_core.methods.surgery import count_parameters, keep_channels, keep_kv_groups, layer_shape, update_config
 
 UNITS = ("heads", "rows")
 UPDATES = ("dead-rows", "both", "columns")
@@ -78,7 +83,6 @@ def mean_loss(model, tokens: torch.Tensor, batch_size: int) -> float:
 def check_memory(model, batch_size: int, seqlen: int, device: torch.device) -> torch.device:
     """Where the factors live: on `device` when factors plus one forward+backward fit, else on the CPU (CUDA);
     refuse with what to lower when even that cannot fit."""
-    from slimgpt_core.methods.activations import available_memory_bytes
 
     need_factors = factor_bytes(model)
     cfg = model.config
@@ -86,9 +90,9 @@ def check_memory(model, batch_size: int, seqlen: int, device: torch.device) -> t
     need_acts = 4 * batch_size * seqlen * (3 * cfg.vocab_size + 24 * cfg.hidden_size * cfg.num_hidden_layers
                                            + 4 * getattr(cfg, "intermediate_size", cfg.hidden_size)
                                            * cfg.num_hidden_layers)
-    have = available_memory_bytes(device)
+    have = devices.available_memory_bytes(device)
     if device.type == "cuda" and have is not None and need_factors + need_acts > 0.9 * have:
-        cpu = available_memory_bytes(torch.device("cpu"))
+        cpu = devices.available_memory_bytes(torch.device("cpu"))
         if cpu is None or need_factors < 0.9 * cpu:
             return torch.device("cpu")
     elif have is None or need_factors + need_acts <= 0.9 * have:
@@ -173,7 +177,6 @@ def _unit_params(layer) -> tuple[int, int]:
 def schedule_fraction(model, settings) -> float:
     """The fraction of decoder-layer parameters a per-layer schedule (settings as for SlimGPT) removes: the
     budget that makes LLM Surgeon's global allocation comparable at equal achieved ratio."""
-    from slimgpt_core.methods.prune_settings import plan_removals
 
     _, _, head_rm, ffn_rm = plan_removals(model, settings)
     removed = sum(h * _unit_params(layer)[0] + c * _unit_params(layer)[1]
@@ -243,10 +246,9 @@ def zero_fraction(layers) -> float:
 
 
 def prune_surgeon(model, tokens: torch.Tensor, settings, callback: Callback | None = None,
-                  should_stop: Callable[[], bool] | None = None, model_name: str = "") -> PruneReport:
+                  should_stop: Callable[[], bool] | None = None, model_name: str = "") -> RunReport:
     """LLM Surgeon (settings.method == "surgeon") or K-OBD ("kobd") in `settings.shots` shots to
     settings.ratio of the decoder-layer parameters; prunes `model` in place and returns the report."""
-    from slimgpt_core.models import resolve_device
 
     validate(settings)
     compensate = settings.method != "kobd"
@@ -259,7 +261,7 @@ def prune_surgeon(model, tokens: torch.Tensor, settings, callback: Callback | No
         raise SlimGPTError("LLM Surgeon needs at least 2 calibration sequences (one is held out)")
     home = next(model.parameters()).device
     factor_device = check_memory(model, settings.batch_size, tokens.shape[1], device)
-    report = PruneReport(model_name, asdict(settings), [], [], count_parameters(model), 0, count_parameters(layers),
+    report = RunReport(model_name, asdict(settings), [], [], count_parameters(model), 0, count_parameters(layers),
                          0, device=str(device))
     report.settings.update(heldout_samples=int(heldout.shape[0]), factor_device=str(factor_device),
                            factor_gib=factor_bytes(model) / 2**30)
@@ -279,7 +281,7 @@ def prune_surgeon(model, tokens: torch.Tensor, settings, callback: Callback | No
 
     def stop() -> None:
         if should_stop is not None and should_stop():
-            raise PruningCancelled()
+            raise JobCancelled()
 
     try:
         model.to(device)
@@ -311,7 +313,6 @@ def prune_surgeon(model, tokens: torch.Tensor, settings, callback: Callback | No
                 _rows_shot(model, A, G, settings.damp, budget, compensate, settings.surgeon_update != "columns")
             del A, G
             if settings.surgeon_lora_steps:
-                from slimgpt_core.methods.surgeon_lora import lora_steps
                 emit(Progress(t - 1, T, f"shot {t}/{T} LoRA {settings.surgeon_lora_steps} steps",
                               time.perf_counter() - t_start))
                 lora_steps(model, calib, settings.surgeon_lora_steps, settings.batch_size, device, t, should_stop)
@@ -339,7 +340,6 @@ def _fmt(seconds: float) -> str:
 
 
 def _peak_mb(device: torch.device) -> float:
-    from slimgpt_core.methods.activations import peak_memory_mb
     return peak_memory_mb(device)
 
 
@@ -435,9 +435,8 @@ def _write(linear: torch.nn.Linear, weight: torch.Tensor) -> None:
     linear.weight.data = weight.to(device=linear.weight.device, dtype=linear.weight.dtype)
 
 
-def _finish(model, report: PruneReport, shapes0, heads_mode: bool, model_name: str, emit, device) -> None:
+def _finish(model, report: RunReport, shapes0, heads_mode: bool, model_name: str, emit, device) -> None:
     """Per-layer ratios and shapes, parameter counts, the config note."""
-    from slimgpt_core.workspace.cache import forget_fingerprint
 
     layers = model.model.layers
     for i, (layer, (q0, kv0, f0)) in enumerate(zip(layers, shapes0)):

@@ -23,9 +23,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from slimgpt_core import data
+from slimgpt_core.base.devices import resolve_device
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.shapes import count_parameters
 from slimgpt_core.methods import obs
+from slimgpt_core.methods.forwards import capture_layer_inputs, run_layer
 from slimgpt_core.schedules.curves import ModelCurves, dense_hessians, error_curves
-from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.schedules.schedule import SCHEDULES, layer_ratios, units_to_remove
 
 BASE_SCHEDULES = tuple(s for s in SCHEDULES if s != "auto")
@@ -244,9 +248,6 @@ class StitchedModel:
     """The dense model run with database variants swapped into o_proj / down_proj; KL against the dense model."""
 
     def __init__(self, model, db: VariantDatabase, tokens: torch.Tensor, batch_size: int = 8, device: str = "auto"):
-        from slimgpt_core.models import resolve_device
-        from slimgpt_core.methods.forwards import capture_layer_inputs
-
         self.model, self.db, self.bs = model, db, batch_size
         self.dev = resolve_device(device)
         model.to(self.dev)
@@ -265,7 +266,6 @@ class StitchedModel:
     def run(self, kv: Sequence[int], ch: Sequence[int], start: int = 0, x: torch.Tensor | None = None,
             inputs: list | None = None) -> list[torch.Tensor]:
         """Hidden states entering layers start … n (the last is the final one) for this schedule."""
-        from slimgpt_core.methods.forwards import run_layer
 
         x = self.x0 if x is None else x
         states = [x]
@@ -300,7 +300,6 @@ class StitchedModel:
 
 def removal_budget(model, settings: AutoSettings) -> tuple[int, int, int]:
     """(parameters before, target parameters after, parameters to remove)."""
-    from slimgpt_core.methods.surgery import count_parameters
 
     before = count_parameters(model)
     if settings.target_params is not None:
@@ -442,10 +441,9 @@ def auto_job(loaded, calib: str, nsamples: int, seqlen: int, seed: int, settings
              starts: dict | None = None, callback=None, should_stop=None) -> AutoSchedule:
     """For the studio's job runner: the search on calibration windows `seed` (database) and `seed`+1 (fitness);
     stopping returns the best schedule so far."""
-    from slimgpt_core.data import calibration_tokens
 
-    tokens = calibration_tokens(loaded.tokenizer, calib, nsamples, seqlen, seed)
-    fitness = calibration_tokens(loaded.tokenizer, calib, 8, min(128, seqlen), seed + 1)
+    tokens = data.calibration_tokens(loaded.tokenizer, calib, nsamples, seqlen, seed)
+    fitness = data.calibration_tokens(loaded.tokenizer, calib, 8, min(128, seqlen), seed + 1)
     home = next(loaded.model.parameters()).device
     try:
         return search(loaded.model, tokens, fitness, settings, callback, should_stop, starts=starts)

@@ -12,16 +12,20 @@ Curves are computed once from the dense statistics and cached (cache/stats) next
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy
 import torch
 
+from slimgpt_core import data
+from slimgpt_core.base import cache
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.events import Progress
 from slimgpt_core.methods import obs
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.schedules.schedule import units_to_remove
 from slimgpt_core.methods.statistics import dense_hessians
+from slimgpt_core.schedules.schedule import units_to_remove
 
 CURVES_VERSION = "curves-v2"  # v2: from the upper-triangular statistics (stats-v3)
 MAP_RATIOS = tuple(round(0.05 * i, 2) for i in range(19))  # 0 … 0.9
@@ -160,9 +164,7 @@ def error_curves(model, tokens: torch.Tensor, damp: float = 0.01, batch_size: in
                  progress: Callable[[int, int], None] | None = None, should_stop: Callable[[], bool] | None = None,
                  use_cache: bool = True) -> ModelCurves:
     """Every layer's head and FFN curves on dense inputs (cached by model, calibration tokens and damping)."""
-    import time
 
-    from slimgpt_core.workspace import cache
 
     key = f"{CURVES_VERSION}|{cache.model_fingerprint(model)}|{cache.tokens_digest(tokens)}|{damp}"
     if use_cache:
@@ -249,13 +251,10 @@ def ffn_curve_gap(W: torch.Tensor, H: torch.Tensor, counts: Sequence[int], damp:
 def curves_job(loaded, calib: str, nsamples: int, seqlen: int, seed: int = 0, damp: float = 0.01,
                device: str = "auto", callback=None, should_stop=None) -> ModelCurves:
     """For the studio's job runner: calibration tokens, then the curves, with Progress events per layer."""
-    import time
 
-    from slimgpt_core.data import calibration_tokens
-    from slimgpt_core.events import Progress
 
     t0 = time.perf_counter()
-    tokens = calibration_tokens(loaded.tokenizer, calib, nsamples, seqlen, seed)
+    tokens = data.calibration_tokens(loaded.tokenizer, calib, nsamples, seqlen, seed)
 
     def progress(done, total):
         if callback is not None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.methods.surgery import count_parameters, layer_shape
-from slimgpt_core.schedules.curves import MAP_RATIOS, LayerCurves, ModelCurves
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.shapes import count_parameters, layer_shape
+from slimgpt_core.schedules.curves import LayerCurves, MAP_RATIOS, ModelCurves
 
 SIGNIFICANT_DIGITS = 5  # relative errors sent at this precision: the predicted errors are estimates to a few %
 

@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.schedules.curves import ModelCurves
 from slimgpt_core.schedules.schedule import layer_ratios, units_to_remove
 

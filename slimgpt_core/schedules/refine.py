@@ -25,10 +25,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base import cache
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
+from slimgpt_core.data import calibration_tokens
 from slimgpt_core.methods import obs
 from slimgpt_core.methods.statistics import dense_hessians
-from slimgpt_core.methods.surgery import count_parameters
+from slimgpt_core.base.shapes import count_parameters
 from slimgpt_core.schedules import global_allocation as ga
 from slimgpt_core.schedules.autoschedule import StitchedModel, VariantDatabase, unit_costs
 from slimgpt_core.schedules.curves import ModelCurves, error_curves
@@ -116,8 +118,6 @@ class DiskVariantDatabase(VariantDatabase):
     def __init__(self, model, curves: ModelCurves, tokens: torch.Tensor, damp: float = 0.01, batch_size: int = 8,
                  device: str = "auto", should_stop: Callable[[], bool] | None = None, max_cached: int = 512,
                  progress: Callable[[int, int], None] | None = None):
-        from slimgpt_core.workspace import cache
-
         self.curves = curves
         self.prefix = f"{VARIANTS_VERSION}|{cache.model_fingerprint(model)}|{cache.tokens_digest(tokens)}|{damp}"
         self.inverse, self.hessians = [], []
@@ -138,8 +138,6 @@ class DiskVariantDatabase(VariantDatabase):
         return f"{self.prefix}|{layer}|{module}|{count}"
 
     def _variant(self, layer: int, module: str, count: int) -> torch.Tensor:
-        from slimgpt_core.workspace import cache
-
         key = (layer, module, count)
         if key in self.cached:
             self.cached.move_to_end(key)
@@ -185,7 +183,7 @@ def auto_schedule(model, tokens: torch.Tensor, fitness: torch.Tensor, config: Au
                   curves: ModelCurves | None = None) -> AutoResult:
     """The fast schedule, then the refining search; see the module docstring. `tokens`: calibration (statistics,
     curves, variants); `fitness`: other calibration windows the KL is measured on (never evaluation text).
-    Stop before the first schedule exists raises PruningCancelled; after, it returns the best so far."""
+    Stop before the first schedule exists raises JobCancelled; after, it returns the best so far."""
     t0 = time.perf_counter()
     stop = should_stop or bool
     rng = np.random.default_rng(config.seed)
@@ -229,7 +227,7 @@ def auto_schedule(model, tokens: torch.Tensor, fitness: torch.Tensor, config: Au
     db = DiskVariantDatabase(model, curves, tokens, config.damp, config.batch_size, config.device, should_stop,
                              progress=phase_progress("database"))
     if stop():
-        raise PruningCancelled("auto was stopped before its first schedule")
+        raise JobCancelled("auto was stopped before its first schedule")
     emit("sensitivity", 0.0, None)
     net = StitchedModel(model, db, fitness, config.batch_size, config.device)
     sensitivity = module_sensitivities(model, db, budget, fitness, config.batch_size, config.seed)
@@ -364,8 +362,6 @@ def _summary(budget: ga.GroupBudget, g: np.ndarray, kl: float, state: dict, n_kv
 def auto_job(loaded, calib: str, nsamples: int, seqlen: int, seed: int, config: AutoConfig, fitness_samples: int = 8,
              fitness_seqlen: int = 128, callback=None, should_stop=None) -> AutoResult:
     """For the studio's job runner: calibration windows `seed` (curves, variants) and `seed`+1 (the KL)."""
-    from slimgpt_core.data import calibration_tokens
-
     tokens = calibration_tokens(loaded.tokenizer, calib, nsamples, seqlen, seed)
     fitness = calibration_tokens(loaded.tokenizer, calib, fitness_samples, min(fitness_seqlen, seqlen), seed + 1)
     home = next(loaded.model.parameters()).device

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.events import PruneReport
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.events import RunReport
 
 EDITOR_MAX_RATIO = 0.95  # the schedule editor's sliders end here
 
@@ -20,7 +20,7 @@ class RunSchedule:
     capped: list[int]  # layers whose removed fraction exceeded the editor's maximum
 
 
-def run_schedule(report: PruneReport, max_ratio: float = EDITOR_MAX_RATIO) -> RunSchedule:
+def run_schedule(report: RunReport, max_ratio: float = EDITOR_MAX_RATIO) -> RunSchedule:
     """The run's per-layer ratios and kept counts (the report's own figures, not recomputed)."""
     s = report.settings
     if s.get("method") in ("surgeon", "kobd") and s.get("surgeon_units") == "rows":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base.errors import SlimGPTError
 
 SCHEDULES = ("log", "linear", "uniform", "auto")  # auto: chosen by a search for a budget (autoschedule.py)
 

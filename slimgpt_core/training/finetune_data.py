@@ -19,9 +19,9 @@ from typing import Iterator
 
 import torch
 
-from slimgpt_core import assets
+from slimgpt_core.base import assets
+from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.data import SOURCES, _cached_tensor, _tokenize_docs, documents, tokenizer_fingerprint
-from slimgpt_core.errors import SlimGPTError
 from slimgpt_core.training.loop import IGNORE
 
 PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "

@@ -8,14 +8,18 @@ hands in a batch iterator; continued pre-training (shear/pretrain.py) hands in i
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from slimgpt_core.methods.activations import peak_memory_mb
-from slimgpt_core.errors import PruningCancelled
+from slimgpt_core.base.devices import peak_memory_mb
+from slimgpt_core.base.errors import JobCancelled
+from slimgpt_core.base.events import RunReport
+from slimgpt_core.base.shapes import count_parameters, layer_shape
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding); torch's cross-entropy default
 
@@ -97,8 +101,6 @@ def heldout_loss(model, batches: Iterable[dict[str, torch.Tensor]], device: torc
 
 
 def make_scheduler(optimizer, config: OptimizerConfig, steps: int):
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
     if config.schedule == "cosine":
         return get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, steps)
     return get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
@@ -115,7 +117,7 @@ def train(model, batches: Iterator[dict[str, torch.Tensor]], steps: int, optim: 
     Held-out loss is measured before the first step, every `eval_every` steps and after the last one.
     `loss_fn(model, batch, device, bf16)` replaces the next-token cross-entropy as the training loss (held-out
     loss stays the cross-entropy); `after_step(step)` runs after each update, before that step's event.
-    `should_stop()` is checked before every step; a stop raises PruningCancelled (the caller decides what
+    `should_stop()` is checked before every step; a stop raises JobCancelled (the caller decides what
     to keep)."""
     emit = callback or _ignore
     loss_fn = loss_fn or batch_loss
@@ -139,7 +141,7 @@ def train(model, batches: Iterator[dict[str, torch.Tensor]], steps: int, optim: 
     t_start = time.perf_counter()
     for step in range(1, steps + 1):
         if should_stop is not None and should_stop():
-            raise PruningCancelled("training was cancelled")
+            raise JobCancelled("training was cancelled")
         t0 = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
         losses, loss_tokens, input_tokens = [], 0, 0
@@ -176,19 +178,29 @@ def trained_report(model, source_report=None, source: str = "", kind: str = "", 
     """The report a model trained after pruning starts from: a copy of its source run's report (its pruning
     history), or a fresh one naming `source` when it has none (a dense model). With `kind` ("recovery",
     "pretrain") the training's `record` is set there, an earlier record of that kind kept as `previous_<kind>`."""
-    import copy
 
-    from slimgpt_core.events import PruneReport
-    from slimgpt_core.methods.surgery import count_parameters
 
     if source_report is not None:
         report = copy.deepcopy(source_report)
     else:
         n, n_layers = count_parameters(model), count_parameters(model.model.layers)
-        report = PruneReport(model=source, settings={}, head_ratios=[], ffn_ratios=[], params_before=n,
+        report = RunReport(model=source, settings={}, head_ratios=[], ffn_ratios=[], params_before=n,
                              params_after=n, layer_params_before=n_layers, layer_params_after=n_layers)
     if kind:
         if getattr(report, kind, None):
             record[f"previous_{kind}"] = getattr(report, kind)
         setattr(report, kind, record)
     return report
+
+
+def training_bytes(model, batch_size: int, seqlen: int, train_weights: bool = True) -> int:
+    """A rough upper estimate of what mask learning holds: fp32 weights, their gradients and two AdamW moments,
+    and the activations autograd keeps (per token and layer: a few hidden-sized tensors, the FFN's three
+    intermediate ones, the attention scores; the logits three times)."""
+    c = model.config
+    n = count_parameters(model)
+    q, _, f = layer_shape(model.model.layers[0])
+    tokens = batch_size * seqlen
+    per_token_layer = 12 * c.hidden_size + 4 * f + 2 * q * seqlen
+    activations = tokens * (len(model.model.layers) * per_token_layer + 3 * c.vocab_size)
+    return 4 * (n * (4 if train_weights else 1) + activations)

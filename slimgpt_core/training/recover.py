@@ -19,8 +19,13 @@ from typing import Callable
 
 import torch
 
-from slimgpt_core.workspace.cache import forget_fingerprint
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base import devices
+from slimgpt_core.base.cache import forget_fingerprint
+from slimgpt_core.base.devices import resolve_device
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.events import RunReport
+from slimgpt_core.evaluation.evaluate import cached_perplexity
+from slimgpt_core.training import loop
 from slimgpt_core.training.finetune_data import batch_stream, check_source, fixed_batches, load_finetune_data
 from slimgpt_core.training.loop import OptimizerConfig, TrainResult, TrainStep, train, trained_report
 
@@ -196,22 +201,16 @@ def training_memory_bytes(model, settings: RecoverSettings) -> int:
 
 
 def check_training_memory(model, settings: RecoverSettings, device: torch.device) -> None:
-    from slimgpt_core.methods.activations import available_memory_bytes
-
     need = training_memory_bytes(model, settings)
     if device.type == "cpu":
         need -= sum(p.numel() * p.element_size() for p in model.parameters())  # already in memory
-    have = available_memory_bytes(device)
-    if have is not None and need > 0.9 * have:
-        raise SlimGPTError(
-            f"recovery needs about {need / 2**30:.1f} GiB but {device} has {have / 2**30:.1f} GiB free: lower "
-            f"--batch-size ({settings.batch_size}; raise --grad-accumulation to keep the effective batch), "
-            f"--seqlen ({settings.seqlen}) or --rank ({settings.rank}), or use a device with more memory")
+    devices.check_free_memory(need, device, "recovery needs about",
+                              f"lower --batch-size ({settings.batch_size}; raise --grad-accumulation to keep the "
+                              f"effective batch), --seqlen ({settings.seqlen}) or --rank ({settings.rank}), or use a "
+                              "device with more memory")
 
 
 def _perplexity(model, tokenizer, settings: RecoverSettings, device, should_stop):
-    from slimgpt_core.evaluation.evaluate import cached_perplexity
-
     if not settings.ppl_source:
         return None
     return asdict(cached_perplexity(model, tokenizer, settings.ppl_source, settings.ppl_seqlen, 8,
@@ -229,10 +228,8 @@ def recover(model, tokenizer, settings: RecoverSettings, callback: Callable | No
     """LoRA-fine-tune `model` on `settings.data`, merge the adapters, and measure perplexity before and after.
 
     Events: RecoverPhase between stages, training.HeldoutLoss and training.TrainStep while training.
-    `should_stop()` is checked between training steps and during the first perplexity (PruningCancelled; the
+    `should_stop()` is checked between training steps and during the first perplexity (JobCancelled; the
     model is left as it came). Once trained, the adapters are merged and measured without further checks."""
-    from slimgpt_core.models import resolve_device
-    from slimgpt_core.training.loop import autocast_context
 
     settings.validate()
     emit = callback or (lambda e: None)
@@ -275,12 +272,12 @@ def recover(model, tokenizer, settings: RecoverSettings, callback: Callable | No
     # past this point the adapters are merged: stopping now would throw the trained weights away, so finish
     emit(RecoverPhase("merge", time.perf_counter() - t_start))
     probe = {k: v.to(device) for k, v in heldout[0].items()}
-    with torch.no_grad(), autocast_context(device, settings.bf16):
+    with torch.no_grad(), loop.autocast_context(device, settings.bf16):
         wrapped_logits = peft_model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
     merged = _restore_flags(merge_lora(peft_model), trainable_flags)
     merged.eval()
     forget_fingerprint(merged)  # the weights changed in place: cached results must not match the old model
-    with torch.no_grad(), autocast_context(device, settings.bf16):
+    with torch.no_grad(), loop.autocast_context(device, settings.bf16):
         merged_logits = merged(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
     diff = float((merged_logits.float() - wrapped_logits.float()).abs().max())
 
@@ -307,19 +304,9 @@ def recovered_report(result: RecoverResult, source_report=None, source: str = ""
     return report
 
 
-def save_recovered_run(result: RecoverResult, tokenizer, out: str | Path, source_report=None, source: str = "",
-                       overwrite: bool = False) -> Path:
-    """A normal run folder (same loader, export and lm-eval path as every run), written all at once."""
-    from slimgpt_core.workspace.atomic import save_run
-
-    return save_run(result.model, tokenizer, recovered_report(result, source_report, source), out, overwrite)
-
-
 def load_source_report(folder: str | Path):
-    from slimgpt_core.events import PruneReport
-
     path = Path(folder) / "report.json"
-    return PruneReport.load(path) if path.exists() else None
+    return RunReport.load(path) if path.exists() else None
 
 
 def summary(result: RecoverResult) -> dict:

@@ -16,7 +16,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 
 
 @dataclass
@@ -73,7 +73,7 @@ def _launch(job: Job, turn: threading.Semaphore | None, fn: Callable[..., Any], 
         try:
             job.result = fn(*args, callback=job.events.append, should_stop=job._cancel.is_set, **kwargs)
             job.state = "done"
-        except PruningCancelled:
+        except JobCancelled:
             job.state = "cancelled"
         except SlimGPTError as exc:
             job.error, job.state = str(exc), "failed"

@@ -7,6 +7,7 @@ the checkpoint, `report.json`, and two small files the listing reads instead of 
 Folders whose name starts with "." are temporary (an export or run being written) and never listed."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -16,8 +17,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from slimgpt_core.assets import PROJECT_ROOT
-from slimgpt_core.errors import SlimGPTError
+import torch
+import transformers
+
+from slimgpt_core.base.assets import PROJECT_ROOT
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.events import RunReport
+from slimgpt_core.export.checkpoint import export_checkpoint
 
 RUNS_ENV = "SLIMGPT_RUNS"
 META = "meta.json"
@@ -133,8 +139,7 @@ def read_run(path: Path) -> RunInfo:
             info.created = meta.get("created", info.created)
             info.summary = meta.get("summary", {})
         elif (path / "report.json").exists():  # a run written before meta.json existed
-            from slimgpt_core.events import PruneReport
-            info.summary = summary_of(PruneReport.load(path / "report.json"))
+            info.summary = summary_of(RunReport.load(path / "report.json"))
         if (path / EVALUATIONS).exists():
             info.evaluations = _read_json(path / EVALUATIONS)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:  # AttributeError: JSON not an object
@@ -175,13 +180,20 @@ def new_run_name(base: str, root: Path | None = None) -> str:
 def save_run(model, tokenizer, report, name: str | None = None, label: str = "", notes: str = "",
              root: Path | None = None, overwrite: bool = False) -> RunInfo:
     """Write a run into the workspace at once: a failure leaves nothing behind and nothing listed."""
-    from slimgpt_core.export.checkpoint import export_checkpoint
 
     root = Path(root) if root else runs_root()
     name = name or new_run_name(time.strftime("%Y%m%d-%H%M%S") + "-" + (label or report.model or "run"), root)
     export_checkpoint(model, tokenizer, root / name, report, overwrite=overwrite,
                       extra=lambda tmp: write_meta(tmp, report, label or name, notes))
     return read_run(root / name)
+
+
+def save_run_at(model, tokenizer, report, out: str | Path, overwrite: bool = False, label: str = "") -> Path:
+    """A run written at a path (say `prune --out "$SLIMGPT_RUNS/x"`): the workspace's own writer with the path's
+    folder as the root, so it is listed by the studio like a run made there."""
+
+    out = Path(out)
+    return save_run(model, tokenizer, report, name=out.name, label=label, root=out.parent, overwrite=overwrite).path
 
 
 def update_meta(name: str, root: Path | None = None, **changes) -> RunInfo:
@@ -242,12 +254,9 @@ def read_evaluations(folder: Path) -> list[dict]:
 
 def versions() -> dict:
     """Library versions that a measurement depends on (part of its provenance)."""
-    import torch
-    import transformers
     out = {"torch": torch.__version__, "transformers": transformers.__version__}
     try:
-        from importlib.metadata import version
-        out[EVAL_LIBRARY] = version(EVAL_LIBRARY)
+        out[EVAL_LIBRARY] = importlib.metadata.version(EVAL_LIBRARY)
     except Exception:  # lm-eval not installed: nothing measured with it
         pass
     return out

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from tests.tiny_models import tiny_model
-from slimgpt_core.evaluation.accumulation import (AccumulationProfile, _Sums, accumulation_profile, relative_errors,
+from slimgpt_core.services.accumulation import (AccumulationProfile, _Sums, accumulation_profile, relative_errors,
                                                   stored_profile)
 from slimgpt_core.evaluation.evaluate import perplexity
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
-from slimgpt_core.methods.surgery import layer_shape
+from slimgpt_core.base.shapes import layer_shape
 
 
 @pytest.fixture
@@ -145,20 +145,20 @@ def test_record_round_trip_and_lookup_by_identity():
 
 
 def test_the_offline_default_is_one_model_under_both_aliases(assets_root):
-    from slimgpt_core.evaluation.accumulation import same_model
+    from slimgpt_core.services.accumulation import same_model
     assert same_model("default", "smollm2") and same_model("stories260k", "stories260k")
     assert not same_model("stories260k", "default") and not same_model("default", "someorg/some-model")
 
 
 def _entry(key: str, total: list[float], own: list[float], ppl: float = 20.0, kl: float = 0.1):
-    from slimgpt_core.evaluation.accumulation import DEMO_RUNS, DemoEntry
+    from slimgpt_core.services.accumulation import DEMO_RUNS, DemoEntry
     run = next(r for r in DEMO_RUNS if r.key == key)
     profile = AccumulationProfile(own, total, own, total, [1.0, 1.0, 8.0], [0.1, 0.1, 0.9], ppl, 10.0, kl, 4, 16)
     return DemoEntry(run, None, object(), profile)
 
 
 def test_the_story_follows_the_numbers_and_says_when_they_miss_the_point():
-    from slimgpt_core.evaluation.accumulation import inherited, story, twin_differences
+    from slimgpt_core.services.accumulation import inherited, story, twin_differences
     good = [_entry("slimgpt", [0.1, 0.2, 0.3], [0.1, 0.1, 0.1]), _entry("twin", [0.1, 0.3, 0.5], [0.1, 0.1, 0.1]),
             _entry("uniform", [0.2, 0.4, 0.6], [0.2, 0.1, 0.1])]
     text = story(good, "standardised")

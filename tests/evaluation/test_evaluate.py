@@ -9,7 +9,7 @@ import torch
 
 from tests.tiny_models import tiny_model
 from slimgpt_core.evaluation import evaluate
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 
 
 def _hand_nll(model, tokens, seqlen, windows):
@@ -76,7 +76,7 @@ def test_progress_and_cancel(model, stream):
     evaluate.perplexity(model, stream, seqlen=16, batch_size=10, progress=lambda d, n: seen.append((d, n)))
     assert seen == [(10, 25), (20, 25), (25, 25)]
     asked = []
-    with pytest.raises(PruningCancelled, match="^evaluation was cancelled$"):
+    with pytest.raises(JobCancelled, match="^evaluation was cancelled$"):
         evaluate.perplexity(model, stream, seqlen=16, batch_size=10, should_stop=lambda: len(asked.append(1) or asked) > 2,
                             progress=lambda d, n: seen.append((d, n)))
     assert len(asked) == 3 and seen[3:] == [(10, 25), (20, 25)]  # stopped before the third batch
@@ -137,7 +137,7 @@ def test_a_model_without_a_context_length_is_not_limited(model, stream):
 
 def test_cached_perplexity_hits_and_bypasses(model, monkeypatch, tmp_path):
     from slimgpt_core import data
-    from slimgpt_core.workspace import cache
+    from slimgpt_core.base import cache
 
     monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path))
     text = torch.randint(0, 101, (300,), generator=torch.Generator().manual_seed(9))

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from slimgpt_core.events import HeadImportance, PruneReport
-from slimgpt_core.evaluation.run_comparison import (Side, compare_evaluations, kv_group_grid, provenance_rows, sides_for,
+from slimgpt_core.base.events import HeadImportance, RunReport
+from slimgpt_core.workspace.run_comparison import (Side, compare_evaluations, kv_group_grid, provenance_rows, sides_for,
                                          verdict, Value)
 
 VERSIONS = {"torch": "2.13.0", "transformers": "5.23.0", "lm_eval": "0.4.13"}
@@ -129,8 +129,8 @@ def test_a_missing_stderr_is_lm_evals_closed_form_from_acc_and_n():
     assert row(compare_evaluations([one]), "piqa").values["one"].stderr is None
 
 
-def report_with(removed: list[list[int]], units: int = 4, method: str = "slimgpt") -> PruneReport:
-    r = PruneReport("stories260k", {"method": method}, [0.25] * len(removed), [0.2] * len(removed), 100, 80, 90, 70)
+def report_with(removed: list[list[int]], units: int = 4, method: str = "slimgpt") -> RunReport:
+    r = RunReport("stories260k", {"method": method}, [0.25] * len(removed), [0.2] * len(removed), 100, 80, 90, 70)
     r.heads = [HeadImportance(i, [float(u) for u in range(units)], rm, 2) for i, rm in enumerate(removed)]
     return r
 
@@ -171,7 +171,7 @@ def test_sides_from_a_workspace_folder(tmp_path):
 
 
 def test_a_model_folder_without_a_report_is_one_clear_error(tmp_path):
-    from slimgpt_core.errors import SlimGPTError
+    from slimgpt_core.base.errors import SlimGPTError
     from slimgpt_core.workspace.store import read_run
     (tmp_path / "copied").mkdir()
     with pytest.raises(SlimGPTError, match="no report.json"):

@@ -9,15 +9,15 @@ import sys
 import pytest
 import torch
 
-from slimgpt_core.workspace import cache
+from slimgpt_core.base import cache
 from slimgpt_core.cli import main
 from slimgpt_core.data import calibration_tokens
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.export.checkpoint import export_model
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.workspace.exports import export_model
 from slimgpt_core.models import load_model
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
-from slimgpt_core.workspace.atomic import save_run
+from slimgpt_core.workspace.store import save_run_at
 
 LOAD_AND_COMPARE = """
 import sys, torch
@@ -64,7 +64,7 @@ def _fresh_process_logits(folder, model, tmp_path, remote):
 
 def test_mixed_shape_export_round_trip_in_fresh_process(tmp_path, isolated_cache):
     loaded, report = _pruned_stories(PruneSettings(ratio=0.5, schedule="log"))
-    run = save_run(loaded.model, loaded.tokenizer, report, tmp_path / "run")
+    run = save_run_at(loaded.model, loaded.tokenizer, report, tmp_path / "run")
     result = export_model(str(run), tmp_path / "export", make_zip=True)
     assert result.heterogeneous and "modeling_slimgpt.py" in result.files
     config = json.loads((tmp_path / "export" / "config.json").read_text())
@@ -86,7 +86,7 @@ def test_mixed_shape_export_round_trip_in_fresh_process(tmp_path, isolated_cache
 
 def test_uniform_export_is_a_stock_checkpoint(tmp_path, isolated_cache):
     loaded, report = _pruned_stories(PruneSettings(keep_heads=[4] * 5, keep_ffn=[128] * 5))
-    run = save_run(loaded.model, loaded.tokenizer, report, tmp_path / "run")
+    run = save_run_at(loaded.model, loaded.tokenizer, report, tmp_path / "run")
     result = export_model(str(run), tmp_path / "export")
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert not result.heterogeneous and "auto_map" not in config and "modeling_slimgpt.py" not in result.files
@@ -97,7 +97,7 @@ def test_uniform_export_is_a_stock_checkpoint(tmp_path, isolated_cache):
 
 def test_failed_export_leaves_nothing(tmp_path, monkeypatch, isolated_cache):
     loaded, report = _pruned_stories(PruneSettings(ratio=0.3))
-    run = save_run(loaded.model, loaded.tokenizer, report, tmp_path / "run")
+    run = save_run_at(loaded.model, loaded.tokenizer, report, tmp_path / "run")
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -118,7 +118,7 @@ def test_lm_eval_command_line_on_exported_model(tmp_path, isolated_cache, monkey
     loaded, report = _pruned_stories(PruneSettings(ratio=0.4))
     acc, acc_norm, margin = hand_scores(loaded.model, loaded.tokenizer)
     assert margin > 1.0
-    run = save_run(loaded.model, loaded.tokenizer, report, tmp_path / "run")
+    run = save_run_at(loaded.model, loaded.tokenizer, report, tmp_path / "run")
     export_model(str(run), tmp_path / "export")
     tasks = tmp_path / "tasks"
     tasks.mkdir()

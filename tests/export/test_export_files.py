@@ -16,9 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from slimgpt_core.data import calibration_tokens
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
-from slimgpt_core.export import archive, checkpoint
-from slimgpt_core.export.checkpoint import EXPORTS, default_export_folder, export_model
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
+from slimgpt_core.export import archive
+from slimgpt_core.workspace import exports
+from slimgpt_core.workspace.exports import EXPORTS, default_export_folder, export_model
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.models import load_model
@@ -68,7 +69,7 @@ def _forbid_weight_saving(monkeypatch):
 
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", refuse)
     monkeypatch.setattr(safetensors.torch, "save_file", refuse)
-    monkeypatch.setattr(checkpoint, "load_model", refuse)
+    monkeypatch.setattr(exports, "load_model", refuse)
 
 
 def test_as_stored_export_copies_the_run_and_names_it(workspace, tmp_path, monkeypatch):
@@ -169,7 +170,7 @@ def test_interrupted_export_keeps_the_earlier_one_and_leaves_nothing(workspace, 
             real_advance(self, n, phase)
 
         monkeypatch.setattr(archive.ByteProgress, "advance", advance)
-    expected = (PruningCancelled, "cancelled") if failure == "cancel" else (SlimGPTError, "disk full")
+    expected = (JobCancelled, "cancelled") if failure == "cancel" else (SlimGPTError, "disk full")
     with pytest.raises(expected[0], match=expected[1]):
         export_model(str(run.path), out, make_zip=True, overwrite=True,
                      callback=lambda event: phases.append(event.phase), should_stop=stop_while_zipping)

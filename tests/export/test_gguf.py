@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from tests.tiny_models import tiny_model
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.evaluation import llamacpp
-from slimgpt_core.export.gguf import export_gguf, layer_shapes
-from slimgpt_core.methods.surgery import keep_channels, keep_kv_groups
+from slimgpt_core.workspace.gguf import export_gguf, layer_shapes
+from slimgpt_core.base.shapes import keep_channels, keep_kv_groups
 from slimgpt_core.models import LoadedModel, load_model
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play"
@@ -212,7 +212,7 @@ def test_failed_export_keeps_the_earlier_file_and_leaves_nothing(stories, tmp_pa
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full_disk)
-    expected = {"cancel": (PruningCancelled, "cancelled"), "disk full": (SlimGPTError, r"disk full\); nothing"),
+    expected = {"cancel": (JobCancelled, "cancelled"), "disk full": (SlimGPTError, r"disk full\); nothing"),
                 "interrupt": (KeyboardInterrupt, "")}[failure]
     with pytest.raises(expected[0], match=expected[1]):
         export_gguf(stories["mixed"], out, "q8_0", overwrite=True, cancel=cancel,

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from slimgpt_core.assets import smollm2_gguf
+from slimgpt_core.base.assets import smollm2_gguf
 from slimgpt_core.cli import main
 from slimgpt_core.evaluation import llamacpp
-from slimgpt_core.export.gguf import export_gguf, layer_shapes
+from slimgpt_core.workspace.gguf import export_gguf, layer_shapes
 from slimgpt_core.models import load_model
 from tests.export.test_gguf import LOGIT_TOLERANCE, _windows, torch_logits, torch_nll
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.tiny_models import tiny_model
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.methods import activations
 from slimgpt_core.methods.activations import (activation_device, activation_streams, available_memory_bytes,
                                               buffer_like, check_memory, distributed_rank_world, fits,
@@ -117,11 +117,11 @@ def test_available_memory_reads_memavailable_or_the_gpu(monkeypatch, tmp_path):
     fake = tmp_path / "meminfo"
     fake.write_text("MemTotal:       24000000 kB\nMemFree:          100000 kB\nMemAvailable:    1234567 kB\n"
                     "Buffers:          2000 kB\n")
-    monkeypatch.setattr(activations, "MEMINFO", str(fake))
+    monkeypatch.setattr(devices, "MEMINFO", str(fake))
     assert available_memory_bytes(torch.device("cpu")) == 1234567 * 1024
     fake.write_text("MemTotal:       24000000 kB\nMemFree:          100000 kB\n")  # kernels before 3.14
     assert available_memory_bytes(torch.device("cpu")) is None
-    monkeypatch.setattr(activations, "MEMINFO", str(tmp_path / "absent"))
+    monkeypatch.setattr(devices, "MEMINFO", str(tmp_path / "absent"))
     assert available_memory_bytes(torch.device("cpu")) is None
     asked = []
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (111, 999))
@@ -130,7 +130,7 @@ def test_available_memory_reads_memavailable_or_the_gpu(monkeypatch, tmp_path):
 
 def _have(monkeypatch, value):
     asked = []
-    monkeypatch.setattr(activations, "available_memory_bytes", lambda device: asked.append(device) or value)
+    monkeypatch.setattr(devices, "available_memory_bytes", lambda device: asked.append(device) or value)
     return asked
 
 

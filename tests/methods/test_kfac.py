@@ -7,7 +7,7 @@ import torch
 from tests.device_moves import DeviceMoves
 from tests.tiny_models import tiny_model
 from tests.kfac_reference import assert_factors_close, assert_gram_close, factors_by_autograd
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.methods import kfac
 from slimgpt_core.methods.curvature import CurvatureCollector, factor_bytes, next_token_loss
 

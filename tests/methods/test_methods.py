@@ -6,8 +6,8 @@ import torch
 
 from tests.tiny_models import tiny_model
 from slimgpt_core.cli import main
-from slimgpt_core.evaluation.compare import VARIANTS, run_grid, write_outputs
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.services.compare import VARIANTS, run_grid, write_outputs
+from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 
@@ -58,7 +58,7 @@ def test_each_method_end_to_end_on_stories260k(tmp_path, capsys, name):
 
 
 def test_obs_multishot_prunes_in_several_shots(tokens):
-    from slimgpt_core.methods.surgery import describe_layers
+    from slimgpt_core.base.shapes import describe_layers
 
     events = []
     three = tiny_model()

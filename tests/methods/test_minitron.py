@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from tests.tiny_models import tiny_model
-from slimgpt_core.errors import PruningCancelled
-from slimgpt_core.events import Progress
+from slimgpt_core.base.errors import JobCancelled
+from slimgpt_core.base.events import Progress
 from slimgpt_core.methods import minitron
 from slimgpt_core.methods.minitron import MinitronScores, collect_scores, shape_gates
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.methods.shear.cut import cut_model
 from slimgpt_core.methods.shear.target import resolve_target, source_shape
-from slimgpt_core.methods.surgery import count_parameters
+from slimgpt_core.base.shapes import count_parameters
 
 L, HEADS, KV, FFN, HIDDEN = 3, 4, 2, 24, 16  # head size 4, 2 heads per KV group
 
@@ -92,7 +92,7 @@ def test_cancel_between_batches_removes_the_hooks(model, tokens):
     def stop_at_second():
         calls.append(1)
         return len(calls) == 2
-    with pytest.raises(PruningCancelled):
+    with pytest.raises(JobCancelled):
         collect_scores(model, tokens, batch_size=5, should_stop=stop_at_second)
     assert len(calls) == 2
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
@@ -201,7 +201,7 @@ def test_prune_minitron_cancels_between_layers(model, tokens):
     settings = PruneSettings(ratio=0.5, schedule="uniform", device="cpu", batch_size=5)
     answers = iter([False] * 3 + [False, True])  # 3 batches, layer 0, then stop before layer 1
     before = copy.deepcopy(model)
-    with pytest.raises(PruningCancelled):
+    with pytest.raises(JobCancelled):
         minitron.prune_minitron(model, tokens, settings, should_stop=lambda: next(answers))
     assert model.model.layers[0].mlp.down_proj.weight.shape[1] == FFN // 2  # layer 0 was cut, layer 1 not
     assert torch.equal(model.model.layers[1].mlp.down_proj.weight, before.model.layers[1].mlp.down_proj.weight)
@@ -266,6 +266,6 @@ def test_shape_drivers_defaults_and_cancel(model, run):
     assert len(asked) == 3
     if run == "shape_run":
         assert out.report.device == "cpu" and out.report.model == "" and out.report.settings["source_model"] == ""
-    with pytest.raises(PruningCancelled):
+    with pytest.raises(JobCancelled):
         getattr(minitron, run)(model, tokens, target, should_stop=lambda: True)
     assert source_shape(model).layers == L  # nothing cut

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from slimgpt_core.methods import obs
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base.errors import SlimGPTError
 
 
 def _problem(seed=0, out=12, units=6, group=4, n=400):

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from tests.tiny_models import tiny_model
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
-from slimgpt_core.workspace.atomic import save_run
-from slimgpt_core.methods.surgery import describe_layers
+from slimgpt_core.workspace.store import save_run_at
+from slimgpt_core.base.shapes import describe_layers
 
 ARCHS = [("llama", 4, 4), ("llama", 4, 2), ("qwen2", 4, 2), ("mistral", 6, 3)]
 
@@ -71,7 +71,7 @@ def test_events_report_and_cancel(tokens):
     assert report.layers[0].accumulated_error > 0
     json.dumps(report.to_dict())
     calls = []
-    with pytest.raises(PruningCancelled):
+    with pytest.raises(JobCancelled):
         prune_model(tiny_model(), tokens, PruneSettings(ratio=0.4), should_stop=lambda: len(calls.append(1) or calls) > 4)
 
 
@@ -108,7 +108,7 @@ def test_run_round_trip_heterogeneous_and_uniform(tmp_path, tokens):
                            ("uniform", PruneSettings(keep_heads=[2, 2, 2], keep_ffn=[20, 20, 20]))):
         model = tiny_model("llama", 4, 2)
         report = prune_model(model, tokens, settings)
-        out = save_run(model, tok, report, tmp_path / name)
+        out = save_run_at(model, tok, report, tmp_path / name)
         config = json.loads((out / "config.json").read_text())
         reloaded = load_model(str(out)).model
         torch.testing.assert_close(_logits(reloaded, tokens), _logits(model, tokens))

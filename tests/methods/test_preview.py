@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.tiny_models import tiny_model
-from slimgpt_core.workspace import cache
+from slimgpt_core.base import cache
 from slimgpt_core.data import calibration_tokens
 from slimgpt_core.models import load_model
 from slimgpt_core.methods.activations import activation_device
@@ -12,7 +12,7 @@ from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.methods.statistics import DenseStatistics, dense_statistics
 from slimgpt_core.studio import preview_schedule
-from slimgpt_core.methods.surgery import describe_layers
+from slimgpt_core.base.shapes import describe_layers
 
 
 @pytest.fixture

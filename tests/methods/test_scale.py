@@ -12,7 +12,7 @@ import torch
 from tests import ROOT
 from tests.tiny_models import tiny_model
 from slimgpt_core.methods import obs
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 

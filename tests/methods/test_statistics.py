@@ -11,10 +11,10 @@ from safetensors import safe_open
 
 from tests.device_moves import DeviceMoves
 from tests.tiny_models import tiny_model
-from slimgpt_core.errors import PruningCancelled
+from slimgpt_core.base.errors import JobCancelled
 from slimgpt_core.methods import obs, statistics
 from slimgpt_core.methods.statistics import StatisticsCache, dense_hessians, dense_statistics
-from slimgpt_core.workspace import cache
+from slimgpt_core.base import cache
 
 
 @pytest.fixture
@@ -311,15 +311,15 @@ def test_cancelled_between_layers(own_cache, tokens, stop_at):
         asked.append(1)
         return len(asked) == stop_at
 
-    with pytest.raises(PruningCancelled) as stopped:
+    with pytest.raises(JobCancelled) as stopped:
         dense_statistics(model, tokens, batch_size=5, progress=lambda i, n: seen.append(i), should_stop=should_stop)
     assert str(stopped.value) == "statistics were cancelled"
     assert seen == list(range(1, stop_at)) and len(asked) == stop_at
     asked.clear()
-    with pytest.raises(PruningCancelled) as stopped:
+    with pytest.raises(JobCancelled) as stopped:
         list(dense_hessians(model, tokens, 5, should_stop=should_stop, what="error curves"))
     assert str(stopped.value) == "error curves were cancelled"
     asked.clear()
-    with pytest.raises(PruningCancelled) as stopped:
+    with pytest.raises(JobCancelled) as stopped:
         list(dense_hessians(model, tokens, 5, should_stop=should_stop))
     assert str(stopped.value) == "statistics were cancelled"

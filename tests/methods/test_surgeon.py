@@ -11,7 +11,7 @@ from slimgpt_core.methods import kfac
 from slimgpt_core.methods import obs
 from slimgpt_core.cli import main
 from slimgpt_core.methods.curvature import LINEARS, CurvatureCollector, factor_bytes
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.methods.surgeon import rows_threshold, select_heads, zero_fraction, _Unit
@@ -210,7 +210,7 @@ def test_rows_mode_zeroes_the_requested_fraction_and_keeps_the_shape(stories):
 def test_heads_mode_physically_smaller_reloads_with_the_same_logits(stories, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from slimgpt_core.workspace.atomic import save_run
+    from slimgpt_core.workspace.store import save_run_at
     loaded = _fresh(stories)
     events = []
     report = prune_model(loaded.model, stories[1], PruneSettings(ratio=0.4, method="surgeon", shots=2, device="cpu"),
@@ -221,7 +221,7 @@ def test_heads_mode_physically_smaller_reloads_with_the_same_logits(stories, tmp
     assert last.keep_ffn == [layer.mlp.down_proj.in_features for layer in loaded.model.model.layers]
     assert last.heldout_loss > report.shots[0].heldout_loss
     assert any(e.kind == "progress" and "ETA" in e.phase for e in events)
-    run = save_run(loaded.model, loaded.tokenizer, report, tmp_path / "run")
+    run = save_run_at(loaded.model, loaded.tokenizer, report, tmp_path / "run")
     reloaded = AutoModelForCausalLM.from_pretrained(run).eval()
     ids = stories[1][:2]
     with torch.no_grad():
@@ -251,7 +251,7 @@ def test_cancel_between_shots_and_bad_settings(stories):
     def stop():
         calls["n"] += 1
         return calls["n"] > 3
-    with pytest.raises(PruningCancelled):
+    with pytest.raises(JobCancelled):
         prune_model(loaded.model, stories[1], PruneSettings(ratio=0.3, method="surgeon", shots=3, device="cpu"),
                     should_stop=stop)
     with pytest.raises(SlimGPTError, match="fisher must be empirical or true"):

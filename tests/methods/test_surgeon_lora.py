@@ -3,7 +3,7 @@ after every shot, merged into plain weights; off by default. Real stories260k.""
 import pytest
 import torch
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 
@@ -43,7 +43,7 @@ def test_lora_between_shots_lowers_the_held_out_loss_and_merges(tokens):
 
 
 def test_lora_stopped_or_bad_settings(tokens):
-    """Cancel inside the LoRA steps: PruningCancelled, and the adapters are gone (the weights as they came)."""
+    """Cancel inside the LoRA steps: JobCancelled, and the adapters are gone (the weights as they came)."""
     from slimgpt_core.models import load_model
     loaded = load_model("stories260k")
     in_lora = {"now": False}
@@ -51,7 +51,7 @@ def test_lora_stopped_or_bad_settings(tokens):
     def watch(event):
         if event.kind == "progress" and "LoRA" in event.phase:
             in_lora["now"] = True
-    with pytest.raises(PruningCancelled):
+    with pytest.raises(JobCancelled):
         prune_model(loaded.model, tokens, PruneSettings(ratio=0.3, method="surgeon", shots=2, device="cpu",
                                                         surgeon_lora_steps=50),
                     callback=watch, should_stop=lambda: in_lora["now"])

@@ -15,11 +15,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config
 
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.export.modeling_slimgpt import (CLASSES, SlimGPTLlamaConfig, SlimGPTLlamaForCausalLM,
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.modeling_slimgpt import (CLASSES, SlimGPTLlamaConfig, SlimGPTLlamaForCausalLM,
                                                   keep_query_heads, register_auto_classes, resize_layer,
                                                   sliced_linear)
-from slimgpt_core.methods.surgery import (base_model_type, count_parameters, describe_layers, head_dim,
+from slimgpt_core.base.shapes import (base_model_type, count_parameters, describe_layers, head_dim,
                                           is_heterogeneous, keep_channels, keep_kv_groups, layer_shape, target_shape,
                                           update_config)
 from tests import ROOT
@@ -370,7 +370,7 @@ def test_registration_in_a_fresh_process(tmp_path):
     update_config(model)
     model.save_pretrained(tmp_path / "m")
     code = ("import sys; from transformers import AutoConfig, AutoModelForCausalLM\n"
-            "from slimgpt_core.export.modeling_slimgpt import register_auto_classes\n"
+            "from slimgpt_core.base.modeling_slimgpt import register_auto_classes\n"
             "register_auto_classes(); register_auto_classes()\n"
             "m = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
             "print(type(AutoConfig.for_model('slimgpt_qwen2')).__name__, type(m).__name__,"

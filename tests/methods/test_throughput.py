@@ -1,7 +1,7 @@
 """Issue 13: each layer's attention and MLP computed once gives the previous implementation's results.
 
 The previous implementation (dense reference, attention statistics, MLP statistics and outputs each a forward
-of the layer) stays in the pipeline as `_reference_layer`; these tests run both on the same model and inputs."""
+of the layer) lives in tests/reference_layer.py; these tests run both on the same model and inputs."""
 import pytest
 import torch
 
@@ -9,7 +9,7 @@ from tests.tiny_models import tiny_model
 from slimgpt_core.methods import pipeline
 from slimgpt_core.methods.forwards import replay_outputs
 from slimgpt_core.methods.prune_settings import PruneSettings
-from slimgpt_core.methods.surgery import SUPPORTED_ARCHITECTURES
+from slimgpt_core.base.shapes import SUPPORTED_ARCHITECTURES
 
 # The two implementations sum the same fp32 Hessians in different orders and every OBS update solves with H⁻¹:
 # results agree to about cond(H)·u, cond(H + damping) up to 1.5e3 in these tiny models (u = 2⁻²⁴: 9e-5).
@@ -76,7 +76,7 @@ def test_tiny_models_match_the_previous_implementation(arch, heads, kv, mode, to
     settings = PruneSettings(ratio=0.4, ffn_group_floor=2, batch_size=5, **MODES[mode])  # 5: a ragged last batch
     new_model, ref_model = tiny_model(arch, heads, kv), tiny_model(arch, heads, kv)
     new = pipeline._prune_pass(new_model, tokens, settings, use_cache=False)
-    ref = pipeline._prune_pass(ref_model, tokens, settings, use_cache=False, _reference=True)
+    ref = pipeline._prune_pass(ref_model, tokens, settings, use_cache=False, layer_step=reference_layer)
     _assert_same_results(new, ref)
     _assert_same_units_kept(new_model, ref_model)
     _assert_logits_close(new_model, ref_model, tokens)
@@ -98,7 +98,7 @@ def test_what_memory_holds_changes_only_what_the_outputs_recompute(monkeypatch, 
         return replay_outputs(layer, x, kwargs, batch_size, attn_inputs, columns, out, attn_outputs, mlp_inputs, *args)
     monkeypatch.setattr(pipeline, "replay_outputs", replay)
     new = pipeline._prune_pass(model, tokens, settings, use_cache=False)
-    ref = pipeline._prune_pass(ref_model, tokens, settings, use_cache=False, _reference=True)
+    ref = pipeline._prune_pass(ref_model, tokens, settings, use_cache=False, layer_step=reference_layer)
     _assert_same_results(new, ref)
     _assert_logits_close(model, ref_model, tokens)
     # (o_proj's inputs still held, the attention's outputs kept, down_proj's inputs kept), in every layer
@@ -118,7 +118,7 @@ def test_qwen2_biases_reach_the_replayed_outputs(tokens):
     ref_model.load_state_dict(model.state_dict())
     settings = PruneSettings(ratio=0.5, ffn_group_floor=2)
     new = pipeline._prune_pass(model, tokens, settings, use_cache=False)
-    ref = pipeline._prune_pass(ref_model, tokens, settings, use_cache=False, _reference=True)
+    ref = pipeline._prune_pass(ref_model, tokens, settings, use_cache=False, layer_step=reference_layer)
     _assert_same_results(new, ref)
     _assert_same_units_kept(model, ref_model)
 
@@ -127,7 +127,7 @@ def test_statistics_cache_gives_the_same_results(tmp_path, monkeypatch, tokens):
     """Layers whose statistics come from cache/stats (dense inputs) still get their outputs right."""
     monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
     settings = PruneSettings(ratio=0.4, ffn_group_floor=2, sequential=False)
-    ref = pipeline._prune_pass(tiny_model(), tokens, settings, use_cache=False, _reference=True)
+    ref = pipeline._prune_pass(tiny_model(), tokens, settings, use_cache=False, layer_step=reference_layer)
     first = pipeline._prune_pass(tiny_model(), tokens, settings)
     again = pipeline._prune_pass(tiny_model(), tokens, settings)
     assert first.reused_statistics == 0 and again.reused_statistics > 0
@@ -147,7 +147,7 @@ def test_stories260k_matches_the_previous_implementation(assets_root, track):
     settings = PruneSettings(ratio=0.3, batch_size=6, ffn_group_floor=8, track_accumulation=track)
     ref_model = load_model("stories260k", "cpu").model
     new = pipeline._prune_pass(loaded.model, calib, settings, use_cache=False)
-    ref = pipeline._prune_pass(ref_model, calib, settings, use_cache=False, _reference=True)
+    ref = pipeline._prune_pass(ref_model, calib, settings, use_cache=False, layer_step=reference_layer)
     _assert_same_results(new, ref)
     _assert_same_units_kept(loaded.model, ref_model)
     assert sum(m.units_removed for m in new.modules) > 0

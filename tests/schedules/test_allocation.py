@@ -9,7 +9,7 @@ from slimgpt_core.schedules import autoschedule
 from slimgpt_core.schedules import curves
 
 from slimgpt_core.methods import obs
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.schedules.schedule import layer_ratios
@@ -115,7 +115,7 @@ def test_prediction_equals_what_a_dense_input_run_reports(stories, model_curves)
 
 
 def test_curves_come_back_from_the_cache(stories, model_curves):
-    from slimgpt_core.workspace import cache
+    from slimgpt_core.base import cache
     loaded, tokens, _, _ = stories
     hits = cache.STATS["stats.hit"]
     again = curves.error_curves(loaded.model, tokens, device="cpu")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tests.tiny_models import tiny_model
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.methods.statistics import dense_hessians
 from slimgpt_core.schedules import autoschedule, curves
 from slimgpt_core.schedules.curves import LayerCurves, ModelCurves
@@ -120,7 +120,7 @@ def test_stitched_model_runs_the_variants_and_scores_kl_per_token(setup):
 
 
 def test_removal_budget_by_ratio_or_target():
-    from slimgpt_core.methods.surgery import count_parameters
+    from slimgpt_core.base.shapes import count_parameters
     model = tiny_model(layers=2, hidden=16, heads=4, kv=2, ffn=24)
     before = sum(p.numel() for p in model.parameters())
     in_layers = sum(p.numel() for p in model.model.layers.parameters())
@@ -389,7 +389,7 @@ def test_auto_job_samples_database_and_fitness_windows(setup, monkeypatch):
     other = autoschedule.auto_job(loaded, "wikitext2", 6, 16, 0, settings, starts={"x": ([0.1] * 3, [0.2] * 3)})
     assert list(other.baselines)[0] == "x"
     assert asked[-2:] == [("tok", "wikitext2", 6, 16, 0), ("tok", "wikitext2", 8, 16, 1)]
-    with pytest.raises(PruningCancelled, match="statistics were cancelled"):  # should_stop reaches the search
+    with pytest.raises(JobCancelled, match="statistics were cancelled"):  # should_stop reaches the search
         autoschedule.auto_job(loaded, "tinystories", 6, 16, 4, settings, should_stop=lambda: True)
     assert next(model.parameters()).device.type == "cpu"
 

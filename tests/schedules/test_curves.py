@@ -10,7 +10,7 @@ import pytest
 import torch
 from tests.tiny_models import tiny_model
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.methods import obs
 from slimgpt_core.schedules import curves
 from slimgpt_core.schedules.curves import LayerCurves, ModelCurves
@@ -236,7 +236,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 def test_error_curves_cache_progress_and_batches(cache_dir, tokens):
     from slimgpt_core.methods.statistics import dense_hessians
-    from slimgpt_core.workspace import cache
+    from slimgpt_core.base import cache
     model = tiny_model(layers=3, hidden=16, heads=4, kv=2, ffn=24)
     batches, seen = [], []
     hook = model.model.layers[0].register_forward_pre_hook(lambda m, a, k: batches.append(
@@ -259,7 +259,7 @@ def test_error_curves_cache_progress_and_batches(cache_dir, tokens):
     default = curves.error_curves(model, tokens)
     assert not default.from_cache and default.layers[0] == curves.layer_curves(
         model.model.layers[0], *[h for i, _, *h in dense_hessians(model, tokens, device="cpu") if i == 0][0])
-    with pytest.raises(PruningCancelled, match="error curves were cancelled"):
+    with pytest.raises(JobCancelled, match="error curves were cancelled"):
         curves.error_curves(model, tokens, damp=0.3, should_stop=lambda: True)
 
 
@@ -285,7 +285,7 @@ def test_curves_job_reports_progress_per_layer(cache_dir, tokens, monkeypatch):
     again = curves.curves_job(loaded, "wikitext2", 6, 16, seed=3, damp=0.05)  # no callback
     assert asked[-1] == ("tok", "wikitext2", 6, 16, 3)
     assert again.layers == curves.error_curves(loaded.model, tokens[:6, :16], 0.05, use_cache=False).layers
-    with pytest.raises(PruningCancelled, match="error curves were cancelled"):
+    with pytest.raises(JobCancelled, match="error curves were cancelled"):
         curves.curves_job(loaded, "tinystories", 4, 16, damp=0.5, should_stop=lambda: True)
     with pytest.raises(SlimGPTError, match="unknown device 'abacus'"):  # the device is the one asked for
         curves.curves_job(loaded, "tinystories", 4, 16, damp=0.5, device="abacus")

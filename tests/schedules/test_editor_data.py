@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.tiny_models import tiny_model
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.schedules.curves import error_curves, predict, sensitivity_map
 from slimgpt_core.schedules.editor_data import editor_payload, expand_counts, payload_curves

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tests.tiny_models import tiny_model
 
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.schedules import curves, global_allocation as ga

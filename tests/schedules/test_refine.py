@@ -9,10 +9,10 @@ import pytest
 import torch
 from tests.tiny_models import tiny_model
 
-from slimgpt_core.errors import PruningCancelled
+from slimgpt_core.base.errors import JobCancelled
 from slimgpt_core.schedules import curves, global_allocation as ga, refine
 from slimgpt_core.schedules.autoschedule import remove_units
-from slimgpt_core.workspace import cache
+from slimgpt_core.base import cache
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_stop_keeps_the_best_so_far_and_says_which(setup):
         calls = []
         return lambda: calls.append(1) or len(calls) > k
     # stopped before the first schedule (while the database is made): nothing to keep
-    with pytest.raises(PruningCancelled, match="were cancelled|before its first schedule"):
+    with pytest.raises(JobCancelled, match="were cancelled|before its first schedule"):
         refine.auto_schedule(model, tokens, fitness, config(), should_stop=stopping_at(1), curves=mc)
     results = []
     for k in range(4, 40, 3):

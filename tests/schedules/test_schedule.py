@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.schedules.schedule import (check_ratio, custom_ratios, kappa, layer_ratios, parse_ratio_list, profile,
                                    units_to_remove)
 

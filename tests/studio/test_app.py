@@ -156,7 +156,7 @@ def test_schedule_editor_presets_table_and_preview(app):
     small_calibration(app)
     button(app, "Start pruning").click().run()
     settle(app, "prune")
-    from slimgpt_core.methods.surgery import count_parameters
+    from slimgpt_core.base.shapes import count_parameters
     from slimgpt_core.workspace.store import list_runs
     [info] = list_runs()
     pruned = load_model(str(info.path)).model
@@ -172,9 +172,9 @@ def test_prune_run_produces_live_charts_and_heatmap(app):
     settle(app, "prune")
     assert "Done in" in app.success[0].value
     from slimgpt_core.workspace.store import list_runs
-    from slimgpt_core.events import PruneReport
+    from slimgpt_core.base.events import RunReport
     [info] = list_runs()
-    run = type("Run", (), {"report": PruneReport.load(info.path / "report.json"), "id": info.name})
+    run = type("Run", (), {"report": RunReport.load(info.path / "report.json"), "id": info.name})
     figs = figures(app)
     recon = figs["Reconstruction error ‖WX−ŴX‖²/‖WX‖²"]
     attn = [t for t in recon["data"] if t["name"].endswith("attn")][0]
@@ -305,15 +305,15 @@ def test_inspect_evaluate_export(app, tmp_path):
 def test_jobs_cancel_and_fail_cleanly():
     import time
 
-    from slimgpt_core.errors import SlimGPTError
+    from slimgpt_core.base.errors import SlimGPTError
     from slimgpt_core.workspace.jobs import start_job
 
     def slow(callback=None, should_stop=None):
-        from slimgpt_core.errors import PruningCancelled
+        from slimgpt_core.base.errors import JobCancelled
         for i in range(1000):
             callback(i)
             if should_stop():
-                raise PruningCancelled()
+                raise JobCancelled()
             time.sleep(0.01)
 
     job = start_job("slow", slow)
@@ -384,7 +384,7 @@ def test_a_second_tab_reattaches_to_a_queued_then_running_job(app, tmp_path):
 
 
 def test_recover_page_makes_a_new_run_with_live_loss_and_perplexities(app):
-    from slimgpt_core.events import PruneReport
+    from slimgpt_core.base.events import RunReport
     from slimgpt_core.workspace.store import list_runs
 
     load_stories(app)
@@ -404,9 +404,9 @@ def test_recover_page_makes_a_new_run_with_live_loss_and_perplexities(app):
     settle(app, "recover")
     recovered, source = list_runs()
     assert source.name == pruned.name and recovered.summary["source_run"] == pruned.name
-    report = PruneReport.load(recovered.path / "report.json")
+    report = RunReport.load(recovered.path / "report.json")
     assert report.recovery["steps"] == 4 and report.recovery["rank"] == 8
-    assert report.params_after == PruneReport.load(pruned.path / "report.json").params_after  # LoRA merged away
+    assert report.params_after == RunReport.load(pruned.path / "report.json").params_after  # LoRA merged away
     loss = figures(app)["Loss (nats per token)"]
     assert [t["name"] for t in loss["data"]] == ["train", "held-out"] and loss["data"][0]["x"] == [1, 2, 3, 4]
     ppl = next(f for t, f in figures(app).items() if t.startswith("Perplexity (wikitext2"))

@@ -32,7 +32,7 @@ def small_job(at, steps: int, ppl_windows: int = 2) -> None:
 
 
 def test_a_distilled_dynamic_mix_job_becomes_a_run_with_its_curves(app):
-    from slimgpt_core.events import PruneReport
+    from slimgpt_core.base.events import RunReport
     from slimgpt_core.workspace.store import list_runs
 
     source = pruned_run(app)
@@ -53,7 +53,7 @@ def test_a_distilled_dynamic_mix_job_becomes_a_run_with_its_curves(app):
     app.switch_page("studio_pages/pretrain.py").run()
     assert app.session_state["current_run"] == trained.name
     assert "Saved as run" in app.success[0].value
-    record = PruneReport.load(trained.path / "report.json").pretrain
+    record = RunReport.load(trained.path / "report.json").pretrain
     assert record["steps"] == 5 and record["dynamic_mix"] and record["update_every"] == 2
     assert record["teacher"] == "stories260k" and record["distill_weight"] == 1.0
     assert [u["step"] for u in record["updates"]] == [2, 4]  # not after the last step: nothing would use it

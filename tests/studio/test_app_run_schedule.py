@@ -2,7 +2,7 @@
 schedule, and one button puts exactly its ratios into the Prune page's schedule editor."""
 import pytest
 
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings, plan_removals
 from slimgpt_core.schedules.run_schedule import run_schedule

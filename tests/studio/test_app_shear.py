@@ -20,7 +20,7 @@ def built_parameters(config, layers, kv_groups, heads_per_group, ffn, hidden) ->
     """Parameters of a model that transformers builds from `config` changed to this shape (weights on `meta`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from slimgpt_core.methods.surgery import count_parameters, head_dim
+    from slimgpt_core.base.shapes import count_parameters, head_dim
     d = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version", "layer_types")}
     d.update(num_hidden_layers=layers, num_key_value_heads=kv_groups, num_attention_heads=kv_groups * heads_per_group,
              intermediate_size=ffn, hidden_size=hidden, head_dim=head_dim(config))
@@ -151,7 +151,7 @@ def test_copied_target_whose_heads_do_not_divide_says_so(app, tmp_path):
 def test_a_shear_job_runs_live_in_a_second_session_and_becomes_a_run(app):
     """Session A starts a short job (queued behind another job, so the order is deterministic); session B (a
     reload, a second tab) finds it with its Cancel, then its curves and result. The run has the target shape."""
-    from slimgpt_core.events import PruneReport
+    from slimgpt_core.base.events import RunReport
     from slimgpt_core.workspace.jobs import BOARD
     from slimgpt_core.workspace.store import list_runs
 
@@ -184,7 +184,7 @@ def test_a_shear_job_runs_live_in_a_second_session_and_becomes_a_run(app):
     config = json.loads((run.path / "config.json").read_text())
     assert (config["num_hidden_layers"], config["num_key_value_heads"], config["num_attention_heads"],
             config["intermediate_size"], config["hidden_size"]) == (4, 2, 2, 128, 48)
-    report = PruneReport.load(run.path / "report.json")
+    report = RunReport.load(run.path / "report.json")
     assert report.params_after == promised == run.summary["params_after"]
     assert run.summary["method"] == "shear" and report.settings["target"] == {
         "layers": 4, "kv_groups": 2, "heads": 2, "ffn": 128, "hidden": 48}
@@ -222,7 +222,7 @@ def test_a_shear_job_runs_live_in_a_second_session_and_becomes_a_run(app):
     second = list_runs()[0]
     assert second.summary["source_run"] == run.name and second.summary["params_after"] == shown_parameters(other)
     assert json.loads((second.path / "config.json").read_text())["num_hidden_layers"] == 3
-    assert PruneReport.load(run.path / "report.json").params_after == promised
+    assert RunReport.load(run.path / "report.json").params_after == promised
 
 
 def test_cancel_from_another_session_writes_nothing(app):

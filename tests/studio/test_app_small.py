@@ -131,13 +131,13 @@ def test_a_failed_evaluation_alert_is_dismissed_and_replaced_by_the_next_run(app
 
 
 def test_an_old_cancelled_job_says_nothing_to_a_new_session(app):
-    from slimgpt_core.errors import PruningCancelled
+    from slimgpt_core.base.errors import JobCancelled
     from streamlit.testing.v1 import AppTest
 
     from tests import ROOT
 
     def cancelled(callback, should_stop):
-        raise PruningCancelled()
+        raise JobCancelled()
 
     load_stories(app)
     BOARD.submit("eval", cancelled, heavy=False).wait(10)  # cancelled before this session ever looked

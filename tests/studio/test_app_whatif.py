@@ -151,10 +151,10 @@ def test_inspect_overlays_predicted_and_measured(app):
     spec = next(s for t, s in figs.items() if t.startswith("Predicted error per layer"))
     names = [trace["name"] for trace in spec["data"]]
     assert "attention (measured, sequential)" in names and "MLP (predicted)" in names
-    from slimgpt_core.events import PruneReport
+    from slimgpt_core.base.events import RunReport
     from slimgpt_core.workspace.store import list_runs
     [info] = list_runs()
-    run = type("Run", (), {"report": PruneReport.load(info.path / "report.json"), "label": info.title})
+    run = type("Run", (), {"report": RunReport.load(info.path / "report.json"), "label": info.title})
     measured = [m.rel_error for m in sorted(run.report.modules, key=lambda m: m.layer) if m.module == "mlp"]
     assert spec["data"][names.index("MLP (measured, sequential)")]["y"] == pytest.approx(measured)
     smap = next(s for t, s in figs.items() if t.startswith("Sensitivity map"))

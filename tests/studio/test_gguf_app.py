@@ -3,7 +3,7 @@ transformers, Evaluate shows llama.cpp tokens/s beside transformers'."""
 from __future__ import annotations
 
 from slimgpt_core.evaluation import llamacpp
-from slimgpt_core.export.gguf import default_gguf_path
+from slimgpt_core.workspace.gguf import default_gguf_path
 from tests.studio.test_app import button, load_stories, settle
 from tests.studio.test_app_small import two_runs
 

@@ -89,7 +89,7 @@ def reference_generation(folder, prompt: str, max_new_tokens: int) -> list[int]:
 
 
 def test_greedy_text_of_a_run_equals_transformers_generate_on_its_checkpoint(workspace):
-    from slimgpt_core.evaluation.generation import TokenStreamed, generate_side_by_side
+    from slimgpt_core.services.generation import TokenStreamed, generate_side_by_side
     run = workspace["runs"]["log 30%"]
     assert "auto_map" in json.loads((run.path / "config.json").read_text())  # layers of different shapes
     expected, tok = reference_generation(run.path, PROMPT, 40)
@@ -104,12 +104,12 @@ def test_greedy_text_of_a_run_equals_transformers_generate_on_its_checkpoint(wor
 
 
 def test_generation_stops_when_asked_and_refuses_empty_prompts(workspace):
-    from slimgpt_core.errors import PruningCancelled, SlimGPTError
-    from slimgpt_core.evaluation.generation import TokenStreamed, generate_side_by_side
+    from slimgpt_core.base.errors import JobCancelled, SlimGPTError
+    from slimgpt_core.services.generation import TokenStreamed, generate_side_by_side
     run = workspace["runs"]["uniform 30%"]
     events = []
     stop = lambda: sum(isinstance(e, TokenStreamed) for e in events) >= 3  # noqa: E731
-    with pytest.raises(PruningCancelled):
+    with pytest.raises(JobCancelled):
         generate_side_by_side([("u", str(run.path))], [PROMPT], 40, "cpu", callback=events.append, should_stop=stop)
     assert sum(isinstance(e, TokenStreamed) for e in events) in (3, 4)  # at most one token after the request
     with pytest.raises(SlimGPTError, match="no prompt"):
@@ -172,7 +172,7 @@ def test_generate_page_streams_one_column_per_model(app, workspace):
     expected, tok = reference_generation(run.path, PROMPT, 16)
     texts = [m.value for m in app.markdown]
     assert tok.decode(expected, skip_special_tokens=True) in texts
-    from slimgpt_core.assets import asset_root
+    from slimgpt_core.base.assets import asset_root
     dense_ids, _ = reference_generation(asset_root(required=True) / "models" / "stories260k", PROMPT, 16)
     captions = [c.value for c in app.caption]
     assert "dense · stories260k" in captions and run.title in captions

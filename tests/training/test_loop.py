@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.tiny_models import tiny_model
-from slimgpt_core.errors import PruningCancelled
+from slimgpt_core.base.errors import JobCancelled
 from slimgpt_core.training import loop
 from slimgpt_core.training.loop import IGNORE, OptimizerConfig, TrainStep, batch_loss, heldout_loss, train
 
@@ -222,7 +222,7 @@ def test_stop_before_a_step_raises_and_leaves_the_steps_done(model):
     def stop():
         asked.append(1)
         return len(asked) == 3
-    with pytest.raises(PruningCancelled, match="^training was cancelled$"):
+    with pytest.raises(JobCancelled, match="^training was cancelled$"):
         train(model, micro, 5, OptimizerConfig(), CPU, callback=events.append, should_stop=stop)
     assert [e.step for e in events] == [1, 2] and len(asked) == 3
 
@@ -286,13 +286,13 @@ def test_autocast_only_on_a_cuda_device_with_bf16(monkeypatch):
 
 
 def test_trained_report_copies_the_source_or_starts_fresh(model):
-    from slimgpt_core.events import PruneReport
-    from slimgpt_core.methods.surgery import count_parameters
+    from slimgpt_core.base.events import RunReport
+    from slimgpt_core.base.shapes import count_parameters
     assert loop.trained_report(model).model == ""
     fresh = loop.trained_report(model, source="dense-tiny")
     n = sum(p.numel() for p in model.parameters())
     n_layers = sum(p.numel() for p in model.model.layers.parameters())
-    assert fresh == PruneReport(model="dense-tiny", settings={}, head_ratios=[], ffn_ratios=[], params_before=n,
+    assert fresh == RunReport(model="dense-tiny", settings={}, head_ratios=[], ffn_ratios=[], params_before=n,
                                 params_after=n, layer_params_before=n_layers, layer_params_after=n_layers)
     assert n == count_parameters(model)
     source = copy.deepcopy(fresh)

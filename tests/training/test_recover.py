@@ -16,14 +16,14 @@ import torch
 
 from slimgpt_core.cli import main
 from slimgpt_core.data import calibration_tokens
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.evaluation.evaluate import perplexity
 from slimgpt_core.training.finetune_data import IGNORE, PROMPT_NO_INPUT, instruction_example, load_finetune_data
 from slimgpt_core.models import load_model
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.training.recover import RecoverSettings, add_lora, load_source_report, merge_lora, recover
-from slimgpt_core.workspace.atomic import save_run
+from slimgpt_core.workspace.store import save_run_at
 
 FAST = dict(steps=30, lr=3e-3, seqlen=128, batch_size=8, eval_every=10, heldout_samples=16, ppl_seqlen=128,
             ppl_windows=16)
@@ -49,7 +49,7 @@ def pruned_run(tmp_path_factory):
     loaded = load_model("stories260k")
     tokens = calibration_tokens(loaded.tokenizer, "tinystories", 16, 128)
     report = prune_model(loaded.model, tokens, PruneSettings(ratio=0.5), model_name="stories260k")
-    folder = save_run(loaded.model, loaded.tokenizer, report, tmp_path_factory.mktemp("runs") / "s50")
+    folder = save_run_at(loaded.model, loaded.tokenizer, report, tmp_path_factory.mktemp("runs") / "s50")
     return folder
 
 
@@ -215,7 +215,7 @@ def test_cancel_leaves_the_model_as_it_came(pruned_run):
     loaded = _pruned(pruned_run)
     state = copy.deepcopy(loaded.model.state_dict())
     steps = []
-    with pytest.raises(PruningCancelled):
+    with pytest.raises(JobCancelled):
         recover(loaded.model, loaded.tokenizer, RecoverSettings(data=["tinystories"], ppl_source=None, **{
             **FAST, "ppl_windows": None}), callback=lambda e: e.kind == "train-step" and steps.append(e.step),
             should_stop=lambda: len(steps) >= 3)
@@ -226,9 +226,9 @@ def test_cancel_leaves_the_model_as_it_came(pruned_run):
 
 
 def test_memory_check_says_what_to_lower(pruned_run, monkeypatch):
-    from slimgpt_core.methods import activations
+    from slimgpt_core.base import devices
     loaded = _pruned(pruned_run)
-    monkeypatch.setattr(activations, "available_memory_bytes", lambda device: 2**20)
+    monkeypatch.setattr(devices, "available_memory_bytes", lambda device: 2**20)
     with pytest.raises(SlimGPTError, match=r"lower --batch-size \(4.*--seqlen \(256\) or --rank \(8\)"):
         recover(loaded.model, loaded.tokenizer, RecoverSettings(data=["tinystories"]))
 

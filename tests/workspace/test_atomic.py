@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.workspace.atomic import atomic_folder, atomic_zip, check_output_folder
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.atomic import atomic_folder, atomic_zip, check_output_folder
 
 
 def _tree(folder: Path) -> dict[str, str]:
@@ -170,18 +170,18 @@ def test_zip_is_written_whole(tmp_path, monkeypatch):
 
 def test_save_run_is_listed_under_its_label(tmp_path, assets_root):
     """A run written anywhere carries the workspace's meta.json: labelled as asked, else by its folder's name."""
-    from slimgpt_core.events import PruneReport
+    from slimgpt_core.base.events import RunReport
     from slimgpt_core.models import load_model
-    from slimgpt_core.workspace.atomic import save_run
+    from slimgpt_core.workspace.store import save_run_at
     from slimgpt_core.workspace.store import read_run
 
     loaded = load_model("stories260k", "cpu")
-    report = PruneReport("stories260k", {"method": "slimgpt", "ratio": 0.2}, [0.2], [0.2], 100, 80, 90, 70)
-    out = save_run(loaded.model, loaded.tokenizer, report, tmp_path / "my-run")
+    report = RunReport("stories260k", {"method": "slimgpt", "ratio": 0.2}, [0.2], [0.2], 100, 80, 90, 70)
+    out = save_run_at(loaded.model, loaded.tokenizer, report, tmp_path / "my-run")
     assert out == tmp_path / "my-run" and read_run(out).label == "my-run"
     assert read_run(out).summary["params_after"] == 80 and (out / "report.json").exists()
     with pytest.raises(SlimGPTError, match="already exists and is not empty"):
-        save_run(loaded.model, loaded.tokenizer, report, out, label="again")
+        save_run_at(loaded.model, loaded.tokenizer, report, out, label="again")
     (out / "stale").write_text("from the old run")
-    assert save_run(loaded.model, loaded.tokenizer, report, out, overwrite=True, label="Second try") == out
+    assert save_run_at(loaded.model, loaded.tokenizer, report, out, overwrite=True, label="Second try") == out
     assert read_run(out).label == "Second try" and not (out / "stale").exists()

@@ -15,14 +15,14 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import LlamaConfig
 
-from slimgpt_core.workspace import cache
+from slimgpt_core.base import cache
 from tests import ROOT
 
 WRITER = """
 import os, sys, time
 from pathlib import Path
 import torch
-from slimgpt_core.workspace import cache
+from slimgpt_core.base import cache
 key, me, folder = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 value = {"writer": me, "payload": [me] * 20000}
 tensors = {"H": torch.full((200, 200), float(me))}

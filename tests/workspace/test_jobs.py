@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.workspace import jobs
 from slimgpt_core.workspace.jobs import BOARD, Job, JobBoard, start_job
 
@@ -117,7 +117,7 @@ def test_failures_become_one_line_and_cancellation_is_not_a_failure(capsys):
     def fails(exc, callback=None, should_stop=None):
         raise exc
 
-    cancelled = start_job("c", fails, PruningCancelled("stopped")).wait(WAIT)
+    cancelled = start_job("c", fails, JobCancelled("stopped")).wait(WAIT)
     assert cancelled.state == "cancelled" and cancelled.error is None and cancelled.finished is not None
     ours = start_job("s", fails, SlimGPTError("the ratio must be below 1")).wait(WAIT)
     assert ours.state == "failed" and ours.error == "the ratio must be below 1" and ours.finished is not None
@@ -165,7 +165,7 @@ def test_a_heavy_job_gives_its_turn_back_however_it_ends():
     def fails(callback=None, should_stop=None):
         raise RuntimeError("boom")
 
-    for fn in (lambda **kw: "ok", fails, lambda **kw: (_ for _ in ()).throw(PruningCancelled())):
+    for fn in (lambda **kw: "ok", fails, lambda **kw: (_ for _ in ()).throw(JobCancelled())):
         job = jobs._launch(Job("heavy", state="queued"), turn, fn, (), {}).wait(WAIT)
         assert not job.running and turn.acquire(blocking=False)  # the turn is free again
         turn.release()

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.events import PruneReport
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.events import RunReport
 from slimgpt_core.workspace import store
 
 
@@ -32,7 +32,7 @@ def stories(assets_root):
 
 
 def _report(**changes):
-    report = PruneReport("stories260k", {"method": "slimgpt", "schedule": "log", "ratio": 0.25, "calib": "wiki",
+    report = RunReport("stories260k", {"method": "slimgpt", "schedule": "log", "ratio": 0.25, "calib": "wiki",
                                          "nsamples": 8, "seqlen": 64, "seed": 3},
                          [0.1, 0.2], [0.3, 0.6], 1000, 700, 800, 500)
     for k, v in changes.items():
@@ -237,7 +237,7 @@ def test_read_run_of_an_old_run_summarises_its_report(tmp_path):
     ("no weights", "no .safetensors weights"),
     ("bad meta", "unreadable: JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
     ("meta folder", "unreadable: IsADirectoryError: [Errno 21] Is a directory: '{path}/meta.json'"),
-    ("bad report", "unreadable: TypeError: PruneReport.__init__() got an unexpected keyword argument 'bogus'"),
+    ("bad report", "unreadable: TypeError: RunReport.__init__() got an unexpected keyword argument 'bogus'"),
     ("report target", "unreadable: KeyError: 'heads'"),
     ("meta list", "unreadable: AttributeError: 'list' object has no attribute 'get'"),
     ("bad evaluations", "unreadable: JSONDecodeError: Expecting value: line 1 column 1 (char 0)"),

@@ -84,7 +84,7 @@ def test_a_shape_run_lists_its_target_as_its_schedule(runs_dir, assets_root):
 
 def test_a_failed_write_leaves_nothing_listed(runs_dir, stories_run, monkeypatch):
     from slimgpt_core.workspace import store as workspace
-    from slimgpt_core.errors import SlimGPTError
+    from slimgpt_core.base.errors import SlimGPTError
 
     m, report = stories_run
 
@@ -185,7 +185,7 @@ def test_memory_stays_bounded_as_runs_are_opened_one_after_another(runs_dir, sto
 
 
 def test_heavy_jobs_queue_and_a_queued_job_can_be_cancelled():
-    from slimgpt_core.errors import PruningCancelled
+    from slimgpt_core.base.errors import JobCancelled
     from slimgpt_core.workspace.jobs import JobBoard
 
     board = JobBoard(heavy_slots=1)
@@ -196,7 +196,7 @@ def test_heavy_jobs_queue_and_a_queued_job_can_be_cancelled():
         order.append(("start", tag))
         while not release.is_set():
             if should_stop():
-                raise PruningCancelled()
+                raise JobCancelled()
             time.sleep(0.01)
         order.append(("end", tag))
         return tag

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimgpt_core.export.modeling_slimgpt import sliced_linear
-from slimgpt_core.methods.surgery import update_config
+from slimgpt_core.base.modeling_slimgpt import sliced_linear
+from slimgpt_core.base.shapes import update_config
 
 
 def _open(gate: torch.Tensor | None, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:

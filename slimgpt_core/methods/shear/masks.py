@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import hard_concrete as hc
-from .target import Shape
+from slimgpt_core.methods.shear import hard_concrete as hc
+from slimgpt_core.methods.shear.target import Shape
 
 
 def layer_parameters(kv, heads, ffn, hidden, head_dim: int):

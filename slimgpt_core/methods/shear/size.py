@@ -4,7 +4,7 @@ Counted from the source model's own modules (which linears carry a bias, whether
 embedding), so it is exactly what the cut will produce, biases and norms included."""
 from __future__ import annotations
 
-from .target import Shape
+from slimgpt_core.methods.shear.target import Shape
 
 
 def _bias(linear) -> int:

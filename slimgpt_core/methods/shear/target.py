@@ -6,8 +6,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.methods.surgery import head_dim, layer_shape
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.shapes import head_dim, layer_shape
+from slimgpt_core.models import load_config
 
 STRUCTURES = ("layers", "kv_groups", "heads", "ffn", "hidden")
 
@@ -78,7 +79,6 @@ def read_target(spec: str) -> dict:
             return _from_config(json.loads(path.read_text()))
         except ValueError:
             raise SlimGPTError(f"{spec} is not a JSON config") from None
-    from slimgpt_core.models import load_config
     return _from_config(load_config(spec)[0].to_dict())
 
 

@@ -12,15 +12,15 @@ from typing import Callable
 
 import torch
 
-from slimgpt_core.methods.activations import peak_memory_mb
-from slimgpt_core.workspace.cache import forget_fingerprint
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
-from slimgpt_core.events import PruneReport
-from slimgpt_core.methods.surgery import count_parameters, head_dim, layer_shape
-from .apply import MaskedModel
-from .cut import cut_model
-from .masks import ShearMasks
-from .target import Shape, source_shape
+from slimgpt_core.base.cache import forget_fingerprint
+from slimgpt_core.base.devices import peak_memory_mb, resolve_device
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
+from slimgpt_core.base.events import RunReport
+from slimgpt_core.base.shapes import count_parameters, head_dim
+from slimgpt_core.methods.shear.apply import MaskedModel
+from slimgpt_core.methods.shear.cut import cut_model
+from slimgpt_core.methods.shear.masks import ShearMasks
+from slimgpt_core.methods.shear.target import Shape, source_shape
 
 
 @dataclass
@@ -57,7 +57,7 @@ class ShearStep:
 
 @dataclass
 class ShearResult:
-    report: PruneReport
+    report: RunReport
     source: Shape
     target: Shape
     kept_layers: list[int]
@@ -82,25 +82,11 @@ def _target_now(masks: ShearMasks, warm: float) -> dict[str, float]:
     return out
 
 
-def training_bytes(model, batch_size: int, seqlen: int, train_weights: bool = True) -> int:
-    """A rough upper estimate of what mask learning holds: fp32 weights, their gradients and two AdamW moments,
-    and the activations autograd keeps (per token and layer: a few hidden-sized tensors, the FFN's three
-    intermediate ones, the attention scores; the logits three times)."""
-    c = model.config
-    n = count_parameters(model)
-    q, _, f = layer_shape(model.model.layers[0])
-    tokens = batch_size * seqlen
-    per_token_layer = 12 * c.hidden_size + 4 * f + 2 * q * seqlen
-    activations = tokens * (len(model.model.layers) * per_token_layer + 3 * c.vocab_size)
-    return 4 * (n * (4 if train_weights else 1) + activations)
-
-
 def shear_model(model, tokens: torch.Tensor, target: Shape, settings: ShearSettings,
                 callback: Callable[[ShearStep], None] | None = None, should_stop: Callable[[], bool] | None = None,
                 model_name: str = "") -> ShearResult:
     """Learn masks on `tokens` [N, seqlen] (micro-batches drawn in a seeded order), then cut `model` in place to
     exactly `target`. The model is trained in place too (unless settings.train_weights is False)."""
-    from slimgpt_core.models import resolve_device
 
     if settings.steps < 1 or settings.batch_size < 1:
         raise SlimGPTError(f"need steps >= 1 and batch size >= 1, got {settings.steps} and {settings.batch_size}")
@@ -135,7 +121,7 @@ def shear_model(model, tokens: torch.Tensor, target: Shape, settings: ShearSetti
     with MaskedModel(model) as masked:
         for step in range(settings.steps):
             if should_stop is not None and should_stop():
-                raise PruningCancelled("shear was cancelled")
+                raise JobCancelled("shear was cancelled")
             pick = [order[(step * settings.batch_size + j) % len(order)] for j in range(settings.batch_size)]
             ids = tokens[torch.stack(pick)].to(device)
             warm = min(1.0, step / max(1.0, settings.target_warmup * settings.steps))
@@ -174,7 +160,7 @@ def shear_model(model, tokens: torch.Tensor, target: Shape, settings: ShearSetti
     learned = source_shape(model)
     if learned != target:
         raise SlimGPTError(f"internal error: the cut gave {learned}, not the target {target}")  # never expected
-    report = PruneReport(
+    report = RunReport(
         model_name, {"method": "shear", "source_model": model_name, "target": target.to_dict(),
                      "source_shape": source.to_dict(), "kept_layers": kept_layers, **asdict(settings),
                      "tokens_seen": seen},

@@ -14,14 +14,14 @@ import torch.nn.functional as F
 
 from slimgpt_core.cli import main
 from slimgpt_core.data import calibration_tokens, evaluation_tokens
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.models import load_model
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
-from slimgpt_core.workspace.atomic import save_run
-from slimgpt_core.methods.shear.distill import distillation_kl, distillation_loss_fn
-from slimgpt_core.methods.shear.domains import DomainSampler, load_domains, perplexity_tokens
-from slimgpt_core.methods.shear.pretrain import PretrainSettings, pretrain
+from slimgpt_core.workspace.store import save_run_at
+from slimgpt_core.training.distill import distillation_kl, distillation_loss_fn
+from slimgpt_core.training.domains import DomainSampler, load_domains, perplexity_tokens
+from slimgpt_core.training.pretrain import PretrainSettings, pretrain
 
 SMALL = dict(seqlen=64, batch_size=4, heldout=4, device="cpu", ppl=[])
 
@@ -35,7 +35,7 @@ def pruned_run(tmp_path_factory, assets_root):
     loaded = load_model("stories260k", "cpu", "float32")
     tokens = calibration_tokens(loaded.tokenizer, "tinystories", 16, 128)
     report = prune_model(loaded.model, tokens, PruneSettings(ratio=0.3), model_name="stories260k")
-    return save_run(loaded.model, loaded.tokenizer, report, tmp_path_factory.mktemp("runs") / "s30")
+    return save_run_at(loaded.model, loaded.tokenizer, report, tmp_path_factory.mktemp("runs") / "s30")
 
 
 def _pruned(run):
@@ -124,7 +124,7 @@ def test_wikitext2_test_and_tinystories_test_text_never_in_the_training_stream(a
 
 
 def test_the_code_refuses_a_wikitext2_training_text_that_is_the_test_split(assets_root, monkeypatch):
-    import slimgpt_core.methods.shear.domains as domains_module
+    import slimgpt_core.training.domains as domains_module
 
     real = domains_module.documents
     monkeypatch.setattr(domains_module, "documents", lambda name, split="train": real(name, "test"))
@@ -147,7 +147,7 @@ def test_loss_goes_down_on_a_real_model(pruned_run):
 
 
 def test_lora_trains_only_adapters_and_merges_into_a_run_that_reloads(pruned_run, tmp_path):
-    from slimgpt_core.methods.shear.pretrain import save_pretrained_run
+    from slimgpt_core.services.pretrain_job import save_pretrained_run
     from slimgpt_core.training.recover import load_source_report
 
     loaded = _pruned(pruned_run)
@@ -257,9 +257,9 @@ def test_a_teacher_with_another_vocabulary_is_refused_before_training(pruned_run
 
 
 def test_memory_check_refuses_before_any_work(pruned_run, tmp_path, capsys, monkeypatch):
-    from slimgpt_core.methods import activations
+    from slimgpt_core.base import devices
 
-    monkeypatch.setattr(activations, "available_memory_bytes", lambda device: 1000)
+    monkeypatch.setattr(devices, "available_memory_bytes", lambda device: 1000)
     out = tmp_path / "never"
     rc = main(["pretrain", "--model", str(pruned_run), "--steps", "2", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -272,7 +272,7 @@ def test_cancel_leaves_nothing(pruned_run, tmp_path, capsys, monkeypatch):
     loaded = _pruned(pruned_run)
     original = copy.deepcopy(loaded.model.state_dict())
     calls = []
-    with pytest.raises(PruningCancelled):
+    with pytest.raises(JobCancelled):
         pretrain(loaded.model, loaded.tokenizer, PretrainSettings(data=["tinystories"], steps=10, lora=True,
                                                                   lr=1e-2, **SMALL),
                  should_stop=lambda: calls.append(1) or len(calls) > 3)
@@ -280,7 +280,7 @@ def test_cancel_leaves_nothing(pruned_run, tmp_path, capsys, monkeypatch):
     state = loaded.model.state_dict()
     assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in state)
     # the command line: interrupted mid-training, exit 130, no folder and no temporary one
-    import slimgpt_core.methods.shear.pretrain as engine
+    import slimgpt_core.training.pretrain as engine
 
     real_train = engine.train
 
@@ -335,10 +335,10 @@ def test_a_sheared_run_with_fewer_layers_and_hidden_dims_pretrains_and_reloads(a
     """A shear run (depth and hidden size cut), pretrained without --dynamic-mix: the mix stays equal, the
     shape stays the target's, the run reloads with the same logits."""
     from slimgpt_core.training.recover import load_source_report
-    from slimgpt_core.methods.shear.run import save_shear_run
+    from slimgpt_core.services.shear_run import save_shear_run
     from slimgpt_core.methods.shear.target import resolve_target, source_shape
     from slimgpt_core.methods.shear.train import ShearSettings, shear_model
-    from slimgpt_core.methods.shear.pretrain import save_pretrained_run
+    from slimgpt_core.services.pretrain_job import save_pretrained_run
 
     loaded = load_model("stories260k", "cpu", "float32")
     target = resolve_target({"layers": 4, "kv_groups": 2, "ffn": 128, "hidden": 48}, loaded.model)

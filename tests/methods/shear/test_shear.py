@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from slimgpt_core.cli import main
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.methods.shear import hard_concrete as hc
 from slimgpt_core.methods.shear.apply import MaskedModel
 from slimgpt_core.methods.shear.cut import cut_model
-from slimgpt_core.methods.shear.domain_mix import draw_domains, update_domain_weights
+from slimgpt_core.training.domain_mix import draw_domains, update_domain_weights
 from slimgpt_core.methods.shear.masks import ShearMasks, shape_parameters
 from slimgpt_core.methods.shear.target import Shape, resolve_target, source_shape
 from slimgpt_core.methods.shear.train import ShearSettings, shear_model
-from slimgpt_core.methods.surgery import count_parameters, head_dim
+from slimgpt_core.base.shapes import count_parameters, head_dim
 from tests.tiny_models import tiny_model
 
 
@@ -180,7 +180,7 @@ def test_cancel_stops_before_any_change(assets_root):
     model = _stories(assets_root).model
     before = count_parameters(model)
     target = resolve_target({"layers": 3}, model)
-    with pytest.raises(PruningCancelled):
+    with pytest.raises(JobCancelled):
         shear_model(model, torch.zeros(4, 16, dtype=torch.long), target, ShearSettings(steps=5, device="cpu"),
                     should_stop=lambda: True)
     assert count_parameters(model) == before and len(model.model.layers) == 5
@@ -274,7 +274,7 @@ def test_hidden_size_not_a_multiple_of_any_head_count_saves_and_reloads(tmp_path
     """SmolLM2 to hidden 512 with 6 heads: transformers' config rule (hidden % heads) fails for the source's and
     the target's head counts alike; the per-layer class must still save and load the same function."""
     from transformers import AutoModelForCausalLM
-    from slimgpt_core.export.modeling_slimgpt import register_auto_classes
+    from slimgpt_core.base.modeling_slimgpt import register_auto_classes
 
     model = tiny_model(heads=6, kv=3, layers=2, ffn=40, hidden=48).eval()
     target = resolve_target({"kv_groups": 3, "heads": 3, "hidden": 40}, model)
@@ -293,7 +293,7 @@ def test_hidden_size_not_a_multiple_of_any_head_count_saves_and_reloads(tmp_path
 
 
 def test_a_lagging_domain_gains_weight():
-    from slimgpt_core.methods.shear.domain_mix import draw_domains, update_domain_weights
+    from slimgpt_core.training.domain_mix import draw_domains, update_domain_weights
 
     w = torch.tensor([0.5, 0.3, 0.2])
     losses, reference = torch.tensor([2.0, 3.0, 2.5]), torch.tensor([2.0, 2.0, 2.6])  # domain 1 lags by 1 nat

@@ -6,7 +6,7 @@ import zipfile
 from tests.browser import browser_page, go, studio_server, wait_idle
 
 from slimgpt_core.data import calibration_tokens
-from slimgpt_core.export.checkpoint import EXPORTS
+from slimgpt_core.workspace.exports import EXPORTS
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.models import load_model

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base.errors import SlimGPTError
 
 
 def check_output_folder(out: str | Path, overwrite: bool = False) -> Path:
@@ -55,12 +55,3 @@ def atomic_zip(folder: Path, zip_path: Path) -> Path:
         Path(str(tmp_base) + ".zip").unlink(missing_ok=True)
         raise SlimGPTError(f"could not write {zip_path}: {exc.strerror or exc}") from None
     return zip_path
-
-
-def save_run(model, tokenizer, report, out: str | Path, overwrite: bool = False, label: str = "") -> Path:
-    """A run written at a path (say `prune --out "$SLIMGPT_RUNS/x"`): the workspace's own writer with the path's
-    folder as the root, so it is listed by the studio like a run made there."""
-    from slimgpt_core.workspace.store import save_run as save_named
-
-    out = Path(out)
-    return save_named(model, tokenizer, report, name=out.name, label=label, root=out.parent, overwrite=overwrite).path

@@ -12,14 +12,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
-from slimgpt_core.events import Progress
-from slimgpt_core.models import LoadedModel
-from slimgpt_core.methods.surgery import count_parameters
-from .run import check_training_memory, training_tokens
-from .size import parameter_count
-from .target import Shape, resolve_target, source_shape
-from .train import ShearSettings, ShearStep, shear_model
+from slimgpt_core.base.devices import resolve_device
+from slimgpt_core.base.errors import JobCancelled
+from slimgpt_core.base.events import Progress
+from slimgpt_core.base.shapes import check_context_length, count_parameters
+from slimgpt_core.evaluation.evaluate import cached_perplexity
+from slimgpt_core.export.checkpoint import export_checkpoint
+from slimgpt_core.methods.shear.size import parameter_count
+from slimgpt_core.methods.shear.target import Shape, resolve_target, source_shape
+from slimgpt_core.methods.shear.train import ShearSettings, ShearStep, shear_model
+from slimgpt_core.models import LoadedModel, load_model
+from slimgpt_core.services.shear_run import check_training_memory, training_tokens
+from slimgpt_core.workspace.model_pool import POOL
+from slimgpt_core.workspace.store import (add_measurement, dense_evaluations_folder, new_run_name, read_run, runs_root,
+                                          write_meta)
 
 
 @dataclass
@@ -60,11 +66,6 @@ def shear_to_workspace(source: LoadedModel | str | Path, target: dict, settings:
                        should_stop: Callable[[], bool] | None = None) -> ShearOutcome:
     """Learn masks to `target` (a dict as `--target` takes, already read) on `data`, cut, and write the result
     into the workspace as a run. `source`: the loaded model (copied) or a run folder (loaded from disk)."""
-    from slimgpt_core.evaluation.evaluate import cached_perplexity
-    from slimgpt_core.export.checkpoint import export_checkpoint
-    from slimgpt_core.workspace.model_pool import POOL
-    from slimgpt_core.models import load_model, resolve_device
-    from slimgpt_core.workspace.store import add_measurement, dense_evaluations_folder, new_run_name, read_run, runs_root, write_meta
 
     emit = callback or (lambda e: None)
     stop = should_stop or (lambda: False)
@@ -76,9 +77,7 @@ def shear_to_workspace(source: LoadedModel | str | Path, target: dict, settings:
         loaded = load_model(str(source), "cpu")
         model, tokenizer, name, source_run = loaded.model, loaded.tokenizer, Path(source).name, Path(source)
     shape = resolve_target(target, model)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and seqlen > limit:
-        raise SlimGPTError(f"sequence length {seqlen} exceeds the model's context of {limit} tokens")
+    check_context_length(model.config, seqlen)
     device = resolve_device(settings.device)
     check_training_memory(model, settings.batch_size, seqlen, device, settings.train_weights)
     emit(Progress(0, settings.steps, "training data", time.perf_counter() - t0))
@@ -91,7 +90,7 @@ def shear_to_workspace(source: LoadedModel | str | Path, target: dict, settings:
                                              should_stop=stop))
         model.to("cpu")
     if stop():
-        raise PruningCancelled("shear was cancelled")
+        raise JobCancelled("shear was cancelled")
     emit(ShearStart(source_shape(model).to_dict(), shape.to_dict(), count_parameters(model),
                     parameter_count(model, shape), settings.steps))
 
@@ -112,7 +111,7 @@ def shear_to_workspace(source: LoadedModel | str | Path, target: dict, settings:
         model.to("cpu")
         result.report.evaluation = {"dense_ppl": dense_ppl, "sheared_ppl": sheared_ppl}
     if stop():
-        raise PruningCancelled("shear was cancelled")
+        raise JobCancelled("shear was cancelled")
     emit(Progress(settings.steps, settings.steps, "saving the run", time.perf_counter() - t0))
     label = label or shear_label(name, shape)
     root = runs_root()

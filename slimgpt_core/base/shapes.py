@@ -4,9 +4,10 @@ The slicing helpers live in modeling_slimgpt.py, which exported checkpoints ship
 from __future__ import annotations
 
 from torch import nn
+from transformers import AutoConfig
 
-# the slicing helpers are re-exported here: the pipeline cuts layers through this module
-from slimgpt_core.export.modeling_slimgpt import CLASSES, LAYER_KEYS, keep_channels, keep_kv_groups, layer_shape  # noqa: F401
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.modeling_slimgpt import (CLASSES, LAYER_KEYS, keep_channels, keep_kv_groups, layer_shape)  # noqa: F401
 
 SUPPORTED_ARCHITECTURES = tuple(CLASSES)
 
@@ -51,7 +52,6 @@ def update_config(model) -> None:
         d.update(num_attention_heads=lists["layer_num_attention_heads"][0],
                  num_key_value_heads=lists["layer_num_key_value_heads"][0],
                  intermediate_size=lists["layer_intermediate_size"][0])
-        from transformers import AutoConfig
         new = AutoConfig.for_model(base, **d)
         model.__class__ = next(c for c in type(model).__mro__ if c.__name__.endswith("ForCausalLM")
                                and not c.__name__.startswith("SlimGPT"))
@@ -74,7 +74,6 @@ def count_parameters(module: nn.Module) -> int:
 def target_shape(target_config: dict, model) -> tuple[list[int], list[int]]:
     """Per-layer query heads and FFN widths to keep so that `model` takes the shape of `target_config`
     (another model's config.json: per-layer lists or uniform num_attention_heads / intermediate_size)."""
-    from slimgpt_core.errors import SlimGPTError
 
     n = len(model.model.layers)
     tn = target_config.get("num_hidden_layers", n)
@@ -89,3 +88,10 @@ def target_shape(target_config: dict, model) -> tuple[list[int], list[int]]:
     if tgt_dim and tgt_dim != src_dim:
         raise SlimGPTError(f"target head size {tgt_dim} differs from the model's {src_dim}: heads cannot be resized")
     return [int(h) for h in heads], [int(f) for f in ffn]
+
+
+def check_context_length(config, seqlen: int, what: str = "sequence length") -> None:
+    """Refuse a sequence longer than the model's context (`what` names the setting in the sentence)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and seqlen > limit:
+        raise SlimGPTError(f"{what} {seqlen} exceeds the model's context of {limit} tokens")

@@ -9,12 +9,18 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from slimgpt_core.base.devices import resolve_device
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.events import Progress
 from slimgpt_core.data import calibration_tokens
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.events import Progress
-from slimgpt_core.models import load_model
+from slimgpt_core.evaluation.evaluate import cached_perplexity
+from slimgpt_core.evaluation.zeroshot import zero_shot
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
+from slimgpt_core.methods.surgeon import schedule_fraction
+from slimgpt_core.models import load_model
+from slimgpt_core.schedules.global_allocation import BudgetSpec
+from slimgpt_core.schedules.refine import AutoConfig, auto_schedule
 
 # name -> (settings overrides, what it shows)
 VARIANTS: dict[str, tuple[dict, str]] = {
@@ -80,10 +86,6 @@ def run_grid(model_name: str, ratios: list[float], variants: list[str], calib: s
              base: PruneSettings | None = None, device: str = "auto", callback: Callable | None = None,
              should_stop: Callable[[], bool] | None = None, auto_generations: int = 100,
              auto_seconds: float | None = None) -> list[GridRow]:
-    from slimgpt_core.evaluation.evaluate import cached_perplexity
-    from slimgpt_core.models import resolve_device
-    from slimgpt_core.evaluation.zeroshot import zero_shot
-
     variants = parse_variants(variants)
     base = base or PruneSettings(device=device)
     dev = resolve_device(device)
@@ -112,7 +114,6 @@ def run_grid(model_name: str, ratios: list[float], variants: list[str], calib: s
             settings = replace(base, ratio=ratio, **VARIANTS[variant][0])
             loaded = load_model(model_name, device)
             if settings.method in ("surgeon", "kobd"):  # global allocation: the parameters the schedule removes
-                from slimgpt_core.methods.surgeon import schedule_fraction
                 settings = replace(settings, ratio=schedule_fraction(loaded.model, replace(settings, method="slimgpt")))
             t0 = time.perf_counter()
             if settings.schedule == "auto":
@@ -132,8 +133,6 @@ def _auto_settings(loaded, tokens, settings: PruneSettings, calib: str, seed: in
                    seconds: float | None, target_params: int | None) -> PruneSettings:
     """The auto schedule (the fast one refined by the KL search, refine.py) at the log row's achieved count when
     there is one, its KL on other calibration windows."""
-    from slimgpt_core.schedules.global_allocation import BudgetSpec
-    from slimgpt_core.schedules.refine import AutoConfig, auto_schedule
 
     fitness = calibration_tokens(loaded.tokenizer, calib, 8, 128, seed + 1)
     config = AutoConfig(budget=BudgetSpec(ratio=settings.ratio, target_params=target_params), max_seconds=seconds,

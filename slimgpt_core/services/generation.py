@@ -6,6 +6,7 @@ turns, one prompt at a time, so each one's tokens/s is measured alone on the mac
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,8 +14,11 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
-from slimgpt_core.events import Progress
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
+from slimgpt_core.base.events import Progress
+from slimgpt_core.evaluation.llamacpp import greedy, open_gguf
+from slimgpt_core.workspace.gguf import gguf_for
+from slimgpt_core.workspace.model_pool import POOL
 
 GGUF_PREFIX = "gguf:"  # a model given as "gguf:<run folder or model name>" runs in llama.cpp from its q8_0 GGUF
 DEFAULT_PROMPTS = (
@@ -120,7 +124,7 @@ def greedy_generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, lab
                              stopping_criteria=stops, pad_token_id=pad)
     seconds = time.perf_counter() - t0
     if should_stop is not None and should_stop():
-        raise PruningCancelled("generation was cancelled")
+        raise JobCancelled("generation was cancelled")
     ids = out[0, inputs["input_ids"].shape[1]:].tolist()
     return Generation(label, prompt, tokenizer.decode(ids, skip_special_tokens=True), ids, seconds,
                       first[0] if first else seconds, str(device))
@@ -132,7 +136,6 @@ def generate_side_by_side(models: list[tuple[str, str]], prompts: list[str], max
     """Every prompt through every model [(label, model name or run folder)], greedy, streamed as
     TokenStreamed events. Weights come from the model pool (loaded on first use) and stay where the pool
     keeps them; models take turns."""
-    from slimgpt_core.workspace.model_pool import POOL
 
     prompts = [p for p in prompts if p.strip()]
     if not prompts:
@@ -145,9 +148,6 @@ def generate_side_by_side(models: list[tuple[str, str]], prompts: list[str], max
     for label, name in models:
         emit(Progress(done, steps, f"{label}: loading", 0.0))
         if str(name).startswith(GGUF_PREFIX):  # the same model run by llama.cpp from its GGUF
-            from slimgpt_core.evaluation.llamacpp import gguf_generate
-            from slimgpt_core.export.gguf import gguf_for
-
             path = gguf_for_source(str(name)[len(GGUF_PREFIX):], device, dtype, gguf_for, should_stop)
             for k, prompt in enumerate(prompts):
                 emit(Progress(done, steps, f"{label}: prompt {k + 1}/{len(prompts)}", 0.0))
@@ -168,12 +168,37 @@ def generate_side_by_side(models: list[tuple[str, str]], prompts: list[str], max
 
 def gguf_for_source(name: str, device: str, dtype: str, gguf_for, should_stop) -> "Path":
     """The q8_0 GGUF of a run folder (exported once into the workspace) or of a named model (from the pool)."""
-    from pathlib import Path
-
-    from slimgpt_core.workspace.model_pool import POOL
-
     if Path(name).is_dir():
         return gguf_for(name, Path(name).name, "q8_0", cancel=should_stop)
     loaded = POOL.get(name, device, dtype)
     label = "dense-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(name).name)
     return gguf_for(loaded, label, "q8_0", cancel=should_stop)
+
+def gguf_generate(path: str | Path, label: str, prompt: str, max_new_tokens: int, threads: int = 2,
+                  on_text: Callable[[str, int, float], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None):
+    """Greedy text from a GGUF in llama.cpp, streamed like generation.greedy_generate (same result type)."""
+    if not prompt.strip():
+        raise SlimGPTError("the prompt is empty: give some text for the model to continue")
+    llm = open_gguf(path, n_ctx=max(512, max_new_tokens + 256), threads=threads)
+    try:
+        ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        out: list[int] = []
+        eos = llm.token_eos()
+        t0 = time.perf_counter()
+        first = None
+        for token in greedy(llm, ids, max_new_tokens, should_stop):
+            if token == eos:
+                break
+            out.append(token)
+            now = time.perf_counter() - t0
+            first = now if first is None else first
+            if on_text is not None:
+                on_text(llm.detokenize(out).decode(errors="ignore"), len(out), now)
+        seconds = time.perf_counter() - t0
+    finally:
+        llm.close()
+    if should_stop is not None and should_stop():
+        raise JobCancelled("generation was cancelled")
+    return Generation(label, prompt, llm.detokenize(out).decode(errors="replace") if out else "", out, seconds,
+                      first if first is not None else seconds, f"llama.cpp cpu, {threads} threads")

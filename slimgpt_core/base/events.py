@@ -100,7 +100,10 @@ class AchievedRatios:
 
 
 @dataclass
-class PruneReport(AchievedRatios):
+class RunReport(AchievedRatios):
+    """The record of a run (report.json): what was asked, what each layer lost, the parameters before and after.
+    Pruning, shearing, recovery and continued pre-training each write one."""
+
     model: str
     settings: dict
     head_ratios: list[float]
@@ -120,7 +123,7 @@ class PruneReport(AchievedRatios):
     evaluation: dict = field(default_factory=dict)
     reused_statistics: int = 0  # Hessians read from cache/stats instead of recomputed
     recovery: dict | None = None  # LoRA recovery fine-tune of this run (recover.RecoverResult.record)
-    pretrain: dict | None = None  # continued pre-training of this run (shear.pretrain.PretrainResult.record)
+    pretrain: dict | None = None  # continued pre-training of this run (training.pretrain.PretrainResult.record)
     shots: list[ShotDone] = field(default_factory=list)  # multi-shot methods: the quality-vs-size curve
 
     @property
@@ -143,7 +146,7 @@ class PruneReport(AchievedRatios):
         Path(path).write_text(json.dumps(self.to_dict(), indent=1, default=float))
 
     @classmethod
-    def load(cls, path: Path) -> "PruneReport":
+    def load(cls, path: Path) -> "RunReport":
         d = json.loads(Path(path).read_text())
         d.pop("summary", None)
         report = cls(**{k: v for k, v in d.items() if k not in ("modules", "heads", "ffn", "layers", "shots")})

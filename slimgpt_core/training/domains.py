@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from slimgpt_core.data import documents, evaluation_tokens
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.data import _cached_tensor, _tokenize_docs, documents, evaluation_tokens, tokenizer_fingerprint
+from slimgpt_core.training.domain_mix import draw_domains
+from slimgpt_core.training.finetune_data import _refuse_test_split
 
 DOMAINS = ("c4", "tinystories", "wikitext2")
 TRAIN_FRACTION = 0.8  # of a text whose training and test files are one file: the rest is test text
@@ -51,8 +53,6 @@ def _shares_test_file(name: str) -> bool:
 
 def training_stream(tokenizer, name: str, max_tokens: int) -> tuple[torch.Tensor, str]:
     """The tokens a domain may train on (at most `max_tokens` of them) and where they come from."""
-    from slimgpt_core.training.finetune_data import _refuse_test_split
-    from slimgpt_core.data import _cached_tensor, _tokenize_docs, tokenizer_fingerprint
 
     _refuse_test_split(name)
     docs, desc = documents(name, "train")
@@ -99,8 +99,6 @@ class DomainSampler:
     (a seeded shuffle per epoch of the domain)."""
 
     def __init__(self, domains: list[Domain], weights: torch.Tensor, batch_size: int, seed: int = 0):
-        from .domain_mix import draw_domains
-
         self._draw = draw_domains
         self.domains, self.weights, self.batch_size = domains, weights, batch_size
         self.generator = torch.Generator().manual_seed(seed)

@@ -34,8 +34,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
-from slimgpt_core.events import Progress
+from slimgpt_core import data
+from slimgpt_core.base.devices import resolve_device
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
+from slimgpt_core.base.events import Progress, RunReport
+from slimgpt_core.methods.prune_settings import PruneSettings, plan_removals
+from slimgpt_core.models import _resolve_alias
+from slimgpt_core.studio import prune_to_workspace
+from slimgpt_core.workspace.model_pool import POOL
+from slimgpt_core.workspace.store import add_measurement, list_runs, read_run
 
 PROFILE_KIND = "accumulation"
 UNUSED_DIMENSION = 1e-12  # D_c below this fraction of the mean: a dimension the dense stream does not use
@@ -156,7 +163,7 @@ def accumulation_profile(dense_model, pruned_model, windows: torch.Tensor, batch
         with torch.no_grad():
             for s in range(0, n, batch_size):
                 if should_stop is not None and should_stop():
-                    raise PruningCancelled("the accumulation profile was cancelled")
+                    raise JobCancelled("the accumulation profile was cancelled")
                 ids = windows[s:s + batch_size].to(device)
                 logits_d, outs_d, ins_d = _capture(dense_model, ids, inputs=True)
                 logits_p, outs_p, _ = _capture(pruned_model, ids, inputs=False)
@@ -194,11 +201,10 @@ def accumulation_profile(dense_model, pruned_model, windows: torch.Tensor, batch
 
 def heldout_windows(tokenizer, source: str, seqlen: int, windows: int) -> torch.Tensor:
     """The first `windows` non-overlapping windows of the held-out text (the windows `perplexity` evaluates)."""
-    from slimgpt_core.data import evaluation_tokens
 
     if seqlen < 2 or windows < 1:
         raise SlimGPTError(f"held-out text needs windows >= 1 of length >= 2, got {windows} of {seqlen}")
-    tokens = evaluation_tokens(tokenizer, source)
+    tokens = data.evaluation_tokens(tokenizer, source)
     n = min(windows, tokens.numel() // seqlen)
     if n == 0:
         raise SlimGPTError(f"held-out text {source} has {tokens.numel()} tokens, fewer than one window of {seqlen}")
@@ -241,7 +247,6 @@ class DemoConfig:
         return DEMO_RUNS if self.uniform_twin else DEMO_RUNS[:3]
 
     def settings(self, run: DemoRun):
-        from slimgpt_core.methods.prune_settings import PruneSettings
         return PruneSettings(ratio=self.ratio, schedule=run.schedule, shape=self.shape, sequential=run.sequential,
                              device=self.device)
 
@@ -259,7 +264,6 @@ class DemoEntry:
 
 def same_model(a: str, b: str) -> bool:
     """Two names of one base model: equal, or aliases of the same local file ("default" and "smollm2")."""
-    from slimgpt_core.models import _resolve_alias
 
     if a == b:
         return True
@@ -308,7 +312,6 @@ def demo_entries(dense_model, model_name: str, config: DemoConfig,
                  runs: list[tuple[object, object]]) -> list[DemoEntry]:
     """The demo's runs at this budget, each with the newest workspace run of identical settings (`runs`: pairs of
     RunInfo and its report, newest first) and that run's stored profile on this held-out text."""
-    from slimgpt_core.methods.prune_settings import plan_removals
 
     entries = []
     for run in config.runs:
@@ -335,9 +338,6 @@ class DemoResult:
 def profile_run(loaded, info, config: DemoConfig, callback: Callable | None = None,
                 should_stop: Callable[[], bool] | None = None) -> AccumulationProfile:
     """Profile a workspace run against the loaded dense model and store it with the run (with provenance)."""
-    from slimgpt_core.models import resolve_device
-    from slimgpt_core.workspace.model_pool import POOL
-    from slimgpt_core.workspace.store import add_measurement
 
     device = resolve_device(config.device)
     windows = heldout_windows(loaded.tokenizer, config.heldout, config.eval_seqlen, config.windows)
@@ -359,9 +359,6 @@ def run_demo(loaded, config: DemoConfig, callback: Callable | None = None,
     """The job behind the demo's one button: for each run the story needs, reuse the newest workspace run with
     identical settings or prune one (`studio.prune_to_workspace`), then profile it unless a profile on this held-out
     text is stored. Each run and each profile is on disk as soon as it is done, so a cancel keeps them."""
-    from slimgpt_core.events import PruneReport
-    from slimgpt_core.studio import prune_to_workspace
-    from slimgpt_core.workspace.store import list_runs, read_run
 
     emit = callback or (lambda e: None)
     t0 = time.perf_counter()
@@ -371,7 +368,7 @@ def run_demo(loaded, config: DemoConfig, callback: Callable | None = None,
         for info in list_runs():
             if info.broken is None and (info.path / "report.json").exists():
                 try:
-                    out.append((info, PruneReport.load(info.path / "report.json")))
+                    out.append((info, RunReport.load(info.path / "report.json")))
                 except (OSError, ValueError, TypeError, KeyError):
                     continue  # an unreadable report is not a run to reuse
         return out
@@ -463,7 +460,6 @@ def story(entries: list[DemoEntry], scale: str) -> dict[str, str]:
                         f"there, its outlier-robust total {p.total_std[max(0, j - 1)]:.3f} → {p.total_std[j]:.3f} "
                         "(every dimension weighs the same).")
     return out
-
 
 
 def twin_differences(entries: list[DemoEntry], scale: str) -> dict[str, list[float]]:

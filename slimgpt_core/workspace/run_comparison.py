@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slimgpt_core.errors import SlimGPTError
-from slimgpt_core.events import PruneReport
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.events import RunReport
 from slimgpt_core.workspace.store import RunInfo, dense_evaluations_folder, read_evaluations
 
 NOISE_Z = 2.0  # about a 95% two-sided interval for a difference of two independent means
@@ -34,7 +34,7 @@ class Side:
     label: str
     model: str  # the base model (its tokenizer defines what a perplexity window is)
     dense: bool
-    report: PruneReport | None
+    report: RunReport | None
     evaluations: list[dict]
     parameters: int | None
     size_bytes: int | None  # on disk; None for the dense model (not a run folder)
@@ -51,7 +51,7 @@ def run_side(info: RunInfo) -> Side:
         raise SlimGPTError(f"run {info.name!r} has no report.json, so there is no schedule or error to compare "
                            "(a model folder copied into the workspace, not a pruning run)")
     try:
-        report = PruneReport.load(path)
+        report = RunReport.load(path)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise SlimGPTError(f"the report of run {info.name!r} is unreadable: {type(exc).__name__}: {exc}") from None
     s = report.settings or {}

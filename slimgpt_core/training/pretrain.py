@@ -14,19 +14,21 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from slimgpt_core.methods import activations
-from slimgpt_core.workspace.cache import forget_fingerprint
-from slimgpt_core.errors import SlimGPTError
+from slimgpt_core.base import devices
+from slimgpt_core.base.cache import forget_fingerprint
+from slimgpt_core.base.devices import resolve_device
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.evaluation.evaluate import perplexity
+from slimgpt_core.training.distill import check_teacher, distillation_loss_fn
+from slimgpt_core.training.domain_mix import update_domain_weights
+from slimgpt_core.training.domains import DomainSampler, check_domains, load_domains, perplexity_tokens
 from slimgpt_core.training.loop import (OptimizerConfig, TrainStep, autocast_context, heldout_loss, train,
-                                        trained_report)
-from .distill import check_teacher, distillation_loss_fn
-from .domain_mix import update_domain_weights
-from .domains import DomainSampler, check_domains, load_domains, perplexity_tokens
+                                        trained_report, training_bytes)
+from slimgpt_core.training.recover import add_lora, drop_lora, merge_lora, resolve_targets
 
 
 @dataclass
@@ -196,7 +198,6 @@ def pretrain_memory_bytes(model, settings: PretrainSettings, teacher=None) -> in
     """A rough upper estimate: mask-learning's estimate for the trained weights (full fine-tuning: weights,
     gradients, two AdamW moments; LoRA: the weights and small adapters) and activations, plus the teacher's
     weights and its logits."""
-    from .train import training_bytes
 
     need = training_bytes(model, settings.batch_size, settings.seqlen, train_weights=not settings.lora)
     cfg = model.config
@@ -208,19 +209,14 @@ def pretrain_memory_bytes(model, settings: PretrainSettings, teacher=None) -> in
     return int(need)
 
 
-
-
 def check_memory(model, settings: PretrainSettings, device: torch.device, teacher=None) -> None:
     need = pretrain_memory_bytes(model, settings, teacher)
     if device.type == "cpu":  # the weights are already in memory
         need -= sum(p.numel() * p.element_size() for m in (model, teacher) if m is not None for p in m.parameters())
-    have = activations.available_memory_bytes(device)
-    if have is not None and need > 0.9 * have:
-        lora = "" if settings.lora else ", pass --lora"
-        raise SlimGPTError(f"continued pre-training needs about {need / 2**30:.1f} GiB but {device} has "
-                           f"{have / 2**30:.1f} GiB free: lower --batch-size ({settings.batch_size}; raise "
-                           f"--grad-accumulation to keep the effective batch) or --seqlen ({settings.seqlen}){lora}, "
-                           "or use a device with more memory")
+    lora = "" if settings.lora else ", pass --lora"
+    devices.check_free_memory(need, device, "continued pre-training needs about",
+                              f"lower --batch-size ({settings.batch_size}; raise --grad-accumulation to keep the "
+                              f"effective batch) or --seqlen ({settings.seqlen}){lora}, or use a device with more memory")
 
 
 def _batches(windows: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -232,8 +228,6 @@ def _domain_losses(model, heldout: dict[str, list], device, bf16) -> dict[str, f
 
 
 def _perplexities(model, tokenizer, settings: PretrainSettings, device, should_stop) -> dict[str, dict]:
-    from slimgpt_core.evaluation.evaluate import perplexity
-
     out = {}
     for name in settings.ppl:
         r = perplexity(model, perplexity_tokens(tokenizer, name), settings.ppl_seqlen, 8, settings.ppl_windows,
@@ -250,9 +244,7 @@ def pretrain(model, tokenizer, settings: PretrainSettings, reference=None, teach
     `reference`: the model whose per-domain held-out loss is the reference loss (the source model); None with
     no `settings.reference_losses`: the model's own loss before training. `teacher`: distill from it (same
     vocabulary). Events: PretrainPhase between stages, PretrainStep per step, MixUpdate at each update.
-    `should_stop()` is checked between steps (PruningCancelled)."""
-    from slimgpt_core.models import resolve_device
-    from slimgpt_core.training.recover import add_lora, drop_lora, merge_lora, resolve_targets
+    `should_stop()` is checked between steps (JobCancelled)."""
 
     settings.validate()
     emit = callback or (lambda e: None)
@@ -400,25 +392,6 @@ def pretrained_report(result: PretrainResult, source_report=None, source: str = 
         for name, value in values.items():
             report.evaluation[f"pretrain_ppl_{when}_{name}"] = value
     return report
-
-
-def save_pretrained_run(result: PretrainResult, tokenizer, out: str | Path, source_report=None, source: str = "",
-                        overwrite: bool = False, label: str = "") -> Path:
-    """A normal run folder (loader, studio, evaluation, export as every run's), written all at once; the
-    perplexities after training are stored as the run's measurements (evaluations.json, with provenance)."""
-    from slimgpt_core.export.checkpoint import export_checkpoint
-    from slimgpt_core.workspace.store import add_measurement, write_meta
-
-    report = pretrained_report(result, source_report, source)
-
-    def extra(tmp: Path) -> None:
-        write_meta(tmp, report, label or Path(out).name)
-        for name, value in result.ppl_after.items():
-            text = TEXTS.get(name, name)
-            add_measurement(tmp, "perplexity", value, batch_size=8, device=result.device, text=text,
-                            measured_by="pretrain (after training)")
-
-    return export_checkpoint(result.model, tokenizer, out, report, overwrite=overwrite, extra=extra).folder
 
 
 def describe_step(e: PretrainStep) -> str:

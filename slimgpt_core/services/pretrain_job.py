@@ -11,9 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
-from slimgpt_core.events import Progress
-from .pretrain import PretrainSettings, pretrain, save_pretrained_run
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
+from slimgpt_core.base.events import Progress
+from slimgpt_core.base.shapes import check_context_length
+from slimgpt_core.export.checkpoint import export_checkpoint
+from slimgpt_core.models import LoadedModel, load_config, load_model
+from slimgpt_core.training.pretrain import PretrainResult, PretrainSettings, TEXTS, pretrain, pretrained_report
+from slimgpt_core.training.recover import load_source_report
+from slimgpt_core.workspace.model_pool import POOL
+from slimgpt_core.workspace.store import add_measurement, new_run_name, read_run, runs_root, write_meta
 
 
 @dataclass
@@ -35,7 +41,6 @@ class PretrainOutcome:
 
 def load_companion(name: str, vocab_size: int, what: str, dtype: str = "auto"):
     """A teacher or reference model, refused before its weights load when its vocabulary differs."""
-    from slimgpt_core.models import load_config, load_model
 
     vocab = load_config(name)[0].vocab_size
     if vocab != vocab_size:
@@ -49,10 +54,6 @@ def pretrain_to_workspace(source: str | Path, settings: PretrainSettings, teache
                           should_stop: Callable[[], bool] | None = None) -> PretrainOutcome:
     """Train the run at `source` on `settings.data`'s mix (dynamic batch loading when asked) and save the result as
     a new run. `teacher`: None, "source" (the model the run was pruned from) or a model path/name."""
-    from slimgpt_core.workspace.model_pool import POOL
-    from slimgpt_core.models import LoadedModel, load_model
-    from slimgpt_core.training.recover import load_source_report
-    from slimgpt_core.workspace.store import add_measurement, new_run_name, read_run, runs_root
 
     settings.validate()  # before loading anything
     emit = callback or (lambda e: None)
@@ -60,9 +61,7 @@ def pretrain_to_workspace(source: str | Path, settings: PretrainSettings, teache
     t0 = time.perf_counter()
     emit(Progress(0, settings.steps, "loading the run", 0.0))
     loaded = load_model(str(source), "cpu")
-    limit = getattr(loaded.model.config, "max_position_embeddings", None)
-    if limit and settings.seqlen > limit:
-        raise SlimGPTError(f"sequence length {settings.seqlen} exceeds the model's context of {limit} tokens")
+    check_context_length(loaded.model.config, settings.seqlen)
     report = load_source_report(loaded.path)
     source_model = report.model if report is not None and report.model else None
     if teacher == "source":
@@ -77,7 +76,7 @@ def pretrain_to_workspace(source: str | Path, settings: PretrainSettings, teache
             emit(Progress(0, settings.steps, f"loading the {what}", time.perf_counter() - t0))
             companions[name] = load_companion(name, vocab, what)
     if stop():
-        raise PruningCancelled("continued pre-training was cancelled")
+        raise JobCancelled("continued pre-training was cancelled")
 
     def forward(event) -> None:
         emit(event)
@@ -90,7 +89,7 @@ def pretrain_to_workspace(source: str | Path, settings: PretrainSettings, teache
                       companions.get(teacher), forward, stop, reference_name=source_model or "",
                       teacher_name=teacher or "")
     if stop():
-        raise PruningCancelled("continued pre-training was cancelled")
+        raise JobCancelled("continued pre-training was cancelled")
     emit(Progress(settings.steps, settings.steps, "saving the run", time.perf_counter() - t0))
     label = label or f"{Path(source).name} pretrain {settings.steps}"
     root = runs_root()
@@ -102,3 +101,20 @@ def pretrain_to_workspace(source: str | Path, settings: PretrainSettings, teache
     return PretrainOutcome(read_run(folder), source_model, teacher, result.reference_source, result.mix[0]["losses"],
                            result.mix[-1]["losses"], result.reference, result.mix[-1]["weights"], result.ppl_before,
                            result.ppl_after, result.tokens_seen, time.perf_counter() - t0)
+
+
+def save_pretrained_run(result: PretrainResult, tokenizer, out: str | Path, source_report=None, source: str = "",
+                        overwrite: bool = False, label: str = "") -> Path:
+    """A normal run folder (loader, studio, evaluation, export as every run's), written all at once; the
+    perplexities after training are stored as the run's measurements (evaluations.json, with provenance)."""
+
+    report = pretrained_report(result, source_report, source)
+
+    def extra(tmp: Path) -> None:
+        write_meta(tmp, report, label or Path(out).name)
+        for name, value in result.ppl_after.items():
+            text = TEXTS.get(name, name)
+            add_measurement(tmp, "perplexity", value, batch_size=8, device=result.device, text=text,
+                            measured_by="pretrain (after training)")
+
+    return export_checkpoint(result.model, tokenizer, out, report, overwrite=overwrite, extra=extra).folder

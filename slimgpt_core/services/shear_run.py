@@ -8,9 +8,14 @@ from pathlib import Path
 
 import torch
 
-from slimgpt_core.errors import SlimGPTError
-from .target import Shape
-from .train import ShearResult, ShearStep, training_bytes
+from slimgpt_core import data
+from slimgpt_core.base import devices
+from slimgpt_core.base.atomic import atomic_folder
+from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.export.checkpoint import write_checkpoint
+from slimgpt_core.methods.shear.target import Shape
+from slimgpt_core.methods.shear.train import ShearResult, ShearStep
+from slimgpt_core.training.loop import training_bytes
 
 ABBREV = {"layers": "L", "kv_groups": "kv", "heads_per_group": "q/g", "ffn": "ffn", "hidden": "d"}
 
@@ -26,28 +31,20 @@ def describe_step(e: ShearStep) -> str:
 def training_tokens(tokenizer, sources: list[str], steps: int, batch_size: int, seqlen: int,
                     seed: int = 0) -> torch.Tensor:
     """Enough windows for `steps` micro-batches, an equal share from each source (a static mix)."""
-    from slimgpt_core.data import calibration_tokens
 
     if not sources:
         raise SlimGPTError("give at least one data source (--data c4,tinystories)")
     per_source = min(4096, math.ceil(steps * batch_size / len(sources)))
-    return torch.cat([calibration_tokens(tokenizer, s, per_source, seqlen, seed) for s in sources])
+    return torch.cat([data.calibration_tokens(tokenizer, s, per_source, seqlen, seed) for s in sources])
 
 
 def check_training_memory(model, batch_size: int, seqlen: int, device: torch.device, train_weights: bool) -> None:
-    from slimgpt_core.methods.activations import available_memory_bytes
-
-    need = training_bytes(model, batch_size, seqlen, train_weights)
-    have = available_memory_bytes(device)
-    if have is not None and need > 0.9 * have:
-        raise SlimGPTError(f"mask learning needs about {need / 2**30:.1f} GiB but {device} has {have / 2**30:.1f} GiB "
-                           "free: lower --batch-size or --seqlen, or pass --freeze-weights")
+    devices.check_free_memory(training_bytes(model, batch_size, seqlen, train_weights), device,
+                              "mask learning needs about", "lower --batch-size or --seqlen, or pass --freeze-weights")
 
 
 def save_shear_run(model, tokenizer, result: ShearResult, out: str | Path, overwrite: bool = False) -> Path:
     """The checkpoint and report.json like every run, plus shear.json: the step-by-step history."""
-    from slimgpt_core.export.checkpoint import write_checkpoint
-    from slimgpt_core.workspace.atomic import atomic_folder
 
     out = Path(out)
     with atomic_folder(out, overwrite) as tmp:

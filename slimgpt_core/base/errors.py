@@ -5,7 +5,7 @@ class SlimGPTError(Exception):
     """A problem with the user's input or environment that the user can fix."""
 
 
-class PruningCancelled(SlimGPTError):
+class JobCancelled(SlimGPTError):
     """Raised when a caller asked a running job to stop."""
 
     def __init__(self, message: str = "pruning was cancelled"):

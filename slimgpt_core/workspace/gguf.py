@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Callable
 
 import gguf
-import numpy as np
 import torch
 
-from slimgpt_core.errors import PruningCancelled, SlimGPTError
-from slimgpt_core.events import Progress, PruneReport
-from slimgpt_core.methods.surgery import base_model_type, head_dim as config_head_dim
+from slimgpt_core.base.errors import JobCancelled, SlimGPTError
+from slimgpt_core.base.events import Progress, RunReport
+from slimgpt_core.base.shapes import base_model_type, head_dim as config_head_dim
+from slimgpt_core.evaluation.llamacpp import import_llama_cpp, speed_table
+from slimgpt_core.models import _resolve_alias, load_config, load_model
+from slimgpt_core.workspace.exports import _card_inputs, default_export_folder
 
 # written directly by the gguf package: name -> (type of 2-D weights, llama.cpp's general.file_type)
 DIRECT_TYPES = {"f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
@@ -154,7 +156,7 @@ def _metadata(writer: gguf.GGUFWriter, model, arch: str) -> None:
     writer.add_vocab_size(int(config.vocab_size))
 
 
-def _provenance(writer: gguf.GGUFWriter, source: str, report: PruneReport | None, evaluation: dict,
+def _provenance(writer: gguf.GGUFWriter, source: str, report: RunReport | None, evaluation: dict,
                 layer_lists: dict) -> None:
     """What the file is: source model, method, schedule, achieved ratio, measured perplexity."""
     settings = dict(report.settings) if report is not None else {}
@@ -184,8 +186,6 @@ def _provenance(writer: gguf.GGUFWriter, source: str, report: PruneReport | None
 
 def source_gguf_of(name: str) -> Path | None:
     """The GGUF a model came from, when it did (an alias such as `default`, or a path to a .gguf)."""
-    from slimgpt_core.models import _resolve_alias
-
     if not name:
         return None
     try:
@@ -301,8 +301,6 @@ def _write_file(model, tokenizer_folders: Callable[[], list[Path]], source_gguf:
 
 
 def _llamacpp_quantize(src: Path, dst: Path, weight_type: str, threads: int) -> None:
-    from slimgpt_core.evaluation.llamacpp import import_llama_cpp
-
     llama_cpp = import_llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(LLAMACPP_TYPES[weight_type])
@@ -314,7 +312,7 @@ def _llamacpp_quantize(src: Path, dst: Path, weight_type: str, threads: int) -> 
 
 def export_gguf(source, path: str | Path, weight_type: str = "f16", progress: Callable | None = None,
                 cancel: Callable[[], bool] | None = None, overwrite: bool = False, threads: int | None = None,
-                report: PruneReport | None = None, evaluation: dict | None = None) -> GGUFExport:
+                report: RunReport | None = None, evaluation: dict | None = None) -> GGUFExport:
     """Write `source` (a run folder, model name, or an object with `.model`, `.tokenizer`, `.name`) as one GGUF file.
 
     `progress(Progress)` is called per tensor; `cancel()` returning True stops the export, leaving nothing. A run
@@ -328,8 +326,6 @@ def export_gguf(source, path: str | Path, weight_type: str = "f16", progress: Ca
     if out.exists() and not overwrite:
         raise SlimGPTError(f"{out} already exists (choose another name or pass --force)")
     if weight_type in LLAMACPP_TYPES:
-        from slimgpt_core.evaluation.llamacpp import import_llama_cpp
-
         import_llama_cpp()  # before any work: one sentence when llama.cpp is missing
     loaded, report, evaluation, name = _resolve_source(source, report, evaluation)
     model = loaded.model
@@ -349,7 +345,7 @@ def export_gguf(source, path: str | Path, weight_type: str = "f16", progress: Ca
         if progress is not None:
             progress(Progress(done[0], total, phase, 0.0))
         if cancel is not None and cancel():
-            raise PruningCancelled("GGUF export was cancelled: nothing was kept")
+            raise JobCancelled("GGUF export was cancelled: nothing was kept")
 
     tmp = _temporary_name(out)
     staging = _temporary_name(out.with_suffix(".f32.gguf")) if weight_type in LLAMACPP_TYPES else None
@@ -357,8 +353,6 @@ def export_gguf(source, path: str | Path, weight_type: str = "f16", progress: Ca
 
     def tokenizer_folders() -> list[Path]:
         """The model's folder, the folder of the model it was pruned from, and the loaded tokenizer saved afresh."""
-        from slimgpt_core.models import _resolve_alias
-
         folders = [Path(p) for p in (getattr(loaded, "path", ""), _resolve_alias(str(source_name)) if source_name
                                      else "") if p and Path(p).is_dir()]
         holder = tempfile.TemporaryDirectory(prefix="slimgpt-tokenizer-")
@@ -392,9 +386,6 @@ def _resolve_source(source, report, evaluation):
     """(loaded model, report, evaluation, name) from a run folder / model name or an already loaded model."""
     if hasattr(source, "model") and hasattr(source, "tokenizer"):
         return source, report, dict(evaluation or {}), str(getattr(source, "name", "") or "")
-    from slimgpt_core.export.checkpoint import _card_inputs
-    from slimgpt_core.models import load_config, load_model
-
     config, where = load_config(str(source))
     base = base_model_type(config)
     if base not in UNIFORM_ARCH:
@@ -413,8 +404,6 @@ def _resolve_source(source, report, evaluation):
 
 def default_gguf_path(run_name: str, weight_type: str) -> Path:
     """Where the studio writes a run's GGUF unless told otherwise: beside its safetensors export in the workspace."""
-    from slimgpt_core.export.checkpoint import default_export_folder
-
     folder = default_export_folder(run_name)
     return folder.with_name(f"{folder.name}.{normalise_weight_type(weight_type)}.gguf")
 
@@ -453,3 +442,20 @@ def export_run_gguf(run_folder: str | Path, out: str | Path, weight_type: str = 
                     callback: Callable | None = None, should_stop: Callable[[], bool] | None = None) -> GGUFExport:
     """The Export page's GGUF job: one run as one GGUF file."""
     return export_gguf(str(run_folder), out, weight_type, callback, should_stop, overwrite=overwrite)
+
+def llamacpp_speed(models: dict[str, object], weight_type: str = "q8_0", threads: int = 2, prompt_tokens: int = 128,
+                   new_tokens: int = 64, repeats: int = 3, callback: Callable | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> list[dict]:
+    """The Evaluate page's llama.cpp speed: each model (label -> run folder, or a loaded model for the dense one)
+    as a GGUF of `weight_type` (exported once into the workspace), then `speed_table`."""
+    import_llama_cpp()
+    files = {}
+    for label, source in models.items():
+        name = Path(source).name if isinstance(source, (str, Path)) else \
+            "dense-" + "".join(c if c.isalnum() or c in "-_." else "-"
+                               for c in Path(str(getattr(source, "name", "") or label)).name)
+        files[label] = gguf_for(source, name, weight_type, cancel=should_stop)
+    rows = speed_table(files, prompt_tokens, new_tokens, threads, repeats, callback, should_stop)
+    for row in rows:
+        row["weight_type"] = weight_type
+    return rows

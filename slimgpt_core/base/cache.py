@@ -15,9 +15,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
+import safetensors
+import safetensors.torch
 import torch
 
-from slimgpt_core.assets import cache_root
+from slimgpt_core.base.assets import cache_root
 
 KINDS = ("models", "tokens", "stats", "results")
 STATS: Counter = Counter()
@@ -49,14 +51,13 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 def lookup_tensors(kind: str, key: str) -> dict[str, torch.Tensor] | None:
     """The stored tensors, or None when absent or unreadable (a bad entry is deleted)."""
-    from safetensors import safe_open
 
     path = _path(kind, key, ".safetensors")
     if not path.exists():
         STATS[f"{kind}.miss"] += 1
         return None
     try:
-        with safe_open(str(path), "pt") as f:
+        with safetensors.safe_open(str(path), "pt") as f:
             if (f.metadata() or {}).get("key") == key:
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
                 STATS[f"{kind}.hit"] += 1  # counted once read: a bad entry is only "corrupt"
@@ -69,10 +70,8 @@ def lookup_tensors(kind: str, key: str) -> dict[str, torch.Tensor] | None:
 
 
 def store_tensors(kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
     _atomic_write(_path(kind, key, ".safetensors"),
-                  lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  lambda tmp: safetensors.torch.save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp,
                                         metadata={"key": key}))
 
 

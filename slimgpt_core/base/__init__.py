@@ -1,0 +1,1 @@
+"""Leaf utilities every other package may import: errors, events and the run record, devices and memory, model shapes and parameter counts, the model classes for mixed layer shapes, the asset root, the cache, folders written all at once. Nothing here imports from the rest of the project."""

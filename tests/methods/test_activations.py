@@ -13,10 +13,10 @@ import torch
 
 from tests.tiny_models import tiny_model
 from slimgpt_core.base.errors import SlimGPTError
-from slimgpt_core.methods import activations
-from slimgpt_core.methods.activations import (activation_device, activation_streams, available_memory_bytes,
-                                              buffer_like, check_memory, distributed_rank_world, fits,
-                                              peak_memory_mb, place, relative_distance, shard_tokens)
+from slimgpt_core.base import devices
+from slimgpt_core.base.devices import available_memory_bytes, peak_memory_mb
+from slimgpt_core.methods.activations import (activation_device, activation_streams, buffer_like, check_memory,
+                                              distributed_rank_world, fits, place, relative_distance, shard_tokens)
 from slimgpt_core.methods.prune_settings import PruneSettings
 
 GPU = torch.device("cuda", 1)

@@ -5,6 +5,7 @@ of the layer) lives in tests/reference_layer.py; these tests run both on the sam
 import pytest
 import torch
 
+from tests.reference_layer import reference_layer
 from tests.tiny_models import tiny_model
 from slimgpt_core.methods import pipeline
 from slimgpt_core.methods.forwards import replay_outputs

@@ -113,22 +113,54 @@ def _safe_cholesky(B: torch.Tensor) -> torch.Tensor:
     return L
 
 
-def _remove_columns(W: torch.Tensor, Hinv: torch.Tensor, cols: torch.Tensor, L: torch.Tensor) -> None:
-    """Group OBS update in place: δW = −W_Q (H⁻¹_QQ)⁻¹ H⁻¹_{Q,:}, then downdate H⁻¹ (L: chol of H⁻¹_QQ).
+def remove_columns(W: torch.Tensor, Hinv: torch.Tensor, cols: torch.Tensor, L: torch.Tensor, *,
+                   update_inverse: bool = True, zero_removed: bool = True, fused: bool = False) -> None:
+    """The one group-OBS removal (SPEC §2.1), in place: W ← W − W_Q (H⁻¹_QQ)⁻¹ H⁻¹_{Q,:} and, with
+    `update_inverse`, the same downdate of H⁻¹.
 
-    The downdate leaves H⁻¹'s rows and columns Q at rounding noise. The columns are zeroed so that later updates
-    (which read H⁻¹'s rows of *their* units, through columns Q) leave the removed weights at exactly zero; the rows
-    are never read again, since removed units are masked out of every later score and block."""
-    X = torch.cholesky_solve(Hinv[cols, :], L)  # (H⁻¹_QQ)⁻¹ H⁻¹_{Q,:}
-    W.sub_(W[:, cols] @ X)
-    Hinv.sub_(Hinv[:, cols] @ X)
-    W[:, cols] = 0.0
-    Hinv[:, cols] = 0.0
+    Shapes: W [out, in] fp32 (a linear layer's weight; its input columns are the units), Hinv [in, in] the damped
+    inverse Hessian, cols [q] int64 the input columns removed together (one KV group's columns or a group of FFN
+    channels), L [q, q] the lower Cholesky factor of H⁻¹_QQ. The error of the removal is `exact_error(L, W[:, cols])`
+    read before the call, in the units of `quadratic_error`.
+
+    `zero_removed`: the removed columns of W (and of H⁻¹) are set to zero, not left at rounding noise, so that later
+    updates (which read H⁻¹'s rows of *their* units, through columns Q) leave the removed weights at exactly zero;
+    H⁻¹'s rows Q are never read again, since removed units are masked out of every later score and block.
+    `fused`: the product is subtracted by `addmm_` (no temporary of W's or H⁻¹'s size); it rounds differently
+    from the unfused form in the last bit, so each caller keeps the form its results were made with."""
+    X = torch.cholesky_solve(Hinv[cols, :], L)  # (H⁻¹_QQ)⁻¹ H⁻¹_{Q,:}  [q, in]
+    targets = (W, Hinv) if update_inverse else (W,)
+    for M in targets:
+        if fused:
+            M.addmm_(M[:, cols], X, alpha=-1)
+        else:
+            M.sub_(M[:, cols] @ X)
+    if zero_removed:
+        for M in targets:
+            M[:, cols] = 0.0
 
 
-def _exact_error(L: torch.Tensor, W_cols: torch.Tensor) -> torch.Tensor:
+def exact_error(L: torch.Tensor, W_cols: torch.Tensor) -> torch.Tensor:
     """OBS error of removing the columns W_cols [out, q] together: ‖L⁻¹ W_Qᵀ‖²_F, L the lower chol of H⁻¹_QQ."""
     return torch.linalg.solve_triangular(L, W_cols.T, upper=False).pow(2).sum()
+
+
+def remove_and_measure(W: torch.Tensor, Hinv: torch.Tensor, cols: torch.Tensor) -> float:
+    """`remove_columns` of `cols` from W and H⁻¹ in place, fused, removed columns left at rounding noise (the
+    caller masks them out); returns the removal's error. For the error curves' long greedy passes."""
+    L = torch.linalg.cholesky(Hinv[cols][:, cols])
+    err = float(exact_error(L, W[:, cols]))
+    remove_columns(W, Hinv, cols, L, fused=True, zero_removed=False)
+    return err
+
+
+def removed_weights(W: torch.Tensor, Hinv: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """A new W after `remove_columns` of `cols` (H⁻¹ untouched), removed columns zero (no `cols`: a copy of W, the
+    empty factorisation changes nothing). For variants made from one dense-input inverse."""
+    L = torch.linalg.cholesky(Hinv[cols][:, cols])
+    out = W.clone()
+    remove_columns(out, Hinv, cols, L, update_inverse=False)
+    return out
 
 
 @dataclass
@@ -185,8 +217,8 @@ def prune_head_groups(W: torch.Tensor, H: torch.Tensor, group: int, n_remove: in
         unit = int(idx[best])
         cols = torch.arange(unit * group, (unit + 1) * group, device=W.device)
         # the error actually incurred is the exact group error, whatever mode ranked the units
-        predicted += float(_exact_error(L[best], W[:, cols]))
-        _remove_columns(W, Hinv, cols, L[best])
+        predicted += float(exact_error(L[best], W[:, cols]))
+        remove_columns(W, Hinv, cols, L[best])
         idx = idx[idx != unit]
         removed.append(unit)
     return PruneResult(W, removed, first, predicted, lam, [1] * len(removed))
@@ -223,8 +255,8 @@ def prune_channels(W: torch.Tensor, H: torch.Tensor, n_remove: int, damp: float 
             break
         cols = torch.topk(scores, cnt, largest=False).indices.sort().values
         L = _safe_cholesky(Hinv[cols][:, cols])
-        predicted += float(_exact_error(L, W[:, cols]))
-        _remove_columns(W, Hinv, cols, L)
+        predicted += float(exact_error(L, W[:, cols]))
+        remove_columns(W, Hinv, cols, L)
         alive[cols] = False
         removed.extend(cols.tolist())
         steps.append(cnt)

@@ -195,15 +195,6 @@ class Budget:
 
 # --- variants and the stitched forward -------------------------------------------------------------------------
 
-def remove_units(W: torch.Tensor, Hinv: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """W after one group-OBS removal of `cols` (δW = −W_Q (H⁻¹_QQ)⁻¹ H⁻¹_{Q,:}), removed columns zero
-    (no `cols`: a copy of W, the empty factorisation changes nothing)."""
-    L = torch.linalg.cholesky(Hinv[cols][:, cols])
-    out = W - W[:, cols] @ torch.cholesky_solve(Hinv[cols, :], L)
-    out[:, cols] = 0.0
-    return out
-
-
 class VariantDatabase:
     """Dense-input OBS variants of every o_proj and down_proj, made on demand from the curves' removal orders."""
 
@@ -235,9 +226,9 @@ class VariantDatabase:
         if module == "attn":
             g = self.group[layer]
             cols = torch.tensor([u * g + j for u in lc.head_order[:count] for j in range(g)], dtype=torch.long)
-            W = remove_units(Wo, Hi_o, cols)
+            W = obs.removed_weights(Wo, Hi_o, cols)
         else:
-            W = remove_units(Wd, Hi_d, torch.tensor(sorted(lc.ffn_order[:count]), dtype=torch.long))
+            W = obs.removed_weights(Wd, Hi_d, torch.tensor(sorted(lc.ffn_order[:count]), dtype=torch.long))
         self.cached[key] = W
         if len(self.cached) > self.max_cached:
             del self.cached[next(iter(self.cached))]  # the least recently used

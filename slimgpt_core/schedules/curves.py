@@ -63,7 +63,7 @@ def ffn_curve(W: torch.Tensor, H: torch.Tensor, step: int, damp: float = 0.01) -
         scores = W.pow(2).sum(0) / torch.diag(Hinv)  # live columns: H⁻¹'s diagonal is positive
         scores[dead] = torch.inf
         cols = torch.topk(scores, cnt, largest=False).indices.sort().values
-        total += _remove(W, Hinv, cols)
+        total += obs.remove_and_measure(W, Hinv, cols)
         dead[cols] = True
         order.extend(column[cols].tolist())
         counts.append(len(order))
@@ -73,17 +73,6 @@ def ffn_curve(W: torch.Tensor, H: torch.Tensor, step: int, damp: float = 0.01) -
             W, Hinv, column = W[:, live].contiguous(), Hinv[live][:, live].contiguous(), column[live]
             dead = torch.zeros(len(live), dtype=torch.bool, device=W.device)
     return counts, errors, order
-
-
-def _remove(W: torch.Tensor, Hinv: torch.Tensor, cols: torch.Tensor) -> float:
-    """Group OBS removal of `cols` in place (δW = −W_Q (H⁻¹_QQ)⁻¹ H⁻¹_{Q,:}); returns its error. The removed
-    columns of W and H⁻¹ are left at rounding noise: the caller masks them out."""
-    L = torch.linalg.cholesky(Hinv[cols][:, cols])
-    err = float(torch.linalg.solve_triangular(L, W[:, cols].T, upper=False).pow(2).sum())
-    X = torch.cholesky_solve(Hinv[cols, :], L)
-    W.addmm_(W[:, cols], X, alpha=-1)  # in place: no temporary of W's or H⁻¹'s size
-    Hinv.addmm_(Hinv[:, cols], X, alpha=-1)
-    return err
 
 
 def interpolate(counts: Sequence[int], values: Sequence[float], c: float) -> float:

@@ -510,3 +510,30 @@ def test_head_scores_under_an_fp64_default_dtype_stay_fp32():
     finally:
         torch.set_default_dtype(before)
     assert res.weight.dtype == torch.float32 and len(res.first_scores) == 6
+
+
+def test_one_group_obs_removal_is_the_least_squares_fit_for_every_caller():
+    """The core and its two wrappers: the weights left are the least-squares fit on the kept inputs (fp64
+    lstsq, independent of OBS), the error is what that fit loses; the pruner's and the variants' weights are the
+    same bits, the curves' fused form differs from them by rounding only and leaves H⁻¹ downdated."""
+    W, X = _problem(seed=3, out=10, units=8, group=3)
+    H = _hessian(X)
+    Wd, Hinv, _ = obs.damped_inverse(W, H, 0.0)
+    cols = torch.tensor([2, 5, 6, 11])
+    L = torch.linalg.cholesky(Hinv[cols][:, cols])
+    error = float(obs.exact_error(L, Wd[:, cols]))
+    assert error == pytest.approx(_least_squares_removal_error(W, X, cols.tolist()), rel=1e-3)
+    pruned, pruned_inv = Wd.clone(), Hinv.clone()
+    obs.remove_columns(pruned, pruned_inv, cols, L)
+    assert (pruned[:, cols] == 0).all() and (pruned_inv[:, cols] == 0).all()
+    assert _measured(W, pruned, X) == pytest.approx(error, rel=1e-3)
+    variant = obs.removed_weights(Wd, Hinv, cols)
+    assert torch.equal(variant, pruned) and torch.equal(Hinv, obs.damped_inverse(W, H, 0.0)[1])  # H⁻¹ untouched
+    fused, fused_inv = Wd.clone(), Hinv.clone()
+    assert obs.remove_and_measure(fused, fused_inv, cols) == error
+    live = [c for c in range(W.shape[1]) if c not in set(cols.tolist())]
+    # fp32 products of 24 terms of size ~|W|·|X|: a few ulps of the largest weight
+    torch.testing.assert_close(fused[:, live], pruned[:, live], rtol=1e-5, atol=1e-5 * float(Wd.abs().max()))
+    torch.testing.assert_close(fused_inv[live][:, live], pruned_inv[live][:, live], rtol=1e-5,
+                               atol=1e-5 * float(Hinv.abs().max()))
+    assert fused[:, cols].abs().max() < 1e-4 * float(Wd.abs().max())  # rounding noise, not zeroed

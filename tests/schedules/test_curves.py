@@ -91,12 +91,12 @@ def test_ffn_curve_is_the_greedy_obs_removal_step_columns_at_a_time(damp):
 
 def test_ffn_curve_compacts_once_an_eighth_of_the_columns_is_dead(monkeypatch):
     """The matrices shrink to the live columns whenever at least 1/8 of the columns held are dead."""
-    sizes, remove = [], curves._remove
+    sizes, remove = [], obs.remove_and_measure
 
     def recording(W, Hinv, cols):
         sizes.append((W.shape[1], Hinv.shape[0], Hinv.shape[1], len(cols)))
         return remove(W, Hinv, cols)
-    monkeypatch.setattr(curves, "_remove", recording)
+    monkeypatch.setattr(obs, "remove_and_measure", recording)
     n, step = 40, 2
     W, H = _weight(4, n, 4), _spd(n, 5)
     counts, errors, order = curves.ffn_curve(W, H, step)
@@ -346,15 +346,14 @@ def test_budget_moves_and_repair_stay_within_one_move_of_the_budget():
                               "raise the ceiling or the target")
 
 
-def test_remove_units_is_the_group_obs_update():
-    from slimgpt_core.schedules import autoschedule
+def test_removed_weights_is_the_group_obs_update():
     W, H = _weight(5, 9, 12), _spd(9, 13)
     Hd = _damped(H, 0.01)
     cols = [1, 4, 5]
-    out = autoschedule.remove_units(W, torch.linalg.inv(Hd).float(), torch.tensor(cols))
+    out = obs.removed_weights(W, torch.linalg.inv(Hd).float(), torch.tensor(cols))
     live = [c for c in range(9) if c not in cols]
     L = torch.tensor(live)
     expected = W.double() @ Hd[:, L] @ torch.linalg.inv(Hd[L][:, L])  # least squares on the kept inputs
     assert torch.allclose(out[:, L].double(), expected, atol=1e-4) and (out[:, cols] == 0).all()
-    same = autoschedule.remove_units(W, H, torch.tensor([], dtype=torch.long))
+    same = obs.removed_weights(W, H, torch.tensor([], dtype=torch.long))
     assert torch.equal(same, W) and same is not W

@@ -10,8 +10,8 @@ import torch
 from tests.tiny_models import tiny_model
 
 from slimgpt_core.base.errors import JobCancelled
+from slimgpt_core.methods import obs
 from slimgpt_core.schedules import curves, global_allocation as ga, refine
-from slimgpt_core.schedules.autoschedule import remove_units
 from slimgpt_core.base import cache
 
 
@@ -45,9 +45,9 @@ def _kl_by_hand(model, db, keep_heads, keep_ffn, fitness):
         Wo, Hi_o, Wd, Hi_d = db.inverse[i]
         cols = torch.tensor([u * 8 + j for u in lc.head_order[:kv[i]] for j in range(8)], dtype=torch.long)
         if kv[i]:
-            layer.self_attn.o_proj.weight.data = remove_units(Wo, Hi_o, cols)
+            layer.self_attn.o_proj.weight.data = obs.removed_weights(Wo, Hi_o, cols)
         if ch[i]:
-            layer.mlp.down_proj.weight.data = remove_units(Wd, Hi_d, torch.tensor(sorted(lc.ffn_order[:ch[i]])))
+            layer.mlp.down_proj.weight.data = obs.removed_weights(Wd, Hi_d, torch.tensor(sorted(lc.ffn_order[:ch[i]])))
     with torch.no_grad():
         p = torch.log_softmax(model(fitness).logits.double(), -1)
         q = torch.log_softmax(cand(fitness).logits.double(), -1)

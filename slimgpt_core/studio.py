@@ -12,7 +12,7 @@ import torch
 from slimgpt_core.base.devices import resolve_device
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.base.events import AchievedRatios, Progress, RunReport
-from slimgpt_core.base.shapes import count_parameters, layer_shape
+from slimgpt_core.base.shapes import count_parameters, layer_parameters, layer_shape
 from slimgpt_core.data import calibration_tokens
 from slimgpt_core.evaluation.evaluate import cached_perplexity
 from slimgpt_core.evaluation.speed import measure_speed
@@ -69,14 +69,7 @@ class SchedulePreview(AchievedRatios):
 
 
 def _layer_params(layer, q: int, kv: int, f: int) -> int:
-    attn, mlp = layer.self_attn, layer.mlp
-    d, hidden = attn.head_dim, attn.q_proj.in_features
-    n = hidden * d * (2 * q + 2 * kv) + 3 * hidden * f
-    n += sum(int(lin.bias is not None) * size for lin, size in
-             ((attn.q_proj, q * d), (attn.k_proj, kv * d), (attn.v_proj, kv * d), (attn.o_proj, hidden),
-              (mlp.gate_proj, f), (mlp.up_proj, f), (mlp.down_proj, hidden)))
-    norms = sum(p.numel() for name, p in layer.named_parameters() if "norm" in name)
-    return n + norms
+    return layer_parameters(layer, q, kv, f)
 
 
 def preview_schedule(model, settings: PruneSettings) -> SchedulePreview:

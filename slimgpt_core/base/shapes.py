@@ -3,6 +3,9 @@
 The slicing helpers live in modeling_slimgpt.py, which exported checkpoints ship as their remote code."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Collection
+
 from torch import nn
 from transformers import AutoConfig
 
@@ -10,6 +13,7 @@ from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.base.modeling_slimgpt import (CLASSES, LAYER_KEYS, keep_channels, keep_kv_groups, layer_shape)  # noqa: F401
 
 SUPPORTED_ARCHITECTURES = tuple(CLASSES)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def base_model_type(config) -> str | None:
@@ -95,3 +99,86 @@ def check_context_length(config, seqlen: int, what: str = "sequence length") -> 
     limit = getattr(config, "max_position_embeddings", None)
     if limit and seqlen > limit:
         raise SlimGPTError(f"{what} {seqlen} exceeds the model's context of {limit} tokens")
+
+
+# --- the parameter counter ---------------------------------------------------------------------------------------
+
+def decoder_layer_parameters(q_heads, kv_heads, ffn, hidden, head_dim: int, biases: Collection[str] = (),
+                             norms=None):
+    """Parameters of one llama-family decoder layer: q/k/v/o and gate/up/down, a bias on each projection that
+    `biases` names (`PROJECTIONS`), and `norms` norm weights (None: two norms over the hidden size).
+
+    Works on ints, floats and tensors alike (shear's masks count fractional expected shapes), and adds in the
+    same order for each, so a count of a shape without biases is the same float whatever the caller."""
+    n = hidden * head_dim * (2 * q_heads + 2 * kv_heads) + 3 * hidden * ffn
+    for name in PROJECTIONS:
+        if name in biases:
+            n = n + {"q_proj": q_heads * head_dim, "k_proj": kv_heads * head_dim, "v_proj": kv_heads * head_dim,
+                     "gate_proj": ffn, "up_proj": ffn}.get(name, hidden)  # o_proj, down_proj: hidden
+    return n + (2 * hidden if norms is None else norms)
+
+
+def outer_parameters(hidden, vocab: int, tied: bool, head_bias: bool = False):
+    """Parameters outside the layers: embedding, untied head (and its bias) and final norm."""
+    n = hidden * (vocab * (1 if tied else 2) + 1)
+    return n + vocab if head_bias and not tied else n
+
+
+def model_parameters(layers, q_heads, kv_heads, ffn, hidden, head_dim: int, vocab: int, tied: bool,
+                     biases: Collection[str] = (), norms=None, head_bias: bool = False):
+    """Parameters of a llama-family model whose layers all have this shape."""
+    return (layers * decoder_layer_parameters(q_heads, kv_heads, ffn, hidden, head_dim, biases, norms)
+            + outer_parameters(hidden, vocab, tied, head_bias))
+
+
+@dataclass(frozen=True)
+class UnitParameters:
+    """A decoder layer's parameters split by unit: the count is fixed + kv_groups·per_kv_group +
+    channels·per_channel (a KV group: its query heads, K and V rows and o_proj columns; a channel: its gate and up
+    rows and down_proj column)."""
+    fixed: int
+    per_kv_group: int
+    per_channel: int
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """What a decoder layer's parameter count depends on besides its widths, read from its modules."""
+    hidden: int
+    head_dim: int
+    biases: frozenset[str]  # projections that carry a bias
+    norm_sizes: tuple[int, ...]  # every norm weight's length
+
+    def norms(self, hidden: int | None = None) -> int:
+        """Norm weights at this hidden size: the norms over the hidden size follow it, any other (over a head,
+        say) keeps its length."""
+        if hidden is None:
+            return sum(self.norm_sizes)
+        return sum(hidden if size == self.hidden else size for size in self.norm_sizes)
+
+    def parameters(self, q_heads: int, kv_heads: int, ffn: int) -> int:
+        return decoder_layer_parameters(q_heads, kv_heads, ffn, self.hidden, self.head_dim, self.biases, self.norms())
+
+    def units(self, heads_per_group: int) -> UnitParameters:
+        fixed = self.parameters(0, 0, 0)
+        return UnitParameters(fixed, self.parameters(heads_per_group, 1, 0) - fixed, self.parameters(0, 0, 1) - fixed)
+
+
+def layer_layout(layer) -> LayerLayout:
+    attn = layer.self_attn
+    modules = {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj, "o_proj": attn.o_proj,
+               "gate_proj": layer.mlp.gate_proj, "up_proj": layer.mlp.up_proj, "down_proj": layer.mlp.down_proj}
+    return LayerLayout(attn.q_proj.in_features, attn.head_dim,
+                       frozenset(name for name, m in modules.items() if m.bias is not None),
+                       tuple(p.numel() for name, p in layer.named_parameters() if "norm" in name))
+
+
+def layer_parameters(layer, q_heads: int, kv_heads: int, ffn: int) -> int:
+    """Parameters `layer` holds once cut to these widths (biases and norms as it has them)."""
+    return layer_layout(layer).parameters(q_heads, kv_heads, ffn)
+
+
+def unit_parameters(layer) -> UnitParameters:
+    """`layer`'s parameters split by unit (its own heads per KV group)."""
+    q, kv, _ = layer_shape(layer)
+    return layer_layout(layer).units(q // kv)

@@ -28,7 +28,8 @@ from slimgpt_core.base.cache import forget_fingerprint
 from slimgpt_core.base.devices import peak_memory_mb, resolve_device
 from slimgpt_core.base.errors import JobCancelled, SlimGPTError, out_of_memory_message
 from slimgpt_core.base.events import Callback, LayerDone, Progress, RunReport, ShotDone
-from slimgpt_core.base.shapes import count_parameters, keep_channels, keep_kv_groups, layer_shape, update_config
+from slimgpt_core.base.shapes import (count_parameters, keep_channels, keep_kv_groups, layer_shape, unit_parameters,
+                                      update_config)
 from slimgpt_core.methods import kfac
 from slimgpt_core.methods.curvature import CurvatureCollector, factor_bytes, linears
 from slimgpt_core.methods.prune_settings import plan_removals
@@ -160,27 +161,13 @@ def _head_unit_costs(layer, A_d, A_inv, G_d, G_inv, rows_dead: bool = False,
     return kv, ffn
 
 
-def _unit_params(layer) -> tuple[int, int]:
-    """Parameters one KV group and one FFN channel of this layer hold."""
-    lin = linears(layer)
-    q, kv, f = layer_shape(layer)
-
-    def per_row(m):
-        return m.in_features + (1 if m.bias is not None else 0)
-    rows_q, rows_kv = lin["q_proj"].out_features // kv, lin["k_proj"].out_features // kv
-    group = rows_q * per_row(lin["q_proj"]) + rows_kv * (per_row(lin["k_proj"]) + per_row(lin["v_proj"])) \
-        + rows_q * lin["o_proj"].out_features
-    channel = per_row(lin["gate_proj"]) + per_row(lin["up_proj"]) + lin["down_proj"].out_features
-    return group, channel
-
-
 def schedule_fraction(model, settings) -> float:
     """The fraction of decoder-layer parameters a per-layer schedule (settings as for SlimGPT) removes: the
     budget that makes LLM Surgeon's global allocation comparable at equal achieved ratio."""
 
     _, _, head_rm, ffn_rm = plan_removals(model, settings)
-    removed = sum(h * _unit_params(layer)[0] + c * _unit_params(layer)[1]
-                  for layer, h, c in zip(model.model.layers, head_rm, ffn_rm))
+    units = [unit_parameters(layer) for layer in model.model.layers]
+    removed = sum(h * u.per_kv_group + c * u.per_channel for u, h, c in zip(units, head_rm, ffn_rm))
     return removed / count_parameters(model.model.layers)
 
 
@@ -367,9 +354,9 @@ def _heads_shot(model, A, G, damp: float, budget: int, compensate: bool, update:
             kv_cost, ffn_cost = _head_unit_costs(layer, A_d, A_inv, G_d, G_inv, rows_dead)
         else:  # K-OBD ranks by what zeroing costs with nothing compensated (undamped factors, as the authors)
             kv_cost, ffn_cost = _head_unit_costs(layer, A[i], None, G[i], None, rows_dead, drop=True)
-        p_kv, p_ffn = _unit_params(layer)
-        units += [_Unit(float(c), i, "kv", u, p_kv) for u, c in enumerate(kv_cost.tolist())]
-        units += [_Unit(float(c), i, "ffn", u, p_ffn) for u, c in enumerate(ffn_cost.tolist())]
+        params = unit_parameters(layer)
+        units += [_Unit(float(c), i, "kv", u, params.per_kv_group) for u, c in enumerate(kv_cost.tolist())]
+        units += [_Unit(float(c), i, "ffn", u, params.per_channel) for u, c in enumerate(ffn_cost.tolist())]
         alive_kv.append(len(kv_cost))
         alive_ffn.append(len(ffn_cost))
     chosen = select_heads(units, budget, alive_kv, alive_ffn)

@@ -26,7 +26,7 @@ import torch
 from slimgpt_core import data
 from slimgpt_core.base.devices import resolve_device
 from slimgpt_core.base.errors import SlimGPTError
-from slimgpt_core.base.shapes import count_parameters
+from slimgpt_core.base.shapes import count_parameters, unit_parameters
 from slimgpt_core.methods import obs
 from slimgpt_core.methods.forwards import capture_layer_inputs, run_layer
 from slimgpt_core.schedules.curves import ModelCurves, dense_hessians, error_curves
@@ -90,24 +90,10 @@ class AutoSchedule:
 
 # --- parameter costs -----------------------------------------------------------------------------------------
 
-def _numel(linear: torch.nn.Linear, rows: int | None = None, cols: int | None = None) -> int:
-    out, inp = linear.weight.shape
-    n = (rows if rows is not None else out) * (cols if cols is not None else inp)
-    if linear.bias is not None and rows is not None:
-        n += rows
-    return n
-
-
 def unit_costs(model) -> tuple[list[int], list[int]]:
     """Parameters one KV group (its query heads, K, V and o_proj columns) and one FFN channel remove, per layer."""
-    heads, ffn = [], []
-    for layer in model.model.layers:
-        a, m = layer.self_attn, layer.mlp
-        d, rep = a.head_dim, a.num_key_value_groups
-        heads.append(_numel(a.q_proj, rows=rep * d) + _numel(a.k_proj, rows=d) + _numel(a.v_proj, rows=d)
-                     + _numel(a.o_proj, cols=rep * d))
-        ffn.append(_numel(m.gate_proj, rows=1) + _numel(m.up_proj, rows=1) + _numel(m.down_proj, cols=1))
-    return heads, ffn
+    units = [unit_parameters(layer) for layer in model.model.layers]
+    return [u.per_kv_group for u in units], [u.per_channel for u in units]
 
 
 # --- genome: removed KV groups and FFN levels per layer ----------------------------------------------------

@@ -1,6 +1,6 @@
 """What the schedule editor in the browser needs to recompute a schedule's consequences on its own, built once.
 
-Per layer the parameter count is linear in what the schedule removes (`studio._layer_params` with q = kv·rep):
+Per layer the parameter count is linear in what the schedule removes (`shapes.unit_parameters`):
     fixed + kv_groups · params_per_kv_group + channels · params_per_channel
 so the browser gets those three numbers per layer plus the model's total, and the error curves (`curves.py`)
 compacted, and evaluates `preview_schedule`'s parameters and ratios and `predict`'s errors itself while a bar moves.
@@ -11,29 +11,18 @@ from __future__ import annotations
 from typing import Sequence
 
 from slimgpt_core.base.errors import SlimGPTError
-from slimgpt_core.base.shapes import count_parameters, layer_shape
+from slimgpt_core.base.shapes import count_parameters, layer_shape, unit_parameters
 from slimgpt_core.schedules.curves import LayerCurves, MAP_RATIOS, ModelCurves
 
 SIGNIFICANT_DIGITS = 5  # relative errors sent at this precision: the predicted errors are estimates to a few %
 
 
 def layer_param_terms(layer) -> dict[str, int]:
-    """(fixed, per KV group, per FFN channel) parameters of a decoder layer, `studio._layer_params` split by unit."""
-    attn, mlp = layer.self_attn, layer.mlp
+    """(fixed, per KV group, per FFN channel) parameters of a decoder layer (`shapes.unit_parameters`)."""
     q, kv, f = layer_shape(layer)
-    rep = q // kv
-    d, hidden = attn.head_dim, attn.q_proj.in_features
-
-    def has_bias(lin) -> int:
-        return int(lin.bias is not None)
-
-    per_group = hidden * d * (2 * rep + 2) + d * (rep * has_bias(attn.q_proj) + has_bias(attn.k_proj)
-                                                  + has_bias(attn.v_proj))
-    per_channel = 3 * hidden + has_bias(mlp.gate_proj) + has_bias(mlp.up_proj)
-    norms = sum(p.numel() for name, p in layer.named_parameters() if "norm" in name)
-    fixed = norms + hidden * (has_bias(attn.o_proj) + has_bias(mlp.down_proj))
-    return {"n_kv": kv, "heads_per_unit": rep, "n_ffn": f, "kv_params": per_group, "ffn_params": per_channel,
-            "fixed_params": fixed}
+    units = unit_parameters(layer)
+    return {"n_kv": kv, "heads_per_unit": q // kv, "n_ffn": f, "kv_params": units.per_kv_group,
+            "ffn_params": units.per_channel, "fixed_params": units.fixed}
 
 
 def _compact(values: Sequence[float]) -> list[float]:

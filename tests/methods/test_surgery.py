@@ -13,15 +13,16 @@ import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config
 
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.base.modeling_slimgpt import (CLASSES, SlimGPTLlamaConfig, SlimGPTLlamaForCausalLM,
                                                   keep_query_heads, register_auto_classes, resize_layer,
                                                   sliced_linear)
-from slimgpt_core.base.shapes import (base_model_type, count_parameters, describe_layers, head_dim,
-                                          is_heterogeneous, keep_channels, keep_kv_groups, layer_shape, target_shape,
-                                          update_config)
+from slimgpt_core.base.shapes import (base_model_type, count_parameters, decoder_layer_parameters, describe_layers,
+                                          head_dim, is_heterogeneous, keep_channels, keep_kv_groups, layer_layout,
+                                          layer_parameters, layer_shape, model_parameters, target_shape,
+                                          unit_parameters, update_config)
 from tests import ROOT
 from tests.tiny_models import tiny_model
 
@@ -394,3 +395,36 @@ def test_a_one_layer_model_pruned_uniformly(tmp_path, tokens):
         (2, 1, 10)
     torch.testing.assert_close(_logits(_round_trip(sliced, tmp_path / "one"), tokens), _logits(full, tokens),
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: biases on q, k and v
+def test_the_parameter_counter_counts_what_transformers_builds(arch):
+    """The one counter against the layers transformers itself builds at other widths (counted by numel)."""
+    source = tiny_model(arch, heads=6, kv=3, ffn=20, hidden=24)
+    layer = source.model.layers[0]
+    layout = layer_layout(layer)
+    assert layout.biases == ({"q_proj", "k_proj", "v_proj"} if arch == "qwen2" else set())
+    units = unit_parameters(layer)
+    for q, kv, f in [(6, 3, 20), (4, 2, 7), (2, 1, 1)]:
+        extra = {"layer_types": ["full_attention"] * 2} if arch == "qwen2" else {}
+        config = AutoConfig.for_model(arch, hidden_size=24, intermediate_size=f, num_hidden_layers=2,
+                                      num_attention_heads=q, num_key_value_heads=kv, head_dim=4, vocab_size=101,
+                                      **extra)
+        built = AutoModelForCausalLM.from_config(config)
+        want = count_parameters(built.model.layers[0])
+        assert layer_parameters(layer, q, kv, f) == want
+        assert units.fixed + kv * units.per_kv_group + f * units.per_channel == want
+        assert model_parameters(2, q, kv, f, 24, 4, config.vocab_size, config.tie_word_embeddings,
+                                layout.biases, layout.norms()) == count_parameters(built)
+
+
+def test_the_parameter_counter_adds_floats_and_tensors_in_one_order():
+    """Shear's masks count expected (fractional) shapes: the tensor count is the float count, bit for bit."""
+    kv, heads, ffn, hidden = torch.tensor([1.25, 2.5]), torch.tensor([3.75, 5.0]), torch.tensor([7.3, 9.1]), 11.7
+    n = decoder_layer_parameters(heads, kv, ffn, hidden, 4)
+    n64 = decoder_layer_parameters(heads.double(), kv.double(), ffn.double(), hidden, 4)  # Python floats are fp64
+    for i in range(2):
+        assert float(n64[i]) == float(decoder_layer_parameters(float(heads[i]), float(kv[i]), float(ffn[i]), hidden, 4))
+    # the formula written out: q/k/v/o, gate/up/down and two norms over the hidden size
+    expected = hidden * 4 * (2 * heads + 2 * kv) + 3 * hidden * ffn + 2 * hidden
+    assert torch.equal(n, expected)

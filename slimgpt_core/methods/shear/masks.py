@@ -8,24 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimgpt_core.base.shapes import decoder_layer_parameters, model_parameters, outer_parameters
 from slimgpt_core.methods.shear import hard_concrete as hc
 from slimgpt_core.methods.shear.target import Shape
-
-
-def layer_parameters(kv, heads, ffn, hidden, head_dim: int):
-    """Parameters of one llama-family layer of this (possibly expected, fractional) shape: q/k/v/o, gate/up/down
-    and two norms. Works on floats and tensors alike."""
-    return hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * ffn + 2 * hidden
-
-
-def outer_parameters(hidden, vocab: int, tied: bool):
-    """Parameters outside the layers: embedding, untied head and final norm."""
-    return hidden * (vocab * (1 if tied else 2) + 1)
-
-
-def shape_parameters(layers, kv, heads, ffn, hidden, head_dim: int, vocab: int, tied: bool):
-    """Parameters of a llama-family model of this shape."""
-    return layers * layer_parameters(kv, heads, ffn, hidden, head_dim) + outer_parameters(hidden, vocab, tied)
 
 
 class ShearMasks(nn.Module):
@@ -105,12 +90,12 @@ class ShearMasks(nn.Module):
             rep = p["heads"].sum(1) if "heads" in p else torch.full((s.layers,), float(s.heads_per_group))
             ffn = p["ffn"].sum(1) if "ffn" in p else torch.full((s.layers,), float(s.ffn))
             hidden = p["hidden"].sum() if "hidden" in p else torch.tensor(float(s.hidden))
-            per_layer = layer_parameters(kv, kv * rep, ffn, hidden, self.head_dim)
+            per_layer = decoder_layer_parameters(kv * rep, kv, ffn, hidden, self.head_dim)
             return float((layer_p * per_layer).sum() + outer_parameters(hidden, self.vocab, self.tied))
 
     def target_parameters(self) -> int:
         t = self.target
-        return int(shape_parameters(t.layers, t.kv_groups, t.heads, t.ffn, t.hidden, self.head_dim, self.vocab,
+        return int(model_parameters(t.layers, t.heads, t.kv_groups, t.ffn, t.hidden, self.head_dim, self.vocab,
                                     self.tied))
 
     def clamp_(self) -> None:

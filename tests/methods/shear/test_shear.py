@@ -16,10 +16,10 @@ from slimgpt_core.methods.shear import hard_concrete as hc
 from slimgpt_core.methods.shear.apply import MaskedModel
 from slimgpt_core.methods.shear.cut import cut_model
 from slimgpt_core.training.domain_mix import draw_domains, update_domain_weights
-from slimgpt_core.methods.shear.masks import ShearMasks, shape_parameters
+from slimgpt_core.methods.shear.masks import ShearMasks
 from slimgpt_core.methods.shear.target import Shape, resolve_target, source_shape
 from slimgpt_core.methods.shear.train import ShearSettings, shear_model
-from slimgpt_core.base.shapes import count_parameters, head_dim
+from slimgpt_core.base.shapes import count_parameters, head_dim, model_parameters
 from tests.tiny_models import tiny_model
 
 
@@ -104,7 +104,7 @@ def test_sliced_model_equals_masked_model(assets_root, case):
         attn = layer.self_attn
         assert attn.q_proj.out_features == attn.k_proj.out_features * target.heads_per_group
         assert attn.num_key_value_groups == target.heads_per_group
-    assert count_parameters(model) == shape_parameters(target.layers, target.kv_groups, target.heads, target.ffn,
+    assert count_parameters(model) == model_parameters(target.layers, target.heads, target.kv_groups, target.ffn,
                                                        target.hidden, head_dim(model.config),
                                                        model.config.vocab_size, tied)
 

@@ -50,9 +50,19 @@ def available_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
+def _fits(need: int, have: int | None, share: float, below: bool) -> bool:
+    return have is None or (need < share * have if below else need <= share * have)
+
+
+def fits_in_memory(need: int, device: torch.device, share: float = 0.9, below: bool = False) -> bool:
+    """The one comparison of a planned size with free memory: whether `need` bytes are at most (`below`: under)
+    `share` of what is free on `device`. Free memory unknown: they are taken to fit."""
+    return _fits(need, available_memory_bytes(device), share, below)
+
+
 def check_free_memory(need: int, device: torch.device, needs: str, advice: str) -> None:
     """Refuse before any work when `need` bytes exceed nine tenths of what is free on `device` (unknown: go on):
     "{needs} N GiB but DEVICE has M GiB free: {advice}"."""
     have = available_memory_bytes(device)
-    if have is not None and need > 0.9 * have:
+    if not _fits(need, have, 0.9, below=False):
         raise SlimGPTError(f"{needs} {need / 2**30:.1f} GiB but {device} has {have / 2**30:.1f} GiB free: {advice}")

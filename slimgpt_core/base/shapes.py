@@ -94,10 +94,20 @@ def target_shape(target_config: dict, model) -> tuple[list[int], list[int]]:
     return [int(h) for h in heads], [int(f) for f in ffn]
 
 
+def context_length(config) -> int | None:
+    """The model's context in tokens (None where the config does not say)."""
+    return getattr(config, "max_position_embeddings", None) or None
+
+
+def fits_context(config, seqlen: int) -> bool:
+    limit = context_length(config)
+    return limit is None or seqlen <= limit
+
+
 def check_context_length(config, seqlen: int, what: str = "sequence length") -> None:
     """Refuse a sequence longer than the model's context (`what` names the setting in the sentence)."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit and seqlen > limit:
+    if not fits_context(config, seqlen):
+        limit = context_length(config)
         raise SlimGPTError(f"{what} {seqlen} exceeds the model's context of {limit} tokens")
 
 

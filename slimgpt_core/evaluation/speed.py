@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from slimgpt_core.base.shapes import count_parameters
+from slimgpt_core.base.shapes import count_parameters, fits_context
 
 
 @dataclass
@@ -52,13 +52,12 @@ def measure_speed(model, batch_sizes=(1, 8), prompt_lens=(128, 512), new_tokens:
                   folder: str | Path | None = None, seed: int = 0) -> SpeedReport:
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
-    limit = getattr(model.config, "max_position_embeddings", None) or 10**9
     g = torch.Generator().manual_seed(seed)
     points = []
     model.eval()
     for batch in batch_sizes:
         for plen in prompt_lens:
-            if plen + new_tokens > limit:
+            if not fits_context(model.config, plen + new_tokens):
                 continue
             ids = torch.randint(0, vocab, (batch, plen), generator=g).to(device)
             if device.type == "cuda":

@@ -14,6 +14,7 @@ from typing import Callable
 from slimgpt_core.base import assets
 from slimgpt_core.base.cache import lookup_json, model_fingerprint, store_json
 from slimgpt_core.base.errors import JobCancelled, SlimGPTError
+from slimgpt_core.base.shapes import context_length
 from slimgpt_core.models import require_hub
 
 TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -112,7 +113,7 @@ def _zero_shot(model, tokenizer, tasks: list[str], limit: int | None, batch_size
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-document truncation notes drown progress
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
-              max_length=getattr(model.config, "max_position_embeddings", None), truncation=True)
+              max_length=context_length(model.config), truncation=True)
     results: dict[str, TaskResult] = {}
     with tempfile.TemporaryDirectory(prefix="slimgpt-tasks-") as folder:
         offline = {t: task_source(t) for t in tasks}

@@ -59,8 +59,8 @@ def activation_device(model, tokens: torch.Tensor, device: torch.device, mode: s
         return device
     if mode == "always":
         return torch.device("cpu")
-    free = torch.cuda.mem_get_info(device)[0]
-    return device if activation_bytes(model, tokens.numel(), buffers) < 0.5 * free else torch.device("cpu")
+    fits = devices.fits_in_memory(activation_bytes(model, tokens.numel(), buffers), device, 0.5, below=True)
+    return device if fits else torch.device("cpu")
 
 
 def buffer_like(x: torch.Tensor) -> torch.Tensor:
@@ -84,5 +84,4 @@ def check_memory(model, nsamples: int, seqlen: int, device: torch.device, buffer
 
 def fits(nbytes: int, where: torch.device) -> bool:
     """Whether a buffer kept between passes fits comfortably (a quarter of what is free there)."""
-    have = devices.available_memory_bytes(where)
-    return have is None or nbytes < 0.25 * have
+    return devices.fits_in_memory(nbytes, where, 0.25, below=True)

@@ -91,13 +91,11 @@ def check_memory(model, batch_size: int, seqlen: int, device: torch.device) -> t
     need_acts = 4 * batch_size * seqlen * (3 * cfg.vocab_size + 24 * cfg.hidden_size * cfg.num_hidden_layers
                                            + 4 * getattr(cfg, "intermediate_size", cfg.hidden_size)
                                            * cfg.num_hidden_layers)
-    have = devices.available_memory_bytes(device)
-    if device.type == "cuda" and have is not None and need_factors + need_acts > 0.9 * have:
-        cpu = devices.available_memory_bytes(torch.device("cpu"))
-        if cpu is None or need_factors < 0.9 * cpu:
-            return torch.device("cpu")
-    elif have is None or need_factors + need_acts <= 0.9 * have:
+    if devices.fits_in_memory(need_factors + need_acts, device):
         return device
+    if device.type == "cuda" and devices.fits_in_memory(need_factors, torch.device("cpu"), below=True):
+        return torch.device("cpu")
+    have = devices.available_memory_bytes(device)
     raise SlimGPTError(
         f"LLM Surgeon needs {need_factors / 2**30:.2f} GiB for the KFAC factors (fixed by the model) and about "
         f"{need_acts / 2**30:.2f} GiB for a forward+backward of --batch-size {batch_size} × {seqlen} tokens, but "

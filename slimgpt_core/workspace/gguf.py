@@ -22,7 +22,7 @@ import torch
 
 from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.base.events import Progress, RunReport
-from slimgpt_core.base.shapes import base_model_type, head_dim as config_head_dim
+from slimgpt_core.base.shapes import base_model_type, context_length, head_dim as config_head_dim
 from slimgpt_core.evaluation.llamacpp import import_llama_cpp, speed_table
 from slimgpt_core.models import _resolve_alias, load_config, load_model
 from slimgpt_core.workspace.exports import _card_inputs, default_export_folder
@@ -141,7 +141,7 @@ def _metadata(writer: gguf.GGUFWriter, model, arch: str) -> None:
     q, kv, ff = ([s[k] for s in shapes] for k in range(3))
     ff = [f if f or not h else 1 for h, f in zip(q, ff)]  # the zero channel written for FFN-less layers
     per_layer = (lambda v: v) if arch == MIXED_ARCH else (lambda v: v[0])
-    writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
+    writer.add_context_length(int(context_length(config) or 2048))
     writer.add_embedding_length(int(config.hidden_size))
     writer.add_block_count(len(shapes))
     writer.add_feed_forward_length(per_layer(ff))

@@ -164,6 +164,15 @@ def test_a_kept_buffer_fits_below_a_quarter_of_what_is_free(monkeypatch):
     assert fits(10**15, GPU)  # unknown: assumed to fit
 
 
+def test_one_memory_comparison_at_most_or_below_a_share(monkeypatch):
+    asked = _have(monkeypatch, 1000)
+    assert devices.fits_in_memory(900, GPU) and not devices.fits_in_memory(901, GPU)  # at most nine tenths
+    assert devices.fits_in_memory(499, GPU, 0.5, below=True) and not devices.fits_in_memory(500, GPU, 0.5, below=True)
+    assert asked == [GPU] * 4
+    _have(monkeypatch, None)
+    assert devices.fits_in_memory(10**15, GPU, 0.25, below=True)  # unknown: assumed to fit
+
+
 def test_activation_device_asks_the_gpu_it_would_use(monkeypatch, tokens):
     model = tiny_model()
     asked = []

@@ -14,7 +14,8 @@ from slimgpt_core.methods.curvature import LINEARS, CurvatureCollector, factor_b
 from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
-from slimgpt_core.methods.surgeon import rows_threshold, select_heads, zero_fraction, _Unit
+from slimgpt_core.base import devices
+from slimgpt_core.methods.surgeon import check_memory, rows_threshold, select_heads, zero_fraction, _Unit
 
 
 def _spd(n, seed):
@@ -285,3 +286,29 @@ def test_budget_for_comparison_equals_what_the_schedule_removes(stories):
     fraction = schedule_fraction(loaded.model, settings)
     report = prune_model(loaded.model, stories[1], settings, use_cache=False)
     assert fraction == pytest.approx(report.achieved_layer_ratio, abs=1e-12)
+
+
+def test_factors_go_where_they_fit_and_otherwise_one_sentence(monkeypatch):
+    """On the device when factors and a forward+backward fit nine tenths of its free memory; on a GPU that cannot
+    hold them, on the CPU when the factors alone fit there; else the refusal names both sizes."""
+    model = tiny_model()  # hidden 32, 3 layers, FFN 48, vocab 101
+    factors = factor_bytes(model)
+    acts = 4 * 2 * 16 * (3 * 101 + 24 * 32 * 3 + 4 * 48 * 3)  # batch 2 × 16 tokens, as the docstring's estimate
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    free = {}
+    monkeypatch.setattr(devices, "available_memory_bytes", lambda device: free[device.type])
+    need = factors + acts
+    assert 0.9 * (need / 0.9) == need and 0.9 * (factors / 0.9) == factors  # the boundaries below are exact
+    free.update(cuda=need / 0.9, cpu=None)
+    assert check_memory(model, 2, 16, gpu) == gpu  # exactly nine tenths: fits
+    free.update(cuda=need / 0.9 - 2, cpu=factors / 0.9 + 2)
+    assert check_memory(model, 2, 16, gpu) == cpu
+    free.update(cpu=factors / 0.9)  # the CPU fallback wants room to spare
+    with pytest.raises(SlimGPTError) as refused:
+        check_memory(model, 2, 16, gpu)
+    assert str(refused.value).startswith(f"LLM Surgeon needs {factors / 2**30:.2f} GiB for the KFAC factors")
+    free.update(cpu=need / 0.9 - 2)
+    with pytest.raises(SlimGPTError):
+        check_memory(model, 2, 16, cpu)  # no fallback from the CPU
+    free.update(cpu=None)
+    assert check_memory(model, 2, 16, cpu) == cpu  # free memory unknown: go on

@@ -178,168 +178,209 @@ def module_sensitivities(model, db: DiskVariantDatabase, budget: ga.GroupBudget,
     return out
 
 
+class _AutoRun:
+    """One `auto_schedule` run: its clock, its progress events and what its phases share (the state the events
+    report, the curves, the budget, the variants, the stitched model and the current parent)."""
+
+    def __init__(self, config: AutoConfig, callback: Callable | None, should_stop: Callable[[], bool] | None):
+        self.t0 = time.perf_counter()
+        self.config, self.callback, self.should_stop = config, callback, should_stop
+        self.stop = should_stop or bool
+        self.state: dict = {"best": "", "kl": math.nan, "fast_kl": math.nan, "generation": 0, "found_at": 0,
+                            "evaluations": 0, "g": None}
+        self.db: DiskVariantDatabase | None = None
+        self.n_kv: list[int] = []
+        self.n_ffn: list[int] = []
+        self.snapshots: dict[float, dict] = {}
+        self.pending = sorted(config.snapshots)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def ratios(self, g):
+        n = len(self.n_kv)
+        return ([int(k) / u for k, u in zip(g[:n], self.n_kv)], [int(c) / u for c, u in zip(g[n:], self.n_ffn)])
+
+    def emit(self, phase: str, fraction: float, eta: float | None):
+        if self.callback is None:
+            return
+        state, db, g = self.state, self.db, self.state["g"]
+        hr, fr = self.ratios(g) if g is not None else ([], [])
+        self.callback(AutoProgress(phase, max(0.0, min(1.0, fraction)), eta, self.elapsed(), state["best"],
+                                   state["kl"], state["fast_kl"], state["generation"], state["evaluations"], hr, fr,
+                                   db.built if db else 0, db.from_disk if db else 0))
+
+    def phase_progress(self, phase: str):
+        started = time.perf_counter()
+
+        def report(done: int, total: int):
+            spent = time.perf_counter() - started
+            self.emit(phase, done / total, spent / done * (total - done) if done else None)
+        return report
+
+    def prepare(self, model, tokens: torch.Tensor, fitness: torch.Tensor, curves: ModelCurves | None) -> None:
+        """The phases before any schedule: curves, budget, variant database, stitched model, sensitivities."""
+        config = self.config
+        self.emit("curves", 0.0, None)
+        self.curves = curves or error_curves(model, tokens, config.damp, config.batch_size, config.device,
+                                             progress=self.phase_progress("curves"), should_stop=self.should_stop)
+        self.n = len(self.curves.layers)
+        self.n_kv, self.n_ffn = [lc.n_kv for lc in self.curves.layers], [lc.n_ffn for lc in self.curves.layers]
+        head_cost, ffn_cost = unit_costs(model)
+        self.budget = ga.GroupBudget(self.n_kv, self.n_ffn, head_cost, ffn_cost, config.budget,
+                                     count_parameters(model), count_parameters(model.model.layers), config.ffn_levels)
+        self.emit("database", 0.0, None)
+        self.db = DiskVariantDatabase(model, self.curves, tokens, config.damp, config.batch_size, config.device,
+                                      self.should_stop, progress=self.phase_progress("database"))
+        if self.stop():
+            raise JobCancelled("auto was stopped before its first schedule")
+        self.emit("sensitivity", 0.0, None)
+        self.net = StitchedModel(model, self.db, fitness, config.batch_size, config.device)
+        self.sensitivity = module_sensitivities(model, self.db, self.budget, fitness, config.batch_size, config.seed)
+        self.emit("sensitivity", 1.0, 0.0)
+        self.all_samples = list(range(fitness.shape[0]))
+
+    def plans(self) -> list[tuple[str, Callable[[], np.ndarray]]]:
+        """The fast candidates: the allocation at a few balances and the fitted log schedule."""
+        curves, budget, sensitivity, n_kv, n_ffn = self.curves, self.budget, self.sensitivity, self.n_kv, self.n_ffn
+        shape = self.config.shape
+        if len(budget.groups) == 2:  # heads and FFN apart: no balance to choose
+            return [("global", lambda: ga.allocate(curves, budget, sensitivity)),
+                    ("log", lambda: ga.fitted_schedule(budget, n_kv, n_ffn, "log", shape))]
+        plans = [(f"global β={b:g}", lambda b=b: ga.allocate(curves, budget, sensitivity, b)) for b in ga.BALANCES]
+        plans.insert(1, ("log", lambda: ga.fitted_schedule(budget, n_kv, n_ffn, "log", shape)))
+        plans.insert(5, ("log heads×0.5", lambda: ga.fitted_schedule(budget, n_kv, n_ffn, "log", shape, 0.5)))
+        return plans
+
+    def fast(self) -> tuple[float, np.ndarray, list | None, str]:
+        """Score the plans by KL (at least two, then while `fast_seconds` last); the best as (kl, genome, states,
+        name), or the first allocation unscored when stopped before any KL. Fills `candidates`."""
+        config, state, budget, n = self.config, self.state, self.budget, self.n
+        plans = self.plans()
+        self.candidates: dict[str, float] = {}
+        seen: dict[bytes, str] = {}
+        fast_start = time.perf_counter()
+        best = None  # (kl, genome, states, name)
+        for i, (name, plan) in enumerate(plans):
+            g = plan()
+            if not budget.meets(g):
+                raise SlimGPTError(f"internal: the {name} candidate misses the budget")  # a bug, never bad input
+            if state["g"] is None:  # the first allocation goes to the sliders before any KL
+                state.update(best="fast", g=g, fast=name)
+                self.emit("fast", 0.0, None)
+            if g.tobytes() in seen:
+                self.candidates[name] = self.candidates[seen[g.tobytes()]]
+                continue
+            seen[g.tobytes()] = name
+            if len(self.candidates) >= 2 and (self.stop() or time.perf_counter() - fast_start > config.fast_seconds):
+                break
+            if self.stop() and best is not None:
+                break
+            states = self.net.run(*_decode(g, n))
+            state["evaluations"] += 1
+            kl = self.net.kl(states[-1], self.all_samples)
+            self.candidates[name] = kl
+            if best is None or kl < best[0]:
+                best = (kl, g, states, name)
+                state.update(kl=kl, fast_kl=kl, g=g, fast=name)
+            spent = time.perf_counter() - fast_start
+            self.emit("fast", (i + 1) / len(plans), max(0.0, min(config.fast_seconds - spent,
+                                                                spent / (i + 1) * (len(plans) - i - 1))))
+            if self.stop():
+                break
+        return best if best is not None else (math.nan, state["g"], None, state["fast"])
+
+    def summary(self) -> dict:
+        return _summary(self.budget, self.parent, self.parent_kl, self.state, self.n_kv, self.n_ffn, self.curves)
+
+    def snapshot_due(self) -> None:
+        while self.pending and self.elapsed() >= self.pending[0]:
+            self.snapshots[self.pending.pop(0)] = self.summary()
+
+    def refine(self, rng: np.random.Generator) -> tuple[int, bool]:
+        """The (1+λ) search from the parent until a limit or Stop; returns (generations run, stopped)."""
+        config = self.config
+        generation, stopped = 0, self.stop()
+        limit = config.max_seconds
+        while config.refine and self.parent_states is not None and not stopped:
+            self.snapshot_due()
+            if (limit is not None and self.elapsed() >= limit) or (config.generations is not None
+                                                                   and generation >= config.generations):
+                break
+            if self.stop():
+                stopped = True
+                break
+            generation += 1
+            self.next_generation(generation, rng)
+            self.state["generation"] = generation
+            self.history.append((self.elapsed(), generation, self.parent_kl))
+            self.emit_search(generation)
+            stopped = self.stop()
+        self.snapshot_due()
+        return generation, stopped
+
+    def next_generation(self, generation: int, rng: np.random.Generator) -> None:
+        """λ offspring screened on a few sequences, the best few re-scored on all, kept only if better."""
+        config, n, net, parent_states = self.config, self.n, self.net, self.parent_states
+        screen = sorted(rng.choice(self.all_samples, min(config.screen_samples, len(self.all_samples)),
+                                   False).tolist())
+        scored = []
+        for _ in range(config.offspring):
+            child = self.budget.mutate(self.parent, rng)
+            changed = np.nonzero(child != self.parent)[0]
+            if len(changed) == 0:
+                continue
+            first = int((changed % n).min())
+            states = net.run(*_decode(child, n), first, parent_states[first][screen])
+            self.state["evaluations"] += 1
+            scored.append((net.kl(states[-1], screen), child, first))
+            if self.stop():
+                break
+        scored.sort(key=lambda s: s[0])
+        for _, child, first in scored[:config.survivors]:
+            if self.stop():
+                break
+            states = parent_states[:first] + net.run(*_decode(child, n), first, parent_states[first])
+            self.state["evaluations"] += 1
+            kl = net.kl(states[-1], self.all_samples)
+            if kl < self.parent_kl:
+                self.parent_kl, self.parent, self.parent_states = kl, child, states
+                self.state.update(best="refined", kl=kl, g=child, found_at=generation)
+
+    def emit_search(self, generation: int) -> None:
+        config, limit = self.config, self.config.max_seconds
+        if limit is not None:
+            self.emit("search", self.elapsed() / limit, max(0.0, limit - self.elapsed()))
+        elif config.generations:
+            self.emit("search", generation / config.generations,
+                      self.elapsed() / generation * (config.generations - generation))
+        else:
+            self.emit("search", 0.0, None)
+
+
 def auto_schedule(model, tokens: torch.Tensor, fitness: torch.Tensor, config: AutoConfig,
                   callback: Callable | None = None, should_stop: Callable[[], bool] | None = None,
                   curves: ModelCurves | None = None) -> AutoResult:
     """The fast schedule, then the refining search; see the module docstring. `tokens`: calibration (statistics,
     curves, variants); `fitness`: other calibration windows the KL is measured on (never evaluation text).
     Stop before the first schedule exists raises JobCancelled; after, it returns the best so far."""
-    t0 = time.perf_counter()
-    stop = should_stop or bool
+    run = _AutoRun(config, callback, should_stop)
     rng = np.random.default_rng(config.seed)
-    state: dict = {"best": "", "kl": math.nan, "fast_kl": math.nan, "generation": 0, "found_at": 0, "evaluations": 0,
-                   "g": None}
-
-    def elapsed() -> float:
-        return time.perf_counter() - t0
-
-    def emit(phase: str, fraction: float, eta: float | None):
-        if callback is None:
-            return
-        g = state["g"]
-        hr, fr = ratios(g) if g is not None else ([], [])
-        callback(AutoProgress(phase, max(0.0, min(1.0, fraction)), eta, elapsed(), state["best"], state["kl"],
-                              state["fast_kl"], state["generation"], state["evaluations"], hr, fr,
-                              db.built if db else 0, db.from_disk if db else 0))
-
-    def phase_progress(phase: str):
-        started = time.perf_counter()
-
-        def report(done: int, total: int):
-            spent = time.perf_counter() - started
-            emit(phase, done / total, spent / done * (total - done) if done else None)
-        return report
-
-    db = None
-    emit("curves", 0.0, None)
-    curves = curves or error_curves(model, tokens, config.damp, config.batch_size, config.device,
-                                    progress=phase_progress("curves"), should_stop=should_stop)
-    n = len(curves.layers)
-    n_kv, n_ffn = [lc.n_kv for lc in curves.layers], [lc.n_ffn for lc in curves.layers]
-    head_cost, ffn_cost = unit_costs(model)
-    budget = ga.GroupBudget(n_kv, n_ffn, head_cost, ffn_cost, config.budget, count_parameters(model),
-                            count_parameters(model.model.layers), config.ffn_levels)
-
-    def ratios(g):
-        return ([int(k) / u for k, u in zip(g[:n], n_kv)], [int(c) / u for c, u in zip(g[n:], n_ffn)])
-
-    emit("database", 0.0, None)
-    db = DiskVariantDatabase(model, curves, tokens, config.damp, config.batch_size, config.device, should_stop,
-                             progress=phase_progress("database"))
-    if stop():
-        raise JobCancelled("auto was stopped before its first schedule")
-    emit("sensitivity", 0.0, None)
-    net = StitchedModel(model, db, fitness, config.batch_size, config.device)
-    sensitivity = module_sensitivities(model, db, budget, fitness, config.batch_size, config.seed)
-    emit("sensitivity", 1.0, 0.0)
-
-    # --- fast: the allocation at a few balances and the fitted log schedule, scored by KL ---------------------
-    if len(budget.groups) == 2:  # heads and FFN apart: no balance to choose
-        plans = [("global", lambda: ga.allocate(curves, budget, sensitivity)),
-                 ("log", lambda: ga.fitted_schedule(budget, n_kv, n_ffn, "log", config.shape))]
-    else:
-        plans = [(f"global β={b:g}", lambda b=b: ga.allocate(curves, budget, sensitivity, b)) for b in ga.BALANCES]
-        plans.insert(1, ("log", lambda: ga.fitted_schedule(budget, n_kv, n_ffn, "log", config.shape)))
-        plans.insert(5, ("log heads×0.5", lambda: ga.fitted_schedule(budget, n_kv, n_ffn, "log", config.shape, 0.5)))
-    all_samples = list(range(fitness.shape[0]))
-    candidates: dict[str, float] = {}
-    seen: dict[bytes, str] = {}
-    fast_start = time.perf_counter()
-    best = None  # (kl, genome, states, name)
-    for i, (name, plan) in enumerate(plans):
-        g = plan()
-        if not budget.meets(g):
-            raise SlimGPTError(f"internal: the {name} candidate misses the budget")  # a bug, never bad input
-        if state["g"] is None:  # the first allocation goes to the sliders before any KL
-            state.update(best="fast", g=g, fast=name)
-            emit("fast", 0.0, None)
-        if g.tobytes() in seen:
-            candidates[name] = candidates[seen[g.tobytes()]]
-            continue
-        seen[g.tobytes()] = name
-        if len(candidates) >= 2 and (stop() or time.perf_counter() - fast_start > config.fast_seconds):
-            break
-        if stop() and best is not None:
-            break
-        states = net.run(*_decode(g, n))
-        state["evaluations"] += 1
-        kl = net.kl(states[-1], all_samples)
-        candidates[name] = kl
-        if best is None or kl < best[0]:
-            best = (kl, g, states, name)
-            state.update(kl=kl, fast_kl=kl, g=g, fast=name)
-        spent = time.perf_counter() - fast_start
-        emit("fast", (i + 1) / len(plans), max(0.0, min(config.fast_seconds - spent,
-                                                       spent / (i + 1) * (len(plans) - i - 1))))
-        if stop():
-            break
-    if best is None:  # stopped before any KL: the first allocation, unscored
-        best = (math.nan, state["g"], None, state["fast"])
-    fast_seconds = elapsed()
-    parent_kl, parent, parent_states, fast_name = best
-    fast_summary = _summary(budget, parent, parent_kl, state, n_kv, n_ffn, curves)
-    history = [(fast_seconds, 0, parent_kl)]
-    snapshots: dict[float, dict] = {}
-    pending = sorted(config.snapshots)
-
-    def snapshot_due():
-        while pending and elapsed() >= pending[0]:
-            snapshots[pending.pop(0)] = _summary(budget, parent, parent_kl, state, n_kv, n_ffn, curves)
-
-    # --- search ---------------------------------------------------------------------------------------------
-    generation, stopped = 0, stop()
-    limit = config.max_seconds
-    while config.refine and parent_states is not None and not stopped:
-        snapshot_due()
-        if (limit is not None and elapsed() >= limit) or (config.generations is not None
-                                                          and generation >= config.generations):
-            break
-        if stop():
-            stopped = True
-            break
-        generation += 1
-        screen = sorted(rng.choice(all_samples, min(config.screen_samples, len(all_samples)), False).tolist())
-        scored = []
-        for _ in range(config.offspring):
-            child = budget.mutate(parent, rng)
-            changed = np.nonzero(child != parent)[0]
-            if len(changed) == 0:
-                continue
-            first = int((changed % n).min())
-            states = net.run(*_decode(child, n), first, parent_states[first][screen])
-            state["evaluations"] += 1
-            scored.append((net.kl(states[-1], screen), child, first))
-            if stop():
-                break
-        scored.sort(key=lambda s: s[0])
-        for _, child, first in scored[:config.survivors]:
-            if stop():
-                break
-            states = parent_states[:first] + net.run(*_decode(child, n), first, parent_states[first])
-            state["evaluations"] += 1
-            kl = net.kl(states[-1], all_samples)
-            if kl < parent_kl:
-                parent_kl, parent, parent_states = kl, child, states
-                state.update(best="refined", kl=kl, g=child, found_at=generation)
-        state["generation"] = generation
-        history.append((elapsed(), generation, parent_kl))
-        if limit is not None:
-            emit("search", elapsed() / limit, max(0.0, limit - elapsed()))
-        elif config.generations:
-            emit("search", generation / config.generations, elapsed() / generation * (config.generations - generation))
-        else:
-            emit("search", 0.0, None)
-        stopped = stop()
-    snapshot_due()
-    summary = _summary(budget, parent, parent_kl, state, n_kv, n_ffn, curves)
-    result = AutoResult(**summary, params_before=budget.params_before, remove=budget.remove,
-                        fast=fast_name, fast_kl=best[0], candidates=candidates, generations=generation,
-                        evaluations=state["evaluations"], fast_seconds=fast_seconds, seconds=elapsed(),
-                        stopped=stopped, history=history, snapshots=snapshots, variants_built=db.built,
-                        variants_from_disk=db.from_disk, fast_keep_heads=fast_summary["keep_heads"],
+    run.prepare(model, tokens, fitness, curves)
+    best = run.fast()
+    fast_seconds = run.elapsed()
+    run.parent_kl, run.parent, run.parent_states, fast_name = best
+    fast_summary = run.summary()
+    run.history = [(fast_seconds, 0, run.parent_kl)]
+    generation, stopped = run.refine(rng)
+    result = AutoResult(**run.summary(), params_before=run.budget.params_before, remove=run.budget.remove,
+                        fast=fast_name, fast_kl=best[0], candidates=run.candidates, generations=generation,
+                        evaluations=run.state["evaluations"], fast_seconds=fast_seconds, seconds=run.elapsed(),
+                        stopped=stopped, history=run.history, snapshots=run.snapshots, variants_built=run.db.built,
+                        variants_from_disk=run.db.from_disk, fast_keep_heads=fast_summary["keep_heads"],
                         fast_keep_ffn=fast_summary["keep_ffn"])
-    state["g"] = parent
-    emit("done", 1.0, 0.0)
+    run.state["g"] = run.parent
+    run.emit("done", 1.0, 0.0)
     return result
 
 

@@ -288,6 +288,93 @@ def removal_budget(model, settings: AutoSettings) -> tuple[int, int, int]:
     return before, target, before - target
 
 
+class _Scorer:
+    """Genomes decoded and scored by KL(dense ‖ candidate) on the stitched model; counts the evaluations."""
+
+    def __init__(self, net: StitchedModel, budget: Budget, curves: ModelCurves, samples: list[int]):
+        self.net, self.budget, self.curves, self.n = net, budget, curves, budget.n
+        self.all_samples = samples
+        self.evaluations = 0
+
+    def decode(self, g):
+        return [int(k) for k in g[:self.n]], self.budget.channels(g)
+
+    def ratios(self, g):
+        kv, ch = self.decode(g)
+        return ([k / lc.n_kv for k, lc in zip(kv, self.curves.layers)],
+                [c / lc.n_ffn for c, lc in zip(ch, self.curves.layers)])
+
+    def full(self, g):
+        """(KL on all fitness sequences, hidden states entering every layer)."""
+        self.evaluations += 1
+        states = self.net.run(*self.decode(g))
+        return self.net.kl(states[-1], self.all_samples), states
+
+
+def _starting_schedules(budget: Budget, curves: ModelCurves, head_cost: list[int], ffn_cost: list[int], remove: int,
+                        settings: AutoSettings, starts: dict | None) -> dict:
+    """log / linear / uniform at several head-vs-FFN balances, after the caller's `starts` (name → head ratios,
+    FFN ratios); the FFN ratios fill the budget left after the heads."""
+    layer_share = remove / sum(h * lc.n_kv + f * lc.n_ffn for h, f, lc in zip(head_cost, ffn_cost, curves.layers))
+    candidates = dict(starts or {})
+    for kind in BASE_SCHEDULES:
+        for balance in HEAD_BALANCES:
+            try:
+                heads = layer_ratios(budget.n, min(0.95, balance * layer_share), kind, settings.shape)
+            except SlimGPTError:
+                continue
+            candidates[f"{kind} heads×{balance:g}"] = (heads, _ffn_fill(budget, heads, kind, settings))
+    return candidates
+
+
+def _best_start(candidates: dict, budget: Budget, scorer: _Scorer, settings: AutoSettings, stop) -> tuple[dict, tuple]:
+    """Every starting schedule fitted to the budget and scored: ({name: KL}, (kl, genome, states, name) of the
+    best). Stop ends the scoring once one is scored."""
+    baselines, best = {}, None
+    for name, (heads, ffn) in candidates.items():
+        if stop() and best is not None:
+            break
+        g = budget.repair(budget.from_ratios(heads, ffn), np.random.default_rng(settings.seed))
+        kl, states = scorer.full(g)
+        baselines[name] = kl
+        if best is None or kl < best[0]:
+            best = (kl, g, states, name)
+    return baselines, best
+
+
+def _evolve(scorer: _Scorer, budget: Budget, start: tuple, settings: AutoSettings, rng: np.random.Generator, stop,
+            progress: Callable[[int, float, np.ndarray], None], elapsed: Callable[[], float]):
+    """The (1+λ) generations from the start (kl, genome, states); returns (kl, genome, generations, stopped,
+    history)."""
+    net, n, all_samples = scorer.net, scorer.n, scorer.all_samples
+    parent_kl, parent, parent_states = start
+    history = [(0, parent_kl)]
+    generation, stopped = 0, False
+    for generation in range(1, settings.generations + 1):
+        if stop() or (settings.max_seconds is not None and elapsed() > settings.max_seconds):
+            stopped = stop()
+            generation -= 1
+            break
+        screen = sorted(rng.choice(all_samples, min(settings.screen_samples, len(all_samples)), False).tolist())
+        scored = []
+        for _ in range(settings.offspring):
+            child = budget.mutate(parent, rng)  # differs from the parent: the modules it raises stay raised
+            first = int(np.nonzero((child[:n] != parent[:n]) | (child[n:] != parent[n:]))[0].min())
+            states = net.run(*scorer.decode(child), first, parent_states[first][screen])
+            scorer.evaluations += 1
+            scored.append((net.kl(states[-1], screen), child, first))
+        scored.sort(key=lambda s: s[0])
+        for _, child, first in scored[:settings.survivors]:
+            states = parent_states[:first] + net.run(*scorer.decode(child), first, parent_states[first])
+            scorer.evaluations += 1
+            kl = net.kl(states[-1], all_samples)
+            if kl < parent_kl:
+                parent_kl, parent, parent_states = kl, child, states
+        history.append((generation, parent_kl))
+        progress(generation, parent_kl, parent)
+    return parent_kl, parent, generation, stopped, history
+
+
 def search(model, tokens: torch.Tensor, fitness_tokens: torch.Tensor, settings: AutoSettings,
            callback: Callable | None = None, should_stop: Callable[[], bool] | None = None,
            curves: ModelCurves | None = None,
@@ -298,6 +385,7 @@ def search(model, tokens: torch.Tensor, fitness_tokens: torch.Tensor, settings: 
     `starts`: more starting schedules (name → head ratios, FFN ratios), e.g. log/linear/uniform at the requested
     ratio; each is fitted to the budget and scored with the built-in log/linear/uniform × head balances."""
     t0 = time.perf_counter()
+
     def emit(event):
         if callback is not None:
             callback(event)
@@ -308,77 +396,21 @@ def search(model, tokens: torch.Tensor, fitness_tokens: torch.Tensor, settings: 
                                     should_stop=should_stop)
     head_cost, ffn_cost = unit_costs(model)
     budget = Budget(curves, head_cost, ffn_cost, remove, settings.ceiling, settings.ffn_levels)
-    n = budget.n
     emit(SearchProgress(0, math.nan, math.nan, 0, time.perf_counter() - t0, [], [], "database"))
     db = VariantDatabase(model, curves, tokens, settings.damp, settings.batch_size, settings.device, should_stop)
     net = StitchedModel(model, db, fitness_tokens, settings.batch_size, settings.device)
-    all_samples = list(range(fitness_tokens.shape[0]))
-    evaluations = 0
-
-    def decode(g):
-        return [int(k) for k in g[:n]], budget.channels(g)
-
-    def ratios(g):
-        kv, ch = decode(g)
-        return [k / lc.n_kv for k, lc in zip(kv, curves.layers)], [c / lc.n_ffn for c, lc in zip(ch, curves.layers)]
-
-    def full(g):
-        nonlocal evaluations
-        evaluations += 1
-        states = net.run(*decode(g))
-        return net.kl(states[-1], all_samples), states
-
-    # starting points: log / linear / uniform at several head-vs-FFN balances, fitted to the budget
+    scorer = _Scorer(net, budget, curves, list(range(fitness_tokens.shape[0])))
     emit(SearchProgress(0, math.nan, math.nan, 0, time.perf_counter() - t0, [], [], "baselines"))
-    layer_share = remove / sum(h * lc.n_kv + f * lc.n_ffn for h, f, lc in zip(head_cost, ffn_cost, curves.layers))
-    candidates = dict(starts or {})
-    for kind in BASE_SCHEDULES:
-        for balance in HEAD_BALANCES:
-            try:
-                heads = layer_ratios(n, min(0.95, balance * layer_share), kind, settings.shape)
-            except SlimGPTError:
-                continue
-            candidates[f"{kind} heads×{balance:g}"] = (heads, _ffn_fill(budget, heads, kind, settings))
-    baselines, best = {}, None
-    for name, (heads, ffn) in candidates.items():
-        if stop() and best is not None:
-            break
-        g = budget.repair(budget.from_ratios(heads, ffn), np.random.default_rng(settings.seed))
-        kl, states = full(g)
-        baselines[name] = kl
-        if best is None or kl < best[0]:
-            best = (kl, g, states, name)
-    parent_kl, parent, parent_states, start = best
-    start_kl = parent_kl
-    history = [(0, parent_kl)]
-    emit(SearchProgress(0, parent_kl, start_kl, evaluations, time.perf_counter() - t0, *ratios(parent)))
-    generation, stopped = 0, False
-    for generation in range(1, settings.generations + 1):
-        if stop() or (settings.max_seconds is not None and time.perf_counter() - t0 > settings.max_seconds):
-            stopped = stop()
-            generation -= 1
-            break
-        screen = sorted(rng.choice(all_samples, min(settings.screen_samples, len(all_samples)), False).tolist())
-        scored = []
-        for _ in range(settings.offspring):
-            child = budget.mutate(parent, rng)  # differs from the parent: the modules it raises stay raised
-            first = int(np.nonzero((child[:n] != parent[:n]) | (child[n:] != parent[n:]))[0].min())
-            kv, ch = decode(child)
-            x = parent_states[first][screen]
-            states = net.run(kv, ch, first, x)
-            evaluations += 1
-            scored.append((net.kl(states[-1], screen), child, first))
-        scored.sort(key=lambda s: s[0])
-        for _, child, first in scored[:settings.survivors]:
-            kv, ch = decode(child)
-            states = parent_states[:first] + net.run(kv, ch, first, parent_states[first])
-            evaluations += 1
-            kl = net.kl(states[-1], all_samples)
-            if kl < parent_kl:
-                parent_kl, parent, parent_states = kl, child, states
-        history.append((generation, parent_kl))
-        emit(SearchProgress(generation, parent_kl, start_kl, evaluations, time.perf_counter() - t0, *ratios(parent)))
-    kv = [int(k) for k in parent[:n]]
+    candidates = _starting_schedules(budget, curves, head_cost, ffn_cost, remove, settings, starts)
+    baselines, (start_kl, parent, parent_states, start) = _best_start(candidates, budget, scorer, settings, stop)
+    emit(SearchProgress(0, start_kl, start_kl, scorer.evaluations, time.perf_counter() - t0, *scorer.ratios(parent)))
+
+    def progress(generation, kl, g):
+        emit(SearchProgress(generation, kl, start_kl, scorer.evaluations, time.perf_counter() - t0, *scorer.ratios(g)))
+    parent_kl, parent, generation, stopped, history = _evolve(scorer, budget, (start_kl, parent, parent_states),
+                                                              settings, rng, stop, progress,
+                                                              lambda: time.perf_counter() - t0)
+    kv = [int(k) for k in parent[:budget.n]]
     ch = budget.exact_channels(parent)
     params_after = before - sum(k * c for k, c in zip(kv, head_cost)) - sum(c * f for c, f in zip(ch, ffn_cost))
     result = AutoSchedule(
@@ -387,9 +419,9 @@ def search(model, tokens: torch.Tensor, fitness_tokens: torch.Tensor, settings: 
         head_ratios=[k / lc.n_kv for k, lc in zip(kv, curves.layers)],
         ffn_ratios=[c / lc.n_ffn for c, lc in zip(ch, curves.layers)],
         params_before=before, params_after=params_after, target_params=target, kl=parent_kl, start=start,
-        start_kl=start_kl, baselines=baselines, generations=generation, evaluations=evaluations,
+        start_kl=start_kl, baselines=baselines, generations=generation, evaluations=scorer.evaluations,
         seconds=time.perf_counter() - t0, stopped=stopped, history=history)
-    emit(SearchProgress(generation, parent_kl, start_kl, evaluations, result.seconds, result.head_ratios,
+    emit(SearchProgress(generation, parent_kl, start_kl, scorer.evaluations, result.seconds, result.head_ratios,
                         result.ffn_ratios, "done"))
     return result
 

@@ -4,6 +4,7 @@ prune_settings.py, memory and activation placement in activations.py, cached den
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
@@ -77,6 +78,80 @@ def _prune_multishot(model, tokens, settings, callback, should_stop, model_name,
     return report
 
 
+class _PassEvents:
+    """A pass's events, each added to the report and sent to the callback; a phase checks Stop first and adds its
+    seconds to the report's `phase_seconds`. `emit`, `phase` and `done` are what a layer step is handed."""
+
+    def __init__(self, report: RunReport, n_layers: int, t_start: float, callback: Callback | None,
+                 should_stop: Callable[[], bool] | None):
+        self.report, self.n, self.t_start = report, n_layers, t_start
+        self.callback, self.should_stop = callback, should_stop
+
+    def emit(self, event) -> None:
+        self.report.add(event)
+        if self.callback is not None:
+            self.callback(event)
+
+    def phase(self, layer_idx: int, name: str) -> float:
+        if self.should_stop is not None and self.should_stop():
+            raise JobCancelled()
+        self.emit(Progress(layer_idx, self.n, name, time.perf_counter() - self.t_start))
+        return time.perf_counter()
+
+    def done(self, name: str, t0: float) -> None:
+        phase_t = self.report.phase_seconds
+        phase_t[name] = phase_t.get(name, 0.0) + time.perf_counter() - t0
+
+
+@contextmanager
+def _memory_errors(device: torch.device):
+    """Running out of memory (CUDA's error or the CPU allocator's) becomes the one sentence of advice."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise SlimGPTError(out_of_memory_message("pruning", str(device))) from None
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc).lower():
+            raise SlimGPTError(out_of_memory_message("pruning", str(device))) from None
+        raise
+
+
+def _run_layers(model, tokens: torch.Tensor, settings: PruneSettings, plan: tuple, events: _PassEvents, stats,
+                device: torch.device, act_device: torch.device, streams_kept: tuple[bool, bool],
+                layer_step: Callable) -> None:
+    """Capture the first layer's inputs, then prune the layers in turn, each on the compute device, swapping each
+    kept stream's in/out buffers between layers."""
+    layers = model.model.layers
+    head_r, ffn_r, head_rm, ffn_rm = plan
+    need_dense, need_pruned = streams_kept
+    t0 = events.phase(0, "capture")
+    x0, kwargs = capture_layer_inputs(model, tokens, settings.batch_size, device)
+    x0 = place(x0, act_device)
+    # an in/out buffer pair per stream the run keeps
+    dense_in = x0 if need_dense else None
+    pruned_in = (buffer_like(x0).copy_(x0) if need_dense else x0) if need_pruned else None
+    dense_out = buffer_like(x0) if need_dense else None
+    pruned_out = buffer_like(x0) if need_pruned else None
+    events.done("capture", t0)
+    for i in range(len(layers)):
+        t_layer = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        home = next(layers[i].parameters()).device
+        layer = layers[i].to(device)
+        streams = _Streams(dense_in, dense_out, pruned_in, pruned_out, kwargs, act_device)
+        layer_step(layer, i, streams, settings, (head_r[i], head_rm[i], ffn_r[i], ffn_rm[i]), events.emit,
+                   events.phase, events.done, stats)
+        acc = relative_distance(pruned_out, dense_out) if need_dense and need_pruned else float("nan")
+        layers[i] = layer.to(home)
+        q, kv, f = layer_shape(layer)
+        events.emit(LayerDone(i, q, kv, f, acc, time.perf_counter() - t_layer, peak_memory_mb(device)))
+        if need_dense:
+            dense_in, dense_out = dense_out, dense_in
+        if need_pruned:
+            pruned_in, pruned_out = pruned_out, pruned_in
+
+
 def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: Callback | None = None,
                 should_stop: Callable[[], bool] | None = None, model_name: str = "",
                 use_cache: bool = True, layer_step: Callable | None = None) -> RunReport:
@@ -94,22 +169,7 @@ def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
     t_start = time.perf_counter()
     report = RunReport(model_name, asdict(settings), head_r, ffn_r, count_parameters(model), 0,
                          count_parameters(layers), 0, device=str(device))
-
-    def emit(event) -> None:
-        report.add(event)
-        if callback is not None:
-            callback(event)
-    phase_t = report.phase_seconds
-
-    def phase(layer_idx: int, name: str) -> float:
-        if should_stop is not None and should_stop():
-            raise JobCancelled()
-        emit(Progress(layer_idx, n, name, time.perf_counter() - t_start))
-        return time.perf_counter()
-
-    def done(name: str, t0: float) -> None:
-        phase_t[name] = phase_t.get(name, 0.0) + time.perf_counter() - t0
-
+    events = _PassEvents(report, n, t_start, callback, should_stop)
     if distributed_rank_world()[1] > 1:
         use_cache = False  # each rank holds a shard: statistics are only whole after the all-reduce
     stats = StatisticsCache(model, tokens, use_cache)
@@ -118,40 +178,9 @@ def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
     act_device = activation_device(model, tokens, device, settings.offload_activations,
                                    2 * (need_dense + need_pruned) + 1)  # + the kept o_proj inputs
     report.settings["activations_on"] = str(act_device)
-    try:
-        t0 = phase(0, "capture")
-        x0, kwargs = capture_layer_inputs(model, tokens, settings.batch_size, device)
-        x0 = place(x0, act_device)
-        # an in/out buffer pair per stream the run keeps
-        dense_in = x0 if need_dense else None
-        pruned_in = (buffer_like(x0).copy_(x0) if need_dense else x0) if need_pruned else None
-        dense_out = buffer_like(x0) if need_dense else None
-        pruned_out = buffer_like(x0) if need_pruned else None
-        done("capture", t0)
-        for i in range(n):
-            t_layer = time.perf_counter()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            home = next(layers[i].parameters()).device
-            layer = layers[i].to(device)
-            streams = _Streams(dense_in, dense_out, pruned_in, pruned_out, kwargs, act_device)
-            step = layer_step or _layer_once
-            step(layer, i, streams, settings, (head_r[i], head_rm[i], ffn_r[i], ffn_rm[i]), emit, phase, done,
-                 stats)
-            acc = relative_distance(pruned_out, dense_out) if need_dense and need_pruned else float("nan")
-            layers[i] = layer.to(home)
-            q, kv, f = layer_shape(layer)
-            emit(LayerDone(i, q, kv, f, acc, time.perf_counter() - t_layer, peak_memory_mb(device)))
-            if need_dense:
-                dense_in, dense_out = dense_out, dense_in
-            if need_pruned:
-                pruned_in, pruned_out = pruned_out, pruned_in
-    except torch.cuda.OutOfMemoryError:
-        raise SlimGPTError(out_of_memory_message("pruning", str(device))) from None
-    except RuntimeError as exc:
-        if "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc).lower():
-            raise SlimGPTError(out_of_memory_message("pruning", str(device))) from None
-        raise
+    with _memory_errors(device):
+        _run_layers(model, tokens, settings, (head_r, ffn_r, head_rm, ffn_rm), events, stats, device, act_device,
+                    (need_dense, need_pruned), layer_step or _layer_once)
     forget_fingerprint(model)
     report.reused_statistics = stats.reused
     update_config(model)
@@ -161,7 +190,7 @@ def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
     report.layer_params_after = count_parameters(layers)
     report.total_seconds = time.perf_counter() - t_start
     report.peak_memory_mb = peak_memory_mb(device)
-    emit(Progress(n - 1, n, "done", report.total_seconds))
+    events.emit(Progress(n - 1, n, "done", report.total_seconds))
     return report
 
 

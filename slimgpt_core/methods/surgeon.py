@@ -230,17 +230,92 @@ def zero_fraction(layers) -> float:
     return zeros / total
 
 
+class _SurgeonRun:
+    """What the shots of one LLM Surgeon run share: the model, its calibration and held-out tokens, where the factors
+    live, the budget's base, and the events (added to the report and sent to the callback, with an ETA)."""
+
+    def __init__(self, model, settings, calib: torch.Tensor, heldout: torch.Tensor, device: torch.device,
+                 factor_device: torch.device, report: RunReport, callback: Callback | None,
+                 should_stop: Callable[[], bool] | None):
+        self.model, self.settings, self.calib, self.heldout = model, settings, calib, heldout
+        self.device, self.factor_device, self.report = device, factor_device, report
+        self.callback, self.should_stop = callback, should_stop
+        self.heads_mode = settings.surgeon_units == "heads"
+        self.compensate = settings.method != "kobd"
+        self.layer_params0 = count_parameters(model.model.layers)
+        self.n_batches = (calib.shape[0] + settings.batch_size - 1) // settings.batch_size
+        self.t_start = time.perf_counter()
+
+    def emit(self, event) -> None:
+        self.report.add(event)
+        if self.callback is not None:
+            self.callback(event)
+
+    def eta(self, done_fraction: float) -> float:
+        elapsed = time.perf_counter() - self.t_start
+        return elapsed * (1 / done_fraction - 1) if done_fraction > 0 else float("nan")
+
+    def stop(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise JobCancelled()
+
+    def note(self, t: int, what: str) -> None:
+        T = self.settings.shots
+        self.emit(Progress(t - 1, T, f"shot {t}/{T} {what}", time.perf_counter() - self.t_start))
+
+    def held_out_loss(self) -> float:
+        return mean_loss(self.model, self.heldout if self.heldout.shape[0] else self.calib, self.settings.batch_size)
+
+    def shot_done(self, t: int, loss: float, shapes, removed: float, seconds: float, eta: float,
+                  peak: float) -> ShotDone:
+        T, ratio = self.settings.shots, self.settings.ratio
+        return ShotDone(t, T, t * ratio / T, removed, loss, math.exp(loss), [s[0] for s in shapes],
+                        [s[2] for s in shapes], seconds, eta, peak)
+
+    def shot(self, t: int) -> None:
+        """Shot t of T: curvature, pruning to t/T of the budget (and LoRA steps), the held-out loss."""
+        model, settings, device, T = self.model, self.settings, self.device, self.settings.shots
+        layers = model.model.layers
+        self.stop()
+        t_shot = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def progress(b: int, nb: int) -> None:
+            self.note(t, f"curvature {b}/{nb} · ETA {_fmt(self.eta(((t - 1) + b / nb) / T))}")
+        self.note(t, f"curvature 0/{self.n_batches}")
+        collector = CurvatureCollector(model, self.factor_device, settings.kfac_positions, seed=t)
+        A, G = collector.run(self.calib, settings.batch_size, settings.fisher, self.should_stop, progress)
+        del collector
+        self.stop()  # the last moment to cancel this shot: nothing has been changed in it yet
+        self.note(t, "prune")
+        budget = round(t * settings.ratio / T * self.layer_params0)
+        if self.heads_mode:
+            _heads_shot(model, A, G, settings.damp, budget - (self.layer_params0 - count_parameters(layers)),
+                        self.compensate, settings.surgeon_update)
+        else:
+            _rows_shot(model, A, G, settings.damp, budget, self.compensate, settings.surgeon_update != "columns")
+        del A, G
+        if settings.surgeon_lora_steps:
+            self.note(t, f"LoRA {settings.surgeon_lora_steps} steps")
+            lora_steps(model, self.calib, settings.surgeon_lora_steps, settings.batch_size, device, t,
+                       self.should_stop)
+        removed = _removed_fraction(layers, self.heads_mode, self.layer_params0)
+        self.note(t, "held-out loss")
+        loss = self.held_out_loss()
+        self.emit(self.shot_done(t, loss, [layer_shape(layer) for layer in layers], removed,
+                                 time.perf_counter() - t_shot, self.eta(t / T), _peak_mb(device)))
+
+
 def prune_surgeon(model, tokens: torch.Tensor, settings, callback: Callback | None = None,
                   should_stop: Callable[[], bool] | None = None, model_name: str = "") -> RunReport:
     """LLM Surgeon (settings.method == "surgeon") or K-OBD ("kobd") in `settings.shots` shots to
     settings.ratio of the decoder-layer parameters; prunes `model` in place and returns the report."""
 
     validate(settings)
-    compensate = settings.method != "kobd"
-    heads_mode = settings.surgeon_units == "heads"
     device = resolve_device(settings.device)
     layers = model.model.layers
-    n_layers, T = len(layers), settings.shots
+    T = settings.shots
     calib, heldout = heldout_split(tokens)
     if calib.shape[0] == 0:
         raise SlimGPTError("LLM Surgeon needs at least 2 calibration sequences (one is held out)")
@@ -251,70 +326,23 @@ def prune_surgeon(model, tokens: torch.Tensor, settings, callback: Callback | No
     report.settings.update(heldout_samples=int(heldout.shape[0]), factor_device=str(factor_device),
                            factor_gib=factor_bytes(model) / 2**30)
     shapes0 = [layer_shape(layer) for layer in layers]
-    layer_params0 = count_parameters(layers)
-    n_batches = (calib.shape[0] + settings.batch_size - 1) // settings.batch_size
-    t_start = time.perf_counter()
-
-    def emit(event) -> None:
-        report.add(event)
-        if callback is not None:
-            callback(event)
-
-    def eta(done_fraction: float) -> float:
-        elapsed = time.perf_counter() - t_start
-        return elapsed * (1 / done_fraction - 1) if done_fraction > 0 else float("nan")
-
-    def stop() -> None:
-        if should_stop is not None and should_stop():
-            raise JobCancelled()
-
+    run = _SurgeonRun(model, settings, calib, heldout, device, factor_device, report, callback, should_stop)
     try:
         model.to(device)
         model.eval()
-        dense_loss = mean_loss(model, heldout if heldout.shape[0] else calib, settings.batch_size)
-        emit(ShotDone(0, T, 0.0, 0.0, dense_loss, math.exp(dense_loss), [s[0] for s in shapes0],
-                      [s[2] for s in shapes0], 0.0, 0.0, 0.0))
+        dense_loss = run.held_out_loss()
+        run.emit(ShotDone(0, T, 0.0, 0.0, dense_loss, math.exp(dense_loss), [s[0] for s in shapes0],
+                          [s[2] for s in shapes0], 0.0, 0.0, 0.0))
         for t in range(1, T + 1):
-            stop()
-            t_shot = time.perf_counter()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-
-            def progress(b: int, nb: int, t=t) -> None:
-                frac = ((t - 1) + b / nb) / T
-                emit(Progress(t - 1, T, f"shot {t}/{T} curvature {b}/{nb} · ETA {_fmt(eta(frac))}",
-                              time.perf_counter() - t_start))
-            emit(Progress(t - 1, T, f"shot {t}/{T} curvature 0/{n_batches}", time.perf_counter() - t_start))
-            collector = CurvatureCollector(model, factor_device, settings.kfac_positions, seed=t)
-            A, G = collector.run(calib, settings.batch_size, settings.fisher, should_stop, progress)
-            del collector
-            stop()  # the last moment to cancel this shot: nothing has been changed in it yet
-            emit(Progress(t - 1, T, f"shot {t}/{T} prune", time.perf_counter() - t_start))
-            budget = round(t * settings.ratio / T * layer_params0)
-            if heads_mode:
-                _heads_shot(model, A, G, settings.damp, budget - (layer_params0 - count_parameters(layers)),
-                            compensate, settings.surgeon_update)
-            else:
-                _rows_shot(model, A, G, settings.damp, budget, compensate, settings.surgeon_update != "columns")
-            del A, G
-            if settings.surgeon_lora_steps:
-                emit(Progress(t - 1, T, f"shot {t}/{T} LoRA {settings.surgeon_lora_steps} steps",
-                              time.perf_counter() - t_start))
-                lora_steps(model, calib, settings.surgeon_lora_steps, settings.batch_size, device, t, should_stop)
-            removed = _removed_fraction(layers, heads_mode, layer_params0)
-            emit(Progress(t - 1, T, f"shot {t}/{T} held-out loss", time.perf_counter() - t_start))
-            loss = mean_loss(model, heldout if heldout.shape[0] else calib, settings.batch_size)
-            shapes = [layer_shape(layer) for layer in layers]
-            emit(ShotDone(t, T, t * settings.ratio / T, removed, loss, math.exp(loss), [s[0] for s in shapes],
-                          [s[2] for s in shapes], time.perf_counter() - t_shot, eta(t / T), _peak_mb(device)))
+            run.shot(t)
     except torch.cuda.OutOfMemoryError:
         raise SlimGPTError(out_of_memory_message("pruning", str(device))) from None
     finally:
         model.to(home)
-    _finish(model, report, shapes0, heads_mode, model_name, emit, device)
-    report.total_seconds = time.perf_counter() - t_start
+    _finish(model, report, shapes0, run.heads_mode, model_name, run.emit, device)
+    report.total_seconds = time.perf_counter() - run.t_start
     report.phase_seconds = {"shots": report.total_seconds}
-    emit(Progress(T - 1, T, "done", report.total_seconds))
+    run.emit(Progress(T - 1, T, "done", report.total_seconds))
     return report
 
 

@@ -82,22 +82,9 @@ def _target_now(masks: ShearMasks, warm: float) -> dict[str, float]:
     return out
 
 
-def shear_model(model, tokens: torch.Tensor, target: Shape, settings: ShearSettings,
-                callback: Callable[[ShearStep], None] | None = None, should_stop: Callable[[], bool] | None = None,
-                model_name: str = "") -> ShearResult:
-    """Learn masks on `tokens` [N, seqlen] (micro-batches drawn in a seeded order), then cut `model` in place to
-    exactly `target`. The model is trained in place too (unless settings.train_weights is False)."""
-
-    if settings.steps < 1 or settings.batch_size < 1:
-        raise SlimGPTError(f"need steps >= 1 and batch size >= 1, got {settings.steps} and {settings.batch_size}")
-    device = resolve_device(settings.device)
-    source = source_shape(model)
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
-    params_before, layer_params_before = count_parameters(model), count_parameters(model.model.layers)
-    torch.manual_seed(settings.seed)
-    masks = ShearMasks(source, target, head_dim(model.config), model.config.vocab_size, tied)
-    model.to(device)
-    masks.to(device)
+def _optimizers(model, masks: ShearMasks, settings: ShearSettings) -> tuple[list, list, list]:
+    """(the weights trained, the optimizers: λ's ascent then the masks' and weights' descent, the descent's
+    schedulers). Without train_weights the model's parameters stop asking for gradients."""
     weights = [p for p in model.parameters() if p.requires_grad] if settings.train_weights else []
     if not settings.train_weights:
         model.requires_grad_(False)
@@ -110,7 +97,14 @@ def shear_model(model, tokens: torch.Tensor, target: Shape, settings: ShearSetti
     # weights and masks: warm-up then cosine; λ keeps its rate, so the constraint is still enforced at the end
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, settings.steps, settings.warmup))
                   for o in descent]
-    optimizers = [ascent, *descent]
+    return weights, [ascent, *descent], schedulers
+
+
+def _learn_masks(model, masks: ShearMasks, tokens: torch.Tensor, settings: ShearSettings, device: torch.device,
+                 callback: Callable[[ShearStep], None] | None, should_stop: Callable[[], bool] | None):
+    """The training steps of the masks (and weights): micro-batches in a seeded order, one gate sample a step.
+    Returns (the steps' events, tokens seen, the deterministic gates, the time the steps started)."""
+    weights, optimizers, schedulers = _optimizers(model, masks, settings)
     order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(settings.seed))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
@@ -139,17 +133,40 @@ def shear_model(model, tokens: torch.Tensor, target: Shape, settings: ShearSetti
                 s.step()
             masks.clamp_()
             seen += ids.numel()
-            elapsed = time.perf_counter() - t0
-            event = ShearStep(step + 1, settings.steps, float(lm_loss.detach()), float(penalty.detach()), masks.expected_shape(),
-                              _target_now(masks, warm),
-                              {k: [float(v) for v in lam.detach()] for k, lam in masks.lambdas.items()},
-                              masks.expected_parameters(), seen / elapsed, elapsed,
-                              elapsed / (step + 1) * (settings.steps - step - 1))
-            history.append(event)
+            history.append(_step_event(masks, step, settings.steps, lm_loss, penalty, warm, seen, t0))
             if callback is not None:
-                callback(event)
+                callback(history[-1])
         model.eval()
         gates = masks.deterministic()
+    return history, seen, gates, t0
+
+
+def _step_event(masks: ShearMasks, step: int, steps: int, lm_loss: torch.Tensor, penalty: torch.Tensor, warm: float,
+                seen: int, t0: float) -> ShearStep:
+    elapsed = time.perf_counter() - t0
+    return ShearStep(step + 1, steps, float(lm_loss.detach()), float(penalty.detach()), masks.expected_shape(),
+                     _target_now(masks, warm),
+                     {k: [float(v) for v in lam.detach()] for k, lam in masks.lambdas.items()},
+                     masks.expected_parameters(), seen / elapsed, elapsed, elapsed / (step + 1) * (steps - step - 1))
+
+
+def shear_model(model, tokens: torch.Tensor, target: Shape, settings: ShearSettings,
+                callback: Callable[[ShearStep], None] | None = None, should_stop: Callable[[], bool] | None = None,
+                model_name: str = "") -> ShearResult:
+    """Learn masks on `tokens` [N, seqlen] (micro-batches drawn in a seeded order), then cut `model` in place to
+    exactly `target`. The model is trained in place too (unless settings.train_weights is False)."""
+
+    if settings.steps < 1 or settings.batch_size < 1:
+        raise SlimGPTError(f"need steps >= 1 and batch size >= 1, got {settings.steps} and {settings.batch_size}")
+    device = resolve_device(settings.device)
+    source = source_shape(model)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    params_before, layer_params_before = count_parameters(model), count_parameters(model.model.layers)
+    torch.manual_seed(settings.seed)
+    masks = ShearMasks(source, target, head_dim(model.config), model.config.vocab_size, tied)
+    model.to(device)
+    masks.to(device)
+    history, seen, gates, t0 = _learn_masks(model, masks, tokens, settings, device, callback, should_stop)
     model.requires_grad_(True)
     kept_layers = (torch.nonzero(gates["layers"] != 0).flatten().tolist() if "layers" in gates
                    else list(range(source.layers)))

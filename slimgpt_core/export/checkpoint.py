@@ -74,35 +74,27 @@ def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} K"
 
 
-def model_card(model, report=None, evaluation: dict | None = None, source: str = "", hetero: bool = False,
-               run: dict | None = None) -> str:
-    settings = (report.settings if report is not None else None) or dict(getattr(model.config, "slimgpt", None) or {})
-    # the model that was pruned, when known, names the card; else whatever was exported
-    source = (report.model if report is not None else "") or settings.get("source_model", "") or source or "unknown"
-    method = settings.get("method", "slimgpt")
-    lists = describe_layers(model)
-    lines = ["---", "library_name: transformers", "tags: [pruned, structured-pruning, slimgpt]", "---", ""]
-    if run is not None:  # the run exported names the card, with what made it
-        summary = run.get("summary") or {}
-        facts = [f"method {summary.get('method') or method}"]
-        schedule = summary.get("schedule") or settings.get("schedule")
-        if schedule:
-            facts.append(f"schedule {schedule}")
-        if report is not None:
-            facts.append(f"achieved {report.achieved_layer_ratio:.1%} of decoder-layer parameters removed "
-                         f"({report.achieved_ratio:.1%} of all)")
-        elif summary.get("achieved_layer_ratio") is not None:
-            facts.append(f"achieved {summary['achieved_layer_ratio']:.1%} of decoder-layer parameters removed")
-        lines += [f"# {run['title']}", "",
-                  f"`{source}` pruned with SlimGPT Studio as run `{run['name']}`: {', '.join(facts)}.", ""]
-    else:
-        lines += [f"# {source} pruned with SlimGPT", ""]
-    if method == "slimgpt":
-        lines += ["Structured pruning (attention heads / KV groups and FFN channels) with layer-wise OBS compensation "
-                  "(SlimGPT, Ling et al., NeurIPS 2024), written by SlimGPT Studio.", ""]
-    else:
-        lines += [f"Structured pruning with the `{method}` method, written by SlimGPT Studio.", ""]
-    lines += ["## Parameters", ""]
+def _card_heading(report, settings: dict, source: str, method: str, run: dict | None) -> list[str]:
+    """The title and what made the model: the run exported when there is one, else the pruned model's name."""
+    if run is None:
+        return [f"# {source} pruned with SlimGPT", ""]
+    summary = run.get("summary") or {}
+    facts = [f"method {summary.get('method') or method}"]
+    schedule = summary.get("schedule") or settings.get("schedule")
+    if schedule:
+        facts.append(f"schedule {schedule}")
+    if report is not None:
+        facts.append(f"achieved {report.achieved_layer_ratio:.1%} of decoder-layer parameters removed "
+                     f"({report.achieved_ratio:.1%} of all)")
+    elif summary.get("achieved_layer_ratio") is not None:
+        facts.append(f"achieved {summary['achieved_layer_ratio']:.1%} of decoder-layer parameters removed")
+    return [f"# {run['title']}", "",
+            f"`{source}` pruned with SlimGPT Studio as run `{run['name']}`: {', '.join(facts)}.", ""]
+
+
+def _card_parameters(model, report, settings: dict) -> list[str]:
+    """The parameters before and after, and the settings table."""
+    lines = ["## Parameters", ""]
     after = count_parameters(model)
     if report is not None:
         lines += [f"- before: {_fmt_params(report.params_before)} ({report.params_before:,})",
@@ -117,26 +109,34 @@ def model_card(model, report=None, evaluation: dict | None = None, source: str =
             if key in ("head_ratios", "ffn_ratios") or value is None:
                 continue
             lines.append(f"| {key} | {value} |")
-    lines += ["", "## Layers", "", "| layer | query heads | KV heads | FFN width |", "|---|---|---|---|"]
-    for i, (q, kv, f) in enumerate(zip(*(lists[k] for k in LAYER_KEYS))):
-        lines.append(f"| {i} | {q} | {kv} | {f} |")
+    return lines
+
+
+def _card_evaluation(report, evaluation: dict | None) -> list[str]:
+    """The report's measurements and the given ones (perplexities, zero-shot accuracies, plain numbers)."""
     evals = dict(report.evaluation) if report is not None and report.evaluation else {}
     evals.update(evaluation or {})
-    if evals:
-        lines += ["", "## Evaluation", "", "| measurement | value |", "|---|---|"]
-        for key, value in evals.items():
-            if isinstance(value, dict) and "ppl" in value:
-                lines.append(f"| {key} ({value.get('dataset', '')}, {value.get('seqlen', '')} tokens, "
-                             f"{value.get('windows', '')} windows) | {value['ppl']:.3f} |")
-            elif isinstance(value, dict) and "acc" in value:
-                lines.append(f"| {key} acc / acc_norm (limit {value.get('limit')}) | {value['acc']:.4f} / "
-                             f"{value.get('acc_norm', float('nan')):.4f} |")
-            elif isinstance(value, (int, float)):
-                lines.append(f"| {key} | {value:.4f} |")
+    if not evals:
+        return []
+    lines = ["", "## Evaluation", "", "| measurement | value |", "|---|---|"]
+    for key, value in evals.items():
+        if isinstance(value, dict) and "ppl" in value:
+            lines.append(f"| {key} ({value.get('dataset', '')}, {value.get('seqlen', '')} tokens, "
+                         f"{value.get('windows', '')} windows) | {value['ppl']:.3f} |")
+        elif isinstance(value, dict) and "acc" in value:
+            lines.append(f"| {key} acc / acc_norm (limit {value.get('limit')}) | {value['acc']:.4f} / "
+                         f"{value.get('acc_norm', float('nan')):.4f} |")
+        elif isinstance(value, (int, float)):
+            lines.append(f"| {key} | {value:.4f} |")
+    return lines
+
+
+def _card_loading(model, hetero: bool) -> list[str]:
+    """How to load it with transformers, and how to run it in llama.cpp, Ollama or LM Studio."""
     load = ("model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # per-layer shapes: "
             "modeling_slimgpt.py") if hetero else "model = AutoModelForCausalLM.from_pretrained(path)"
-    lines += ["", "## Load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "path = \"<this folder>\"", load, "tokenizer = AutoTokenizer.from_pretrained(path)", "```", ""]
+    lines = ["", "## Load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+             "path = \"<this folder>\"", load, "tokenizer = AutoTokenizer.from_pretrained(path)", "```", ""]
     if hetero:
         lines.append(f"Layers differ in shape, so `config.json` lists them per layer ({', '.join(LAYER_KEYS)}) and "
                      f"`modeling_slimgpt.py` (base architecture: {base_model_type(model.config)}) builds them. "
@@ -146,6 +146,29 @@ def model_card(model, report=None, evaluation: dict | None = None, source: str =
               "writes one GGUF file (layers of different shapes as llama.cpp's `deci` architecture); then "
               "`llama-cli -m model.gguf -p \"Once upon a time\" -n 128`, or an Ollama `Modelfile` holding "
               "`FROM ./model.gguf` and `ollama create pruned -f Modelfile`."]
+    return lines
+
+
+def model_card(model, report=None, evaluation: dict | None = None, source: str = "", hetero: bool = False,
+               run: dict | None = None) -> str:
+    settings = (report.settings if report is not None else None) or dict(getattr(model.config, "slimgpt", None) or {})
+    # the model that was pruned, when known, names the card; else whatever was exported
+    source = (report.model if report is not None else "") or settings.get("source_model", "") or source or "unknown"
+    method = settings.get("method", "slimgpt")
+    lists = describe_layers(model)
+    lines = ["---", "library_name: transformers", "tags: [pruned, structured-pruning, slimgpt]", "---", ""]
+    lines += _card_heading(report, settings, source, method, run)
+    if method == "slimgpt":
+        lines += ["Structured pruning (attention heads / KV groups and FFN channels) with layer-wise OBS compensation "
+                  "(SlimGPT, Ling et al., NeurIPS 2024), written by SlimGPT Studio.", ""]
+    else:
+        lines += [f"Structured pruning with the `{method}` method, written by SlimGPT Studio.", ""]
+    lines += _card_parameters(model, report, settings)
+    lines += ["", "## Layers", "", "| layer | query heads | KV heads | FFN width |", "|---|---|---|---|"]
+    for i, (q, kv, f) in enumerate(zip(*(lists[k] for k in LAYER_KEYS))):
+        lines.append(f"| {i} | {q} | {kv} | {f} |")
+    lines += _card_evaluation(report, evaluation)
+    lines += _card_loading(model, hetero)
     return "\n".join(lines) + "\n"
 
 

@@ -310,6 +310,39 @@ def _llamacpp_quantize(src: Path, dst: Path, weight_type: str, threads: int) -> 
         raise SlimGPTError(f"llama.cpp could not quantize to {weight_type} (its quantize routine returned {rc})")
 
 
+def _check_target(out: Path, overwrite: bool) -> None:
+    if out.suffix != ".gguf":
+        raise SlimGPTError(f"{out} does not end in .gguf")
+    if out.is_dir():
+        raise SlimGPTError(f"{out} is a folder: give a file name ending in .gguf")
+    if out.exists() and not overwrite:
+        raise SlimGPTError(f"{out} already exists (choose another name or pass --force)")
+
+
+def _export_steps(total: int, progress: Callable | None, cancel: Callable[[], bool] | None) -> Callable[[str], None]:
+    """`step(phase)`: one of `total` steps done (reported to `progress`); `cancel()` True stops the export."""
+    done = [0]
+
+    def step(phase: str) -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(Progress(done[0], total, phase, 0.0))
+        if cancel is not None and cancel():
+            raise JobCancelled("GGUF export was cancelled: nothing was kept")
+    return step
+
+
+def _tokenizer_folders(loaded, source_name: str, holders: list[tempfile.TemporaryDirectory]) -> list[Path]:
+    """The model's folder, the folder of the model it was pruned from, and the loaded tokenizer saved afresh (in a
+    temporary folder added to `holders`, which the caller cleans up)."""
+    folders = [Path(p) for p in (getattr(loaded, "path", ""), _resolve_alias(str(source_name)) if source_name
+                                 else "") if p and Path(p).is_dir()]
+    holder = tempfile.TemporaryDirectory(prefix="slimgpt-tokenizer-")
+    holders.append(holder)
+    loaded.tokenizer.save_pretrained(holder.name)
+    return folders + [Path(holder.name)]
+
+
 def export_gguf(source, path: str | Path, weight_type: str = "f16", progress: Callable | None = None,
                 cancel: Callable[[], bool] | None = None, overwrite: bool = False, threads: int | None = None,
                 report: RunReport | None = None, evaluation: dict | None = None) -> GGUFExport:
@@ -319,12 +352,7 @@ def export_gguf(source, path: str | Path, weight_type: str = "f16", progress: Ca
     folder's report and stored perplexity go into the file's metadata."""
     weight_type = normalise_weight_type(weight_type)
     out = Path(path).expanduser()
-    if out.suffix != ".gguf":
-        raise SlimGPTError(f"{out} does not end in .gguf")
-    if out.is_dir():
-        raise SlimGPTError(f"{out} is a folder: give a file name ending in .gguf")
-    if out.exists() and not overwrite:
-        raise SlimGPTError(f"{out} already exists (choose another name or pass --force)")
+    _check_target(out, overwrite)
     if weight_type in LLAMACPP_TYPES:
         import_llama_cpp()  # before any work: one sentence when llama.cpp is missing
     loaded, report, evaluation, name = _resolve_source(source, report, evaluation)
@@ -338,32 +366,15 @@ def export_gguf(source, path: str | Path, weight_type: str = "f16", progress: Ca
     except OSError as exc:
         raise SlimGPTError(f"cannot create {out.parent}: {exc.strerror or exc}") from None
     total = sum(1 for _ in _tensors(model, arch)) + (1 if weight_type in LLAMACPP_TYPES else 0)
-    done = [0]
-
-    def step(phase: str) -> None:
-        done[0] += 1
-        if progress is not None:
-            progress(Progress(done[0], total, phase, 0.0))
-        if cancel is not None and cancel():
-            raise JobCancelled("GGUF export was cancelled: nothing was kept")
-
+    step = _export_steps(total, progress, cancel)
     tmp = _temporary_name(out)
     staging = _temporary_name(out.with_suffix(".f32.gguf")) if weight_type in LLAMACPP_TYPES else None
     tok_dir: list[tempfile.TemporaryDirectory] = []
-
-    def tokenizer_folders() -> list[Path]:
-        """The model's folder, the folder of the model it was pruned from, and the loaded tokenizer saved afresh."""
-        folders = [Path(p) for p in (getattr(loaded, "path", ""), _resolve_alias(str(source_name)) if source_name
-                                     else "") if p and Path(p).is_dir()]
-        holder = tempfile.TemporaryDirectory(prefix="slimgpt-tokenizer-")
-        tok_dir.append(holder)
-        loaded.tokenizer.save_pretrained(holder.name)
-        return folders + [Path(holder.name)]
-
     try:
         direct = "f32" if staging is not None else weight_type
-        tokenizer_source, fallback = _write_file(model, tokenizer_folders, source_gguf, staging or tmp, arch, direct,
-                                                 name, report, evaluation, step)
+        tokenizer_source, fallback = _write_file(model, lambda: _tokenizer_folders(loaded, source_name, tok_dir),
+                                                 source_gguf, staging or tmp, arch, direct, name, report, evaluation,
+                                                 step)
         if staging is not None:
             _llamacpp_quantize(staging, tmp, weight_type, threads or max(1, os.cpu_count() or 1))
             fallback = []  # llama.cpp chooses its own fallbacks (it logs them)

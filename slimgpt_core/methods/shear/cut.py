@@ -38,6 +38,43 @@ def cut_model(model, gates: dict[str, torch.Tensor]) -> None:
         _cut(model, gates)
 
 
+def _cut_attention(attn, i: int, gates: dict[str, torch.Tensor], dims: torch.Tensor, out_scale: torch.Tensor,
+                   device: torch.device) -> None:
+    """Layer i's attention cut to its open KV groups, heads within them and hidden dimensions `dims`; the gates'
+    values (and `out_scale`) folded into o_proj."""
+    d = attn.head_dim
+    n_heads = attn.q_proj.out_features // d
+    n_kv = attn.k_proj.out_features // d
+    rep = n_heads // n_kv
+    groups, group_scale = _open(gates["kv_groups"][i] if "kv_groups" in gates else None, n_kv, device)
+    head_gate = gates["heads"][i] if "heads" in gates else None  # [heads per group], or [groups, per group]
+    rows = [_open(head_gate if head_gate is None or head_gate.dim() == 1 else head_gate[g], rep, device)
+            for g in groups.tolist()]
+    heads = torch.cat([g * rep + idx for g, (idx, _) in zip(groups.tolist(), rows)])
+    head_scale = torch.cat([gs * val for gs, (_, val) in zip(group_scale, rows)])
+    within_head = torch.arange(d, device=device)
+    q_rows = (heads[:, None] * d + within_head[None, :]).flatten()
+    kv_rows = (groups[:, None] * d + within_head[None, :]).flatten()
+    attn.q_proj = sliced_linear(attn.q_proj, rows=q_rows, cols=dims)
+    attn.k_proj = sliced_linear(attn.k_proj, rows=kv_rows, cols=dims)
+    attn.v_proj = sliced_linear(attn.v_proj, rows=kv_rows, cols=dims)
+    attn.o_proj = sliced_linear(attn.o_proj, rows=dims, cols=q_rows)
+    _scale(attn.o_proj, out_scale, head_scale.repeat_interleave(d))
+    attn.num_key_value_groups = len(heads) // len(groups)  # query heads per KV group, the same for each
+
+
+def _cut_mlp(mlp, i: int, gates: dict[str, torch.Tensor], dims: torch.Tensor, out_scale: torch.Tensor,
+             device: torch.device) -> None:
+    """Layer i's MLP cut to its open channels and hidden dimensions `dims`; the gates folded into down_proj."""
+    channels, channel_scale = _open(gates["ffn"][i] if "ffn" in gates else None, mlp.down_proj.in_features, device)
+    mlp.gate_proj = sliced_linear(mlp.gate_proj, rows=channels, cols=dims)
+    mlp.up_proj = sliced_linear(mlp.up_proj, rows=channels, cols=dims)
+    mlp.down_proj = sliced_linear(mlp.down_proj, rows=dims, cols=channels)
+    _scale(mlp.down_proj, out_scale, channel_scale)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(channels)
+
+
 def _cut(model, gates: dict[str, torch.Tensor]) -> None:
     # (not a decorated function: mutation testing skips those)
     inner = model.model
@@ -49,36 +86,11 @@ def _cut(model, gates: dict[str, torch.Tensor]) -> None:
     for pos, i in enumerate(layer_idx.tolist()):
         layer = inner.layers[i]
         out_scale = layer_scale[pos] * hidden_scale  # folded into the rows of o_proj and down_proj
-        attn, mlp = layer.self_attn, layer.mlp
-        d = attn.head_dim
-        n_heads = attn.q_proj.out_features // d
-        n_kv = attn.k_proj.out_features // d
-        rep = n_heads // n_kv
-        groups, group_scale = _open(gates["kv_groups"][i] if "kv_groups" in gates else None, n_kv, device)
-        head_gate = gates["heads"][i] if "heads" in gates else None  # [heads per group], or [groups, per group]
-        rows = [_open(head_gate if head_gate is None or head_gate.dim() == 1 else head_gate[g], rep, device)
-                for g in groups.tolist()]
-        heads = torch.cat([g * rep + idx for g, (idx, _) in zip(groups.tolist(), rows)])
-        head_scale = torch.cat([gs * val for gs, (_, val) in zip(group_scale, rows)])
-        within_head = torch.arange(d, device=device)
-        q_rows = (heads[:, None] * d + within_head[None, :]).flatten()
-        kv_rows = (groups[:, None] * d + within_head[None, :]).flatten()
-        attn.q_proj = sliced_linear(attn.q_proj, rows=q_rows, cols=dims)
-        attn.k_proj = sliced_linear(attn.k_proj, rows=kv_rows, cols=dims)
-        attn.v_proj = sliced_linear(attn.v_proj, rows=kv_rows, cols=dims)
-        attn.o_proj = sliced_linear(attn.o_proj, rows=dims, cols=q_rows)
-        _scale(attn.o_proj, out_scale, head_scale.repeat_interleave(d))
-        attn.num_key_value_groups = len(heads) // len(groups)  # query heads per KV group, the same for each
-        channels, channel_scale = _open(gates["ffn"][i] if "ffn" in gates else None, mlp.down_proj.in_features, device)
-        mlp.gate_proj = sliced_linear(mlp.gate_proj, rows=channels, cols=dims)
-        mlp.up_proj = sliced_linear(mlp.up_proj, rows=channels, cols=dims)
-        mlp.down_proj = sliced_linear(mlp.down_proj, rows=dims, cols=channels)
-        _scale(mlp.down_proj, out_scale, channel_scale)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = len(channels)
+        _cut_attention(layer.self_attn, i, gates, dims, out_scale, device)
+        _cut_mlp(layer.mlp, i, gates, dims, out_scale, device)
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             _slice_norm(norm, dims, hidden_scale)
-        attn.layer_idx = pos
+        layer.self_attn.layer_idx = pos
         kept_layers.append(layer)
     inner.layers = nn.ModuleList(kept_layers)
     # embedding: the hidden gate folds into it; a tied head then shares it, so the final norm stays unscaled

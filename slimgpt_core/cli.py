@@ -65,6 +65,10 @@ def _positive(text: str) -> int:
     return value
 
 
+def _align(text: str) -> int | None:
+    return None if text == "auto" else _positive(text)
+
+
 def _floats(text: str) -> list[float]:
     try:
         return parse_ratio_list(text)
@@ -148,8 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=0.01, help="Hessian damping λ (fraction of mean diagonal)")
     p.add_argument("--head-error", choices=["exact", "approx"], default="exact",
                    help="exact group OBS error, or the authors' cheaper approximation")
-    p.add_argument("--align", type=_positive, default=1, help="keep a multiple of N FFN channels in every pruned "
-                   "layer (32: llama.cpp's Q8_0 blocks, 256: its K-quants)")
+    p.add_argument("--align", type=_align, default=None, metavar="N|auto",
+                   help="keep a multiple of N FFN channels in every pruned layer (32: llama.cpp's Q8_0 blocks, 256: "
+                   "its K-quants; 1: any width); auto (default): 32 where the dense width is a multiple of 32 and at "
+                   "least 512 wide")
     p.add_argument("--ffn-group-floor", type=_positive, default=64, help="smallest FFN group (1 with ceiling 1: greedy)")
     p.add_argument("--ffn-group-ceiling", type=_positive, default=1024, help="largest FFN group")
     p.add_argument("--dense-inputs", action="store_true",

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 LAYER_KEYS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size")
 
@@ -35,22 +36,66 @@ def _unit_rows(units, size: int) -> list[int]:
     return [u * size + j for u in units for j in range(size)]
 
 
+class LayerConfig:
+    """The model's config with this layer's own query-head count: Phi-3's attention splits its fused qkv output at
+    `config.num_attention_heads` heads. Everything else reads through to the shared config (`base`)."""
+
+    def __init__(self, base, num_attention_heads: int):
+        self.base, self.num_attention_heads = base, num_attention_heads
+
+    def __getattr__(self, name):
+        if name == "base":  # not set yet (copying): no recursion through __getattr__
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+
+def _query_width(attn) -> int:
+    return attn.o_proj.in_features
+
+
+def _kv_width(attn) -> int:
+    if hasattr(attn, "qkv_proj"):  # Phi-3: [q | k | v] rows of one fused weight
+        return (attn.qkv_proj.out_features - _query_width(attn)) // 2
+    return attn.k_proj.out_features
+
+
+def _slice_qkv(attn, q_rows: list[int], kv_rows: list[int]) -> None:
+    """Keep these rows of the query and of the key/value projections (separate or fused) and the matching o_proj
+    columns; the attention's head counts follow."""
+    d = attn.head_dim
+    if hasattr(attn, "qkv_proj"):
+        nq, nkv = _query_width(attn), _kv_width(attn)
+        attn.qkv_proj = sliced_linear(attn.qkv_proj, rows=q_rows + [nq + r for r in kv_rows]
+                                      + [nq + nkv + r for r in kv_rows])
+    else:
+        attn.q_proj = sliced_linear(attn.q_proj, rows=q_rows)
+        attn.k_proj = sliced_linear(attn.k_proj, rows=kv_rows)
+        attn.v_proj = sliced_linear(attn.v_proj, rows=kv_rows)
+    attn.o_proj = sliced_linear(attn.o_proj, cols=q_rows)
+    n_q, n_kv = len(q_rows) // d, len(kv_rows) // d
+    attn.num_key_value_groups = n_q // n_kv if n_kv else 0
+    if hasattr(attn, "num_key_value_heads"):
+        attn.num_key_value_heads = n_kv
+    if hasattr(attn, "qkv_proj"):
+        attn.config = LayerConfig(getattr(attn.config, "base", attn.config), n_q)
+
+
 def keep_kv_groups(layer, keep) -> None:
     """Keep only these KV groups (one k/v head and its query heads each; under MHA a group is one head)."""
     attn = layer.self_attn
     d, rep = attn.head_dim, attn.num_key_value_groups
-    q_rows, kv_rows = _unit_rows(keep, d * rep), _unit_rows(keep, d)
-    attn.q_proj = sliced_linear(attn.q_proj, rows=q_rows)
-    attn.k_proj = sliced_linear(attn.k_proj, rows=kv_rows)
-    attn.v_proj = sliced_linear(attn.v_proj, rows=kv_rows)
-    attn.o_proj = sliced_linear(attn.o_proj, cols=q_rows)
+    _slice_qkv(attn, _unit_rows(keep, d * rep), _unit_rows(keep, d))
 
 
 def keep_channels(layer, keep) -> None:
     mlp = layer.mlp
     idx = list(keep)
-    mlp.gate_proj = sliced_linear(mlp.gate_proj, rows=idx)
-    mlp.up_proj = sliced_linear(mlp.up_proj, rows=idx)
+    if hasattr(mlp, "gate_up_proj"):  # Phi-3: [gate | up] rows of one fused weight
+        width = mlp.down_proj.in_features
+        mlp.gate_up_proj = sliced_linear(mlp.gate_up_proj, rows=idx + [width + i for i in idx])
+    else:
+        mlp.gate_proj = sliced_linear(mlp.gate_proj, rows=idx)
+        mlp.up_proj = sliced_linear(mlp.up_proj, rows=idx)
     mlp.down_proj = sliced_linear(mlp.down_proj, cols=idx)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = len(idx)
@@ -59,8 +104,7 @@ def keep_channels(layer, keep) -> None:
 def layer_shape(layer) -> tuple[int, int, int]:
     """(query heads, KV heads, FFN channels) as the layer's weights say."""
     attn = layer.self_attn
-    return (attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim,
-            layer.mlp.down_proj.in_features)
+    return (_query_width(attn) // attn.head_dim, _kv_width(attn) // attn.head_dim, layer.mlp.down_proj.in_features)
 
 
 def resize_layer(layer, n_heads: int, n_kv: int, d_ff: int) -> None:
@@ -80,12 +124,9 @@ def keep_query_heads(layer, per_group: int) -> None:
     """Keep the first `per_group` query heads of every KV group."""
     attn = layer.self_attn
     d, rep = attn.head_dim, attn.num_key_value_groups
-    n_kv = attn.k_proj.out_features // d
+    n_kv = _kv_width(attn) // d
     heads = [g * rep + j for g in range(n_kv) for j in range(per_group)]
-    rows = _unit_rows(heads, d)
-    attn.q_proj = sliced_linear(attn.q_proj, rows=rows)
-    attn.o_proj = sliced_linear(attn.o_proj, cols=rows)
-    attn.num_key_value_groups = per_group
+    _slice_qkv(attn, _unit_rows(heads, d), list(range(n_kv * d)))
 
 
 def _shrink_layers(model) -> None:
@@ -135,6 +176,38 @@ class SlimGPTQwen2Config(Qwen2Config):
     validate = _validate
 
 
+class SlimGPTQwen3Config(Qwen3Config):
+    model_type = "slimgpt_qwen3"
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
+    validate = _validate
+
+
+class SlimGPTGemma2Config(Gemma2Config):
+    model_type = "slimgpt_gemma2"
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
+    validate = _validate
+
+
+class SlimGPTGemma3TextConfig(Gemma3TextConfig):
+    model_type = "slimgpt_gemma3_text"
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
+    validate = _validate
+
+
+class SlimGPTPhi3Config(Phi3Config):
+    model_type = "slimgpt_phi3"
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
+    validate = _validate
+
+
 class SlimGPTLlamaForCausalLM(LlamaForCausalLM):
     config_class = SlimGPTLlamaConfig
 
@@ -159,10 +232,46 @@ class SlimGPTQwen2ForCausalLM(Qwen2ForCausalLM):
         _shrink_layers(self)
 
 
+class SlimGPTQwen3ForCausalLM(Qwen3ForCausalLM):
+    config_class = SlimGPTQwen3Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        _shrink_layers(self)
+
+
+class SlimGPTGemma2ForCausalLM(Gemma2ForCausalLM):
+    config_class = SlimGPTGemma2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        _shrink_layers(self)
+
+
+class SlimGPTGemma3ForCausalLM(Gemma3ForCausalLM):
+    config_class = SlimGPTGemma3TextConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _shrink_layers(self)
+
+
+class SlimGPTPhi3ForCausalLM(Phi3ForCausalLM):
+    config_class = SlimGPTPhi3Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        _shrink_layers(self)
+
+
 # base model_type -> (config class, model class)
 CLASSES = {"llama": (SlimGPTLlamaConfig, SlimGPTLlamaForCausalLM),
            "mistral": (SlimGPTMistralConfig, SlimGPTMistralForCausalLM),
-           "qwen2": (SlimGPTQwen2Config, SlimGPTQwen2ForCausalLM)}
+           "qwen2": (SlimGPTQwen2Config, SlimGPTQwen2ForCausalLM),
+           "qwen3": (SlimGPTQwen3Config, SlimGPTQwen3ForCausalLM),
+           "gemma2": (SlimGPTGemma2Config, SlimGPTGemma2ForCausalLM),
+           "gemma3_text": (SlimGPTGemma3TextConfig, SlimGPTGemma3ForCausalLM),
+           "phi3": (SlimGPTPhi3Config, SlimGPTPhi3ForCausalLM)}
 
 
 def register_auto_classes() -> None:

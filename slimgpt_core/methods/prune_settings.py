@@ -81,13 +81,14 @@ def plan_removals(model, settings: PruneSettings) -> tuple[list[float], list[flo
     head_rm, ffn_rm = [], []
     for i, layer in enumerate(layers):
         q, kv, f = layer_shape(layer)
-        rep = q // kv
+        rep = 1 if kv == 1 else q // max(kv, 1)  # one KV head: query heads are the units (pipeline.query_head_units)
+        kv = q if kv == 1 else kv
         if settings.keep_heads is not None:
             if len(settings.keep_heads) != n:
                 raise SlimGPTError(f"keep_heads has {len(settings.keep_heads)} entries but the model has {n} layers")
             keep = settings.keep_heads[i]
-            if not 1 <= keep <= q:
-                raise SlimGPTError(f"layer {i} has {q} query heads: cannot keep {keep} (keep between 1 and {q})")
+            if not 0 <= keep <= q:  # 0: the layer's attention goes
+                raise SlimGPTError(f"layer {i} has {q} query heads: cannot keep {keep} (keep between 0 and {q})")
             if keep % rep:
                 raise SlimGPTError(f"layer {i}: cannot keep {keep} query heads: under GQA heads go in groups of "
                                    f"{rep} sharing one KV head, so keep a multiple of {rep}")
@@ -99,7 +100,7 @@ def plan_removals(model, settings: PruneSettings) -> tuple[list[float], list[flo
             if len(settings.keep_ffn) != n:
                 raise SlimGPTError(f"keep_ffn has {len(settings.keep_ffn)} entries but the model has {n} layers")
             keep = settings.keep_ffn[i]
-            if not 1 <= keep <= f:
+            if not 0 <= keep <= f:  # 0: the layer's FFN goes
                 raise SlimGPTError(f"layer {i} has {f} FFN channels: cannot keep {keep}")
             ffn_rm.append(f - keep)
             ffn_r[i] = 1 - keep / f

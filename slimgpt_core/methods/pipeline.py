@@ -263,7 +263,7 @@ def _unit_columns(units: Sequence[int], group: int, device) -> torch.Tensor:
 
 def query_head_units(layer) -> bool:
     """A layer with one KV head shared by several query heads prunes query heads inside that group: removing the
-    group would remove the layer's attention."""
+    group would remove the layer's attention (prune_settings.QUERY_HEAD_METHODS plan in these units)."""
     q, kv, _ = layer_shape(layer)
     return kv == 1 and q > 1
 

@@ -43,6 +43,9 @@ class PruneSettings:
 
 
 METHODS = ("slimgpt", "magnitude", "wanda-sp", "surgeon", "kobd", "obs-multishot", "minitron")
+# the layer-wise pipeline's methods: in a layer with one KV head they remove query heads inside the group (the others
+# remove whole KV groups only, so they leave such a layer's heads)
+QUERY_HEAD_METHODS = ("slimgpt", "magnitude", "wanda-sp", "obs-multishot")
 
 
 def validate_settings(settings: PruneSettings) -> None:
@@ -81,8 +84,10 @@ def plan_removals(model, settings: PruneSettings) -> tuple[list[float], list[flo
     head_rm, ffn_rm = [], []
     for i, layer in enumerate(layers):
         q, kv, f = layer_shape(layer)
-        rep = 1 if kv == 1 else q // max(kv, 1)  # one KV head: query heads are the units (pipeline.query_head_units)
-        kv = q if kv == 1 else kv
+        if kv == 1 and settings.method in QUERY_HEAD_METHODS:  # query heads are the units (pipeline.query_head_units)
+            rep, kv = 1, q
+        else:
+            rep = q // max(kv, 1)
         if settings.keep_heads is not None:
             if len(settings.keep_heads) != n:
                 raise SlimGPTError(f"keep_heads has {len(settings.keep_heads)} entries but the model has {n} layers")

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from slimgpt_core.base.assets import asset_path
 from slimgpt_core.base.modeling_slimgpt import CLASSES, register_auto_classes
 from slimgpt_core.base.shapes import (base_model_type, describe_layers, is_heterogeneous, keep_channels,
                                       keep_kv_groups, layer_shape, update_config)
@@ -24,6 +25,7 @@ from tests import ROOT
 from tests.tiny_models import tiny_model
 
 register_auto_classes()
+STORIES = asset_path("models", "stories260k")  # a real tokenizer for folders the CLI loads
 
 ARCHS = ["qwen3", "gemma2", "gemma3_text", "phi3"]
 STOCK = {"qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
@@ -155,7 +157,7 @@ def test_pruned_checkpoints_load_with_the_shipped_remote_code(tmp_path, tokens):
         model = tiny_model(arch, vocab=512)
         prune_model(model, tokens, PruneSettings(ratio=0.5, schedule="linear", shape=3.0, ffn_group_floor=4))
         assert is_heterogeneous(model.config), describe_layers(model)
-        tokenizer = AutoTokenizer.from_pretrained(ROOT.parent / "shared" / "assets" / "models" / "stories260k")
+        tokenizer = AutoTokenizer.from_pretrained(STORIES)
         export_checkpoint(model, tokenizer, tmp_path / arch)
         expected[arch] = _logits(model, tokens)
         assert (tmp_path / arch / "modeling_slimgpt.py").exists()
@@ -180,7 +182,7 @@ def test_the_cli_prunes_a_model_folder(arch, tmp_path, capsys, monkeypatch):
     folder, out = tmp_path / "dense", tmp_path / "run"
     model = tiny_model(arch, vocab=512)
     model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(ROOT.parent / "shared" / "assets" / "models" / "stories260k").save_pretrained(folder)
+    AutoTokenizer.from_pretrained(STORIES).save_pretrained(folder)
     assert main(["prune", "--model", str(folder), "--calib", "tinystories", "--nsamples", "4", "--seqlen", "32",
                  "--ratio", "0.5", "--schedule", "linear", "--ffn-group-floor", "4", "--device", "cpu", "--quiet",
                  "--out", str(out)]) == 0

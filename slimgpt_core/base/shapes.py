@@ -10,10 +10,37 @@ from torch import nn
 from transformers import AutoConfig
 
 from slimgpt_core.base.errors import SlimGPTError
-from slimgpt_core.base.modeling_slimgpt import (CLASSES, LAYER_KEYS, keep_channels, keep_kv_groups, layer_shape)  # noqa: F401
+from slimgpt_core.base.modeling_slimgpt import (CLASSES, LAYER_KEYS, LayerConfig, keep_channels, keep_kv_groups,  # noqa: F401
+                                               layer_shape)
 
 SUPPORTED_ARCHITECTURES = tuple(CLASSES)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# config fields that mark mixture-of-experts FFNs (Mixtral, Qwen MoE, DeepSeek, OLMoE, ...)
+_EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+
+
+def check_prunable(config, name: str) -> None:
+    """One sentence naming the supported architectures when the engine cannot prune this model's layers (before
+    any weights are read)."""
+    mt = base_model_type(config)
+    supported = ", ".join(SUPPORTED_ARCHITECTURES)
+    if any(getattr(config, key, None) for key in _EXPERT_FIELDS):
+        raise SlimGPTError(f"{name} ({mt}) has mixture-of-experts FFN layers, which the engine cannot prune: "
+                           f"supported are dense decoders ({supported})")
+    if mt not in SUPPORTED_ARCHITECTURES:
+        raise SlimGPTError(f"unsupported architecture: {mt} in {name} (supported: {supported})")
+
+
+def check_prunable_layers(model, name: str) -> None:
+    """The loaded layers have the structure the engine prunes: attention with an o_proj and a dense FFN with a
+    down_proj (a supported model type with swapped-in expert layers, say, does not)."""
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if not (isinstance(getattr(attn, "o_proj", None), nn.Linear)
+                and isinstance(getattr(mlp, "down_proj", None), nn.Linear)):
+            raise SlimGPTError(f"layer {i} of {name} is not an attention block and a dense FFN (experts?), which "
+                               f"the engine cannot prune (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
 
 
 def base_model_type(config) -> str | None:
@@ -33,8 +60,11 @@ def describe_layers(model) -> dict[str, list[int]]:
 def _replace_config(model, new) -> None:
     old = model.config
     for module in model.modules():
-        if getattr(module, "config", None) is old:
+        config = getattr(module, "config", None)
+        if config is old:
             module.config = new
+        elif isinstance(config, LayerConfig) and config.base is old:  # a layer's own head count over the shared config
+            config.base = new
 
 
 def update_config(model) -> None:
@@ -52,7 +82,8 @@ def update_config(model) -> None:
     d["head_dim"] = head_dim(config)
     uniform = all(len(set(v)) == 1 for v in lists.values())
     # stock configs insist that hidden_size is a multiple of the head count, even with an explicit head_dim
-    if uniform and config.hidden_size % lists["layer_num_attention_heads"][0] == 0:
+    heads = lists["layer_num_attention_heads"][0]
+    if uniform and heads and config.hidden_size % heads == 0:  # no attention left anywhere: per-layer lists
         d.update(num_attention_heads=lists["layer_num_attention_heads"][0],
                  num_key_value_heads=lists["layer_num_key_value_heads"][0],
                  intermediate_size=lists["layer_intermediate_size"][0])

@@ -19,37 +19,75 @@ def _to(obj, device):
     return obj
 
 
-def capture_layer_inputs(model, tokens: torch.Tensor, batch_size: int, device: torch.device):
-    """Hidden states entering layer 0 for every calibration sample, and the layer's other kwargs.
+class LayerKwargs(dict):
+    """Layer 0's keyword arguments (a dict, as every caller passes them), with every layer's own in `per_layer`:
+    sliding-window and global layers (Gemma 2/3, Qwen with sliding windows) get different masks and Gemma 3's
+    local layers a different rotary embedding."""
 
-    Uses a forward pre-hook with kwargs (transformers 5 passes position_embeddings etc. as kwargs).
-    Kwargs come from a batch of one so that they broadcast over any batch size; caches are dropped."""
-    layer0 = model.model.layers[0]
+    def __init__(self, per_layer: list[dict]):
+        super().__init__(per_layer[0])
+        self.per_layer = per_layer
+
+    def layer(self, i: int) -> dict:
+        return self.per_layer[i]
+
+
+class _KwargsRecorder(torch.nn.Module):
+    """Stands in for a decoder layer for one forward: records the kwargs the model passes it and hands the hidden
+    states on unchanged (no layer computes; the last one stops the forward)."""
+
+    def __init__(self, layer, into: list, i: int, last: bool):
+        super().__init__()
+        for name in ("attention_type", "layer_type", "is_sliding"):  # what a model's loop may read from its layers
+            if hasattr(layer, name):
+                setattr(self, name, getattr(layer, name))
+        self.into, self.i, self.last = into, i, last
+
+    def forward(self, *args, **kwargs):
+        self.into[self.i] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values",
+                                                                          "past_key_value", "use_cache")}
+        if self.last:
+            raise _StopForward
+        return args[0] if args else kwargs["hidden_states"]
+
+
+def capture_layer_inputs(model, tokens: torch.Tensor, batch_size: int, device: torch.device):
+    """Hidden states entering layer 0 for every calibration sample, and the layers' other kwargs (`LayerKwargs`).
+
+    Kwargs come from a batch of one so that they broadcast over any batch size, with stand-ins for the layers
+    (transformers 5 passes position_embeddings etc. as kwargs); caches are dropped. Then a forward pre-hook on
+    layer 0 takes its inputs."""
+    layers = model.model.layers
     embed_device = model.get_input_embeddings().weight.device
-    captured: dict = {}
+    per_layer: list[dict] = [{} for _ in layers]
+    real = list(layers)
+    with torch.no_grad():
+        try:
+            for i, layer in enumerate(real):
+                layers[i] = _KwargsRecorder(layer, per_layer, i, i == len(real) - 1)
+            model(tokens[:1].to(embed_device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for i, layer in enumerate(real):
+                layers[i] = layer
     chunks: list[torch.Tensor] = []
 
     def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if not captured:
-            captured.update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values",
-                                                                          "past_key_value", "use_cache")})
-        else:
-            chunks.append(hidden.detach().to(device))
+        chunks.append((args[0] if args else kwargs["hidden_states"]).detach().to(device))
         raise _StopForward
 
-    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            for start in [-1] + list(range(0, tokens.shape[0], batch_size)):
-                ids = tokens[:1] if start < 0 else tokens[start:start + batch_size]
+            for start in range(0, tokens.shape[0], batch_size):
                 try:
-                    model(ids.to(embed_device), use_cache=False)
+                    model(tokens[start:start + batch_size].to(embed_device), use_cache=False)
                 except _StopForward:
                     pass
     finally:
         handle.remove()
-    return torch.cat(chunks), _to(captured, device)
+    return torch.cat(chunks), LayerKwargs([_to(kw, device) for kw in per_layer])
 
 
 class _TF32:
@@ -178,9 +216,10 @@ def capture_attention_inputs(layer, x: torch.Tensor, kwargs: dict, batch_size: i
     return chunks
 
 
-# the norm whose output only the module reads, in the decoder layers of every supported architecture (LLaMA,
-# Mistral, Qwen2: pre-norm, sequential attention then MLP)
+# the norm whose output only the module reads, in the decoder layers of every supported architecture (pre-norm,
+# sequential attention then MLP); Gemma 2/3 norm the attention's output too and feed the MLP through their own norm
 _FEEDS = {"self_attn": "input_layernorm", "mlp": "post_attention_layernorm"}
+_GEMMA_FEEDS = {"self_attn": "input_layernorm", "mlp": "pre_feedforward_layernorm"}
 
 
 class _Replayed:
@@ -189,7 +228,8 @@ class _Replayed:
 
     def __init__(self, layer: torch.nn.Module, name: str, result, active: bool = True):
         self.module = getattr(layer, name) if active else None
-        self.norm = getattr(layer, _FEEDS[name], None) if active else None
+        feeds = _GEMMA_FEEDS if hasattr(layer, "pre_feedforward_layernorm") else _FEEDS
+        self.norm = getattr(layer, feeds[name], None) if active else None
         self.result = result
 
     def __enter__(self):

@@ -14,6 +14,7 @@ from slimgpt_core.base.cache import forget_fingerprint
 from slimgpt_core.base.devices import peak_memory_mb, resolve_device
 from slimgpt_core.base.errors import JobCancelled, SlimGPTError, out_of_memory_message
 from slimgpt_core.base.events import Callback, FFNScores, HeadImportance, LayerDone, ModuleMeasured, Progress, RunReport
+from slimgpt_core.base.modeling_slimgpt import keep_query_heads_of
 from slimgpt_core.base.shapes import count_parameters, keep_channels, keep_kv_groups, layer_shape, update_config
 from slimgpt_core.methods import obs
 from slimgpt_core.methods.activations import (activation_device, activation_streams, buffer_like,
@@ -62,7 +63,9 @@ def _prune_multishot(model, tokens, settings, callback, should_stop, model_name,
     total = 0.0
     report = None
     for shot in range(1, settings.shots + 1):
-        keep_heads = [q - round(h * shot / settings.shots) * (q // kv) for (q, kv, _), h in zip(shapes, head_rm)]
+        # heads per unit: a KV group, or one query head where one KV head is shared (query_head_units)
+        keep_heads = [q - round(h * shot / settings.shots) * (1 if kv == 1 else q // kv)
+                      for (q, kv, _), h in zip(shapes, head_rm)]
         keep_ffn = [f - round(c * shot / settings.shots) for (_, _, f), c in zip(shapes, ffn_rm)]
         shot_settings = replace(settings, method="slimgpt", keep_heads=keep_heads, keep_ffn=keep_ffn)
         report = _prune_pass(model, tokens, shot_settings, callback, should_stop, model_name, use_cache)
@@ -70,7 +73,7 @@ def _prune_multishot(model, tokens, settings, callback, should_stop, model_name,
             phases[k] = phases.get(k, 0.0) + v
         total += report.total_seconds
     report.settings = asdict(settings)
-    report.head_ratios = [h / kv for (_, kv, _), h in zip(shapes, head_rm)]
+    report.head_ratios = [h / (q if kv == 1 else kv) for (q, kv, _), h in zip(shapes, head_rm)]
     report.ffn_ratios = [c / f for (_, _, f), c in zip(shapes, ffn_rm)]
     report.params_before, report.layer_params_before = params_before, layer_params_before
     report.phase_seconds, report.total_seconds = phases, total
@@ -139,7 +142,7 @@ def _run_layers(model, tokens: torch.Tensor, settings: PruneSettings, plan: tupl
             torch.cuda.reset_peak_memory_stats(device)
         home = next(layers[i].parameters()).device
         layer = layers[i].to(device)
-        streams = _Streams(dense_in, dense_out, pruned_in, pruned_out, kwargs, act_device)
+        streams = _Streams(dense_in, dense_out, pruned_in, pruned_out, kwargs.layer(i), act_device)
         layer_step(layer, i, streams, settings, (head_r[i], head_rm[i], ffn_r[i], ffn_rm[i]), events.emit,
                    events.phase, events.done, stats)
         acc = relative_distance(pruned_out, dense_out) if need_dense and need_pruned else float("nan")
@@ -252,8 +255,7 @@ def _layer_once(layer, i, st: _Streams, settings: PruneSettings, plan, emit, pha
         done("attn-stats", t0)
     if acc is not None:
         H_attn = stats.store(i, "attn", acc.H, dense)
-    kept_units = _prune_attention(layer, i, H_attn, settings, head_ratio, head_rm, emit, phase, done)
-    group = attn.head_dim * attn.num_key_value_groups
+    kept_units, group = _prune_attention(layer, i, H_attn, settings, head_ratio, head_rm, emit, phase, done)
     columns = None if head_rm == 0 else _unit_columns(kept_units, group, attn.o_proj.weight.device)
     if columns is not None and z is not None and z[0].device == columns.device:
         z, columns = [chunk.index_select(-1, columns) for chunk in z], None  # kept heads selected once
@@ -283,24 +285,40 @@ def _layer_once(layer, i, st: _Streams, settings: PruneSettings, plan, emit, pha
 
 def _unit_columns(units: Sequence[int], group: int, device) -> torch.Tensor:
     """Input columns of the units kept, in order (as the layer surgery keeps them)."""
+    if not units:  # every head removed
+        return torch.empty(0, dtype=torch.long, device=device)
     return torch.cat([torch.arange(u * group, (u + 1) * group) for u in units]).to(device)
 
 
-def _prune_attention(layer, i, H, settings, ratio, n_remove, emit, phase, done) -> list[int]:
+def query_head_units(layer) -> bool:
+    """A layer with one KV head shared by several query heads prunes query heads inside that group: removing the
+    group would remove the layer's attention (prune_settings.QUERY_HEAD_METHODS plan in these units)."""
+    q, kv, _ = layer_shape(layer)
+    return kv == 1 and q > 1
+
+
+def _prune_attention(layer, i, H, settings, ratio, n_remove, emit, phase, done) -> tuple[list[int], int]:
+    """Prune layer i's heads: whole KV groups, or query heads when there is one KV group. Returns the units kept and
+    the o_proj columns per unit."""
     attn = layer.self_attn
     H = H.to(attn.o_proj.weight.device)
     t0 = phase(i, "attn-prune")
-    rep = attn.num_key_value_groups
-    n_units = attn.k_proj.out_features // attn.head_dim
-    group = attn.head_dim * rep
+    q, kv, _ = layer_shape(layer)
+    by_query_head = query_head_units(layer)
+    per_unit = 1 if by_query_head else attn.num_key_value_groups  # query heads per unit
+    n_units = q if by_query_head else kv
+    group = attn.head_dim * per_unit
     res, rel, predicted = _prune_inputs(attn.o_proj, H, group, n_remove, settings, lambda w: obs.prune_head_groups(
         w, H, group, n_remove, settings.damp, settings.head_error))
     kept = sorted(set(range(n_units)) - set(res.removed))
-    keep_kv_groups(layer, kept)
+    if by_query_head:
+        keep_query_heads_of(layer, kept)
+    else:
+        keep_kv_groups(layer, kept)
     done("attn-prune", t0)
-    emit(HeadImportance(i, res.first_scores, res.removed, rep))
+    emit(HeadImportance(i, res.first_scores, res.removed, per_unit))
     emit(ModuleMeasured(i, "attn", n_units, n_remove, ratio, rel, predicted, res.damping, time.perf_counter() - t0))
-    return kept
+    return kept, group
 
 
 def _prune_mlp(layer, i, H, settings, ratio, n_remove, emit, phase, done) -> torch.Tensor:

@@ -58,6 +58,9 @@ def layer_align(full: int, align: int | None) -> int:
 
 
 METHODS = ("slimgpt", "magnitude", "wanda-sp", "surgeon", "kobd", "obs-multishot", "minitron")
+# the layer-wise pipeline's methods: in a layer with one KV head they remove query heads inside the group (the others
+# remove whole KV groups only, so they leave such a layer's heads)
+QUERY_HEAD_METHODS = ("slimgpt", "magnitude", "wanda-sp", "obs-multishot")
 
 
 def validate_settings(settings: PruneSettings) -> None:
@@ -96,13 +99,16 @@ def plan_removals(model, settings: PruneSettings) -> tuple[list[float], list[flo
     head_rm, ffn_rm = [], []
     for i, layer in enumerate(layers):
         q, kv, f = layer_shape(layer)
-        rep = q // kv
+        if kv == 1 and settings.method in QUERY_HEAD_METHODS:  # query heads are the units (pipeline.query_head_units)
+            rep, kv = 1, q
+        else:
+            rep = q // max(kv, 1)
         if settings.keep_heads is not None:
             if len(settings.keep_heads) != n:
                 raise SlimGPTError(f"keep_heads has {len(settings.keep_heads)} entries but the model has {n} layers")
             keep = settings.keep_heads[i]
-            if not 1 <= keep <= q:
-                raise SlimGPTError(f"layer {i} has {q} query heads: cannot keep {keep} (keep between 1 and {q})")
+            if not 0 <= keep <= q:  # 0: the layer's attention goes
+                raise SlimGPTError(f"layer {i} has {q} query heads: cannot keep {keep} (keep between 0 and {q})")
             if keep % rep:
                 raise SlimGPTError(f"layer {i}: cannot keep {keep} query heads: under GQA heads go in groups of "
                                    f"{rep} sharing one KV head, so keep a multiple of {rep}")
@@ -114,7 +120,7 @@ def plan_removals(model, settings: PruneSettings) -> tuple[list[float], list[flo
             if len(settings.keep_ffn) != n:
                 raise SlimGPTError(f"keep_ffn has {len(settings.keep_ffn)} entries but the model has {n} layers")
             keep = settings.keep_ffn[i]
-            if not 1 <= keep <= f:
+            if not 0 <= keep <= f:  # 0: the layer's FFN goes
                 raise SlimGPTError(f"layer {i} has {f} FFN channels: cannot keep {keep}")
             ffn_rm.append(f - keep)
             ffn_r[i] = 1 - keep / f

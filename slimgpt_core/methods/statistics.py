@@ -94,9 +94,9 @@ def dense_hessians(model, tokens: torch.Tensor, batch_size: int = 8, device: str
                 x, kwargs = capture_layer_inputs(model, tokens, batch_size, dev)
             for j in range(x_at, i):  # catch up through earlier layers whose statistics were cached
                 h = next(layers[j].parameters()).device
-                x = run_layer(layers[j].to(dev), x, kwargs, batch_size)
+                x = run_layer(layers[j].to(dev), x, kwargs.layer(j), batch_size)
                 layers[j].to(h)
-            attn_H, mlp_H, x = collect_layer_hessians(layer, x, kwargs, batch_size)
+            attn_H, mlp_H, x = collect_layer_hessians(layer, x, kwargs.layer(i), batch_size)
             x_at = i + 1
             H_attn = H_attn if H_attn is not None else stats.store(i, "attn", attn_H, True)
             H_mlp = H_mlp if H_mlp is not None else stats.store(i, "mlp", mlp_H, True)

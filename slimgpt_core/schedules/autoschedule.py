@@ -255,7 +255,7 @@ class StitchedModel:
                     o.weight.data = self.db.attention(i, kv[i]).to(o.weight.device, o.weight.dtype)
                 if ch[i]:
                     d.weight.data = self.db.ffn(i, ch[i]).to(d.weight.device, d.weight.dtype)
-                x = run_layer(layers[i], x, self.kwargs, self.bs)
+                x = run_layer(layers[i], x, self.kwargs.layer(i), self.bs)
             finally:
                 o.weight.data, d.weight.data = saved
             states.append(x)

@@ -283,8 +283,8 @@ def test_loading_builds_every_layers_shape(arch):
     assert all(type(v) is int for shape in map(layer_shape, model.model.layers) for v in shape)
 
 
-@pytest.mark.parametrize("shape", [(3, 2, 48), (4, 3, 48), (6, 3, 48), (6, 2, 48), (0, 0, 48), (4, 2, 49), (4, 2, 0), (4, 1, 48),
-                                   (2, 0, 48)])
+@pytest.mark.parametrize("shape", [(3, 2, 48), (4, 3, 48), (6, 3, 48), (6, 2, 48), (0, 1, 48), (4, 2, 49), (4, 2, -1),
+                                   (4, 1, 48), (2, 0, 48)])
 def test_resize_layer_refuses_shapes_that_do_not_fit(shape):
     layer = tiny_model("llama", 4, 2, layers=1).model.layers[0]
     with pytest.raises(ValueError) as err:
@@ -295,10 +295,12 @@ def test_resize_layer_refuses_shapes_that_do_not_fit(shape):
 
 
 def test_resize_layer_at_its_limits():
-    for shape in [(1, 1, 1), (2, 2, 48), (4, 2, 1), (2, 1, 48), (4, 2, 47)]:
+    # (0, 0, f): no attention; (q, kv, 0): no FFN
+    for shape in [(1, 1, 1), (2, 2, 48), (4, 2, 1), (2, 1, 48), (4, 2, 47), (0, 0, 48), (4, 2, 0), (0, 0, 0)]:
         layer = tiny_model("llama", 4, 2, layers=1).model.layers[0]
         resize_layer(layer, *shape)
-        assert layer_shape(layer) == shape and layer.self_attn.num_key_value_groups == shape[0] // shape[1]
+        assert layer_shape(layer) == shape
+        assert layer.self_attn.num_key_value_groups == (shape[0] // shape[1] if shape[1] else 0)
     layer = tiny_model("llama", 4, 2, layers=1).model.layers[0]
     q = layer.self_attn.q_proj
     resize_layer(layer, 4, 2, 48)  # already that shape: untouched

@@ -40,7 +40,9 @@ def _assert_same_results(new, ref):
 def _assert_same_units_kept(new_model, ref_model):
     """q/k/v and gate/up rows are dropped, never updated: equal weights mean the same heads and channels kept."""
     for a, b in zip(new_model.model.layers, ref_model.model.layers, strict=True):
-        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+        fused = ("self_attn.qkv_proj", "mlp.gate_up_proj")  # Phi-3
+        for name in fused if hasattr(a.mlp, "gate_up_proj") else ("self_attn.q_proj", "self_attn.k_proj",
+                                                                  "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
             assert torch.equal(a.get_submodule(name).weight, b.get_submodule(name).weight), name
 
 
@@ -62,7 +64,8 @@ MODES = {"sequential": {}, "no-accumulation": {"track_accumulation": False},
          "no-compensation": {"compensate": False}, "wanda-sp": {"method": "wanda-sp"}}
 
 
-ARCHITECTURES = [("llama", 4, 4), ("llama", 4, 2), ("mistral", 4, 2), ("qwen2", 4, 2)]
+ARCHITECTURES = [("llama", 4, 4), ("llama", 4, 2), ("mistral", 4, 2), ("qwen2", 4, 2), ("qwen3", 4, 2), ("gemma2", 4, 2),
+                 ("gemma3_text", 4, 2), ("phi3", 4, 2)]
 
 
 def test_every_supported_architecture_is_checked_here():

@@ -1,0 +1,142 @@
+"""Training past one process (training/distributed.py, training/checkpoints.py): LoRA recovery of a pruned
+stories260k (mixed-shape SlimGPT layers) sharded with FSDP2 over two real gloo processes against one process on
+the same global batch, and runs stopped after a checkpoint and resumed against uninterrupted ones.
+
+Two processes split every micro-batch by rows and FSDP averages their gradients; one process computes the same
+sums in another order. In fp32 that changes the last bits of every gradient (relative ~1e-7); AdamW divides by
+sqrt(v), so over a few steps the weights drift apart by a few ulps of the update size, not more: the tolerances
+below (losses rel 1e-5, weights atol 1e-5 on weights of magnitude ~0.1 moved by lr 3e-3 per step) are about a
+hundred times those bits and far below one step's change (checked: the first and last loss differ by > 0.1).
+A resumed run repeats exactly the operations of the uninterrupted one on the same bytes (DCP stores fp32 as is,
+the RNG and the data position are restored), so it must be equal bit for bit.
+"""
+import json
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from slimgpt_core.base.errors import JobCancelled
+from slimgpt_core.data import calibration_tokens
+from slimgpt_core.methods.pipeline import prune_model
+from slimgpt_core.methods.prune_settings import PruneSettings
+from slimgpt_core.models import load_model
+from slimgpt_core.training.recover import RecoverSettings, recover
+from slimgpt_core.workspace.store import save_run_at
+
+pytestmark = pytest.mark.usefixtures("one_thread_and_own_cache")
+
+STEPS, EVERY, STOP_BEFORE = 8, 3, 5  # checkpoints at 3 and 6; the stopped run ends before step 5
+
+
+def _settings(train_file: str, folder: str | None = None, resume: bool = False) -> RecoverSettings:
+    return RecoverSettings(data=[train_file], steps=STEPS, lr=3e-3, dropout=0.0, seqlen=64, batch_size=4,
+                           grad_accumulation=2, eval_every=4, heldout_samples=8, ppl_source=None,
+                           checkpoint_folder=folder, checkpoint_every=EVERY if folder else 0, resume=resume)
+
+
+def _stop_before(step: int):
+    calls = []
+
+    def should_stop() -> bool:
+        calls.append(1)
+        return len(calls) == step
+    return should_stop
+
+
+def _run(run: str, settings: RecoverSettings, should_stop=None):
+    """(loss curve, held-out curve, merged weights) of one recovery; None on ranks other than 0."""
+    loaded = load_model(run, "cpu", "float32")
+    result = recover(loaded.model, loaded.tokenizer, settings, should_stop=should_stop)
+    if result is None:
+        return None
+    return ([e.train_loss for e in result.steps], [h["loss"] for h in result.heldout],
+            {k: v.detach().clone() for k, v in result.model.state_dict().items()})
+
+
+def _save(out, name: str, got) -> None:
+    curves, held, weights = got
+    save_file(weights, f"{out}/{name}.safetensors")
+    with open(f"{out}/{name}.json", "w") as f:
+        json.dump({"loss": curves, "heldout": held}, f)
+
+
+def _load(out, name: str):
+    data = json.loads(open(f"{out}/{name}.json").read())
+    return data["loss"], data["heldout"], load_file(f"{out}/{name}.safetensors")
+
+
+def _worker(rank, world, init, run, train_file, out):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    full = _run(run, _settings(train_file, f"{out}/ckpt-full"))
+    try:
+        _run(run, _settings(train_file, f"{out}/ckpt-stopped"), _stop_before(STOP_BEFORE))
+        raise AssertionError("the stopped run was not stopped")
+    except JobCancelled:
+        pass
+    resumed = _run(run, _settings(train_file, f"{out}/ckpt-stopped", resume=True))
+    if rank == 0:
+        _save(out, "full", full)
+        _save(out, "resumed", resumed)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory):
+    """stories260k pruned 50% (log): layers of different shapes (the SlimGPT mixed-shape classes)."""
+    loaded = load_model("stories260k")
+    tokens = calibration_tokens(loaded.tokenizer, "tinystories", 16, 128)
+    report = prune_model(loaded.model, tokens, PruneSettings(ratio=0.5), model_name="stories260k")
+    return save_run_at(loaded.model, loaded.tokenizer, report, tmp_path_factory.mktemp("runs") / "s50")
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory, assets_root):
+    text = (assets_root / "data" / "tinystories" / "tinystories_val_head.txt").read_text(encoding="utf-8")
+    path = tmp_path_factory.mktemp("stories") / "train.txt"
+    path.write_text(text[: len(text) // 2], encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def two_processes(pruned_run, train_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two")
+    mp.spawn(_worker, args=(2, f"file://{out / 'store'}", str(pruned_run), train_file, str(out)), nprocs=2)
+    return out
+
+
+def test_two_processes_give_the_loss_curve_and_weights_of_one(pruned_run, train_file, two_processes):
+    one_loss, one_held, one_weights = _run(str(pruned_run), _settings(train_file))
+    two_loss, two_held, two_weights = _load(two_processes, "full")
+    assert len(one_loss) == STEPS and one_loss[0] - one_loss[-1] > 0.1  # it trains: the tolerance is meaningful
+    assert two_loss == pytest.approx(one_loss, rel=1e-5)
+    assert two_held == pytest.approx(one_held, rel=1e-5) and len(one_held) == 3  # steps 0, 4, 8
+    assert two_weights.keys() == one_weights.keys() and not any("lora" in k for k in one_weights)
+    start = load_model(str(pruned_run), "cpu", "float32").model.state_dict()
+    moved = max(float((one_weights[k] - start[k]).abs().max()) for k in one_weights)
+    assert moved > 1e-3  # the merged adapters changed the weights by much more than the tolerance
+    for k in one_weights:
+        torch.testing.assert_close(two_weights[k], one_weights[k], rtol=0, atol=1e-5)
+
+
+def test_two_processes_resumed_after_a_stop_end_with_the_uninterrupted_weights(two_processes):
+    full_loss, full_held, full_weights = _load(two_processes, "full")
+    loss, held, weights = _load(two_processes, "resumed")
+    assert loss == full_loss and held == full_held  # the curve before the stop comes back from the checkpoint
+    for k in full_weights:
+        assert torch.equal(weights[k], full_weights[k]), k
+
+
+def test_one_process_resumed_after_a_stop_ends_with_the_uninterrupted_weights(pruned_run, train_file, tmp_path):
+    run = str(pruned_run)
+    full = _run(run, _settings(train_file, str(tmp_path / "full")))
+    with pytest.raises(JobCancelled):
+        _run(run, _settings(train_file, str(tmp_path / "stopped")), _stop_before(STOP_BEFORE))
+    assert (tmp_path / "stopped" / "latest").read_text() == "step-0000003"
+    resumed = _run(run, _settings(train_file, str(tmp_path / "stopped"), resume=True))
+    assert resumed[0] == full[0] and resumed[1] == full[1]
+    for k in full[2]:
+        assert torch.equal(resumed[2][k], full[2][k]), k

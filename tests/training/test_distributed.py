@@ -1,6 +1,7 @@
-"""Training past one process (training/distributed.py, training/checkpoints.py): LoRA recovery of a pruned
-stories260k (mixed-shape SlimGPT layers) sharded with FSDP2 over two real gloo processes against one process on
-the same global batch, and runs stopped after a checkpoint and resumed against uninterrupted ones.
+"""Training past one process (training/distributed.py, training/checkpoints.py): LoRA recovery and full
+continued pre-training with dynamic batch loading of a pruned stories260k (mixed-shape SlimGPT layers), sharded
+with FSDP2 over two real gloo processes, against one process on the same global batch; and runs stopped after a
+checkpoint and resumed against uninterrupted ones.
 
 Two processes split every micro-batch by rows and FSDP averages their gradients; one process computes the same
 sums in another order. In fp32 that changes the last bits of every gradient (relative ~1e-7); AdamW divides by
@@ -22,6 +23,7 @@ from slimgpt_core.data import calibration_tokens
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.models import load_model
+from slimgpt_core.training.pretrain import PretrainSettings, pretrain
 from slimgpt_core.training.recover import RecoverSettings, recover
 from slimgpt_core.workspace.store import save_run_at
 
@@ -55,29 +57,55 @@ def _run(run: str, settings: RecoverSettings, should_stop=None):
             {k: v.detach().clone() for k, v in result.model.state_dict().items()})
 
 
+def _pretrain_settings(folder: str | None = None, resume: bool = False) -> PretrainSettings:
+    return PretrainSettings(data=["c4", "tinystories"], steps=STEPS, dynamic_mix=True, update_every=2, lr=3e-3,
+                            seqlen=64, batch_size=4, grad_accumulation=2, heldout=4, device="cpu", ppl=[],
+                            checkpoint_folder=folder, checkpoint_every=EVERY if folder else 0, resume=resume)
+
+
+def _run_pretrain(run: str, settings: PretrainSettings, should_stop=None):
+    """(loss curve, {mix history, draws per domain}, trained weights) of one continued pre-training; None on
+    ranks other than 0."""
+    loaded = load_model(run, "cpu", "float32")
+    result = pretrain(loaded.model, loaded.tokenizer, settings, should_stop=should_stop)
+    if result is None:
+        return None
+    return ([e.loss for e in result.steps], {"mix": result.mix, "drawn": result.sequences_per_domain},
+            {k: v.detach().clone() for k, v in result.model.state_dict().items()})
+
+
 def _save(out, name: str, got) -> None:
-    curves, held, weights = got
+    curves, other, weights = got
     save_file(weights, f"{out}/{name}.safetensors")
     with open(f"{out}/{name}.json", "w") as f:
-        json.dump({"loss": curves, "heldout": held}, f)
+        json.dump({"loss": curves, "other": other}, f)
 
 
 def _load(out, name: str):
     data = json.loads(open(f"{out}/{name}.json").read())
-    return data["loss"], data["heldout"], load_file(f"{out}/{name}.safetensors")
+    return data["loss"], data["other"], load_file(f"{out}/{name}.safetensors")
 
 
-def _worker(rank, world, init, run, train_file, out):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    full = _run(run, _settings(train_file, f"{out}/ckpt-full"))
+def _full_stopped_resumed(job, settings, out: str):
+    """The uninterrupted run, a run stopped before step STOP_BEFORE, and that run resumed."""
+    full = job(settings(f"{out}/ckpt-full"))
     try:
-        _run(run, _settings(train_file, f"{out}/ckpt-stopped"), _stop_before(STOP_BEFORE))
+        job(settings(f"{out}/ckpt-stopped"), _stop_before(STOP_BEFORE))
         raise AssertionError("the stopped run was not stopped")
     except JobCancelled:
         pass
-    resumed = _run(run, _settings(train_file, f"{out}/ckpt-stopped", resume=True))
+    return full, job(settings(f"{out}/ckpt-stopped", resume=True))
+
+
+def _worker(rank, world, init, kind, run, train_file, out):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    if kind == "recover":
+        full, resumed = _full_stopped_resumed(lambda s, stop=None: _run(run, s, stop),
+                                              lambda f, resume=False: _settings(train_file, f, resume), out)
+    else:
+        full, resumed = _full_stopped_resumed(lambda s, stop=None: _run_pretrain(run, s, stop), _pretrain_settings, out)
     if rank == 0:
         _save(out, "full", full)
         _save(out, "resumed", resumed)
@@ -104,7 +132,14 @@ def train_file(tmp_path_factory, assets_root):
 @pytest.fixture(scope="module")
 def two_processes(pruned_run, train_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("two")
-    mp.spawn(_worker, args=(2, f"file://{out / 'store'}", str(pruned_run), train_file, str(out)), nprocs=2)
+    mp.spawn(_worker, args=(2, f"file://{out / 'store'}", "recover", str(pruned_run), train_file, str(out)), nprocs=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_processes_pretrain(pruned_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two-pretrain")
+    mp.spawn(_worker, args=(2, f"file://{out / 'store'}", "pretrain", str(pruned_run), "", str(out)), nprocs=2)
     return out
 
 
@@ -140,3 +175,28 @@ def test_one_process_resumed_after_a_stop_ends_with_the_uninterrupted_weights(pr
     assert resumed[0] == full[0] and resumed[1] == full[1]
     for k in full[2]:
         assert torch.equal(resumed[2][k], full[2][k]), k
+
+
+def test_two_processes_pretrain_with_the_mix_and_weights_of_one(pruned_run, two_processes_pretrain):
+    one_loss, one_other, one_weights = _run_pretrain(str(pruned_run), _pretrain_settings())
+    two_loss, two_other, two_weights = _load(two_processes_pretrain, "full")
+    assert one_loss[0] - one_loss[-1] > 0.1
+    assert two_loss == pytest.approx(one_loss, rel=1e-5)
+    # the same domains drawn: every rank drew from the reduced, broadcast weights, as one process does
+    assert two_other["drawn"] == one_other["drawn"]
+    updates = one_other["mix"]
+    assert [m["step"] for m in updates] == [0, 2, 4, 6, 8]
+    assert abs(updates[-1]["weights"]["tinystories"] - 0.5) > 0.01  # the mix moved
+    for mine, theirs in zip(two_other["mix"], updates):
+        assert mine["weights"] == pytest.approx(theirs["weights"], rel=1e-5)
+        assert mine["losses"] == pytest.approx(theirs["losses"], rel=1e-5)
+    for k in one_weights:  # full fine-tuning: every weight trained, sharded over the two ranks
+        torch.testing.assert_close(two_weights[k], one_weights[k], rtol=0, atol=1e-5)
+
+
+def test_two_processes_pretrain_resumed_after_a_stop_ends_as_the_uninterrupted_one(two_processes_pretrain):
+    full_loss, full_other, full_weights = _load(two_processes_pretrain, "full")
+    loss, other, weights = _load(two_processes_pretrain, "resumed")
+    assert loss == full_loss and other == full_other  # loss curve, mix history and domain draws
+    for k in full_weights:
+        assert torch.equal(weights[k], full_weights[k]), k

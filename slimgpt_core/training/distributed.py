@@ -144,3 +144,21 @@ def gathered_model(net, rebuild: Callable | None = None):
     if getattr(fresh.config, "tie_word_embeddings", False):
         fresh.tie_weights()
     return plain
+
+
+def on_every_rank(work: Callable[[], int]) -> int:
+    """A command's work in one process of a torchrun job. Success: the ranks leave the group together. A
+    failure: one sentence naming the process (a SlimGPTError for the command line to print), and this process
+    exits without waiting for the others, so torchrun ends them all. One process: `work()` as it is."""
+    rank, world = rank_world()
+    if world == 1:
+        return work()
+    try:
+        code = work()
+    except SlimGPTError as exc:
+        raise SlimGPTError(f"process {rank} of {world}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a collective broken by another process's failure, or a bug
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SlimGPTError(f"process {rank} of {world} stopped: {first}") from None
+    leave_process_group()
+    return code

@@ -113,7 +113,7 @@ def shard_model(model, device: torch.device, bf16: bool = True, activation_check
     checkpointing). One process: the model unchanged (moved to `device`)."""
     if activation_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     world = rank_world()[1]
     if world == 1:
         return model.to(device)

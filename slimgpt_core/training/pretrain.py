@@ -353,7 +353,7 @@ def _train_model(run: _Run, model, domains, weights: torch.Tensor, loss_fn, shou
                      should_stop, loss_fn, lambda step: _after_step(run, sharded, step), checkpoint)
     trained = run_training(sharded, run.sampler, plan)
     if s.activation_checkpointing:
-        (net.get_base_model() if s.lora else net).gradient_checkpointing_disable()
+        (net.get_base_model() if s.lora else net).activation_checkpointing_disable()
     if rank_world()[1] > 1:
         rebuild = (lambda fresh: add_lora(fresh, s.rank, s.alpha, s.dropout, s.target_modules)) if s.lora else None
         net = gathered_model(sharded, rebuild)

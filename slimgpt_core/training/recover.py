@@ -260,7 +260,7 @@ def _train_adapters(peft_model, pad_id: int, settings: RecoverSettings, data, he
                      settings.bf16, callback, should_stop, checkpoint=_checkpoint_plan(settings))
     trained = run_training(net, stream, plan)
     if settings.activation_checkpointing:
-        peft_model.get_base_model().gradient_checkpointing_disable()
+        peft_model.get_base_model().activation_checkpointing_disable()
     if rank_world()[1] > 1:  # gather once; rank 0 rebuilds the same adapters around the gathered weights
         peft_model = gathered_model(net, lambda fresh: add_lora(fresh, settings.rank, settings.alpha,
                                                                 settings.dropout, settings.target_modules))

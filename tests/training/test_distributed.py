@@ -11,6 +11,7 @@ hundred times those bits and far below one step's change (checked: the first and
 A resumed run repeats exactly the operations of the uninterrupted one on the same bytes (DCP stores fp32 as is,
 the RNG and the data position are restored), so it must be equal bit for bit.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -236,3 +237,26 @@ def test_torchrun_recover_saves_one_run_and_a_failing_process_ends_all_with_one_
     assert all(line.startswith("error: process ") for line in errors)
     assert errors[0] == (f"error: process 2 of 3: checkpoint {tmp_path / 'ckpt' / 'step-0000002'} was written by "
                          "fewer processes than the 3 resuming it (resume with the same --nproc-per-node)")
+
+
+def test_activation_checkpointing_recomputes_each_layer_and_trains_the_same(pruned_run, train_file):
+    """With checkpointing every decoder layer runs its forward twice per micro-batch (again in the backward pass);
+    the recomputation repeats the same fp32 operations, so the losses and weights are those of a plain run."""
+    calls = []
+
+    def counted(run, settings):
+        loaded = load_model(run, "cpu", "float32")
+        mlp = loaded.model.model.layers[0].mlp
+        forward = mlp.forward  # counted by wrapping: the recomputation runs forward, not the module's hooks
+        mlp.forward = lambda *args, **kwargs: (calls.append(1), forward(*args, **kwargs))[1]
+        result = recover(loaded.model, loaded.tokenizer, settings)
+        return [e.train_loss for e in result.steps], result.model.state_dict()
+
+    plain = dataclasses.replace(_settings(train_file), steps=2, eval_every=0)
+    loss, weights = counted(str(pruned_run), plain)
+    plain_calls, calls[:] = len(calls), []
+    ac_loss, ac_weights = counted(str(pruned_run), dataclasses.replace(plain, activation_checkpointing=True))
+    assert len(calls) - plain_calls == 2 * 2  # 2 steps x 2 micro-batches, each recomputed once
+    assert ac_loss == pytest.approx(loss, rel=1e-6)
+    for k in weights:
+        torch.testing.assert_close(ac_weights[k], weights[k], rtol=0, atol=1e-6)

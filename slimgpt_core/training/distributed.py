@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from slimgpt_core.base.errors import SlimGPTError
 
@@ -134,8 +134,10 @@ def gathered_model(net, rebuild: Callable | None = None):
     if not is_main():
         return None
     base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    # fully_shard gave a sharded root a class of its own (FSDP<class>): build the class it was made from
+    cls = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))
     with torch.device("meta"):
-        fresh = type(base)(base.config)
+        fresh = cls(base.config)
     plain = rebuild(fresh) if rebuild is not None else fresh
     plain.load_state_dict(full, assign=True)
     for name, buffer in net.named_buffers():

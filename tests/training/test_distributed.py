@@ -75,7 +75,8 @@ def _run_pretrain(run: str, settings: PretrainSettings, should_stop=None):
     result = pretrain(loaded.model, loaded.tokenizer, settings, should_stop=should_stop)
     if result is None:
         return None
-    return ([e.loss for e in result.steps], {"mix": result.mix, "drawn": result.sequences_per_domain},
+    return ([e.loss for e in result.steps], {"mix": result.mix, "drawn": result.sequences_per_domain,
+                                             "class": type(result.model).__name__},
             {k: v.detach().clone() for k, v in result.model.state_dict().items()})
 
 
@@ -189,6 +190,7 @@ def test_two_processes_pretrain_with_the_mix_and_weights_of_one(pruned_run, two_
     assert two_loss == pytest.approx(one_loss, rel=1e-5)
     # the same domains drawn: every rank drew from the reduced, broadcast weights, as one process does
     assert two_other["drawn"] == one_other["drawn"]
+    assert two_other["class"] == one_other["class"] == "SlimGPTLlamaForCausalLM"  # gathered into the plain class
     updates = one_other["mix"]
     assert [m["step"] for m in updates] == [0, 2, 4, 6, 8]
     assert abs(updates[-1]["weights"]["tinystories"] - 0.5) > 0.01  # the mix moved

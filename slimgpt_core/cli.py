@@ -8,7 +8,6 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
@@ -37,6 +36,7 @@ from slimgpt_core.services.pretrain_job import load_companion, save_pretrained_r
 from slimgpt_core.services.recover import save_recovered_run
 from slimgpt_core.services.shear_run import (check_training_memory, describe_step as describe_shear_step,
                                              save_shear_run, target_summary, training_tokens)
+from slimgpt_core.training.distributed import join_process_group, on_every_rank
 from slimgpt_core.training.pretrain import (PretrainSettings, describe_step as describe_pretrain_step, describe_update,
                                             pretrain, summary as pretrain_summary)
 from slimgpt_core.training.recover import RecoverSettings, load_source_report, recover, summary as recovery_summary
@@ -106,6 +106,20 @@ def _training_device_options(p: argparse.ArgumentParser, dtype_help: str) -> Non
 
 def _runs_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", help="the workspace folder of runs (default: $SLIMGPT_RUNS, else runs/ in the project)")
+
+
+def _scale_options(p: argparse.ArgumentParser) -> None:
+    """Training past one process (launch with torchrun) and runs that resume."""
+    p.add_argument("--checkpoint-dir", help="folder for sharded checkpoints a killed run resumes from")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: none)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each layer's activations in the backward pass (less memory, more compute)")
+
+
+def _scale_settings(args) -> dict:
+    return dict(checkpoint_folder=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                activation_checkpointing=args.activation_checkpointing)
 
 
 def _use_runs(args) -> None:
@@ -300,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="folder for the recovered run (must not exist)")
     r.add_argument("--force", action="store_true", help="replace --out if it exists")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    _scale_options(r)
 
     _pretrain_parser(sub)
 
@@ -345,6 +360,7 @@ def _pretrain_parser(sub) -> None:
     _runs_option(t)
     t.add_argument("--force", action="store_true", help="replace --out if it exists")
     t.add_argument("--quiet", action="store_true", help="no progress")
+    _scale_options(t)
 
 
 class _TerminalProgress:
@@ -390,19 +406,7 @@ def _ppl(model, tokenizer, source, seqlen, windows, batch, device, quiet, label,
 
 def _init_distributed(device: str) -> tuple[int, int, str]:
     """Under torchrun (WORLD_SIZE > 1): join the process group; gloo on CPU, NCCL on GPUs (one per rank)."""
-
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    return dist.get_rank(), world, device
+    return join_process_group(device)
 
 
 def cmd_prune(args) -> int:
@@ -723,6 +727,11 @@ class _RecoverProgress:
 
 
 def cmd_recover(args) -> int:
+    args.device = _init_distributed(args.device)[2]
+    return on_every_rank(lambda: _cmd_recover(args))
+
+
+def _cmd_recover(args) -> int:
     out = check_output_folder(args.out, args.force)
     settings = RecoverSettings(
         data=[d.strip() for d in args.data.split(",") if d.strip()], steps=args.steps, rank=args.rank,
@@ -731,7 +740,7 @@ def cmd_recover(args) -> int:
         target_modules=[t for t in args.target_modules.split(",") if t.strip()], heldout_samples=args.heldout,
         eval_every=args.eval_every, seed=args.seed, device=args.device,
         ppl_source=None if args.ppl.lower() == "none" else args.ppl, ppl_seqlen=args.ppl_seqlen,
-        ppl_windows=args.ppl_windows)
+        ppl_windows=args.ppl_windows, **_scale_settings(args))
     settings.validate()  # before loading anything
     loaded = load_model(args.model, "cpu", args.dtype)
     check_context_length(loaded.model.config, args.seqlen, "--seqlen")
@@ -740,12 +749,19 @@ def cmd_recover(args) -> int:
         result = recover(loaded.model, loaded.tokenizer, settings, progress)
     finally:
         progress.close()
+    if result is None:  # a process other than rank 0: rank 0 saves the run
+        return 0
     save_recovered_run(result, loaded.tokenizer, out, load_source_report(loaded.path), loaded.path, args.force)
     print(json.dumps({"out": str(out), "source": loaded.path, **recovery_summary(result)}))
     return 0
 
 
 def cmd_pretrain(args) -> int:
+    args.device = _init_distributed(args.device)[2]
+    return on_every_rank(lambda: _cmd_pretrain(args))
+
+
+def _cmd_pretrain(args) -> int:
     _use_runs(args)
     settings = PretrainSettings(
         data=[d.strip() for d in args.data.split(",") if d.strip()], steps=args.steps, dynamic_mix=args.dynamic_mix,
@@ -755,7 +771,7 @@ def cmd_pretrain(args) -> int:
         target_modules=[t for t in args.target_modules.split(",") if t.strip()], distill_weight=args.distill_weight,
         seed=args.seed, device=args.device,
         ppl=[] if args.ppl.lower() == "none" else [p.strip() for p in args.ppl.split(",") if p.strip()],
-        ppl_seqlen=args.ppl_seqlen, ppl_windows=args.ppl_windows)
+        ppl_seqlen=args.ppl_seqlen, ppl_windows=args.ppl_windows, **_scale_settings(args))
     settings.validate()  # before loading anything
     if not args.out:
         args.out = runs_root() / new_run_name(f"{Path(args.model).stem}-pretrain-{args.steps}")
@@ -793,6 +809,8 @@ def cmd_pretrain(args) -> int:
 
     result = pretrain(loaded.model, loaded.tokenizer, settings, reference, teacher, progress,
                       reference_name=reference_name or "", teacher_name=teacher_name or "")
+    if result is None:  # a process other than rank 0: rank 0 saves the run
+        return 0
     save_pretrained_run(result, loaded.tokenizer, out, report, loaded.path, args.force, args.label)
     print(json.dumps({"out": str(out), "source": loaded.path, **pretrain_summary(result)}))
     return 0

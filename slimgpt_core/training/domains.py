@@ -117,6 +117,18 @@ class DomainSampler:
         self.positions[d] += 1
         return window
 
+    def state_dict(self) -> dict:
+        """The position in every domain's shuffle, the generator, the counts and the current weights (JSON)."""
+        return {"generator": self.generator.get_state().tolist(), "orders": [o.tolist() for o in self.orders],
+                "positions": list(self.positions), "drawn": self.drawn.tolist(), "weights": self.weights.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self.orders = [torch.tensor(o, dtype=torch.long) for o in state["orders"]]
+        self.positions = list(state["positions"])
+        self.drawn = torch.tensor(state["drawn"], dtype=torch.long)
+        self.weights = torch.tensor(state["weights"], dtype=torch.float64)
+
     def __next__(self) -> dict[str, torch.Tensor]:
         picks = self._draw(self.weights, self.batch_size, self.generator).tolist()
         ids = torch.stack([self._next_window(d) for d in picks])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -20,6 +20,8 @@ from slimgpt_core.base.devices import peak_memory_mb
 from slimgpt_core.base.errors import JobCancelled
 from slimgpt_core.base.events import RunReport
 from slimgpt_core.base.shapes import count_parameters, layer_shape
+from slimgpt_core.training.checkpoints import CheckpointPlan, load_checkpoint, save_checkpoint
+from slimgpt_core.training.distributed import all_reduce_sums, rank_rows, rank_world
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding); torch's cross-entropy default
 
@@ -86,16 +88,23 @@ def batch_loss(model, batch: dict[str, torch.Tensor], device: torch.device, bf16
     return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
+def loss_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
 def heldout_loss(model, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, bf16: bool = True) -> float:
-    """Token-weighted mean loss over held-out batches (eval mode, no dropout, no gradients)."""
+    """Token-weighted mean loss over held-out batches (eval mode, no dropout, no gradients); under torchrun each
+    rank measures its rows of every batch and the sums are reduced, so every rank gets the same figure."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in batches:
-            n = int((batch["labels"][:, 1:] != IGNORE).sum())
-            total += float(batch_loss(model, batch, device, bf16)) * n
+            part, counts = rank_rows(batch)
+            n = loss_tokens(part) if counts else 0
+            total += float(batch_loss(model, part, device, bf16)) * n
             count += n
+    total, count = all_reduce_sums([total, count])
     model.train(was_training)
     return total / max(count, 1)
 
@@ -106,72 +115,159 @@ def make_scheduler(optimizer, config: OptimizerConfig, steps: int):
     return get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
 
 
+@dataclass
+class TrainPlan:
+    """What `run_training` does besides the model and its batches."""
+    steps: int
+    optim: OptimizerConfig
+    device: torch.device
+    accumulation: int = 1
+    heldout: list[dict[str, torch.Tensor]] | None = None
+    eval_every: int = 0
+    bf16: bool = True
+    callback: Callable | None = None
+    should_stop: Callable[[], bool] | None = None
+    loss_fn: Callable | None = None
+    after_step: Callable[[int], None] | None = None
+    checkpoint: CheckpointPlan | None = None
+
+
 def train(model, batches: Iterator[dict[str, torch.Tensor]], steps: int, optim: OptimizerConfig,
           device: torch.device, accumulation: int = 1, heldout: list[dict[str, torch.Tensor]] | None = None,
           eval_every: int = 0, bf16: bool = True, callback: Callable | None = None,
           should_stop: Callable[[], bool] | None = None, loss_fn: Callable | None = None,
           after_step: Callable[[int], None] | None = None) -> TrainResult:
-    """`steps` optimizer steps over the parameters that require gradients, each from `accumulation`
+    """`run_training` with its plan given as arguments."""
+    return run_training(model, batches, TrainPlan(steps, optim, device, accumulation, heldout, eval_every, bf16,
+                                                  callback, should_stop, loss_fn, after_step))
+
+
+class CountedStream:
+    """A batch iterator with a position to resume from: it counts what it yielded, and is rebuilt and fast-
+    forwarded by as many batches (the streams are seeded, so the same batches come back)."""
+
+    def __init__(self, make: Callable[[], Iterator[dict[str, torch.Tensor]]]):
+        self.make, self.stream, self.drawn = make, make(), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        self.drawn += 1
+        return next(self.stream)
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream, self.drawn = self.make(), 0
+        for _ in range(state["drawn"]):
+            next(self)
+
+
+def _micro_batches(model, batches, plan: TrainPlan) -> tuple[float, int, int]:
+    """Forward and backward over one step's micro-batches. Each rank trains on its rows of every micro-batch;
+    its loss is scaled by its share of the micro-batch's loss tokens times the ranks, so FSDP's mean of the
+    gradients is the gradient of the micro-batch's token mean, as one process computes it. Returns the step's
+    loss (mean of the micro-batches' means), loss tokens and input tokens, summed over the ranks."""
+    loss_fn = plan.loss_fn or batch_loss
+    world = rank_world()[1]
+    shares, loss_count, input_count = [], 0, 0
+    for _ in range(plan.accumulation):
+        batch = next(batches)
+        part, _ = rank_rows(batch)
+        total, mine = loss_tokens(batch), loss_tokens(part)
+        share = mine / total if total else 1.0 / world
+        loss = loss_fn(model, part, plan.device, plan.bf16)
+        (loss * (share * world) / plan.accumulation).backward()
+        shares.append(float(loss.detach()) * share)
+        loss_count += total
+        input_count += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    return sum(all_reduce_sums(shares)) / plan.accumulation, loss_count, input_count
+
+
+def _loop_state(scheduler, batches, result: TrainResult) -> dict:
+    return {"scheduler": scheduler.state_dict(),
+            "data": batches.state_dict() if hasattr(batches, "state_dict") else None,
+            "tokens_seen": result.tokens_seen, "steps": [asdict(e) for e in result.steps],
+            "heldout": [asdict(h) for h in result.heldout]}
+
+
+def _resume(plan: TrainPlan, model, optimizer, scheduler, batches, result: TrainResult) -> int:
+    """The step a resumed run starts after (0: a fresh run)."""
+    if plan.checkpoint is None or not plan.checkpoint.resume:
+        return 0
+    state = load_checkpoint(plan.checkpoint, model, optimizer)
+    if state is None:
+        return 0
+    scheduler.load_state_dict(state["scheduler"])
+    if state["data"] is not None:
+        batches.load_state_dict(state["data"])
+    result.tokens_seen = state["tokens_seen"]
+    result.steps = [TrainStep(**e) for e in state["steps"]]
+    result.heldout = [HeldoutLoss(**h) for h in state["heldout"]]
+    return state["step"]
+
+
+def run_training(model, batches: Iterator[dict[str, torch.Tensor]], plan: TrainPlan) -> TrainResult:
+    """`plan.steps` optimizer steps over the parameters that require gradients, each from `plan.accumulation`
     micro-batches drawn from `batches` (dicts of input_ids, labels and optionally attention_mask).
 
     Held-out loss is measured before the first step, every `eval_every` steps and after the last one.
     `loss_fn(model, batch, device, bf16)` replaces the next-token cross-entropy as the training loss (held-out
     loss stays the cross-entropy); `after_step(step)` runs after each update, before that step's event.
-    `should_stop()` is checked before every step; a stop raises JobCancelled (the caller decides what
-    to keep)."""
-    emit = callback or _ignore
-    loss_fn = loss_fn or batch_loss
+    `should_stop()` is checked before every step; a stop raises JobCancelled (the caller decides what to keep).
+    With `plan.checkpoint` a checkpoint is written every `every` steps, and a resumed run continues from it."""
+    emit = plan.callback or _ignore
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
-    scheduler = make_scheduler(optimizer, optim, steps)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    optimizer = torch.optim.AdamW(params, lr=plan.optim.lr, betas=plan.optim.betas,
+                                  weight_decay=plan.optim.weight_decay)
+    scheduler = make_scheduler(optimizer, plan.optim, plan.steps)
+    if plan.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(plan.device)
     result = TrainResult()
-
-    def evaluate(step: int) -> float | None:
-        if not heldout:
-            return None
-        h = HeldoutLoss(step, heldout_loss(model, heldout, device, bf16))
-        result.heldout.append(h)
-        emit(h)
-        return h.loss
-
-    evaluate(0)
+    done = _resume(plan, model, optimizer, scheduler, batches, result)
+    if done == 0:
+        _evaluate(model, plan, result, emit, 0)
     model.train()
     t_start = time.perf_counter()
-    for step in range(1, steps + 1):
-        if should_stop is not None and should_stop():
+    for step in range(done + 1, plan.steps + 1):
+        if plan.should_stop is not None and plan.should_stop():
             raise JobCancelled("training was cancelled")
-        t0 = time.perf_counter()
-        lr = scheduler.get_last_lr()[0]
-        losses, loss_tokens, input_tokens = [], 0, 0
-        for _ in range(accumulation):
-            batch = next(batches)
-            loss = loss_fn(model, batch, device, bf16)
-            (loss / accumulation).backward()
-            losses.append(float(loss.detach()))
-            loss_tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
-            input_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-        if optim.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
+        t0, lr = time.perf_counter(), scheduler.get_last_lr()[0]
+        loss, loss_count, input_count = _micro_batches(model, batches, plan)
+        if plan.optim.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, plan.optim.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()  # gradients set to None: freed until the next backward
         seconds = time.perf_counter() - t0
-        result.tokens_seen += input_tokens
-        held = evaluate(step) if (eval_every and step % eval_every == 0) or step == steps else None
-        if after_step is not None:
-            after_step(step)
+        result.tokens_seen += input_count
+        evaluate = (plan.eval_every and step % plan.eval_every == 0) or step == plan.steps
+        held = _evaluate(model, plan, result, emit, step) if evaluate else None
+        if plan.after_step is not None:
+            plan.after_step(step)
         model.train()
         elapsed = time.perf_counter() - t_start
-        event = TrainStep(step, steps, sum(losses) / len(losses), held, lr, loss_tokens,
-                          input_tokens / max(seconds, 1e-9), elapsed, elapsed / step * (steps - step))
+        event = TrainStep(step, plan.steps, loss, held, lr, loss_count, input_count / max(seconds, 1e-9), elapsed,
+                          elapsed / (step - done) * (plan.steps - step))
         result.steps.append(event)
         emit(event)
+        if plan.checkpoint and plan.checkpoint.every and step % plan.checkpoint.every == 0 and step < plan.steps:
+            save_checkpoint(plan.checkpoint, step, model, optimizer, _loop_state(scheduler, batches, result))
     model.eval()
     result.seconds = time.perf_counter() - t_start
-    result.peak_memory_mb = peak_memory_mb(device)
+    result.peak_memory_mb = peak_memory_mb(plan.device)
     return result
+
+
+def _evaluate(model, plan: TrainPlan, result: TrainResult, emit, step: int) -> float | None:
+    if not plan.heldout:
+        return None
+    h = HeldoutLoss(step, heldout_loss(model, plan.heldout, plan.device, plan.bf16))
+    result.heldout.append(h)
+    emit(h)
+    return h.loss
 
 
 def trained_report(model, source_report=None, source: str = "", kind: str = "", record: dict | None = None):

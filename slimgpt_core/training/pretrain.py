@@ -23,11 +23,14 @@ from slimgpt_core.base.cache import forget_fingerprint
 from slimgpt_core.base.devices import resolve_device
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.evaluation.evaluate import perplexity
+from slimgpt_core.training.checkpoints import CheckpointPlan
+from slimgpt_core.training.distributed import (broadcast_tensor, check_batch_rows, gathered_model, is_main,
+                                               rank_world, shard_model)
 from slimgpt_core.training.distill import check_teacher, distillation_loss_fn
 from slimgpt_core.training.domain_mix import update_domain_weights
 from slimgpt_core.training.domains import DomainSampler, check_domains, load_domains, perplexity_tokens
-from slimgpt_core.training.loop import (OptimizerConfig, TrainStep, autocast_context, heldout_loss, train,
-                                        trained_report, training_bytes)
+from slimgpt_core.training.loop import (OptimizerConfig, TrainPlan, TrainStep, autocast_context, heldout_loss,
+                                        run_training, trained_report, training_bytes)
 from slimgpt_core.training.recover import add_lora, drop_lora, merge_lora, resolve_targets
 
 
@@ -61,6 +64,10 @@ class PretrainSettings:
     ppl: list[str] = field(default_factory=lambda: ["tinystories", "wikitext2"])  # before and after; [] to skip
     ppl_seqlen: int = 128
     ppl_windows: int | None = 64
+    checkpoint_folder: str | None = None  # sharded checkpoints to resume from (training/checkpoints.py)
+    checkpoint_every: int = 0  # steps between checkpoints; 0: none
+    resume: bool = False  # continue from the latest checkpoint in checkpoint_folder
+    activation_checkpointing: bool = False  # recompute each layer's activations in the backward pass
 
     @property
     def every(self) -> int:
@@ -95,6 +102,9 @@ class PretrainSettings:
             (self.distill_weight is None or 0 <= self.distill_weight <= 1,
              f"distill weight must be in [0, 1], got {self.distill_weight}"),
             (self.ppl_windows is None or self.ppl_windows >= 1, f"ppl windows must be at least 1, got {self.ppl_windows}"),
+            (self.checkpoint_every >= 0, f"checkpoint-every must be 0 (none) or positive, got {self.checkpoint_every}"),
+            (bool(self.checkpoint_folder) or not (self.resume or self.checkpoint_every),
+             "checkpoints and --resume need a checkpoint folder"),
         ]
         for ok, message in checks:
             if not ok:
@@ -236,19 +246,40 @@ def _perplexities(model, tokenizer, settings: PretrainSettings, device, should_s
     return out
 
 
-def pretrain(model, tokenizer, settings: PretrainSettings, reference=None, teacher=None,
-             callback: Callable | None = None, should_stop: Callable[[], bool] | None = None,
-             reference_name: str = "", teacher_name: str = "") -> PretrainResult:
-    """Continued pre-training of `model` on the mix of `settings.data` (see the module's doc).
+@dataclass
+class _Run:
+    """What one continued pre-training carries from step to step: dynamic batch loading's state and history
+    (saved in checkpoints, so a resumed run reports the whole curve) and where events go."""
+    settings: PretrainSettings
+    device: torch.device
+    names: list[str]
+    heldout: dict[str, list]
+    emit: Callable
+    ref: torch.Tensor | None = None
+    sampler: DomainSampler | None = None
+    wrapped: torch.nn.Module | None = None  # the peft model while LoRA adapters train
+    mix: list[dict] = field(default_factory=list)
+    updates: list[MixUpdate] = field(default_factory=list)
+    latest: dict[str, float] = field(default_factory=dict)
+    events: list[PretrainStep] = field(default_factory=list)
+    drawn_for_step: dict[str, float] = field(default_factory=dict)
 
-    `reference`: the model whose per-domain held-out loss is the reference loss (the source model); None with
-    no `settings.reference_losses`: the model's own loss before training. `teacher`: distill from it (same
-    vocabulary). Events: PretrainPhase between stages, PretrainStep per step, MixUpdate at each update.
-    `should_stop()` is checked between steps (JobCancelled)."""
+    def as_dict(self, t) -> dict[str, float]:
+        return {n: float(v) for n, v in zip(self.names, t)}
 
+    def state(self) -> dict:
+        return {"mix": self.mix, "updates": [asdict(u) for u in self.updates], "latest": self.latest,
+                "events": [asdict(e) for e in self.events], "drawn_for_step": self.drawn_for_step}
+
+    def restore(self, state: dict) -> None:
+        self.mix, self.latest, self.drawn_for_step = state["mix"], state["latest"], state["drawn_for_step"]
+        self.updates = [MixUpdate(**u) for u in state["updates"]]
+        self.events = [PretrainStep(**e) for e in state["events"]]
+
+
+def _checked(model, settings: PretrainSettings, teacher) -> tuple[PretrainSettings, float]:
+    """The settings with LoRA targets resolved, and the distillation weight; one sentence for what cannot run."""
     settings.validate()
-    emit = callback or (lambda e: None)
-    device = resolve_device(settings.device)
     if teacher is not None:
         check_teacher(model, teacher)
     distill = settings.distill(teacher is not None)
@@ -256,129 +287,175 @@ def pretrain(model, tokenizer, settings: PretrainSettings, reference=None, teach
         raise SlimGPTError("a distill weight above 0 needs a teacher (--teacher)")
     if settings.lora:
         settings = dataclasses.replace(settings, target_modules=resolve_targets(model, settings.target_modules))
-    check_memory(model, settings, device, teacher)
-    t_start = time.perf_counter()
-    elapsed = lambda: time.perf_counter() - t_start  # noqa: E731
+    check_batch_rows(settings.batch_size)
+    return settings, distill
 
-    emit(PretrainPhase("data", 0.0))
-    sequences = settings.steps * settings.batch_size * settings.grad_accumulation
-    domains = load_domains(tokenizer, settings.data, settings.seqlen, settings.heldout, sequences)
-    names = [d.name for d in domains]
-    heldout = {d.name: _batches(d.heldout, settings.batch_size) for d in domains}
-    as_dict = lambda t: {n: float(v) for n, v in zip(names, t)}  # noqa: E731
 
-    home = next(model.parameters()).device
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    model.to(device)
-    if teacher is not None:
-        teacher.to(device).eval().requires_grad_(False)
-    peft_model = None
-    try:
-        emit(PretrainPhase("reference", elapsed()))
-        if settings.reference_losses is not None:
-            ref, ref_source = torch.tensor(settings.reference_losses, dtype=torch.float64), "given"
-        else:
-            judge = reference if reference is not None else model
-            judge.to(device)
-            ref = torch.tensor(list(_domain_losses(judge, heldout, device, settings.bf16).values()), dtype=torch.float64)
-            ref_source = reference_name or ("the reference model" if reference is not None else
-                                            "the model itself before training (no source model known)")
-            if reference is not None and reference is not teacher:
-                reference.to("cpu")
-        emit(PretrainPhase("ppl-before", elapsed()))
-        ppl_before = _perplexities(model, tokenizer, settings, device, should_stop)
-        start = _domain_losses(model, heldout, device, settings.bf16)
-        weights = (torch.tensor(settings.initial_weights, dtype=torch.float64) if settings.initial_weights
-                   else torch.ones(len(names), dtype=torch.float64))
-        weights = weights / weights.sum()
-        mix = [{"step": 0, "losses": start, "weights": as_dict(weights)}]
-        latest = dict(start)
-        updates: list[MixUpdate] = []
+def _reference(run: _Run, model, reference, teacher, reference_name: str) -> tuple[torch.Tensor, str]:
+    """Per-domain reference losses and where they come from."""
+    s = run.settings
+    if s.reference_losses is not None:
+        return torch.tensor(s.reference_losses, dtype=torch.float64), "given"
+    judge = reference if reference is not None else model
+    judge.to(run.device)
+    ref = torch.tensor(list(_domain_losses(judge, run.heldout, run.device, s.bf16).values()), dtype=torch.float64)
+    source = reference_name or ("the reference model" if reference is not None else
+                                "the model itself before training (no source model known)")
+    if reference is not None and reference is not teacher:
+        reference.to("cpu")
+    return ref, source
 
-        if settings.lora:
-            peft_model = add_lora(model, settings.rank, settings.alpha, settings.dropout, settings.target_modules,
-                                  settings.seed)
-            net = peft_model
-        else:
-            model.requires_grad_(True)
-            net = model
-        trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-        sampler = DomainSampler(domains, weights, settings.batch_size, settings.seed)
-        drawn_for_step = as_dict(weights)
 
-        def after_step(step: int) -> None:
-            nonlocal drawn_for_step
-            drawn_for_step = as_dict(sampler.weights)  # what this step drew from (the update applies next)
-            last = step == settings.steps
-            if not (last or (settings.dynamic_mix and step % settings.every == 0)):
-                return
-            losses = _domain_losses(net, heldout, device, settings.bf16)
-            latest.update(losses)
-            before = sampler.weights
-            if settings.dynamic_mix and not last:
-                new = update_domain_weights(before, torch.tensor(list(losses.values()), dtype=torch.float64), ref,
-                                            settings.mix_variant)
-                update = MixUpdate(step, losses, as_dict(ref), as_dict(before), as_dict(new))
-                updates.append(update)
-                emit(update)
-                sampler.weights = new
-            mix.append({"step": step, "losses": losses, "weights": as_dict(sampler.weights)})
+def _after_step(run: _Run, net, step: int) -> None:
+    """Dynamic batch loading after an update: every `every` steps the domain weights move by the held-out losses
+    (reduced over the ranks, then rank 0's weights broadcast, so every rank draws the same mix)."""
+    s = run.settings
+    run.drawn_for_step = run.as_dict(run.sampler.weights)  # what this step drew from (an update applies next)
+    last = step == s.steps
+    if not (last or (s.dynamic_mix and step % s.every == 0)):
+        return
+    losses = _domain_losses(net, run.heldout, run.device, s.bf16)
+    run.latest.update(losses)
+    before = run.sampler.weights
+    if s.dynamic_mix and not last:
+        new = broadcast_tensor(update_domain_weights(before, torch.tensor(list(losses.values()), dtype=torch.float64),
+                                                     run.ref, s.mix_variant))
+        update = MixUpdate(step, losses, run.as_dict(run.ref), run.as_dict(before), run.as_dict(new))
+        run.updates.append(update)
+        run.emit(update)
+        run.sampler.weights = new
+    run.mix.append({"step": step, "losses": losses, "weights": run.as_dict(run.sampler.weights)})
 
-        events: list[PretrainStep] = []
 
-        def relay(event) -> None:
-            if isinstance(event, TrainStep):
-                e = PretrainStep(event.step, event.steps, event.train_loss, event.lr, dict(latest), drawn_for_step,
-                                 event.tokens_per_s, event.elapsed_s, event.eta_s)
-                events.append(e)
-                emit(e)
+def _relay(run: _Run, event) -> None:
+    if isinstance(event, TrainStep):
+        e = PretrainStep(event.step, event.steps, event.train_loss, event.lr, dict(run.latest), run.drawn_for_step,
+                         event.tokens_per_s, event.elapsed_s, event.eta_s)
+        run.events.append(e)
+        run.emit(e)
 
-        loss_fn = distillation_loss_fn(teacher, distill) if teacher is not None else None
-        optim = OptimizerConfig(lr=settings.lr, warmup_steps=settings.warmup_steps, schedule=settings.schedule,
-                                betas=settings.betas)
-        emit(PretrainPhase("train", elapsed()))
-        trained = train(net, sampler, settings.steps, optim, device, settings.grad_accumulation, None, 0,
-                        settings.bf16, relay, should_stop, loss_fn, after_step)
-    except BaseException as exc:
-        # cancelled or failed: adapters dropped; full fine-tuning changed the weights in place (callers pass a copy)
-        base = drop_lora(peft_model) if peft_model is not None else model
+
+def _train_model(run: _Run, model, domains, weights: torch.Tensor, loss_fn, should_stop):
+    """Full or LoRA training of the model sharded over the ranks; the trained model (adapter-wrapped with LoRA)
+    gathered back as a plain model on rank 0 when it was sharded (None on the other ranks)."""
+    s = run.settings
+    if s.lora:
+        run.wrapped = add_lora(model, s.rank, s.alpha, s.dropout, s.target_modules, s.seed)
+    net = run.wrapped if s.lora else model.requires_grad_(True)
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    run.sampler = DomainSampler(domains, weights, s.batch_size, s.seed)
+    run.drawn_for_step = run.as_dict(weights)
+    sharded = shard_model(net, run.device, s.bf16, s.activation_checkpointing)
+    checkpoint = CheckpointPlan(s.checkpoint_folder, s.checkpoint_every, s.resume, run.state, run.restore) \
+        if s.checkpoint_folder else None
+    optim = OptimizerConfig(lr=s.lr, warmup_steps=s.warmup_steps, schedule=s.schedule, betas=s.betas)
+    plan = TrainPlan(s.steps, optim, run.device, s.grad_accumulation, None, 0, s.bf16, lambda e: _relay(run, e),
+                     should_stop, loss_fn, lambda step: _after_step(run, sharded, step), checkpoint)
+    trained = run_training(sharded, run.sampler, plan)
+    if s.activation_checkpointing:
+        (net.get_base_model() if s.lora else net).activation_checkpointing_disable()
+    if rank_world()[1] > 1:
+        rebuild = (lambda fresh: add_lora(fresh, s.rank, s.alpha, s.dropout, s.target_modules)) if s.lora else None
+        net = gathered_model(sharded, rebuild)
+        if net is not None:
+            net.to(run.device)
+    return net, trained, trainable
+
+
+def _put_back(run: _Run, model, flags: dict[str, bool], home, teacher, exc: BaseException) -> None:
+    """Cancelled or failed in one process: adapters dropped (full fine-tuning changed the weights in place;
+    callers pass a copy), flags and devices as they were. A sharded model cannot be put back."""
+    if rank_world()[1] == 1:
+        base = drop_lora(run.wrapped) if run.wrapped is not None else model
         for name, p in base.named_parameters():
             p.requires_grad_(flags.get(name, p.requires_grad))
         base.to(home)
-        if teacher is not None:
-            teacher.to("cpu")
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            raise SlimGPTError(f"out of memory on {device} while training: lower --batch-size "
-                               f"({settings.batch_size}) or --seqlen ({settings.seqlen}), or pass --lora") from None
-        raise
+    if teacher is not None:
+        teacher.to("cpu")
+    s = run.settings
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        raise SlimGPTError(f"out of memory on {run.device} while training: lower --batch-size ({s.batch_size}) or "
+                           f"--seqlen ({s.seqlen}), or pass --lora") from None
 
+
+def _merged(run: _Run, net, flags: dict[str, bool], probe_windows: torch.Tensor):
+    """The trained model as plain weights (LoRA merged) and the largest logit change merging caused."""
     diff = None
-    if peft_model is not None:  # fold the adapters into the weights: the plain class comes back
-        emit(PretrainPhase("merge", elapsed()))
-        probe = _batches(domains[0].heldout, settings.batch_size)[0]["input_ids"].to(device)
-        with torch.no_grad(), autocast_context(device, settings.bf16):
-            wrapped = peft_model(input_ids=probe).logits.float()
-        model = merge_lora(peft_model)
-        with torch.no_grad(), autocast_context(device, settings.bf16):
+    model = net
+    if run.settings.lora:  # fold the adapters into the weights: the plain class comes back
+        probe = _batches(probe_windows, run.settings.batch_size)[0]["input_ids"].to(run.device)
+        with torch.no_grad(), autocast_context(run.device, run.settings.bf16):
+            wrapped = net(input_ids=probe).logits.float()
+        model = merge_lora(net)
+        with torch.no_grad(), autocast_context(run.device, run.settings.bf16):
             diff = float((model(input_ids=probe).logits.float() - wrapped).abs().max())
     for name, p in model.named_parameters():
         p.requires_grad_(flags.get(name, True))
     model.eval()
     forget_fingerprint(model)  # weights changed in place: cached results keyed on the old ones no longer apply
+    return model, diff
+
+
+def pretrain(model, tokenizer, settings: PretrainSettings, reference=None, teacher=None,
+             callback: Callable | None = None, should_stop: Callable[[], bool] | None = None,
+             reference_name: str = "", teacher_name: str = "") -> PretrainResult | None:
+    """Continued pre-training of `model` on the mix of `settings.data` (see the module's doc).
+
+    `reference`: the model whose per-domain held-out loss is the reference loss (the source model); None with
+    no `settings.reference_losses`: the model's own loss before training. `teacher`: distill from it (same
+    vocabulary). Events: PretrainPhase between stages, PretrainStep per step, MixUpdate at each update.
+    `should_stop()` is checked between steps (JobCancelled). Under torchrun every rank calls this; rank 0 alone
+    emits events and gets the result (None elsewhere)."""
+    settings, distill = _checked(model, settings, teacher)
+    device = resolve_device(settings.device)
+    check_memory(model, settings, device, teacher)
+    t_start = time.perf_counter()
+    emit = (callback or (lambda e: None)) if is_main() else (lambda e: None)
+    phase = lambda name: emit(PretrainPhase(name, time.perf_counter() - t_start))  # noqa: E731
+    phase("data")
+    sequences = settings.steps * settings.batch_size * settings.grad_accumulation
+    domains = load_domains(tokenizer, settings.data, settings.seqlen, settings.heldout, sequences)
+    run = _Run(settings, device, [d.name for d in domains],
+               {d.name: _batches(d.heldout, settings.batch_size) for d in domains}, emit)
+    home, flags = next(model.parameters()).device, {name: p.requires_grad for name, p in model.named_parameters()}
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval().requires_grad_(False)
+    try:
+        phase("reference")
+        run.ref, ref_source = _reference(run, model, reference, teacher, reference_name)
+        phase("ppl-before")
+        ppl_before = _perplexities(model, tokenizer, settings, device, should_stop) if is_main() else {}
+        start = _domain_losses(model, run.heldout, device, settings.bf16)
+        weights = torch.tensor(settings.initial_weights or [1.0] * len(domains), dtype=torch.float64)
+        weights = weights / weights.sum()
+        run.mix, run.latest = [{"step": 0, "losses": start, "weights": run.as_dict(weights)}], dict(start)
+        phase("train")
+        net, trained, trainable = _train_model(run, model, domains, weights, distillation_loss_fn(
+            teacher, distill) if teacher is not None else None, should_stop)
+    except BaseException as exc:
+        _put_back(run, model, flags, home, teacher, exc)
+        raise
     if teacher is not None:
         teacher.to("cpu")
-    emit(PretrainPhase("ppl-after", elapsed()))
+    if net is None:
+        return None
+    if settings.lora:
+        phase("merge")
+    model, diff = _merged(run, net, flags, domains[0].heldout)
+    phase("ppl-after")
     try:
         ppl_after = _perplexities(model, tokenizer, settings, device, None)
     finally:
         model.to(home)
-    emit(PretrainPhase("done", elapsed()))
+    phase("done")
     autocast = "bf16" if settings.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
     return PretrainResult(
-        model, settings, events, mix, updates, as_dict(ref), ref_source, [d.description for d in domains],
-        {n: int(c) for n, c in zip(names, sampler.drawn)}, trained.tokens_seen, ppl_before, ppl_after,
-        teacher_name or (None if teacher is None else "the teacher model"), distill, trainable, elapsed(),
-        trained.seconds, trained.peak_memory_mb, str(device), autocast, diff)
+        model, settings, run.events, run.mix, run.updates, run.as_dict(run.ref), ref_source,
+        [d.description for d in domains], {n: int(c) for n, c in zip(run.names, run.sampler.drawn)},
+        trained.tokens_seen, ppl_before, ppl_after, teacher_name or (None if teacher is None else "the teacher model"),
+        distill, trainable, time.perf_counter() - t_start, trained.seconds, trained.peak_memory_mb, str(device),
+        autocast, diff)
 
 
 TEXTS = {"tinystories": "TinyStories asset, last 1/5 of its tokens (never trained on)",

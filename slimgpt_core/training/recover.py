@@ -27,7 +27,11 @@ from slimgpt_core.base.events import RunReport
 from slimgpt_core.evaluation.evaluate import cached_perplexity
 from slimgpt_core.training import loop
 from slimgpt_core.training.finetune_data import batch_stream, check_source, fixed_batches, load_finetune_data
-from slimgpt_core.training.loop import OptimizerConfig, TrainResult, TrainStep, train, trained_report
+from slimgpt_core.training.checkpoints import CheckpointPlan
+from slimgpt_core.training.distributed import (check_batch_rows, gathered_model, is_main, rank_world,
+                                               shard_model)
+from slimgpt_core.training.loop import (CountedStream, OptimizerConfig, TrainPlan, TrainResult, TrainStep,
+                                        run_training, trained_report)
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -55,6 +59,10 @@ class RecoverSettings:
     ppl_source: str | None = "wikitext2"  # None: skip perplexity before/after
     ppl_seqlen: int = 128
     ppl_windows: int | None = 64  # None: the whole test text
+    checkpoint_folder: str | None = None  # sharded checkpoints to resume from (training/checkpoints.py)
+    checkpoint_every: int = 0  # steps between checkpoints; 0: none
+    resume: bool = False  # continue from the latest checkpoint in checkpoint_folder
+    activation_checkpointing: bool = False  # recompute each layer's activations in the backward pass
 
     def validate(self) -> None:
         """One sentence for the first bad value, before anything is loaded."""
@@ -74,6 +82,9 @@ class RecoverSettings:
             (bool(self.data), "no training data given"),
             (bool(self.target_modules), "no target modules given"),
             (self.ppl_windows is None or self.ppl_windows >= 1, f"ppl windows must be at least 1, got {self.ppl_windows}"),
+            (self.checkpoint_every >= 0, f"checkpoint-every must be 0 (none) or positive, got {self.checkpoint_every}"),
+            (bool(self.checkpoint_folder) or not (self.resume or self.checkpoint_every),
+             "checkpoints and --resume need a checkpoint folder"),
         ]
         for ok, message in checks:
             if not ok:
@@ -223,76 +234,125 @@ def _restore_flags(model, flags: dict[str, bool]):
     return model
 
 
+@dataclass
+class _Trained:
+    """What training hands to merging: the adapter-wrapped model, the loop's result and what came before."""
+    peft_model: torch.nn.Module | None  # plain (unsharded) on rank 0; None on the other ranks
+    trained: TrainResult
+    ppl_before: dict | None
+    trainable: int
+
+
+def _checkpoint_plan(settings: RecoverSettings) -> CheckpointPlan | None:
+    if not settings.checkpoint_folder:
+        return None
+    return CheckpointPlan(settings.checkpoint_folder, settings.checkpoint_every, settings.resume)
+
+
+def _train_adapters(peft_model, pad_id: int, settings: RecoverSettings, data, heldout, device, callback,
+                    should_stop) -> tuple[torch.nn.Module | None, TrainResult]:
+    """The adapter-wrapped model sharded over the ranks and trained; gathered back to rank 0 when it was
+    sharded (None on the other ranks)."""
+    net = shard_model(peft_model, device, settings.bf16, settings.activation_checkpointing)
+    optim = OptimizerConfig(lr=settings.lr, warmup_steps=settings.warmup, schedule=settings.schedule)
+    stream = CountedStream(lambda: batch_stream(data.train, settings.batch_size, pad_id, settings.seed))
+    plan = TrainPlan(settings.steps, optim, device, settings.grad_accumulation, heldout, settings.eval_every,
+                     settings.bf16, callback, should_stop, checkpoint=_checkpoint_plan(settings))
+    trained = run_training(net, stream, plan)
+    if settings.activation_checkpointing:
+        peft_model.get_base_model().activation_checkpointing_disable()
+    if rank_world()[1] > 1:  # gather once; rank 0 rebuilds the same adapters around the gathered weights
+        peft_model = gathered_model(net, lambda fresh: add_lora(fresh, settings.rank, settings.alpha,
+                                                                settings.dropout, settings.target_modules))
+        if peft_model is not None:
+            peft_model.to(device)
+    return peft_model, trained
+
+
+def _merge(peft_model, heldout, device, bf16: bool, trainable_flags: dict[str, bool]):
+    """The adapters folded into the weights, and the largest logit change that caused on one held-out batch."""
+    probe = {k: v.to(device) for k, v in heldout[0].items()}
+    with torch.no_grad(), loop.autocast_context(device, bf16):
+        wrapped_logits = peft_model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+    merged = _restore_flags(merge_lora(peft_model), trainable_flags)
+    merged.eval()
+    forget_fingerprint(merged)  # the weights changed in place: cached results must not match the old model
+    with torch.no_grad(), loop.autocast_context(device, bf16):
+        merged_logits = merged(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+    return merged, float((merged_logits.float() - wrapped_logits.float()).abs().max())
+
+
 def recover(model, tokenizer, settings: RecoverSettings, callback: Callable | None = None,
-            should_stop: Callable[[], bool] | None = None) -> RecoverResult:
+            should_stop: Callable[[], bool] | None = None) -> RecoverResult | None:
     """LoRA-fine-tune `model` on `settings.data`, merge the adapters, and measure perplexity before and after.
 
     Events: RecoverPhase between stages, training.HeldoutLoss and training.TrainStep while training.
     `should_stop()` is checked between training steps and during the first perplexity (JobCancelled; the
-    model is left as it came). Once trained, the adapters are merged and measured without further checks."""
-
+    model is left as it came). Once trained, the adapters are merged and measured without further checks.
+    Under torchrun every rank calls this; rank 0 alone emits events and gets the result (None elsewhere)."""
     settings.validate()
+    callback = callback if is_main() else None
     emit = callback or (lambda e: None)
     device = resolve_device(settings.device)
-    targets = resolve_targets(model, settings.target_modules)
-    settings = dataclasses.replace(settings, target_modules=targets)  # the caller's settings stay as given
+    settings = dataclasses.replace(settings, target_modules=resolve_targets(model, settings.target_modules))
+    check_batch_rows(settings.batch_size)
     check_training_memory(model, settings, device)
     t_start = time.perf_counter()
-
     emit(RecoverPhase("data", 0.0))
     needed = settings.steps * settings.batch_size * settings.grad_accumulation
     data = load_finetune_data(tokenizer, settings.data, settings.seqlen, needed, settings.heldout_fraction,
                               settings.heldout_samples, settings.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     heldout = fixed_batches(data.heldout, settings.batch_size, pad_id)
-
     home = next(model.parameters()).device
     trainable_flags = {name: p.requires_grad for name, p in model.named_parameters()}  # peft freezes them all
-    model.to(device)
+    phase = lambda name: emit(RecoverPhase(name, time.perf_counter() - t_start))  # noqa: E731
+    phase("ppl-before")
+    t = _train_or_restore(model.to(device), tokenizer, settings, data, heldout, device, callback, should_stop,
+                          (home, trainable_flags, phase))
+    if t.peft_model is None:
+        return None
+    # past this point the adapters are merged: stopping now would throw the trained weights away, so finish
+    phase("merge")
+    merged, diff = _merge(t.peft_model, heldout, device, settings.bf16, trainable_flags)
+    phase("ppl-after")
+    try:
+        ppl_after = _perplexity(merged, tokenizer, settings, device, None)
+    finally:
+        merged.to(home)
+    phase("done")
+    autocast = "bf16" if settings.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    return RecoverResult(
+        merged, settings, t.trained.steps, [{"step": h.step, "loss": h.loss} for h in t.trained.heldout],
+        t.ppl_before, ppl_after, data.description, data.loss_on, len(data.train), len(data.heldout), t.trainable,
+        t.trained.tokens_seen, time.perf_counter() - t_start, t.trained.seconds, t.trained.peak_memory_mb,
+        str(device), autocast, diff)
+
+
+def _train_or_restore(model, tokenizer, settings, data, heldout, device, callback, should_stop, restore) -> _Trained:
+    """Perplexity before (rank 0), adapters added and trained. When cancelled or failing in one process: the
+    model as it came (adapters dropped, weights untouched, back where it was); a sharded model cannot be put
+    back, so under torchrun the run ends."""
+    home, trainable_flags, phase = restore
     peft_model = None
     try:
-        emit(RecoverPhase("ppl-before", time.perf_counter() - t_start))
-        ppl_before = _perplexity(model, tokenizer, settings, device, should_stop)
-        peft_model = add_lora(model, settings.rank, settings.alpha, settings.dropout, targets, settings.seed)
+        ppl_before = _perplexity(model, tokenizer, settings, device, should_stop) if is_main() else None
+        peft_model = add_lora(model, settings.rank, settings.alpha, settings.dropout, settings.target_modules,
+                              settings.seed)
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-        optim = OptimizerConfig(lr=settings.lr, warmup_steps=settings.warmup, schedule=settings.schedule)
-        emit(RecoverPhase("train", time.perf_counter() - t_start))
-        stream = batch_stream(data.train, settings.batch_size, pad_id, settings.seed)
-        trained: TrainResult = train(peft_model, stream, settings.steps, optim, device, settings.grad_accumulation,
-                                     heldout, settings.eval_every, settings.bf16, callback, should_stop)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        phase("train")
+        trained_model, trained = _train_adapters(peft_model, pad_id, settings, data, heldout, device, callback,
+                                                 should_stop)
+        return _Trained(trained_model, trained, ppl_before, trainable)
     except BaseException as exc:
-        # cancelled or failed: the model as it came (adapters dropped, weights untouched, back where it was)
-        _restore_flags((drop_lora(peft_model) if peft_model is not None else model).to(home), trainable_flags)
+        if rank_world()[1] == 1:
+            _restore_flags((drop_lora(peft_model) if peft_model is not None else model).to(home), trainable_flags)
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             raise SlimGPTError(f"out of memory on {device} while training: lower --batch-size "
                                f"({settings.batch_size}), --seqlen ({settings.seqlen}) or --rank ({settings.rank})") \
                 from None
         raise
-
-    # past this point the adapters are merged: stopping now would throw the trained weights away, so finish
-    emit(RecoverPhase("merge", time.perf_counter() - t_start))
-    probe = {k: v.to(device) for k, v in heldout[0].items()}
-    with torch.no_grad(), loop.autocast_context(device, settings.bf16):
-        wrapped_logits = peft_model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
-    merged = _restore_flags(merge_lora(peft_model), trainable_flags)
-    merged.eval()
-    forget_fingerprint(merged)  # the weights changed in place: cached results must not match the old model
-    with torch.no_grad(), loop.autocast_context(device, settings.bf16):
-        merged_logits = merged(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
-    diff = float((merged_logits.float() - wrapped_logits.float()).abs().max())
-
-    emit(RecoverPhase("ppl-after", time.perf_counter() - t_start))
-    try:
-        ppl_after = _perplexity(merged, tokenizer, settings, device, None)
-    finally:
-        merged.to(home)
-    emit(RecoverPhase("done", time.perf_counter() - t_start))
-    autocast = "bf16" if settings.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
-    return RecoverResult(
-        merged, settings, trained.steps, [{"step": h.step, "loss": h.loss} for h in trained.heldout], ppl_before,
-        ppl_after, data.description, data.loss_on, len(data.train), len(data.heldout), trainable,
-        trained.tokens_seen, time.perf_counter() - t_start, trained.seconds, trained.peak_memory_mb, str(device),
-        autocast, diff)
 
 
 def recovered_report(result: RecoverResult, source_report=None, source: str = ""):

@@ -5,6 +5,7 @@ mixed-shape classes throughout. TinyStories is split by story into a training fi
 (last 20%), so the perplexity measured after training is on text the model never saw.
 """
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -255,15 +256,15 @@ def test_bad_input_one_sentence_nothing_written(pruned_run, tmp_path, capsys, ar
 
 def test_ctrl_c_exits_130_and_writes_nothing(pruned_run, tmp_path, capsys, monkeypatch):
     from slimgpt_core.training import recover as recover_module
-    real_train = recover_module.train
+    real_training = recover_module.run_training
 
-    def interrupted(*args, **kwargs):
+    def interrupted(model, batches, plan):
         def callback(event):
             if event.kind == "train-step" and event.step == 2:
                 raise KeyboardInterrupt
-        return real_train(*args[:-2], callback, args[-1], **kwargs)
+        return real_training(model, batches, dataclasses.replace(plan, callback=callback))
 
-    monkeypatch.setattr(recover_module, "train", interrupted)
+    monkeypatch.setattr(recover_module, "run_training", interrupted)
     rc = main(["recover", "--model", str(pruned_run), "--data", "tinystories", "--steps", "5", "--seqlen", "64",
                "--ppl", "none", "--out", str(tmp_path / "out"), "--quiet"])
     assert rc == 130 and "nothing was written" in capsys.readouterr().err

@@ -4,6 +4,7 @@ The pruned model is stories260k at 30% (log schedule), whose layers differ in sh
 classes). Small steps and short windows: these check behaviour, not quality (docs/shear.md has the measurements).
 """
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -282,18 +283,16 @@ def test_cancel_leaves_nothing(pruned_run, tmp_path, capsys, monkeypatch):
     # the command line: interrupted mid-training, exit 130, no folder and no temporary one
     import slimgpt_core.training.pretrain as engine
 
-    real_train = engine.train
+    real_training = engine.run_training
 
-    def interrupted(*args, **kwargs):
-        relay = args[9]
-
+    def interrupted(model, batches, plan):
         def bomb(event):
-            relay(event)
+            plan.callback(event)
             if event.step == 2:
                 raise KeyboardInterrupt
-        return real_train(*args[:9], bomb, *args[10:], **kwargs)
+        return real_training(model, batches, dataclasses.replace(plan, callback=bomb))
 
-    monkeypatch.setattr(engine, "train", interrupted)
+    monkeypatch.setattr(engine, "run_training", interrupted)
     out = tmp_path / "cpt"
     rc = main(["pretrain", "--model", str(pruned_run), "--steps", "5", "--seqlen", "64", "--heldout", "2",
                "--ppl", "none", "--out", str(out)])

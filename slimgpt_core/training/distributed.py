@@ -1,0 +1,166 @@
+"""Training past one process: the process group torchrun starts, FSDP2 sharding of a decoder, each rank's rows of
+a global micro-batch, and sums reduced across ranks.
+
+    rank, world, device = join_process_group("auto")    # under torchrun: gloo on CPU, NCCL on GPUs
+    net = shard_model(net, torch.device(device), bf16=True, activation_checkpointing=False)
+    part = rank_rows(batch)                              # this rank's rows of a micro-batch every rank drew
+
+Every rank draws the same global stream of micro-batches (same seed, same domain weights) and trains on its own
+rows of each, so N processes see exactly the batches one process would; gradients are averaged by FSDP's
+reduce-scatter. With one process nothing is sharded and every helper is the identity.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from slimgpt_core.base.errors import SlimGPTError
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """Rank 0 writes the run and the progress; the other ranks only compute."""
+    return rank_world()[0] == 0
+
+
+def join_process_group(device: str) -> tuple[int, int, str]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; gloo on CPU, NCCL on GPUs (one per rank).
+    Returns (rank, world, device), the device naming this rank's GPU when there is one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return dist.get_rank(), world, device
+
+
+def leave_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def check_batch_rows(batch_size: int) -> None:
+    """The micro-batch is split by rows over the ranks: every rank needs at least one."""
+    world = rank_world()[1]
+    if batch_size % world:
+        raise SlimGPTError(f"--batch-size {batch_size} must be a multiple of the {world} processes (each trains on "
+                           "its rows of every micro-batch)")
+
+
+def rank_rows(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """This rank's contiguous rows of `batch` and whether they count. A rank left without rows (a short held-out
+    batch) runs the first row anyway, since FSDP needs every rank in every forward, and counts nothing."""
+    rank, world = rank_world()
+    if world == 1:
+        return batch, True
+    n = next(iter(batch.values())).shape[0]
+    if n <= rank:
+        return {k: v[:1] for k, v in batch.items()}, False
+    return {k: v.tensor_split(world)[rank] for k, v in batch.items()}, True
+
+
+def all_reduce_sums(values: list[float]) -> list[float]:
+    """Element-wise sums over the ranks, in fp64 (the values themselves with one process)."""
+    if rank_world()[1] == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's copy of `t` on every rank (the domain weights every rank draws from)."""
+    if rank_world()[1] > 1:
+        t = t.clone()
+        dist.broadcast(t, 0)
+    return t
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of a causal LM, through a peft wrapper if there is one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
+def mixed_precision(device: torch.device, bf16: bool) -> MixedPrecisionPolicy:
+    """bf16 compute with fp32 gradient reduction on GPUs that support it; full precision elsewhere (CPU)."""
+    if bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard_model(model, device: torch.device, bf16: bool = True, activation_checkpointing: bool = False):
+    """FSDP2: each decoder layer its own shard group (mixed shapes and LoRA adapters included; frozen and
+    trainable parameters may share a group), then the root (embeddings, final norm, head). Activation
+    checkpointing recomputes each layer's activations in the backward pass (transformers' non-reentrant
+    checkpointing). One process: the model unchanged (moved to `device`)."""
+    if activation_checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    world = rank_world()[1]
+    if world == 1:
+        return model.to(device)
+    mesh = init_device_mesh(device.type, (world,))
+    policy = mixed_precision(device, bf16)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def gathered_model(net, rebuild: Callable | None = None):
+    """The trained model gathered once, as a plain (unsharded) model on rank 0's CPU; None on the other ranks,
+    which must call this too (the gather is a collective). The plain model is built on the meta device from the
+    sharded one's class and config, passed through `rebuild` (e.g. the same LoRA wrapping), then given the
+    gathered weights and the sharded model's buffers (rotary tables: FSDP does not shard buffers)."""
+    full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main():
+        return None
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    # fully_shard gave a sharded root a class of its own (FSDP<class>): build the class it was made from
+    cls = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        fresh = cls(base.config)
+    plain = rebuild(fresh) if rebuild is not None else fresh
+    plain.load_state_dict(full, assign=True)
+    for name, buffer in net.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        plain.get_submodule(owner)._buffers[leaf] = buffer.detach().to("cpu").clone()
+    if getattr(fresh.config, "tie_word_embeddings", False):
+        fresh.tie_weights()
+    return plain
+
+
+def on_every_rank(work: Callable[[], int]) -> int:
+    """A command's work in one process of a torchrun job. Success: the ranks leave the group together. A
+    failure: one sentence naming the process (a SlimGPTError for the command line to print), and this process
+    exits without waiting for the others, so torchrun ends them all. One process: `work()` as it is."""
+    rank, world = rank_world()
+    if world == 1:
+        return work()
+    try:
+        code = work()
+    except SlimGPTError as exc:
+        raise SlimGPTError(f"process {rank} of {world}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a collective broken by another process's failure, or a bug
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SlimGPTError(f"process {rank} of {world} stopped: {first}") from None
+    leave_process_group()
+    return code

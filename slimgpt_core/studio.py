@@ -12,13 +12,13 @@ import torch
 from slimgpt_core.base.devices import resolve_device
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.base.events import AchievedRatios, Progress, RunReport
-from slimgpt_core.base.shapes import count_parameters, layer_parameters, layer_shape
+from slimgpt_core.base.shapes import count_parameters, kept_heads, layer_parameters, layer_shape
 from slimgpt_core.data import calibration_tokens
 from slimgpt_core.evaluation.evaluate import cached_perplexity
 from slimgpt_core.evaluation.speed import measure_speed
 from slimgpt_core.evaluation.zeroshot import zero_shot
 from slimgpt_core.methods.pipeline import prune_model
-from slimgpt_core.methods.prune_settings import PruneSettings, plan_removals
+from slimgpt_core.methods.prune_settings import QUERY_HEAD_METHODS, PruneSettings, plan_removals
 from slimgpt_core.methods.statistics import DenseStatistics, dense_statistics
 from slimgpt_core.models import LoadedModel, load_model
 from slimgpt_core.schedules.schedule import layer_ratios
@@ -78,12 +78,12 @@ def preview_schedule(model, settings: PruneSettings) -> SchedulePreview:
     heads, kvs, ffns, before, after = [], [], [], 0, 0
     for layer, hr, fr in zip(model.model.layers, head_rm, ffn_rm):
         q, kv, f = layer_shape(layer)
-        rep = q // kv
-        heads.append((kv - hr) * rep)
-        kvs.append(kv - hr)
+        q_kept, kv_kept = kept_heads(q, kv, hr, settings.method in QUERY_HEAD_METHODS)
+        heads.append(q_kept)
+        kvs.append(kv_kept)
         ffns.append(f - fr)
         before += _layer_params(layer, q, kv, f)
-        after += _layer_params(layer, (kv - hr) * rep, kv - hr, f - fr)
+        after += _layer_params(layer, q_kept, kv_kept, f - fr)
     total = count_parameters(model)
     return SchedulePreview(head_r, ffn_r, heads, kvs, ffns, before, after, total, total - before + after)
 

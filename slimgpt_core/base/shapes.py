@@ -219,7 +219,31 @@ def layer_parameters(layer, q_heads: int, kv_heads: int, ffn: int) -> int:
     return layer_layout(layer).parameters(q_heads, kv_heads, ffn)
 
 
+def head_units(q_heads: int, kv_heads: int, by_query_head: bool = True) -> tuple[int, int]:
+    """(attention units, query heads per unit) of a layer: its KV groups, or, where one KV head is shared by all
+    query heads and the method prunes inside a group (`by_query_head`), its query heads — removing the one group
+    would remove the layer's attention."""
+    if kv_heads == 1 and by_query_head:
+        return q_heads, 1
+    return kv_heads, q_heads // max(kv_heads, 1)
+
+
+def kept_heads(q_heads: int, kv_heads: int, units_removed: int, by_query_head: bool = True) -> tuple[int, int]:
+    """(query heads, KV heads) a layer keeps after losing `units_removed` of its `head_units`."""
+    units, per_unit = head_units(q_heads, kv_heads, by_query_head)
+    kept = units - units_removed
+    if per_unit == 1 and kv_heads == 1:  # query heads inside the group: the KV head stays while any uses it
+        return kept, int(kept > 0)
+    return kept * per_unit, kept
+
+
 def unit_parameters(layer) -> UnitParameters:
-    """`layer`'s parameters split by unit (its own heads per KV group)."""
+    """`layer`'s parameters split by attention unit (`head_units`: a KV group with its query heads, or one query
+    head where the layer has one KV head) and FFN channel."""
     q, kv, _ = layer_shape(layer)
-    return layer_layout(layer).units(q // kv)
+    layout = layer_layout(layer)
+    units, per_unit = head_units(q, kv)
+    if kv == 1 and units == q:  # the K/V projections are fixed; a unit is a query head's q rows and o_proj columns
+        fixed = layout.parameters(0, 1, 0)
+        return UnitParameters(fixed, layout.parameters(1, 1, 0) - fixed, layout.parameters(0, 1, 1) - fixed)
+    return layout.units(per_unit)

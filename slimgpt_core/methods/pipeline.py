@@ -15,7 +15,8 @@ from slimgpt_core.base.devices import peak_memory_mb, resolve_device
 from slimgpt_core.base.errors import JobCancelled, SlimGPTError, out_of_memory_message
 from slimgpt_core.base.events import Callback, FFNScores, HeadImportance, LayerDone, ModuleMeasured, Progress, RunReport
 from slimgpt_core.base.modeling_slimgpt import keep_query_heads_of
-from slimgpt_core.base.shapes import count_parameters, keep_channels, keep_kv_groups, layer_shape, update_config
+from slimgpt_core.base.shapes import (count_parameters, head_units, keep_channels, keep_kv_groups, layer_shape,
+                                      update_config)
 from slimgpt_core.methods import obs
 from slimgpt_core.methods.activations import (activation_device, activation_streams, buffer_like,
                                               distributed_rank_world, fits, place, relative_distance, shard_tokens)
@@ -63,8 +64,8 @@ def _prune_multishot(model, tokens, settings, callback, should_stop, model_name,
     total = 0.0
     report = None
     for shot in range(1, settings.shots + 1):
-        # heads per unit: a KV group, or one query head where one KV head is shared (query_head_units)
-        keep_heads = [q - round(h * shot / settings.shots) * (1 if kv == 1 else q // kv)
+        # heads per unit: a KV group, or one query head where one KV head is shared (shapes.head_units)
+        keep_heads = [q - round(h * shot / settings.shots) * head_units(q, kv)[1]
                       for (q, kv, _), h in zip(shapes, head_rm)]
         keep_ffn = [f - round(c * shot / settings.shots) for (_, _, f), c in zip(shapes, ffn_rm)]
         shot_settings = replace(settings, method="slimgpt", keep_heads=keep_heads, keep_ffn=keep_ffn)
@@ -73,7 +74,7 @@ def _prune_multishot(model, tokens, settings, callback, should_stop, model_name,
             phases[k] = phases.get(k, 0.0) + v
         total += report.total_seconds
     report.settings = asdict(settings)
-    report.head_ratios = [h / (q if kv == 1 else kv) for (q, kv, _), h in zip(shapes, head_rm)]
+    report.head_ratios = [h / head_units(q, kv)[0] for (q, kv, _), h in zip(shapes, head_rm)]
     report.ffn_ratios = [c / f for (_, _, f), c in zip(shapes, ffn_rm)]
     report.params_before, report.layer_params_before = params_before, layer_params_before
     report.phase_seconds, report.total_seconds = phases, total

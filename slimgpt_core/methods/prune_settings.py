@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slimgpt_core.base.errors import SlimGPTError
-from slimgpt_core.base.shapes import layer_shape
+from slimgpt_core.base.shapes import head_units, layer_shape
 from slimgpt_core.methods import obs
 from slimgpt_core.schedules.schedule import SCHEDULES, check_ratio, custom_ratios, layer_ratios, units_to_remove
 
@@ -99,10 +99,7 @@ def plan_removals(model, settings: PruneSettings) -> tuple[list[float], list[flo
     head_rm, ffn_rm = [], []
     for i, layer in enumerate(layers):
         q, kv, f = layer_shape(layer)
-        if kv == 1 and settings.method in QUERY_HEAD_METHODS:  # query heads are the units (pipeline.query_head_units)
-            rep, kv = 1, q
-        else:
-            rep = q // max(kv, 1)
+        kv, rep = head_units(q, kv, settings.method in QUERY_HEAD_METHODS)  # kv: the layer's attention units
         if settings.keep_heads is not None:
             if len(settings.keep_heads) != n:
                 raise SlimGPTError(f"keep_heads has {len(settings.keep_heads)} entries but the model has {n} layers")

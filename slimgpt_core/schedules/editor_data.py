@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from slimgpt_core.base.errors import SlimGPTError
-from slimgpt_core.base.shapes import count_parameters, layer_shape, unit_parameters
+from slimgpt_core.base.shapes import count_parameters, head_units, layer_shape, unit_parameters
 from slimgpt_core.methods.prune_settings import layer_align
 from slimgpt_core.schedules.curves import LayerCurves, MAP_RATIOS, ModelCurves
 
@@ -23,8 +23,10 @@ def layer_param_terms(layer) -> dict[str, int]:
     """(fixed, per KV group, per FFN channel) parameters of a decoder layer (`shapes.unit_parameters`)."""
     q, kv, f = layer_shape(layer)
     units = unit_parameters(layer)
-    return {"n_kv": kv, "heads_per_unit": q // kv, "n_ffn": f, "kv_params": units.per_kv_group,
-            "ffn_params": units.per_channel, "fixed_params": units.fixed}
+    n_units, per_unit = head_units(q, kv)
+    # "n_kv" counts the layer's attention units: query heads where one KV head is shared ("query_heads")
+    return {"n_kv": n_units, "heads_per_unit": per_unit, "query_heads": kv == 1 and n_units == q, "n_ffn": f,
+            "kv_params": units.per_kv_group, "ffn_params": units.per_channel, "fixed_params": units.fixed}
 
 
 def _compact(values: Sequence[float]) -> list[float]:

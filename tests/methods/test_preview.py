@@ -28,13 +28,14 @@ def _parameters(model) -> int:
 @pytest.mark.parametrize("arch,settings", [
     ("stories260k", PruneSettings(ratio=0.4, schedule="log", head_ratio=0.5, ffn_ratio=0.3)),
     ("qwen2", PruneSettings(ratio=0.5, schedule="linear", shape=3.0, ffn_group_floor=4)),  # q/k/v biases
+    ("llama-1kv", PruneSettings(ratio=0.5, schedule="linear", ffn_group_floor=4)),  # query heads as the units
 ])
 def test_schedule_preview_counts_the_parameters_of_the_real_run(arch, settings, tokens, own_cache):
     if arch == "stories260k":
         loaded = load_model("stories260k")
         model, calib = loaded.model, calibration_tokens(loaded.tokenizer, "tinystories", 4, 64)
     else:
-        model, calib = tiny_model(arch, 4, 2), tokens
+        model, calib = (tiny_model("llama", 4, 1) if arch == "llama-1kv" else tiny_model(arch, 4, 2)), tokens
     dense_total, dense_layers = _parameters(model), _parameters(model.model.layers)
     preview = preview_schedule(model, settings)
     assert _parameters(model) == dense_total  # the preview does not touch the model

@@ -107,7 +107,8 @@ export function compute(payload, hr, fr) {
     const ch = removedUnits(t.n_ffn, fr[i], t.align || 1);
     out.kv_removed.push(kv);
     out.ffn_removed.push(ch);
-    out.kv_kept.push(t.n_kv - kv);
+    // shapes.kept_heads: units are KV groups, or query heads sharing a layer's one KV head ("query_heads")
+    out.kv_kept.push(t.query_heads ? Number(t.n_kv - kv > 0) : t.n_kv - kv);
     out.heads_kept.push((t.n_kv - kv) * t.heads_per_unit);
     out.ffn_kept.push(t.n_ffn - ch);
     out.layer_params_before += t.fixed_params + t.n_kv * t.kv_params + t.n_ffn * t.ffn_params;

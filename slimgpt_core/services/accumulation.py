@@ -40,7 +40,7 @@ from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.base.events import Progress, RunReport
 from slimgpt_core.methods.prune_settings import PruneSettings, plan_removals
 from slimgpt_core.models import _resolve_alias
-from slimgpt_core.studio import prune_to_workspace
+from slimgpt_core.services.prune import prune_to_workspace
 from slimgpt_core.workspace.model_pool import POOL
 from slimgpt_core.workspace.store import add_measurement, list_runs, read_run
 
@@ -357,7 +357,7 @@ def profile_run(loaded, info, config: DemoConfig, callback: Callable | None = No
 def run_demo(loaded, config: DemoConfig, callback: Callable | None = None,
              should_stop: Callable[[], bool] | None = None) -> DemoResult:
     """The job behind the demo's one button: for each run the story needs, reuse the newest workspace run with
-    identical settings or prune one (`studio.prune_to_workspace`), then profile it unless a profile on this held-out
+    identical settings or prune one (`services.prune.prune_to_workspace`), then profile it unless a profile on this held-out
     text is stored. Each run and each profile is on disk as soon as it is done, so a cancel keeps them."""
 
     emit = callback or (lambda e: None)

@@ -186,17 +186,23 @@ def accumulation_profile(dense_model, pruned_model, windows: torch.Tensor, batch
     finally:
         dense_model.to(homes[0])
         pruned_model.to(homes[1])
+    own_raw, total_raw, own_std, total_std, rms, share = _per_layer(sums, len(dense_layers), positions, hidden)
+    return AccumulationProfile(own_raw, total_raw, own_std, total_std, rms, share,
+                               math.exp(nll_sum["pruned"] / predicted), math.exp(nll_sum["dense"] / predicted),
+                               kl_sum / positions, n, windows.shape[1], dataset)
+
+
+def _per_layer(sums: "_Sums", n_layers: int, positions: int, hidden: int) -> tuple[list[float], ...]:
+    """Per layer: own and total relative errors (raw and standardised), the dense output's RMS, the outlier share."""
     own_raw, own_std, total_raw, total_std, rms, share = [], [], [], [], [], []
     k = max(1, round(OUTLIER_FRACTION * hidden))
-    for i in range(len(dense_layers)):
+    for i in range(n_layers):
         a, b = relative_errors(sums.own[i], sums.dense[i])
         c, d = relative_errors(sums.total[i], sums.dense[i])
         own_raw.append(a), own_std.append(b), total_raw.append(c), total_std.append(d)
         rms.append(math.sqrt(float(sums.dense[i].sum()) / (positions * hidden)))
         share.append(float(sums.dense[i].topk(k).values.sum() / sums.dense[i].sum()))
-    return AccumulationProfile(own_raw, total_raw, own_std, total_std, rms, share,
-                               math.exp(nll_sum["pruned"] / predicted), math.exp(nll_sum["dense"] / predicted),
-                               kl_sum / positions, n, windows.shape[1], dataset)
+    return own_raw, total_raw, own_std, total_std, rms, share
 
 
 def heldout_windows(tokenizer, source: str, seqlen: int, windows: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ import sys
 from tqdm import tqdm
 
 from slimgpt_core.methods.shear.train import ShearStep
+from slimgpt_core.schedules.refine import AutoResult
 from slimgpt_core.services.shear import describe_step as describe_shear_step
 from slimgpt_core.training.pretrain import describe_step as describe_pretrain_step, describe_update
 
@@ -102,11 +103,14 @@ def pretrain_lines(quiet: bool):
 
 
 def auto_lines(quiet: bool):
-    """The auto schedule's search: a line per phase and every tenth generation."""
+    """The auto schedule's search: a line per phase and every tenth generation, then the schedule chosen."""
     shown = {"phase": None}
 
     def show(event):
         if quiet:
+            return
+        if isinstance(event, AutoResult):  # the schedule chosen, last
+            print(f"auto: {event.describe()}", file=sys.stderr)
             return
         if event.phase != shown["phase"] or (event.phase == "search" and event.generation % 10 == 0):
             shown["phase"] = event.phase

@@ -120,7 +120,7 @@ def choose_auto_schedule(model, tokenizer, tokens, settings: PruneSettings, cali
     result = auto_schedule(model, tokens, fitness, config, show)
     model.to("cpu")
     if show is not None:
-        show(result)
+        show(result)  # the schedule chosen, after the search's progress
     settings.keep_heads, settings.keep_ffn = result.keep_heads, result.keep_ffn
     settings.head_ratios, settings.ffn_ratios = result.head_ratios, result.ffn_ratios
     return result

@@ -56,7 +56,8 @@ def label_of(source: str) -> str:
         summary = read_run(path).summary
         ratio = summary.get("achieved_layer_ratio")
         align = json.loads((path / "report.json").read_text())["settings"].get("align", 1)
-        return f"{path.name} ({ratio:.0%}{f', align {align}' if align > 1 else ''})" if ratio is not None else path.name
+        aligned = ", align auto" if align is None else f", align {align}" if align > 1 else ""
+        return f"{path.name} ({ratio:.0%}{aligned})" if ratio is not None else path.name
     return f"dense ({source})"
 
 

@@ -10,9 +10,9 @@ from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.services.prune import head_importance, preview_schedule, prune_to_workspace
 from ui import charts
-from ui.prune_form import (CALIBRATION_SOURCES, PRESETS, PRUNE_FORM_FIELDS, SCHEDULE_FIELDS, PruneForm, apply_preset,
-                           calibration_text, describe_frozen, frozen, load_form, preset_ratios, problems, restore_custom,
-                           save_form, set_schedule)
+from ui.prune_form import (ALIGN_CHOICES, CALIBRATION_SOURCES, PRESETS, PRUNE_FORM_FIELDS, SCHEDULE_FIELDS, PruneForm,
+                           align_setting, apply_preset, calibration_text, describe_frozen, frozen, load_form,
+                           preset_ratios, problems, restore_custom, save_form, set_schedule)
 from ui.schedule_editor import MAX_RATIO, apply_edit, dropped_edit, schedule_editor
 from ui.state import job, job_progress, live_fragment, require_model, run_report, submit, take_result
 
@@ -111,9 +111,10 @@ with st.expander("Calibration data and method", expanded=True):
            help="exact group OBS error, or the authors' cheaper diagonal approximation")
     widget(m3.number_input, "ffn_floor", "FFN group floor", 1, 4096)
     widget(m4.number_input, "ffn_ceiling", "FFN group ceiling", 1, 8192)
-    widget(m6.number_input, "align", "Align FFN widths", 1, 1024,
+    widget(m6.selectbox, "align", "Align FFN widths", ALIGN_CHOICES,
            help="every pruned layer keeps a multiple of this many FFN channels: 32 lets llama.cpp quantize every "
-                "row to Q8_0, 256 to its K-quants; 1: no rounding")
+                "row to Q8_0, 256 to its K-quants; 1: no rounding; auto: 32 where the dense width is a multiple "
+                "of 32 and at least 512 wide")
     widget(m5.checkbox, "dense_inputs", "Dense inputs",
            help="calibrate every layer on the dense model's inputs (no error accumulation)")
 calib, nsamples, seqlen, seed, damp = form.calibration, form.nsamples, form.seqlen, form.seed, form.damp
@@ -151,14 +152,16 @@ if model_curves is None and job("curves") and job("curves").state == "done" and 
     model_curves = ss.error_curves[curves_id] = job("curves").result  # another tab's, or before a reload
 # the editor draws the bars, the predicted errors and the sensitivity map, and recomputes them in the browser while
 # a bar moves; the page hears of an edit when the drag ends
-schedule_editor(editor_payload(loaded.model, model_curves, *preset_ghost()), form.hr, form.fr, on_edit=editor_dropped)
+schedule_editor(editor_payload(loaded.model, model_curves, *preset_ghost(), align=align_setting(form.align)), form.hr,
+                form.fr, on_edit=editor_dropped)
 
 head_ratios = list(form.hr)
 ffn_ratios = list(form.fr)
 settings = PruneSettings(ratio=form.target_ratio, schedule=form.preset, shape=form.shape,
                          head_ratios=head_ratios, ffn_ratios=ffn_ratios, damp=damp, head_error=form.head_error,
                          ffn_group_floor=int(form.ffn_floor), ffn_group_ceiling=int(form.ffn_ceiling),
-                         sequential=not form.dense_inputs, device=ss.get("device", "auto"), align=int(form.align))
+                         sequential=not form.dense_inputs, device=ss.get("device", "auto"),
+                         align=align_setting(form.align))
 blocking = problems(form, n_layers, context)  # why Start cannot run these settings (shown beside it)
 preview = None
 if not form.preset_error:

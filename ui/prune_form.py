@@ -30,7 +30,7 @@ class PruneForm:
     head_error: str = "exact"
     ffn_floor: int = 64
     ffn_ceiling: int = 1024
-    align: int = 1  # kept FFN widths a multiple of this (llama.cpp quantizes rows in blocks of 32 / 256)
+    align: str = "auto"  # kept FFN widths a multiple of this: "auto" or a number (llama.cpp's blocks are 32 / 256)
     dense_inputs: bool = False
     preset: str = "log"
     target_ratio: float = 0.2
@@ -94,6 +94,8 @@ def load_form() -> PruneForm:
                 form.custom = value if ok else None
             elif f.name == "preset_error":
                 form.preset_error = value if isinstance(value, str) else None
+            elif f.name == "align":  # a number in state files written before "auto"
+                form.align = str(value) if str(value) in ALIGN_CHOICES else form.align
             else:
                 setattr(form, f.name, _coerce(current, value))
     if form.calib not in CALIBRATION_SOURCES:
@@ -180,10 +182,25 @@ def frozen(form: PruneForm) -> dict:
     return asdict(form)
 
 
+ALIGN_CHOICES = ("auto", "1", "32", "64", "128", "256")
+
+
+def align_setting(value) -> int | None:
+    """The form's alignment as PruneSettings.align takes it: None for auto (runs saved before "auto" hold a number)."""
+    return None if value in (None, "auto") else int(value)
+
+
+def _describe_align(value) -> str:
+    align = align_setting(value)
+    if align is None:
+        return ", FFN widths aligned automatically (32 where the dense width allows)"
+    return f", FFN widths multiples of {align}" if align > 1 else ""
+
+
 def describe_frozen(settings: dict) -> str:
     form = PruneForm(**{k: v for k, v in settings.items() if k in PRUNE_FORM_FIELDS})
     schedule = {"auto": "auto", "hand": "custom"}.get(form.origin, form.preset)
     mean = (sum(form.hr) + sum(form.fr)) / max(1, len(form.hr) + len(form.fr))
     return (f"schedule **{schedule}** (requested mean ratio {mean:.1%}, target {form.target_ratio:.0%}); calibration "
             f"{form.describe_calibration()}; damping {form.damp:g}, head error {form.head_error}, FFN groups "
-            f"{form.ffn_floor}–{form.ffn_ceiling}" + (f", FFN widths multiples of {form.align}" if form.align > 1 else ""))
+            f"{form.ffn_floor}–{form.ffn_ceiling}" + _describe_align(form.align))

@@ -46,7 +46,12 @@ def ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"cannot read a list of integers from {text!r}") from None
 
 
-CONVERTERS = {"ratio": ratio, "positive": positive, "floats": floats, "ints": ints, "float": float, "int": int}
+def align(text: str) -> int | None:
+    return None if text == "auto" else positive(text)
+
+
+CONVERTERS = {"ratio": ratio, "positive": positive, "floats": floats, "ints": ints, "float": float, "int": int,
+              "align": align}
 
 
 def settings_options(group, settings_class: type, choices: dict | None = None) -> None:
@@ -63,7 +68,7 @@ def settings_options(group, settings_class: type, choices: dict | None = None) -
             continue
         group.add_argument(cli["flag"], *cli["aliases"], type=CONVERTERS.get(cli["kind"]),
                            choices=(choices or {}).get(f.name, cli["choices"]), help=cli["help"],
-                           default=None if f.default is MISSING else f.default)
+                           default=None if f.default is MISSING else f.default, metavar=cli["metavar"])
 
 
 def settings_from_args(settings_class: type, args: argparse.Namespace, **given):

@@ -12,11 +12,11 @@ from slimgpt_core.schedules.schedule import SCHEDULES, check_ratio
 
 
 def option(default, flag: str, help: str, kind: str | None = None, choices=None, negate: bool = False,
-           aliases: tuple[str, ...] = ()):
+           aliases: tuple[str, ...] = (), metavar: str | None = None):
     """A settings field that is also a command-line option. `kind` names the parser's converter (ratio, positive,
-    floats, ints, float, int); a bool is a switch, `negate` when the flag turns the field off."""
+    floats, ints, float, int, align); a bool is a switch, `negate` when the flag turns the field off."""
     return field(default=default, metadata={"cli": {"flag": flag, "help": help, "kind": kind, "choices": choices,
-                                                    "negate": negate, "aliases": aliases}})
+                                                    "negate": negate, "aliases": aliases, "metavar": metavar}})
 
 
 @dataclass
@@ -78,9 +78,10 @@ class PruneSettings(SurgeonSettings):
     tf32: bool = option(False, "--tf32", "TF32 for layer forwards on CUDA (statistics stay fp32)")
     track_accumulation: bool = option(True, "--no-accumulation", "skip the reference forward that measures "
                                       "accumulated error (faster)", negate=True)
-    align: int = option(1, "--align", "keep a multiple of N FFN channels in every pruned layer (32: llama.cpp's Q8_0 "
-                        "blocks, 256: its K-quants)", "positive")
-
+    align: int | None = option(
+        None, "--align", "keep a multiple of N FFN channels in every pruned layer (32: llama.cpp's Q8_0 blocks, 256: "
+        "its K-quants; 1: any width); auto (default): 32 where the dense width is a multiple of 32 and at least 512 "
+        "wide", "align", metavar="N|auto")  # None: prune_settings.layer_align decides per layer
 
 def validate_settings(settings: PruneSettings, methods: tuple[str, ...]) -> None:
     """One clear sentence for the first bad field; `methods`: the names a prune may use (the registry's)."""
@@ -100,7 +101,7 @@ def validate_settings(settings: PruneSettings, methods: tuple[str, ...]) -> None
         raise SlimGPTError(f"batch size must be >= 1, got {settings.batch_size}")
     if settings.method not in methods:
         raise SlimGPTError(f"unknown method {settings.method!r} (choose from {', '.join(methods)})")
-    if settings.align < 1:
+    if settings.align is not None and settings.align < 1:
         raise SlimGPTError(f"align must be >= 1, got {settings.align}")
     if settings.shots < 1:
         raise SlimGPTError(f"shots must be >= 1, got {settings.shots}")

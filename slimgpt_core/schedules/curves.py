@@ -24,6 +24,7 @@ from slimgpt_core.base import cache
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.base.events import Progress
 from slimgpt_core.methods import obs
+from slimgpt_core.methods.prune_settings import ffn_units_removed
 from slimgpt_core.methods.statistics import dense_hessians
 from slimgpt_core.schedules.schedule import units_to_remove
 
@@ -207,19 +208,21 @@ class Prediction:
         return self.total_attn + self.total_mlp
 
 
-def removals(curves: ModelCurves, head_ratios: Sequence[float], ffn_ratios: Sequence[float]) -> tuple[list[int],
-                                                                                                       list[int]]:
-    """KV groups and channels each layer loses at these ratios (the pipeline's rounding, ≥ 1 unit kept)."""
+def removals(curves: ModelCurves, head_ratios: Sequence[float], ffn_ratios: Sequence[float],
+             align: int | None = None) -> tuple[list[int], list[int]]:
+    """KV groups and channels each layer loses at these ratios (the pipeline's rounding, ≥ 1 unit kept, FFN widths
+    aligned as PruneSettings.align says)."""
     if len(head_ratios) != len(curves.layers) or len(ffn_ratios) != len(curves.layers):
         raise SlimGPTError(f"the schedule has {len(head_ratios)}/{len(ffn_ratios)} ratios but the model has "
                            f"{len(curves.layers)} layers")
     return ([units_to_remove(lc.n_kv, r) for lc, r in zip(curves.layers, head_ratios)],
-            [units_to_remove(lc.n_ffn, r) for lc, r in zip(curves.layers, ffn_ratios)])
+            [ffn_units_removed(lc.n_ffn, r, align) for lc, r in zip(curves.layers, ffn_ratios)])
 
 
-def predict(curves: ModelCurves, head_ratios: Sequence[float], ffn_ratios: Sequence[float]) -> Prediction:
+def predict(curves: ModelCurves, head_ratios: Sequence[float], ffn_ratios: Sequence[float],
+            align: int | None = None) -> Prediction:
     """Per-layer predicted errors of a schedule from the curves alone (no forward pass)."""
-    kv, ch = removals(curves, head_ratios, ffn_ratios)
+    kv, ch = removals(curves, head_ratios, ffn_ratios, align)
     return Prediction([lc.head_error(k) for lc, k in zip(curves.layers, kv)],
                       [lc.ffn_error(c) for lc, c in zip(curves.layers, ch)], kv, ch)
 

@@ -2,7 +2,8 @@
 
 Per layer the parameter count is linear in what the schedule removes (`studio._layer_params` with q = kv·rep):
     fixed + kv_groups · params_per_kv_group + channels · params_per_channel
-so the browser gets those three numbers per layer plus the model's total, and the error curves (`curves.py`)
+so the browser gets those three numbers per layer, the layer's FFN alignment (`prune_settings.layer_align`), the
+model's total, and the error curves (`curves.py`)
 compacted, and evaluates `preview_schedule`'s parameters and ratios and `predict`'s errors itself while a bar moves.
 No Streamlit here.
 """
@@ -12,6 +13,7 @@ from typing import Sequence
 
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.base.shapes import count_parameters, layer_shape
+from slimgpt_core.methods.prune_settings import layer_align
 from slimgpt_core.schedules.curves import LayerCurves, MAP_RATIOS, ModelCurves
 
 SIGNIFICANT_DIGITS = 5  # relative errors sent at this precision: the predicted errors are estimates to a few %
@@ -60,15 +62,18 @@ def expand_counts(counts: list[int] | dict[str, int]) -> list[int]:
 
 
 def editor_payload(model, curves: ModelCurves | None, preset_heads: Sequence[float],
-                   preset_ffn: Sequence[float]) -> dict:
-    """Everything the editor computes from: per-layer shapes and parameter terms, the model's total parameters,
-    the preset (the ghost), and the error curves (None without them) with the sensitivity map's ratios."""
+                   preset_ffn: Sequence[float], align: int | None = None) -> dict:
+    """Everything the editor computes from: per-layer shapes, parameter terms and FFN alignment (`align` as in
+    PruneSettings), the model's total parameters, the preset (the ghost), and the error curves (None without them)
+    with the sensitivity map's ratios."""
     layers = model.model.layers
     n = len(layers)
     if len(preset_heads) != n or len(preset_ffn) != n:
         raise SlimGPTError(f"the preset has {len(preset_heads)}/{len(preset_ffn)} ratios but the model has {n} "
                            "layers")
     terms = [layer_param_terms(layer) for layer in layers]
+    for t in terms:
+        t["align"] = layer_align(t["n_ffn"], align)
     payload = {
         "layers": terms,
         "total_params": count_parameters(model),

@@ -20,12 +20,12 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def smollm2_mixed(tmp_path_factory):
-    """SmolLM2 pruned by SlimGPT to 20% (log schedule, 4 × 128 C4 samples): whole KV groups and FFN widths that
-    differ by layer and are not multiples of 32, OBS-compensated, so its perplexity is a model's (sliced without
-    compensation it is in the thousands, where q8_0's rounding moves it by more than 2%)."""
+    """SmolLM2 pruned by SlimGPT to 20% (log schedule, 4 × 128 C4 samples, `--align 1`): whole KV groups and FFN
+    widths that differ by layer and are not multiples of 32, OBS-compensated, so its perplexity is a model's (sliced
+    without compensation it is in the thousands, where q8_0's rounding moves it by more than 2%)."""
     run = tmp_path_factory.mktemp("smollm2") / "run"
     assert main(["prune", "--model", "default", "--ratio", "0.2", "--calib", "c4", "--nsamples", "4", "--seqlen",
-                 "128", "--out", str(run), "--quiet"]) == 0
+                 "128", "--align", "1", "--out", str(run), "--quiet"]) == 0
     loaded = load_model(str(run), "cpu", "float32")
     shapes = layer_shapes(loaded.model)
     assert len(set(shapes)) > 1 and all(heads % 3 == 0 and heads == 3 * kv for heads, kv, _ in shapes)

@@ -66,14 +66,28 @@ function headError(errors, k) {
   return errors[Math.max(0, Math.min(k, errors.length - 1))];
 }
 
-// The largest number of units a bar can remove (what 0.95 rounds to).
-export function maxUnits(nUnits) {
-  return unitsToRemove(nUnits, MAX_RATIO);
+// prune_settings.aligned_width: the kept width rounded to the nearest multiple of `align`, halves up (at least one
+// multiple, at most the full width); a layer left whole stays whole.
+export function alignedWidth(keep, full, align) {
+  if (align <= 1 || keep === full || full < align) return keep;
+  return Math.min(Math.max(align, Math.floor((keep + Math.floor(align / 2)) / align) * align),
+                  Math.floor(full / align) * align);
 }
 
-// The ratio a bar snaps to when it is set near `ratio`: whole units, inside [0, 0.95], and rounding back to them.
-export function snapRatio(nUnits, ratio) {
-  const k = unitsToRemove(nUnits, Math.max(0, Math.min(MAX_RATIO, ratio)));
+// prune_settings.plan_removals: units a layer loses at this ratio, its kept FFN width aligned when `align` > 1.
+export function removedUnits(nUnits, ratio, align = 1) {
+  const k = unitsToRemove(nUnits, ratio);
+  return align > 1 ? nUnits - alignedWidth(nUnits - k, nUnits, align) : k;
+}
+
+// The largest number of units a bar can remove (what 0.95 gives).
+export function maxUnits(nUnits, align = 1) {
+  return removedUnits(nUnits, MAX_RATIO, align);
+}
+
+// The ratio a bar snaps to when it is set near `ratio`: whole (aligned) units, inside [0, 0.95], and giving them back.
+export function snapRatio(nUnits, ratio, align = 1) {
+  const k = removedUnits(nUnits, Math.max(0, Math.min(MAX_RATIO, ratio)), align);
   return Math.min(k / nUnits, MAX_RATIO);
 }
 
@@ -90,7 +104,7 @@ export function compute(payload, hr, fr) {
   for (let i = 0; i < layers.length; i++) {
     const t = layers[i];
     const kv = unitsToRemove(t.n_kv, hr[i]);
-    const ch = unitsToRemove(t.n_ffn, fr[i]);
+    const ch = removedUnits(t.n_ffn, fr[i], t.align || 1);
     out.kv_removed.push(kv);
     out.ffn_removed.push(ch);
     out.kv_kept.push(t.n_kv - kv);
@@ -241,6 +255,11 @@ class Editor {
   nUnits(kind, i) {
     const t = this.payload.layers[i];
     return kind === "hr" ? t.n_kv : t.n_ffn;
+  }
+
+  // KV groups go one at a time; FFN channels in blocks of the layer's alignment.
+  unitAlign(kind, i) {
+    return kind === "hr" ? 1 : this.payload.layers[i].align || 1;
   }
 
   build() {
@@ -525,7 +544,7 @@ class Editor {
     const to = d.range ? this.layerAt(e.clientX) : d.anchor;
     const lo = Math.min(d.anchor, to), hi = Math.max(d.anchor, to);
     for (let i = 0; i < values.length; i++) {
-      values[i] = i >= lo && i <= hi ? snapRatio(this.nUnits(d.kind, i), raw) : d.start[i];
+      values[i] = i >= lo && i <= hi ? snapRatio(this.nUnits(d.kind, i), raw, this.unitAlign(d.kind, i)) : d.start[i];
     }
     this.update();
   }
@@ -569,10 +588,11 @@ class Editor {
 
   onKeyDown(e, kind, i) {
     const n = this.nUnits(kind, i);
+    const a = this.unitAlign(kind, i);
     const values = this[kind];
-    const k = unitsToRemove(n, values[i]);
-    const step = e.shiftKey ? 1 : Math.max(1, Math.round(0.01 * n));
-    const page = Math.max(1, Math.round(0.1 * n));
+    const k = removedUnits(n, values[i], a);
+    const step = a * (e.shiftKey ? 1 : Math.max(1, Math.round(0.01 * n / a)));
+    const page = a * Math.max(1, Math.round(0.1 * n / a));
     let target = null;
     switch (e.key) {
       case "ArrowUp": target = k + step; break;
@@ -580,7 +600,7 @@ class Editor {
       case "PageUp": target = k + page; break;
       case "PageDown": target = k - page; break;
       case "Home": target = 0; break;
-      case "End": target = maxUnits(n); break;
+      case "End": target = maxUnits(n, a); break;
       case "ArrowLeft": case "ArrowRight": {
         e.preventDefault();
         const j = i + (e.key === "ArrowLeft" ? -1 : 1);
@@ -597,9 +617,9 @@ class Editor {
     e.preventDefault();
     if (!this.keyEdit) this.keyEdit = { kind, start: [...values] };
     else if (this.keyEdit.kind !== kind) { this.finishKeyEdit(); this.keyEdit = { kind, start: [...values] }; }
-    const clamped = Math.max(0, Math.min(maxUnits(n), target));
+    const clamped = Math.max(0, Math.min(maxUnits(n, a), target));
     this.timed(() => {
-      values[i] = Math.min(clamped / n, MAX_RATIO);
+      values[i] = snapRatio(n, clamped / n, a);
       this.update();
     });
   }
@@ -637,7 +657,8 @@ class Editor {
 const instances = new Map(); // Streamlit calls the default export again with each new `data`
 
 // for tests and the curious: the pure functions, and the first editor on the page (its timings and sent edits)
-const api = { compute, sensitivityMap, unitsToRemove, roundHalfEven, interp, snapRatio, maxUnits, expandCounts,
+const api = { compute, sensitivityMap, unitsToRemove, removedUnits, alignedWidth, roundHalfEven, interp, snapRatio,
+  maxUnits, expandCounts,
   median, instances, editor: () => instances.values().next().value };
 window.slimgptEditor = api;
 

@@ -9,7 +9,7 @@ import pytest
 
 from tests.browser import ROOT, browser_page, studio_server, wait_idle
 from slimgpt_core.data import calibration_tokens
-from slimgpt_core.methods.prune_settings import PruneSettings
+from slimgpt_core.methods.prune_settings import PruneSettings, ffn_units_removed
 from slimgpt_core.models import load_model
 from slimgpt_core.schedules.curves import error_curves, predict, sensitivity_map
 from slimgpt_core.schedules.editor_data import editor_payload, payload_curves
@@ -255,6 +255,35 @@ def test_the_pages_numbers_are_the_engines(page, engine):
     # Python's round is half-to-even on the float it is given; the page's must give the same integers
     xs = [k + 0.5 for k in range(-3, 12)] + [r * u for u in (3, 4, 172, 1536) for r in (0.125, 0.375, 0.95, 0.05)]
     assert page.evaluate("(xs) => xs.map(window.slimgptEditor.roundHalfEven)", xs) == [round(x) for x in xs]
+
+
+def test_aligned_widths_are_counted_and_snapped_as_the_engine_does(page, engine):
+    """With FFN widths aligned (a payload made with align 4 on stories260k's 172 channels, and SmolLM2's 1536 at
+    the automatic 32), the page's removals, counts and predictions are plan_removals' and predict's."""
+    model, _ = engine
+    loaded_curves = payload_curves(engine[1])
+    n = len(model.model.layers)
+    payload = json.loads(json.dumps(editor_payload(model, loaded_curves, [0.3] * n, [0.3] * n, align=4)))
+    assert [t["align"] for t in payload["layers"]] == [4] * n
+    rng = random.Random(7)
+    schedules = [([rng.uniform(0, 0.95) for _ in range(n)], [rng.uniform(0, 0.95) for _ in range(n)])
+                 for _ in range(60)]
+    results = page.evaluate("([p, s]) => s.map(([hr, fr]) => window.slimgptEditor.compute(p, hr, fr))",
+                            [payload, schedules])
+    for (hr, fr), js in zip(schedules, results):
+        preview = preview_schedule(model, PruneSettings(head_ratios=hr, ffn_ratios=fr, align=4))
+        pred = predict(loaded_curves, hr, fr, align=4)
+        assert js["ffn_kept"] == preview.ffn_kept and all(w % 4 == 0 for w in js["ffn_kept"])
+        assert (js["layer_params_after"], js["params_after"]) == (preview.layer_params_after, preview.params_after)
+        assert js["ffn_removed"] == pred.ffn_removed
+        assert js["mlp"] == pytest.approx(pred.mlp, rel=1e-9, abs=1e-15)
+    ratios = [rng.uniform(0, 1) for _ in range(200)] + [0.0, 0.95, 1.0, 16 / 1536, 17 / 1536]
+    removed, snapped = page.evaluate("""(rs) => [rs.map((r) => window.slimgptEditor.removedUnits(1536, r, 32)),
+        rs.map((r) => window.slimgptEditor.snapRatio(1536, r, 32))]""", ratios)
+    assert removed == [ffn_units_removed(1536, r, None) for r in ratios]
+    for r, s in zip(ratios, snapped):  # a snapped bar removes whole blocks and gives the same removal back
+        k = ffn_units_removed(1536, min(0.95, r), None)
+        assert (1536 - k) % 32 == 0 and s == min(k / 1536, 0.95) and ffn_units_removed(1536, s, None) == k
 
 
 def test_without_curves_the_editor_still_counts(browser, server, engine):

@@ -36,7 +36,7 @@ from slimgpt_core.base.shapes import count_parameters  # noqa: E402
 
 
 def speed_one(args) -> dict:
-    from slimgpt_core.services.shear_run import training_tokens
+    from slimgpt_core.services.shear import training_tokens
     from slimgpt_core.methods.shear.target import resolve_target
     from slimgpt_core.methods.shear.train import ShearSettings, shear_model
 

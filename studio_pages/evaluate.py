@@ -4,7 +4,7 @@ import streamlit as st
 
 from slimgpt_core.evaluation.llamacpp import llama_cpp_available
 from slimgpt_core.workspace.gguf import llamacpp_speed
-from slimgpt_core.studio import evaluate
+from slimgpt_core.services.evaluate import evaluate
 from slimgpt_core.workspace.store import dense_evaluations_folder
 from slimgpt_core.evaluation.zeroshot import TASKS
 from ui import charts

@@ -6,7 +6,7 @@ from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.evaluation.llamacpp import install_llama_cpp, llama_cpp_available
 from slimgpt_core.workspace.exports import EXPORTS, default_export_folder
 from slimgpt_core.workspace.gguf import DIRECT_TYPES, WEIGHT_TYPES, default_gguf_path, export_run_gguf
-from slimgpt_core.studio import export_run
+from slimgpt_core.services.export import export_run
 from slimgpt_core.workspace.store import runs_root
 from ui.state import current_run, finished_job, job, live_fragment, require_runs, submit
 

@@ -7,7 +7,7 @@ from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.services import accumulation
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.schedules.run_schedule import EDITOR_MAX_RATIO, run_schedule
-from slimgpt_core.studio import prune_to_workspace
+from slimgpt_core.services.prune import prune_to_workspace
 from ui import charts
 from ui.colors import run_color
 from ui.prune_form import copy_schedule_into_editor

@@ -4,7 +4,7 @@ import streamlit as st
 from slimgpt_core.base import assets
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.models import ALIASES, gemma3_installed
-from slimgpt_core.studio import describe_model
+from slimgpt_core.services.model_info import describe_model
 from ui.state import current_model, load_dense_model
 
 st.title("Model")

@@ -6,7 +6,7 @@ import streamlit as st
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.training.domains import DOMAINS
 from slimgpt_core.training.pretrain import PretrainSettings
-from slimgpt_core.services.pretrain_job import pretrain_to_workspace
+from slimgpt_core.services.pretrain import pretrain_to_workspace
 from ui import pretrain_charts
 from ui.state import job, job_progress, live_fragment, runs, submit, take_result
 

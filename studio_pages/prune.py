@@ -8,7 +8,7 @@ from slimgpt_core.schedules.global_allocation import BudgetSpec
 from slimgpt_core.schedules.refine import AutoConfig, auto_job
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.methods.prune_settings import PruneSettings
-from slimgpt_core.studio import head_importance, preview_schedule, prune_to_workspace
+from slimgpt_core.services.prune import head_importance, preview_schedule, prune_to_workspace
 from ui import charts
 from ui.prune_form import (ALIGN_CHOICES, CALIBRATION_SOURCES, PRESETS, PRUNE_FORM_FIELDS, SCHEDULE_FIELDS, PruneForm,
                            align_setting, apply_preset, calibration_text, describe_frozen, frozen, load_form,

@@ -2,7 +2,7 @@
 import streamlit as st
 
 from slimgpt_core.training.recover import RecoverSettings
-from slimgpt_core.studio import recover_to_workspace
+from slimgpt_core.services.recover import recover_to_workspace
 from ui import training_charts
 from ui.state import (current_model, current_run, job, job_alert, job_progress, live_fragment, require_runs, submit,
                       take_result)

@@ -5,9 +5,9 @@ import streamlit as st
 from slimgpt_core.data import SOURCES
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.base.devices import resolve_device
-from slimgpt_core.services.shear_run import check_training_memory
+from slimgpt_core.services.shear import check_training_memory
 from slimgpt_core.methods.shear.size import parameter_count
-from slimgpt_core.services.shear_studio import shear_label, shear_to_workspace
+from slimgpt_core.services.shear import shear_label, shear_to_workspace
 from slimgpt_core.methods.shear.target import read_target, resolve_target, source_shape
 from slimgpt_core.methods.shear.train import ShearSettings
 from slimgpt_core.base.shapes import count_parameters

@@ -17,15 +17,13 @@ from slimgpt_core.base.events import Callback, FFNScores, HeadImportance, LayerD
 from slimgpt_core.base.modeling_slimgpt import keep_query_heads_of
 from slimgpt_core.base.shapes import (count_parameters, head_units, keep_channels, keep_kv_groups, layer_shape,
                                       update_config)
-from slimgpt_core.methods import obs
+from slimgpt_core.methods import obs, registry
 from slimgpt_core.methods.activations import (activation_device, activation_streams, buffer_like,
                                               distributed_rank_world, fits, place, relative_distance, shard_tokens)
 from slimgpt_core.methods.forwards import (capture_attention_inputs, capture_layer_inputs, collect_mlp_inputs,
                                            replay_outputs, run_layer)
-from slimgpt_core.methods.minitron import prune_minitron
 from slimgpt_core.methods.prune_settings import PruneSettings, plan_removals
 from slimgpt_core.methods.statistics import StatisticsCache
-from slimgpt_core.methods.surgeon import prune_surgeon
 
 
 def _ffn_summary(layer_idx: int, scores: Sequence[float], n_removed: int, steps: list[int]) -> FFNScores:
@@ -42,14 +40,11 @@ def _ffn_summary(layer_idx: int, scores: Sequence[float], n_removed: int, steps:
 def prune_model(model, tokens: torch.Tensor, settings: PruneSettings, callback: Callback | None = None,
                 should_stop: Callable[[], bool] | None = None, model_name: str = "",
                 use_cache: bool = True) -> RunReport:
-    """Prune `model` in place on calibration `tokens` [N, seqlen] with `settings.method`; return the report."""
-    if settings.method == "minitron":  # activation importance, one shot (minitron.py)
-        return prune_minitron(model, tokens, settings, callback, should_stop, model_name)
-    if settings.method in ("surgeon", "kobd"):  # LLM Surgeon and K-OBD: KFAC curvature, global threshold
-        return prune_surgeon(model, tokens, settings, callback, should_stop, model_name)
-    if settings.method != "obs-multishot":
-        return _prune_pass(model, tokens, settings, callback, should_stop, model_name, use_cache)
-    return _prune_multishot(model, tokens, settings, callback, should_stop, model_name, use_cache)
+    """Prune `model` in place on calibration `tokens` [N, seqlen] with the registered `settings.method`; return the
+    report."""
+    method = registry.lookup(settings.method)
+    cache = {"use_cache": use_cache} if method.uses_cache else {}
+    return method.function()(model, tokens, settings, callback, should_stop, model_name, **cache)
 
 
 def _prune_multishot(model, tokens, settings, callback, should_stop, model_name, use_cache) -> RunReport:

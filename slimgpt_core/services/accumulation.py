@@ -40,7 +40,7 @@ from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.base.events import Progress, RunReport
 from slimgpt_core.methods.prune_settings import PruneSettings, plan_removals
 from slimgpt_core.models import _resolve_alias
-from slimgpt_core.studio import prune_to_workspace
+from slimgpt_core.services.prune import prune_to_workspace
 from slimgpt_core.workspace.model_pool import POOL
 from slimgpt_core.workspace.store import add_measurement, list_runs, read_run
 
@@ -186,17 +186,23 @@ def accumulation_profile(dense_model, pruned_model, windows: torch.Tensor, batch
     finally:
         dense_model.to(homes[0])
         pruned_model.to(homes[1])
+    own_raw, total_raw, own_std, total_std, rms, share = _per_layer(sums, len(dense_layers), positions, hidden)
+    return AccumulationProfile(own_raw, total_raw, own_std, total_std, rms, share,
+                               math.exp(nll_sum["pruned"] / predicted), math.exp(nll_sum["dense"] / predicted),
+                               kl_sum / positions, n, windows.shape[1], dataset)
+
+
+def _per_layer(sums: "_Sums", n_layers: int, positions: int, hidden: int) -> tuple[list[float], ...]:
+    """Per layer: own and total relative errors (raw and standardised), the dense output's RMS, the outlier share."""
     own_raw, own_std, total_raw, total_std, rms, share = [], [], [], [], [], []
     k = max(1, round(OUTLIER_FRACTION * hidden))
-    for i in range(len(dense_layers)):
+    for i in range(n_layers):
         a, b = relative_errors(sums.own[i], sums.dense[i])
         c, d = relative_errors(sums.total[i], sums.dense[i])
         own_raw.append(a), own_std.append(b), total_raw.append(c), total_std.append(d)
         rms.append(math.sqrt(float(sums.dense[i].sum()) / (positions * hidden)))
         share.append(float(sums.dense[i].topk(k).values.sum() / sums.dense[i].sum()))
-    return AccumulationProfile(own_raw, total_raw, own_std, total_std, rms, share,
-                               math.exp(nll_sum["pruned"] / predicted), math.exp(nll_sum["dense"] / predicted),
-                               kl_sum / positions, n, windows.shape[1], dataset)
+    return own_raw, total_raw, own_std, total_std, rms, share
 
 
 def heldout_windows(tokenizer, source: str, seqlen: int, windows: int) -> torch.Tensor:
@@ -357,7 +363,7 @@ def profile_run(loaded, info, config: DemoConfig, callback: Callable | None = No
 def run_demo(loaded, config: DemoConfig, callback: Callable | None = None,
              should_stop: Callable[[], bool] | None = None) -> DemoResult:
     """The job behind the demo's one button: for each run the story needs, reuse the newest workspace run with
-    identical settings or prune one (`studio.prune_to_workspace`), then profile it unless a profile on this held-out
+    identical settings or prune one (`services.prune.prune_to_workspace`), then profile it unless a profile on this held-out
     text is stored. Each run and each profile is on disk as soon as it is done, so a cancel keeps them."""
 
     emit = callback or (lambda e: None)

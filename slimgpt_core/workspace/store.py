@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import transformers
@@ -178,22 +179,32 @@ def new_run_name(base: str, root: Path | None = None) -> str:
 
 
 def save_run(model, tokenizer, report, name: str | None = None, label: str = "", notes: str = "",
-             root: Path | None = None, overwrite: bool = False) -> RunInfo:
-    """Write a run into the workspace at once: a failure leaves nothing behind and nothing listed."""
+             root: Path | None = None, overwrite: bool = False,
+             extra: Callable[[Path], None] | None = None) -> RunInfo:
+    """Write a run into the workspace at once: a failure leaves nothing behind and nothing listed. The one way a
+    run is saved: the checkpoint, report.json and meta.json, and `extra(tmp)` for a method's own files (say
+    shear.json) or measurements, all written into the folder before it appears."""
 
     root = Path(root) if root else runs_root()
     name = name or new_run_name(time.strftime("%Y%m%d-%H%M%S") + "-" + (label or report.model or "run"), root)
-    export_checkpoint(model, tokenizer, root / name, report, overwrite=overwrite,
-                      extra=lambda tmp: write_meta(tmp, report, label or name, notes))
+
+    def files(tmp: Path) -> None:
+        write_meta(tmp, report, label or name, notes)
+        if extra is not None:
+            extra(tmp)
+
+    export_checkpoint(model, tokenizer, root / name, report, overwrite=overwrite, extra=files)
     return read_run(root / name)
 
 
-def save_run_at(model, tokenizer, report, out: str | Path, overwrite: bool = False, label: str = "") -> Path:
+def save_run_at(model, tokenizer, report, out: str | Path, overwrite: bool = False, label: str = "",
+                extra: Callable[[Path], None] | None = None) -> Path:
     """A run written at a path (say `prune --out "$SLIMGPT_RUNS/x"`): the workspace's own writer with the path's
     folder as the root, so it is listed by the studio like a run made there."""
 
     out = Path(out)
-    return save_run(model, tokenizer, report, name=out.name, label=label, root=out.parent, overwrite=overwrite).path
+    return save_run(model, tokenizer, report, name=out.name, label=label, root=out.parent, overwrite=overwrite,
+                    extra=extra).path
 
 
 def update_meta(name: str, root: Path | None = None, **changes) -> RunInfo:

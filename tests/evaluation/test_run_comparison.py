@@ -1,6 +1,6 @@
 """Side by side: stored evaluations grouped by provenance, differences judged against their noise, KV groups kept.
 
-Records are built by hand (the shape `studio.evaluate` stores); the standard errors are the binomial ones
+Records are built by hand (the shape `services.evaluate.evaluate` stores); the standard errors are the binomial ones
 lm-eval reports, sqrt(p(1-p)/(n-1)), computed here independently."""
 import json
 import math
@@ -116,7 +116,7 @@ def test_other_circumstances_are_flagged_in_the_row_and_latest_repeat_wins():
 
 
 def test_a_missing_stderr_is_lm_evals_closed_form_from_acc_and_n():
-    """Records stored by `studio.evaluate` carry acc_stderr None (lm-eval ran with bootstrap_iters=0)."""
+    """Records stored by `services.evaluate.evaluate` carry acc_stderr None (lm-eval ran with bootstrap_iters=0)."""
     from lm_eval.api.metrics import mean_stderr
     answers = [1] * 31 + [0] * 9  # 40 documents, acc 0.775
     dense = side("dense", [task("boolq", 0.325, 40, 40, se=False)], dense=True)

@@ -23,7 +23,7 @@ from slimgpt_core.workspace.exports import EXPORTS, default_export_folder, expor
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.models import load_model
-from slimgpt_core.studio import export_run
+from slimgpt_core.services.export import export_run
 from slimgpt_core.workspace.store import list_runs, save_run
 
 LOAD_AND_COMPARE = """

@@ -1,5 +1,5 @@
 """The studio's instant previews against real runs, at engine level: the schedule preview's parameter counts
-and the head-importance marks (`slimgpt_core.studio.preview_schedule`, `DenseStatistics.preview_removed`)."""
+and the head-importance marks (`slimgpt_core.services.prune.preview_schedule`, `DenseStatistics.preview_removed`)."""
 import pytest
 import torch
 
@@ -11,7 +11,7 @@ from slimgpt_core.methods.activations import activation_device
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.methods.statistics import DenseStatistics, dense_statistics
-from slimgpt_core.studio import preview_schedule
+from slimgpt_core.services.prune import preview_schedule
 from slimgpt_core.base.shapes import describe_layers
 
 

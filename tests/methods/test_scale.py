@@ -61,7 +61,7 @@ def test_hessian_is_independent_of_batch_grouping():
                                    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB")])
 def test_out_of_memory_is_a_clear_message_and_the_loaded_model_is_untouched(monkeypatch, error):
     from slimgpt_core.models import load_model
-    from slimgpt_core.studio import run_pruning
+    from slimgpt_core.services.prune import run_pruning
 
     loaded = load_model("stories260k")
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}

@@ -12,7 +12,7 @@ from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.schedules.curves import error_curves, predict, sensitivity_map
 from slimgpt_core.schedules.editor_data import editor_payload, expand_counts, payload_curves
 from slimgpt_core.schedules.schedule import units_to_remove
-from slimgpt_core.studio import preview_schedule
+from slimgpt_core.services.prune import preview_schedule
 
 MODELS = {  # GQA, plain multi-head, qwen2 (q/k/v biases) with GQA, uneven widths
     "llama-gqa": dict(arch="llama", heads=4, kv=2, layers=3, ffn=48),

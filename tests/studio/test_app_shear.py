@@ -116,7 +116,7 @@ def test_an_invalid_target_says_so_and_starts_nothing(app, change, words):
 
 def test_a_run_whose_layers_differ_is_refused_as_a_source(app):
     from slimgpt_core.methods.prune_settings import PruneSettings
-    from slimgpt_core.studio import prune_to_workspace
+    from slimgpt_core.services.prune import prune_to_workspace
     from ui.state import POOL
 
     shear_page(app)

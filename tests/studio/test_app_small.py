@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from slimgpt_core.studio import EvalResult
+from slimgpt_core.services.evaluate import EvalResult
 from slimgpt_core.workspace.jobs import BOARD
 from tests.studio.test_app import button, load_stories, settle
 from ui import charts
@@ -81,7 +81,7 @@ def test_the_model_page_links_to_the_next_steps_once_a_model_is_loaded(app):
 
 def two_runs() -> list[str]:
     from slimgpt_core.methods.prune_settings import PruneSettings
-    from slimgpt_core.studio import prune_to_workspace
+    from slimgpt_core.services.prune import prune_to_workspace
     from slimgpt_core.workspace.model_pool import POOL
 
     loaded = POOL.get("stories260k", "auto", "auto")

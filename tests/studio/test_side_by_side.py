@@ -22,7 +22,7 @@ def workspace(tmp_path_factory):
     from slimgpt_core.models import load_model
     from slimgpt_core.methods.pipeline import prune_model
     from slimgpt_core.methods.prune_settings import PruneSettings
-    from slimgpt_core.studio import evaluate
+    from slimgpt_core.services.evaluate import evaluate
     from slimgpt_core.workspace.store import add_evaluation, dense_evaluations_folder, list_runs, save_run, versions
 
     tmp = tmp_path_factory.mktemp("sbs")

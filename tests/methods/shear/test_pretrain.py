@@ -148,7 +148,7 @@ def test_loss_goes_down_on_a_real_model(pruned_run):
 
 
 def test_lora_trains_only_adapters_and_merges_into_a_run_that_reloads(pruned_run, tmp_path):
-    from slimgpt_core.services.pretrain_job import save_pretrained_run
+    from slimgpt_core.services.pretrain import save_pretrained_run
     from slimgpt_core.training.recover import load_source_report
 
     loaded = _pruned(pruned_run)
@@ -334,10 +334,10 @@ def test_a_sheared_run_with_fewer_layers_and_hidden_dims_pretrains_and_reloads(a
     """A shear run (depth and hidden size cut), pretrained without --dynamic-mix: the mix stays equal, the
     shape stays the target's, the run reloads with the same logits."""
     from slimgpt_core.training.recover import load_source_report
-    from slimgpt_core.services.shear_run import save_shear_run
+    from slimgpt_core.services.shear import save_shear_run
     from slimgpt_core.methods.shear.target import resolve_target, source_shape
     from slimgpt_core.methods.shear.train import ShearSettings, shear_model
-    from slimgpt_core.services.pretrain_job import save_pretrained_run
+    from slimgpt_core.services.pretrain import save_pretrained_run
 
     loaded = load_model("stories260k", "cpu", "float32")
     target = resolve_target({"layers": 4, "kv_groups": 2, "ffn": 128, "hidden": 48}, loaded.model)

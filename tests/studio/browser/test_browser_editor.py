@@ -14,7 +14,7 @@ from slimgpt_core.models import load_model
 from slimgpt_core.schedules.curves import error_curves, predict, sensitivity_map
 from slimgpt_core.schedules.editor_data import editor_payload, payload_curves
 from slimgpt_core.schedules.schedule import layer_ratios, units_to_remove
-from slimgpt_core.studio import preview_schedule
+from slimgpt_core.services.prune import preview_schedule
 
 APP = ROOT / "tests" / "apps" / "schedule_editor_app.py"
 TARGET = 0.3  # the app's preset: log at this mean

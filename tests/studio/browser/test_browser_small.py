@@ -114,7 +114,7 @@ def test_the_first_visitor_after_a_start_sees_titles_and_the_wide_layout(tmp_pat
 def test_saving_a_label_keeps_that_run_chosen_in_the_browser(tmp_path, monkeypatch):
     """The selector's value reached the browser as the run's title, which the label is part of."""
     from slimgpt_core.methods.prune_settings import PruneSettings
-    from slimgpt_core.studio import prune_to_workspace
+    from slimgpt_core.services.prune import prune_to_workspace
     from slimgpt_core.workspace.model_pool import POOL
 
     monkeypatch.setenv("SLIMGPT_RUNS", str(tmp_path / "runs"))

@@ -1,5 +1,5 @@
-"""Continued pre-training as the studio runs it: a workspace run to a new workspace run, with progress events and
-cancellation, a plain dataclass back. No Streamlit here; the page calls `pretrain_to_workspace`.
+"""Continued pre-training: a run trained on a mix of domains and saved as a new run, for the command line
+(`pretrain_to_folder`) and the studio (`pretrain_to_workspace`, with progress events and cancellation).
 
 The source run is read fresh from disk and never changed. The teacher and the reference (the model whose held-out
 loss per domain the mix is steered against) default to the model the run was pruned from, as the command line's
@@ -11,15 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from slimgpt_core.base.atomic import check_output_folder
 from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.base.events import Progress
 from slimgpt_core.base.shapes import check_context_length
-from slimgpt_core.export.checkpoint import export_checkpoint
 from slimgpt_core.models import LoadedModel, load_config, load_model
-from slimgpt_core.training.pretrain import PretrainResult, PretrainSettings, TEXTS, pretrain, pretrained_report
+from slimgpt_core.training.pretrain import PretrainResult, PretrainSettings, TEXTS, pretrain, pretrained_report, summary
 from slimgpt_core.training.recover import load_source_report
 from slimgpt_core.workspace.model_pool import POOL
-from slimgpt_core.workspace.store import add_measurement, new_run_name, read_run, runs_root, write_meta
+from slimgpt_core.workspace.store import add_measurement, new_run_name, read_run, runs_root, save_run_at
 
 
 @dataclass
@@ -110,11 +110,47 @@ def save_pretrained_run(result: PretrainResult, tokenizer, out: str | Path, sour
 
     report = pretrained_report(result, source_report, source)
 
-    def extra(tmp: Path) -> None:
-        write_meta(tmp, report, label or Path(out).name)
+    def measurements(tmp: Path) -> None:
         for name, value in result.ppl_after.items():
             text = TEXTS.get(name, name)
             add_measurement(tmp, "perplexity", value, batch_size=8, device=result.device, text=text,
                             measured_by="pretrain (after training)")
 
-    return export_checkpoint(result.model, tokenizer, out, report, overwrite=overwrite, extra=extra).folder
+    return save_run_at(result.model, tokenizer, report, out, overwrite, label, extra=measurements)
+
+
+def pretrain_to_folder(model: str, settings: PretrainSettings, out: str | Path | None = None,
+                       teacher: str | None = None, reference: str = "source", dtype: str = "float32",
+                       overwrite: bool = False, label: str = "", callback: Callable | None = None) -> dict | None:
+    """The command line's pretrain: checked before anything loads, trained against the reference (and teacher),
+    saved at `out` (default: a new workspace run); a summary back. "source" names the model the run was pruned
+    from."""
+    settings.validate()  # before loading anything
+    out = check_output_folder(out or runs_root() / new_run_name(f"{Path(model).stem}-pretrain-{settings.steps}"),
+                              overwrite)
+    loaded = load_model(model, "cpu", dtype)
+    check_context_length(loaded.model.config, settings.seqlen, "--seqlen")
+    report = load_source_report(loaded.path)
+    source = report.model if report is not None and report.model else None
+    companions: dict[str, object] = {}
+
+    def companion(name: str, what: str):
+        if name == "source":
+            if source is None:
+                raise SlimGPTError(f"{model} has no report naming the model it was pruned from: give --{what} "
+                                   "as a model")
+            name = source
+        if name not in companions:
+            companions[name] = load_companion(name, loaded.model.config.vocab_size, what, dtype)
+        return name, companions[name]
+
+    teacher_name, teacher_model = companion(teacher, "teacher") if teacher else (None, None)
+    reference_name, reference_model = (None, None)
+    if reference != "source" or source is not None:
+        reference_name, reference_model = companion(reference, "reference")
+    result = pretrain(loaded.model, loaded.tokenizer, settings, reference_model, teacher_model, callback,
+                      reference_name=reference_name or "", teacher_name=teacher_name or "")
+    if result is None:  # a process other than rank 0 of a torchrun job: rank 0 saves the run
+        return None
+    save_pretrained_run(result, loaded.tokenizer, out, report, loaded.path, overwrite, label)
+    return {"out": str(out), "source": loaded.path, **summary(result)}

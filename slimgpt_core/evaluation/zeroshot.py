@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from slimgpt_core.base.choices import parse_choices
 from slimgpt_core.base import assets
 from slimgpt_core.base.cache import lookup_json, model_fingerprint, store_json
 from slimgpt_core.base.errors import JobCancelled, SlimGPTError
@@ -35,11 +36,7 @@ class TaskResult:
 
 
 def parse_tasks(text: str | list[str]) -> list[str]:
-    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
-    unknown = [t for t in names if t not in TASKS]
-    if unknown or not names:
-        raise SlimGPTError(f"unknown task(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(TASKS)}")
-    return names
+    return parse_choices(text, TASKS, "task")
 
 
 def _task_yaml(task: str, data_file: Path, name: str | None = None) -> str:

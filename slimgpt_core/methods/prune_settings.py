@@ -48,9 +48,7 @@ def plan_removals(model, settings: PruneSettings) -> tuple[list[float], list[flo
         q, kv, f = layer_shape(layer)
         kv, rep = head_units(q, kv, settings.method in QUERY_HEAD_METHODS)  # kv: the layer's attention units
         if settings.keep_heads is not None:
-            if len(settings.keep_heads) != n:
-                raise SlimGPTError(f"keep_heads has {len(settings.keep_heads)} entries but the model has {n} layers")
-            keep = settings.keep_heads[i]
+            keep = _layer_entry(settings.keep_heads, i, n, "keep_heads")
             if not 0 <= keep <= q:  # 0: the layer's attention goes
                 raise SlimGPTError(f"layer {i} has {q} query heads: cannot keep {keep} (keep between 0 and {q})")
             if keep % rep:
@@ -61,9 +59,7 @@ def plan_removals(model, settings: PruneSettings) -> tuple[list[float], list[flo
         else:
             head_rm.append(units_to_remove(kv, head_r[i]))
         if settings.keep_ffn is not None:
-            if len(settings.keep_ffn) != n:
-                raise SlimGPTError(f"keep_ffn has {len(settings.keep_ffn)} entries but the model has {n} layers")
-            keep = settings.keep_ffn[i]
+            keep = _layer_entry(settings.keep_ffn, i, n, "keep_ffn")
             if not 0 <= keep <= f:  # 0: the layer's FFN goes
                 raise SlimGPTError(f"layer {i} has {f} FFN channels: cannot keep {keep}")
             ffn_rm.append(f - keep)
@@ -72,6 +68,13 @@ def plan_removals(model, settings: PruneSettings) -> tuple[list[float], list[flo
             ffn_rm.append(ffn_units_removed(f, ffn_r[i], settings.align))
             ffn_r[i] = ffn_rm[-1] / f if layer_align(f, settings.align) > 1 else ffn_r[i]
     return head_r, ffn_r, head_rm, ffn_rm
+
+
+def _layer_entry(values: list[int], i: int, n: int, name: str) -> int:
+    """Layer i's entry of a per-layer list, which must have one entry per layer."""
+    if len(values) != n:
+        raise SlimGPTError(f"{name} has {len(values)} entries but the model has {n} layers")
+    return values[i]
 
 
 def ffn_units_removed(full: int, ratio: float, align: int | None) -> int:

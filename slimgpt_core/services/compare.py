@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from slimgpt_core.base.choices import parse_choices
 from slimgpt_core.base.devices import resolve_device
-from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.base.events import Progress
 from slimgpt_core.data import calibration_tokens
 from slimgpt_core.evaluation.evaluate import cached_perplexity
@@ -73,11 +73,7 @@ class GridRow:
 
 
 def parse_variants(text: str | list[str]) -> list[str]:
-    names = [v.strip() for v in (text.split(",") if isinstance(text, str) else text) if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown or not names:
-        raise SlimGPTError(f"unknown variant(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(VARIANTS)}")
-    return names
+    return parse_choices(text, VARIANTS, "variant")
 
 
 def run_grid(model_name: str, ratios: list[float], variants: list[str], calib: str = "c4", nsamples: int = 32,

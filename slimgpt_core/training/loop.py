@@ -71,11 +71,28 @@ def _ignore(event) -> None:
     """The listener of a run given no callback: events are dropped."""
 
 
+def uses_bf16(device: torch.device, bf16: bool = True) -> bool:
+    """Whether training on `device` runs in bf16 autocast: CUDA devices that support it, when asked."""
+    return bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 def autocast_context(device: torch.device, bf16: bool = True):
     """bf16 autocast on CUDA devices that support it; full precision otherwise (CPU)."""
-    if bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if uses_bf16(device, bf16):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def final_perplexity(model, home, phase: Callable[[str], None], measure: Callable):
+    """The trained model's perplexity (`measure(model)`) as the "ppl-after" phase, the model moved back to `home`
+    whatever happens, then the "done" phase."""
+    phase("ppl-after")
+    try:
+        result = measure(model)
+    finally:
+        model.to(home)
+    phase("done")
+    return result
 
 
 def batch_loss(model, batch: dict[str, torch.Tensor], device: torch.device, bf16: bool = True) -> torch.Tensor:

@@ -23,14 +23,14 @@ from slimgpt_core.base.cache import forget_fingerprint
 from slimgpt_core.base.devices import resolve_device
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.evaluation.evaluate import perplexity
-from slimgpt_core.training.checkpoints import CheckpointPlan
+from slimgpt_core.training.checkpoints import CheckpointPlan, checkpoint_checks, raise_first_failure
 from slimgpt_core.training.distributed import (broadcast_tensor, check_batch_rows, gathered_model, is_main,
                                                rank_world, shard_model)
 from slimgpt_core.training.distill import check_teacher, distillation_loss_fn
 from slimgpt_core.training.domain_mix import update_domain_weights
 from slimgpt_core.training.domains import DomainSampler, check_domains, load_domains, perplexity_tokens
-from slimgpt_core.training.loop import (OptimizerConfig, TrainPlan, TrainStep, autocast_context, heldout_loss,
-                                        run_training, trained_report, training_bytes)
+from slimgpt_core.training.loop import (OptimizerConfig, TrainPlan, TrainStep, autocast_context, final_perplexity,
+                                        heldout_loss, run_training, trained_report, training_bytes, uses_bf16)
 from slimgpt_core.training.recover import add_lora, drop_lora, merge_lora, resolve_targets
 
 
@@ -102,13 +102,9 @@ class PretrainSettings:
             (self.distill_weight is None or 0 <= self.distill_weight <= 1,
              f"distill weight must be in [0, 1], got {self.distill_weight}"),
             (self.ppl_windows is None or self.ppl_windows >= 1, f"ppl windows must be at least 1, got {self.ppl_windows}"),
-            (self.checkpoint_every >= 0, f"checkpoint-every must be 0 (none) or positive, got {self.checkpoint_every}"),
-            (bool(self.checkpoint_folder) or not (self.resume or self.checkpoint_every),
-             "checkpoints and --resume need a checkpoint folder"),
+            *checkpoint_checks(self.checkpoint_folder, self.checkpoint_every, self.resume),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise SlimGPTError(message)
+        raise_first_failure(checks)
         check_domains(self.data)
         for name in self.ppl:
             if name not in ("tinystories", "wikitext2", "c4"):
@@ -443,13 +439,8 @@ def pretrain(model, tokenizer, settings: PretrainSettings, reference=None, teach
     if settings.lora:
         phase("merge")
     model, diff = _merged(run, net, flags, domains[0].heldout)
-    phase("ppl-after")
-    try:
-        ppl_after = _perplexities(model, tokenizer, settings, device, None)
-    finally:
-        model.to(home)
-    phase("done")
-    autocast = "bf16" if settings.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    ppl_after = final_perplexity(model, home, phase, lambda m: _perplexities(m, tokenizer, settings, device, None))
+    autocast = "bf16" if uses_bf16(device, settings.bf16) else "none"
     return PretrainResult(
         model, settings, run.events, run.mix, run.updates, run.as_dict(run.ref), ref_source,
         [d.description for d in domains], {n: int(c) for n, c in zip(run.names, run.sampler.drawn)},

@@ -27,11 +27,11 @@ from slimgpt_core.base.events import RunReport
 from slimgpt_core.evaluation.evaluate import cached_perplexity
 from slimgpt_core.training import loop
 from slimgpt_core.training.finetune_data import batch_stream, check_source, fixed_batches, load_finetune_data
-from slimgpt_core.training.checkpoints import CheckpointPlan
+from slimgpt_core.training.checkpoints import CheckpointPlan, checkpoint_checks, raise_first_failure
 from slimgpt_core.training.distributed import (check_batch_rows, gathered_model, is_main, rank_world,
                                                shard_model)
 from slimgpt_core.training.loop import (CountedStream, OptimizerConfig, TrainPlan, TrainResult, TrainStep,
-                                        run_training, trained_report)
+                                        final_perplexity, run_training, trained_report)
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -82,13 +82,9 @@ class RecoverSettings:
             (bool(self.data), "no training data given"),
             (bool(self.target_modules), "no target modules given"),
             (self.ppl_windows is None or self.ppl_windows >= 1, f"ppl windows must be at least 1, got {self.ppl_windows}"),
-            (self.checkpoint_every >= 0, f"checkpoint-every must be 0 (none) or positive, got {self.checkpoint_every}"),
-            (bool(self.checkpoint_folder) or not (self.resume or self.checkpoint_every),
-             "checkpoints and --resume need a checkpoint folder"),
+            *checkpoint_checks(self.checkpoint_folder, self.checkpoint_every, self.resume),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise SlimGPTError(message)
+        raise_first_failure(checks)
         for source in self.data:
             check_source(source)
 
@@ -315,13 +311,8 @@ def recover(model, tokenizer, settings: RecoverSettings, callback: Callable | No
     # past this point the adapters are merged: stopping now would throw the trained weights away, so finish
     phase("merge")
     merged, diff = _merge(t.peft_model, heldout, device, settings.bf16, trainable_flags)
-    phase("ppl-after")
-    try:
-        ppl_after = _perplexity(merged, tokenizer, settings, device, None)
-    finally:
-        merged.to(home)
-    phase("done")
-    autocast = "bf16" if settings.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    ppl_after = final_perplexity(merged, home, phase, lambda m: _perplexity(m, tokenizer, settings, device, None))
+    autocast = "bf16" if loop.uses_bf16(device, settings.bf16) else "none"
     return RecoverResult(
         merged, settings, t.trained.steps, [{"step": h.step, "loss": h.loss} for h in t.trained.heldout],
         t.ppl_before, ppl_after, data.description, data.loss_on, len(data.train), len(data.heldout), t.trainable,

@@ -104,6 +104,9 @@ def test_keep_counts_with_one_kv_head(tokens):
     assert [layer_shape(layer)[0] for layer in model.model.layers] == [3, 1, 4]
     with pytest.raises(SlimGPTError, match="cannot keep 5"):
         prune_model(tiny_model("gemma3_text", heads=4, kv=1), tokens, PruneSettings(keep_heads=[5, 1, 1]))
+    for short in (PruneSettings(keep_heads=[4, 4]), PruneSettings(keep_ffn=[48])):  # one entry per layer
+        with pytest.raises(SlimGPTError, match="has [12] entries but the model has 3 layers"):
+            prune_model(tiny_model("gemma3_text", heads=4, kv=1), tokens, short)
 
 
 @pytest.mark.parametrize("arch,kv", [("gemma3_text", 1), ("llama", 2), ("phi3", 2)])

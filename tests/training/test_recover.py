@@ -244,6 +244,8 @@ def test_wikitext2_test_split_is_never_trained_on(assets_root):
     (["--steps", "0"], "steps must be at least 1, got 0"),
     (["--data", "no/such/file.txt"], "training data 'no/such/file.txt' not found"),
     (["--target-modules", "q,wq"], "unknown target module 'wq'"),
+    (["--resume"], "checkpoints and --resume need a checkpoint folder"),
+    (["--checkpoint-every", "-1"], "checkpoint-every must be 0 (none) or positive, got -1"),
 ])
 def test_bad_input_one_sentence_nothing_written(pruned_run, tmp_path, capsys, args, message):
     out = tmp_path / "out"

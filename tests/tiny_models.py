@@ -2,6 +2,8 @@
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from slimgpt_core.schedules import curves
+
 # what each architecture needs beyond the shared sizes: sliding-window and global layers with a window shorter than
 # the test sequences (so the two masks differ), Gemma's soft-capping, token ids inside the tiny vocabulary
 _EXTRA = {
@@ -35,3 +37,13 @@ def tiny_model(arch: str = "llama", heads: int = 4, kv: int = 2, layers: int = 3
                 p.normal_(0.0 if arch.startswith("gemma") else 1.0, 0.2)
     model.config.use_cache = False
     return model
+
+
+def auto_search_case(use_cache: bool = False):
+    """The auto schedule's tiny case: a 3-layer GQA model, 12 × 24 calibration and 5 × 16 fitness tokens (seed 1),
+    and the model's error curves on the calibration tokens (call it with SLIMGPT_CACHE pointing somewhere private)."""
+    model = tiny_model(layers=3, hidden=32, heads=8, kv=4, ffn=40)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 101, (12, 24), generator=g)
+    fitness = torch.randint(0, 101, (5, 16), generator=g)
+    return model, tokens, fitness, curves.error_curves(model, tokens, device="cpu", use_cache=use_cache)

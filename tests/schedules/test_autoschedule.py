@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from tests.tiny_models import tiny_model
+from tests.tiny_models import auto_search_case, tiny_model
 
 from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.methods.statistics import dense_hessians
@@ -23,12 +23,7 @@ S = autoschedule.AutoSettings
 def setup(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SLIMGPT_CACHE", str(tmp_path_factory.mktemp("cache")))
-        model = tiny_model(layers=3, hidden=32, heads=8, kv=4, ffn=40)
-        g = torch.Generator().manual_seed(1)
-        tokens = torch.randint(0, 101, (12, 24), generator=g)
-        fitness = torch.randint(0, 101, (5, 16), generator=g)
-        mc = curves.error_curves(model, tokens, device="cpu", use_cache=False)
-        yield model, tokens, fitness, mc
+        yield auto_search_case()
 
 
 def _damped(H, damp):

@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from tests.tiny_models import tiny_model
+from tests.tiny_models import auto_search_case, tiny_model
 
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
-from slimgpt_core.schedules import curves, global_allocation as ga
+from slimgpt_core.schedules import global_allocation as ga
 from slimgpt_core.schedules.autoschedule import unit_costs
 
 B = ga.BudgetSpec
@@ -22,9 +22,7 @@ B = ga.BudgetSpec
 def setup(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SLIMGPT_CACHE", str(tmp_path_factory.mktemp("cache")))
-        model = tiny_model(layers=3, hidden=32, heads=8, kv=4, ffn=40)
-        tokens = torch.randint(0, 101, (12, 24), generator=torch.Generator().manual_seed(1))
-        mc = curves.error_curves(model, tokens, device="cpu", use_cache=False)
+        model, tokens, _, mc = auto_search_case()
         yield model, tokens, mc
 
 

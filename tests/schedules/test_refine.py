@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from tests.tiny_models import tiny_model
+from tests.tiny_models import auto_search_case, tiny_model
 
 from slimgpt_core.base.errors import JobCancelled
 from slimgpt_core.methods import obs
@@ -19,12 +19,7 @@ from slimgpt_core.base import cache
 def setup(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SLIMGPT_CACHE", str(tmp_path_factory.mktemp("cache")))
-        model = tiny_model(layers=3, hidden=32, heads=8, kv=4, ffn=40)
-        g = torch.Generator().manual_seed(1)
-        tokens = torch.randint(0, 101, (12, 24), generator=g)
-        fitness = torch.randint(0, 101, (5, 16), generator=g)
-        mc = curves.error_curves(model, tokens, device="cpu")
-        yield model, tokens, fitness, mc, mp
+        yield *auto_search_case(use_cache=True), mp
 
 
 def config(**kw):

@@ -30,18 +30,31 @@ class PerplexityResult:
     nll_se: float | None = None
 
 
-def perplexity(model, tokens: torch.Tensor, seqlen: int = 128, batch_size: int = 8, max_windows: int | None = None,
-               device: torch.device | str = "cpu", dataset: str = "", progress: Callable[[int, int], None] | None = None,
-               should_stop: Callable[[], bool] | None = None) -> PerplexityResult:
-    if seqlen < 2:
-        raise SlimGPTError(f"evaluation length must be >= 2, got {seqlen}")
-    check_context_length(model.config, seqlen, "evaluation length")
-    n_windows = tokens.numel() // seqlen
+def text_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None,
+                 bos: int | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows of `seqlen` tokens of the stream; with `bos`, each is <bos> and the next
+    seqlen - 1 text tokens (the loss then covers the text tokens only)."""
+    text_len = seqlen if bos is None else seqlen - 1
+    n_windows = tokens.numel() // text_len
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:
-        raise SlimGPTError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
-    windows = tokens[: n_windows * seqlen].view(n_windows, seqlen)
+        raise SlimGPTError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {text_len}")
+    windows = tokens[: n_windows * text_len].view(n_windows, text_len)
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((n_windows, 1), bos, dtype=windows.dtype), windows], 1)
+
+
+def perplexity(model, tokens: torch.Tensor, seqlen: int = 128, batch_size: int = 8, max_windows: int | None = None,
+               device: torch.device | str = "cpu", dataset: str = "", progress: Callable[[int, int], None] | None = None,
+               should_stop: Callable[[], bool] | None = None, bos: int | None = None) -> PerplexityResult:
+    """Perplexity over `text_windows` of the token stream (`bos`: the <bos> id each window starts with)."""
+    if seqlen < 2:
+        raise SlimGPTError(f"evaluation length must be >= 2, got {seqlen}")
+    check_context_length(model.config, seqlen, "evaluation length")
+    windows = text_windows(tokens, seqlen, max_windows, bos)
+    n_windows = windows.shape[0]
     t0 = time.perf_counter()
     nll_sum, count, window_nlls = 0.0, 0, []
     model_device = next(model.parameters()).device
@@ -74,12 +87,15 @@ def cached_perplexity(model, tokenizer, source: str, seqlen: int = 128, batch_si
 
 
     tokens = data.evaluation_tokens(tokenizer, source)
+    bos = data.window_bos(tokenizer)
     # v2: results carry the standard error of the per-window NLL
     key = f"ppl-v2|{model_fingerprint(model)}|{source}|{tokens.numel()}|{seqlen}|{max_windows}"
+    if bos is not None:
+        key += f"|bos{bos}"
     hit = lookup_json("results", key) if use_cache else None
     if hit is not None:
         return PerplexityResult(**hit)
-    result = perplexity(model, tokens, seqlen, batch_size, max_windows, device, source, progress, should_stop)
+    result = perplexity(model, tokens, seqlen, batch_size, max_windows, device, source, progress, should_stop, bos)
     if use_cache:
         store_json("results", key, asdict(result))
     return result

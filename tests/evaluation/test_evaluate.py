@@ -148,7 +148,7 @@ def test_cached_perplexity_hits_and_bypasses(model, monkeypatch, tmp_path):
     monkeypatch.setattr(evaluate, "perplexity", lambda *a, **k: computed.append(a[2:]) or real(*a, **k))
     first = evaluate.cached_perplexity(model, "the tokenizer", "made-up", 16, 4, max_windows=5)
     assert asked == [("the tokenizer", "made-up")]
-    assert computed == [(16, 4, 5, "cpu", "made-up", None, None)]
+    assert computed == [(16, 4, 5, "cpu", "made-up", None, None, None)]
     assert first.dataset == "made-up" and first.windows == 5
     assert first.nll == pytest.approx(_hand_nll(model, text, 16, 5)[0], rel=1e-5)
     assert evaluate.cached_perplexity(model, None, "made-up", 16, 4, max_windows=5) == first
@@ -156,13 +156,13 @@ def test_cached_perplexity_hits_and_bypasses(model, monkeypatch, tmp_path):
     progress, stop = (lambda d, n: None), (lambda: False)
     evaluate.cached_perplexity(model, None, "made-up", 16, 4, max_windows=5, device="cpu", progress=progress,
                                should_stop=stop, use_cache=False)
-    assert computed[-1] == (16, 4, 5, "cpu", "made-up", progress, stop)
+    assert computed[-1] == (16, 4, 5, "cpu", "made-up", progress, stop, None)
     evaluate.cached_perplexity(model, None, "made-up", 16, 4, max_windows=6)  # another key
     evaluate.cached_perplexity(model, None, "made-up", 32, 4, max_windows=5)
     assert len(computed) == 4 and len(list((tmp_path / "results").glob("*.json"))) == 3
     assert cache.STATS["results.hit"] >= 1
     evaluate.cached_perplexity(model, None, "made-up")  # defaults: windows of 128, batches of 8, all windows
-    assert computed[-1] == (128, 8, None, "cpu", "made-up", None, None)
+    assert computed[-1] == (128, 8, None, "cpu", "made-up", None, None, None)
 
 
 def test_windows_are_sent_to_the_device_of_the_model(model, stream):

@@ -15,6 +15,8 @@ from slimgpt_core.base.modeling_slimgpt import (CLASSES, LAYER_KEYS, LayerConfig
 
 SUPPORTED_ARCHITECTURES = tuple(CLASSES)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Phi-3 fuses projections that read the same input into one linear: its rows are theirs, block after block
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 # config fields that mark mixture-of-experts FFNs (Mixtral, Qwen MoE, DeepSeek, OLMoE, ...)
 _EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
@@ -205,12 +207,35 @@ class LayerLayout:
         return UnitParameters(fixed, self.parameters(heads_per_group, 1, 0) - fixed, self.parameters(0, 0, 1) - fixed)
 
 
+def projection_modules(layer) -> dict[str, nn.Linear]:
+    """A decoder layer's linears by name as it holds them: q/k/v/o and gate/up/down, or Phi-3's fused qkv_proj and
+    gate_up_proj in place of the projections they hold (`FUSED_PROJECTIONS`)."""
+    found = {}
+    for block in (layer.self_attn, layer.mlp):
+        for name in (*PROJECTIONS, *FUSED_PROJECTIONS):
+            module = getattr(block, name, None)
+            if isinstance(module, nn.Linear):
+                found[name] = module
+    return found
+
+
+def has_fused_projections(layer) -> bool:
+    return not FUSED_PROJECTIONS.keys().isdisjoint(projection_modules(layer))
+
+
+def input_projections(layer) -> list[nn.Linear]:
+    """The linears that read the hidden state (q/k/v or qkv_proj, gate/up or gate_up_proj): their input columns are
+    the hidden dimensions."""
+    return [m for name, m in projection_modules(layer).items() if name not in ("o_proj", "down_proj")]
+
+
 def layer_layout(layer) -> LayerLayout:
-    attn = layer.self_attn
-    modules = {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj, "o_proj": attn.o_proj,
-               "gate_proj": layer.mlp.gate_proj, "up_proj": layer.mlp.up_proj, "down_proj": layer.mlp.down_proj}
-    return LayerLayout(attn.q_proj.in_features, attn.head_dim,
-                       frozenset(name for name, m in modules.items() if m.bias is not None),
+    modules = projection_modules(layer)
+    biases = set()
+    for name, m in modules.items():
+        if m.bias is not None:
+            biases.update(FUSED_PROJECTIONS.get(name, (name,)))
+    return LayerLayout(modules["o_proj"].out_features, layer.self_attn.head_dim, frozenset(biases),
                        tuple(p.numel() for name, p in layer.named_parameters() if "norm" in name))
 
 
@@ -235,6 +260,13 @@ def kept_heads(q_heads: int, kv_heads: int, units_removed: int, by_query_head: b
     if per_unit == 1 and kv_heads == 1:  # query heads inside the group: the KV head stays while any uses it
         return kept, int(kept > 0)
     return kept * per_unit, kept
+
+
+def attention_unit_columns(layer) -> int:
+    """o_proj input columns of one attention unit of `layer` (`head_units`: a KV group's query heads, or one query
+    head where the layer has one KV head): the column group the pruner and the error curves remove at once."""
+    q, kv, _ = layer_shape(layer)
+    return layer.self_attn.head_dim * head_units(q, kv)[1]
 
 
 def unit_parameters(layer) -> UnitParameters:

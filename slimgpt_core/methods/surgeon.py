@@ -28,8 +28,8 @@ from slimgpt_core.base.cache import forget_fingerprint
 from slimgpt_core.base.devices import peak_memory_mb, resolve_device
 from slimgpt_core.base.errors import JobCancelled, SlimGPTError, out_of_memory_message
 from slimgpt_core.base.events import Callback, LayerDone, Progress, RunReport, ShotDone
-from slimgpt_core.base.shapes import (count_parameters, keep_channels, keep_kv_groups, layer_shape, unit_parameters,
-                                      update_config)
+from slimgpt_core.base.shapes import (count_parameters, has_fused_projections, keep_channels, keep_kv_groups,
+                                      layer_shape, unit_parameters, update_config)
 from slimgpt_core.methods import kfac
 from slimgpt_core.methods.curvature import CurvatureCollector, factor_bytes, linears
 from slimgpt_core.methods.prune_settings import plan_removals
@@ -57,6 +57,15 @@ def validate(settings) -> None:
         raise SlimGPTError(f"LoRA steps between shots must be >= 0, got {settings.surgeon_lora_steps}")
     if not settings.damp > 0:
         raise SlimGPTError(f"KFAC damping must be > 0, got {settings.damp}")
+
+
+def check_separate_projections(model) -> None:
+    """The KFAC factors and the weight updates are per projection (q, k, v, gate, up): refuse a model that fuses
+    them (Phi-3) before any forward pass."""
+    if any(has_fused_projections(layer) for layer in model.model.layers):
+        raise SlimGPTError(f"LLM Surgeon and K-OBD need separate q/k/v and gate/up projections, which "
+                           f"{model.config.model_type} fuses (qkv_proj, gate_up_proj): use slimgpt, wanda-sp, "
+                           "magnitude or minitron for it")
 
 
 def heldout_split(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,6 +322,7 @@ def prune_surgeon(model, tokens: torch.Tensor, settings, callback: Callback | No
     settings.ratio of the decoder-layer parameters; prunes `model` in place and returns the report."""
 
     validate(settings)
+    check_separate_projections(model)
     device = resolve_device(settings.device)
     layers = model.model.layers
     T = settings.shots

@@ -26,7 +26,7 @@ import torch
 from slimgpt_core import data
 from slimgpt_core.base.devices import resolve_device
 from slimgpt_core.base.errors import SlimGPTError
-from slimgpt_core.base.shapes import count_parameters, unit_parameters
+from slimgpt_core.base.shapes import attention_unit_columns, count_parameters, unit_parameters
 from slimgpt_core.methods import obs
 from slimgpt_core.methods.forwards import capture_layer_inputs, run_layer
 from slimgpt_core.schedules.curves import ModelCurves, dense_hessians, error_curves
@@ -192,7 +192,7 @@ class VariantDatabase:
             Wo, Hi_o, _ = obs.damped_inverse(layer.self_attn.o_proj.weight.data.float(), H_attn, damp)
             Wd, Hi_d, _ = obs.damped_inverse(layer.mlp.down_proj.weight.data.float(), H_mlp, damp)
             self.inverse.append((Wo.cpu(), Hi_o.cpu(), Wd.cpu(), Hi_d.cpu()))
-        self.group = [layer.self_attn.head_dim * layer.self_attn.num_key_value_groups for layer in model.model.layers]
+        self.group = [attention_unit_columns(layer) for layer in model.model.layers]
         self.cached: OrderedDict = OrderedDict()
         self.max_cached = max_cached
 

@@ -1,7 +1,8 @@
 """Per-layer OBS-predicted error curves on dense inputs (SPEC §7), the what-if prediction, the sensitivity map.
 
 A curve says how much relative reconstruction error a module takes as units are removed, compensated by OBS:
-- heads: E_h(k) for k = 0 … n_kv−1 KV groups, each value exactly what `obs.prune_head_groups` reports for k;
+- heads: E_h(k) for k = 0 … n−1 attention units (`shapes.head_units`: KV groups, or the query heads of a layer
+  with one KV head, as the pruner removes them), each value exactly what `obs.prune_head_groups` reports for k;
 - FFN: one greedy pass with small fixed groups (about 1/128 of the width), recording the running sum of the
   group errors. `obs.prune_channels` (dynamic groups, what the pipeline runs) removes larger first groups,
   so its error is a little higher at the same count: `ffn_curve_gap` measures how far (tests assert the
@@ -23,12 +24,13 @@ from slimgpt_core import data
 from slimgpt_core.base import cache
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.base.events import Progress
+from slimgpt_core.base.shapes import attention_unit_columns, head_units, layer_shape
 from slimgpt_core.methods import obs
 from slimgpt_core.methods.prune_settings import ffn_units_removed
 from slimgpt_core.methods.statistics import dense_hessians
 from slimgpt_core.schedules.schedule import units_to_remove
 
-CURVES_VERSION = "curves-v2"  # v2: from the upper-triangular statistics (stats-v3)
+CURVES_VERSION = "curves-v3"  # v3: one-KV-head layers by query head (v2: upper-triangular statistics, stats-v3)
 MAP_RATIOS = tuple(round(0.05 * i, 2) for i in range(19))  # 0 … 0.9
 # measured (bench/whatif_bench.py, stories260k and SmolLM2, 2.5% grid of the width up to 95%): the fixed-group
 # greedy curve lies below prune_channels' dynamic groups by at most this fraction of prune_channels' error
@@ -85,11 +87,11 @@ def interpolate(counts: Sequence[int], values: Sequence[float], c: float) -> flo
 
 @dataclass
 class LayerCurves:
-    n_kv: int  # KV groups (units of the head curve)
+    n_kv: int  # attention units of the head curve (`shapes.head_units`: KV groups, or query heads of one KV head)
     heads_per_unit: int
     n_ffn: int
-    head_errors: list[float]  # relative error after removing k = 0 … n_kv−1 KV groups
-    head_order: list[int]  # greedy KV-group removal order
+    head_errors: list[float]  # relative error after removing k = 0 … n_kv−1 units
+    head_order: list[int]  # greedy unit removal order
     ffn_counts: list[int]  # channels removed at each curve point
     ffn_errors: list[float]  # relative error at each point
     ffn_order: list[int]  # greedy channel removal order
@@ -139,14 +141,15 @@ def ffn_step(n_channels: int) -> int:
 
 def layer_curves(layer, H_attn: torch.Tensor, H_mlp: torch.Tensor, damp: float = 0.01) -> LayerCurves:
     attn, mlp = layer.self_attn, layer.mlp
-    rep = attn.num_key_value_groups
-    group = attn.head_dim * rep
+    q, kv, _ = layer_shape(layer)
+    per_unit = head_units(q, kv)[1]
+    group = attention_unit_columns(layer)
     Wo = attn.o_proj.weight.data.float()
     Wd = mlp.down_proj.weight.data.float()
     e_attn, e_mlp = obs.quadratic_error(Wo, H_attn), obs.quadratic_error(Wd, H_mlp)
     head_abs, head_order = head_curve(Wo, H_attn, group, damp)
     counts, ffn_abs, ffn_order = ffn_curve(Wd, H_mlp, ffn_step(Wd.shape[1]), damp)
-    return LayerCurves(len(head_abs), rep, Wd.shape[1], [e / e_attn if e_attn else 0.0 for e in head_abs],
+    return LayerCurves(len(head_abs), per_unit, Wd.shape[1], [e / e_attn if e_attn else 0.0 for e in head_abs],
                        head_order, counts, [e / e_mlp if e_mlp else 0.0 for e in ffn_abs], ffn_order, e_attn, e_mlp)
 
 

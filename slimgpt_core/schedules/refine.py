@@ -30,7 +30,7 @@ from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.data import calibration_tokens
 from slimgpt_core.methods import obs
 from slimgpt_core.methods.statistics import dense_hessians
-from slimgpt_core.base.shapes import count_parameters
+from slimgpt_core.base.shapes import attention_unit_columns, count_parameters
 from slimgpt_core.schedules import global_allocation as ga
 from slimgpt_core.schedules.autoschedule import StitchedModel, VariantDatabase, unit_costs
 from slimgpt_core.schedules.curves import ModelCurves, error_curves
@@ -129,7 +129,7 @@ class DiskVariantDatabase(VariantDatabase):
             self.hessians.append((H_attn.cpu(), H_mlp.cpu()))
             if progress is not None:
                 progress(i + 1, n)
-        self.group = [layer.self_attn.head_dim * layer.self_attn.num_key_value_groups for layer in model.model.layers]
+        self.group = [attention_unit_columns(layer) for layer in model.model.layers]
         self.cached = OrderedDict()
         self.max_cached = max_cached
         self.built = self.from_disk = 0

@@ -249,7 +249,7 @@ def test_error_curves_cache_progress_and_batches(cache_dir, tokens):
     assert 8 in batches and 4 in batches and set(batches) <= {1, 8, 4}  # 12 sequences in batches of 8
     for i, _, H_attn, H_mlp in dense_hessians(model, tokens, device="cpu"):
         assert mc.layers[i] == curves.layer_curves(model.model.layers[i], H_attn, H_mlp, 0.02)
-    key = (f"curves-v2|{cache.model_fingerprint(model)}|{cache.tokens_digest(tokens)}|0.02")
+    key = (f"curves-v3|{cache.model_fingerprint(model)}|{cache.tokens_digest(tokens)}|0.02")
     assert ModelCurves.from_tensors(cache.lookup_tensors("stats", key)).layers == mc.layers
     again = curves.error_curves(model, tokens, damp=0.02)
     assert again.from_cache and again.layers == mc.layers

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimgpt_core.base.modeling_slimgpt import sliced_linear
-from slimgpt_core.base.shapes import update_config
+from slimgpt_core.base.modeling_slimgpt import keep_query_heads_of, sliced_linear
+from slimgpt_core.base.shapes import input_projections, keep_channels, layer_shape, update_config
 
 
 def _open(gate: torch.Tensor | None, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,13 +38,23 @@ def cut_model(model, gates: dict[str, torch.Tensor]) -> None:
         _cut(model, gates)
 
 
-def _cut_attention(attn, i: int, gates: dict[str, torch.Tensor], dims: torch.Tensor, out_scale: torch.Tensor,
+def _slice_inputs(layer, dims: torch.Tensor) -> None:
+    """Keep the hidden dimensions `dims` of every linear that reads the hidden state (separate or fused)."""
+    readers = {id(m) for m in input_projections(layer)}
+    for block in (layer.self_attn, layer.mlp):
+        for name, module in list(block.named_children()):
+            if id(module) in readers:
+                setattr(block, name, sliced_linear(module, cols=dims))
+
+
+def _cut_attention(layer, i: int, gates: dict[str, torch.Tensor], dims: torch.Tensor, out_scale: torch.Tensor,
                    device: torch.device) -> None:
-    """Layer i's attention cut to its open KV groups, heads within them and hidden dimensions `dims`; the gates'
-    values (and `out_scale`) folded into o_proj."""
+    """Layer i's attention cut to its open KV groups and heads within them (the layer surgery's
+    `keep_query_heads_of`, separate or fused q/k/v); hidden dimensions are cut by `_slice_inputs`, and the gates'
+    values (and `out_scale`) folded into o_proj, whose rows keep `dims`."""
+    attn = layer.self_attn
     d = attn.head_dim
-    n_heads = attn.q_proj.out_features // d
-    n_kv = attn.k_proj.out_features // d
+    n_heads, n_kv, _ = layer_shape(layer)
     rep = n_heads // n_kv
     groups, group_scale = _open(gates["kv_groups"][i] if "kv_groups" in gates else None, n_kv, device)
     head_gate = gates["heads"][i] if "heads" in gates else None  # [heads per group], or [groups, per group]
@@ -52,27 +62,20 @@ def _cut_attention(attn, i: int, gates: dict[str, torch.Tensor], dims: torch.Ten
             for g in groups.tolist()]
     heads = torch.cat([g * rep + idx for g, (idx, _) in zip(groups.tolist(), rows)])
     head_scale = torch.cat([gs * val for gs, (_, val) in zip(group_scale, rows)])
-    within_head = torch.arange(d, device=device)
-    q_rows = (heads[:, None] * d + within_head[None, :]).flatten()
-    kv_rows = (groups[:, None] * d + within_head[None, :]).flatten()
-    attn.q_proj = sliced_linear(attn.q_proj, rows=q_rows, cols=dims)
-    attn.k_proj = sliced_linear(attn.k_proj, rows=kv_rows, cols=dims)
-    attn.v_proj = sliced_linear(attn.v_proj, rows=kv_rows, cols=dims)
-    attn.o_proj = sliced_linear(attn.o_proj, rows=dims, cols=q_rows)
+    keep_query_heads_of(layer, heads.tolist())  # ascending: groups ascending, heads ascending within each
+    attn.o_proj = sliced_linear(attn.o_proj, rows=dims)
     _scale(attn.o_proj, out_scale, head_scale.repeat_interleave(d))
-    attn.num_key_value_groups = len(heads) // len(groups)  # query heads per KV group, the same for each
 
 
-def _cut_mlp(mlp, i: int, gates: dict[str, torch.Tensor], dims: torch.Tensor, out_scale: torch.Tensor,
+def _cut_mlp(layer, i: int, gates: dict[str, torch.Tensor], out_scale: torch.Tensor, dims: torch.Tensor,
              device: torch.device) -> None:
-    """Layer i's MLP cut to its open channels and hidden dimensions `dims`; the gates folded into down_proj."""
+    """Layer i's MLP cut to its open channels (the layer surgery's `keep_channels`, separate or fused gate/up); the
+    gates folded into down_proj, whose rows keep `dims`."""
+    mlp = layer.mlp
     channels, channel_scale = _open(gates["ffn"][i] if "ffn" in gates else None, mlp.down_proj.in_features, device)
-    mlp.gate_proj = sliced_linear(mlp.gate_proj, rows=channels, cols=dims)
-    mlp.up_proj = sliced_linear(mlp.up_proj, rows=channels, cols=dims)
-    mlp.down_proj = sliced_linear(mlp.down_proj, rows=dims, cols=channels)
+    keep_channels(layer, channels.tolist())
+    mlp.down_proj = sliced_linear(mlp.down_proj, rows=dims)
     _scale(mlp.down_proj, out_scale, channel_scale)
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = len(channels)
 
 
 def _cut(model, gates: dict[str, torch.Tensor]) -> None:
@@ -86,8 +89,9 @@ def _cut(model, gates: dict[str, torch.Tensor]) -> None:
     for pos, i in enumerate(layer_idx.tolist()):
         layer = inner.layers[i]
         out_scale = layer_scale[pos] * hidden_scale  # folded into the rows of o_proj and down_proj
-        _cut_attention(layer.self_attn, i, gates, dims, out_scale, device)
-        _cut_mlp(layer.mlp, i, gates, dims, out_scale, device)
+        _cut_attention(layer, i, gates, dims, out_scale, device)
+        _cut_mlp(layer, i, gates, out_scale, dims, device)
+        _slice_inputs(layer, dims)
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             _slice_norm(norm, dims, hidden_scale)
         layer.self_attn.layer_idx = pos

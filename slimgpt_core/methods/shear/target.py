@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from slimgpt_core.base.errors import SlimGPTError
-from slimgpt_core.base.shapes import head_dim, layer_shape
+from slimgpt_core.base.shapes import base_model_type, head_dim, layer_shape
 from slimgpt_core.models import load_config
 
 STRUCTURES = ("layers", "kv_groups", "heads", "ffn", "hidden")
@@ -109,6 +109,11 @@ def resolve_target(raw: dict, model) -> Shape:
     if target.heads_per_group > rep:
         raise SlimGPTError(f"the target has {target.heads_per_group} query heads per KV group but the source has "
                            f"{rep}: shear can only shrink")
+    if target.hidden < src.hidden and str(base_model_type(model.config)).startswith("gemma"):
+        # the cut folds the hidden gate into llama-style norms (weight · x); Gemma's scale by 1 + weight, and its
+        # embedding by √hidden_size, which a reloaded checkpoint recomputes from the smaller size
+        raise SlimGPTError(f"{model.config.model_type} cannot lose hidden dimensions (its norms scale by 1 + weight "
+                           f"and its embedding by √hidden_size): keep hidden={src.hidden}")
     if raw.get("head_dim") not in (None, head_dim(model.config)):
         raise SlimGPTError(f"the target's head size {raw['head_dim']} differs from the model's "
                            f"{head_dim(model.config)}: heads cannot be resized")

@@ -7,6 +7,7 @@ from slimgpt_core.schedules.editor_data import editor_payload
 from slimgpt_core.schedules.global_allocation import BudgetSpec
 from slimgpt_core.schedules.refine import AutoConfig, auto_job
 from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.shapes import layer_shape
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.services.prune import head_importance, preview_schedule, prune_to_workspace
 from ui import charts
@@ -185,7 +186,7 @@ if preview is not None:  # the views below need a valid schedule; the Run sectio
     # table always starts from the schedule (a preset change or a drag in the editor is never overlaid with older edits)
     ss.setdefault("schedule_table", 0)
     with st.expander("Per-layer ratios (table)", expanded=False):
-        kv0 = [layer.self_attn.k_proj.out_features // layer.self_attn.head_dim for layer in loaded.model.model.layers]
+        kv0 = [layer_shape(layer)[1] for layer in loaded.model.model.layers]  # separate or fused (Phi-3) k/v
         f0 = [layer.mlp.down_proj.in_features for layer in loaded.model.model.layers]
         ratio_column = st.column_config.NumberColumn(min_value=0.0, max_value=MAX_RATIO, step=0.0001, format="%.4f")
         table = st.data_editor(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from slimgpt_core.base.shapes import count_parameters, fits_context
+from slimgpt_core.base.shapes import count_parameters, fits_context, layer_shape
 
 
 @dataclass
@@ -39,7 +39,8 @@ def _sync(device: torch.device) -> None:
 def kv_cache_bytes_per_token(model) -> int:
     layers = model.model.layers
     elem = next(model.parameters()).element_size()
-    return sum(2 * layer.self_attn.k_proj.out_features * elem for layer in layers)
+    # K and V of every KV head (layer_shape: separate or Phi-3's fused projections)
+    return sum(2 * layer_shape(layer)[1] * layer.self_attn.head_dim * elem for layer in layers)
 
 
 def folder_size_mb(folder: str | Path | None) -> float | None:

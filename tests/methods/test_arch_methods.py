@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from slimgpt_core.base.assets import asset_path
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.base.modeling_slimgpt import register_auto_classes
-from slimgpt_core.base.shapes import count_parameters, head_units, layer_shape, unit_parameters
+from slimgpt_core.base.shapes import count_parameters, describe_layers, head_units, layer_shape, unit_parameters
+from slimgpt_core.evaluation.speed import kv_cache_bytes_per_token
 from slimgpt_core.export.checkpoint import export_checkpoint
 from slimgpt_core.methods import minitron
 from slimgpt_core.methods.pipeline import prune_model
@@ -196,3 +197,14 @@ def test_gemma_hidden_size_is_refused_before_any_work():
     with pytest.raises(SlimGPTError, match="cannot lose hidden dimensions"):
         resolve_target({"hidden": 24}, model)
     assert resolve_target({"hidden": 32}, model).hidden == 32
+
+
+@pytest.mark.parametrize("name", ["phi3", "gemma3-1kv", "qwen3"])
+def test_kv_cache_size_counts_every_kv_head(name, tokens):
+    model = tiny_model(**MODELS[name])
+    config = model.config
+    fp32 = 4
+    assert kv_cache_bytes_per_token(model) == 3 * 2 * config.num_key_value_heads * config.head_dim * fp32
+    prune_model(model, tokens, PruneSettings(head_ratios=[0.5, 0.0, 0.5], ffn_ratios=[0.0] * 3), use_cache=False)
+    kept = describe_layers(model)["layer_num_key_value_heads"]
+    assert kv_cache_bytes_per_token(model) == sum(kept) * 2 * config.head_dim * fp32

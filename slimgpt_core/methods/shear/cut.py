@@ -67,7 +67,7 @@ def _cut_attention(layer, i: int, gates: dict[str, torch.Tensor], dims: torch.Te
     _scale(attn.o_proj, out_scale, head_scale.repeat_interleave(d))
 
 
-def _cut_mlp(layer, i: int, gates: dict[str, torch.Tensor], out_scale: torch.Tensor, dims: torch.Tensor,
+def _cut_mlp(layer, i: int, gates: dict[str, torch.Tensor], dims: torch.Tensor, out_scale: torch.Tensor,
              device: torch.device) -> None:
     """Layer i's MLP cut to its open channels (the layer surgery's `keep_channels`, separate or fused gate/up); the
     gates folded into down_proj, whose rows keep `dims`."""
@@ -90,7 +90,7 @@ def _cut(model, gates: dict[str, torch.Tensor]) -> None:
         layer = inner.layers[i]
         out_scale = layer_scale[pos] * hidden_scale  # folded into the rows of o_proj and down_proj
         _cut_attention(layer, i, gates, dims, out_scale, device)
-        _cut_mlp(layer, i, gates, out_scale, dims, device)
+        _cut_mlp(layer, i, gates, dims, out_scale, device)
         _slice_inputs(layer, dims)
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             _slice_norm(norm, dims, hidden_scale)

@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from slimgpt_core.data import calibration_tokens, evaluation_tokens
+from slimgpt_core.data import calibration_tokens, evaluation_tokens, window_bos
+from slimgpt_core.evaluation.evaluate import perplexity
 from slimgpt_core.export.checkpoint import export_checkpoint
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
@@ -55,11 +56,17 @@ def test_gemma3_270m_loads_as_the_issue_describes_it(gemma):
         logits = model(ids, use_cache=False).logits
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     assert 20 < math.exp(float(nll)) < 40  # 28.5 here; a wrong norm offset or embedding scale gives thousands
+    # the engine's own windows start with <bos> for Gemma's tokenizer: the same mean NLL as the hand computation
+    engine = perplexity(model, evaluation_tokens(gemma.tokenizer, "wikitext2"), seqlen=256, batch_size=2,
+                        max_windows=4, bos=window_bos(gemma.tokenizer))
+    assert window_bos(gemma.tokenizer) == gemma.tokenizer.bos_token_id
+    assert engine.nll == pytest.approx(float(nll), rel=1e-5) and engine.tokens == 4 * 255
 
 
 def test_prune_20_percent_export_reload_same_logits(gemma, tmp_path):
     model, tokenizer = gemma.model, gemma.tokenizer
     calib = calibration_tokens(tokenizer, "c4", nsamples=8, seqlen=128)
+    assert bool((calib[:, 0] == tokenizer.bos_token_id).all())  # Gemma's calibration windows start with <bos>
     report = prune_model(model, calib, PruneSettings(ratio=0.2, batch_size=4), model_name="gemma3-270m")
     assert 0.17 < report.achieved_layer_ratio < 0.23, report.achieved_layer_ratio
     shapes = describe_layers(model)

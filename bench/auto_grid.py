@@ -30,7 +30,7 @@ from slimgpt_core.methods.prune_settings import PruneSettings  # noqa: E402
 from slimgpt_core.base.shapes import count_parameters  # noqa: E402
 from slimgpt_core.models import load_model  # noqa: E402
 from slimgpt_core.schedules import global_allocation as ga  # noqa: E402
-from slimgpt_core.schedules.autoschedule import unit_costs  # noqa: E402
+from slimgpt_core.schedules.stitched import unit_costs  # noqa: E402
 from slimgpt_core.schedules.curves import error_curves  # noqa: E402
 from slimgpt_core.methods.statistics import dense_hessians  # noqa: E402
 from slimgpt_core.schedules.refine import AutoConfig, auto_schedule  # noqa: E402

@@ -32,7 +32,7 @@ from slimgpt_core.methods import obs
 from slimgpt_core.methods.statistics import dense_hessians
 from slimgpt_core.base.shapes import count_parameters
 from slimgpt_core.schedules import global_allocation as ga
-from slimgpt_core.schedules.autoschedule import StitchedModel, VariantDatabase, unit_costs
+from slimgpt_core.schedules.stitched import StitchedModel, VariantDatabase, unit_costs
 from slimgpt_core.schedules.curves import ModelCurves, error_curves
 
 VARIANTS_VERSION = "variants-v1"

@@ -214,6 +214,15 @@ def shard_model(model, device: torch.device, bf16: bool = True, activation_check
     return model
 
 
+def resharded(model):
+    """`model` with every parameter back in its shard. FSDP2 keeps the root's parameters (embeddings, final norm,
+    head) gathered after a forward until the backward; after an evaluation with no backward they would stay
+    gathered, and an optimizer made then would hold the gathered copies instead of the shards."""
+    if isinstance(model, FSDPModule):
+        model.reshard()
+    return model
+
+
 def gathered_model(net, rebuild: Callable | None = None):
     """The trained model gathered once, as a plain (unsharded) model on rank 0's CPU; None on the other ranks,
     which must call this too (the gather is a collective). The plain model is built on the meta device from the

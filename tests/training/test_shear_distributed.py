@@ -165,11 +165,11 @@ def _torchrun(n: int, args: list[str]) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_torchrun_shear_saves_one_run(tmp_path):
-    done = _torchrun(2, ["shear", "--model", "stories260k", "--target", json.dumps(TARGET), "--data", "tinystories",
-                         "--steps", "4", "--seqlen", "64", "--batch-size", "4", "--quiet",
-                         "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "2",
-                         "--out", str(tmp_path / "two")])
+def test_torchrun_shear_saves_one_run_and_a_failing_process_ends_all_with_one_sentence(tmp_path):
+    common = ["shear", "--model", "stories260k", "--target", json.dumps(TARGET), "--data", "tinystories",
+              "--steps", "4", "--seqlen", "64", "--quiet", "--checkpoint-dir", str(tmp_path / "ckpt"),
+              "--checkpoint-every", "2"]
+    done = _torchrun(2, [*common, "--batch-size", "4", "--out", str(tmp_path / "two")])
     assert done.returncode == 0, done.stderr[-2000:]
     summaries = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1 and json.loads(summaries[0])["shape"]["layers"] == "5->4"  # rank 0 alone prints
@@ -181,3 +181,10 @@ def test_torchrun_shear_saves_one_run(tmp_path):
     assert sheared.config.hidden_size == 48 and len(sheared.model.layers) == 4
     assert sorted(p.name for p in (tmp_path / "ckpt" / "step-0000002").glob("rng-*")) == ["rng-0.safetensors",
                                                                                          "rng-1.safetensors"]
+    # the checkpoint two processes wrote, resumed by three: process 2 has no RNG state of its own and fails alone
+    failed = _torchrun(3, [*common, "--batch-size", "6", "--resume", "--out", str(tmp_path / "three")])
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert failed.returncode != 0 and not (tmp_path / "three").exists()
+    assert all(line.startswith("error: process ") for line in errors)
+    assert errors[0] == (f"error: process 2 of 3: checkpoint {tmp_path / 'ckpt' / 'step-0000002'} was written by "
+                         "fewer processes than the 3 resuming it (resume with the same --nproc-per-node)")

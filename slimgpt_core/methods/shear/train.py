@@ -5,7 +5,7 @@ without weight decay, cosine with 10% warm-up for all three, gradients clipped a
 linearly from 0 over the first fifth of the steps.
 
 Under torchrun (docs/distributed.md) the model is sharded with FSDP2 and every rank trains on its rows of each
-micro-batch. The masks and multipliers are a few thousand numbers: every rank holds them whole (replicated), draws
+micro-batch. The masks and multipliers are small (SmolLM2: ~47k numbers): every rank holds them whole, draws
 the same gates from the same seeded generator, and averages the masks' gradients over the ranks, so every rank
 takes the same mask step, as one process does (sharding them would save nothing and cost a gather per forward).
 Checkpoints every K steps hold the model, masks, λ, the three optimizers, the schedulers, the gate generator and
@@ -144,7 +144,7 @@ class _Learning:
     seen: int = 0  # input tokens of all ranks
 
     def parts(self):
-        """(the weights' optimizer, the masks with theirs, the loose tensors) as checkpoints take them."""
+        """(the weights' optimizer, {"masks": (the masks, their two optimizers)}) as checkpoints take them."""
         weights_optimizer = self.optimizers[2] if len(self.optimizers) > 2 else None
         return weights_optimizer, {"masks": (self.masks, self.optimizers[:2])}
 

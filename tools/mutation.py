@@ -44,7 +44,7 @@ FAST_TESTS = {
     "methods.activations": ["methods/test_preview.py", "methods/test_activations.py"],
     "base.devices": ["methods/test_activations.py"],
     "methods.statistics": ["methods/test_preview.py", "methods/test_statistics.py"],
-    "schedules.autoschedule": ["schedules/test_curves.py", "schedules/test_autoschedule.py"],
+    "schedules.stitched": ["schedules/test_stitched.py", "schedules/test_allocation.py"],
     "workspace.jobs": ["workspace/test_jobs.py"],
     "workspace.store": ["workspace/test_atomic.py", "evaluation/test_run_comparison.py", "workspace/test_store.py"],
 }

@@ -147,14 +147,18 @@ def compare_command(args, variants: list[str], tasks: list[str]) -> str:
 
 
 def cmd_shear(args) -> int:
+    args.device = join_process_group(args.device)[2]
+    return on_every_rank(lambda: _shear(args))
+
+
+def _shear(args) -> int:
     settings = ShearSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, mask_lr=args.mask_lr,
                              lambda_lr=args.lambda_lr, train_weights=not args.freeze_weights, seed=args.seed,
-                             device=args.device)
+                             device=args.device, **scale_settings(args))
     request = ShearRequest(read_target(args.target), settings, comma_list(args.data), args.seqlen, args.method,
                            args.nsamples, args.ppl, args.ppl_seqlen, args.ppl_windows, "--seqlen")
-    print(json.dumps(shear_to_folder(args.model, request, args.out, args.force, args.dtype,
-                                     progress.shear_lines(args.quiet))))
-    return 0
+    return print_summary(shear_to_folder(args.model, request, args.out, args.force, args.dtype,
+                                         progress.shear_lines(args.quiet)))
 
 
 def cmd_recover(args) -> int:

@@ -251,6 +251,7 @@ def shear_parser(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     ppl_options(s, None, "also measure dense and sheared perplexity on this text (e.g. wikitext2)", None)
     output_options(s, "folder for the sheared model and report.json (must not exist)")
+    scale_options(s)
 
 
 def scale_options(p: argparse.ArgumentParser) -> None:

@@ -32,10 +32,11 @@ from slimgpt_core.methods import obs
 from slimgpt_core.methods.statistics import dense_hessians
 from slimgpt_core.base.shapes import attention_unit_columns, count_parameters
 from slimgpt_core.schedules import global_allocation as ga
-from slimgpt_core.schedules.autoschedule import StitchedModel, VariantDatabase, unit_costs
+from slimgpt_core.schedules.stitched import StitchedModel, VariantDatabase, unit_costs
 from slimgpt_core.schedules.curves import ModelCurves, error_curves
 
 VARIANTS_VERSION = "variants-v1"
+LOG_HEAD_SHARES = (None, 0.5, 0.25)  # the fast phase's log candidates: heads at this share of the budget's ratio
 
 
 @dataclass
@@ -241,16 +242,20 @@ class _AutoRun:
         self.all_samples = list(range(fitness.shape[0]))
 
     def plans(self) -> list[tuple[str, Callable[[], np.ndarray]]]:
-        """The fast candidates: the allocation at a few balances and the fitted log schedule."""
+        """The fast candidates: the allocation at a few balances and the log schedule fitted to the budget at a few
+        heads/FFN shares."""
         curves, budget, sensitivity, n_kv, n_ffn = self.curves, self.budget, self.sensitivity, self.n_kv, self.n_ffn
         shape = self.config.shape
         if len(budget.groups) == 2:  # heads and FFN apart: no balance to choose
             return [("global", lambda: ga.allocate(curves, budget, sensitivity)),
                     ("log", lambda: ga.fitted_schedule(budget, n_kv, n_ffn, "log", shape))]
-        plans = [(f"global β={b:g}", lambda b=b: ga.allocate(curves, budget, sensitivity, b)) for b in ga.BALANCES]
-        plans.insert(1, ("log", lambda: ga.fitted_schedule(budget, n_kv, n_ffn, "log", shape)))
-        plans.insert(5, ("log heads×0.5", lambda: ga.fitted_schedule(budget, n_kv, n_ffn, "log", shape, 0.5)))
-        return plans
+        allocations = [(f"global β={b:g}", lambda b=b: ga.allocate(curves, budget, sensitivity, b))
+                       for b in ga.BALANCES]
+        # log with fewer heads removed than FFN: at high ratios most of a searched schedule's gain over log is
+        # this balance (SPEC §10), so it is scored early
+        logs = [(f"log heads×{h:g}" if h is not None else "log",
+                 lambda h=h: ga.fitted_schedule(budget, n_kv, n_ffn, "log", shape, h)) for h in LOG_HEAD_SHARES]
+        return [allocations[0], logs[0], logs[1], *allocations[1:3], logs[2], *allocations[3:]]
 
     def fast(self) -> tuple[float, np.ndarray, list | None, str]:
         """Score the plans by KL (at least two, then while `fast_seconds` last); the best as (kl, genome, states,

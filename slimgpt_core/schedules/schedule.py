@@ -11,7 +11,7 @@ from typing import Sequence
 
 from slimgpt_core.base.errors import SlimGPTError
 
-SCHEDULES = ("log", "linear", "uniform", "auto")  # auto: chosen by a search for a budget (autoschedule.py)
+SCHEDULES = ("log", "linear", "uniform", "auto")  # auto: chosen for a budget (refine.py)
 
 
 def kappa(n: int, kind: str = "log") -> float:
@@ -49,7 +49,7 @@ def layer_ratios(n_layers: int, target: float, kind: str = "log", shape: float =
         raise SlimGPTError(f"unknown schedule {kind!r} (choose from {', '.join(SCHEDULES)}, or a custom list)")
     if kind == "auto":
         raise SlimGPTError("the auto schedule has no formula: it is found by a search for a parameter budget "
-                           "(slimgpt_core.schedules.autoschedule.search, or prune --schedule auto)")
+                           "(prune --schedule auto, or slimgpt_core.schedules.refine.auto_schedule)")
     if kind == "uniform" or n_layers == 1 or target == 0.0:
         return [target] * n_layers
     if shape < 1.0:

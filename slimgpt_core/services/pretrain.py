@@ -16,6 +16,7 @@ from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.base.events import Progress
 from slimgpt_core.base.shapes import check_context_length
 from slimgpt_core.models import LoadedModel, load_config, load_model
+from slimgpt_core.training.distributed import load_for_training
 from slimgpt_core.training.pretrain import PretrainResult, PretrainSettings, TEXTS, pretrain, pretrained_report, summary
 from slimgpt_core.training.recover import load_source_report
 from slimgpt_core.workspace.model_pool import POOL
@@ -128,7 +129,7 @@ def pretrain_to_folder(model: str, settings: PretrainSettings, out: str | Path |
     settings.validate()  # before loading anything
     out = check_output_folder(out or runs_root() / new_run_name(f"{Path(model).stem}-pretrain-{settings.steps}"),
                               overwrite)
-    loaded = load_model(model, "cpu", dtype)
+    loaded = load_for_training(model, dtype)  # under torchrun: weights on rank 0 only, meta shells elsewhere
     check_context_length(loaded.model.config, settings.seqlen, "--seqlen")
     report = load_source_report(loaded.path)
     source = report.model if report is not None and report.model else None

@@ -3,7 +3,8 @@
 the studio (`shear_to_workspace`): load → check → data → dense perplexity → masks and cut → perplexity → save.
 
 The source is never changed: the loaded model is copied, a run is read fresh from disk. Nothing is written until
-the cut model is complete, and then all at once (a cancelled or failed job leaves no folder)."""
+the cut model is complete, and then all at once (a cancelled or failed job leaves no folder). Under torchrun
+(docs/distributed.md) only rank 0 reads the weights, measures perplexity, reports progress and saves the run."""
 from __future__ import annotations
 
 import copy
@@ -29,6 +30,7 @@ from slimgpt_core.methods.shear.target import Shape, resolve_target, source_shap
 from slimgpt_core.methods.shear.train import ShearResult, ShearSettings, ShearStep
 from slimgpt_core.models import LoadedModel, load_model
 from slimgpt_core.services.evaluate import perplexity
+from slimgpt_core.training.distributed import is_main, load_for_training, rank_world
 from slimgpt_core.training.loop import training_bytes
 from slimgpt_core.workspace.model_pool import POOL
 from slimgpt_core.workspace.store import (add_measurement, dense_evaluations_folder, new_run_name, read_run, runs_root,
@@ -47,7 +49,8 @@ def describe_step(e: ShearStep) -> str:
 
 def training_tokens(tokenizer, sources: list[str], steps: int, batch_size: int, seqlen: int,
                     seed: int = 0) -> torch.Tensor:
-    """Enough windows for `steps` micro-batches, an equal share from each source (a static mix)."""
+    """Enough windows for `steps` micro-batches of `batch_size` sequences, an equal share from each source (a
+    static mix; the same windows on every rank)."""
 
     if not sources:
         raise SlimGPTError("give at least one data source (--data c4,tinystories)")
@@ -110,6 +113,7 @@ class Sheared:
     dense_ppl: dict | None = None
     sheared_ppl: dict | None = None
     device: str = "cpu"
+    model: object = None  # the cut model (the one passed in, or gathered from the ranks' shards)
 
 
 def shear_label(model_name: str, target: Shape) -> str:
@@ -118,21 +122,27 @@ def shear_label(model_name: str, target: Shape) -> str:
 
 
 def shear_loaded(model, tokenizer, name: str, request: ShearRequest, emit: Callable = lambda e: None,
-                 stop: Callable[[], bool] = lambda: False) -> Sheared:
-    """Check, draw the data, measure the dense perplexity, run the shape method, measure the cut model; `model` is
-    cut in place and left on the CPU."""
+                 stop: Callable[[], bool] = lambda: False) -> Sheared | None:
+    """Check, draw the data, measure the dense perplexity, run the shape method, measure the cut model; in one
+    process `model` is cut in place and left on the CPU. Under torchrun every rank calls this and rank 0 alone
+    gets the result (None elsewhere)."""
     t0, settings = time.perf_counter(), request.settings
     method = registry.lookup(request.method, "shape")
+    if rank_world()[1] > 1 and not method.trains:
+        raise SlimGPTError(f"--method {request.method} is one-shot and runs in one process (not under torchrun)")
+    emit = emit if is_main() else (lambda e: None)
     shape = resolve_target(request.target, model)
     check_context_length(model.config, request.seqlen, request.seqlen_name)
     device = resolve_device(settings.device)
     if method.trains:
+        settings.validate()
         check_training_memory(model, settings.batch_size, request.seqlen, device, settings.train_weights)
     emit(Progress(0, settings.steps, "training data", time.perf_counter() - t0))
-    steps, batch = (settings.steps, settings.batch_size) if method.trains else (request.nsamples, 1)
+    steps, batch = (settings.steps, settings.batch_size * settings.grad_accumulation) if method.trains else (
+        request.nsamples, 1)
     tokens = training_tokens(tokenizer, request.data, steps, batch, request.seqlen, settings.seed)
     out = Sheared(None, shape, device=str(device))
-    if request.ppl:
+    if request.ppl and is_main():
         emit(Progress(0, settings.steps, "dense perplexity", time.perf_counter() - t0))
         out.dense_ppl = _perplexity(model, tokenizer, request, device, stop)
     if stop():
@@ -145,10 +155,13 @@ def shear_loaded(model, tokenizer, name: str, request: ShearRequest, emit: Calla
         emit(Progress(event.step, event.steps, "mask learning", time.perf_counter() - t0))
 
     out.result = method.function()(model, tokens, shape, settings, on_step, stop, model_name=name)
+    if out.result is None:  # a process other than rank 0 of a torchrun job
+        return None
+    out.model = out.result.model if out.result.model is not None else model
     out.result.report.settings.update(data=list(request.data), seqlen=request.seqlen)
     if request.ppl:
         emit(Progress(settings.steps, settings.steps, "perplexity of the cut model", time.perf_counter() - t0))
-        out.sheared_ppl = _perplexity(model, tokenizer, request, device, stop)
+        out.sheared_ppl = _perplexity(out.model, tokenizer, request, device, stop)
         out.result.report.evaluation = {"dense_ppl": out.dense_ppl, "sheared_ppl": out.sheared_ppl}
     if stop():
         raise JobCancelled("shear was cancelled")
@@ -178,13 +191,19 @@ def save_shear_run(model, tokenizer, result: ShearResult, out: str | Path, overw
 
 
 def shear_to_folder(model_name: str, request: ShearRequest, out: str | Path, overwrite: bool = False,
-                    dtype: str = "auto", callback: Callable | None = None) -> dict:
-    """The command line's shear: a new run folder at `out`; a summary back."""
+                    dtype: str = "auto", callback: Callable | None = None) -> dict | None:
+    """The command line's shear: a new run folder at `out`; a summary back (None in the processes of a torchrun
+    job other than rank 0, which hold no weights until sharding and save nothing)."""
     out = check_output_folder(out, overwrite)
-    loaded = load_model(model_name, request.settings.device, dtype)
+    if request.method == "shear":
+        request.settings.validate()  # before loading anything
+    loaded = load_for_training(model_name, dtype) if rank_world()[1] > 1 else load_model(
+        model_name, request.settings.device, dtype)
     done = shear_loaded(loaded.model, loaded.tokenizer, loaded.name, request, callback or (lambda e: None))
+    if done is None:
+        return None
     result = done.result
-    save_shear_run(loaded.model, loaded.tokenizer, result, out, overwrite)
+    save_shear_run(done.model, loaded.tokenizer, result, out, overwrite)
     summary = {"out": str(out), "method": request.method, "shape": target_summary(result.target, result.source),
                "kept_layers": result.kept_layers, "params_before": result.report.params_before,
                "params_after": result.report.params_after, "seconds": round(result.report.total_seconds, 1)}
@@ -216,7 +235,7 @@ def shear_to_workspace(source: LoadedModel | str | Path, target: dict, settings:
     request = ShearRequest(target, settings, list(data), seqlen, ppl=ppl_source, ppl_seqlen=ppl_seqlen,
                            ppl_windows=ppl_windows)
     done = shear_loaded(model, tokenizer, name, request, emit, should_stop or (lambda: False))
-    result = done.result
+    result, model = done.result, done.model
     if source_run is not None:
         result.report.settings["source_run"] = source_run.name
     emit(Progress(settings.steps, settings.steps, "saving the run", time.perf_counter() - t0))

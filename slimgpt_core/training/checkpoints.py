@@ -1,7 +1,9 @@
 """Checkpoints a killed training run resumes from: every K steps, in `<folder>/step-<n>/`,
 
 - the trainable weights and the optimizer state as a torch.distributed.checkpoint (DCP) checkpoint, each rank
-  writing its own shards (with FSDP2 nobody gathers the model for it);
+  writing its own shards (with FSDP2 nobody gathers the model for it); besides the model, other modules with
+  their optimizers (shear's masks and multipliers, the same on every rank: DCP writes such replicated tensors
+  once) and loose tensors (a generator's state);
 - `state.json` (rank 0): the step, the scheduler, the data stream's position (and domain weights), the loss
   curve so far and what the caller adds (dynamic batch loading's mix history);
 - `rng-<rank>.safetensors`: each rank's random-number generator states (dropout draws differ per rank).
@@ -74,16 +76,33 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(plan: CheckpointPlan, step: int, model, optimizer, state: dict) -> Path:
-    """Every rank calls this at the same step; returns the checkpoint's folder."""
+Parts = dict[str, tuple[torch.nn.Module, list[torch.optim.Optimizer]]]  # name -> (module, its optimizers)
+
+
+def _tensor_state(parts: Parts, loose: dict[str, torch.Tensor] | None) -> dict:
+    """What DCP writes: each part's trainable weights and its optimizers' state, and the loose tensors."""
+    out = {}
+    for name, (module, optimizers) in parts.items():
+        out[name] = get_model_state_dict(module, options=TRAINABLE)
+        if optimizers:
+            out[f"{name}-optim"] = get_optimizer_state_dict(module, optimizers, options=TRAINABLE)
+    return {**out, **(loose or {})}
+
+
+def _parts(model, optimizer, others: Parts | None) -> Parts:
+    return {"model": (model, [optimizer] if optimizer is not None else []), **(others or {})}
+
+
+def save_checkpoint(plan: CheckpointPlan, step: int, model, optimizer, state: dict, others: Parts | None = None,
+                    loose: dict[str, torch.Tensor] | None = None) -> Path:
+    """Every rank calls this at the same step; returns the checkpoint's folder. `others`: more modules with
+    their optimizers (name -> (module, optimizers)); `loose`: plain tensors restored in place by load_checkpoint."""
     rank, _ = rank_world()
     folder = Path(plan.folder) / f"step-{step:07d}"
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
     _barrier()
-    tensors = {"model": get_model_state_dict(model, options=TRAINABLE),
-               "optim": get_optimizer_state_dict(model, optimizer, options=TRAINABLE)}
-    dcp.save(tensors, checkpoint_id=folder)
+    dcp.save(_tensor_state(_parts(model, optimizer, others), loose), checkpoint_id=folder)
     save_file(_rng_state(), str(folder / f"rng-{rank}.safetensors"))
     if rank == 0:
         extra = plan.extra_state() if plan.extra_state else {}
@@ -102,8 +121,10 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return Path(folder) / pointer.read_text(encoding="utf-8").strip() if pointer.exists() else None
 
 
-def load_checkpoint(plan: CheckpointPlan, model, optimizer) -> dict | None:
-    """Weights, optimizer and RNG restored in place from the latest checkpoint; its state.json (None: none yet)."""
+def load_checkpoint(plan: CheckpointPlan, model, optimizer, others: Parts | None = None,
+                    loose: dict[str, torch.Tensor] | None = None) -> dict | None:
+    """Weights, optimizers, loose tensors and RNG restored in place from the latest checkpoint (the same `others`
+    and `loose` names as saved); its state.json (None: none yet)."""
     folder = latest_checkpoint(plan.folder)
     if folder is None:
         return None
@@ -112,11 +133,15 @@ def load_checkpoint(plan: CheckpointPlan, model, optimizer) -> dict | None:
     if not rng_file.exists():
         raise SlimGPTError(f"checkpoint {folder} was written by fewer processes than the {world} resuming it "
                            "(resume with the same --nproc-per-node)")
-    tensors = {"model": get_model_state_dict(model, options=TRAINABLE),
-               "optim": get_optimizer_state_dict(model, optimizer, options=TRAINABLE)}
+    parts = _parts(model, optimizer, others)
+    tensors = _tensor_state(parts, loose)
     dcp.load(tensors, checkpoint_id=folder)
-    set_model_state_dict(model, tensors["model"], options=TRAINABLE)
-    set_optimizer_state_dict(model, optimizer, tensors["optim"], options=TRAINABLE)
+    for name, (module, optimizers) in parts.items():
+        set_model_state_dict(module, tensors[name], options=TRAINABLE)
+        if optimizers:
+            set_optimizer_state_dict(module, optimizers, tensors[f"{name}-optim"], options=TRAINABLE)
+    for name, tensor in (loose or {}).items():
+        tensor.copy_(tensors[name])  # DCP loads in place; a safeguard should it hand back a new tensor
     rng = load_file(str(rng_file))
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng:

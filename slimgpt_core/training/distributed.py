@@ -2,12 +2,17 @@
 a global micro-batch, and sums reduced across ranks.
 
     rank, world, device = join_process_group("auto")    # under torchrun: gloo on CPU, NCCL on GPUs
+    loaded = load_for_training(name, dtype)              # weights on rank 0; the other ranks on the meta device
     net = shard_model(net, torch.device(device), bf16=True, activation_checkpointing=False)
     part = rank_rows(batch)                              # this rank's rows of a micro-batch every rank drew
 
 Every rank draws the same global stream of micro-batches (same seed, same domain weights) and trains on its own
 rows of each, so N processes see exactly the batches one process would; gradients are averaged by FSDP's
 reduce-scatter. With one process nothing is sharded and every helper is the identity.
+
+Only rank 0 reads the weights: the other ranks build the same model on the meta device (no memory), every rank
+shards its model, and rank 0's full state is broadcast into the shards (`set_model_state_dict` with
+`broadcast_from_rank0`), so no rank but 0 ever holds the whole model.
 """
 from __future__ import annotations
 
@@ -16,11 +21,19 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from slimgpt_core.base.devices import resolve_dtype
 from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.base.modeling_slimgpt import CLASSES
+from slimgpt_core.base.shapes import is_heterogeneous
+from slimgpt_core.models import LoadedModel, load_config, load_model
+
+FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
 
 def rank_world() -> tuple[int, int]:
@@ -93,6 +106,74 @@ def broadcast_tensor(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Gradients of replicated (unsharded) parameters averaged over the ranks, in place: each rank's gradient is
+    that of its rows' mean loss, so their mean is the micro-batch's, as one process computes it."""
+    world = rank_world()[1]
+    grads = [p.grad for p in params if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def clip_gradients(groups: list[list[torch.Tensor]], max_norm: float) -> float:
+    """Gradients of all `groups` (sharded DTensors or replicated plain tensors, not mixed within a group) scaled
+    together to a total L2 norm of at most `max_norm`, as one process's clip_grad_norm_ over their union.
+    Returns the norm before clipping."""
+    norms = []
+    for params in groups:
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if not norms:
+        return 0.0
+    total = torch.nn.utils.get_total_norm(norms)
+    coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))  # clip_grad_norm_'s own coefficient
+    for params in groups:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return float(total)
+
+
+def load_for_training(name: str, dtype: str = "float32") -> LoadedModel:
+    """The model and tokenizer `name` names, as `load_model` gives them on the CPU. Under torchrun only rank 0
+    reads the weights; the other ranks get the same class and shapes on the meta device (no memory), which
+    `shard_model` fills from rank 0."""
+    if is_main():
+        return load_model(name, "cpu", dtype)
+    config, where = load_config(name)
+    torch_dtype = resolve_dtype(dtype, torch.device("cpu"))
+    with torch.device("meta"):
+        if is_heterogeneous(config) and not config.model_type.startswith("slimgpt_"):  # as load_model reads it
+            config_cls, model_cls = CLASSES[config.model_type]
+            fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
+            model = model_cls._from_config(config_cls(**fields), dtype=torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.eval()
+    model.config.use_cache = False
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, name, where)
+
+
+def on_meta(model) -> bool:
+    """Whether `model` is a shell on the meta device (a rank other than 0 before sharding)."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def to_device(model, device):
+    """`model` moved to `device`, unless it is a meta shell (its weights come from rank 0 when it is sharded)."""
+    return model if on_meta(model) else model.to(device)
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder layers of a causal LM, through a peft wrapper if there is one."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -110,18 +191,35 @@ def shard_model(model, device: torch.device, bf16: bool = True, activation_check
     """FSDP2: each decoder layer its own shard group (mixed shapes and LoRA adapters included; frozen and
     trainable parameters may share a group), then the root (embeddings, final norm, head). Activation
     checkpointing recomputes each layer's activations in the backward pass (transformers' non-reentrant
-    checkpointing). One process: the model unchanged (moved to `device`)."""
+    checkpointing). The weights are rank 0's on every rank: its full state is broadcast into the shards, so the
+    other ranks may come as meta shells (load_for_training). One process: the model unchanged (moved to
+    `device`)."""
     if activation_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     world = rank_world()[1]
     if world == 1:
         return model.to(device)
+    full = model.state_dict() if is_main() else {}  # rank 0's full weights, kept while they are broadcast
     mesh = init_device_mesh(device.type, (world,))
     policy = mixed_precision(device, bf16)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if on_meta(model):
+        model.to_empty(device=device)  # this rank's shards (and buffers), uninitialised until filled below
+    set_model_state_dict(model, full, options=FROM_RANK0)
+    for buffer in model.buffers():  # rotary tables: not in the state dict, so broadcast on their own
+        dist.broadcast(buffer.data, 0)
+    return model
+
+
+def resharded(model):
+    """`model` with every parameter back in its shard. FSDP2 keeps the root's parameters (embeddings, final norm,
+    head) gathered after a forward until the backward; after an evaluation with no backward they would stay
+    gathered, and an optimizer made then would hold the gathered copies instead of the shards."""
+    if isinstance(model, FSDPModule):
+        model.reshard()
     return model
 
 

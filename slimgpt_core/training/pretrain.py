@@ -25,7 +25,7 @@ from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.evaluation.evaluate import perplexity
 from slimgpt_core.training.checkpoints import CheckpointPlan, checkpoint_checks, raise_first_failure
 from slimgpt_core.training.distributed import (broadcast_tensor, check_batch_rows, gathered_model, is_main,
-                                               rank_world, shard_model)
+                                               rank_world, resharded, shard_model, to_device)
 from slimgpt_core.training.distill import check_teacher, distillation_loss_fn
 from slimgpt_core.training.domain_mix import update_domain_weights
 from slimgpt_core.training.domains import DomainSampler, check_domains, load_domains, perplexity_tokens
@@ -118,7 +118,7 @@ class PretrainSettings:
 
 @dataclass
 class PretrainPhase:
-    phase: str  # data | reference | ppl-before | train | merge | ppl-after | done
+    phase: str  # data | ppl-before | reference | train | merge | ppl-after | done
     elapsed_s: float
     kind: str = "pretrain-phase"
 
@@ -292,8 +292,7 @@ def _reference(run: _Run, model, reference, teacher, reference_name: str) -> tup
     s = run.settings
     if s.reference_losses is not None:
         return torch.tensor(s.reference_losses, dtype=torch.float64), "given"
-    judge = reference if reference is not None else model
-    judge.to(run.device)
+    judge = reference.to(run.device) if reference is not None else model
     ref = torch.tensor(list(_domain_losses(judge, run.heldout, run.device, s.bf16).values()), dtype=torch.float64)
     source = reference_name or ("the reference model" if reference is not None else
                                 "the model itself before training (no source model known)")
@@ -331,17 +330,23 @@ def _relay(run: _Run, event) -> None:
         run.emit(e)
 
 
-def _train_model(run: _Run, model, domains, weights: torch.Tensor, loss_fn, should_stop):
-    """Full or LoRA training of the model sharded over the ranks; the trained model (adapter-wrapped with LoRA)
-    gathered back as a plain model on rank 0 when it was sharded (None on the other ranks)."""
+def _shard(run: _Run, model):
+    """(the model to train: LoRA-wrapped or all weights trainable, it sharded over the ranks, its trainable
+    parameter count). Sharding comes before any held-out loss: ranks other than 0 may hold a meta shell."""
     s = run.settings
     if s.lora:
         run.wrapped = add_lora(model, s.rank, s.alpha, s.dropout, s.target_modules, s.seed)
     net = run.wrapped if s.lora else model.requires_grad_(True)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    return net, shard_model(net, run.device, s.bf16, s.activation_checkpointing), trainable
+
+
+def _train_model(run: _Run, net, sharded, domains, weights: torch.Tensor, loss_fn, should_stop):
+    """Full or LoRA training of the sharded model; the trained model (adapter-wrapped with LoRA) gathered back
+    as a plain model on rank 0 when it was sharded (None on the other ranks)."""
+    s = run.settings
     run.sampler = DomainSampler(domains, weights, s.batch_size, s.seed)
     run.drawn_for_step = run.as_dict(weights)
-    sharded = shard_model(net, run.device, s.bf16, s.activation_checkpointing)
     checkpoint = CheckpointPlan(s.checkpoint_folder, s.checkpoint_every, s.resume, run.state, run.restore) \
         if s.checkpoint_folder else None
     optim = OptimizerConfig(lr=s.lr, warmup_steps=s.warmup_steps, schedule=s.schedule, betas=s.betas)
@@ -355,7 +360,7 @@ def _train_model(run: _Run, model, domains, weights: torch.Tensor, loss_fn, shou
         net = gathered_model(sharded, rebuild)
         if net is not None:
             net.to(run.device)
-    return net, trained, trainable
+    return net, trained
 
 
 def _put_back(run: _Run, model, flags: dict[str, bool], home, teacher, exc: BaseException) -> None:
@@ -414,20 +419,22 @@ def pretrain(model, tokenizer, settings: PretrainSettings, reference=None, teach
     run = _Run(settings, device, [d.name for d in domains],
                {d.name: _batches(d.heldout, settings.batch_size) for d in domains}, emit)
     home, flags = next(model.parameters()).device, {name: p.requires_grad for name, p in model.named_parameters()}
-    model.to(device)
+    model = to_device(model, device)
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
     try:
-        phase("reference")
-        run.ref, ref_source = _reference(run, model, reference, teacher, reference_name)
-        phase("ppl-before")
+        phase("ppl-before")  # rank 0, on its whole model before sharding
         ppl_before = _perplexities(model, tokenizer, settings, device, should_stop) if is_main() else {}
-        start = _domain_losses(model, run.heldout, device, settings.bf16)
+        phase("reference")
+        net, sharded, trainable = _shard(run, model)
+        run.ref, ref_source = _reference(run, sharded, reference, teacher, reference_name)
+        start = _domain_losses(sharded, run.heldout, device, settings.bf16)
+        resharded(sharded)  # before the optimizer takes its parameters
         weights = torch.tensor(settings.initial_weights or [1.0] * len(domains), dtype=torch.float64)
         weights = weights / weights.sum()
         run.mix, run.latest = [{"step": 0, "losses": start, "weights": run.as_dict(weights)}], dict(start)
         phase("train")
-        net, trained, trainable = _train_model(run, model, domains, weights, distillation_loss_fn(
+        net, trained = _train_model(run, net, sharded, domains, weights, distillation_loss_fn(
             teacher, distill) if teacher is not None else None, should_stop)
     except BaseException as exc:
         _put_back(run, model, flags, home, teacher, exc)

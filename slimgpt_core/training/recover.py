@@ -29,7 +29,7 @@ from slimgpt_core.training import loop
 from slimgpt_core.training.finetune_data import batch_stream, check_source, fixed_batches, load_finetune_data
 from slimgpt_core.training.checkpoints import CheckpointPlan, checkpoint_checks, raise_first_failure
 from slimgpt_core.training.distributed import (check_batch_rows, gathered_model, is_main, rank_world,
-                                               shard_model)
+                                               shard_model, to_device)
 from slimgpt_core.training.loop import (CountedStream, OptimizerConfig, TrainPlan, TrainResult, TrainStep,
                                         final_perplexity, run_training, trained_report)
 
@@ -304,7 +304,7 @@ def recover(model, tokenizer, settings: RecoverSettings, callback: Callable | No
     trainable_flags = {name: p.requires_grad for name, p in model.named_parameters()}  # peft freezes them all
     phase = lambda name: emit(RecoverPhase(name, time.perf_counter() - t_start))  # noqa: E731
     phase("ppl-before")
-    t = _train_or_restore(model.to(device), tokenizer, settings, data, heldout, device, callback, should_stop,
+    t = _train_or_restore(to_device(model, device), tokenizer, settings, data, heldout, device, callback, should_stop,
                           (home, trainable_flags, phase))
     if t.peft_model is None:
         return None

@@ -4,7 +4,8 @@ import copy
 import pytest
 import torch
 
-from slimgpt_core.schedules import autoschedule
+from slimgpt_core.schedules import global_allocation as ga
+from slimgpt_core.schedules import refine, stitched
 
 from slimgpt_core.schedules import curves
 
@@ -126,7 +127,7 @@ def test_curves_come_back_from_the_cache(stories, model_curves):
 def test_database_variant_equals_the_greedy_obs_sequence(stories, model_curves):
     """One group-OBS update of the first k greedy units == the greedy's k sequential updates."""
     loaded, tokens, _, hessians = stories
-    db = autoschedule.VariantDatabase(loaded.model, model_curves, tokens, device="cpu")
+    db = stitched.VariantDatabase(loaded.model, model_curves, tokens, device="cpu")
     layer = loaded.model.model.layers[1]
     attn = layer.self_attn
     group = attn.head_dim * attn.num_key_value_groups
@@ -155,12 +156,11 @@ def _kl_of_counts(model, db, kv, ch, fitness):
 @pytest.mark.parametrize("ratio,kinds", [(0.2, ("log",)), (0.5, ("log", "linear", "uniform"))])
 def test_auto_meets_the_budget_and_beats_the_fixed_schedules(stories, model_curves, ratio, kinds):
     """At each fixed schedule's achieved count, auto lands within one channel of it and its KL, computed here
-    through a plain forward of a stitched copy, is no higher."""
+    through a plain forward of a stitched copy, is no higher than that schedule's."""
     loaded, tokens, fitness, _ = stories
     model = loaded.model
-    n = len(model.model.layers)
-    head_cost, ffn_cost = autoschedule.unit_costs(model)
-    db = autoschedule.VariantDatabase(model, model_curves, tokens, device="cpu")
+    head_cost, ffn_cost = stitched.unit_costs(model)
+    db = stitched.VariantDatabase(model, model_curves, tokens, device="cpu")
     for kind in kinds:
         pruned = copy.deepcopy(model)
         report = prune_model(pruned, tokens, PruneSettings(ratio=ratio, schedule=kind, device="cpu",
@@ -171,10 +171,9 @@ def test_auto_meets_the_budget_and_beats_the_fixed_schedules(stories, model_curv
         assert removed == report.params_before - report.params_after  # unit costs agree with the real surgery
         target = report.params_after
         events = []
-        ratios = layer_ratios(n, ratio, kind)
-        result = autoschedule.search(model, tokens, fitness, autoschedule.AutoSettings(
-            target_params=target, generations=12, seed=0, device="cpu"), events.append, curves=model_curves,
-            starts={kind: (ratios, ratios)})
+        result = refine.auto_schedule(model, tokens, fitness, refine.AutoConfig(
+            budget=ga.BudgetSpec(target_params=target), max_seconds=None, generations=12, device="cpu"),
+            events.append, curves=model_curves)
         # budget: the real pruned model lands within one unit (an FFN channel) of the target
         pruned = copy.deepcopy(model)
         auto_report = prune_model(pruned, tokens, PruneSettings(keep_heads=result.keep_heads, keep_ffn=result.keep_ffn,
@@ -185,31 +184,21 @@ def test_auto_meets_the_budget_and_beats_the_fixed_schedules(stories, model_curv
         assert all(k >= lc.heads_per_unit for k, lc in zip(result.keep_heads, model_curves.layers))
         assert all(f >= 1 for f in result.keep_ffn)
         # objective: KL(dense ‖ stitched) on the fitness tokens, computed here through a plain forward
-        kv = [k_all - k // lc.heads_per_unit for lc, k, k_all in
-              zip(model_curves.layers, result.keep_heads, [lc.n_kv for lc in model_curves.layers])]
+        kv = [lc.n_kv - k // lc.heads_per_unit for lc, k in zip(model_curves.layers, result.keep_heads)]
         ch = [lc.n_ffn - f for lc, f in zip(model_curves.layers, result.keep_ffn)]
         auto_kl = _kl_of_counts(model, db, kv, ch, fitness)
         base_kl = _kl_of_counts(model, db, kv_b, ch_b, fitness)
         assert auto_kl <= base_kl, (ratio, kind, auto_kl, base_kl)
-        assert result.baselines[kind] == pytest.approx(base_kl, rel=1e-3)  # the search scored the same thing
-        progress = [e for e in events if e.phase == "search"]
-        assert progress and progress[-1].best_kl <= progress[0].best_kl
-        assert len(progress[-1].head_ratios) == n
-
-
-def test_auto_search_stops_when_asked_and_returns_the_best_so_far(stories, model_curves):
-    loaded, tokens, fitness, _ = stories
-    seen = []
-    result = autoschedule.search(loaded.model, tokens, fitness, autoschedule.AutoSettings(ratio=0.3, generations=500,
-                                 device="cpu"), seen.append, should_stop=lambda: len(seen) > 6, curves=model_curves)
-    assert result.stopped and result.generations < 500 and result.kl <= result.start_kl
+        search = [e for e in events if e.phase == "search"]
+        assert search and search[-1].best_kl <= search[0].best_kl
+        assert len(search[-1].head_ratios) == len(model.model.layers)
 
 
 def test_auto_refuses_an_impossible_budget(stories, model_curves):
     loaded, tokens, fitness, _ = stories
-    with pytest.raises(SlimGPTError, match="ceiling"):
-        autoschedule.search(loaded.model, tokens, fitness, autoschedule.AutoSettings(ratio=0.8, ceiling=0.5,
-                            device="cpu"), curves=model_curves)
+    with pytest.raises(SlimGPTError, match="while every layer keeps 50% of its heads and channels"):
+        refine.auto_schedule(loaded.model, tokens, fitness, refine.AutoConfig(
+            budget=ga.BudgetSpec(ratio=0.8, min_keep=0.5), device="cpu"), curves=model_curves)
 
 
 def test_cli_prune_schedule_auto_meets_target_params(stories, tmp_path, capsys):
@@ -217,7 +206,7 @@ def test_cli_prune_schedule_auto_meets_target_params(stories, tmp_path, capsys):
 
     from slimgpt_core.cli import main
     loaded = stories[0]
-    _, ffn_cost = autoschedule.unit_costs(loaded.model)
+    _, ffn_cost = stitched.unit_costs(loaded.model)
     before = sum(p.numel() for p in loaded.model.parameters())
     target = before - 60_000
     out = tmp_path / "auto"

@@ -291,15 +291,15 @@ def test_curves_job_reports_progress_per_layer(cache_dir, tokens, monkeypatch):
         curves.curves_job(loaded, "tinystories", 4, 16, damp=0.5, device="abacus")
 
 
-# --- the auto schedule's parameter arithmetic (autoschedule.py; the search: schedules/test_autoschedule.py) -----
+# --- the auto schedule's parameter arithmetic (stitched.unit_costs; the budget: schedules/test_global_allocation.py)
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases go with their heads
 def test_unit_costs_are_what_the_real_surgery_removes(arch, tokens, cache_dir):
     from slimgpt_core.methods.pipeline import prune_model
     from slimgpt_core.methods.prune_settings import PruneSettings
-    from slimgpt_core.schedules import autoschedule
+    from slimgpt_core.schedules import stitched
     model = tiny_model(arch, heads=4, kv=2, layers=2, ffn=24, hidden=16)
-    head_cost, ffn_cost = autoschedule.unit_costs(model)
+    head_cost, ffn_cost = stitched.unit_costs(model)
     d = 4  # head_dim; 2 query heads per KV group
     bias = 1 if arch == "qwen2" else 0
     # q rows of 2 heads, k and v rows of one, o_proj columns of 2 heads (biases with their rows)
@@ -308,42 +308,6 @@ def test_unit_costs_are_what_the_real_surgery_removes(arch, tokens, cache_dir):
     report = prune_model(model, tokens, PruneSettings(keep_heads=[2, 4], keep_ffn=[20, 9], device="cpu",
                                                       track_accumulation=False), use_cache=False)
     assert report.params_before - report.params_after == head_cost[0] * 1 + ffn_cost[0] * (4 + 15)
-
-
-def _budget(remove, ceiling=0.9, levels=4):
-    from slimgpt_core.schedules import autoschedule
-    mc = ModelCurves([_lc(n_kv=4, n_ffn=10), _lc(n_kv=2, n_ffn=7, head_errors=[0.0, 0.5])])
-    return autoschedule.Budget(mc, [100, 60], [7, 5], remove, ceiling, levels)
-
-
-def test_budget_moves_and_repair_stay_within_one_move_of_the_budget():
-    import numpy as np
-    b = _budget(400)
-    assert b.step == [3, 2] and b.max_head == [3, 1] and b.max_ffn_ch == [9, 6]  # ceil(10/4), ceil(7/4); 90%
-    whole = _budget(100, ceiling=1.0)  # a ceiling of 100% still keeps one KV group and one channel
-    assert whole.max_head == [3, 1] and whole.max_ffn_ch == [9, 6]
-    g = np.array([1, 0, 4, 3])
-    assert b.removed_params(g) == 100 + 4 * 7 + 3 * 5
-    assert [b.moved(g, m, 1) for m in range(4)] == [2, 1, 7, 5] and [b.moved(g, m, -1) for m in range(4)] == [0, 0, 1, 1]
-    assert b.moved(np.array([3, 1, 9, 6]), 2, 1) == 9 and b.moved(np.array([3, 1, 1, 1]), 2, -1) == 0
-    move = {0: 100, 1: 60, 2: 3 * 7, 3: 2 * 5}
-    for seed in range(20):
-        rng = np.random.default_rng(seed)
-        r = b.repair(np.array([0, 0, 0, 0]), rng)
-        assert 400 <= b.removed_params(r) and (r <= b.maximum).all() and (r >= 0).all()
-        # no module can come down one move and still meet the budget
-        assert all(r[m] == 0 or b.removed_params(np.array([*r[:m], b.moved(r, m, -1), *r[m + 1:]])) < 400
-                   for m in range(4))
-        child = b.mutate(r, rng)
-        assert b.removed_params(child) >= 400 and b.removed_params(child) < 400 + max(move.values())
-    assert b.from_ratios([0.5, 0.99], [0.35, 0.99]).tolist() == [2, 1, 4, 6]  # round(3.5) = 4; capped at 90%
-    ch = b.exact_channels(np.array([3, 1, 9, 6]))  # 300 + 60 + 63 + 30 = 453: 53 over, given back channel by channel
-    assert ch == [2, 6] and 0 <= 300 + 60 + 7 * ch[0] + 5 * ch[1] - 400 < 5
-    with pytest.raises(SlimGPTError) as err:
-        _budget(10_000, ceiling=0.5)
-    # at 50%: 2 and 1 KV groups, 5 and 3 channels: 200 + 60 + 35 + 15
-    assert str(err.value) == ("cannot remove 10,000 parameters within a ceiling of 50% per layer (at most 310): "
-                              "raise the ceiling or the target")
 
 
 def test_removed_weights_is_the_group_obs_update():

@@ -13,7 +13,7 @@ from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.schedules import global_allocation as ga
-from slimgpt_core.schedules.autoschedule import unit_costs
+from slimgpt_core.schedules.stitched import unit_costs
 
 B = ga.BudgetSpec
 

@@ -131,7 +131,7 @@ def test_a_last_ratio_of_exactly_one_is_refused():
 
 def test_the_auto_schedule_has_no_formula():
     with pytest.raises(SlimGPTError, match=r"^the auto schedule has no formula: it is found by a search for a parameter "
-                                           r"budget \(slimgpt_core\.schedules\.autoschedule\.search, or prune --schedule auto\)$"):
+                                           r"budget \(prune --schedule auto, or slimgpt_core\.schedules\.refine\.auto_schedule\)$"):
         layer_ratios(4, 0.2, "auto")
 
 

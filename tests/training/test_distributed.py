@@ -1,7 +1,8 @@
 """Training past one process (training/distributed.py, training/checkpoints.py): LoRA recovery and full
 continued pre-training with dynamic batch loading of a pruned stories260k (mixed-shape SlimGPT layers), sharded
 with FSDP2 over two real gloo processes, against one process on the same global batch; and runs stopped after a
-checkpoint and resumed against uninterrupted ones.
+checkpoint and resumed against uninterrupted ones. Rank 1 loads a meta shell (load_for_training) and gets its
+shards from rank 0's weights, so the same results also show that broadcast filled every shard.
 
 Two processes split every micro-batch by rows and FSDP averages their gradients; one process computes the same
 sums in another order. In fp32 that changes the last bits of every gradient (relative ~1e-7); AdamW divides by
@@ -27,6 +28,7 @@ from slimgpt_core.data import calibration_tokens
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.models import load_model
+from slimgpt_core.training.distributed import load_for_training, on_meta
 from slimgpt_core.training.pretrain import PretrainSettings, pretrain
 from slimgpt_core.training.recover import RecoverSettings, recover
 from slimgpt_core.workspace.store import save_run_at
@@ -54,7 +56,7 @@ def _stop_before(step: int):
 
 def _run(run: str, settings: RecoverSettings, should_stop=None):
     """(loss curve, held-out curve, merged weights) of one recovery; None on ranks other than 0."""
-    loaded = load_model(run, "cpu", "float32")
+    loaded = load_for_training(run, "float32")
     result = recover(loaded.model, loaded.tokenizer, settings, should_stop=should_stop)
     if result is None:
         return None
@@ -71,7 +73,7 @@ def _pretrain_settings(folder: str | None = None, resume: bool = False) -> Pretr
 def _run_pretrain(run: str, settings: PretrainSettings, should_stop=None):
     """(loss curve, {mix history, draws per domain}, trained weights) of one continued pre-training; None on
     ranks other than 0."""
-    loaded = load_model(run, "cpu", "float32")
+    loaded = load_for_training(run, "float32")
     result = pretrain(loaded.model, loaded.tokenizer, settings, should_stop=should_stop)
     if result is None:
         return None
@@ -107,6 +109,8 @@ def _worker(rank, world, init, kind, run, train_file, out):
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    with open(f"{out}/meta-{rank}.json", "w") as f:  # what each rank's loading holds before sharding
+        json.dump(on_meta(load_for_training(run, "float32").model), f)
     if kind == "recover":
         full, resumed = _full_stopped_resumed(lambda s, stop=None: _run(run, s, stop),
                                               lambda f, resume=False: _settings(train_file, f, resume), out)
@@ -161,6 +165,11 @@ def test_two_processes_give_the_loss_curve_and_weights_of_one(pruned_run, train_
     assert moved > 1e-3  # the merged adapters changed the weights by much more than the tolerance
     for k in one_weights:
         torch.testing.assert_close(two_weights[k], one_weights[k], rtol=0, atol=1e-5)
+
+
+def test_ranks_other_than_0_load_a_meta_shell(two_processes, two_processes_pretrain):
+    for out in (two_processes, two_processes_pretrain):
+        assert [json.loads((out / f"meta-{r}.json").read_text()) for r in (0, 1)] == [False, True]
 
 
 def test_two_processes_resumed_after_a_stop_end_with_the_uninterrupted_weights(two_processes):

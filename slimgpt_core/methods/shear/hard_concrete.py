@@ -17,7 +17,8 @@ DETERMINISTIC_SHARPEN = 0.8  # the authors' factor in the deterministic gate val
 def sample(log_alpha: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One draw z = clamp(σ((ln u − ln(1−u) + log α)/β)·(r−l) + l, 0, 1), u ~ U[0, 1), per entry (u = 0 gives
     ln u = −∞ and z = 0, the limit)."""
-    u = torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device, dtype=log_alpha.dtype)
+    where = generator.device if generator is not None else log_alpha.device  # a CPU generator draws on the CPU
+    u = torch.rand(log_alpha.shape, generator=generator, device=where, dtype=log_alpha.dtype).to(log_alpha.device)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
     return (s * (HIGH - LOW) + LOW).clamp(0.0, 1.0)
 

@@ -39,9 +39,9 @@ class ShearMasks(nn.Module):
     def lambda_parameters(self) -> list[nn.Parameter]:
         return list(self.lambdas.values())
 
-    def sample(self) -> dict[str, torch.Tensor]:
-        """Training gates: one hard-concrete draw per entry (one per micro-batch)."""
-        return {name: hc.sample(la) for name, la in self.log_alpha.items()}
+    def sample(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Training gates: one hard-concrete draw per entry (one per micro-batch), from `generator` when given."""
+        return {name: hc.sample(la, generator) for name, la in self.log_alpha.items()}
 
     def deterministic(self) -> dict[str, torch.Tensor]:
         """Evaluation gates: per row exactly the target's count open, at their deterministic values."""

@@ -155,13 +155,20 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
+FUSED_PROJECTIONS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+                     "up_proj": "gate_up_proj"}  # Phi-3 holds these rows in one linear layer each
+
+
 def resolve_targets(model, targets: list[str]) -> list[str]:
-    """Accept q_proj or q (and so on); refuse names the model's decoder layers do not have."""
+    """Accept q_proj or q (and so on), a fused layer standing for its parts (q_proj → qkv_proj where the model
+    fuses them); refuse names the model's decoder layers do not have."""
     available = linear_module_names(model)
     out = []
     for t in targets:
         name = t.strip()
-        name = name if name in available else f"{name}_proj"
+        name = name if name in available or name in FUSED_PROJECTIONS else f"{name}_proj"
+        if name not in available and FUSED_PROJECTIONS.get(name) in available:
+            name = FUSED_PROJECTIONS[name]
         if name not in available:
             raise SlimGPTError(f"unknown target module {t.strip()!r}: this model's decoder layers have "
                                f"{', '.join(available)}")

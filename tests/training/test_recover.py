@@ -271,3 +271,16 @@ def test_ctrl_c_exits_130_and_writes_nothing(pruned_run, tmp_path, capsys, monke
                "--ppl", "none", "--out", str(tmp_path / "out"), "--quiet"])
     assert rc == 130 and "nothing was written" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_lora_targets_name_the_fused_layers_of_phi3():
+    """Phi-3 holds q/k/v in qkv_proj and gate/up in gate_up_proj: the default targets land on those, once each."""
+    from tests.tiny_models import tiny_model
+    from slimgpt_core.training.recover import DEFAULT_TARGETS, resolve_targets
+    phi3 = tiny_model("phi3", heads=4, kv=2, layers=2, ffn=24, hidden=16)
+    assert resolve_targets(phi3, list(DEFAULT_TARGETS)) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert resolve_targets(phi3, ["v", "up", "qkv"]) == ["qkv_proj", "gate_up_proj"]
+    llama = tiny_model("llama", heads=4, kv=2, layers=2, ffn=24, hidden=16)
+    assert resolve_targets(llama, list(DEFAULT_TARGETS)) == list(DEFAULT_TARGETS)
+    with pytest.raises(SlimGPTError, match="unknown target module 'qkv'"):
+        resolve_targets(llama, ["qkv"])

@@ -284,3 +284,14 @@ def test_lora_targets_name_the_fused_layers_of_phi3():
     assert resolve_targets(llama, list(DEFAULT_TARGETS)) == list(DEFAULT_TARGETS)
     with pytest.raises(SlimGPTError, match="unknown target module 'qkv'"):
         resolve_targets(llama, ["qkv"])
+    # adapters on the fused layers train and fold back: B starts at zero, so the merged model is the model
+    from slimgpt_core.training.recover import add_lora, merge_lora
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        before = phi3(ids).logits
+    wrapped = add_lora(copy.deepcopy(phi3), 2, 4.0, 0.0, resolve_targets(phi3, list(DEFAULT_TARGETS)))
+    wrapped(ids, labels=ids).loss.backward()
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in wrapped.named_parameters() if p.requires_grad and p.grad is not None} == {
+        "qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    with torch.no_grad():
+        assert torch.allclose(merge_lora(wrapped)(ids).logits, before, atol=1e-6)

@@ -38,6 +38,7 @@ from slimgpt_core import data
 from slimgpt_core.base.devices import resolve_device
 from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.base.events import Progress, RunReport
+from slimgpt_core.evaluation.evaluate import text_windows
 from slimgpt_core.methods.prune_settings import PruneSettings, plan_removals
 from slimgpt_core.models import _resolve_alias
 from slimgpt_core.services.prune import prune_to_workspace
@@ -211,10 +212,11 @@ def heldout_windows(tokenizer, source: str, seqlen: int, windows: int) -> torch.
     if seqlen < 2 or windows < 1:
         raise SlimGPTError(f"held-out text needs windows >= 1 of length >= 2, got {windows} of {seqlen}")
     tokens = data.evaluation_tokens(tokenizer, source)
-    n = min(windows, tokens.numel() // seqlen)
-    if n == 0:
+    bos = data.window_bos(tokenizer)
+    text_len = seqlen if bos is None else seqlen - 1
+    if tokens.numel() < text_len:
         raise SlimGPTError(f"held-out text {source} has {tokens.numel()} tokens, fewer than one window of {seqlen}")
-    return tokens[: n * seqlen].view(n, seqlen)
+    return text_windows(tokens, seqlen, windows, bos)
 
 
 # --- the studio's demo: the runs the story needs at one budget -------------------------------------------------

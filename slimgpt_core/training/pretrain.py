@@ -22,6 +22,7 @@ from slimgpt_core.base import devices
 from slimgpt_core.base.cache import forget_fingerprint
 from slimgpt_core.base.devices import resolve_device
 from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.data import window_bos
 from slimgpt_core.evaluation.evaluate import perplexity
 from slimgpt_core.training.checkpoints import CheckpointPlan, checkpoint_checks, raise_first_failure
 from slimgpt_core.training.distributed import (broadcast_tensor, check_batch_rows, gathered_model, is_main,
@@ -237,7 +238,7 @@ def _perplexities(model, tokenizer, settings: PretrainSettings, device, should_s
     out = {}
     for name in settings.ppl:
         r = perplexity(model, perplexity_tokens(tokenizer, name), settings.ppl_seqlen, 8, settings.ppl_windows,
-                       device, name, should_stop=should_stop)
+                       device, name, should_stop=should_stop, bos=window_bos(tokenizer))
         out[name] = asdict(r)
     return out
 

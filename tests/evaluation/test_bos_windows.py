@@ -91,3 +91,12 @@ def test_gemma_perplexity_windows_are_bos_and_text(gemma_tokenizer, llama_tokeni
     res_plain = evaluate.cached_perplexity(model, llama_tokenizer, "tinystories", seqlen=16, batch_size=3,
                                            max_windows=4)
     assert res_plain.nll == pytest.approx(nll_plain, rel=1e-5) and res_plain.tokens == 4 * 15
+
+
+def test_held_out_windows_of_the_accumulation_demo_follow_the_same_rule(gemma_tokenizer, llama_tokenizer):
+    from slimgpt_core.services.accumulation import heldout_windows
+    stream = data.evaluation_tokens(llama_tokenizer, "tinystories")
+    assert torch.equal(heldout_windows(llama_tokenizer, "tinystories", 32, 5), stream[:160].view(5, 32))
+    gemma = heldout_windows(gemma_tokenizer, "tinystories", 32, 5)
+    text = data.evaluation_tokens(gemma_tokenizer, "tinystories")
+    assert bool((gemma[:, 0] == 1).all()) and torch.equal(gemma[:, 1:], text[:155].view(5, 31))

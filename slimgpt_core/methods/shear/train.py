@@ -20,22 +20,8 @@ from slimgpt_core.base.shapes import count_parameters, head_dim
 from slimgpt_core.methods.shear.apply import MaskedModel
 from slimgpt_core.methods.shear.cut import cut_model
 from slimgpt_core.methods.shear.masks import ShearMasks
+from slimgpt_core.methods.shear.settings import ShearSettings
 from slimgpt_core.methods.shear.target import Shape, source_shape
-
-
-@dataclass
-class ShearSettings:
-    steps: int = 200
-    batch_size: int = 4
-    lr: float = 1e-4  # weights
-    mask_lr: float = 1.0  # log α
-    lambda_lr: float = 1.0  # λ (ascent)
-    warmup: float = 0.1  # fraction of steps of linear learning-rate warm-up, then cosine to 0
-    target_warmup: float = 0.2  # fraction of steps over which the target sparsity rises from 0
-    clip: float = 1.0
-    train_weights: bool = True  # False: learn the masks only (weights frozen)
-    seed: int = 0
-    device: str = "auto"
 
 
 @dataclass

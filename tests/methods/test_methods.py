@@ -103,7 +103,7 @@ def test_equal_achieved_ratios_and_error_ordering(tokens):
     reports = {}
     for name in ("slimgpt", "magnitude", "wanda-sp", "obs-multishot", "slimgpt-nocomp", "slimgpt-approx",
                  "slimgpt-greedy", "slimgpt-dense"):
-        settings = PruneSettings(**{"ratio": 0.5, "ffn_group_floor": 2, **VARIANTS[name][0]})
+        settings = PruneSettings(ratio=0.5, ffn_group_floor=2).updated(**VARIANTS[name][0])
         reports[name] = prune_model(tiny_model(), tokens, settings, use_cache=False)
     achieved = {r.achieved_layer_ratio for r in reports.values()}
     assert len(achieved) == 1  # same schedule, same rounding: same parameters removed

@@ -26,7 +26,7 @@ def _run(tokens, steps, **kw):
 
 
 def test_lora_between_shots_lowers_the_held_out_loss_and_merges(tokens):
-    assert PruneSettings().surgeon_lora_steps == 0  # off by default
+    assert PruneSettings().surgeon.surgeon_lora_steps == 0  # off by default
     plain_model, plain = _run(tokens, 0)
     model, report = _run(tokens, 20)
     # the held-out sequences are not trained on: the curve is still honest

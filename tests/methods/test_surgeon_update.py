@@ -99,7 +99,7 @@ def test_default_update_leaves_the_rows_and_compensates_the_columns(stories_toke
     from slimgpt_core.models import load_model
     dense = load_model("stories260k").model.model.layers
     model, _ = _pruned(stories_tokens, "dead-rows")
-    assert PruneSettings().surgeon_update == "dead-rows"
+    assert PruneSettings().surgeon.surgeon_update == "dead-rows"
     changed_columns = 0
     for i, layer in enumerate(model.model.layers):
         for name in ("q_proj", "k_proj", "v_proj"):

@@ -257,17 +257,17 @@ def _layer_once(layer, i, st: _Streams, settings: PruneSettings, plan, emit, pha
     if columns is not None and z is not None and z[0].device == columns.device:
         z, columns = [chunk.index_select(-1, columns) for chunk in z], None  # kept heads selected once
     attn_outputs = mlp_inputs = None  # kept by the MLP-statistics pass when memory allows
-    if H_mlp is None:
+    row_bytes = calib_in.shape[:-1].numel() * calib_in.element_size()
+    keep = replay and fits(row_bytes * mlp.down_proj.in_features, st.where)  # down_proj's inputs first
+    if H_mlp is None or keep:  # cached statistics: the pass still runs, so the outputs replay as in a cold run
         t0 = phase(i, "mlp-stats")
-        acc = obs.HessianAccumulator(mlp.down_proj.in_features, mlp.down_proj.weight.device)
-        row_bytes = calib_in.shape[:-1].numel() * calib_in.element_size()
-        keep = replay and fits(row_bytes * mlp.down_proj.in_features, st.where)  # down_proj's inputs first
+        acc = obs.HessianAccumulator(mlp.down_proj.in_features, mlp.down_proj.weight.device) if H_mlp is None else None
         keep_attention = keep and fits(row_bytes * (mlp.down_proj.in_features + calib_in.shape[-1]), st.where)
         attn_outputs, mlp_inputs = collect_mlp_inputs(layer, calib_in, st.kwargs, bs, z, columns, acc, st.where,
                                                       keep, keep_attention, tf32)
         if keep_attention:
             z = None  # the outputs follow from what was kept: o_proj's inputs are not needed again
-        H_mlp = stats.store(i, "mlp", acc.H, dense and head_rm == 0)
+        H_mlp = H_mlp if acc is None else stats.store(i, "mlp", acc.H, dense and head_rm == 0)
         done("mlp-stats", t0)
     down_weight = _prune_mlp(layer, i, H_mlp, settings, ffn_ratio, ffn_rm, emit, phase, done)
     if st.pruned_out is not None:

@@ -16,7 +16,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
                 shots = int(row.split("-")[1]) if "-" in row else 4
                 base = PruneSettings(ratio=ratio, schedule="log")
                 fraction = schedule_fraction(dense.model, base)
-                model, params, seconds = prune(replace(base, method="surgeon", shots=shots, ratio=fraction))
+                model, params, seconds = prune(base.updated(method="surgeon", shots=shots, ratio=fraction))
                 record(row, model, params, seconds)
     save()
     return 0

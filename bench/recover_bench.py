@@ -26,7 +26,8 @@ from slimgpt_core.base.devices import resolve_device  # noqa: E402
 from slimgpt_core.models import load_model  # noqa: E402
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings  # noqa: E402
-from slimgpt_core.training.recover import RecoverSettings, recover  # noqa: E402
+from slimgpt_core.training.recover import recover  # noqa: E402
+from slimgpt_core.training.settings import RecoverSettings  # noqa: E402
 
 
 def _rss_mb() -> float:

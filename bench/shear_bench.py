@@ -38,7 +38,8 @@ from slimgpt_core.base.shapes import count_parameters  # noqa: E402
 def speed_one(args) -> dict:
     from slimgpt_core.services.shear import training_tokens
     from slimgpt_core.methods.shear.target import resolve_target
-    from slimgpt_core.methods.shear.train import ShearSettings, shear_model
+    from slimgpt_core.methods.shear.settings import ShearSettings
+    from slimgpt_core.methods.shear.train import shear_model
 
     loaded = load_model(args.model, "cpu", "float32")
     tokens = training_tokens(loaded.tokenizer, ["c4"], args.steps + 1, args.batch, args.seqlen)
@@ -71,7 +72,8 @@ def quality(args) -> None:
     from slimgpt_core.methods.pipeline import prune_model
     from slimgpt_core.methods.prune_settings import PruneSettings
     from slimgpt_core.methods.shear.target import resolve_target
-    from slimgpt_core.methods.shear.train import ShearSettings, shear_model
+    from slimgpt_core.methods.shear.settings import ShearSettings
+    from slimgpt_core.methods.shear.train import shear_model
 
     torch.manual_seed(0)
     base = load_model("stories260k", "cpu", "float32")
@@ -138,9 +140,11 @@ def recipe(args) -> None:
     from slimgpt_core.methods.pipeline import prune_model
     from slimgpt_core.methods.prune_settings import PruneSettings
     from slimgpt_core.training.domains import perplexity_tokens
-    from slimgpt_core.training.pretrain import PretrainSettings, pretrain
+    from slimgpt_core.training.pretrain import pretrain
+    from slimgpt_core.training.settings import PretrainSettings
     from slimgpt_core.methods.shear.target import resolve_target
-    from slimgpt_core.methods.shear.train import ShearSettings, shear_model
+    from slimgpt_core.methods.shear.settings import ShearSettings
+    from slimgpt_core.methods.shear.train import shear_model
 
     torch.manual_seed(0)
     model_name = args.model or "stories260k"
@@ -279,7 +283,8 @@ def recipe_pairs(path: str) -> str:
 
 
 def pretrain_speed_one(args) -> dict:
-    from slimgpt_core.training.pretrain import PretrainSettings, pretrain
+    from slimgpt_core.training.pretrain import pretrain
+    from slimgpt_core.training.settings import PretrainSettings
 
     loaded = load_model(args.model, "cpu", "float32")
     teacher = load_model(args.model, "cpu", "float32").model if args.mode_detail == "distill" else None

@@ -22,6 +22,7 @@ from slimgpt_core.data import calibration_tokens  # noqa: E402
 from slimgpt_core.models import load_model  # noqa: E402
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings  # noqa: E402
+from slimgpt_core.methods.settings import SurgeonSettings  # noqa: E402
 
 
 def main() -> None:
@@ -58,9 +59,9 @@ def main() -> None:
             if event.shot == 0:
                 marks["start"] = time.perf_counter()
 
-    settings = PruneSettings(ratio=args.ratio, method=args.method, shots=args.shots, surgeon_units=args.units,
-                             surgeon_update=args.update,
-                             kfac_positions=args.kfac_positions, batch_size=args.batch_size, device="cpu")
+    settings = PruneSettings(ratio=args.ratio, method=args.method, batch_size=args.batch_size, device="cpu",
+                             surgeon=SurgeonSettings(shots=args.shots, surgeon_units=args.units,
+                                                     surgeon_update=args.update, kfac_positions=args.kfac_positions))
     t0 = time.perf_counter()
     report = prune_model(loaded.model, tokens, settings, callback=on_event)
     print(f"total {time.perf_counter() - t0:.1f} s; first shot: curvature (forward+backward, factors) "

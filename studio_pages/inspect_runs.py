@@ -1,5 +1,4 @@
 """Error accumulation made visible: runs overlaid, dense-input twins, per-layer detail."""
-import dataclasses
 
 import streamlit as st
 
@@ -87,8 +86,7 @@ twin_job = job("twin")
 if loaded is not None and base_report.model == loaded.name:
     mode = "dense inputs" if base_report.settings.get("sequential", True) else "sequential inputs"
     if st.button(f"Run its twin with {mode}", disabled=bool(twin_job and twin_job.running)):
-        keys = {f.name for f in dataclasses.fields(PruneSettings)}
-        settings = PruneSettings(**{k: v for k, v in base_report.settings.items() if k in keys})
+        settings = PruneSettings.from_record(base_report.settings)
         settings.sequential = not settings.sequential
         s = base_report.settings
         submit("twin", prune_to_workspace, loaded, settings, s["calib"], s["nsamples"], s["seqlen"], s["seed"],

@@ -5,7 +5,8 @@ import streamlit as st
 
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.training.domains import DOMAINS
-from slimgpt_core.training.pretrain import PretrainSettings
+from slimgpt_core.training.pretrain import check_pretrain_settings
+from slimgpt_core.training.settings import PretrainSettings
 from slimgpt_core.services.pretrain import pretrain_to_workspace
 from ui import pretrain_charts
 from ui.state import job, job_progress, live_fragment, runs, submit, take_result
@@ -108,7 +109,7 @@ if st.button("Start continued pre-training", type="primary",
     try:  # one sentence, before any work
         if not data:
             raise SlimGPTError("choose at least one domain")
-        settings.validate()
+        check_pretrain_settings(settings)
     except SlimGPTError as exc:
         st.error(str(exc))
     else:

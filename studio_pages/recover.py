@@ -1,7 +1,8 @@
 """Recovery: a short LoRA fine-tune of a pruned run, live loss curves, perplexity before and after."""
 import streamlit as st
 
-from slimgpt_core.training.recover import RecoverSettings
+from slimgpt_core.training.recover import check_recover_settings
+from slimgpt_core.training.settings import RecoverSettings
 from slimgpt_core.services.recover import recover_to_workspace
 from ui import training_charts
 from ui.state import (current_model, current_run, job, job_alert, job_progress, live_fragment, require_runs, submit,
@@ -36,7 +37,7 @@ if st.button("Start recovery", type="primary", disabled=bool(rj and rj.running))
                                heldout_samples=8, ppl_windows=int(ppl_windows),
                                device=(st.session_state.model_spec or ("", "auto"))[1])
     try:
-        settings.validate()
+        check_recover_settings(settings)
     except Exception as exc:  # one sentence, before any work
         st.error(str(exc))
     else:

@@ -9,7 +9,7 @@ from slimgpt_core.services.shear import check_training_memory
 from slimgpt_core.methods.shear.size import parameter_count
 from slimgpt_core.services.shear import shear_label, shear_to_workspace
 from slimgpt_core.methods.shear.target import read_target, resolve_target, source_shape
-from slimgpt_core.methods.shear.train import ShearSettings
+from slimgpt_core.methods.shear.settings import ShearSettings
 from slimgpt_core.base.shapes import count_parameters
 from ui import shear_charts
 from ui.state import current_model, job, job_progress, live_fragment, run_model, runs, submit, take_result

@@ -30,7 +30,8 @@ FAST_TESTS = {
     "evaluation.evaluate": ["evaluation/test_evaluate.py"],
     "base.cache": ["workspace/test_cache.py"],
     "base.atomic": ["workspace/test_atomic.py"],
-    "base.shapes": ["methods/test_surgery.py"],
+    "base.shapes": ["methods/test_surgery.py", "methods/test_arch_mqa.py", "methods/test_arch_unsupported.py",
+                    "evaluation/test_speed.py"],
     "base.modeling_slimgpt": ["methods/test_surgery.py"],
     "methods.kfac": ["methods/test_surgeon.py", "methods/test_surgeon_update.py", "methods/test_kfac.py"],
     "methods.curvature": ["methods/test_surgeon.py", "methods/test_surgeon_update.py", "methods/test_kfac.py"],
@@ -47,6 +48,8 @@ FAST_TESTS = {
     "schedules.stitched": ["schedules/test_stitched.py", "schedules/test_allocation.py"],
     "workspace.jobs": ["workspace/test_jobs.py"],
     "workspace.store": ["workspace/test_atomic.py", "evaluation/test_run_comparison.py", "workspace/test_store.py"],
+    "methods.settings": ["methods/test_settings.py", "cli/test_cli_package.py"],
+    "training.settings": ["cli/test_cli_package.py", "training/test_settings.py"],
 }
 # tests of a mapped file that take too long to run once per mutant (deselected from every mutmut run)
 SLOW_TESTS = ["methods/shear/test_shear.py::test_expected_sizes_reach_the_target_within_200_steps"]

@@ -9,11 +9,10 @@ from pathlib import Path
 from slimgpt_core.base import cache
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.cli import progress
-from slimgpt_core.cli.parser import settings_from_args
+from slimgpt_core.cli.parser import comma_list, prune_settings_from_args, settings_from_args
 from slimgpt_core.evaluation.zeroshot import parse_tasks
-from slimgpt_core.methods.prune_settings import PruneSettings
+from slimgpt_core.methods.shear.settings import ShearSettings
 from slimgpt_core.methods.shear.target import read_target
-from slimgpt_core.methods.shear.train import ShearSettings
 from slimgpt_core.services.compare import parse_variants, run_grid, write_outputs
 from slimgpt_core.services.evaluate import EvalPlan, evaluate_named
 from slimgpt_core.services.export import export_to
@@ -22,8 +21,7 @@ from slimgpt_core.services.prune import AutoRequest, Calibration, PruneRequest, 
 from slimgpt_core.services.recover import recover_to_folder
 from slimgpt_core.services.shear import ShearRequest, shear_to_folder
 from slimgpt_core.training.distributed import join_process_group, leave_process_group, on_every_rank
-from slimgpt_core.training.pretrain import PretrainSettings
-from slimgpt_core.training.recover import RecoverSettings
+from slimgpt_core.training.settings import PretrainSettings, RecoverSettings
 from slimgpt_core.workspace import store as workspace
 
 
@@ -31,16 +29,6 @@ def use_runs(args) -> None:
     """--runs moves the workspace for this process (the studio reads the same variable)."""
     if getattr(args, "runs", None):
         os.environ["SLIMGPT_RUNS"] = str(Path(args.runs).expanduser())
-
-
-def comma_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def scale_settings(args) -> dict:
-    """Training past one process (torchrun) and runs that resume: the settings fields of the scale options."""
-    return dict(checkpoint_folder=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                activation_checkpointing=args.activation_checkpointing)
 
 
 def print_summary(summary: dict | None) -> int:
@@ -54,7 +42,7 @@ def cmd_prune(args) -> int:
     try:
         use_runs(args)
         request = PruneRequest(
-            args.model, settings_from_args(PruneSettings, args, batch_size=args.batch_size, device=args.device),
+            args.model, prune_settings_from_args(args),
             Calibration(args.calib, args.nsamples, args.seqlen, args.seed), args.out, args.force, args.label,
             args.dtype, args.ppl, args.ppl_seqlen, args.ppl_windows, args.target_config,
             AutoRequest(args.budget_scope, args.target_params, args.min_keep, args.ceiling, args.auto_seconds,
@@ -152,9 +140,7 @@ def cmd_shear(args) -> int:
 
 
 def _shear(args) -> int:
-    settings = ShearSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, mask_lr=args.mask_lr,
-                             lambda_lr=args.lambda_lr, train_weights=not args.freeze_weights, seed=args.seed,
-                             device=args.device, **scale_settings(args))
+    settings = settings_from_args(ShearSettings, args, batch_size=args.batch_size, device=args.device)
     request = ShearRequest(read_target(args.target), settings, comma_list(args.data), args.seqlen, args.method,
                            args.nsamples, args.ppl, args.ppl_seqlen, args.ppl_windows, "--seqlen")
     return print_summary(shear_to_folder(args.model, request, args.out, args.force, args.dtype,
@@ -167,13 +153,7 @@ def cmd_recover(args) -> int:
 
 
 def _recover(args) -> int:
-    settings = RecoverSettings(
-        data=comma_list(args.data), steps=args.steps, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-        lr=args.lr, warmup_steps=args.warmup, schedule=args.schedule, seqlen=args.seqlen, batch_size=args.batch_size,
-        grad_accumulation=args.grad_accumulation, target_modules=comma_list(args.target_modules),
-        heldout_samples=args.heldout, eval_every=args.eval_every, seed=args.seed, device=args.device,
-        ppl_source=None if args.ppl.lower() == "none" else args.ppl, ppl_seqlen=args.ppl_seqlen,
-        ppl_windows=args.ppl_windows, **scale_settings(args))
+    settings = settings_from_args(RecoverSettings, args, device=args.device)
     bar = progress.RecoverProgress(args.quiet)
     try:
         summary = recover_to_folder(args.model, settings, args.out, args.force, args.dtype, bar)
@@ -189,14 +169,7 @@ def cmd_pretrain(args) -> int:
 
 def _pretrain(args) -> int:
     use_runs(args)
-    settings = PretrainSettings(
-        data=comma_list(args.data), steps=args.steps, dynamic_mix=args.dynamic_mix, update_every=args.update_every,
-        mix_variant=args.mix_variant, lr=args.lr, schedule=args.schedule, seqlen=args.seqlen,
-        batch_size=args.batch_size, grad_accumulation=args.grad_accumulation, heldout=args.heldout, lora=args.lora,
-        rank=args.rank, alpha=args.alpha, target_modules=comma_list(args.target_modules),
-        distill_weight=args.distill_weight, seed=args.seed, device=args.device,
-        ppl=[] if args.ppl.lower() == "none" else comma_list(args.ppl), ppl_seqlen=args.ppl_seqlen,
-        ppl_windows=args.ppl_windows, **scale_settings(args))
+    settings = settings_from_args(PretrainSettings, args, device=args.device)
     return print_summary(pretrain_to_folder(args.model, settings, args.out, args.teacher, args.reference, args.dtype,
                                             args.force, args.label, progress.pretrain_lines(args.quiet)))
 

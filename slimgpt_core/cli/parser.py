@@ -1,6 +1,8 @@
-"""The command line's options (flag names are a contract: other tools call them). Only light modules are imported
-here, so `--help` and argument errors answer before torch loads; a prune's options are built from the fields of
-its settings dataclasses (methods/settings.py), whose metadata holds each flag, help text and choices."""
+"""The command line's options (flag names are a contract: other tools call them; tests/cli/parser_contract.json
+records them). Only light modules are imported here, so `--help` and argument errors answer before torch loads.
+The options of a command's settings are built from the fields of its settings dataclasses (methods/settings.py,
+methods/shear/settings.py, training/settings.py), whose metadata holds each flag, help text and choices
+(base/options.py); what is no setting (the model, the data's calibration, the output) is written here."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +11,9 @@ from dataclasses import MISSING, fields
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.methods import registry
 from slimgpt_core.methods.settings import PruneSettings, SurgeonSettings
+from slimgpt_core.methods.shear.settings import ShearSettings
 from slimgpt_core.schedules.schedule import parse_ratio_list
+from slimgpt_core.training.settings import PretrainSettings, RecoverSettings, ScaleSettings
 
 
 def ratio(text: str) -> float:
@@ -50,8 +54,15 @@ def align(text: str) -> int | None:
     return None if text == "auto" else positive(text)
 
 
+def comma_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 CONVERTERS = {"ratio": ratio, "positive": positive, "floats": floats, "ints": ints, "float": float, "int": int,
               "align": align}
+# how a flag's text becomes its field's value, where the two differ ("none": no perplexity)
+READERS = {"names": comma_list, "name_or_none": lambda text: None if text.lower() == "none" else text,
+           "names_or_none": lambda text: [] if text.lower() == "none" else comma_list(text)}
 
 
 def settings_options(group, settings_class: type, choices: dict | None = None) -> None:
@@ -66,9 +77,11 @@ def settings_options(group, settings_class: type, choices: dict | None = None) -
         if isinstance(f.default, bool):  # a switch; `negate`: the flag turns the field off
             group.add_argument(cli["flag"], *cli["aliases"], action="store_true", help=cli["help"])
             continue
+        default = cli["flag_default"] if cli["flag_default"] is not MISSING else (
+            None if f.default is MISSING else f.default)
         group.add_argument(cli["flag"], *cli["aliases"], type=CONVERTERS.get(cli["kind"]),
                            choices=(choices or {}).get(f.name, cli["choices"]), help=cli["help"],
-                           default=None if f.default is MISSING else f.default, metavar=cli["metavar"])
+                           default=default, metavar=cli["metavar"])
 
 
 def settings_from_args(settings_class: type, args: argparse.Namespace, **given):
@@ -80,8 +93,16 @@ def settings_from_args(settings_class: type, args: argparse.Namespace, **given):
         if cli is None:
             continue
         value = getattr(args, cli["flag"].lstrip("-").replace("-", "_"))
+        if cli["read"] is not None:
+            value = READERS[cli["read"]](value)
         values[f.name] = not value if cli["negate"] else value
     return settings_class(**values, **given)
+
+
+def prune_settings_from_args(args: argparse.Namespace) -> PruneSettings:
+    """A prune's settings with the method's own (`surgeon`) read from the same flags."""
+    return settings_from_args(PruneSettings, args, batch_size=args.batch_size, device=args.device,
+                              surgeon=settings_from_args(SurgeonSettings, args))
 
 
 def common_options(p: argparse.ArgumentParser) -> None:
@@ -242,13 +263,8 @@ def shear_parser(sub) -> None:
                         "same shape (forward only, --nsamples windows of --data)")
     s.add_argument("--nsamples", type=positive, default=128, help="minitron: calibration sequences")
     s.add_argument("--data", default="c4", help="training text, comma separated: c4, tinystories, wikitext2, files")
-    s.add_argument("--steps", type=positive, default=200, help="optimisation steps")
     s.add_argument("--seqlen", type=positive, default=256, help="tokens per sequence")
-    s.add_argument("--lr", type=float, default=1e-4, help="weights' learning rate")
-    s.add_argument("--mask-lr", type=float, default=1.0, help="masks' (log α) learning rate")
-    s.add_argument("--lambda-lr", type=float, default=1.0, help="Lagrange multipliers' learning rate (ascent)")
-    s.add_argument("--freeze-weights", action="store_true", help="learn the masks only")
-    s.add_argument("--seed", type=int, default=0)
+    settings_options(s.add_argument_group("mask learning (ShearSettings)"), ShearSettings)
     ppl_options(s, None, "also measure dense and sheared perplexity on this text (e.g. wikitext2)", None)
     output_options(s, "folder for the sheared model and report.json (must not exist)")
     scale_options(s)
@@ -256,35 +272,14 @@ def shear_parser(sub) -> None:
 
 def scale_options(p: argparse.ArgumentParser) -> None:
     """Training past one process (launch with torchrun) and runs that resume."""
-    p.add_argument("--checkpoint-dir", help="folder for sharded checkpoints a killed run resumes from")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: none)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each layer's activations in the backward pass (less memory, more compute)")
+    settings_options(p.add_argument_group("torchrun and resuming (ScaleSettings)"), ScaleSettings)
 
 
 def recover_parser(sub) -> None:
     r = sub.add_parser("recover", help="LoRA recovery fine-tune of a (pruned) model, merged and saved as a new run")
     r.add_argument("--model", required=True, help="a pruned run folder (or any model, as for prune)")
-    r.add_argument("--data", default="c4", help="training data, comma separated: c4, tinystories, wikitext2 "
-                                               "(validation split), .txt/.jsonl files, Alpaca .json/.jsonl files")
-    r.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    r.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    r.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/rank)")
-    r.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
-    r.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
-    r.add_argument("--warmup", type=int, help="linear warm-up steps (default: 5%% of --steps)")
-    r.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="lr after the warm-up")
-    r.add_argument("--seqlen", type=int, default=256, help="training sequence length (text windows, max length)")
-    r.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
-    r.add_argument("--grad-accumulation", type=int, default=1, help="micro-batches per optimizer step")
-    r.add_argument("--target-modules", default="q,k,v,o,gate,up,down",
-                   help="linear layers that get adapters, comma separated (q or q_proj, ...)")
-    r.add_argument("--heldout", type=int, default=32, help="held-out examples for validation loss")
-    r.add_argument("--eval-every", type=int, default=20, help="held-out loss every N steps (0: only at the end)")
-    r.add_argument("--seed", type=int, default=0, help="seed for data order, held-out choice and LoRA init")
+    settings_options(r.add_argument_group("recovery (RecoverSettings)"), RecoverSettings)
     training_device_options(r, "weights' dtype while training and saved (float32, bfloat16)")
-    ppl_options(r, "wikitext2", "perplexity before and after on this text's test split ('none' to skip)", 64)
     output_options(r, "folder for the recovered run (must not exist)", "no progress bar")
     scale_options(r)
 
@@ -293,33 +288,13 @@ def pretrain_parser(sub) -> None:
     t = sub.add_parser("pretrain", help="continued pre-training of a run on a mix of domains (dynamic batch "
                                         "loading, Sheared-LLaMA), full or LoRA, optionally distilled from a teacher")
     t.add_argument("--model", required=True, help="a run folder (sheared or pruned by any method) or any model")
-    t.add_argument("--data", default="c4,tinystories", help="domains, comma separated: c4, tinystories, wikitext2 "
-                                                           "(validation split; the test split is never trained on)")
-    t.add_argument("--steps", type=int, default=400, help="optimizer steps")
-    t.add_argument("--dynamic-mix", action="store_true", help="move the domain weights every --update-every steps "
-                                                              "(Sheared-LLaMA Algorithm 1); without it the mix stays equal")
-    t.add_argument("--update-every", type=int, help="steps between domain-weight updates (default: a tenth of --steps)")
-    t.add_argument("--mix-variant", choices=["paper", "code"], default="paper",
-                   help="paper: max(loss - reference, 0); code: the authors' code (no max, smoothed)")
     t.add_argument("--reference", default="source", help="whose per-domain held-out loss is the reference: source "
                                                          "(the model the run was pruned from; the model itself "
                                                          "when unknown) or a model")
-    t.add_argument("--lora", action="store_true", help="train LoRA adapters (merged at the end) instead of all weights")
-    t.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    t.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
-    t.add_argument("--target-modules", default="q,k,v,o,gate,up,down", help="LoRA: linear layers with adapters")
     t.add_argument("--teacher", help="distil from this model's next-token distribution (KL): source (the model the "
                                      "run was pruned from), default, stories260k, a folder")
-    t.add_argument("--distill-weight", type=float, help="w in (1-w)·CE + w·KL (default 1 with --teacher)")
-    t.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, β 0.9/0.95)")
-    t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="after a 5%% warm-up")
-    t.add_argument("--seqlen", type=int, default=256, help="tokens per training window")
-    t.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
-    t.add_argument("--grad-accumulation", type=int, default=1, help="micro-batches per optimizer step")
-    t.add_argument("--heldout", type=int, default=16, help="held-out windows per domain (for the mix)")
-    t.add_argument("--seed", type=int, default=0)
+    settings_options(t.add_argument_group("continued pre-training (PretrainSettings)"), PretrainSettings)
     training_device_options(t, "weights' dtype while training and saved")
-    ppl_options(t, "tinystories,wikitext2", "perplexity before and after on these test texts ('none' to skip)", 64)
     t.add_argument("--out", help="folder for the new run (default: a new run in the workspace)")
     t.add_argument("--label", default="", help="the run's label in the studio")
     runs_option(t)

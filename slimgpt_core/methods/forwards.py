@@ -251,13 +251,13 @@ def _select(chunk: torch.Tensor, columns: torch.Tensor | None, dev: torch.device
 
 
 def collect_mlp_inputs(layer, x: torch.Tensor, kwargs: dict, batch_size: int, attn_inputs: list[torch.Tensor],
-                       columns: torch.Tensor | None, acc: obs.HessianAccumulator, where: torch.device,
+                       columns: torch.Tensor | None, acc: obs.HessianAccumulator | None, where: torch.device,
                        keep_inputs: bool = False, keep_attention: bool = False, tf32: bool = False
                        ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
     """down_proj's statistics after head pruning without a second attention pass: the attention's output is the
     (updated) o_proj applied to the kept heads' `columns` of its captured inputs. Returns the attention's outputs
     (with `keep_attention`) and down_proj's inputs (with `keep_inputs`), one chunk per micro-batch kept on `where`
-    for `replay_outputs`, else None."""
+    for `replay_outputs`, else None. Without `acc` (statistics from the cache) only the inputs are kept."""
     attn, dev = layer.self_attn, _layer_device(layer)
     attn_outputs = [] if keep_attention else None
     mlp_inputs = [] if keep_inputs else None
@@ -270,8 +270,9 @@ def collect_mlp_inputs(layer, x: torch.Tensor, kwargs: dict, batch_size: int, at
         return y, None
 
     def hook(module, args):
-        with _TF32(False):
-            acc.add_batch(args[0])
+        if acc is not None:
+            with _TF32(False):
+                acc.add_batch(args[0])
         if mlp_inputs is not None:
             mlp_inputs.append(keep_on(args[0], where))
         raise _StopForward
@@ -283,7 +284,8 @@ def collect_mlp_inputs(layer, x: torch.Tensor, kwargs: dict, batch_size: int, at
                                 before=lambda k: current.update(z=_select(attn_inputs[k], columns, dev)))
     finally:
         handle.remove()
-    acc.all_reduce()
+    if acc is not None:
+        acc.all_reduce()
     return attn_outputs, mlp_inputs
 
 

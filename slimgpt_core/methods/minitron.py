@@ -9,7 +9,7 @@ channels at the same per-layer counts as every other method, so the comparison g
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -165,10 +165,10 @@ def prune_minitron(model, tokens: torch.Tensor, settings, callback=None, should_
     update_config(model)
     forget_fingerprint(model)
     total = time.perf_counter() - t0
-    report = RunReport(model_name, asdict(settings), head_r, ffn_r, params_before, count_parameters(model),
+    report = RunReport(model_name, settings.record(), head_r, ffn_r, params_before, count_parameters(model),
                          layer_params_before, count_parameters(layers), phase_seconds={
                              "scores": t_scores, "cut": total - t_scores}, total_seconds=total, device=str(device))
-    model.config.slimgpt = {"source_model": model_name, **asdict(settings)}
+    model.config.slimgpt = {"source_model": model_name, **settings.record()}
     emit(Progress(len(layers) - 1, len(layers), "done", report.total_seconds))
     return report
 

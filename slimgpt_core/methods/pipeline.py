@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -58,22 +58,23 @@ def _prune_multishot(model, tokens, settings, callback, should_stop, model_name,
     phases: dict[str, float] = {}
     total = 0.0
     report = None
-    for shot in range(1, settings.shots + 1):
+    shots = settings.surgeon.shots
+    for shot in range(1, shots + 1):
         # heads per unit: a KV group, or one query head where one KV head is shared (shapes.head_units)
-        keep_heads = [q - round(h * shot / settings.shots) * head_units(q, kv)[1]
+        keep_heads = [q - round(h * shot / shots) * head_units(q, kv)[1]
                       for (q, kv, _), h in zip(shapes, head_rm)]
-        keep_ffn = [f - round(c * shot / settings.shots) for (_, _, f), c in zip(shapes, ffn_rm)]
+        keep_ffn = [f - round(c * shot / shots) for (_, _, f), c in zip(shapes, ffn_rm)]
         shot_settings = replace(settings, method="slimgpt", keep_heads=keep_heads, keep_ffn=keep_ffn)
         report = _prune_pass(model, tokens, shot_settings, callback, should_stop, model_name, use_cache)
         for k, v in report.phase_seconds.items():
             phases[k] = phases.get(k, 0.0) + v
         total += report.total_seconds
-    report.settings = asdict(settings)
+    report.settings = settings.record()
     report.head_ratios = [h / head_units(q, kv)[0] for (q, kv, _), h in zip(shapes, head_rm)]
     report.ffn_ratios = [c / f for (_, _, f), c in zip(shapes, ffn_rm)]
     report.params_before, report.layer_params_before = params_before, layer_params_before
     report.phase_seconds, report.total_seconds = phases, total
-    model.config.slimgpt = {"source_model": model_name, **asdict(settings)}
+    model.config.slimgpt = {"source_model": model_name, **settings.record()}
     return report
 
 
@@ -166,7 +167,7 @@ def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
     layers = model.model.layers
     n = len(layers)
     t_start = time.perf_counter()
-    report = RunReport(model_name, asdict(settings), head_r, ffn_r, count_parameters(model), 0,
+    report = RunReport(model_name, settings.record(), head_r, ffn_r, count_parameters(model), 0,
                          count_parameters(layers), 0, device=str(device))
     events = _PassEvents(report, n, t_start, callback, should_stop)
     if distributed_rank_world()[1] > 1:
@@ -183,7 +184,7 @@ def _prune_pass(model, tokens: torch.Tensor, settings: PruneSettings, callback: 
     forget_fingerprint(model)
     report.reused_statistics = stats.reused
     update_config(model)
-    model.config.slimgpt = {"source_model": model_name, **asdict(settings), "head_ratios": head_r,
+    model.config.slimgpt = {"source_model": model_name, **settings.record(), "head_ratios": head_r,
                             "ffn_ratios": ffn_r}
     report.params_after = count_parameters(model)
     report.layer_params_after = count_parameters(layers)
@@ -256,17 +257,17 @@ def _layer_once(layer, i, st: _Streams, settings: PruneSettings, plan, emit, pha
     if columns is not None and z is not None and z[0].device == columns.device:
         z, columns = [chunk.index_select(-1, columns) for chunk in z], None  # kept heads selected once
     attn_outputs = mlp_inputs = None  # kept by the MLP-statistics pass when memory allows
-    if H_mlp is None:
+    row_bytes = calib_in.shape[:-1].numel() * calib_in.element_size()
+    keep = replay and fits(row_bytes * mlp.down_proj.in_features, st.where)  # down_proj's inputs first
+    if H_mlp is None or keep:  # cached statistics: the pass still runs, so the outputs replay as in a cold run
         t0 = phase(i, "mlp-stats")
-        acc = obs.HessianAccumulator(mlp.down_proj.in_features, mlp.down_proj.weight.device)
-        row_bytes = calib_in.shape[:-1].numel() * calib_in.element_size()
-        keep = replay and fits(row_bytes * mlp.down_proj.in_features, st.where)  # down_proj's inputs first
+        acc = obs.HessianAccumulator(mlp.down_proj.in_features, mlp.down_proj.weight.device) if H_mlp is None else None
         keep_attention = keep and fits(row_bytes * (mlp.down_proj.in_features + calib_in.shape[-1]), st.where)
         attn_outputs, mlp_inputs = collect_mlp_inputs(layer, calib_in, st.kwargs, bs, z, columns, acc, st.where,
                                                       keep, keep_attention, tf32)
         if keep_attention:
             z = None  # the outputs follow from what was kept: o_proj's inputs are not needed again
-        H_mlp = stats.store(i, "mlp", acc.H, dense and head_rm == 0)
+        H_mlp = H_mlp if acc is None else stats.store(i, "mlp", acc.H, dense and head_rm == 0)
         done("mlp-stats", t0)
     down_weight = _prune_mlp(layer, i, H_mlp, settings, ffn_ratio, ffn_rm, emit, phase, done)
     if st.pruned_out is not None:

@@ -7,7 +7,8 @@ from typing import Callable
 from slimgpt_core.base.devices import resolve_device
 from slimgpt_core.methods.minitron import shape_run
 from slimgpt_core.methods.shear.target import Shape
-from slimgpt_core.methods.shear.train import ShearResult, ShearSettings, shear_model
+from slimgpt_core.methods.shear.settings import ShearSettings
+from slimgpt_core.methods.shear.train import ShearResult, shear_model
 
 
 def shear_run(model, tokens, target: Shape, settings: ShearSettings, progress: Callable | None = None,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -33,28 +33,13 @@ from slimgpt_core.base.shapes import (count_parameters, has_fused_projections, k
 from slimgpt_core.methods import kfac
 from slimgpt_core.methods.curvature import CurvatureCollector, factor_bytes, linears
 from slimgpt_core.methods.prune_settings import plan_removals
+from slimgpt_core.methods.settings import PruneSettings
 from slimgpt_core.methods.surgeon_lora import lora_steps
 from slimgpt_core.schedules.schedule import check_ratio
 
-UNITS = ("heads", "rows")
-UPDATES = ("dead-rows", "both", "columns")
-FISHERS = ("empirical", "true")
-
-
-def validate(settings) -> None:
+def validate(settings: PruneSettings) -> None:
     check_ratio(settings.ratio)
-    if settings.surgeon_units not in UNITS:
-        raise SlimGPTError(f"surgeon units must be heads or rows, got {settings.surgeon_units!r}")
-    if settings.fisher not in FISHERS:
-        raise SlimGPTError(f"fisher must be empirical or true, got {settings.fisher!r}")
-    if settings.surgeon_update not in UPDATES:
-        raise SlimGPTError(f"surgeon update must be dead-rows, both or columns, got {settings.surgeon_update!r}")
-    if settings.shots < 1:
-        raise SlimGPTError(f"shots must be >= 1, got {settings.shots}")
-    if settings.kfac_positions is not None and settings.kfac_positions < 1:
-        raise SlimGPTError(f"KFAC positions per sequence must be >= 1, got {settings.kfac_positions}")
-    if settings.surgeon_lora_steps < 0:
-        raise SlimGPTError(f"LoRA steps between shots must be >= 0, got {settings.surgeon_lora_steps}")
+    settings.surgeon.validate()
     if not settings.damp > 0:
         raise SlimGPTError(f"KFAC damping must be > 0, got {settings.damp}")
 
@@ -249,7 +234,7 @@ class _SurgeonRun:
         self.model, self.settings, self.calib, self.heldout = model, settings, calib, heldout
         self.device, self.factor_device, self.report = device, factor_device, report
         self.callback, self.should_stop = callback, should_stop
-        self.heads_mode = settings.surgeon_units == "heads"
+        self.heads_mode = settings.surgeon.surgeon_units == "heads"
         self.compensate = settings.method != "kobd"
         self.layer_params0 = count_parameters(model.model.layers)
         self.n_batches = (calib.shape[0] + settings.batch_size - 1) // settings.batch_size
@@ -269,7 +254,7 @@ class _SurgeonRun:
             raise JobCancelled()
 
     def note(self, t: int, what: str) -> None:
-        T = self.settings.shots
+        T = self.settings.surgeon.shots
         self.emit(Progress(t - 1, T, f"shot {t}/{T} {what}", time.perf_counter() - self.t_start))
 
     def held_out_loss(self) -> float:
@@ -277,13 +262,14 @@ class _SurgeonRun:
 
     def shot_done(self, t: int, loss: float, shapes, removed: float, seconds: float, eta: float,
                   peak: float) -> ShotDone:
-        T, ratio = self.settings.shots, self.settings.ratio
+        T, ratio = self.settings.surgeon.shots, self.settings.ratio
         return ShotDone(t, T, t * ratio / T, removed, loss, math.exp(loss), [s[0] for s in shapes],
                         [s[2] for s in shapes], seconds, eta, peak)
 
     def shot(self, t: int) -> None:
         """Shot t of T: curvature, pruning to t/T of the budget (and LoRA steps), the held-out loss."""
-        model, settings, device, T = self.model, self.settings, self.device, self.settings.shots
+        model, settings, device = self.model, self.settings, self.device
+        own, T = settings.surgeon, settings.surgeon.shots
         layers = model.model.layers
         self.stop()
         t_shot = time.perf_counter()
@@ -293,21 +279,21 @@ class _SurgeonRun:
         def progress(b: int, nb: int) -> None:
             self.note(t, f"curvature {b}/{nb} · ETA {_fmt(self.eta(((t - 1) + b / nb) / T))}")
         self.note(t, f"curvature 0/{self.n_batches}")
-        collector = CurvatureCollector(model, self.factor_device, settings.kfac_positions, seed=t)
-        A, G = collector.run(self.calib, settings.batch_size, settings.fisher, self.should_stop, progress)
+        collector = CurvatureCollector(model, self.factor_device, own.kfac_positions, seed=t)
+        A, G = collector.run(self.calib, settings.batch_size, own.fisher, self.should_stop, progress)
         del collector
         self.stop()  # the last moment to cancel this shot: nothing has been changed in it yet
         self.note(t, "prune")
         budget = round(t * settings.ratio / T * self.layer_params0)
         if self.heads_mode:
             _heads_shot(model, A, G, settings.damp, budget - (self.layer_params0 - count_parameters(layers)),
-                        self.compensate, settings.surgeon_update)
+                        self.compensate, own.surgeon_update)
         else:
-            _rows_shot(model, A, G, settings.damp, budget, self.compensate, settings.surgeon_update != "columns")
+            _rows_shot(model, A, G, settings.damp, budget, self.compensate, own.surgeon_update != "columns")
         del A, G
-        if settings.surgeon_lora_steps:
-            self.note(t, f"LoRA {settings.surgeon_lora_steps} steps")
-            lora_steps(model, self.calib, settings.surgeon_lora_steps, settings.batch_size, device, t,
+        if own.surgeon_lora_steps:
+            self.note(t, f"LoRA {own.surgeon_lora_steps} steps")
+            lora_steps(model, self.calib, own.surgeon_lora_steps, settings.batch_size, device, t,
                        self.should_stop)
         removed = _removed_fraction(layers, self.heads_mode, self.layer_params0)
         self.note(t, "held-out loss")
@@ -318,20 +304,20 @@ class _SurgeonRun:
 
 def prune_surgeon(model, tokens: torch.Tensor, settings, callback: Callback | None = None,
                   should_stop: Callable[[], bool] | None = None, model_name: str = "") -> RunReport:
-    """LLM Surgeon (settings.method == "surgeon") or K-OBD ("kobd") in `settings.shots` shots to
+    """LLM Surgeon (settings.method == "surgeon") or K-OBD ("kobd") in `settings.surgeon.shots` shots to
     settings.ratio of the decoder-layer parameters; prunes `model` in place and returns the report."""
 
     validate(settings)
     check_separate_projections(model)
     device = resolve_device(settings.device)
     layers = model.model.layers
-    T = settings.shots
+    T = settings.surgeon.shots
     calib, heldout = heldout_split(tokens)
     if calib.shape[0] == 0:
         raise SlimGPTError("LLM Surgeon needs at least 2 calibration sequences (one is held out)")
     home = next(model.parameters()).device
     factor_device = check_memory(model, settings.batch_size, tokens.shape[1], device)
-    report = RunReport(model_name, asdict(settings), [], [], count_parameters(model), 0, count_parameters(layers),
+    report = RunReport(model_name, settings.record(), [], [], count_parameters(model), 0, count_parameters(layers),
                          0, device=str(device))
     report.settings.update(heldout_samples=int(heldout.shape[0]), factor_device=str(factor_device),
                            factor_gib=factor_bytes(model) / 2**30)

@@ -12,7 +12,8 @@ import torch
 
 from slimgpt_core.training.finetune_data import Example, batch_stream
 from slimgpt_core.training.loop import OptimizerConfig, train
-from slimgpt_core.training.recover import DEFAULT_TARGETS, add_lora, drop_lora, merge_lora, resolve_targets
+from slimgpt_core.training.recover import add_lora, drop_lora, merge_lora, resolve_targets
+from slimgpt_core.training.settings import DEFAULT_TARGETS
 
 RANK, ALPHA, LR = 8, 16.0, 1e-4
 

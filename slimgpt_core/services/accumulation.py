@@ -292,7 +292,7 @@ def same_run(report, model_name: str, settings, removals: tuple[list[int], list[
     s = report.settings or {}
     if not same_model(report.model, model_name) or report.recovery or getattr(report, "pretrain", None):
         return False
-    defaults = asdict(settings)
+    defaults = settings.record()
     if any(s.get(k, defaults[k]) != defaults[k] for k in _SAME):
         return False
     if s.get("method", "slimgpt") == "obs-multishot" or s.get("keep_heads") or s.get("keep_ffn"):

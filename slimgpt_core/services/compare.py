@@ -107,7 +107,7 @@ def run_grid(model_name: str, ratios: list[float], variants: list[str], calib: s
     for ratio in ratios:
         for variant in variants:
             emit(Progress(len(rows) + 1, total, f"{variant} {ratio:.0%}", time.perf_counter() - t_start))
-            settings = replace(base, ratio=ratio, **VARIANTS[variant][0])
+            settings = base.updated(ratio=ratio, **VARIANTS[variant][0])
             loaded = load_model(model_name, device)
             if settings.method in ("surgeon", "kobd"):  # global allocation: the parameters the schedule removes
                 settings = replace(settings, ratio=schedule_fraction(loaded.model, replace(settings, method="slimgpt")))

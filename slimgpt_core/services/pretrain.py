@@ -17,8 +17,10 @@ from slimgpt_core.base.events import Progress
 from slimgpt_core.base.shapes import check_context_length
 from slimgpt_core.models import LoadedModel, load_config, load_model
 from slimgpt_core.training.distributed import load_for_training
-from slimgpt_core.training.pretrain import PretrainResult, PretrainSettings, TEXTS, pretrain, pretrained_report, summary
+from slimgpt_core.training.pretrain import (PretrainResult, TEXTS, check_pretrain_settings, pretrain, pretrained_report,
+                                            summary)
 from slimgpt_core.training.recover import load_source_report
+from slimgpt_core.training.settings import PretrainSettings
 from slimgpt_core.workspace.model_pool import POOL
 from slimgpt_core.workspace.store import add_measurement, new_run_name, read_run, runs_root, save_run_at
 
@@ -56,7 +58,7 @@ def pretrain_to_workspace(source: str | Path, settings: PretrainSettings, teache
     """Train the run at `source` on `settings.data`'s mix (dynamic batch loading when asked) and save the result as
     a new run. `teacher`: None, "source" (the model the run was pruned from) or a model path/name."""
 
-    settings.validate()  # before loading anything
+    check_pretrain_settings(settings)  # before loading anything
     emit = callback or (lambda e: None)
     stop = should_stop or (lambda: False)
     t0 = time.perf_counter()
@@ -126,7 +128,7 @@ def pretrain_to_folder(model: str, settings: PretrainSettings, out: str | Path |
     """The command line's pretrain: checked before anything loads, trained against the reference (and teacher),
     saved at `out` (default: a new workspace run); a summary back. "source" names the model the run was pruned
     from."""
-    settings.validate()  # before loading anything
+    check_pretrain_settings(settings)  # before loading anything
     out = check_output_folder(out or runs_root() / new_run_name(f"{Path(model).stem}-pretrain-{settings.steps}"),
                               overwrite)
     loaded = load_for_training(model, dtype)  # under torchrun: weights on rank 0 only, meta shells elsewhere

@@ -12,8 +12,9 @@ from slimgpt_core.base.shapes import check_context_length
 from slimgpt_core.models import LoadedModel, load_model
 from slimgpt_core.services.evaluate import perplexity
 from slimgpt_core.training.distributed import load_for_training
-from slimgpt_core.training.recover import (RecoverResult, RecoverSettings, load_source_report, recover,
+from slimgpt_core.training.recover import (RecoverResult, check_recover_settings, load_source_report, recover,
                                            recovered_report, summary)
+from slimgpt_core.training.settings import RecoverSettings
 from slimgpt_core.workspace.store import add_measurement, read_run, save_run, save_run_at
 
 
@@ -29,7 +30,7 @@ def recover_to_folder(model: str, settings: RecoverSettings, out: str | Path, ov
     """The command line's recover: checked before anything loads, trained, saved at `out`; a summary back (None
     in the processes of a torchrun job other than rank 0)."""
     out = check_output_folder(out, overwrite)
-    settings.validate()  # before loading anything
+    check_recover_settings(settings)  # before loading anything
     loaded = load_for_training(model, dtype)  # under torchrun: weights on rank 0 only, meta shells elsewhere
     check_context_length(loaded.model.config, settings.seqlen, "--seqlen")
     result = recover(loaded.model, loaded.tokenizer, settings, callback)

@@ -27,7 +27,8 @@ from slimgpt_core.base.shapes import check_context_length, count_parameters
 from slimgpt_core.methods import registry
 from slimgpt_core.methods.shear.size import parameter_count
 from slimgpt_core.methods.shear.target import Shape, resolve_target, source_shape
-from slimgpt_core.methods.shear.train import ShearResult, ShearSettings, ShearStep
+from slimgpt_core.methods.shear.settings import ShearSettings
+from slimgpt_core.methods.shear.train import ShearResult, ShearStep
 from slimgpt_core.models import LoadedModel, load_model
 from slimgpt_core.services.evaluate import perplexity
 from slimgpt_core.training.distributed import is_main, load_for_training, rank_world

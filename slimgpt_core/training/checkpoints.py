@@ -36,19 +36,6 @@ from slimgpt_core.training.distributed import rank_world
 TRAINABLE = StateDictOptions(ignore_frozen_params=True, strict=False)  # LoRA: the adapters only (frozen weights stay)
 
 
-def checkpoint_checks(folder: str | None, every: int, resume: bool) -> list[tuple[bool, str]]:
-    """The checkpoint settings' checks, (holds, the sentence when it does not), for a settings object's validate."""
-    return [(every >= 0, f"checkpoint-every must be 0 (none) or positive, got {every}"),
-            (bool(folder) or not (resume or every), "checkpoints and --resume need a checkpoint folder")]
-
-
-def raise_first_failure(checks: list[tuple[bool, str]]) -> None:
-    """Refuse with the sentence of the first check that does not hold."""
-    for ok, message in checks:
-        if not ok:
-            raise SlimGPTError(message)
-
-
 @dataclass
 class CheckpointPlan:
     folder: str | Path

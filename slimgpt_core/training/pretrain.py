@@ -24,7 +24,7 @@ from slimgpt_core.base.devices import resolve_device
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.data import window_bos
 from slimgpt_core.evaluation.evaluate import perplexity
-from slimgpt_core.training.checkpoints import CheckpointPlan, checkpoint_checks, raise_first_failure
+from slimgpt_core.training.checkpoints import CheckpointPlan
 from slimgpt_core.training.distributed import (broadcast_tensor, check_batch_rows, gathered_model, is_main,
                                                rank_world, resharded, shard_model, to_device)
 from slimgpt_core.training.distill import check_teacher, distillation_loss_fn
@@ -33,88 +33,13 @@ from slimgpt_core.training.domains import DomainSampler, check_domains, load_dom
 from slimgpt_core.training.loop import (OptimizerConfig, TrainPlan, TrainStep, autocast_context, final_perplexity,
                                         heldout_loss, run_training, trained_report, training_bytes, uses_bf16)
 from slimgpt_core.training.recover import add_lora, drop_lora, merge_lora, resolve_targets
+from slimgpt_core.training.settings import PretrainSettings
 
 
-@dataclass
-class PretrainSettings:
-    data: list[str] = field(default_factory=lambda: ["c4", "tinystories"])  # domains: c4, tinystories, wikitext2
-    steps: int = 400
-    dynamic_mix: bool = True  # False: the initial weights throughout (a static mix)
-    update_every: int | None = None  # None: a tenth of the steps (the authors: 400 of 12,000 in their CPT)
-    mix_variant: str = "paper"  # paper: Δ = max(ℓ − ℓ_ref, 0); code: no max, smoothed (domain_mix.py)
-    initial_weights: list[float] | None = None  # None: equal
-    reference_losses: list[float] | None = None  # None: the reference model's held-out loss per domain
-    lr: float = 1e-4  # the authors' continued pre-training rate
-    warmup: float = 0.05  # fraction of steps of linear warm-up, then `schedule`
-    schedule: str = "cosine"
-    betas: tuple[float, float] = (0.9, 0.95)
-    seqlen: int = 256
-    batch_size: int = 4
-    grad_accumulation: int = 1
-    heldout: int = 16  # held-out windows per domain
-    lora: bool = False
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                               "up_proj", "down_proj"])
-    distill_weight: float | None = None  # with a teacher: None = 1.0 (Minitron: KL only); 0 without one
-    seed: int = 0
-    device: str = "auto"
-    bf16: bool = True  # CUDA: bf16 autocast where supported
-    ppl: list[str] = field(default_factory=lambda: ["tinystories", "wikitext2"])  # before and after; [] to skip
-    ppl_seqlen: int = 128
-    ppl_windows: int | None = 64
-    checkpoint_folder: str | None = None  # sharded checkpoints to resume from (training/checkpoints.py)
-    checkpoint_every: int = 0  # steps between checkpoints; 0: none
-    resume: bool = False  # continue from the latest checkpoint in checkpoint_folder
-    activation_checkpointing: bool = False  # recompute each layer's activations in the backward pass
-
-    @property
-    def every(self) -> int:
-        return self.update_every or max(1, self.steps // 10)
-
-    @property
-    def warmup_steps(self) -> int:
-        return max(1, round(self.warmup * self.steps))
-
-    def distill(self, has_teacher: bool) -> float:
-        if self.distill_weight is None:
-            return 1.0 if has_teacher else 0.0
-        return self.distill_weight
-
-    def validate(self) -> None:
-        """One sentence for the first bad value, before anything is loaded."""
-        checks = [
-            (self.steps >= 1, f"steps must be at least 1, got {self.steps}"),
-            (self.update_every is None or self.update_every >= 1,
-             f"update-every must be at least 1, got {self.update_every}"),
-            (self.mix_variant in ("paper", "code"), f"unknown mix variant {self.mix_variant!r} (paper, code)"),
-            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
-            (0 <= self.warmup < 1, f"warm-up must be a fraction in [0, 1), got {self.warmup}"),
-            (self.schedule in ("cosine", "constant"), f"unknown lr schedule {self.schedule!r} (cosine, constant)"),
-            (self.seqlen >= 2, f"seqlen must be at least 2, got {self.seqlen}"),
-            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
-            (self.grad_accumulation >= 1, f"gradient accumulation must be at least 1, got {self.grad_accumulation}"),
-            (self.heldout >= 1, f"held-out windows must be at least 1, got {self.heldout}"),
-            (not self.lora or self.rank >= 1, f"LoRA rank must be at least 1, got {self.rank}"),
-            (not self.lora or self.alpha > 0, f"LoRA alpha must be positive, got {self.alpha}"),
-            (0 <= self.dropout < 1, f"LoRA dropout must be in [0, 1), got {self.dropout}"),
-            (self.distill_weight is None or 0 <= self.distill_weight <= 1,
-             f"distill weight must be in [0, 1], got {self.distill_weight}"),
-            (self.ppl_windows is None or self.ppl_windows >= 1, f"ppl windows must be at least 1, got {self.ppl_windows}"),
-            *checkpoint_checks(self.checkpoint_folder, self.checkpoint_every, self.resume),
-        ]
-        raise_first_failure(checks)
-        check_domains(self.data)
-        for name in self.ppl:
-            if name not in ("tinystories", "wikitext2", "c4"):
-                raise SlimGPTError(f"unknown perplexity text {name!r} (tinystories, wikitext2)")
-        for what, values in (("initial weights", self.initial_weights), ("reference losses", self.reference_losses)):
-            if values is not None and len(values) != len(self.data):
-                raise SlimGPTError(f"{what} need one value per domain ({len(self.data)}), got {len(values)}")
-        if self.initial_weights is not None and (min(self.initial_weights) < 0 or sum(self.initial_weights) <= 0):
-            raise SlimGPTError(f"initial weights must be non-negative with a positive sum, got {self.initial_weights}")
+def check_pretrain_settings(settings: PretrainSettings) -> None:
+    """One sentence for the first bad value or unknown domain, before anything is loaded."""
+    settings.validate()
+    check_domains(settings.data)
 
 
 @dataclass
@@ -276,7 +201,7 @@ class _Run:
 
 def _checked(model, settings: PretrainSettings, teacher) -> tuple[PretrainSettings, float]:
     """The settings with LoRA targets resolved, and the distillation weight; one sentence for what cannot run."""
-    settings.validate()
+    check_pretrain_settings(settings)
     if teacher is not None:
         check_teacher(model, teacher)
     distill = settings.distill(teacher is not None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,73 +24,22 @@ from slimgpt_core.base.cache import forget_fingerprint
 from slimgpt_core.base.devices import resolve_device
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.base.events import RunReport
+from slimgpt_core.base.shapes import FUSED_PROJECTIONS
 from slimgpt_core.evaluation.evaluate import cached_perplexity
 from slimgpt_core.training import loop
 from slimgpt_core.training.finetune_data import batch_stream, check_source, fixed_batches, load_finetune_data
-from slimgpt_core.training.checkpoints import CheckpointPlan, checkpoint_checks, raise_first_failure
+from slimgpt_core.training.checkpoints import CheckpointPlan
 from slimgpt_core.training.distributed import (check_batch_rows, gathered_model, is_main, rank_world,
                                                shard_model, to_device)
 from slimgpt_core.training.loop import (CountedStream, OptimizerConfig, TrainPlan, TrainResult, TrainStep,
                                         final_perplexity, run_training, trained_report)
+from slimgpt_core.training.settings import RecoverSettings
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class RecoverSettings:
-    data: list[str] = field(default_factory=lambda: ["c4"])  # c4, tinystories, wikitext2, .txt/.jsonl/.json files
-    steps: int = 200
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    lr: float = 1e-4
-    warmup_steps: int | None = None  # None: 5% of the steps (at least 1)
-    schedule: str = "cosine"
-    seqlen: int = 256
-    batch_size: int = 4
-    grad_accumulation: int = 1
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    heldout_fraction: float = 0.05  # used only when a source is too small for `heldout_samples`
-    heldout_samples: int = 32
-    eval_every: int = 20
-    seed: int = 0
-    device: str = "auto"
-    bf16: bool = True  # bf16 autocast on CUDA where supported; CPU trains in the weights' dtype
-    ppl_source: str | None = "wikitext2"  # None: skip perplexity before/after
-    ppl_seqlen: int = 128
-    ppl_windows: int | None = 64  # None: the whole test text
-    checkpoint_folder: str | None = None  # sharded checkpoints to resume from (training/checkpoints.py)
-    checkpoint_every: int = 0  # steps between checkpoints; 0: none
-    resume: bool = False  # continue from the latest checkpoint in checkpoint_folder
-    activation_checkpointing: bool = False  # recompute each layer's activations in the backward pass
-
-    def validate(self) -> None:
-        """One sentence for the first bad value, before anything is loaded."""
-        checks = [
-            (self.rank >= 1, f"LoRA rank must be at least 1, got {self.rank}"),
-            (self.steps >= 1, f"steps must be at least 1, got {self.steps}"),
-            (self.alpha > 0, f"LoRA alpha must be positive, got {self.alpha}"),
-            (0 <= self.dropout < 1, f"LoRA dropout must be in [0, 1), got {self.dropout}"),
-            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
-            (self.seqlen >= 2, f"seqlen must be at least 2, got {self.seqlen}"),
-            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
-            (self.grad_accumulation >= 1, f"gradient accumulation must be at least 1, got {self.grad_accumulation}"),
-            (self.heldout_samples >= 1, f"held-out samples must be at least 1, got {self.heldout_samples}"),
-            (0 < self.heldout_fraction < 1, f"held-out fraction must be in (0, 1), got {self.heldout_fraction}"),
-            (self.eval_every >= 0, f"eval-every must be 0 (end only) or positive, got {self.eval_every}"),
-            (self.schedule in ("cosine", "constant"), f"unknown lr schedule {self.schedule!r} (cosine, constant)"),
-            (bool(self.data), "no training data given"),
-            (bool(self.target_modules), "no target modules given"),
-            (self.ppl_windows is None or self.ppl_windows >= 1, f"ppl windows must be at least 1, got {self.ppl_windows}"),
-            *checkpoint_checks(self.checkpoint_folder, self.checkpoint_every, self.resume),
-        ]
-        raise_first_failure(checks)
-        for source in self.data:
-            check_source(source)
-
-    @property
-    def warmup(self) -> int:
-        return self.warmup_steps if self.warmup_steps is not None else max(1, round(0.05 * self.steps))
+def check_recover_settings(settings: RecoverSettings) -> None:
+    """One sentence for the first bad value or unreadable training source, before anything is loaded."""
+    settings.validate()
+    for source in settings.data:
+        check_source(source)
 
 
 @dataclass
@@ -155,8 +104,7 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
-FUSED_PROJECTIONS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
-                     "up_proj": "gate_up_proj"}  # Phi-3 holds these rows in one linear layer each
+FUSED_INTO = {part: fused for fused, parts in FUSED_PROJECTIONS.items() for part in parts}  # q_proj → qkv_proj
 
 
 def resolve_targets(model, targets: list[str]) -> list[str]:
@@ -166,9 +114,9 @@ def resolve_targets(model, targets: list[str]) -> list[str]:
     out = []
     for t in targets:
         name = t.strip()
-        name = name if name in available or name in FUSED_PROJECTIONS else f"{name}_proj"
-        if name not in available and FUSED_PROJECTIONS.get(name) in available:
-            name = FUSED_PROJECTIONS[name]
+        name = name if name in available or name in FUSED_INTO else f"{name}_proj"
+        if name not in available and FUSED_INTO.get(name) in available:
+            name = FUSED_INTO[name]
         if name not in available:
             raise SlimGPTError(f"unknown target module {t.strip()!r}: this model's decoder layers have "
                                f"{', '.join(available)}")
@@ -293,7 +241,7 @@ def recover(model, tokenizer, settings: RecoverSettings, callback: Callable | No
     `should_stop()` is checked between training steps and during the first perplexity (JobCancelled; the
     model is left as it came). Once trained, the adapters are merged and measured without further checks.
     Under torchrun every rank calls this; rank 0 alone emits events and gets the result (None elsewhere)."""
-    settings.validate()
+    check_recover_settings(settings)
     callback = callback if is_main() else None
     emit = callback or (lambda e: None)
     device = resolve_device(settings.device)

@@ -22,7 +22,8 @@ from slimgpt_core.methods.shear.apply import MaskedModel
 from slimgpt_core.methods.shear.cut import cut_model
 from slimgpt_core.methods.shear.masks import ShearMasks
 from slimgpt_core.methods.shear.target import resolve_target, source_shape
-from slimgpt_core.methods.shear.train import ShearSettings, shear_model
+from slimgpt_core.methods.shear.settings import ShearSettings
+from slimgpt_core.methods.shear.train import shear_model
 from slimgpt_core.schedules import global_allocation as ga, refine
 from slimgpt_core.schedules.curves import error_curves, predict
 from slimgpt_core.schedules.editor_data import editor_payload

@@ -10,6 +10,7 @@ from slimgpt_core.services.compare import VARIANTS, run_grid, write_outputs
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
+from slimgpt_core.methods.settings import SurgeonSettings
 
 METHOD_FLAGS = {"magnitude": ["--method", "magnitude"], "wanda-sp": ["--method", "wanda-sp"],
                 "obs-multishot": ["--method", "obs-multishot", "--shots", "2"], "nocomp": ["--no-compensation"],
@@ -62,7 +63,8 @@ def test_obs_multishot_prunes_in_several_shots(tokens):
 
     events = []
     three = tiny_model()
-    report = prune_model(three, tokens, PruneSettings(ratio=0.5, method="obs-multishot", shots=3, ffn_group_floor=2),
+    report = prune_model(three, tokens, PruneSettings(ratio=0.5, method="obs-multishot", ffn_group_floor=2,
+                                                      surgeon=SurgeonSettings(shots=3)),
                          callback=events.append, use_cache=False)
     # one full pass over the 3 layers per shot, each removing a third of the final target
     assert [e.phase for e in events if e.kind == "progress"].count("done") == 3
@@ -76,7 +78,8 @@ def test_obs_multishot_prunes_in_several_shots(tokens):
         assert ffn_removed[layer::3] == [round(total / 3), round(2 * total / 3) - round(total / 3),
                                          total - round(2 * total / 3)]
     one = tiny_model()
-    prune_model(one, tokens, PruneSettings(ratio=0.5, method="obs-multishot", shots=1, ffn_group_floor=2), use_cache=False)
+    prune_model(one, tokens, PruneSettings(ratio=0.5, method="obs-multishot", ffn_group_floor=2,
+                                           surgeon=SurgeonSettings(shots=1)), use_cache=False)
     single = tiny_model()
     prune_model(single, tokens, PruneSettings(ratio=0.5, ffn_group_floor=2), use_cache=False)
     assert describe_layers(three) == describe_layers(single)  # the same final shapes
@@ -100,7 +103,7 @@ def test_equal_achieved_ratios_and_error_ordering(tokens):
     reports = {}
     for name in ("slimgpt", "magnitude", "wanda-sp", "obs-multishot", "slimgpt-nocomp", "slimgpt-approx",
                  "slimgpt-greedy", "slimgpt-dense"):
-        settings = PruneSettings(**{"ratio": 0.5, "ffn_group_floor": 2, **VARIANTS[name][0]})
+        settings = PruneSettings(ratio=0.5, ffn_group_floor=2).updated(**VARIANTS[name][0])
         reports[name] = prune_model(tiny_model(), tokens, settings, use_cache=False)
     achieved = {r.achieved_layer_ratio for r in reports.values()}
     assert len(achieved) == 1  # same schedule, same rounding: same parameters removed

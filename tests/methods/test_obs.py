@@ -1,6 +1,7 @@
 """Exact OBS math on random data (SPEC §2.1-2.3)."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from slimgpt_core.methods import obs
 from slimgpt_core.base.errors import SlimGPTError
@@ -537,3 +538,35 @@ def test_one_group_obs_removal_is_the_least_squares_fit_for_every_caller():
     torch.testing.assert_close(fused_inv[live][:, live], pruned_inv[live][:, live], rtol=1e-5,
                                atol=1e-5 * float(Hinv.abs().max()))
     assert fused[:, cols].abs().max() < 1e-4 * float(Wd.abs().max())  # rounding noise, not zeroed
+    assert (fused[:, cols] != 0).any()
+
+
+class _Allocations(TorchDispatchMode):
+    """The element counts of the tensors each out-of-place ATen op makes (in-place ops, `…_`, make none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not name.endswith("_"):
+            self.made += [(name, t.numel()) for t in (out if isinstance(out, (tuple, list)) else (out,))
+                          if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_the_curves_removal_makes_no_temporary_of_the_weights_or_inverse_size():
+    """The error curves' greedy passes remove one group at a time from large matrices: the fused form subtracts the
+    product in place (on this CPU it gives the unfused form's bits, so only the memory it takes tells them apart)."""
+    W, X = _problem(seed=3, out=10, units=8, group=3)
+    Wd, Hinv, _ = obs.damped_inverse(W, _hessian(X), 0.0)
+    cols = torch.tensor([2, 5, 6, 11])
+    fused, fused_inv, L = Wd.clone(), Hinv.clone(), torch.linalg.cholesky(Hinv[cols][:, cols])
+    with _Allocations() as ops:
+        obs.remove_and_measure(fused, fused_inv, cols)
+    assert ops.made and max(n for _, n in ops.made) < min(Wd.numel(), Hinv.numel()), ops.made
+    with _Allocations() as ops:  # the pruner's form, for contrast: W_Q X is a temporary of W's size
+        obs.remove_columns(Wd, Hinv, cols, L)
+    assert max(n for _, n in ops.made) >= Wd.numel()

@@ -323,3 +323,36 @@ def test_cancelled_between_layers(own_cache, tokens, stop_at):
     with pytest.raises(JobCancelled) as stopped:
         list(dense_hessians(model, tokens, 5, should_stop=should_stop))
     assert str(stopped.value) == "statistics were cancelled"
+
+
+# --- a prune with cached statistics ----------------------------------------------------------------------------
+
+
+def test_a_warm_cache_changes_where_statistics_come_from_never_how_outputs_are_computed(own_cache, monkeypatch):
+    """Cached dense statistics (layer 0 of a sequential prune, whose heads are all kept here) must leave the pruned
+    stream the cold run's bit for bit, or every later layer calibrates on other inputs (on SmolLM2 a warm prune
+    chose other channels from layer 1 on). The outputs are replayed from the kept MLP inputs in both runs: on a
+    tiny model both ways round alike, so the way each layer took is recorded too."""
+    from slimgpt_core.methods import pipeline
+    from slimgpt_core.methods.pipeline import prune_model
+    from slimgpt_core.methods.prune_settings import PruneSettings
+    real, taken = pipeline.replay_outputs, []
+
+    def recording(layer, x, kwargs, batch_size, attn_inputs, columns, out, attn_outputs=None, mlp_inputs=None,
+                  *rest):
+        taken[-1].append((attn_outputs is not None, mlp_inputs is not None))
+        return real(layer, x, kwargs, batch_size, attn_inputs, columns, out, attn_outputs, mlp_inputs, *rest)
+
+    monkeypatch.setattr(pipeline, "replay_outputs", recording)
+    tokens = torch.randint(0, 101, (8, 16), generator=torch.Generator().manual_seed(2))
+    weights, reused = [], []
+    for _ in ("cold", "warm"):
+        taken.append([])
+        model = tiny_model(seed=1, layers=4)
+        report = prune_model(model, tokens, PruneSettings(ratio=0.3, device="cpu"), use_cache=True)
+        weights.append(model.state_dict())
+        reused.append(report.reused_statistics)
+    assert reused == [0, 2]  # layer 0's attention and MLP statistics read back
+    assert taken[0] == taken[1] and taken[0][0] == (True, True)
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -14,6 +14,7 @@ from slimgpt_core.methods.curvature import LINEARS, CurvatureCollector, factor_b
 from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
+from slimgpt_core.methods.settings import SurgeonSettings
 from slimgpt_core.base import devices
 from slimgpt_core.methods.surgeon import check_memory, rows_threshold, select_heads, zero_fraction, _Unit
 
@@ -199,8 +200,8 @@ def _fresh(stories):
 def test_rows_mode_zeroes_the_requested_fraction_and_keeps_the_shape(stories):
     loaded = _fresh(stories)
     before = sum(p.numel() for p in loaded.model.parameters())
-    report = prune_model(loaded.model, stories[1], PruneSettings(ratio=0.3, method="surgeon", shots=2,
-                                                                 surgeon_units="rows", device="cpu"))
+    report = prune_model(loaded.model, stories[1], PruneSettings(
+        ratio=0.3, method="surgeon", device="cpu", surgeon=SurgeonSettings(shots=2, surgeon_units="rows")))
     assert sum(p.numel() for p in loaded.model.parameters()) == before  # not a smaller model
     zeros = zero_fraction(loaded.model.model.layers)
     assert 0.3 <= zeros < 0.31 and report.shots[-1].removed_fraction == pytest.approx(zeros)
@@ -214,7 +215,8 @@ def test_heads_mode_physically_smaller_reloads_with_the_same_logits(stories, tmp
     from slimgpt_core.workspace.store import save_run_at
     loaded = _fresh(stories)
     events = []
-    report = prune_model(loaded.model, stories[1], PruneSettings(ratio=0.4, method="surgeon", shots=2, device="cpu"),
+    report = prune_model(loaded.model, stories[1], PruneSettings(ratio=0.4, method="surgeon", device="cpu",
+                                                                 surgeon=SurgeonSettings(shots=2)),
                          callback=events.append, model_name="stories260k")
     assert report.achieved_layer_ratio == pytest.approx(0.4, abs=0.01)
     assert report.params_after < report.params_before
@@ -235,7 +237,8 @@ def test_kobd_removes_units_without_updating_the_rest(stories):
     kept = {}
     for method in ("surgeon", "kobd"):
         loaded = _fresh(stories)
-        prune_model(loaded.model, stories[1], PruneSettings(ratio=0.4, method=method, shots=1, device="cpu"))
+        prune_model(loaded.model, stories[1], PruneSettings(ratio=0.4, method=method, device="cpu",
+                                                            surgeon=SurgeonSettings(shots=1)))
         kept[method] = loaded.model.model.layers[0].mlp.down_proj.weight
     dense = _fresh(stories).model.model.layers[0].mlp.down_proj.weight
 
@@ -253,12 +256,14 @@ def test_cancel_between_shots_and_bad_settings(stories):
         calls["n"] += 1
         return calls["n"] > 3
     with pytest.raises(JobCancelled):
-        prune_model(loaded.model, stories[1], PruneSettings(ratio=0.3, method="surgeon", shots=3, device="cpu"),
+        prune_model(loaded.model, stories[1], PruneSettings(ratio=0.3, method="surgeon", device="cpu",
+                                                            surgeon=SurgeonSettings(shots=3)),
                     should_stop=stop)
     with pytest.raises(SlimGPTError, match="fisher must be empirical or true"):
-        prune_model(loaded.model, stories[1], PruneSettings(method="surgeon", fisher="exact"))
+        prune_model(loaded.model, stories[1], PruneSettings(method="surgeon", surgeon=SurgeonSettings(fisher="exact")))
     with pytest.raises(SlimGPTError, match="surgeon units must be heads or rows"):
-        prune_model(loaded.model, stories[1], PruneSettings(method="kobd", surgeon_units="cols"))
+        prune_model(loaded.model, stories[1],
+                    PruneSettings(method="kobd", surgeon=SurgeonSettings(surgeon_units="cols")))
 
 
 def test_cli_end_to_end_prints_the_schedule(tmp_path, capsys):

@@ -6,6 +6,7 @@ import torch
 from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
+from slimgpt_core.methods.settings import SurgeonSettings
 
 
 @pytest.fixture(scope="module")
@@ -18,13 +19,14 @@ def tokens():
 def _run(tokens, steps, **kw):
     from slimgpt_core.models import load_model
     loaded = load_model("stories260k")
-    report = prune_model(loaded.model, tokens, PruneSettings(ratio=0.3, method="surgeon", shots=2, device="cpu",
-                                                             surgeon_lora_steps=steps), **kw)
+    settings = PruneSettings(ratio=0.3, method="surgeon", device="cpu",
+                             surgeon=SurgeonSettings(shots=2, surgeon_lora_steps=steps))
+    report = prune_model(loaded.model, tokens, settings, **kw)
     return loaded.model, report
 
 
 def test_lora_between_shots_lowers_the_held_out_loss_and_merges(tokens):
-    assert PruneSettings().surgeon_lora_steps == 0  # off by default
+    assert PruneSettings().surgeon.surgeon_lora_steps == 0  # off by default
     plain_model, plain = _run(tokens, 0)
     model, report = _run(tokens, 20)
     # the held-out sequences are not trained on: the curve is still honest
@@ -52,8 +54,8 @@ def test_lora_stopped_or_bad_settings(tokens):
         if event.kind == "progress" and "LoRA" in event.phase:
             in_lora["now"] = True
     with pytest.raises(JobCancelled):
-        prune_model(loaded.model, tokens, PruneSettings(ratio=0.3, method="surgeon", shots=2, device="cpu",
-                                                        surgeon_lora_steps=50),
+        prune_model(loaded.model, tokens, PruneSettings(ratio=0.3, method="surgeon", device="cpu",
+                                                        surgeon=SurgeonSettings(shots=2, surgeon_lora_steps=50)),
                     callback=watch, should_stop=lambda: in_lora["now"])
     assert in_lora["now"]
     assert not any("lora" in name for name, _ in loaded.model.named_parameters())

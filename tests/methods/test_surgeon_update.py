@@ -11,6 +11,7 @@ import torch
 from slimgpt_core.methods import kfac
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
+from slimgpt_core.methods.settings import SurgeonSettings
 
 NONE = torch.zeros(0, dtype=torch.long)
 
@@ -84,8 +85,8 @@ def stories_tokens():
 def _pruned(tokens, update, method="surgeon", ratio=0.3):
     from slimgpt_core.models import load_model
     loaded = load_model("stories260k")
-    report = prune_model(loaded.model, tokens, PruneSettings(ratio=ratio, method=method, shots=1, device="cpu",
-                                                             surgeon_update=update))
+    report = prune_model(loaded.model, tokens, PruneSettings(ratio=ratio, method=method, device="cpu",
+                                                             surgeon=SurgeonSettings(shots=1, surgeon_update=update)))
     return loaded.model, report
 
 
@@ -98,7 +99,7 @@ def test_default_update_leaves_the_rows_and_compensates_the_columns(stories_toke
     from slimgpt_core.models import load_model
     dense = load_model("stories260k").model.model.layers
     model, _ = _pruned(stories_tokens, "dead-rows")
-    assert PruneSettings().surgeon_update == "dead-rows"
+    assert PruneSettings().surgeon.surgeon_update == "dead-rows"
     changed_columns = 0
     for i, layer in enumerate(model.model.layers):
         for name in ("q_proj", "k_proj", "v_proj"):

@@ -143,6 +143,7 @@ def test_balanced_targets_keep_the_parameter_cut():
         assert head == pytest.approx(balance * target)
         assert head * attn + ffn * mlp == pytest.approx(target * (attn + mlp), rel=1e-12)
     assert balanced_targets(0.8, 2.0, attn, mlp)[0] == 0.9  # the heads' share is capped
+    assert balanced_targets(0.8, 0.0, attn, attn) == (0.0, 0.9)  # and the FFN's (unbounded: 1.6)
     assert balanced_targets(0.05, 2.0, attn, 10 * attn) == pytest.approx((0.1, 0.045))
     assert balanced_targets(0.05, 9.0, attn, attn)[1] == 0.0  # never a negative FFN ratio
     assert balanced_targets(0.3, 1.0, attn, mlp, ffn_target=0.1) == (0.3, 0.1)  # separate targets as given

@@ -5,6 +5,7 @@ import pytest
 from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings, plan_removals
+from slimgpt_core.methods.settings import SurgeonSettings
 from slimgpt_core.schedules.run_schedule import run_schedule
 from tests.studio.test_app import button, edit_schedule, editor_data, figures, load_stories, schedule_table
 
@@ -17,7 +18,8 @@ def surgeon_run(app):
     from slimgpt_core.models import load_model
     loaded = load_model("stories260k")
     tokens = calibration_tokens(loaded.tokenizer, "tinystories", 9, 64)
-    report = prune_model(loaded.model, tokens, PruneSettings(ratio=0.4, method="surgeon", shots=2, device="cpu"),
+    report = prune_model(loaded.model, tokens, PruneSettings(ratio=0.4, method="surgeon", device="cpu",
+                                                             surgeon=SurgeonSettings(shots=2)),
                          model_name="stories260k")
     info = workspace.save_run(loaded.model, loaded.tokenizer, report, name="surgeon-40")
     return info, report, [(layer.self_attn.q_proj.out_features // layer.self_attn.head_dim,
@@ -40,7 +42,7 @@ def test_run_schedule_replays_the_run_shape(surgeon_run):
         rep = attn.q_proj.out_features // attn.head_dim // (attn.k_proj.out_features // attn.head_dim)
         assert attn.q_proj.out_features // attn.head_dim - h * rep == q
         assert layer.mlp.down_proj.in_features - c == f
-    rows = PruneSettings(method="surgeon", surgeon_units="rows").__dict__
+    rows = PruneSettings(method="surgeon", surgeon=SurgeonSettings(surgeon_units="rows")).record()
     report.settings = rows
     with pytest.raises(SlimGPTError, match="zeroes weights and keeps every head"):
         run_schedule(report)

@@ -29,8 +29,9 @@ from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.models import load_model
 from slimgpt_core.training.distributed import load_for_training, on_meta
-from slimgpt_core.training.pretrain import PretrainSettings, pretrain
-from slimgpt_core.training.recover import RecoverSettings, recover
+from slimgpt_core.training.pretrain import pretrain
+from slimgpt_core.training.recover import recover
+from slimgpt_core.training.settings import PretrainSettings, RecoverSettings
 from slimgpt_core.workspace.store import save_run_at
 from tests import ROOT
 

@@ -23,7 +23,8 @@ from slimgpt_core.training.finetune_data import IGNORE, PROMPT_NO_INPUT, instruc
 from slimgpt_core.models import load_model
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
-from slimgpt_core.training.recover import RecoverSettings, add_lora, load_source_report, merge_lora, recover
+from slimgpt_core.training.recover import add_lora, check_recover_settings, load_source_report, merge_lora, recover
+from slimgpt_core.training.settings import RecoverSettings
 from slimgpt_core.workspace.store import save_run_at
 
 FAST = dict(steps=30, lr=3e-3, seqlen=128, batch_size=8, eval_every=10, heldout_samples=16, ppl_seqlen=128,
@@ -236,7 +237,7 @@ def test_memory_check_says_what_to_lower(pruned_run, monkeypatch):
 
 def test_wikitext2_test_split_is_never_trained_on(assets_root):
     with pytest.raises(SlimGPTError, match="never trained on"):
-        RecoverSettings(data=[str(assets_root / "data" / "wikitext-2-raw" / "wiki.test.raw")]).validate()
+        check_recover_settings(RecoverSettings(data=[str(assets_root / "data" / "wikitext-2-raw" / "wiki.test.raw")]))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -276,7 +277,8 @@ def test_ctrl_c_exits_130_and_writes_nothing(pruned_run, tmp_path, capsys, monke
 def test_lora_targets_name_the_fused_layers_of_phi3():
     """Phi-3 holds q/k/v in qkv_proj and gate/up in gate_up_proj: the default targets land on those, once each."""
     from tests.tiny_models import tiny_model
-    from slimgpt_core.training.recover import DEFAULT_TARGETS, resolve_targets
+    from slimgpt_core.training.recover import resolve_targets
+    from slimgpt_core.training.settings import DEFAULT_TARGETS
     phi3 = tiny_model("phi3", heads=4, kv=2, layers=2, ffn=24, hidden=16)
     assert resolve_targets(phi3, list(DEFAULT_TARGETS)) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     assert resolve_targets(phi3, ["v", "up", "qkv"]) == ["qkv_proj", "gate_up_proj"]

@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 from slimgpt_core.base.errors import JobCancelled
 from slimgpt_core.data import calibration_tokens
 from slimgpt_core.methods.shear.target import resolve_target
-from slimgpt_core.methods.shear.train import ShearSettings, shear_model
+from slimgpt_core.methods.shear.settings import ShearSettings
+from slimgpt_core.methods.shear.train import shear_model
 from slimgpt_core.models import load_model
 from slimgpt_core.training.distributed import load_for_training, rank_world
 from tests import ROOT

@@ -27,40 +27,11 @@ from slimgpt_core.base.shapes import count_parameters, head_dim
 from slimgpt_core.methods.shear.apply import MaskedModel
 from slimgpt_core.methods.shear.cut import cut_model
 from slimgpt_core.methods.shear.masks import ShearMasks
+from slimgpt_core.methods.shear.settings import ShearSettings
 from slimgpt_core.methods.shear.target import Shape, source_shape
-from slimgpt_core.training.checkpoints import (CheckpointPlan, checkpoint_checks, load_checkpoint, raise_first_failure,
-                                               save_checkpoint)
+from slimgpt_core.training.checkpoints import CheckpointPlan, load_checkpoint, save_checkpoint
 from slimgpt_core.training.distributed import (all_reduce_sums, average_gradients, check_batch_rows, clip_gradients,
                                                gathered_model, is_main, rank_rows, rank_world, shard_model)
-
-
-@dataclass
-class ShearSettings:
-    steps: int = 200
-    batch_size: int = 4
-    lr: float = 1e-4  # weights
-    mask_lr: float = 1.0  # log α
-    lambda_lr: float = 1.0  # λ (ascent)
-    warmup: float = 0.1  # fraction of steps of linear learning-rate warm-up, then cosine to 0
-    target_warmup: float = 0.2  # fraction of steps over which the target sparsity rises from 0
-    clip: float = 1.0
-    train_weights: bool = True  # False: learn the masks only (weights frozen)
-    seed: int = 0
-    device: str = "auto"
-    grad_accumulation: int = 1  # micro-batches per step, one gate draw each
-    checkpoint_folder: str | None = None  # checkpoints to resume from (training/checkpoints.py)
-    checkpoint_every: int = 0  # steps between checkpoints; 0: none
-    resume: bool = False  # continue from the latest checkpoint in checkpoint_folder
-    activation_checkpointing: bool = False  # recompute each layer's activations in the backward pass
-
-    def validate(self) -> None:
-        """One sentence for the first bad value."""
-        raise_first_failure([
-            (self.steps >= 1 and self.batch_size >= 1,
-             f"need steps >= 1 and batch size >= 1, got {self.steps} and {self.batch_size}"),
-            (self.grad_accumulation >= 1, f"gradient accumulation must be at least 1, got {self.grad_accumulation}"),
-            *checkpoint_checks(self.checkpoint_folder, self.checkpoint_every, self.resume)])
-        check_batch_rows(self.batch_size)
 
 
 @dataclass
@@ -288,6 +259,7 @@ def shear_model(model, tokens: torch.Tensor, target: Shape, settings: ShearSetti
     under torchrun every rank calls this (ranks other than 0 may pass a meta shell: training/distributed.py),
     rank 0 alone emits events and gets the result, with the cut model in `result.model` (None elsewhere)."""
     settings.validate()
+    check_batch_rows(settings.batch_size)
     device = resolve_device(settings.device)
     source = source_shape(model)
     tied = model.lm_head.weight is model.model.embed_tokens.weight

@@ -22,7 +22,8 @@ from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.workspace.store import save_run_at
 from slimgpt_core.training.distill import distillation_kl, distillation_loss_fn
 from slimgpt_core.training.domains import DomainSampler, load_domains, perplexity_tokens
-from slimgpt_core.training.pretrain import PretrainSettings, pretrain
+from slimgpt_core.training.pretrain import pretrain
+from slimgpt_core.training.settings import PretrainSettings
 
 SMALL = dict(seqlen=64, batch_size=4, heldout=4, device="cpu", ppl=[])
 
@@ -336,7 +337,8 @@ def test_a_sheared_run_with_fewer_layers_and_hidden_dims_pretrains_and_reloads(a
     from slimgpt_core.training.recover import load_source_report
     from slimgpt_core.services.shear import save_shear_run
     from slimgpt_core.methods.shear.target import resolve_target, source_shape
-    from slimgpt_core.methods.shear.train import ShearSettings, shear_model
+    from slimgpt_core.methods.shear.settings import ShearSettings
+    from slimgpt_core.methods.shear.train import shear_model
     from slimgpt_core.services.pretrain import save_pretrained_run
 
     loaded = load_model("stories260k", "cpu", "float32")

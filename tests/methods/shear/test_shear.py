@@ -18,7 +18,8 @@ from slimgpt_core.methods.shear.cut import cut_model
 from slimgpt_core.training.domain_mix import draw_domains, update_domain_weights
 from slimgpt_core.methods.shear.masks import ShearMasks
 from slimgpt_core.methods.shear.target import Shape, resolve_target, source_shape
-from slimgpt_core.methods.shear.train import ShearSettings, shear_model
+from slimgpt_core.methods.shear.settings import ShearSettings
+from slimgpt_core.methods.shear.train import shear_model
 from slimgpt_core.base.shapes import count_parameters, head_dim, model_parameters
 from tests.tiny_models import tiny_model
 

@@ -18,6 +18,7 @@ from slimgpt_core.export.checkpoint import export_checkpoint
 from slimgpt_core.methods import minitron
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
+from slimgpt_core.methods.settings import SurgeonSettings
 from slimgpt_core.methods.shear.apply import MaskedModel
 from slimgpt_core.methods.shear.cut import cut_model
 from slimgpt_core.methods.shear.masks import ShearMasks
@@ -128,7 +129,8 @@ def test_fast_auto_schedule_meets_its_budget_on_the_pruned_model(name, tokens):
 def test_surgeon_and_kobd_at_zero_are_the_identity(name, method, tokens):
     model = tiny_model(**MODELS[name])
     before = _logits(model, tokens)
-    report = prune_model(model, tokens, PruneSettings(ratio=0.0, method=method, shots=1, device="cpu"))
+    report = prune_model(model, tokens, PruneSettings(ratio=0.0, method=method, surgeon=SurgeonSettings(shots=1),
+                                                      device="cpu"))
     assert report.params_after == report.params_before
     torch.testing.assert_close(_logits(model, tokens), before, rtol=1e-5, atol=1e-6)
 
@@ -139,7 +141,8 @@ def test_surgeon_and_kobd_refuse_fused_projections_before_any_forward(method, to
     forwards = []
     model.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
     with pytest.raises(SlimGPTError, match=r"fuses \(qkv_proj, gate_up_proj\)"):
-        prune_model(model, tokens, PruneSettings(ratio=0.3, method=method, shots=1, device="cpu"))
+        prune_model(model, tokens, PruneSettings(ratio=0.3, method=method, surgeon=SurgeonSettings(shots=1),
+                                                 device="cpu"))
     assert forwards == []
 
 

@@ -186,18 +186,18 @@ if preview is not None:  # the views below need a valid schedule; the Run sectio
     # table always starts from the schedule (a preset change or a drag in the editor is never overlaid with older edits)
     ss.setdefault("schedule_table", 0)
     with st.expander("Per-layer ratios (table)", expanded=False):
-        kv0 = [layer_shape(layer)[1] for layer in loaded.model.model.layers]  # separate or fused (Phi-3) k/v
+        q0 = [layer_shape(layer)[0] for layer in loaded.model.model.layers]  # separate or fused (Phi-3) q
         f0 = [layer.mlp.down_proj.in_features for layer in loaded.model.model.layers]
         ratio_column = st.column_config.NumberColumn(min_value=0.0, max_value=MAX_RATIO, step=0.0001, format="%.4f")
         table = st.data_editor(
             pd.DataFrame({"layer": range(n_layers), "heads ratio": head_ratios, "FFN ratio": ffn_ratios,
-                          "heads removed (whole KV groups)": [1 - k / n for k, n in zip(preview.kv_kept, kv0)],
+                          "heads removed": [1 - k / n for k, n in zip(preview.heads_kept, q0)],
                           "FFN removed (channels)": [1 - k / f for k, f in zip(preview.ffn_kept, f0)]}),
             key=f"schedule_table_{ss.schedule_table}", hide_index=True, column_config={
                 "heads ratio": ratio_column, "FFN ratio": ratio_column,
-                "heads removed (whole KV groups)": st.column_config.NumberColumn(format="%.4f"),
+                "heads removed": st.column_config.NumberColumn(format="%.4f"),
                 "FFN removed (channels)": st.column_config.NumberColumn(format="%.4f")},
-            disabled=["layer", "heads removed (whole KV groups)", "FFN removed (channels)"])
+            disabled=["layer", "heads removed", "FFN removed (channels)"])
         edited = {"hr": [(i, r) for i, (r, old) in enumerate(zip(table["heads ratio"], head_ratios)) if r != old],
                   "fr": [(i, r) for i, (r, old) in enumerate(zip(table["FFN ratio"], ffn_ratios)) if r != old]}
         if edited["hr"] or edited["fr"]:

@@ -339,15 +339,20 @@ def output_fisher(model, tokens: torch.Tensor, batch_size: int = 8, seed: int = 
     return [G / count for G in G_attn], [G / count for G in G_mlp]
 
 
-def directional_sensitivity(G: torch.Tensor, delta: torch.Tensor, H: torch.Tensor) -> float:
-    """tr(G ΔW H ΔWᵀ) / tr(ΔW H ΔWᵀ): how much of the Fisher an output error of this shape meets; tr(G)/d when
-    the probe changes nothing."""
-    D = delta.double()
-    M = D @ H.double().to(D.device) @ D.T
-    denominator = float(torch.trace(M))
+def directional_sensitivity(G: torch.Tensor, W: torch.Tensor, Hinv: torch.Tensor, cols: torch.Tensor) -> float:
+    """How much of the Fisher G [d, d] of a module's output the OBS removal of input columns `cols` meets:
+    tr(G ΔW H ΔWᵀ) / tr(ΔW H ΔWᵀ), ΔW the removal's change of W [d, in], H the damped Hessian that Hinv [in, in]
+    inverts. Closed form, no variant built: ΔW H ΔWᵀ = W_Q (H⁻¹_QQ)⁻¹ W_Qᵀ = ZᵀZ with Z = L⁻¹ W_Qᵀ [q, d], L the
+    lower Cholesky factor of H⁻¹_QQ. tr(G)/d when nothing is removed. fp64."""
+    mean_diagonal = float(torch.trace(G)) / G.shape[0]
+    if cols.numel() == 0:
+        return mean_diagonal
+    L = torch.linalg.cholesky(Hinv[cols][:, cols].double())
+    Z = torch.linalg.solve_triangular(L, W[:, cols].T.double(), upper=False)
+    denominator = float(Z.pow(2).sum())
     if denominator <= 0.0:
-        return float(torch.trace(G)) / G.shape[0]
-    return float((G.to(M.device) * M).sum()) / denominator
+        return mean_diagonal
+    return float(((Z @ G.double().to(Z.device)) * Z).sum()) / denominator
 
 
 def probe_level(units: int, maximum: int, fraction: float, step: int = 1) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -28,9 +27,7 @@ import torch
 from slimgpt_core.base import cache
 from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.data import calibration_tokens
-from slimgpt_core.methods import obs
-from slimgpt_core.methods.statistics import dense_hessians
-from slimgpt_core.base.shapes import attention_unit_columns, count_parameters
+from slimgpt_core.base.shapes import count_parameters
 from slimgpt_core.schedules import global_allocation as ga
 from slimgpt_core.schedules.stitched import StitchedModel, VariantDatabase, unit_costs
 from slimgpt_core.schedules.curves import ModelCurves, error_curves
@@ -114,25 +111,14 @@ class AutoResult:
 
 class DiskVariantDatabase(VariantDatabase):
     """The variant database with every variant also kept in cache/stats (key: model, calibration tokens, damping,
-    layer, module, count), so runs share them; it keeps the dense Hessians for the sensitivity probes."""
+    layer, module, count), so runs share them."""
 
     def __init__(self, model, curves: ModelCurves, tokens: torch.Tensor, damp: float = 0.01, batch_size: int = 8,
                  device: str = "auto", should_stop: Callable[[], bool] | None = None, max_cached: int = 512,
                  progress: Callable[[int, int], None] | None = None):
-        self.curves = curves
+        super().__init__(model, curves, tokens, damp, batch_size, device, should_stop, max_cached, progress,
+                         "variants")
         self.prefix = f"{VARIANTS_VERSION}|{cache.model_fingerprint(model)}|{cache.tokens_digest(tokens)}|{damp}"
-        self.inverse, self.hessians = [], []
-        n = len(model.model.layers)
-        for i, layer, H_attn, H_mlp in dense_hessians(model, tokens, batch_size, device, should_stop, "variants"):
-            Wo, Hi_o, _ = obs.damped_inverse(layer.self_attn.o_proj.weight.data.float(), H_attn, damp)
-            Wd, Hi_d, _ = obs.damped_inverse(layer.mlp.down_proj.weight.data.float(), H_mlp, damp)
-            self.inverse.append((Wo.cpu(), Hi_o.cpu(), Wd.cpu(), Hi_d.cpu()))
-            self.hessians.append((H_attn.cpu(), H_mlp.cpu()))
-            if progress is not None:
-                progress(i + 1, n)
-        self.group = [attention_unit_columns(layer) for layer in model.model.layers]
-        self.cached = OrderedDict()
-        self.max_cached = max_cached
         self.built = self.from_disk = 0
 
     def disk_key(self, layer: int, module: str, count: int) -> str:
@@ -155,15 +141,11 @@ class DiskVariantDatabase(VariantDatabase):
         cache.store_tensors("stats", self.disk_key(layer, module, count), {"W": W.contiguous()})
         return W
 
-    def dense_weight(self, layer: int, module: str) -> torch.Tensor:
-        Wo, _, Wd, _ = self.inverse[layer]
-        return Wo if module == "attn" else Wd
 
-
-def module_sensitivities(model, db: DiskVariantDatabase, budget: ga.GroupBudget, fitness: torch.Tensor,
+def module_sensitivities(model, db: VariantDatabase, budget: ga.GroupBudget, fitness: torch.Tensor,
                          batch_size: int, seed: int) -> list[float]:
     """Per module (heads of every layer, then FFN): the Fisher of its output met by its own pruning error at the
-    budget's mean fraction (global_allocation.directional_sensitivity)."""
+    budget's mean fraction (global_allocation.directional_sensitivity, from the dense W and H⁻¹: no variant)."""
     G_attn, G_mlp = ga.output_fisher(model, fitness, batch_size, seed)
     share = budget.remove / max(1, budget._all(list(range(2 * budget.n))))
     out = []
@@ -171,11 +153,8 @@ def module_sensitivities(model, db: DiskVariantDatabase, budget: ga.GroupBudget,
         layer, attn = m % budget.n, m < budget.n
         k = ga.probe_level(int(budget.units[m]), int(budget.maximum[m]), share, 1 if attn else int(budget.step[m]))
         module = "attn" if attn else "mlp"
-        delta = (db.attention(layer, k) if attn else db.ffn(layer, k)) - db.dense_weight(layer, module) if k else \
-            torch.zeros(1, 1)
-        G = G_attn[layer] if attn else G_mlp[layer]
-        H = db.hessians[layer][0 if attn else 1]
-        out.append(ga.directional_sensitivity(G, delta, H) if k else float(torch.trace(G)) / G.shape[0])
+        out.append(ga.directional_sensitivity(G_attn[layer] if attn else G_mlp[layer], *db.dense(layer, module),
+                                              db.columns(layer, module, k)))
     return out
 
 

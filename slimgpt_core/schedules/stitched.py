@@ -32,13 +32,18 @@ class VariantDatabase:
     """Dense-input OBS variants of every o_proj and down_proj, made on demand from the curves' removal orders."""
 
     def __init__(self, model, curves: ModelCurves, tokens: torch.Tensor, damp: float = 0.01, batch_size: int = 8,
-                 device: str = "auto", should_stop: Callable[[], bool] | None = None, max_cached: int = 512):
+                 device: str = "auto", should_stop: Callable[[], bool] | None = None, max_cached: int = 512,
+                 progress: Callable[[int, int], None] | None = None, what: str = "statistics"):
         self.curves = curves
+        # per layer: (o_proj's W, its damped H⁻¹, down_proj's W, its damped H⁻¹), dead inputs' columns zeroed
         self.inverse: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for _, layer, H_attn, H_mlp in dense_hessians(model, tokens, batch_size, device, should_stop):
+        n = len(model.model.layers)
+        for i, layer, H_attn, H_mlp in dense_hessians(model, tokens, batch_size, device, should_stop, what):
             Wo, Hi_o, _ = obs.damped_inverse(layer.self_attn.o_proj.weight.data.float(), H_attn, damp)
             Wd, Hi_d, _ = obs.damped_inverse(layer.mlp.down_proj.weight.data.float(), H_mlp, damp)
             self.inverse.append((Wo.cpu(), Hi_o.cpu(), Wd.cpu(), Hi_d.cpu()))
+            if progress is not None:
+                progress(i + 1, n)
         self.group = [attention_unit_columns(layer) for layer in model.model.layers]
         self.cached: OrderedDict = OrderedDict()
         self.max_cached = max_cached
@@ -49,19 +54,25 @@ class VariantDatabase:
     def ffn(self, layer: int, channels: int) -> torch.Tensor:
         return self._variant(layer, "mlp", channels)
 
+    def dense(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, damped H⁻¹) of this layer's o_proj ("attn") or down_proj ("mlp")."""
+        Wo, Hi_o, Wd, Hi_d = self.inverse[layer]
+        return (Wo, Hi_o) if module == "attn" else (Wd, Hi_d)
+
+    def columns(self, layer: int, module: str, count: int) -> torch.Tensor:
+        """The input columns a variant removes: the first `count` units of the curves' greedy order."""
+        lc = self.curves.layers[layer]
+        if module == "attn":
+            g = self.group[layer]
+            return torch.tensor([u * g + j for u in lc.head_order[:count] for j in range(g)], dtype=torch.long)
+        return torch.tensor(sorted(lc.ffn_order[:count]), dtype=torch.long)
+
     def _variant(self, layer: int, module: str, count: int) -> torch.Tensor:
         key = (layer, module, count)
         if key in self.cached:
             self.cached.move_to_end(key)
             return self.cached[key]
-        Wo, Hi_o, Wd, Hi_d = self.inverse[layer]
-        lc = self.curves.layers[layer]
-        if module == "attn":
-            g = self.group[layer]
-            cols = torch.tensor([u * g + j for u in lc.head_order[:count] for j in range(g)], dtype=torch.long)
-            W = obs.removed_weights(Wo, Hi_o, cols)
-        else:
-            W = obs.removed_weights(Wd, Hi_d, torch.tensor(sorted(lc.ffn_order[:count]), dtype=torch.long))
+        W = obs.removed_weights(*self.dense(layer, module), self.columns(layer, module, count))
         self.cached[key] = W
         if len(self.cached) > self.max_cached:
             del self.cached[next(iter(self.cached))]  # the least recently used

@@ -10,6 +10,7 @@ import torch
 from tests.tiny_models import auto_search_case, tiny_model
 
 from slimgpt_core.base.errors import SlimGPTError
+from slimgpt_core.methods import obs
 from slimgpt_core.methods.pipeline import prune_model
 from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.schedules import global_allocation as ga
@@ -211,14 +212,23 @@ def test_output_fisher_equals_the_retained_gradients_of_sampled_labels(setup):
 
 
 def test_directional_sensitivity_is_the_fisher_met_by_the_error():
-    G = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
-    H = torch.tensor([[1.0, 0.2, 0.0], [0.2, 3.0, 0.1], [0.0, 0.1, 0.5]], dtype=torch.float64)
-    D = torch.tensor([[0.3, -0.1, 0.0], [0.05, 0.2, -0.4]], dtype=torch.float64)
-    # tr(G D H Dᵀ) / tr(D H Dᵀ), written out entry by entry
-    M = [[sum(D[a, i] * H[i, j] * D[b, j] for i in range(3) for j in range(3)) for b in range(2)] for a in range(2)]
-    expected = sum(G[a, b] * M[b][a] for a in range(2) for b in range(2)) / (M[0][0] + M[1][1])
-    assert ga.directional_sensitivity(G, D, H) == pytest.approx(float(expected), rel=1e-12)
-    assert ga.directional_sensitivity(G, torch.zeros(2, 3), H) == 1.5  # no error: the mean of G's diagonal
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(5, 8, generator=gen, dtype=torch.float64)
+    X = torch.randn(8, 40, generator=gen, dtype=torch.float64)
+    A = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    G = A @ A.T
+    W, Hinv, lam = obs.damped_inverse(W, X @ X.T, 0.01)
+    H = torch.linalg.inv(Hinv)  # the damped Hessian
+    cols = torch.tensor([1, 4, 6])
+    # the variant built the long way, then tr(G ΔW H ΔWᵀ) / tr(ΔW H ΔWᵀ) written out entry by entry
+    D = obs.removed_weights(W, Hinv, cols) - W
+    M = [[sum(D[a, i] * H[i, j] * D[b, j] for i in range(8) for j in range(8)) for b in range(5)] for a in range(5)]
+    expected = sum(G[a, b] * M[b][a] for a in range(5) for b in range(5)) / sum(M[a][a] for a in range(5))
+    # fp64 on an H with condition number ~1e2 (40 samples of 8 inputs, 1% damping)
+    assert ga.directional_sensitivity(G, W, Hinv, cols) == pytest.approx(float(expected), rel=1e-9)
+    G_diag = torch.diag(torch.tensor([2.0, 1.0, 1.0, 1.0, 2.5], dtype=torch.float64))
+    no_cols = torch.tensor([], dtype=torch.long)
+    assert ga.directional_sensitivity(G_diag, W, Hinv, no_cols) == 1.5  # no error: the mean of G's diagonal
 
 
 def test_lower_hull_drops_points_above_the_chords():

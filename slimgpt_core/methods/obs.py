@@ -155,11 +155,16 @@ def remove_and_measure(W: torch.Tensor, Hinv: torch.Tensor, cols: torch.Tensor) 
 
 
 def removed_weights(W: torch.Tensor, Hinv: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """A new W after `remove_columns` of `cols` (H⁻¹ untouched), removed columns zero (no `cols`: a copy of W, the
-    empty factorisation changes nothing). For variants made from one dense-input inverse."""
+    """A new W after `remove_columns` of `cols` (H⁻¹ untouched), removed columns zero (no `cols`: a copy of W). For
+    variants made from one dense-input inverse. The update is computed for the kept columns K only, where it is not
+    zero: W_K − W_Q (H⁻¹_QQ)⁻¹ H⁻¹_QK, a solve with |K| right-hand sides instead of all of them (at half the
+    columns removed, half the work)."""
+    keep = torch.ones(W.shape[1], dtype=torch.bool, device=W.device)
+    keep[cols] = False
     L = torch.linalg.cholesky(Hinv[cols][:, cols])
-    out = W.clone()
-    remove_columns(out, Hinv, cols, L, update_inverse=False)
+    X = torch.cholesky_solve(Hinv[cols][:, keep], L)  # (H⁻¹_QQ)⁻¹ H⁻¹_QK  [q, |K|]
+    out = torch.zeros_like(W)
+    out[:, keep] = W[:, keep] - W[:, cols] @ X
     return out
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -286,17 +286,24 @@ def fitted_schedule(budget: GroupBudget, n_kv: Sequence[int], n_ffn: Sequence[in
 
 # --- the measured sensitivity -------------------------------------------------------------------------------
 
-def output_fisher(model, tokens: torch.Tensor, batch_size: int = 8, seed: int = 0) -> tuple[list[torch.Tensor],
-                                                                                          list[torch.Tensor]]:
+class OutputFisher(NamedTuple):
+    attn: list[torch.Tensor]  # per layer: G of o_proj's output [hidden, hidden] fp64
+    mlp: list[torch.Tensor]  # per layer: G of down_proj's output
+    dense_logp: list[torch.Tensor]  # per batch: the dense model's next-token log-probabilities [b, T, vocab] fp32
+
+
+def output_fisher(model, tokens: torch.Tensor, batch_size: int = 8, seed: int = 0) -> OutputFisher:
     """G = Σ g gᵀ / tokens of every o_proj and down_proj output, g the gradient of the log-likelihood of next
     tokens sampled from the model's own distribution (the Fisher, the Hessian of KL(dense ‖ ·) at the dense
-    model), one forward and backward per batch. fp64 sums."""
+    model), one forward and backward per batch. fp64 sums. The forward's log-probabilities come with it, so the
+    KL's dense side needs no forward of its own."""
     layers = model.model.layers
     hidden = model.config.hidden_size
     dev = next(model.parameters()).device
     G_attn = [torch.zeros(hidden, hidden, dtype=torch.float64, device=dev) for _ in layers]
     G_mlp = [torch.zeros(hidden, hidden, dtype=torch.float64, device=dev) for _ in layers]
     count = 0
+    dense_logp = []
 
     def catcher(target: torch.Tensor):
         def on_grad(grad: torch.Tensor):
@@ -324,7 +331,9 @@ def output_fisher(model, tokens: torch.Tensor, batch_size: int = 8, seed: int = 
             ids = tokens[s:s + batch_size].to(dev)
             with torch.enable_grad():
                 x = embed(ids).detach().requires_grad_(True)
-                logits = model(inputs_embeds=x, use_cache=False).logits[:, :-1].float()
+                every = model(inputs_embeds=x, use_cache=False).logits.float()
+                dense_logp.append(torch.log_softmax(every.detach(), dim=-1))
+                logits = every[:, :-1]
                 probs = torch.softmax(logits.detach(), -1).reshape(-1, logits.shape[-1]).cpu()
                 labels = torch.multinomial(probs, 1, generator=generator).flatten().to(dev)
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels,
@@ -336,7 +345,7 @@ def output_fisher(model, tokens: torch.Tensor, batch_size: int = 8, seed: int = 
             h.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
-    return [G / count for G in G_attn], [G / count for G in G_mlp]
+    return OutputFisher([G / count for G in G_attn], [G / count for G in G_mlp], dense_logp)
 
 
 def directional_sensitivity(G: torch.Tensor, W: torch.Tensor, Hinv: torch.Tensor, cols: torch.Tensor) -> float:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from slimgpt_core.base import cache
+from slimgpt_core.base.devices import resolve_device
 from slimgpt_core.base.errors import JobCancelled, SlimGPTError
 from slimgpt_core.data import calibration_tokens
 from slimgpt_core.base.shapes import count_parameters
@@ -142,11 +143,10 @@ class DiskVariantDatabase(VariantDatabase):
         return W
 
 
-def module_sensitivities(model, db: VariantDatabase, budget: ga.GroupBudget, fitness: torch.Tensor,
-                         batch_size: int, seed: int) -> list[float]:
+def module_sensitivities(fisher: ga.OutputFisher, db: VariantDatabase, budget: ga.GroupBudget) -> list[float]:
     """Per module (heads of every layer, then FFN): the Fisher of its output met by its own pruning error at the
     budget's mean fraction (global_allocation.directional_sensitivity, from the dense W and H⁻¹: no variant)."""
-    G_attn, G_mlp = ga.output_fisher(model, fitness, batch_size, seed)
+    G_attn, G_mlp = fisher.attn, fisher.mlp
     share = budget.remove / max(1, budget._all(list(range(2 * budget.n))))
     out = []
     for m in range(2 * budget.n):
@@ -215,8 +215,10 @@ class _AutoRun:
         if self.stop():
             raise JobCancelled("auto was stopped before its first schedule")
         self.emit("sensitivity", 0.0, None)
-        self.net = StitchedModel(model, self.db, fitness, config.batch_size, config.device)
-        self.sensitivity = module_sensitivities(model, self.db, self.budget, fitness, config.batch_size, config.seed)
+        model.to(resolve_device(config.device))
+        fisher = ga.output_fisher(model, fitness, config.batch_size, config.seed)
+        self.sensitivity = module_sensitivities(fisher, self.db, self.budget)
+        self.net = StitchedModel(model, self.db, fitness, config.batch_size, config.device, fisher.dense_logp)
         self.emit("sensitivity", 1.0, 0.0)
         self.all_samples = list(range(fitness.shape[0]))
 

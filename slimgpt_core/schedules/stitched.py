@@ -82,14 +82,21 @@ class VariantDatabase:
 class StitchedModel:
     """The dense model run with database variants swapped into o_proj / down_proj; KL against the dense model."""
 
-    def __init__(self, model, db: VariantDatabase, tokens: torch.Tensor, batch_size: int = 8, device: str = "auto"):
+    def __init__(self, model, db: VariantDatabase, tokens: torch.Tensor, batch_size: int = 8, device: str = "auto",
+                 dense_logp: list[torch.Tensor] | None = None):
+        """`dense_logp`: the dense model's log-probabilities of `tokens` in batches of `batch_size`, when a forward
+        already made them (global_allocation.output_fisher); otherwise one stitched forward without variants."""
         self.model, self.db, self.bs = model, db, batch_size
         self.dev = resolve_device(device)
         model.to(self.dev)
         self.x0, self.kwargs = capture_layer_inputs(model, tokens, batch_size, self.dev)
         self.n = len(model.model.layers)
-        dense_kv, dense_ch = [0] * self.n, [0] * self.n
-        self.dense_logp = [self._logp(h) for h in self._batches(self.run(dense_kv, dense_ch)[-1])]
+        if dense_logp is None:
+            dense_kv, dense_ch = [0] * self.n, [0] * self.n
+            dense_logp = [self._logp(h) for h in self._batches(self.run(dense_kv, dense_ch)[-1])]
+        elif [p.shape[0] for p in dense_logp] != [b.shape[0] for b in self._batches(tokens)]:
+            raise ValueError("dense_logp is not in batches of batch_size over these tokens")
+        self.dense_logp = dense_logp
 
     def _batches(self, x: torch.Tensor):
         return [x[s:s + self.bs] for s in range(0, x.shape[0], self.bs)]

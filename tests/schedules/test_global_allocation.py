@@ -177,7 +177,11 @@ def test_output_fisher_equals_the_retained_gradients_of_sampled_labels(setup):
     """G of every o_proj / down_proj output against gradients read from `retain_grad` on the outputs, with the
     labels drawn by the same seeded sampler, in fp64 sums."""
     model, tokens, _ = setup
-    G_attn, G_mlp = ga.output_fisher(model, tokens[:6, :12], batch_size=4, seed=5)
+    G_attn, G_mlp, dense_logp = ga.output_fisher(model, tokens[:6, :12], batch_size=4, seed=5)
+    with torch.no_grad():  # the forward's log-probabilities of every position come back in the same batches
+        plain = torch.log_softmax(model(tokens[:6, :12]).logits.float(), -1)
+    assert [p.shape for p in dense_logp] == [torch.Size([4, 12, 101]), torch.Size([2, 12, 101])]
+    torch.testing.assert_close(torch.cat(dense_logp), plain, rtol=0, atol=1e-5)  # fp32, one forward with grad
     ref_attn = [torch.zeros(32, 32, dtype=torch.float64) for _ in range(3)]
     ref_mlp = [torch.zeros(32, 32, dtype=torch.float64) for _ in range(3)]
     generator = torch.Generator().manual_seed(5)

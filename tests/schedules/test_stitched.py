@@ -101,6 +101,13 @@ def test_stitched_model_runs_the_variants_and_scores_kl_per_token(setup):
     assert net.kl(net.run([0] * 3, [0] * 3)[-1][[0, 2]], [0, 2]) == pytest.approx(0.0, abs=1e-7)
     one = stitched.StitchedModel(model, db, fitness)  # batches of 8 by default: one batch; device "auto"
     assert one.bs == 8 and len(one.dense_logp) == 1
+    # the dense side handed over by a forward that already made it (the Fisher's): used as given
+    given = [torch.log_softmax(torch.randn(b, fitness.shape[1], 101), -1) for b in (2, 2, 1)]
+    handed = stitched.StitchedModel(model, db, fitness, batch_size=2, device="cpu", dense_logp=given)
+    assert handed.dense_logp is given
+    assert handed.kl(states[-1], list(range(5))) != pytest.approx(net.kl(states[-1], list(range(5))), rel=1e-2)
+    with pytest.raises(ValueError, match="batches of batch_size"):
+        stitched.StitchedModel(model, db, fitness, batch_size=4, device="cpu", dense_logp=given)
 
 
 def test_stitched_model_runs_a_half_precision_model(setup):

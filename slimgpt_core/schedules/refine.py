@@ -306,7 +306,8 @@ class _AutoRun:
         return generation, stopped
 
     def next_generation(self, generation: int, rng: np.random.Generator) -> None:
-        """λ offspring screened on a few sequences, the best few re-scored on all, kept only if better."""
+        """λ offspring screened on a few sequences, the best few of those better than the parent there re-scored on
+        all, the best kept only if better than the parent on all."""
         config, n, net, parent_states = self.config, self.n, self.net, self.parent_states
         screen = sorted(rng.choice(self.all_samples, min(config.screen_samples, len(self.all_samples)),
                                    False).tolist())
@@ -322,7 +323,10 @@ class _AutoRun:
             scored.append((net.kl(states[-1], screen), child, first))
             if self.stop():
                 break
-        scored.sort(key=lambda s: s[0])
+        # only offspring that beat the parent on the screening sequences are re-scored on all of them: late in a
+        # search most do not, and the full scoring is most of a generation's forward passes
+        parent_screen = net.kl(parent_states[-1][screen], screen)
+        scored = sorted((s for s in scored if s[0] < parent_screen), key=lambda s: s[0])
         for _, child, first in scored[:config.survivors]:
             if self.stop():
                 break

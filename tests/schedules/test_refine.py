@@ -108,6 +108,35 @@ def test_stop_keeps_the_best_so_far_and_says_which(setup):
     assert [r.generations for r in results] == sorted(r.generations for r in results)
 
 
+def test_only_offspring_better_than_the_parent_on_the_screen_are_scored_on_all(setup, monkeypatch):
+    """Every KL the search computes, in order, per generation: the offspring on the screening sequences, the parent
+    on them, then the full scorings: at most `survivors`, only of offspring whose screen KL beat the parent's."""
+    model, tokens, fitness, mc, _ = setup
+    calls = []
+    kl, next_generation = refine.StitchedModel.kl, refine._AutoRun.next_generation
+    monkeypatch.setattr(refine.StitchedModel, "kl",
+                        lambda self, final, samples: calls.append((len(samples), kl(self, final, samples))) or
+                        calls[-1][1])
+    monkeypatch.setattr(refine._AutoRun, "next_generation",
+                        lambda self, g, rng: calls.append("generation") or next_generation(self, g, rng))
+    result = refine.auto_schedule(model, tokens, fitness, config(generations=12, offspring=4, survivors=2),
+                                  curves=mc)
+    generations = " ".join("|" if c == "generation" else str(c[0]) for c in calls).split("|")[1:]
+    assert len(generations) == 12
+    tail = calls[calls.index("generation"):]
+    full_scorings = 0
+    for gen in (" ".join("|" if c == "generation" else f"{c[0]}:{c[1]!r}" for c in tail)).split("|")[1:]:
+        scores = [(int(n), float(v)) for n, v in (c.split(":") for c in gen.split())]
+        screens = [v for n, v in scores if n == 2]
+        *offspring, parent = screens
+        full = [v for n, v in scores if n == 5]
+        assert [n for n, _ in scores] == [2] * len(screens) + [5] * len(full)  # screens first, then full ones
+        assert len(full) == min(2, sum(v < parent for v in offspring))
+        full_scorings += len(full)
+    assert 0 < full_scorings < 2 * 12  # some generations skipped their full scorings
+    assert result.generations == 12
+
+
 def test_variants_are_kept_on_disk_and_keyed_by_model_tokens_and_damping(setup, tmp_path):
     model, tokens, fitness, mc, mp = setup
     mp.setenv("SLIMGPT_CACHE", str(tmp_path / "fresh"))

@@ -162,9 +162,17 @@ def main(argv=None) -> int:
                     s = search["snapshots"].get(row.split("-")[1])
                     if s is None:
                         continue
+                same = next((k for k, r in state["rows"].items() if r.get("ratio") == ratio and
+                             (r.get("keep_heads"), r.get("keep_ffn")) == (s["keep_heads"], s["keep_ffn"])), None)
+                if same is not None:  # the schedule of a row already pruned: the same model, not pruned again
+                    state["rows"][key(row)] = {**state["rows"][same], "row": row, "kl": s["kl"], "which": s["which"],
+                                               "generation": s.get("generation", 0), "same_as": same}
+                    save()
+                    continue
                 model, params, seconds = prune(PruneSettings(keep_heads=s["keep_heads"], keep_ffn=s["keep_ffn"]))
                 record(row, model, params, seconds, {"kl": s["kl"], "which": s["which"],
-                                                     "generation": s.get("generation", 0)})
+                                                     "generation": s.get("generation", 0),
+                                                     "keep_heads": s["keep_heads"], "keep_ffn": s["keep_ffn"]})
             elif row in ("linear", "uniform"):
                 n_kv, n_ffn = _shapes(dense.model)
                 head_cost, ffn_cost = unit_costs(dense.model)
@@ -224,7 +232,8 @@ def markdown(state: dict) -> str:
                      f"{_se(r['nlls']):.3f} | " + (f"{statistics.fmean(diff):+.3f} ± {_se(diff):.3f}"
                                                      if diff and r['row'] != 'log' else "–")
                      + f" | {rel:.3f} | " + (f"{kl:.4f}" if kl is not None and math.isfinite(kl) else "–")
-                     + f" | {r['prune_s']:.0f} | {r['load_before']}→{r['load_after']} |")
+                     + (f" | = {r['same_as'].split()[0]} | – |" if r.get("same_as") else
+                        f" | {r['prune_s']:.0f} | {r['load_before']}→{r['load_after']} |"))
     for k, s in state.get("searches", {}).items():
         lines += ["", f"Search {k}: fast = {s['fast']} (KL {s['fast_kl']:.4f}) after {s['fast_seconds']:.0f} s; "
                       f"best {s['which']} KL {s['kl']:.4f} at generation {s['generation']} of {s['generations']} in "

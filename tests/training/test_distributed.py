@@ -14,9 +14,6 @@ the RNG and the data position are restored), so it must be equal bit for bit.
 """
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -33,7 +30,7 @@ from slimgpt_core.training.pretrain import pretrain
 from slimgpt_core.training.recover import recover
 from slimgpt_core.training.settings import PretrainSettings, RecoverSettings
 from slimgpt_core.workspace.store import save_run_at
-from tests import ROOT
+from tests.training.torchrun import assert_three_processes_cannot_resume_two, torchrun
 
 pytestmark = pytest.mark.usefixtures("one_thread_and_own_cache")
 
@@ -219,19 +216,12 @@ def test_two_processes_pretrain_resumed_after_a_stop_ends_as_the_uninterrupted_o
         assert torch.equal(weights[k], full_weights[k]), k
 
 
-def _torchrun(n: int, args: list[str]) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-               "-m", "slimgpt_core", *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
 def test_torchrun_recover_saves_one_run_and_a_failing_process_ends_all_with_one_sentence(pruned_run, train_file,
                                                                                            tmp_path):
     common = ["recover", "--model", str(pruned_run), "--data", train_file, "--steps", "4", "--seqlen", "64",
               "--batch-size", "4", "--dropout", "0", "--ppl", "none", "--quiet",
               "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "2"]
-    done = _torchrun(2, [*common, "--out", str(tmp_path / "two")])
+    done = torchrun(2, [*common, "--out", str(tmp_path / "two")])
     assert done.returncode == 0, done.stderr[-2000:]
     summaries = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1 and json.loads(summaries[0])["steps"] == 4  # rank 0 alone prints and saves
@@ -240,15 +230,8 @@ def test_torchrun_recover_saves_one_run_and_a_failing_process_ends_all_with_one_
     assert (tmp_path / "ckpt" / "latest").read_text() == "step-0000002"
     assert sorted(p.name for p in (tmp_path / "ckpt" / "step-0000002").glob("rng-*")) == ["rng-0.safetensors",
                                                                                          "rng-1.safetensors"]
-    # a checkpoint two processes wrote, resumed by three: process 2 finds no RNG state of its own and fails alone
-    failed = _torchrun(3, [*common, "--batch-size", "6", "--resume", "--out", str(tmp_path / "three")])
-    errors = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
-    assert failed.returncode != 0 and not (tmp_path / "three").exists()
-    # its sentence first; the others add one line each on their way out (their collective broke); torchrun's own
-    # launcher report (ChildFailedError) follows, as it does for any failed job
-    assert all(line.startswith("error: process ") for line in errors)
-    assert errors[0] == (f"error: process 2 of 3: checkpoint {tmp_path / 'ckpt' / 'step-0000002'} was written by "
-                         "fewer processes than the 3 resuming it (resume with the same --nproc-per-node)")
+    assert_three_processes_cannot_resume_two([*common, "--batch-size", "6"], tmp_path / "ckpt" / "step-0000002",
+                                             tmp_path / "three")
 
 
 def test_activation_checkpointing_recomputes_each_layer_and_trains_the_same(pruned_run, train_file):

@@ -15,9 +15,6 @@ operations of the uninterrupted one on the same bytes (DCP stores fp32 as is; th
 optimizers and schedulers are restored; the data position is the step), so it must be equal bit for bit.
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -31,7 +28,7 @@ from slimgpt_core.methods.shear.settings import ShearSettings
 from slimgpt_core.methods.shear.train import shear_model
 from slimgpt_core.models import load_model
 from slimgpt_core.training.distributed import load_for_training, rank_world
-from tests import ROOT
+from tests.training.torchrun import assert_three_processes_cannot_resume_two, torchrun
 
 pytestmark = pytest.mark.usefixtures("one_thread_and_own_cache")
 
@@ -159,18 +156,11 @@ def test_one_process_resumed_after_a_stop_ends_as_the_uninterrupted_shear(tmp_pa
         assert torch.equal(resumed[2][k], full[2][k]), k
 
 
-def _torchrun(n: int, args: list[str]) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-               "-m", "slimgpt_core", *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
 def test_torchrun_shear_saves_one_run_and_a_failing_process_ends_all_with_one_sentence(tmp_path):
     common = ["shear", "--model", "stories260k", "--target", json.dumps(TARGET), "--data", "tinystories",
               "--steps", "4", "--seqlen", "64", "--quiet", "--checkpoint-dir", str(tmp_path / "ckpt"),
               "--checkpoint-every", "2"]
-    done = _torchrun(2, [*common, "--batch-size", "4", "--out", str(tmp_path / "two")])
+    done = torchrun(2, [*common, "--batch-size", "4", "--out", str(tmp_path / "two")])
     assert done.returncode == 0, done.stderr[-2000:]
     summaries = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1 and json.loads(summaries[0])["shape"]["layers"] == "5->4"  # rank 0 alone prints
@@ -182,10 +172,5 @@ def test_torchrun_shear_saves_one_run_and_a_failing_process_ends_all_with_one_se
     assert sheared.config.hidden_size == 48 and len(sheared.model.layers) == 4
     assert sorted(p.name for p in (tmp_path / "ckpt" / "step-0000002").glob("rng-*")) == ["rng-0.safetensors",
                                                                                          "rng-1.safetensors"]
-    # the checkpoint two processes wrote, resumed by three: process 2 has no RNG state of its own and fails alone
-    failed = _torchrun(3, [*common, "--batch-size", "6", "--resume", "--out", str(tmp_path / "three")])
-    errors = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
-    assert failed.returncode != 0 and not (tmp_path / "three").exists()
-    assert all(line.startswith("error: process ") for line in errors)
-    assert errors[0] == (f"error: process 2 of 3: checkpoint {tmp_path / 'ckpt' / 'step-0000002'} was written by "
-                         "fewer processes than the 3 resuming it (resume with the same --nproc-per-node)")
+    assert_three_processes_cannot_resume_two([*common, "--batch-size", "6"], tmp_path / "ckpt" / "step-0000002",
+                                             tmp_path / "three")

@@ -2,8 +2,11 @@
 forward's KL against plain forwards of the model with the variants swapped in."""
 import pytest
 import torch
+from tests.device_moves import DeviceMoves
 from tests.tiny_models import auto_search_case
 
+from slimgpt_core.base.errors import JobCancelled
+from slimgpt_core.methods.forwards import capture_layer_inputs
 from slimgpt_core.methods.statistics import dense_hessians
 from slimgpt_core.schedules import stitched
 
@@ -106,7 +109,7 @@ def test_stitched_model_runs_the_variants_and_scores_kl_per_token(setup):
     handed = stitched.StitchedModel(model, db, fitness, batch_size=2, device="cpu", dense_logp=given)
     assert handed.dense_logp is given
     assert handed.kl(states[-1], list(range(5))) != pytest.approx(net.kl(states[-1], list(range(5))), rel=1e-2)
-    with pytest.raises(ValueError, match="batches of batch_size"):
+    with pytest.raises(ValueError, match="^dense_logp is not in batches of batch_size over these tokens$"):
         stitched.StitchedModel(model, db, fitness, batch_size=4, device="cpu", dense_logp=given)
 
 
@@ -119,3 +122,40 @@ def test_stitched_model_runs_a_half_precision_model(setup):
     final = net.run([1, 2, 0], [3, 0, 9])[-1]
     assert final.dtype == torch.bfloat16
     assert net.kl(final, list(range(5))) == pytest.approx(_kl(model, db, [1, 2, 0], [3, 0, 9], fitness), rel=0.2)
+
+
+def test_the_stitched_model_sends_the_model_its_inputs_and_every_variant_to_its_device(setup):
+    """Moves recorded, not made (a pretend device): the model and the captured inputs go to the device asked for;
+    in a run every swapped-in variant goes to its weight's device, one move each."""
+    model, tokens, fitness, mc = setup
+    db = stitched.VariantDatabase(model, mc, tokens, device="cpu")
+    meta = torch.device("meta")
+    with DeviceMoves(pretend="meta") as whole:
+        model.to("meta")
+    with DeviceMoves(pretend="meta") as inputs:
+        capture_layer_inputs(model, fitness, 2, meta)
+    with DeviceMoves(pretend="meta") as init:
+        net = stitched.StitchedModel(model, db, fitness, batch_size=2, device="meta")
+    assert init.moves.count(meta) == whole.moves.count(meta) + inputs.moves.count(meta) > 0
+    net.dev = torch.device("cpu")
+    cpu = torch.device("cpu")
+    with DeviceMoves() as dense:
+        net.run([0, 0, 0], [0, 0, 0])
+    with DeviceMoves() as swapped:
+        net.run([1, 0, 2], [3, 0, 5])
+    assert swapped.moves.count(cpu) == dense.moves.count(cpu) + 4
+
+
+def test_the_variant_database_reports_its_layers_and_stops_under_its_name(setup, tmp_path, monkeypatch):
+    model, tokens, fitness, mc = setup
+    monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "fresh"))  # statistics computed here, in batches of 5
+    seen = []
+    db = stitched.VariantDatabase(model, mc, tokens, batch_size=5, device="cpu",
+                                  progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)] and len(db.inverse) == 3
+    calls = []
+    with pytest.raises(JobCancelled, match="^statistics were cancelled$"):
+        stitched.VariantDatabase(model, mc, tokens, device="cpu", should_stop=lambda: calls.append(1) or len(calls) > 1)
+    assert len(calls) == 2  # asked before every layer: stopped before the second
+    with pytest.raises(JobCancelled, match="^variants were cancelled$"):
+        stitched.VariantDatabase(model, mc, tokens, device="cpu", should_stop=lambda: True, what="variants")

@@ -12,32 +12,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
-# The files that took longest in the last full runs (2 workers, 2 cores), longest first. xdist hands whole files to
-# whichever worker is free in collection order, so starting with these lets the short ones fill the gaps and the two
-# workers finish together instead of one of them running a browser test alone at the end.
-SLOWEST_FILES = [
-    "tests/studio/browser/test_browser.py",
-    "tests/methods/test_arch_gemma3_real.py",
-    "tests/studio/browser/test_browser_small.py",
-    "tests/training/test_distributed.py",
-    "tests/cli/test_cli_real.py",
-    "tests/export/test_gguf_smollm2.py",
-    "tests/training/test_shear_distributed.py",
-    "tests/workspace/test_workspace.py",
-    "tests/training/test_recover.py",
-    "tests/studio/browser/test_export_page.py",
-    "tests/methods/test_scale.py",
-    "tests/export/test_export_eval.py",
-    "tests/studio/browser/test_browser_whatif.py",
-    "tests/studio/browser/test_browser_race.py",
-    "tests/studio/browser/test_browser_polling.py",
-]
-
-
-def pytest_collection_modifyitems(items):
-    rank = {path: i for i, path in enumerate(SLOWEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: files stay whole
-
 
 @pytest.fixture
 def tokens():

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
           f"{result.fast_kl:.4f}) chosen at {result.fast_seconds:.1f} s; candidates "
           + ", ".join(f"{k} {v:.4f}" for k, v in result.candidates.items())
           + f"; {result.variants_built} variants built; load {loadavg()}", flush=True)
-    prefix = f"{refine.VARIANTS_VERSION}|{cache.model_fingerprint(loaded.model)}|{cache.tokens_digest(tokens)}|{config.damp}"
+    prefix = refine.variant_key_prefix(loaded.model, tokens, config.damp)
     removed = 0
     for layer in range(len(loaded.model.model.layers)):
         for module, top in (("attn", 64), ("mlp", loaded.model.model.layers[layer].mlp.down_proj.in_features)):

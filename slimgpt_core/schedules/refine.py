@@ -119,28 +119,26 @@ class DiskVariantDatabase(VariantDatabase):
                  progress: Callable[[int, int], None] | None = None):
         super().__init__(model, curves, tokens, damp, batch_size, device, should_stop, max_cached, progress,
                          "variants")
-        self.prefix = f"{VARIANTS_VERSION}|{cache.model_fingerprint(model)}|{cache.tokens_digest(tokens)}|{damp}"
+        self.prefix = variant_key_prefix(model, tokens, damp)
         self.built = self.from_disk = 0
 
     def disk_key(self, layer: int, module: str, count: int) -> str:
         return f"{self.prefix}|{layer}|{module}|{count}"
 
-    def _variant(self, layer: int, module: str, count: int) -> torch.Tensor:
-        key = (layer, module, count)
-        if key in self.cached:
-            self.cached.move_to_end(key)
-            return self.cached[key]
+    def _make(self, layer: int, module: str, count: int) -> torch.Tensor:
         found = cache.lookup_tensors("stats", self.disk_key(layer, module, count))
         if found is not None:
             self.from_disk += 1
-            self.cached[key] = found["W"]
-            if len(self.cached) > self.max_cached:
-                del self.cached[next(iter(self.cached))]
             return found["W"]
-        W = super()._variant(layer, module, count)
+        W = super()._make(layer, module, count)
         self.built += 1
         cache.store_tensors("stats", self.disk_key(layer, module, count), {"W": W.contiguous()})
         return W
+
+
+def variant_key_prefix(model, tokens: torch.Tensor, damp: float) -> str:
+    """What every cached variant of this model, calibration and damping has in its key."""
+    return f"{VARIANTS_VERSION}|{cache.model_fingerprint(model)}|{cache.tokens_digest(tokens)}|{damp}"
 
 
 def module_sensitivities(fisher: ga.OutputFisher, db: VariantDatabase, budget: ga.GroupBudget) -> list[float]:

@@ -72,11 +72,15 @@ class VariantDatabase:
         if key in self.cached:
             self.cached.move_to_end(key)
             return self.cached[key]
-        W = obs.removed_weights(*self.dense(layer, module), self.columns(layer, module, count))
+        W = self._make(layer, module, count)
         self.cached[key] = W
         if len(self.cached) > self.max_cached:
             del self.cached[next(iter(self.cached))]  # the least recently used
         return W
+
+    def _make(self, layer: int, module: str, count: int) -> torch.Tensor:
+        """A variant not in the in-memory cache."""
+        return obs.removed_weights(*self.dense(layer, module), self.columns(layer, module, count))
 
 
 class StitchedModel:

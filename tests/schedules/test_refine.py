@@ -121,12 +121,15 @@ def test_only_offspring_better_than_the_parent_on_the_screen_are_scored_on_all(s
                         lambda self, g, rng: calls.append("generation") or next_generation(self, g, rng))
     result = refine.auto_schedule(model, tokens, fitness, config(generations=12, offspring=4, survivors=2),
                                   curves=mc)
-    generations = " ".join("|" if c == "generation" else str(c[0]) for c in calls).split("|")[1:]
+    generations = []  # the (number of sequences, KL) of every KL call, per generation
+    for c in calls:
+        if c == "generation":
+            generations.append([])
+        elif generations:
+            generations[-1].append(c)
     assert len(generations) == 12
-    tail = calls[calls.index("generation"):]
     full_scorings = 0
-    for gen in (" ".join("|" if c == "generation" else f"{c[0]}:{c[1]!r}" for c in tail)).split("|")[1:]:
-        scores = [(int(n), float(v)) for n, v in (c.split(":") for c in gen.split())]
+    for scores in generations:
         screens = [v for n, v in scores if n == 2]
         *offspring, parent = screens
         full = [v for n, v in scores if n == 5]

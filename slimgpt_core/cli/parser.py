@@ -12,7 +12,7 @@ from slimgpt_core.base.errors import SlimGPTError
 from slimgpt_core.methods import registry
 from slimgpt_core.methods.settings import PruneSettings, SurgeonSettings
 from slimgpt_core.methods.shear.settings import ShearSettings
-from slimgpt_core.schedules.schedule import parse_ratio_list
+from slimgpt_core.schedules.schedule import AUTO_FITNESS_SAMPLES, parse_ratio_list
 from slimgpt_core.training.settings import PretrainSettings, RecoverSettings, ScaleSettings
 
 
@@ -182,8 +182,9 @@ def auto_options(a) -> None:
                    help="auto: the fast schedule, then a KL search refining it until this many seconds have passed "
                         "(0: the fast schedule only)")
     a.add_argument("--search-generations", type=positive, help="auto: stop the search after this many generations")
-    a.add_argument("--fitness-samples", type=positive, default=8,
-                   help="auto: calibration sequences (other windows, seed+1) the search's KL is measured on")
+    a.add_argument("--fitness-samples", type=positive, default=AUTO_FITNESS_SAMPLES,
+                   help="auto: calibration sequences (other windows, seed+1) the KL is measured on: the fast phase "
+                        "on the first 8, the search on all")
     a.add_argument("--fitness-seqlen", type=positive, default=128, help="auto: their length")
 
 

@@ -10,8 +10,10 @@ Phases, each reported with a fraction and an estimate of the seconds left (`Auto
 - `sensitivity`: one forward and backward for the Fisher of every module's output;
 - `fast`: the global allocation at a few heads/FFN balances and the log schedule fitted to the same budget,
   scored by KL; the lowest is the fast schedule (the first allocation is sent at once, before any KL);
-- `search`: (1+λ) from the fast schedule: λ offspring screened on a few sequences, the best re-scored on all,
-  kept only if better than the parent on the same tokens.
+- `search`: (1+λ) from the fast schedule on the whole fitness pool: λ offspring screened on a few windows, those
+  better than the parent there checked on a few other windows, the best of those scored on the pool and kept only
+  if better than the parent on it; the windows are drawn afresh every generation, so a schedule does not win by
+  fitting a few fixed windows.
 The result says which schedule it is (fast, or refined at generation g) and its KL.
 """
 from __future__ import annotations
@@ -32,9 +34,11 @@ from slimgpt_core.base.shapes import count_parameters
 from slimgpt_core.schedules import global_allocation as ga
 from slimgpt_core.schedules.stitched import StitchedModel, VariantDatabase, unit_costs
 from slimgpt_core.schedules.curves import ModelCurves, error_curves
+from slimgpt_core.schedules.schedule import AUTO_FITNESS_SAMPLES
 
 VARIANTS_VERSION = "variants-v1"
 LOG_HEAD_SHARES = (None, 0.5, 0.25)  # the fast phase's log candidates: heads at this share of the budget's ratio
+FITNESS_SAMPLES = AUTO_FITNESS_SAMPLES
 
 
 @dataclass
@@ -63,10 +67,12 @@ class AutoConfig:
     max_seconds: float | None = 600.0  # the whole job, fast phase included (None: only `generations` ends it)
     generations: int | None = None  # at most this many search generations (None: no limit)
     fast_seconds: float = 30.0  # the fast phase scores candidates until this many seconds have passed (≥ 2 scored)
+    fast_samples: int = 8  # the Fisher and the fast phase's KL: the first this many fitness windows
     refine: bool = True
     offspring: int = 8
     survivors: int = 2
     screen_samples: int = 2
+    check_samples: int = 8  # survivors of the screen are checked on this many other windows before the whole pool
     ffn_levels: int = 40  # FFN moves: 1/40 of the width
     shape: float = 4.0  # of the log schedule among the fast candidates
     seed: int = 0
@@ -86,10 +92,10 @@ class AutoResult:
     params_after: int
     remove: int  # parameters the budget asked to remove
     which: str  # fast | refined
-    kl: float  # KL(dense ‖ this) on the fitness tokens (at the search's FFN moves; nan: stopped before any KL)
+    kl: float  # KL(dense ‖ this) on `kl_samples` fitness windows (at the search's FFN moves; nan: stopped before any KL)
     fast: str  # the fast candidate chosen
-    fast_kl: float
-    candidates: dict[str, float]  # KL of every fast candidate scored
+    fast_kl: float  # the fast schedule's KL on the same windows
+    candidates: dict[str, float]  # KL of every fast candidate scored (on the fast phase's windows)
     generation: int  # the generation that found it (0: the fast schedule)
     generations: int  # generations run
     evaluations: int
@@ -102,6 +108,7 @@ class AutoResult:
     variants_from_disk: int = 0
     fast_keep_heads: list[int] = field(default_factory=list)  # the fast schedule, for comparing it with the result
     fast_keep_ffn: list[int] = field(default_factory=list)
+    kl_samples: int = 0  # the fitness windows `kl` and `fast_kl` are on: the pool once the search ran
 
     def describe(self) -> str:
         what = "the fast schedule" if self.which == "fast" else f"refined at generation {self.generation}"
@@ -214,9 +221,13 @@ class _AutoRun:
             raise JobCancelled("auto was stopped before its first schedule")
         self.emit("sensitivity", 0.0, None)
         model.to(resolve_device(config.device))
-        fisher = ga.output_fisher(model, fitness, config.batch_size, config.seed)
+        self.fast_samples = list(range(min(config.fast_samples, fitness.shape[0])))
+        fisher = ga.output_fisher(model, fitness[self.fast_samples], config.batch_size, config.seed)
         self.sensitivity = module_sensitivities(fisher, self.db, self.budget)
-        self.net = StitchedModel(model, self.db, fitness, config.batch_size, config.device, fisher.dense_logp)
+        given = fisher.dense_logp
+        if len(self.fast_samples) % config.batch_size and len(self.fast_samples) < fitness.shape[0]:
+            given = given[:-1]  # a short last batch is not one of the pool's batches: made again when needed
+        self.net = StitchedModel(model, self.db, fitness, config.batch_size, config.device, given)
         self.emit("sensitivity", 1.0, 0.0)
         self.all_samples = list(range(fitness.shape[0]))
 
@@ -260,9 +271,9 @@ class _AutoRun:
                 break
             if self.stop() and best is not None:
                 break
-            states = self.net.run(*_decode(g, n))
+            states = self.net.run(*_decode(g, n), 0, self.net.x0[:len(self.fast_samples)])
             state["evaluations"] += 1
-            kl = self.net.kl(states[-1], self.all_samples)
+            kl = self.net.kl(states[-1], self.fast_samples)
             self.candidates[name] = kl
             if best is None or kl < best[0]:
                 best = (kl, g, states, name)
@@ -273,6 +284,16 @@ class _AutoRun:
             if self.stop():
                 break
         return best if best is not None else (math.nan, state["g"], None, state["fast"])
+
+    def widen(self) -> None:
+        """The parent (the fast schedule) run on the rest of the fitness pool: the search compares on all of it."""
+        done = len(self.fast_samples)
+        if self.parent_states is not None and done < len(self.all_samples):
+            rest = self.net.run(*_decode(self.parent, self.n), 0, self.net.x0[done:])
+            self.parent_states = [torch.cat([a, b]) for a, b in zip(self.parent_states, rest)]
+            self.parent_kl = self.net.kl(self.parent_states[-1], self.all_samples)
+            self.state.update(kl=self.parent_kl, fast_kl=self.parent_kl)
+        self.kl_samples = len(self.all_samples)
 
     def summary(self) -> dict:
         return _summary(self.budget, self.parent, self.parent_kl, self.state, self.n_kv, self.n_ffn, self.curves)
@@ -304,11 +325,12 @@ class _AutoRun:
         return generation, stopped
 
     def next_generation(self, generation: int, rng: np.random.Generator) -> None:
-        """λ offspring screened on a few sequences, the best few of those better than the parent there re-scored on
-        all, the best kept only if better than the parent on all."""
+        """λ offspring screened on a few windows; the best few of those better than the parent there checked on a
+        few other windows; the best of those better there too scored on the whole pool, kept only if better than
+        the parent on it. (A pool no larger than screen and check together: the survivors straight to the pool.)"""
         config, n, net, parent_states = self.config, self.n, self.net, self.parent_states
-        screen = sorted(rng.choice(self.all_samples, min(config.screen_samples, len(self.all_samples)),
-                                   False).tolist())
+        pool = self.all_samples
+        screen = sorted(rng.choice(pool, min(config.screen_samples, len(pool)), False).tolist())
         scored = []
         for _ in range(config.offspring):
             child = self.budget.mutate(self.parent, rng)
@@ -324,8 +346,20 @@ class _AutoRun:
         # only offspring that beat the parent on the screening sequences are re-scored on all of them: late in a
         # search most do not, and the full scoring is most of a generation's forward passes
         parent_screen = net.kl(parent_states[-1][screen], screen)
-        scored = sorted((s for s in scored if s[0] < parent_screen), key=lambda s: s[0])
-        for _, child, first in scored[:config.survivors]:
+        scored = sorted((s for s in scored if s[0] < parent_screen), key=lambda s: s[0])[:config.survivors]
+        others = [i for i in pool if i not in screen]
+        if scored and len(screen) + config.check_samples < len(pool):
+            check = sorted(rng.choice(others, config.check_samples, False).tolist())
+            parent_check = net.kl(parent_states[-1][check], check)
+            checked = []
+            for _, child, first in scored:
+                if self.stop():
+                    return
+                states = net.run(*_decode(child, n), first, parent_states[first][check])
+                self.state["evaluations"] += 1
+                checked.append((net.kl(states[-1], check), child, first))
+            scored = sorted((s for s in checked if s[0] < parent_check), key=lambda s: s[0])[:1]
+        for _, child, first in scored:
             if self.stop():
                 break
             states = parent_states[:first] + net.run(*_decode(child, n), first, parent_states[first])
@@ -359,10 +393,14 @@ def auto_schedule(model, tokens: torch.Tensor, fitness: torch.Tensor, config: Au
     fast_seconds = run.elapsed()
     run.parent_kl, run.parent, run.parent_states, fast_name = best
     fast_summary = run.summary()
-    run.history = [(fast_seconds, 0, run.parent_kl)]
+    run.kl_samples = len(run.fast_samples)
+    if config.refine and not run.stop():
+        run.widen()
+    run.history = [(run.elapsed(), 0, run.parent_kl)]
     generation, stopped = run.refine(rng)
     result = AutoResult(**run.summary(), params_before=run.budget.params_before, remove=run.budget.remove,
-                        fast=fast_name, fast_kl=best[0], candidates=run.candidates, generations=generation,
+                        fast=fast_name, fast_kl=run.state["fast_kl"], candidates=run.candidates,
+                        generations=generation, kl_samples=run.kl_samples,
                         evaluations=run.state["evaluations"], fast_seconds=fast_seconds, seconds=run.elapsed(),
                         stopped=stopped, history=run.history, snapshots=run.snapshots, variants_built=run.db.built,
                         variants_from_disk=run.db.from_disk, fast_keep_heads=fast_summary["keep_heads"],
@@ -388,7 +426,8 @@ def _summary(budget: ga.GroupBudget, g: np.ndarray, kl: float, state: dict, n_kv
                 generation=state["found_at"] if state["best"] == "refined" else 0)
 
 
-def auto_job(loaded, calib: str, nsamples: int, seqlen: int, seed: int, config: AutoConfig, fitness_samples: int = 8,
+def auto_job(loaded, calib: str, nsamples: int, seqlen: int, seed: int, config: AutoConfig,
+             fitness_samples: int = FITNESS_SAMPLES,
              fitness_seqlen: int = 128, callback=None, should_stop=None) -> AutoResult:
     """For the studio's job runner: calibration windows `seed` (curves, variants) and `seed`+1 (the KL)."""
     tokens = calibration_tokens(loaded.tokenizer, calib, nsamples, seqlen, seed)

@@ -12,6 +12,7 @@ from typing import Sequence
 from slimgpt_core.base.errors import SlimGPTError
 
 SCHEDULES = ("log", "linear", "uniform", "auto")  # auto: chosen for a budget (refine.py)
+AUTO_FITNESS_SAMPLES = 32  # calibration windows (other than the statistics') auto's KL is measured on: its search's pool
 
 
 def kappa(n: int, kind: str = "log") -> float:

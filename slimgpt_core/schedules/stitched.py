@@ -89,18 +89,29 @@ class StitchedModel:
     def __init__(self, model, db: VariantDatabase, tokens: torch.Tensor, batch_size: int = 8, device: str = "auto",
                  dense_logp: list[torch.Tensor] | None = None):
         """`dense_logp`: the dense model's log-probabilities of `tokens` in batches of `batch_size`, when a forward
-        already made them (global_allocation.output_fisher); otherwise one stitched forward without variants."""
+        already made them (global_allocation.output_fisher); otherwise one stitched forward without variants. When
+        it covers only the first batches (the Fisher's windows of a larger pool), the others are made when a KL
+        first needs them."""
         self.model, self.db, self.bs = model, db, batch_size
         self.dev = resolve_device(device)
         model.to(self.dev)
         self.x0, self.kwargs = capture_layer_inputs(model, tokens, batch_size, self.dev)
         self.n = len(model.model.layers)
+        sizes = [b.shape[0] for b in self._batches(tokens)]
         if dense_logp is None:
             dense_kv, dense_ch = [0] * self.n, [0] * self.n
             dense_logp = [self._logp(h) for h in self._batches(self.run(dense_kv, dense_ch)[-1])]
-        elif [p.shape[0] for p in dense_logp] != [b.shape[0] for b in self._batches(tokens)]:
+        elif [p.shape[0] for p in dense_logp] != sizes[:len(dense_logp)] or len(dense_logp) > len(sizes):
             raise ValueError("dense_logp is not in batches of batch_size over these tokens")
         self.dense_logp = dense_logp
+
+    def _dense(self, batch: int) -> torch.Tensor:
+        """The dense log-probabilities of one batch of the tokens, made (with every batch before it) if missing."""
+        while len(self.dense_logp) <= batch:
+            s = len(self.dense_logp) * self.bs
+            dense = self.run([0] * self.n, [0] * self.n, 0, self.x0[s:s + self.bs])[-1]
+            self.dense_logp.append(self._logp(dense))
+        return self.dense_logp[batch]
 
     def _batches(self, x: torch.Tensor):
         return [x[s:s + self.bs] for s in range(0, x.shape[0], self.bs)]
@@ -135,7 +146,7 @@ class StitchedModel:
         total, count = 0.0, 0
         for s in range(0, len(samples), self.bs):
             idx = list(samples[s:s + self.bs])
-            dense = torch.cat([self.dense_logp[i // self.bs][i % self.bs:i % self.bs + 1] for i in idx])
+            dense = torch.cat([self._dense(i // self.bs)[i % self.bs:i % self.bs + 1] for i in idx])
             cand = self._logp(final[s:s + self.bs])
             total += float((dense.exp() * (dense - cand)).sum())
             count += dense.shape[0] * dense.shape[1]

@@ -140,6 +140,66 @@ def test_only_offspring_better_than_the_parent_on_the_screen_are_scored_on_all(s
     assert result.generations == 12
 
 
+def test_the_search_selects_on_fresh_windows_in_three_steps_and_accepts_on_the_whole_pool(setup, monkeypatch):
+    """A pool of 12 windows, the fast phase on the first 3: its KLs on those; then per generation, in order, the
+    offspring and the parent on 2 screening windows drawn afresh, the parent and at most `survivors` of the offspring
+    that beat it there on 4 other windows, and at most one of those that beat the parent there on all 12, accepted
+    only if it beats the parent's KL on all 12."""
+    model, tokens, _, mc, _ = setup
+    pool = torch.randint(0, 101, (12, 16), generator=torch.Generator().manual_seed(7))
+    calls = []
+    kl, next_generation = refine.StitchedModel.kl, refine._AutoRun.next_generation
+    monkeypatch.setattr(refine.StitchedModel, "kl",
+                        lambda self, final, samples: calls.append((list(samples), kl(self, final, samples))) or
+                        calls[-1][1])
+    monkeypatch.setattr(refine._AutoRun, "next_generation",
+                        lambda self, g, rng: calls.append("generation") or next_generation(self, g, rng))
+    result = refine.auto_schedule(model, tokens, pool, config(generations=16, offspring=4, survivors=2,
+                                                              fast_samples=3, check_samples=4, fast_seconds=0.0),
+                                  curves=mc)
+    every = list(range(12))
+    before = calls[:calls.index("generation")]
+    *fast, widened = before
+    assert [w for w, _ in fast] == [[0, 1, 2]] * len(fast) and len(fast) == 2  # candidates on the fast windows
+    assert widened[0] == every and widened[1] == result.history[0][2] == result.fast_kl  # the parent on the pool
+    assert result.kl_samples == 12 and result.candidates[result.fast] == min(v for _, v in fast)
+    db = refine.DiskVariantDatabase(model, mc, tokens, device="cpu")
+    assert _kl_by_hand(model, db, result.fast_keep_heads, result.fast_keep_ffn, pool) == pytest.approx(
+        result.fast_kl, rel=0.2)
+    generations = []
+    for c in calls[len(before):]:
+        if c == "generation":
+            generations.append([])
+        else:
+            generations[-1].append(c)
+    parent_kl, screens, checked, accepted = widened[1], set(), 0, 0
+    for scores in generations:
+        screen = scores[0][0]
+        n_screen = next(i for i, (w, _) in enumerate(scores) if w != screen) if any(w != screen for w, _ in scores) \
+            else len(scores)
+        *offspring, parent_screen = [v for _, v in scores[:n_screen]]
+        screens.add(tuple(screen))
+        rest = scores[n_screen:]
+        beat = sum(v < parent_screen for v in offspring)
+        if not beat:
+            assert rest == []
+            continue
+        check = rest[0][0]
+        assert len(check) == 4 and not set(check) & set(screen)
+        *survivors, pool_scoring = rest[1:] if rest[-1][0] == every else rest[1:] + [None]
+        assert [w for w, _ in survivors] == [check] * min(2, beat)
+        checked += len(survivors)
+        passed = [v for _, v in survivors if v < rest[0][1]]
+        assert (pool_scoring is not None) == bool(passed)
+        if pool_scoring is not None:
+            if pool_scoring[1] < parent_kl:
+                parent_kl, accepted = pool_scoring[1], accepted + 1
+    assert len(screens) > 1 and checked > 0 and accepted > 0  # the windows move; every step was met
+    assert result.kl == parent_kl and result.which == "refined"
+    assert [kl for _, _, kl in result.history] == sorted((kl for _, _, kl in result.history), reverse=True)
+    assert _kl_by_hand(model, db, result.keep_heads, result.keep_ffn, pool) == pytest.approx(result.kl, rel=0.2)
+
+
 def test_variants_are_kept_on_disk_and_keyed_by_model_tokens_and_damping(setup, tmp_path):
     model, tokens, fitness, mc, mp = setup
     mp.setenv("SLIMGPT_CACHE", str(tmp_path / "fresh"))

@@ -111,6 +111,16 @@ def test_stitched_model_runs_the_variants_and_scores_kl_per_token(setup):
     assert handed.kl(states[-1], list(range(5))) != pytest.approx(net.kl(states[-1], list(range(5))), rel=1e-2)
     with pytest.raises(ValueError, match="^dense_logp is not in batches of batch_size over these tokens$"):
         stitched.StitchedModel(model, db, fitness, batch_size=4, device="cpu", dense_logp=given)
+    # the first batch handed over (the fast phase's windows of a larger pool): the others made when a KL needs them
+    prefix = stitched.StitchedModel(model, db, fitness, batch_size=2, device="cpu", dense_logp=net.dense_logp[:1])
+    assert len(prefix.dense_logp) == 1
+    assert prefix.kl(states[-1][[0, 1]], [0, 1]) == net.kl(states[-1][[0, 1]], [0, 1]) and len(prefix.dense_logp) == 1
+    assert prefix.kl(states[-1][[2]], [2]) == pytest.approx(_kl(model, db, kv, ch, fitness, [2]), rel=1e-4)
+    assert len(prefix.dense_logp) == 2
+    assert prefix.kl(states[-1], list(range(5))) == pytest.approx(_kl(model, db, kv, ch, fitness), rel=1e-4)
+    assert torch.allclose(torch.cat(prefix.dense_logp), dense, atol=1e-5)
+    with pytest.raises(ValueError, match="^dense_logp is not in batches of batch_size over these tokens$"):
+        stitched.StitchedModel(model, db, fitness, batch_size=2, device="cpu", dense_logp=given + given[:1])
 
 
 def test_stitched_model_runs_a_half_precision_model(setup):

@@ -85,14 +85,15 @@ class LateFlush:
 class OneEditLate:
     """WebSocket route: once armed, the server's messages reach the browser only when the browser sends its next
     rerun request (after that request), as when a busy server flushes late. `captions` are the "Runs …" lines of
-    the Prune page among the held messages, in order: they say how far the held runs got. `late_inputs` are the
-    number inputs that reached the browser late: (label, the value set, or the default where none is set)."""
+    the Prune page among the held messages, in order: they say how far the held runs got. `late` holds, for each
+    release, the widget values of the rerun request that released it (by key) and the number inputs it delivered:
+    (label, the value set, or the default where none is set)."""
 
     def __init__(self):
         self.armed = False
         self.held: list[bytes] = []
         self.held_inputs: list[tuple[str, float]] = []
-        self.late_inputs: list[tuple[str, float]] = []
+        self.late: list[tuple[dict, list[tuple[str, float]]]] = []
         self.captions: list[str] = []
         self.lock = threading.Lock()
         self.ws = None
@@ -105,8 +106,11 @@ class OneEditLate:
 
     def from_browser(self, message, server) -> None:
         server.send(message)
-        if BackMsg.FromString(message).WhichOneof("type") == "rerun_script":
-            self.release()
+        msg = BackMsg.FromString(message)
+        if msg.WhichOneof("type") == "rerun_script":
+            states = msg.rerun_script.widget_states.widgets
+            self.release({state.id.rsplit("-", 1)[-1]: getattr(state, state.WhichOneof("value"))
+                          for state in states if state.WhichOneof("value")})  # a keyed widget's id ends in its key
 
     def from_server(self, message) -> None:
         with self.lock:
@@ -123,11 +127,12 @@ class OneEditLate:
                 box = element.number_input
                 self.held_inputs.append((box.label, box.value if box.set_value else box.default))
 
-    def release(self) -> None:
+    def release(self, sent: dict | None = None) -> None:
         with self.lock:
             for message in self.held:
                 self.ws.send(message)
-            self.late_inputs += self.held_inputs
+            if self.held_inputs:
+                self.late.append((sent or {}, self.held_inputs))
             self.held, self.held_inputs = [], []
 
     def disarm(self) -> None:
@@ -290,7 +295,9 @@ def test_fields_typed_in_quick_succession_all_keep_the_value_typed(tmp_path):
         wait_until(lambda: any(" 8 × 256 tokens" in c for c in late.captions), page, "the run for Samples")
         set_number_now(page, "Sequence length", 64)  # sent first, then the run for Samples arrives
         page.get_by_text(re.compile(r"^Runs .*, 8 × 256 tokens,")).wait_for()
-        assert ("Sequence length", 256) in late.late_inputs, late.late_inputs  # the race was replayed
+        # the race was replayed: the browser got the Samples run's Sequence length (256) after it had sent 64
+        assert any(sent.get("seqlen") == 64 and ("Sequence length", 256) in inputs for sent, inputs in late.late), \
+            late.late
         wait_until(lambda: any(" 8 × 64 tokens" in c for c in late.captions), page, "the run for Sequence length")
         set_number_now(page, "Seed", 5)  # again one run behind
         late.disarm()

@@ -26,10 +26,13 @@ from pathlib import Path
 from streamlit.proto.BackMsg_pb2 import BackMsg
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 from streamlit.runtime.forward_msg_queue import ForwardMsgQueue
+from streamlit.testing.v1 import AppTest
 
+from tests import ROOT
 from tests.browser import (browser_page, go, load_stories260k, open_calibration, set_number, studio_process,
                            studio_server, wait_idle)
 from tests.studio.test_app import edit_schedule, editor_data, schedule_table
+from ui.prune_form import PRESETS, load_form, save_form
 
 
 class LateFlush:
@@ -228,11 +231,6 @@ def test_a_schedule_widget_sets_its_value_only_when_the_form_changed_elsewhere(t
     browser (a late message would overwrite a newer edit) and each carries the form's value as its default (what a
     browser that missed an earlier run mounts it at). A value another tab writes into the form is set in the next
     run. A dragged ratio and the settings survive a visit to another page."""
-    from streamlit.testing.v1 import AppTest
-
-    from tests import ROOT
-    from ui.prune_form import PRESETS, load_form, save_form
-
     monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SLIMGPT_RUNS", str(tmp_path / "runs"))  # its own workspace, so its own form
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)

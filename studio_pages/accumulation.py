@@ -7,7 +7,8 @@ from slimgpt_core.services.accumulation import (PROFILED, DemoConfig, demo_entri
 from ui import charts
 from ui.colors import DENSE_COLOR, run_color
 from ui.prune_form import load_form
-from ui.state import job, job_progress, live_fragment, require_model, run_report, runs, submit, take_result
+from ui.state import (bound_widget, job, job_progress, live_fragment, require_model, run_report, runs, submit,
+                      take_result)
 
 ss = st.session_state
 st.title("Error accumulation")
@@ -24,34 +25,34 @@ DEFAULTS = {"acc_ratio": prune_target, "acc_calib": "c4",
 ss.setdefault("acc_settings", dict(DEFAULTS))
 if prune_target != ss.get("acc_prune_target"):  # a new budget on the Prune page
     ss.acc_prune_target = ss.acc_settings["acc_ratio"] = float(prune_target)
-for key, value in ss.acc_settings.items():
-    ss[key] = value
+a = ss.acc_settings
 
 
 def keep(key: str) -> None:
     ss.acc_settings[key] = ss[key]
 
 
+def widget(make, key: str, *args, **kwargs):
+    return bound_widget(make, key, a[key], keep, *args, **kwargs)
+
+
 presenter = st.toggle("Presenter mode", key="acc_presenter",
                       help="larger type, one chart per screen, the story in the captions")
 with st.expander("Budget, calibration and held-out text", expanded=False):
     c1, c2, c3, c4, c5 = st.columns(5)
-    c1.slider("Budget (mean ratio removed)", 0.05, 0.8, step=0.01, key="acc_ratio", on_change=keep,
-              args=("acc_ratio",), help="every run of the demo removes this mean ratio (starts at the Prune page's)")
-    c2.selectbox("Calibration text", ["c4", "wikitext2", "tinystories"], key="acc_calib", on_change=keep,
-                 args=("acc_calib",))
-    c3.number_input("Samples", 1, 1024, key="acc_nsamples", on_change=keep, args=("acc_nsamples",))
-    c4.number_input("Sequence length", 16, context, step=16, key="acc_seqlen", on_change=keep, args=("acc_seqlen",))
-    c5.number_input("Seed", 0, 10**6, key="acc_seed", on_change=keep, args=("acc_seed",))
+    widget(c1.slider, "acc_ratio", "Budget (mean ratio removed)", 0.05, 0.8, step=0.01,
+           help="every run of the demo removes this mean ratio (starts at the Prune page's)")
+    widget(c2.selectbox, "acc_calib", "Calibration text", ["c4", "wikitext2", "tinystories"])
+    widget(c3.number_input, "acc_nsamples", "Samples", 1, 1024)
+    widget(c4.number_input, "acc_seqlen", "Sequence length", 16, context, step=16)
+    widget(c5.number_input, "acc_seed", "Seed", 0, 10**6)
     h1, h2, h3, h4 = st.columns(4)
-    h1.selectbox("Held-out text", ["wikitext2", "c4", "tinystories"], key="acc_heldout", on_change=keep,
-                 args=("acc_heldout",), help="its first windows; never the calibration windows")
-    h2.number_input("Window length", 16, context, step=16, key="acc_eval_seqlen", on_change=keep,
-                    args=("acc_eval_seqlen",))
-    h3.number_input("Windows", 1, 4096, key="acc_windows", on_change=keep, args=("acc_windows",))
-    h4.checkbox("Also dense inputs, uniform", key="acc_uniform_twin", on_change=keep, args=("acc_uniform_twin",))
+    widget(h1.selectbox, "acc_heldout", "Held-out text", ["wikitext2", "c4", "tinystories"],
+           help="its first windows; never the calibration windows")
+    widget(h2.number_input, "acc_eval_seqlen", "Window length", 16, context, step=16)
+    widget(h3.number_input, "acc_windows", "Windows", 1, 4096)
+    widget(h4.checkbox, "acc_uniform_twin", "Also dense inputs, uniform")
 
-a = ss.acc_settings
 config = DemoConfig(ratio=round(float(a["acc_ratio"]), 4), calib=a["acc_calib"], nsamples=int(a["acc_nsamples"]),
                     seqlen=int(a["acc_seqlen"]), seed=int(a["acc_seed"]), heldout=a["acc_heldout"],
                     eval_seqlen=int(a["acc_eval_seqlen"]), windows=int(a["acc_windows"]),

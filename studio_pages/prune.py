@@ -15,7 +15,7 @@ from ui.prune_form import (ALIGN_CHOICES, CALIBRATION_SOURCES, PRESETS, PRUNE_FO
                            align_setting, apply_preset, calibration_text, describe_frozen, frozen, load_form,
                            preset_ratios, problems, restore_custom, save_form, set_schedule)
 from ui.schedule_editor import MAX_RATIO, apply_edit, dropped_edit, schedule_editor
-from ui.state import job, job_progress, live_fragment, require_model, run_report, submit, take_result
+from ui.state import bound_widget, job, job_progress, live_fragment, require_model, run_report, submit, take_result
 
 st.title("Prune")
 loaded = require_model()
@@ -27,10 +27,8 @@ ss.setdefault("error_curves", {})
 
 # --- calibration and method -------------------------------------------------------------------
 # One settings object (ui.prune_form) defines the run; it lives in the workspace, so page switches, reloads, other tabs
-# and restarts show the same values. Streamlit sends a widget's value to the browser only in a run that sets it through
-# session state; a rerun that starts while the server still holds unsent messages drops them, and the browser would
-# then mount the widget at its default and send that back. So every widget is handed its value from the form on every
-# run, and only its callback changes the form.
+# and restarts show the same values. Every widget shows the form's value and only its callback changes the form
+# (ui.state.bound_widget: how the value reaches the browser without an older run's value overwriting a newer edit).
 attn_params = sum(p.numel() for layer in loaded.model.model.layers for p in layer.self_attn.parameters())
 mlp_params = sum(p.numel() for layer in loaded.model.model.layers for p in layer.mlp.parameters())
 context = int(getattr(loaded.model.config, "max_position_embeddings", 2048) or 2048)
@@ -91,8 +89,7 @@ def restore_hand_edits() -> None:
 
 
 def widget(make, key: str, *args, **kwargs):
-    ss[key] = getattr(form, WIDGET_FIELDS.get(key, key))
-    return make(*args, key=key, on_change=edit, args=(key,), **kwargs)
+    return bound_widget(make, key, getattr(form, WIDGET_FIELDS.get(key, key)), edit, *args, **kwargs)
 
 
 # Open, so what a run will use is in view. The label stays fixed: a label that changes makes a new expander, which

@@ -12,8 +12,6 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("SLIMGPT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -133,19 +131,10 @@ def start_pruning(page, nsamples: int = 4, seqlen: int = 64) -> None:
     """On the Prune page: a small calibration, then Start pruning (returns once the job is running)."""
     go(page, "Prune")
     open_calibration(page)
-    # Start once the page's own line says the server holds both values. Under load an edit typed while an older
-    # rerun's messages are still arriving can be overwritten by them (seen twice: Samples back at its default); the
-    # values are typed again then, and the test goes on to check that the job and a reload keep what Start used.
-    holds = page.get_by_text(re.compile(rf"^Runs .*, {nsamples} × {seqlen} tokens,"))
-    for attempt in range(3):
-        set_number(page, "Samples", nsamples)
-        set_number(page, "Sequence length", seqlen)
-        try:
-            holds.first.wait_for(timeout=20_000)
-            break
-        except PlaywrightTimeout:
-            if attempt == 2:
-                raise
+    set_number(page, "Samples", nsamples)
+    set_number(page, "Sequence length", seqlen)
+    # Start once the page's own line says the server holds both values (the run for the last edit has been drawn)
+    page.get_by_text(re.compile(rf"^Runs .*, {nsamples} × {seqlen} tokens,")).first.wait_for(timeout=120_000)
     page.get_by_role("button", name="Start pruning").click()
     page.get_by_role("button", name="Cancel").wait_for(timeout=120_000)
 

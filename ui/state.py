@@ -164,6 +164,28 @@ def live_fragment(view: Callable[[], None], *kinds: str) -> None:
     st.fragment(run_every=1.0 if polling else None)(fragment)()
 
 
+def bound_widget(make: Callable, key: str, stored, write: Callable[[str], None], *args, **kwargs):
+    """A widget (`make`: st.number_input, a column's selectbox, …) showing `stored`, a value the page keeps outside
+    the widget (the Prune form in the workspace, say); each change goes to `write(key)`, which stores
+    `st.session_state[key]`.
+
+    The value is set in the browser only when this session's widget does not hold `stored` yet (its first drawing,
+    or another tab, a preset or a job's settings changed it): the browser applies a set value whenever its message
+    arrives, so a value set in every run would let a run that began before the user's latest edit, its messages
+    late on a busy machine, put the older value back, and the next edit would send that in as typed. Otherwise
+    `stored` goes as the widget's default, which the browser uses only when it mounts the widget afresh (after a
+    rerun dropped the messages of the run that set it, say)."""
+    ss = st.session_state
+    if key not in ss or ss[key] != stored:
+        ss[key] = stored
+    elif make.__name__ == "selectbox":
+        options = list(args[1] if len(args) > 1 else kwargs["options"])
+        kwargs["index"] = options.index(stored)
+    else:
+        kwargs["value"] = stored
+    return make(*args, key=key, on_change=write, args=(key,), **kwargs)
+
+
 def job_progress(j: Job, cancel_label: str, key: str, n_steps: int | None = None) -> None:
     """A running or queued job's progress bar and its Cancel button."""
     st.session_state.setdefault("watched_jobs", set()).add(j.id)

@@ -44,6 +44,15 @@ def test_one_click_reuses_the_prune_pages_run_and_draws_the_story(app):
     app.switch_page("studio_pages/accumulation.py").run()
     assert app.slider(key="acc_ratio").value == 0.3  # the Prune page's budget
     small_demo(app)
+    # a rerun that changes nothing sets no value in the browser (a late message would overwrite a newer edit); the
+    # settings go as the widgets' defaults
+    app.run()
+    shown = {key: app.number_input(key=key).proto for key in ("acc_nsamples", "acc_seqlen", "acc_eval_seqlen",
+                                                               "acc_windows")}
+    shown["acc_heldout"] = app.selectbox(key="acc_heldout").proto
+    assert not [key for key, proto in shown.items() if proto.set_value]
+    assert {key: proto.default for key, proto in shown.items()} == {
+        "acc_nsamples": 8, "acc_seqlen": 64, "acc_eval_seqlen": 64, "acc_windows": 6, "acc_heldout": 2}
     to_prune = "to prune: dense inputs, log, sequential, uniform, dense inputs, uniform"
     assert any(to_prune in c.value for c in app.caption)
     button(app, "Run the demo").click().run()

@@ -289,6 +289,8 @@ class _AutoRun:
         """The parent (the fast schedule) run on the rest of the fitness pool: the search compares on all of it."""
         done = len(self.fast_samples)
         if self.parent_states is not None and done < len(self.all_samples):
+            limit = self.config.max_seconds
+            self.emit("search", self.elapsed() / limit if limit else 0.0, None)
             rest = self.net.run(*_decode(self.parent, self.n), 0, self.net.x0[done:])
             self.parent_states = [torch.cat([a, b]) for a, b in zip(self.parent_states, rest)]
             self.parent_kl = self.net.kl(self.parent_states[-1], self.all_samples)
@@ -343,8 +345,8 @@ class _AutoRun:
             scored.append((net.kl(states[-1], screen), child, first))
             if self.stop():
                 break
-        # only offspring that beat the parent on the screening sequences are re-scored on all of them: late in a
-        # search most do not, and the full scoring is most of a generation's forward passes
+        # only offspring that beat the parent on the screening windows go on: late in a search most do not, and the
+        # larger scorings are most of a generation's forward passes
         parent_screen = net.kl(parent_states[-1][screen], screen)
         scored = sorted((s for s in scored if s[0] < parent_screen), key=lambda s: s[0])[:config.survivors]
         others = [i for i in pool if i not in screen]

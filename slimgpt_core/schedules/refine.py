@@ -300,6 +300,11 @@ class _AutoRun:
     def summary(self) -> dict:
         return _summary(self.budget, self.parent, self.parent_kl, self.state, self.n_kv, self.n_ffn, self.curves)
 
+    def interrupted(self) -> bool:
+        """Stop, or the job's seconds are spent: a generation ends at its next scoring."""
+        limit = self.config.max_seconds
+        return self.stop() or (limit is not None and self.elapsed() >= limit)
+
     def snapshot_due(self) -> None:
         while self.pending and self.elapsed() >= self.pending[0]:
             self.snapshots[self.pending.pop(0)] = self.summary()
@@ -343,31 +348,34 @@ class _AutoRun:
             states = net.run(*_decode(child, n), first, parent_states[first][screen])
             self.state["evaluations"] += 1
             scored.append((net.kl(states[-1], screen), child, first))
-            if self.stop():
-                break
+            if self.interrupted():
+                return
         # only offspring that beat the parent on the screening windows go on: late in a search most do not, and the
         # larger scorings are most of a generation's forward passes
         parent_screen = net.kl(parent_states[-1][screen], screen)
         scored = sorted((s for s in scored if s[0] < parent_screen), key=lambda s: s[0])[:config.survivors]
         others = [i for i in pool if i not in screen]
         if scored and len(screen) + config.check_samples < len(pool):
+            if self.interrupted():
+                return
             check = sorted(rng.choice(others, config.check_samples, False).tolist())
             parent_check = net.kl(parent_states[-1][check], check)
             checked = []
             for _, child, first in scored:
-                if self.stop():
+                if self.interrupted():
                     return
                 states = net.run(*_decode(child, n), first, parent_states[first][check])
                 self.state["evaluations"] += 1
                 checked.append((net.kl(states[-1], check), child, first))
             scored = sorted((s for s in checked if s[0] < parent_check), key=lambda s: s[0])[:1]
         for _, child, first in scored:
-            if self.stop():
+            if self.interrupted():
                 break
             states = parent_states[:first] + net.run(*_decode(child, n), first, parent_states[first])
             self.state["evaluations"] += 1
             kl = net.kl(states[-1], self.all_samples)
             if kl < self.parent_kl:
+                self.snapshot_due()  # a snapshot due before now is of the parent this child replaces
                 self.parent_kl, self.parent, self.parent_states = kl, child, states
                 self.state.update(best="refined", kl=kl, g=child, found_at=generation)
 

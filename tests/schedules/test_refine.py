@@ -200,6 +200,31 @@ def test_the_search_selects_on_fresh_windows_in_three_steps_and_accepts_on_the_w
     assert _kl_by_hand(model, db, result.keep_heads, result.keep_ffn, pool) == pytest.approx(result.kl, rel=0.2)
 
 
+def test_the_search_ends_at_its_seconds_and_a_snapshot_is_the_best_as_it_was_then(setup, monkeypatch):
+    """A clock that moves one second per KL: no scoring starts after the job's seconds, and the schedule kept at S
+    seconds is the one found last before S, even when the generation running at S finds a better one."""
+    model, tokens, _, mc, _ = setup
+    pool = torch.randint(0, 101, (12, 16), generator=torch.Generator().manual_seed(7))
+    clock, starts = [0.0], []
+    kl = refine.StitchedModel.kl
+
+    def ticking_kl(self, final, samples):
+        starts.append(clock[0])
+        clock[0] += 1.0
+        return kl(self, final, samples)
+    monkeypatch.setattr(refine.StitchedModel, "kl", ticking_kl)
+    monkeypatch.setattr(refine.time, "perf_counter", lambda: clock[0])
+    snapshots = tuple(float(t) for t in range(9, 196, 10))
+    result = refine.auto_schedule(model, tokens, pool, config(generations=None, max_seconds=196.5, offspring=4,
+                                                              fast_samples=3, check_samples=4, fast_seconds=0.0,
+                                                              snapshots=snapshots), curves=mc)
+    assert max(starts) < 196.5 and result.seconds == clock[0] <= 197.5
+    found = [(t, kl) for t, _, kl in result.history]  # a generation's better parent is found at its last scoring
+    for S in snapshots:
+        assert result.snapshots[S]["kl"] == [kl for t, kl in found if t <= S][-1], S
+    assert len({snap["kl"] for snap in result.snapshots.values()}) > 2  # the search moved between snapshots
+
+
 def test_variants_are_kept_on_disk_and_keyed_by_model_tokens_and_damping(setup, tmp_path):
     model, tokens, fitness, mc, mp = setup
     mp.setenv("SLIMGPT_CACHE", str(tmp_path / "fresh"))

@@ -289,8 +289,7 @@ class _AutoRun:
         """The parent (the fast schedule) run on the rest of the fitness pool: the search compares on all of it."""
         done = len(self.fast_samples)
         if self.parent_states is not None and done < len(self.all_samples):
-            limit = self.config.max_seconds
-            self.emit("search", self.elapsed() / limit if limit else 0.0, None)
+            self.emit_search(0)
             rest = self.net.run(*_decode(self.parent, self.n), 0, self.net.x0[done:])
             self.parent_states = [torch.cat([a, b]) for a, b in zip(self.parent_states, rest)]
             self.parent_kl = self.net.kl(self.parent_states[-1], self.all_samples)
@@ -385,7 +384,7 @@ class _AutoRun:
             self.emit("search", self.elapsed() / limit, max(0.0, limit - self.elapsed()))
         elif config.generations:
             self.emit("search", generation / config.generations,
-                      self.elapsed() / generation * (config.generations - generation))
+                      self.elapsed() / generation * (config.generations - generation) if generation else None)
         else:
             self.emit("search", 0.0, None)
 

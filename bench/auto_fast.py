@@ -22,6 +22,7 @@ from slimgpt_core.methods.statistics import dense_hessians  # noqa: E402
 from slimgpt_core.models import load_model  # noqa: E402
 from slimgpt_core.schedules import global_allocation as ga, refine  # noqa: E402
 from slimgpt_core.schedules.curves import error_curves  # noqa: E402
+from slimgpt_core.schedules.schedule import AUTO_FITNESS_SAMPLES  # noqa: E402
 
 
 def loadavg() -> str:
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     loaded = load_model(args.model, "cpu")
     tokens = calibration_tokens(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, 0)
-    fitness = calibration_tokens(loaded.tokenizer, args.calib, refine.FITNESS_SAMPLES, 128, 1)
+    fitness = calibration_tokens(loaded.tokenizer, args.calib, AUTO_FITNESS_SAMPLES, 128, 1)
     config = refine.AutoConfig(budget=ga.BudgetSpec(ratio=args.ratio), refine=False, fast_seconds=args.fast_seconds,
                                device="cpu")
     error_curves(loaded.model, tokens, config.damp, config.batch_size, "cpu")  # cached once, as the what-if does
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     # variants as on a first run: a key no earlier run wrote
     refine.VARIANTS_VERSION = f"{refine.VARIANTS_VERSION}-bench-{time.time_ns()}"
     print(f"threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}), "
-          f"{args.model}, {args.calib} {args.nsamples} × {args.seqlen}, fitness {refine.FITNESS_SAMPLES} × 128 "
+          f"{args.model}, {args.calib} {args.nsamples} × {args.seqlen}, fitness {AUTO_FITNESS_SAMPLES} × 128 "
           f"(the fast phase on the first 8), ratio {args.ratio}, "
           f"load {loadavg()}", flush=True)
     starts: dict[str, float] = {}

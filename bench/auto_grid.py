@@ -33,7 +33,8 @@ from slimgpt_core.schedules import global_allocation as ga  # noqa: E402
 from slimgpt_core.schedules.stitched import unit_costs  # noqa: E402
 from slimgpt_core.schedules.curves import error_curves  # noqa: E402
 from slimgpt_core.methods.statistics import dense_hessians  # noqa: E402
-from slimgpt_core.schedules.refine import FITNESS_SAMPLES, AutoConfig, auto_schedule  # noqa: E402
+from slimgpt_core.schedules.refine import AutoConfig, auto_schedule  # noqa: E402
+from slimgpt_core.schedules.schedule import AUTO_FITNESS_SAMPLES  # noqa: E402
 
 ROWS = ("log", "fast", "refined-120", "refined-300", "refined-600", "linear", "uniform", "surgeon-2")  # refined-S: at S s
 
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--ppl-windows", type=int, default=40)
     p.add_argument("--search-seconds", type=float, default=600.0)
     p.add_argument("--snapshots", default="120,300,600", help="seconds at which the refined schedule is taken")
-    p.add_argument("--fitness-samples", type=int, default=FITNESS_SAMPLES)
+    p.add_argument("--fitness-samples", type=int, default=AUTO_FITNESS_SAMPLES)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     out = Path(args.out)

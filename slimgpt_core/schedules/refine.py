@@ -38,7 +38,6 @@ from slimgpt_core.schedules.schedule import AUTO_FITNESS_SAMPLES
 
 VARIANTS_VERSION = "variants-v1"
 LOG_HEAD_SHARES = (None, 0.5, 0.25)  # the fast phase's log candidates: heads at this share of the budget's ratio
-FITNESS_SAMPLES = AUTO_FITNESS_SAMPLES
 
 
 @dataclass
@@ -353,10 +352,10 @@ class _AutoRun:
         # larger scorings are most of a generation's forward passes
         parent_screen = net.kl(parent_states[-1][screen], screen)
         scored = sorted((s for s in scored if s[0] < parent_screen), key=lambda s: s[0])[:config.survivors]
-        others = [i for i in pool if i not in screen]
         if scored and len(screen) + config.check_samples < len(pool):
             if self.interrupted():
                 return
+            others = [i for i in pool if i not in screen]
             check = sorted(rng.choice(others, config.check_samples, False).tolist())
             parent_check = net.kl(parent_states[-1][check], check)
             checked = []
@@ -436,7 +435,7 @@ def _summary(budget: ga.GroupBudget, g: np.ndarray, kl: float, state: dict, n_kv
 
 
 def auto_job(loaded, calib: str, nsamples: int, seqlen: int, seed: int, config: AutoConfig,
-             fitness_samples: int = FITNESS_SAMPLES,
+             fitness_samples: int = AUTO_FITNESS_SAMPLES,
              fitness_seqlen: int = 128, callback=None, should_stop=None) -> AutoResult:
     """For the studio's job runner: calibration windows `seed` (curves, variants) and `seed`+1 (the KL)."""
     tokens = calibration_tokens(loaded.tokenizer, calib, nsamples, seqlen, seed)

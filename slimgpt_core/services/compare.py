@@ -20,7 +20,8 @@ from slimgpt_core.methods.prune_settings import PruneSettings
 from slimgpt_core.methods.surgeon import schedule_fraction
 from slimgpt_core.models import load_model
 from slimgpt_core.schedules.global_allocation import BudgetSpec
-from slimgpt_core.schedules.refine import FITNESS_SAMPLES, AutoConfig, auto_schedule
+from slimgpt_core.schedules.refine import AutoConfig, auto_schedule
+from slimgpt_core.schedules.schedule import AUTO_FITNESS_SAMPLES
 
 # name -> (settings overrides, what it shows)
 VARIANTS: dict[str, tuple[dict, str]] = {
@@ -130,7 +131,7 @@ def _auto_settings(loaded, tokens, settings: PruneSettings, calib: str, seed: in
     """The auto schedule (the fast one refined by the KL search, refine.py) at the log row's achieved count when
     there is one, its KL on other calibration windows."""
 
-    fitness = calibration_tokens(loaded.tokenizer, calib, FITNESS_SAMPLES, 128, seed + 1)
+    fitness = calibration_tokens(loaded.tokenizer, calib, AUTO_FITNESS_SAMPLES, 128, seed + 1)
     config = AutoConfig(budget=BudgetSpec(ratio=settings.ratio, target_params=target_params), max_seconds=seconds,
                         generations=generations, shape=settings.shape, seed=seed, device=device)
     result = auto_schedule(loaded.model, tokens, fitness, config)

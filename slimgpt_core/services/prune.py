@@ -24,8 +24,8 @@ from slimgpt_core.methods.prune_settings import QUERY_HEAD_METHODS, PruneSetting
 from slimgpt_core.methods.statistics import DenseStatistics, dense_statistics
 from slimgpt_core.models import LoadedModel, load_config, load_model
 from slimgpt_core.schedules.global_allocation import BudgetSpec
-from slimgpt_core.schedules.refine import FITNESS_SAMPLES, AutoConfig, auto_schedule
-from slimgpt_core.schedules.schedule import layer_ratios
+from slimgpt_core.schedules.refine import AutoConfig, auto_schedule
+from slimgpt_core.schedules.schedule import AUTO_FITNESS_SAMPLES, layer_ratios
 from slimgpt_core.services.evaluate import no_bar, perplexity
 from slimgpt_core.workspace.model_pool import POOL
 from slimgpt_core.workspace.store import add_measurement, new_run_name, runs_root, save_run, save_run_at
@@ -55,7 +55,7 @@ class AutoRequest:
     ceiling: float | None = None
     seconds: float = 600.0
     generations: int | None = None
-    fitness_samples: int = FITNESS_SAMPLES
+    fitness_samples: int = AUTO_FITNESS_SAMPLES
     fitness_seqlen: int = 128
 
 

@@ -2,6 +2,7 @@
 the on-disk variant database is reused and keyed by what makes a variant, the progress events, the exact budget;
 and one end-to-end run of the CLI on stories260k. KLs are recomputed here with a plain HF forward of the model
 with the variants' weights swapped in."""
+import itertools
 import json
 import math
 
@@ -108,25 +109,39 @@ def test_stop_keeps_the_best_so_far_and_says_which(setup):
     assert [r.generations for r in results] == sorted(r.generations for r in results)
 
 
+def _record_kl_calls(monkeypatch) -> list:
+    """Every KL the search computes, in order, as (windows, KL), with "generation" where each generation begins."""
+    calls = []
+    kl, next_generation = refine.StitchedModel.kl, refine._AutoRun.next_generation
+    monkeypatch.setattr(refine.StitchedModel, "kl",
+                        lambda self, final, samples: calls.append((list(samples), kl(self, final, samples))) or
+                        calls[-1][1])
+    monkeypatch.setattr(refine._AutoRun, "next_generation",
+                        lambda self, g, rng: calls.append("generation") or next_generation(self, g, rng))
+    return calls
+
+
+def _by_generation(calls: list) -> tuple[list, list[list]]:
+    """The KL calls before the first generation, and those of each generation."""
+    start = calls.index("generation")
+    generations = []
+    for c in calls[start:]:
+        if c == "generation":
+            generations.append([])
+        else:
+            generations[-1].append(c)
+    return calls[:start], generations
+
+
 def test_only_offspring_better_than_the_parent_on_the_screen_are_scored_on_all(setup, monkeypatch):
     """Every KL the search computes, in order, per generation: the offspring on the screening sequences, the parent
     on them, then the full scorings: at most `survivors`, only of offspring whose screen KL beat the parent's."""
     model, tokens, fitness, mc, _ = setup
-    calls = []
-    kl, next_generation = refine.StitchedModel.kl, refine._AutoRun.next_generation
-    monkeypatch.setattr(refine.StitchedModel, "kl",
-                        lambda self, final, samples: calls.append((len(samples), kl(self, final, samples))) or
-                        calls[-1][1])
-    monkeypatch.setattr(refine._AutoRun, "next_generation",
-                        lambda self, g, rng: calls.append("generation") or next_generation(self, g, rng))
+    calls = _record_kl_calls(monkeypatch)
     result = refine.auto_schedule(model, tokens, fitness, config(generations=12, offspring=4, survivors=2),
                                   curves=mc)
-    generations = []  # the (number of sequences, KL) of every KL call, per generation
-    for c in calls:
-        if c == "generation":
-            generations.append([])
-        elif generations:
-            generations[-1].append(c)
+    _, by_windows = _by_generation(calls)
+    generations = [[(len(w), v) for w, v in scores] for scores in by_windows]  # (number of sequences, KL)
     assert len(generations) == 12
     full_scorings = 0
     for scores in generations:
@@ -147,18 +162,12 @@ def test_the_search_selects_on_fresh_windows_in_three_steps_and_accepts_on_the_w
     only if it beats the parent's KL on all 12."""
     model, tokens, _, mc, _ = setup
     pool = torch.randint(0, 101, (12, 16), generator=torch.Generator().manual_seed(7))
-    calls = []
-    kl, next_generation = refine.StitchedModel.kl, refine._AutoRun.next_generation
-    monkeypatch.setattr(refine.StitchedModel, "kl",
-                        lambda self, final, samples: calls.append((list(samples), kl(self, final, samples))) or
-                        calls[-1][1])
-    monkeypatch.setattr(refine._AutoRun, "next_generation",
-                        lambda self, g, rng: calls.append("generation") or next_generation(self, g, rng))
+    calls = _record_kl_calls(monkeypatch)
     result = refine.auto_schedule(model, tokens, pool, config(generations=16, offspring=4, survivors=2,
                                                               fast_samples=3, check_samples=4, fast_seconds=0.0),
                                   curves=mc)
     every = list(range(12))
-    before = calls[:calls.index("generation")]
+    before, generations = _by_generation(calls)
     *fast, widened = before
     assert [w for w, _ in fast] == [[0, 1, 2]] * len(fast) and len(fast) == 2  # candidates on the fast windows
     assert widened[0] == every and widened[1] == result.history[0][2] == result.fast_kl  # the parent on the pool
@@ -166,17 +175,10 @@ def test_the_search_selects_on_fresh_windows_in_three_steps_and_accepts_on_the_w
     db = refine.DiskVariantDatabase(model, mc, tokens, device="cpu")
     assert _kl_by_hand(model, db, result.fast_keep_heads, result.fast_keep_ffn, pool) == pytest.approx(
         result.fast_kl, rel=0.2)
-    generations = []
-    for c in calls[len(before):]:
-        if c == "generation":
-            generations.append([])
-        else:
-            generations[-1].append(c)
     parent_kl, screens, checked, accepted = widened[1], set(), 0, 0
     for scores in generations:
         screen = scores[0][0]
-        n_screen = next(i for i, (w, _) in enumerate(scores) if w != screen) if any(w != screen for w, _ in scores) \
-            else len(scores)
+        n_screen = len(list(itertools.takewhile(lambda c: c[0] == screen, scores)))
         *offspring, parent_screen = [v for _, v in scores[:n_screen]]
         screens.add(tuple(screen))
         rest = scores[n_screen:]

@@ -13,7 +13,8 @@ Phases, each reported with a fraction and an estimate of the seconds left (`Auto
 - `search`: (1+λ) from the fast schedule on the whole fitness pool: λ offspring screened on a few windows, those
   better than the parent there checked on a few other windows, the best of those scored on the pool and kept only
   if better than the parent on it; the windows are drawn afresh every generation, so a schedule does not win by
-  fitting a few fixed windows.
+  fitting a few fixed windows. The parent's KL is kept per window and a child's rows are reused from one step to
+  the next, so no window is run twice for one child.
 The result says which schedule it is (fast, or refined at generation g) and its KL.
 """
 from __future__ import annotations
@@ -285,13 +286,16 @@ class _AutoRun:
         return best if best is not None else (math.nan, state["g"], None, state["fast"])
 
     def widen(self) -> None:
-        """The parent (the fast schedule) run on the rest of the fitness pool: the search compares on all of it."""
+        """The parent (the fast schedule) run on the rest of the fitness pool: the search compares on all of it, and
+        keeps the parent's KL on every window so that comparing on a few of them needs no forward."""
         done = len(self.fast_samples)
-        if self.parent_states is not None and done < len(self.all_samples):
-            self.emit_search(0)
-            rest = self.net.run(*_decode(self.parent, self.n), 0, self.net.x0[done:])
-            self.parent_states = [torch.cat([a, b]) for a, b in zip(self.parent_states, rest)]
-            self.parent_kl = self.net.kl(self.parent_states[-1], self.all_samples)
+        if self.parent_states is not None:
+            if done < len(self.all_samples):
+                self.emit_search(0)
+                rest = self.net.run(*_decode(self.parent, self.n), 0, self.net.x0[done:])
+                self.parent_states = [torch.cat([a, b]) for a, b in zip(self.parent_states, rest)]
+            self.parent_rows = self.net.window_kl(self.parent_states[-1], self.all_samples)
+            self.parent_kl = float(self.parent_rows.mean())
             self.state.update(kl=self.parent_kl, fast_kl=self.parent_kl)
         self.kl_samples = len(self.all_samples)
 
@@ -332,50 +336,62 @@ class _AutoRun:
     def next_generation(self, generation: int, rng: np.random.Generator) -> None:
         """λ offspring screened on a few windows; the best few of those better than the parent there checked on a
         few other windows; the best of those better there too scored on the whole pool, kept only if better than
-        the parent on it. (A pool no larger than screen and check together: the survivors straight to the pool.)"""
+        the parent on it. (A pool no larger than screen and check together: the survivors straight to the pool.)
+        The parent's KL per window is kept, and the pool scoring runs the child only on the windows it has not run
+        on yet: its screen and check rows are reused."""
         config, n, net, parent_states = self.config, self.n, self.net, self.parent_states
         pool = self.all_samples
         screen = sorted(rng.choice(pool, min(config.screen_samples, len(pool)), False).tolist())
-        scored = []
+        scored = []  # (KL on the windows so far, child, first changed layer, [(windows, states, KL rows)])
         for _ in range(config.offspring):
             child = self.budget.mutate(self.parent, rng)
             changed = np.nonzero(child != self.parent)[0]
             if len(changed) == 0:
                 continue
             first = int((changed % n).min())
-            states = net.run(*_decode(child, n), first, parent_states[first][screen])
-            self.state["evaluations"] += 1
-            scored.append((net.kl(states[-1], screen), child, first))
+            kl, part = self._score(child, first, screen)
+            scored.append((kl, child, first, [part]))
             if self.interrupted():
                 return
         # only offspring that beat the parent on the screening windows go on: late in a search most do not, and the
         # larger scorings are most of a generation's forward passes
-        parent_screen = net.kl(parent_states[-1][screen], screen)
+        parent_screen = float(self.parent_rows[screen].mean())
         scored = sorted((s for s in scored if s[0] < parent_screen), key=lambda s: s[0])[:config.survivors]
         if scored and len(screen) + config.check_samples < len(pool):
             if self.interrupted():
                 return
             others = [i for i in pool if i not in screen]
             check = sorted(rng.choice(others, config.check_samples, False).tolist())
-            parent_check = net.kl(parent_states[-1][check], check)
+            parent_check = float(self.parent_rows[check].mean())
             checked = []
-            for _, child, first in scored:
+            for _, child, first, parts in scored:
                 if self.interrupted():
                     return
-                states = net.run(*_decode(child, n), first, parent_states[first][check])
-                self.state["evaluations"] += 1
-                checked.append((net.kl(states[-1], check), child, first))
+                kl, part = self._score(child, first, check)
+                checked.append((kl, child, first, parts + [part]))
             scored = sorted((s for s in checked if s[0] < parent_check), key=lambda s: s[0])[:1]
-        for _, child, first in scored:
+        for _, child, first, parts in scored:
             if self.interrupted():
                 break
-            states = parent_states[:first] + net.run(*_decode(child, n), first, parent_states[first])
-            self.state["evaluations"] += 1
-            kl = net.kl(states[-1], self.all_samples)
+            seen = {i for windows, _, _ in parts for i in windows}
+            rest = [i for i in pool if i not in seen]
+            if rest:
+                parts.append(self._score(child, first, rest)[1])
+            states, rows = _assemble(parts, len(pool))
+            kl = float(rows.mean())
             if kl < self.parent_kl:
                 self.snapshot_due()  # a snapshot due before now is of the parent this child replaces
-                self.parent_kl, self.parent, self.parent_states = kl, child, states
+                self.parent_kl, self.parent, self.parent_rows = kl, child, rows
+                self.parent_states = parent_states[:first] + states
                 self.state.update(best="refined", kl=kl, g=child, found_at=generation)
+
+    def _score(self, child: np.ndarray, first: int, windows: list[int]) -> tuple[float, tuple]:
+        """The child run from its first changed layer on these pool windows: (its KL there, (windows, its hidden
+        states entering layers first … n, its KL per window))."""
+        states = self.net.run(*_decode(child, self.n), first, self.parent_states[first][windows])
+        self.state["evaluations"] += 1
+        rows = self.net.window_kl(states[-1], windows)
+        return float(rows.mean()), (windows, states, rows)
 
     def emit_search(self, generation: int) -> None:
         config, limit = self.config, self.config.max_seconds
@@ -416,6 +432,23 @@ def auto_schedule(model, tokens: torch.Tensor, fitness: torch.Tensor, config: Au
     run.state["g"] = run.parent
     run.emit("done", 1.0, 0.0)
     return result
+
+
+def _assemble(parts: list[tuple[list[int], list[torch.Tensor], torch.Tensor]], size: int):
+    """One run's hidden states and KL rows on the whole pool from its runs on disjoint sets of windows that cover
+    it."""
+    layers = len(parts[0][1])
+    states = []
+    for layer in range(layers):
+        first = parts[0][1][layer]
+        whole = first.new_empty((size, *first.shape[1:]))
+        for windows, part_states, _ in parts:
+            whole[windows] = part_states[layer]
+        states.append(whole)
+    rows = torch.empty(size, dtype=torch.float64)
+    for windows, _, part_rows in parts:
+        rows[windows] = part_rows
+    return states, rows
 
 
 def _decode(g: np.ndarray, n: int) -> tuple[list[int], list[int]]:

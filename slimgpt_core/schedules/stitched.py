@@ -141,13 +141,17 @@ class StitchedModel:
             states.append(x)
         return states
 
-    def kl(self, final: torch.Tensor, samples: Sequence[int]) -> float:
-        """Mean KL(dense ‖ candidate) per token over these calibration sequences (final: their hidden states)."""
-        total, count = 0.0, 0
+    def window_kl(self, final: torch.Tensor, samples: Sequence[int]) -> torch.Tensor:
+        """KL(dense ‖ candidate) per token, averaged over each of these calibration sequences (final: their hidden
+        states), as one float64 value per sequence: a search keeps them to compare on any subset of windows."""
+        rows = []
         for s in range(0, len(samples), self.bs):
             idx = list(samples[s:s + self.bs])
             dense = torch.cat([self._dense(i // self.bs)[i % self.bs:i % self.bs + 1] for i in idx])
             cand = self._logp(final[s:s + self.bs])
-            total += float((dense.exp() * (dense - cand)).sum())
-            count += dense.shape[0] * dense.shape[1]
-        return total / count
+            rows.append((dense.exp() * (dense - cand)).sum(dim=(1, 2)).double() / dense.shape[1])
+        return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.float64)
+
+    def kl(self, final: torch.Tensor, samples: Sequence[int]) -> float:
+        """Mean KL(dense ‖ candidate) per token over these calibration sequences (of equal length)."""
+        return float(self.window_kl(final, samples).mean())

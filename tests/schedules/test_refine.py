@@ -110,12 +110,16 @@ def test_stop_keeps_the_best_so_far_and_says_which(setup):
 
 
 def _record_kl_calls(monkeypatch) -> list:
-    """Every KL the search computes, in order, as (windows, KL), with "generation" where each generation begins."""
+    """Every KL the search computes, in order, as (windows, KL per window), with "generation" where each generation
+    begins."""
     calls = []
-    kl, next_generation = refine.StitchedModel.kl, refine._AutoRun.next_generation
-    monkeypatch.setattr(refine.StitchedModel, "kl",
-                        lambda self, final, samples: calls.append((list(samples), kl(self, final, samples))) or
-                        calls[-1][1])
+    window_kl, next_generation = refine.StitchedModel.window_kl, refine._AutoRun.next_generation
+
+    def recording(self, final, samples):
+        rows = window_kl(self, final, samples)
+        calls.append((list(samples), rows))
+        return rows
+    monkeypatch.setattr(refine.StitchedModel, "window_kl", recording)
     monkeypatch.setattr(refine._AutoRun, "next_generation",
                         lambda self, g, rng: calls.append("generation") or next_generation(self, g, rng))
     return calls
@@ -133,36 +137,62 @@ def _by_generation(calls: list) -> tuple[list, list[list]]:
     return calls[:start], generations
 
 
+def _whole(size: int, *parts) -> torch.Tensor:
+    """A child's KL per window on the whole pool from its KLs on disjoint sets of windows."""
+    rows = torch.full((size,), math.nan, dtype=torch.float64)
+    for windows, part in parts:
+        rows[windows] = part
+    assert not rows.isnan().any()
+    return rows
+
+
+def _mean(rows: torch.Tensor) -> float:
+    return float(rows.mean())
+
+
 def test_only_offspring_better_than_the_parent_on_the_screen_are_scored_on_all(setup, monkeypatch):
-    """Every KL the search computes, in order, per generation: the offspring on the screening sequences, the parent
-    on them, then the full scorings: at most `survivors`, only of offspring whose screen KL beat the parent's."""
+    """Every KL the search computes, in order, per generation: the offspring on the screening sequences, then the
+    full scorings, at most `survivors` and only of offspring whose screen KL beat the parent's there (its KL per
+    window kept, never recomputed), each run on the windows it has not run on yet."""
     model, tokens, fitness, mc, _ = setup
     calls = _record_kl_calls(monkeypatch)
     result = refine.auto_schedule(model, tokens, fitness, config(generations=12, offspring=4, survivors=2),
                                   curves=mc)
-    _, by_windows = _by_generation(calls)
-    generations = [[(len(w), v) for w, v in scores] for scores in by_windows]  # (number of sequences, KL)
+    before, generations = _by_generation(calls)
+    every = list(range(5))
+    assert before[-1][0] == every  # the fast schedule on the pool
+    parent_rows = before[-1][1]
     assert len(generations) == 12
     full_scorings = 0
     for scores in generations:
-        screens = [v for n, v in scores if n == 2]
-        *offspring, parent = screens
-        full = [v for n, v in scores if n == 5]
-        assert [n for n, _ in scores] == [2] * len(screens) + [5] * len(full)  # screens first, then full ones
-        assert len(full) == min(2, sum(v < parent for v in offspring))
-        full_scorings += len(full)
+        screen = scores[0][0]
+        offspring = [rows for windows, rows in scores if windows == screen]
+        rest = scores[len(offspring):]
+        assert len(screen) == 2 and all(windows != screen for windows, _ in rest)  # screens first, then full ones
+        better = sorted((r for r in offspring if _mean(r) < _mean(parent_rows[screen])), key=_mean)[:2]
+        assert len(rest) == len(better)
+        for screened, (windows, rows) in zip(better, rest):
+            assert sorted(windows + screen) == every
+            whole = _whole(5, (screen, screened), (windows, rows))
+            if _mean(whole) < _mean(parent_rows):
+                parent_rows = whole
+        full_scorings += len(rest)
     assert 0 < full_scorings < 2 * 12  # some generations skipped their full scorings
-    assert result.generations == 12
+    assert result.generations == 12 and result.kl == _mean(parent_rows)
 
 
 def test_the_search_selects_on_fresh_windows_in_three_steps_and_accepts_on_the_whole_pool(setup, monkeypatch):
     """A pool of 12 windows, the fast phase on the first 3: its KLs on those; then per generation, in order, the
-    offspring and the parent on 2 screening windows drawn afresh, the parent and at most `survivors` of the offspring
-    that beat it there on 4 other windows, and at most one of those that beat the parent there on all 12, accepted
-    only if it beats the parent's KL on all 12."""
+    offspring on 2 screening windows drawn afresh, at most `survivors` of those that beat the parent there on 4
+    other windows, and at most one of those that beat the parent there on the 6 windows left, accepted only if it
+    beats the parent's KL on all 12. The parent's KL per window is kept (never recomputed); the accepted child's
+    hidden states, put together from its three runs, are those of one run on the whole pool."""
     model, tokens, _, mc, _ = setup
     pool = torch.randint(0, 101, (12, 16), generator=torch.Generator().manual_seed(7))
     calls = _record_kl_calls(monkeypatch)
+    runs = []
+    search = refine._AutoRun.refine
+    monkeypatch.setattr(refine._AutoRun, "refine", lambda self, rng: runs.append(self) or search(self, rng))
     result = refine.auto_schedule(model, tokens, pool, config(generations=16, offspring=4, survivors=2,
                                                               fast_samples=3, check_samples=4, fast_seconds=0.0),
                                   curves=mc)
@@ -170,36 +200,47 @@ def test_the_search_selects_on_fresh_windows_in_three_steps_and_accepts_on_the_w
     before, generations = _by_generation(calls)
     *fast, widened = before
     assert [w for w, _ in fast] == [[0, 1, 2]] * len(fast) and len(fast) == 2  # candidates on the fast windows
-    assert widened[0] == every and widened[1] == result.history[0][2] == result.fast_kl  # the parent on the pool
-    assert result.kl_samples == 12 and result.candidates[result.fast] == min(v for _, v in fast)
+    parent_rows = widened[1]
+    assert widened[0] == every and _mean(parent_rows) == result.history[0][2] == result.fast_kl  # parent on the pool
+    assert result.kl_samples == 12 and result.candidates[result.fast] == min(_mean(r) for _, r in fast)
     db = refine.DiskVariantDatabase(model, mc, tokens, device="cpu")
     assert _kl_by_hand(model, db, result.fast_keep_heads, result.fast_keep_ffn, pool) == pytest.approx(
         result.fast_kl, rel=0.2)
-    parent_kl, screens, checked, accepted = widened[1], set(), 0, 0
+    screens, checked, accepted = set(), 0, 0
     for scores in generations:
         screen = scores[0][0]
-        n_screen = len(list(itertools.takewhile(lambda c: c[0] == screen, scores)))
-        *offspring, parent_screen = [v for _, v in scores[:n_screen]]
+        offspring = [rows for _, rows in itertools.takewhile(lambda c: c[0] == screen, scores)]
         screens.add(tuple(screen))
-        rest = scores[n_screen:]
-        beat = sum(v < parent_screen for v in offspring)
-        if not beat:
+        rest = scores[len(offspring):]
+        better = sorted((r for r in offspring if _mean(r) < _mean(parent_rows[screen])), key=_mean)[:2]
+        if not better:
             assert rest == []
             continue
         check = rest[0][0]
         assert len(check) == 4 and not set(check) & set(screen)
-        *survivors, pool_scoring = rest[1:] if rest[-1][0] == every else rest[1:] + [None]
-        assert [w for w, _ in survivors] == [check] * min(2, beat)
+        survivors = [rows for _, rows in itertools.takewhile(lambda c: c[0] == check, rest)]
+        assert len(survivors) == len(better)
         checked += len(survivors)
-        passed = [v for _, v in survivors if v < rest[0][1]]
-        assert (pool_scoring is not None) == bool(passed)
-        if pool_scoring is not None:
-            if pool_scoring[1] < parent_kl:
-                parent_kl, accepted = pool_scoring[1], accepted + 1
+        passed = sorted(((s, c) for s, c in zip(better, survivors) if _mean(c) < _mean(parent_rows[check])),
+                        key=lambda p: _mean(p[1]))[:1]
+        left = rest[len(survivors):]
+        assert len(left) == len(passed)
+        for (screened, checked_rows), (windows, rows) in zip(passed, left):
+            assert sorted(screen + check + windows) == every  # no window run twice for this child
+            whole = _whole(12, (screen, screened), (check, checked_rows), (windows, rows))
+            if _mean(whole) < _mean(parent_rows):
+                parent_rows, accepted = whole, accepted + 1
     assert len(screens) > 1 and checked > 0 and accepted > 0  # the windows move; every step was met
-    assert result.kl == parent_kl and result.which == "refined"
+    assert result.kl == _mean(parent_rows) and result.which == "refined"
     assert [kl for _, _, kl in result.history] == sorted((kl for _, _, kl in result.history), reverse=True)
     assert _kl_by_hand(model, db, result.keep_heads, result.keep_ffn, pool) == pytest.approx(result.kl, rel=0.2)
+    # the kept states against one run of the final parent on the whole pool (fp32, other batchings: 1e-5)
+    run, = runs
+    fresh = run.net.run(*refine._decode(run.parent, run.n))
+    assert len(fresh) == len(run.parent_states)
+    for kept, made in zip(run.parent_states, fresh):
+        assert torch.allclose(kept, made, atol=1e-5, rtol=1e-5)
+    assert run.net.kl(fresh[-1], every) == pytest.approx(result.kl, rel=1e-5)
 
 
 def test_the_search_ends_at_its_seconds_and_a_snapshot_is_the_best_as_it_was_then(setup, monkeypatch):
@@ -208,13 +249,13 @@ def test_the_search_ends_at_its_seconds_and_a_snapshot_is_the_best_as_it_was_the
     model, tokens, _, mc, _ = setup
     pool = torch.randint(0, 101, (12, 16), generator=torch.Generator().manual_seed(7))
     clock, starts = [0.0], []
-    kl = refine.StitchedModel.kl
+    window_kl = refine.StitchedModel.window_kl
 
     def ticking_kl(self, final, samples):
         starts.append(clock[0])
         clock[0] += 1.0
-        return kl(self, final, samples)
-    monkeypatch.setattr(refine.StitchedModel, "kl", ticking_kl)
+        return window_kl(self, final, samples)
+    monkeypatch.setattr(refine.StitchedModel, "window_kl", ticking_kl)
     monkeypatch.setattr(refine.time, "perf_counter", lambda: clock[0])
     snapshots = tuple(float(t) for t in range(9, 196, 10))
     result = refine.auto_schedule(model, tokens, pool, config(generations=None, max_seconds=196.5, offspring=4,

@@ -97,6 +97,11 @@ def test_stitched_model_runs_the_variants_and_scores_kl_per_token(setup):
     for samples in ([0, 1, 2, 3, 4], [1, 3, 4], [4]):
         assert net.kl(states[-1][samples], samples) == pytest.approx(_kl(model, db, kv, ch, fitness, samples),
                                                                      rel=1e-4)
+    rows = net.window_kl(states[-1][[4, 1, 3]], [4, 1, 3])  # one KL per window, each the KL of that window alone
+    assert rows.dtype == torch.float64 and rows.shape == (3,)
+    for row, sample in zip(rows.tolist(), [4, 1, 3]):
+        assert row == pytest.approx(_kl(model, db, kv, ch, fitness, [sample]), rel=1e-4)
+    assert net.kl(states[-1][[4, 1, 3]], [4, 1, 3]) == float(rows.mean())
     tail = net.run(kv, ch, 1, states[1])  # from layer 1 on, given its input
     assert len(tail) == 3 and torch.allclose(tail[-1], states[-1], atol=1e-6)
     other = net.run([0, 2, 0], [0, 0, 7], 1, states[1])  # layer 0's removals are not re-applied from layer 1

@@ -13,6 +13,23 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# The files that take longest (`--durations`, both workers busy), first: pytest-xdist gives each file to one worker
+# (--dist loadfile) in the order collected (--no-loadscope-reorder), so a long file started last would keep one
+# worker busy while the other has nothing left to run.
+LONGEST_FIRST = ("studio/browser/test_browser.py", "methods/test_arch_gemma3_real.py",
+                 "training/test_distributed.py", "studio/browser/test_browser_small.py",
+                 "export/test_gguf_smollm2.py", "training/test_shear_distributed.py", "cli/test_cli_real.py",
+                 "export/test_export_eval.py", "workspace/test_workspace.py", "studio/browser/test_browser_race.py",
+                 "studio/browser/test_browser_editor.py", "training/test_recover.py", "methods/test_scale.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    tests = ROOT / "tests"
+    items.sort(key=lambda item: rank.get(item.path.relative_to(tests).as_posix()
+                                         if item.path.is_relative_to(tests) else "", len(rank)))
+
+
 @pytest.fixture
 def tokens():
     g = torch.Generator().manual_seed(1)

@@ -57,3 +57,8 @@ def test_no_test_file_edits_sys_path():
     assert edits == []
     folders = {p.parent for p in (ROOT / "tests").rglob("test_*.py")}
     assert folders and all((folder / "__init__.py").exists() for folder in folders)
+
+
+def test_the_files_the_suite_starts_first_exist():
+    from tests.conftest import LONGEST_FIRST
+    assert [name for name in LONGEST_FIRST if not (ROOT / "tests" / name).is_file()] == []

@@ -12,13 +12,14 @@ from slimgpt_core.cli import main
 
 STORIES = ["--model", "stories260k", "--calib", "tinystories", "--nsamples", "32", "--seqlen", "256",
            "--ppl", "tinystories", "--ppl-seqlen", "512", "--ppl-windows", "40", "--quiet"]
-# Measured here (first 40 windows of 512 tokens of the TinyStories head): dense 4.05, log schedule 20%: 6.96,
-# 50%: 24.3. Bounds leave room for BLAS differences, not for a broken pipeline.
-BOUNDS = {"0.2": (5.0, 10.0), "0.5": (12.0, 40.0)}
+# Measured here (first 40 windows of 512 tokens of the TinyStories head): dense 4.05, log schedule 50%: 24.3. Bounds
+# leave room for BLAS differences, not for a broken pipeline. (20% through the command line: test_smollm2_short_run
+# and the workspace's CLI test.)
+BOUNDS = (12.0, 40.0)
 
 
-@pytest.mark.parametrize("ratio", ["0.2", "0.5"])
-def test_stories260k_prune_and_eval_through_the_cli(tmp_path, ratio):
+def test_stories260k_prune_and_eval_through_the_cli(tmp_path):
+    ratio = "0.5"
     out = tmp_path / f"s{ratio}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, "-m", "slimgpt_core", "prune", *STORIES, "--ratio", ratio,
@@ -26,7 +27,7 @@ def test_stories260k_prune_and_eval_through_the_cli(tmp_path, ratio):
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert 3.5 < summary["dense_ppl"] < 4.6
-    lo, hi = BOUNDS[ratio]
+    lo, hi = BOUNDS
     assert lo < summary["pruned_ppl"] < hi and math.isfinite(summary["pruned_ppl"])
     assert abs(summary["achieved_layer_ratio"] - float(ratio)) < 0.05
     report = json.loads((out / "report.json").read_text())

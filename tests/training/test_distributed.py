@@ -14,6 +14,7 @@ the RNG and the data position are restored), so it must be equal bit for bit.
 """
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,20 +104,23 @@ def _full_stopped_resumed(job, settings, out: str):
     return full, job(settings(f"{out}/ckpt-stopped", resume=True))
 
 
-def _worker(rank, world, init, kind, run, train_file, out):
+def _worker(rank, world, init, run, train_file, outs):
+    """Both jobs in the same two processes (one start of each): recovery, then continued pre-training."""
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    with open(f"{out}/meta-{rank}.json", "w") as f:  # what each rank's loading holds before sharding
-        json.dump(on_meta(load_for_training(run, "float32").model), f)
-    if kind == "recover":
-        full, resumed = _full_stopped_resumed(lambda s, stop=None: _run(run, s, stop),
-                                              lambda f, resume=False: _settings(train_file, f, resume), out)
-    else:
-        full, resumed = _full_stopped_resumed(lambda s, stop=None: _run_pretrain(run, s, stop), _pretrain_settings, out)
-    if rank == 0:
-        _save(out, "full", full)
-        _save(out, "resumed", resumed)
+    for kind, out in outs.items():
+        with open(f"{out}/meta-{rank}.json", "w") as f:  # what each rank's loading holds before sharding
+            json.dump(on_meta(load_for_training(run, "float32").model), f)
+        if kind == "recover":
+            full, resumed = _full_stopped_resumed(lambda s, stop=None: _run(run, s, stop),
+                                                  lambda f, resume=False: _settings(train_file, f, resume), out)
+        else:
+            full, resumed = _full_stopped_resumed(lambda s, stop=None: _run_pretrain(run, s, stop),
+                                                  _pretrain_settings, out)
+        if rank == 0:
+            _save(out, "full", full)
+            _save(out, "resumed", resumed)
     dist.destroy_process_group()
 
 
@@ -138,17 +142,21 @@ def train_file(tmp_path_factory, assets_root):
 
 
 @pytest.fixture(scope="module")
-def two_processes(pruned_run, train_file, tmp_path_factory):
-    out = tmp_path_factory.mktemp("two")
-    mp.spawn(_worker, args=(2, f"file://{out / 'store'}", "recover", str(pruned_run), train_file, str(out)), nprocs=2)
-    return out
+def two_processes_both(pruned_run, train_file, tmp_path_factory):
+    outs = {"recover": str(tmp_path_factory.mktemp("two")), "pretrain": str(tmp_path_factory.mktemp("two-pretrain"))}
+    store = tmp_path_factory.mktemp("store") / "store"
+    mp.spawn(_worker, args=(2, f"file://{store}", str(pruned_run), train_file, outs), nprocs=2)
+    return {kind: Path(out) for kind, out in outs.items()}
 
 
 @pytest.fixture(scope="module")
-def two_processes_pretrain(pruned_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("two-pretrain")
-    mp.spawn(_worker, args=(2, f"file://{out / 'store'}", "pretrain", str(pruned_run), "", str(out)), nprocs=2)
-    return out
+def two_processes(two_processes_both):
+    return two_processes_both["recover"]
+
+
+@pytest.fixture(scope="module")
+def two_processes_pretrain(two_processes_both):
+    return two_processes_both["pretrain"]
 
 
 def test_two_processes_give_the_loss_curve_and_weights_of_one(pruned_run, train_file, two_processes):

@@ -124,9 +124,19 @@ def _cli(*args, env=None):
                           env={**os.environ, **(env or {})}, cwd=ROOT, timeout=300)
 
 
-def test_cli_runs_land_in_the_workspace_with_their_evaluations(runs_dir, assets_root, tmp_path):
+def _main(capsys, *args) -> tuple[int, str, str]:
+    """The command line in this process (the same `main` the console script runs): (exit code, stdout, stderr)."""
+    from slimgpt_core.cli import main
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_runs_land_in_the_workspace_with_their_evaluations(runs_dir, assets_root, tmp_path, capsys):
     from slimgpt_core.workspace import store as workspace
 
+    # from a shell: its own process
     out = _cli("prune", "--model", "stories260k", "--ratio", "0.2", "--calib", "tinystories", "--nsamples", "4",
                "--seqlen", "64", "--device", "cpu", "--runs", str(runs_dir), "--label", "from the shell")
     assert out.returncode == 0, out.stderr
@@ -135,20 +145,20 @@ def test_cli_runs_land_in_the_workspace_with_their_evaluations(runs_dir, assets_
     assert info.summary["params_after"] == json.loads(out.stdout)["params_after"]
     assert str(info.path) == json.loads(out.stdout)["out"]
     # eval of a workspace run keeps the measurement with it (the same window option name as prune's)
-    ev = _cli("eval", "--model", str(info.path), "--ppl", "tinystories", "--seqlen", "64", "--ppl-windows", "2",
-              "--device", "cpu", env={"SLIMGPT_RUNS": str(runs_dir)})
-    assert ev.returncode == 0, ev.stderr
+    code, ev, err = _main(capsys, "eval", "--model", str(info.path), "--ppl", "tinystories", "--seqlen", "64",
+                          "--ppl-windows", "2", "--device", "cpu")
+    assert code == 0, err
     [record] = workspace.read_run(info.path).evaluations
     assert record["kind"] == "perplexity" and record["windows"] == 2 and record["seqlen"] == 64
-    assert record["ppl"] == pytest.approx(json.loads(ev.stdout)["ppl"], rel=1e-3)
-    listing = _cli("runs", "--runs", str(runs_dir))
-    assert info.name in listing.stdout and "from the shell" in listing.stdout
-    assert _cli("runs", "--runs", str(runs_dir), "--delete", info.name).returncode == 0
+    assert record["ppl"] == pytest.approx(json.loads(ev)["ppl"], rel=1e-3)
+    code, listing, _ = _main(capsys, "runs", "--runs", str(runs_dir))
+    assert code == 0 and info.name in listing and "from the shell" in listing
+    assert _main(capsys, "runs", "--runs", str(runs_dir), "--delete", info.name)[0] == 0
     assert workspace.list_runs() == []
     # a file that is not a model says what it is and what a model path must be
     (tmp_path / "notes.txt").write_text("remember the milk")
-    bad = _cli("eval", "--model", str(tmp_path / "notes.txt"))
-    assert bad.returncode == 1 and "is a file, not a model" in bad.stderr and "config.json" in bad.stderr
+    code, _, err = _main(capsys, "eval", "--model", str(tmp_path / "notes.txt"))
+    assert code == 1 and "is a file, not a model" in err and "config.json" in err
 
 
 def test_evaluations_from_many_threads_are_all_kept(runs_dir, stories_run):

@@ -339,7 +339,7 @@ class _AutoRun:
         the parent on it. (A pool no larger than screen and check together: the survivors straight to the pool.)
         The parent's KL per window is kept, and the pool scoring runs the child only on the windows it has not run
         on yet: its screen and check rows are reused."""
-        config, n, net, parent_states = self.config, self.n, self.net, self.parent_states
+        config, n, parent_states = self.config, self.n, self.parent_states  # the parent of this generation
         pool = self.all_samples
         screen = sorted(rng.choice(pool, min(config.screen_samples, len(pool)), False).tolist())
         scored = []  # (KL on the windows so far, child, first changed layer, [(windows, states, KL rows)])
@@ -349,7 +349,7 @@ class _AutoRun:
             if len(changed) == 0:
                 continue
             first = int((changed % n).min())
-            kl, part = self._score(child, first, screen)
+            kl, part = self._score(child, first, parent_states, screen)
             scored.append((kl, child, first, [part]))
             if self.interrupted():
                 return
@@ -367,7 +367,7 @@ class _AutoRun:
             for _, child, first, parts in scored:
                 if self.interrupted():
                     return
-                kl, part = self._score(child, first, check)
+                kl, part = self._score(child, first, parent_states, check)
                 checked.append((kl, child, first, parts + [part]))
             scored = sorted((s for s in checked if s[0] < parent_check), key=lambda s: s[0])[:1]
         for _, child, first, parts in scored:
@@ -376,7 +376,7 @@ class _AutoRun:
             seen = {i for windows, _, _ in parts for i in windows}
             rest = [i for i in pool if i not in seen]
             if rest:
-                parts.append(self._score(child, first, rest)[1])
+                parts.append(self._score(child, first, parent_states, rest)[1])
             states, rows = _assemble(parts, len(pool))
             kl = float(rows.mean())
             if kl < self.parent_kl:
@@ -385,10 +385,11 @@ class _AutoRun:
                 self.parent_states = parent_states[:first] + states
                 self.state.update(best="refined", kl=kl, g=child, found_at=generation)
 
-    def _score(self, child: np.ndarray, first: int, windows: list[int]) -> tuple[float, tuple]:
-        """The child run from its first changed layer on these pool windows: (its KL there, (windows, its hidden
-        states entering layers first … n, its KL per window))."""
-        states = self.net.run(*_decode(child, self.n), first, self.parent_states[first][windows])
+    def _score(self, child: np.ndarray, first: int, parent_states: list[torch.Tensor],
+               windows: list[int]) -> tuple[float, tuple]:
+        """The child of the parent with these states run from its first changed layer on these pool windows: (its
+        KL there, (windows, its hidden states entering layers first … n, its KL per window))."""
+        states = self.net.run(*_decode(child, self.n), first, parent_states[first][windows])
         self.state["evaluations"] += 1
         rows = self.net.window_kl(states[-1], windows)
         return float(rows.mean()), (windows, states, rows)

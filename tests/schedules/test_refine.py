@@ -150,35 +150,68 @@ def _mean(rows: torch.Tensor) -> float:
     return float(rows.mean())
 
 
+def _record_runs(monkeypatch) -> list:
+    """Every search's _AutoRun, to read its final parent."""
+    runs = []
+    search = refine._AutoRun.refine
+    monkeypatch.setattr(refine._AutoRun, "refine", lambda self, rng: runs.append(self) or search(self, rng))
+    return runs
+
+
+def _assert_kept_states_are_one_runs(runs: list, result) -> None:
+    """The final parent's states, put together from runs on parts of the pool, against one run of it on the whole
+    pool (fp32, other batchings: 1e-5)."""
+    run, = runs
+    fresh = run.net.run(*refine._decode(run.parent, run.n))
+    assert len(fresh) == len(run.parent_states)
+    for kept, made in zip(run.parent_states, fresh):
+        assert torch.allclose(kept, made, atol=1e-5, rtol=1e-5)
+    assert run.net.kl(fresh[-1], run.all_samples) == pytest.approx(result.kl, rel=1e-5)
+
+
 def test_only_offspring_better_than_the_parent_on_the_screen_are_scored_on_all(setup, monkeypatch):
     """Every KL the search computes, in order, per generation: the offspring on the screening sequences, then the
     full scorings, at most `survivors` and only of offspring whose screen KL beat the parent's there (its KL per
-    window kept, never recomputed), each run on the windows it has not run on yet."""
+    window kept, never recomputed), each run on the windows it has not run on yet; every full scoring is the child's
+    KL of one run on the whole pool."""
     model, tokens, fitness, mc, _ = setup
     calls = _record_kl_calls(monkeypatch)
-    result = refine.auto_schedule(model, tokens, fitness, config(generations=12, offspring=4, survivors=2),
-                                  curves=mc)
+    mutate = ga.GroupBudget.mutate
+    monkeypatch.setattr(ga.GroupBudget, "mutate",
+                        lambda self, g, rng: calls.append({"child": mutate(self, g, rng), "parent": g.copy()}) or
+                        calls[-1]["child"])
+    runs = _record_runs(monkeypatch)
+    result = refine.auto_schedule(model, tokens, fitness, config(generations=12, offspring=4, survivors=2,
+                                                                 fast_seconds=0.0), curves=mc)
+    run, = runs
     before, generations = _by_generation(calls)
     every = list(range(5))
     assert before[-1][0] == every  # the fast schedule on the pool
     parent_rows = before[-1][1]
     assert len(generations) == 12
     full_scorings = 0
-    for scores in generations:
+    for entries in generations:
+        children = [e["child"] for e in entries if isinstance(e, dict) and (e["child"] != e["parent"]).any()]
+        scores = [e for e in entries if not isinstance(e, dict)]
         screen = scores[0][0]
         offspring = [rows for windows, rows in scores if windows == screen]
         rest = scores[len(offspring):]
         assert len(screen) == 2 and all(windows != screen for windows, _ in rest)  # screens first, then full ones
-        better = sorted((r for r in offspring if _mean(r) < _mean(parent_rows[screen])), key=_mean)[:2]
+        assert len(children) == len(offspring)
+        better = sorted(((r, c) for r, c in zip(offspring, children) if _mean(r) < _mean(parent_rows[screen])),
+                        key=lambda p: _mean(p[0]))[:2]
         assert len(rest) == len(better)
-        for screened, (windows, rows) in zip(better, rest):
+        for (screened, child), (windows, rows) in zip(better, rest):
             assert sorted(windows + screen) == every
             whole = _whole(5, (screen, screened), (windows, rows))
+            fresh = run.net.kl(run.net.run(*refine._decode(child, run.n))[-1], every)  # one run on the whole pool
+            assert _mean(whole) == pytest.approx(fresh, rel=1e-5)
             if _mean(whole) < _mean(parent_rows):
                 parent_rows = whole
         full_scorings += len(rest)
     assert 0 < full_scorings < 2 * 12  # some generations skipped their full scorings
     assert result.generations == 12 and result.kl == _mean(parent_rows)
+    _assert_kept_states_are_one_runs(runs, result)
 
 
 def test_the_search_selects_on_fresh_windows_in_three_steps_and_accepts_on_the_whole_pool(setup, monkeypatch):
@@ -190,9 +223,7 @@ def test_the_search_selects_on_fresh_windows_in_three_steps_and_accepts_on_the_w
     model, tokens, _, mc, _ = setup
     pool = torch.randint(0, 101, (12, 16), generator=torch.Generator().manual_seed(7))
     calls = _record_kl_calls(monkeypatch)
-    runs = []
-    search = refine._AutoRun.refine
-    monkeypatch.setattr(refine._AutoRun, "refine", lambda self, rng: runs.append(self) or search(self, rng))
+    runs = _record_runs(monkeypatch)
     result = refine.auto_schedule(model, tokens, pool, config(generations=16, offspring=4, survivors=2,
                                                               fast_samples=3, check_samples=4, fast_seconds=0.0),
                                   curves=mc)
@@ -234,13 +265,7 @@ def test_the_search_selects_on_fresh_windows_in_three_steps_and_accepts_on_the_w
     assert result.kl == _mean(parent_rows) and result.which == "refined"
     assert [kl for _, _, kl in result.history] == sorted((kl for _, _, kl in result.history), reverse=True)
     assert _kl_by_hand(model, db, result.keep_heads, result.keep_ffn, pool) == pytest.approx(result.kl, rel=0.2)
-    # the kept states against one run of the final parent on the whole pool (fp32, other batchings: 1e-5)
-    run, = runs
-    fresh = run.net.run(*refine._decode(run.parent, run.n))
-    assert len(fresh) == len(run.parent_states)
-    for kept, made in zip(run.parent_states, fresh):
-        assert torch.allclose(kept, made, atol=1e-5, rtol=1e-5)
-    assert run.net.kl(fresh[-1], every) == pytest.approx(result.kl, rel=1e-5)
+    _assert_kept_states_are_one_runs(runs, result)
 
 
 def test_the_search_ends_at_its_seconds_and_a_snapshot_is_the_best_as_it_was_then(setup, monkeypatch):

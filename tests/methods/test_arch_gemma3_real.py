@@ -67,7 +67,9 @@ def test_prune_20_percent_export_reload_same_logits(gemma, tmp_path):
     model, tokenizer = gemma.model, gemma.tokenizer
     calib = calibration_tokens(tokenizer, "c4", nsamples=8, seqlen=128)
     assert bool((calib[:, 0] == tokenizer.bos_token_id).all())  # Gemma's calibration windows start with <bos>
-    report = prune_model(model, calib, PruneSettings(ratio=0.2, batch_size=4), model_name="gemma3-270m")
+    # no dense reference forward: this test reads no accumulated error
+    report = prune_model(model, calib, PruneSettings(ratio=0.2, batch_size=4, track_accumulation=False),
+                         model_name="gemma3-270m")
     assert 0.17 < report.achieved_layer_ratio < 0.23, report.achieved_layer_ratio
     shapes = describe_layers(model)
     assert set(shapes["layer_num_key_value_heads"]) == {1} and min(shapes["layer_num_attention_heads"]) < 4

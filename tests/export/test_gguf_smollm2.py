@@ -1,7 +1,11 @@
-"""SmolLM2 (the offline default, from its GGUF) pruned by SlimGPT, exported and run in llama.cpp: the fewest,
-slowest GGUF checks. The tokenizer is copied from the source GGUF."""
+"""SmolLM2 (the offline default, from its GGUF) pruned by SlimGPT through the command line (its perplexity summary
+checked), exported and run in llama.cpp: the fewest, slowest GGUF checks. The tokenizer is copied from the source
+GGUF."""
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import math
 
 import numpy as np
@@ -24,8 +28,17 @@ def smollm2_mixed(tmp_path_factory):
     widths that differ by layer and are not multiples of 32, OBS-compensated, so its perplexity is a model's (sliced
     without compensation it is in the thousands, where q8_0's rounding moves it by more than 2%)."""
     run = tmp_path_factory.mktemp("smollm2") / "run"
-    assert main(["prune", "--model", "default", "--ratio", "0.2", "--calib", "c4", "--nsamples", "4", "--seqlen",
-                 "128", "--align", "1", "--out", str(run), "--quiet"]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["prune", "--model", "default", "--ratio", "0.2", "--calib", "c4", "--nsamples", "4", "--seqlen",
+                     "128", "--align", "1", "--ppl", "wikitext2", "--ppl-seqlen", "128", "--ppl-windows", "4",
+                     "--out", str(run), "--quiet"]) == 0
+    # the offline default model (GQA, 30 layers, from its GGUF) through the command line, short calibration
+    summary = json.loads(printed.getvalue().strip().splitlines()[-1])
+    assert 20 < summary["dense_ppl"] < 200 and summary["dense_ppl"] < summary["pruned_ppl"] < 5000
+    assert 0.15 < summary["achieved_ratio"] < 0.25
+    config = json.loads((run / "config.json").read_text())
+    assert len(config["layer_num_attention_heads"]) == 30
     loaded = load_model(str(run), "cpu", "float32")
     shapes = layer_shapes(loaded.model)
     assert len(set(shapes)) > 1 and all(heads % 3 == 0 and heads == 3 * kv for heads, kv, _ in shapes)

@@ -438,11 +438,10 @@ def auto_schedule(model, tokens: torch.Tensor, fitness: torch.Tensor, config: Au
 def _assemble(parts: list[tuple[list[int], list[torch.Tensor], torch.Tensor]], size: int):
     """One run's hidden states and KL rows on the whole pool from its runs on disjoint sets of windows that cover
     it."""
-    layers = len(parts[0][1])
     states = []
-    for layer in range(layers):
-        first = parts[0][1][layer]
-        whole = first.new_empty((size, *first.shape[1:]))
+    for layer in range(len(parts[0][1])):
+        like = parts[0][1][layer]  # (windows, tokens, hidden) of one part
+        whole = like.new_empty((size, *like.shape[1:]))
         for windows, part_states, _ in parts:
             whole[windows] = part_states[layer]
         states.append(whole)

@@ -12,6 +12,8 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from playwright.sync_api import expect
+
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("SLIMGPT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -85,6 +87,14 @@ def wait_idle(page, timeout: float = 120) -> None:
     """Wait until Streamlit finished the current script run."""
     page.wait_for_timeout(400)
     page.wait_for_selector("[data-testid='stStatusWidget']", state="detached", timeout=timeout * 1000)
+
+
+def assert_shows(page, values: dict[str, str], timeout: float = 30) -> None:
+    """Each labelled input shows its value. A widget whose value the server set is first painted with its default
+    and takes the set value a moment later, so reading the input once can see the default; this retries until
+    `timeout` seconds and then fails with what the input holds."""
+    for label, value in values.items():
+        expect(page.get_by_label(label, exact=True)).to_have_value(str(value), timeout=timeout * 1000)
 
 
 def go(page, title: str) -> None:

@@ -7,15 +7,14 @@ import subprocess
 import sys
 import zipfile
 
-from tests.browser import (ROOT, browser_page, go, load_default_model, open_calibration, set_number, start_pruning,
-                     studio_server, wait_idle, wait_pruned)
+from tests.browser import (ROOT, assert_shows, browser_page, go, load_default_model, open_calibration, set_number,
+                           start_pruning, studio_server, wait_idle, wait_pruned)
 
 
-def calibration_on_screen(page) -> tuple[str, str]:
+def calibration_shows(page, nsamples: int, seqlen: int) -> None:
     """Samples and sequence length as the Prune page shows them."""
     open_calibration(page)
-    return (page.get_by_label("Samples", exact=True).input_value(),
-            page.get_by_label("Sequence length", exact=True).input_value())
+    assert_shows(page, {"Samples": nsamples, "Sequence length": seqlen})
 
 
 def test_studio_end_to_end_in_chromium(tmp_path):
@@ -27,7 +26,7 @@ def test_studio_end_to_end_in_chromium(tmp_path):
         # a reload mid-run re-attaches to the server's job: progress, live charts and Cancel come back
         page.reload()
         page.get_by_role("button", name="Cancel").wait_for(timeout=120_000)
-        assert calibration_on_screen(page) == ("8", "64")  # the settings the running job used
+        calibration_shows(page, 8, 64)  # the settings the running job used
         page.locator("[data-testid='stPlotlyChart']").filter(has_text="Accumulated error").first.wait_for(
             timeout=300_000)
         wait_pruned(page)
@@ -57,7 +56,7 @@ def test_studio_end_to_end_in_chromium(tmp_path):
         page.get_by_text(f"perplexity {ppl['ppl']:.2f} (wikitext2, 2 windows × 128)").wait_for()
         assert run.name in page.locator("[data-testid='stMain']").inner_text()
         go(page, "Prune")  # the settings the last job used, after a restart
-        assert calibration_on_screen(page) == ("8", "64")
+        calibration_shows(page, 8, 64)
         go(page, "Export")
         page.get_by_role("button", name="Export", exact=True).click()
         download_button = page.get_by_role("button", name="Download")

@@ -29,8 +29,8 @@ from streamlit.runtime.forward_msg_queue import ForwardMsgQueue
 from streamlit.testing.v1 import AppTest
 
 from tests import ROOT
-from tests.browser import (browser_page, go, load_stories260k, open_calibration, set_number, studio_process,
-                           studio_server, wait_idle)
+from tests.browser import (assert_shows, browser_page, go, load_stories260k, open_calibration, set_number,
+                           studio_process, studio_server, wait_idle)
 from tests.studio.test_app import edit_schedule, editor_data, schedule_table
 from ui.prune_form import PRESETS, load_form, save_form
 
@@ -147,8 +147,8 @@ class OneEditLate:
 CALIBRATION = ("Samples", "Sequence length", "Seed")
 
 
-def calibration_on_screen(page) -> list[str]:
-    return [page.get_by_label(label, exact=True).input_value() for label in CALIBRATION]
+def calibration_shows(page, values: list) -> None:
+    assert_shows(page, dict(zip(CALIBRATION, values, strict=True)))
 
 
 def stored_calibration(runs: Path) -> list[str]:
@@ -285,7 +285,7 @@ def test_fields_typed_in_quick_succession_all_keep_the_value_typed(tmp_path):
         load_stories260k(page)
         go(page, "Prune")
         open_calibration(page)
-        assert calibration_on_screen(page) == ["32", "256", "0"]  # the form's defaults
+        calibration_shows(page, [32, 256, 0])  # the form's defaults
 
         late.armed = True
         set_number_now(page, "Samples", 8)
@@ -304,8 +304,8 @@ def test_fields_typed_in_quick_succession_all_keep_the_value_typed(tmp_path):
         wait_idle(page)
         assert stored_calibration(runs) == ["8", "64", "5"], caption.inner_text()
         assert " 8 × 64 tokens, seed 5," in caption.inner_text()
-        assert calibration_on_screen(page) == ["8", "64", "5"]
+        calibration_shows(page, [8, 64, 5])
         page.reload()
         open_calibration(page)
         wait_idle(page)
-        assert calibration_on_screen(page) == ["8", "64", "5"]
+        calibration_shows(page, [8, 64, 5])

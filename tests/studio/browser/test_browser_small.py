@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser import ROOT, browser_page, go, load_stories260k, set_number, studio_process, wait_idle
+from tests.browser import ROOT, assert_shows, browser_page, go, load_stories260k, set_number, studio_process, wait_idle
 
 TITLES = re.findall(r'st\.Page\("[^"]+", title="([^"]+)"', (ROOT / "app.py").read_text())  # in app.py's order
 STOP_BOUND_S = 10.0  # the bound the issue asks for (a plain Streamlit app stops in under 8 s)
@@ -137,4 +137,4 @@ def test_saving_a_label_keeps_that_run_chosen_in_the_browser(tmp_path, monkeypat
         wait_idle(page)
         chosen = page.locator("[data-testid='stCaptionContainer']").filter(has_text="stored measurement").text_content()
         assert chosen.startswith(f"baseline for the paper ({older.name}) · "), chosen  # the chosen run's facts
-        assert page.get_by_label("Label", exact=True).input_value() == "baseline for the paper"
+        assert_shows(page, {"Label": "baseline for the paper"})

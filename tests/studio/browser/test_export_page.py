@@ -3,7 +3,7 @@ its newer "twin", which the page preselects): the folder follows the chosen run 
 with the twin), and the folder, zip, downloaded file and model card of an export all name the run chosen."""
 import zipfile
 
-from tests.browser import browser_page, go, studio_server, wait_idle
+from tests.browser import assert_shows, browser_page, go, studio_server, wait_idle
 
 from slimgpt_core.data import calibration_tokens
 from slimgpt_core.workspace.exports import EXPORTS
@@ -37,6 +37,10 @@ def _folder(page):
     return page.get_by_label("Folder", exact=True)
 
 
+def _folder_shows(page, folder) -> None:
+    assert_shows(page, {"Folder": str(folder)})
+
+
 def test_export_follows_the_chosen_run_in_chromium(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
@@ -47,14 +51,14 @@ def test_export_follows_the_chosen_run_in_chromium(tmp_path, monkeypatch):
         page.goto(url)
         go(page, "Export")
         # the newest run (the twin) is preselected, with its default folder inside the workspace
-        assert _folder(page).input_value() == str(exports / twin.name)
+        _folder_shows(page, exports / twin.name)
         assert f"Exports {twin.title}" in page.locator("[data-testid='stMain']").inner_text()
         # a folder typed for the twin stays with the twin: switching runs shows the other run's own folder
         _folder(page).fill(str(tmp_path / "twin-export"))
         _folder(page).press("Enter")
         wait_idle(page)
         _choose_run(page, sequential.title)
-        assert _folder(page).input_value() == str(exports / sequential.name)
+        _folder_shows(page, exports / sequential.name)
         assert f"Exports {sequential.title}" in page.locator("[data-testid='stMain']").inner_text()
         page.get_by_role("button", name="Export", exact=True).click()
         download = page.get_by_role("button", name=f"Download {sequential.name}.zip")
@@ -71,7 +75,7 @@ def test_export_follows_the_chosen_run_in_chromium(tmp_path, monkeypatch):
         info.value.save_as(path)
         # back to the twin: its typed folder again, and the sequential run's export is not shown as the twin's
         _choose_run(page, twin.title)
-        assert _folder(page).input_value() == str(tmp_path / "twin-export")
+        _folder_shows(page, tmp_path / "twin-export")
         # the rerun ends with the sequential run's result gone (stale elements stay until the run ends)
         page.get_by_text(f"The latest export is of {sequential.title}").wait_for(timeout=60_000)
         page.get_by_text(f"Model card of {sequential.title}").wait_for(state="detached", timeout=60_000)

@@ -8,6 +8,8 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -137,21 +139,24 @@ def gguf_to_folder(gguf: Path) -> Path:
         import gguf as gguf_lib
     except ImportError:
         raise SlimGPTError("loading .gguf files needs the `gguf` package: pip install gguf") from None
-    _check_gguf_architecture(gguf_lib, gguf)
 
     folder, name = str(gguf.parent), gguf.name
-    try:
-        quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except Exception as exc:  # gguf readers raise many kinds
-        raise SlimGPTError(f"cannot read GGUF file {gguf}: {exc}") from None
+    with _one_gguf_parse(gguf_lib, gguf) as reader:
+        _check_gguf_architecture(reader, gguf)
+        try:
+            quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        except Exception as exc:  # gguf readers raise many kinds
+            raise SlimGPTError(f"cannot read GGUF file {gguf}: {exc}") from None
     config = quantised.config
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
     _check_architecture(config, str(gguf))
-    # GGUF-loaded models refuse save_pretrained: rebuild a plain model and move the weights over
-    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.to_dict()), dtype=torch.float32)
-    plain.load_state_dict(quantised.state_dict())
+    # GGUF-loaded models refuse save_pretrained: a plain model (built without initialising weights it is about to
+    # be given) takes over the dequantised tensors
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.to_dict()), dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict(), assign=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
@@ -165,14 +170,44 @@ def gguf_to_folder(gguf: Path) -> Path:
     return target
 
 
+_GGUF_PARSE_LOCK = threading.Lock()
+
+
+@contextmanager
+def _one_gguf_parse(gguf_lib, path: Path):
+    """Within the block, every `gguf.GGUFReader` of `path` is one shared parse (yielded).
+
+    transformers opens a new reader for the config, for the weights and for the tokenizer's config, and each walks
+    every vocabulary entry one numpy view at a time: ~15 s apiece for Gemma 3's 262k tokens on one core. Readers
+    are read-only here, so one parse serves all; other files (and other modes) get the library's own reader. The
+    lock keeps two conversions from swapping the name back and forth under each other."""
+    with _GGUF_PARSE_LOCK:
+        library_reader = gguf_lib.GGUFReader
+        try:
+            parsed = library_reader(str(path))
+        except Exception as exc:  # a truncated or foreign file: gguf raises many kinds
+            raise SlimGPTError(f"cannot read GGUF file {path}: {exc}") from None
+        here = os.path.realpath(path)
+
+        def reader(file, mode="r"):
+            if mode == "r" and os.path.realpath(file) == here:
+                return parsed
+            return library_reader(file, mode)
+
+        gguf_lib.GGUFReader = reader
+        try:
+            yield parsed
+        finally:
+            gguf_lib.GGUFReader = library_reader
+
+
 # llama.cpp's names of the architectures the engine prunes (gemma3: the text model)
 GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 
 
-def _check_gguf_architecture(gguf_lib, path: Path) -> None:
-    """The file's architecture from its header, before the weights are dequantised."""
+def _check_gguf_architecture(reader, path: Path) -> None:
+    """The file's architecture from its header (a parsed `gguf.GGUFReader`), before the weights are dequantised."""
     try:
-        reader = gguf_lib.GGUFReader(str(path))
         field = reader.fields["general.architecture"]
         arch = bytes(field.parts[field.data[0]]).decode()
         experts = reader.fields.get(f"{arch}.expert_count")

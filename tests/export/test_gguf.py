@@ -174,6 +174,32 @@ def test_qwen2_biases_follow_their_rows(tmp_path, mixed):
     assert np.abs(got - expected).max() <= LOGIT_TOLERANCE * np.abs(expected).max()
 
 
+def test_a_gguf_loads_back_with_the_same_weights_and_one_parse(stories, tmp_path, monkeypatch):
+    """An f32 GGUF of stories260k (llama layout) loads back through the cached conversion with every weight as it
+    was written, and the file's metadata is parsed once for the architecture check, the config, the weights and the
+    tokenizer (transformers opens a reader for each); the library's reader is in place again afterwards."""
+    path = export_gguf(stories["uniform"], tmp_path / "m.gguf", "f32").path
+    monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
+    opened = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, file, mode="r"):
+            opened.append(str(file))
+            super().__init__(file, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    loaded = load_model(str(path), "cpu", "float32")
+    assert opened == [str(path)]
+    assert gguf.GGUFReader is CountingReader
+    expected = stories["uniform"].model.state_dict()
+    got = loaded.model.state_dict()
+    assert sorted(got) == sorted(expected)
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+    ids = stories["uniform"].tokenizer(PROMPT)["input_ids"]
+    assert loaded.tokenizer(PROMPT)["input_ids"] == ids
+    assert np.array_equal(torch_logits(loaded.model, ids), torch_logits(stories["uniform"].model, ids))
+
+
 # ---------------------------------------------------------------- bad input: one sentence, nothing written
 
 def test_unsupported_architecture_is_one_sentence(tmp_path):

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 
 from tests.browser import ROOT, assert_shows, browser_page, go, load_stories260k, set_number, studio_process, wait_idle
 
@@ -128,13 +129,16 @@ def test_saving_a_label_keeps_that_run_chosen_in_the_browser(tmp_path, monkeypat
         picker = page.locator("[data-testid='stSelectbox']").filter(has_text="Run")
         picker.click()
         page.get_by_role("option", name=older.title).click()
+        # the page drawn for the older run (on a busy server its rerun comes late, and a label typed before it
+        # would go into the newer run's form)
+        chosen = page.locator("[data-testid='stCaptionContainer']").filter(has_text="stored measurement")
+        expect(chosen).to_have_text(re.compile("^" + re.escape(f"{older.title} · ")), timeout=60_000)
         wait_idle(page)
         page.wait_for_function("document.querySelectorAll(\"input[aria-label='Label']\").length === 1")
         page.get_by_label("Label", exact=True).fill("baseline for the paper")
         page.get_by_role("button", name="Save label and notes").click()
         wait_idle(page)
-        page.wait_for_timeout(1000)
-        wait_idle(page)
-        chosen = page.locator("[data-testid='stCaptionContainer']").filter(has_text="stored measurement").text_content()
-        assert chosen.startswith(f"baseline for the paper ({older.name}) · "), chosen  # the chosen run's facts
+        # the chosen run's facts under its new title
+        expect(chosen).to_have_text(re.compile("^" + re.escape(f"baseline for the paper ({older.name}) · ")),
+                                    timeout=60_000)
         assert_shows(page, {"Label": "baseline for the paper"})

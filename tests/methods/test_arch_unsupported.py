@@ -81,6 +81,24 @@ def test_a_gguf_header_the_engine_cannot_prune(tmp_path, monkeypatch, arch, expe
     assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
 
 
+
+@pytest.mark.parametrize("damage", ["not a gguf", "truncated header"])
+def test_a_gguf_file_that_cannot_be_read_is_one_sentence(tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("SLIMGPT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "x.gguf"
+    if damage == "not a gguf":
+        path.write_bytes(b"PK\x03\x04" + bytes(200))
+    else:
+        whole = _gguf_header_only(tmp_path / "whole.gguf", "llama").read_bytes()
+        path.write_bytes(whole[:len(whole) // 2])
+    library_reader = gguf.GGUFReader
+    with pytest.raises(SlimGPTError) as err:
+        load_model(str(path))
+    text = str(err.value)
+    assert text.startswith(f"cannot read GGUF file {path}: ") and "\n" not in text
+    assert gguf.GGUFReader is library_reader
+    assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
+
 def test_expert_layers_in_a_supported_model_are_refused():
     from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock

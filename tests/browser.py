@@ -89,7 +89,7 @@ def wait_idle(page, timeout: float = 120) -> None:
     page.wait_for_selector("[data-testid='stStatusWidget']", state="detached", timeout=timeout * 1000)
 
 
-def assert_shows(page, values: dict[str, str], timeout: float = 30) -> None:
+def assert_shows(page, values: dict[str, object], timeout: float = 30) -> None:
     """Each labelled input shows its value. A widget whose value the server set is first painted with its default
     and takes the set value a moment later, so reading the input once can see the default; this retries until
     `timeout` seconds and then fails with what the input holds."""

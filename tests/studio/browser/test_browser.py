@@ -12,7 +12,7 @@ from tests.browser import (ROOT, assert_shows, browser_page, go, load_default_mo
 
 
 def calibration_shows(page, nsamples: int, seqlen: int) -> None:
-    """Samples and sequence length as the Prune page shows them."""
+    """The Prune page shows these samples and sequence length."""
     open_calibration(page)
     assert_shows(page, {"Samples": nsamples, "Sequence length": seqlen})
 

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -25,16 +26,16 @@ import torch  # noqa: E402
 
 from slimgpt_core import models  # noqa: E402
 from slimgpt_core.base import assets  # noqa: E402
-from slimgpt_core.base.errors import SlimGPTError  # noqa: E402
 
 
 @contextlib.contextmanager
 def _separate_parses(gguf_lib, path):
     """The architecture check's own reader; transformers' readers are left to parse the file again each."""
     try:
-        yield gguf_lib.GGUFReader(str(path))
+        reader = gguf_lib.GGUFReader(str(path))
     except Exception as exc:  # as the product reports an unreadable file
-        raise SlimGPTError(f"cannot read GGUF file {path}: {exc}") from None
+        raise models.unreadable_gguf(path, exc) from None
+    yield reader
 
 
 def _gguf(name: str) -> Path:
@@ -42,29 +43,12 @@ def _gguf(name: str) -> Path:
 
 
 def _convert(path: Path, way: str, cache: Path) -> tuple[float, Path]:
-    shared = models._one_gguf_parse
-    if way == "separate":
-        models._one_gguf_parse = _separate_parses
-    try:
-        with _cache_at(cache):
-            start = time.perf_counter()
-            folder = models.gguf_to_folder(path)
-            return time.perf_counter() - start, folder
-    finally:
-        models._one_gguf_parse = shared
-
-
-@contextlib.contextmanager
-def _cache_at(folder: Path):
-    before = os.environ.get("SLIMGPT_CACHE")
-    os.environ["SLIMGPT_CACHE"] = str(folder)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("SLIMGPT_CACHE")
-        else:
-            os.environ["SLIMGPT_CACHE"] = before
+    parses = _separate_parses if way == "separate" else models._one_gguf_parse
+    with mock.patch.dict(os.environ, {"SLIMGPT_CACHE": str(cache)}), \
+            mock.patch.object(models, "_one_gguf_parse", parses):
+        start = time.perf_counter()
+        folder = models.gguf_to_folder(path)
+        return time.perf_counter() - start, folder
 
 
 def _same_folders(a: Path, b: Path) -> bool:

@@ -147,7 +147,7 @@ def gguf_to_folder(gguf: Path) -> Path:
             quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         except Exception as exc:  # gguf readers raise many kinds
-            raise SlimGPTError(f"cannot read GGUF file {gguf}: {exc}") from None
+            raise unreadable_gguf(gguf, exc) from None
     config = quantised.config
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
@@ -170,6 +170,10 @@ def gguf_to_folder(gguf: Path) -> Path:
     return target
 
 
+def unreadable_gguf(path: Path, exc: Exception) -> SlimGPTError:
+    return SlimGPTError(f"cannot read GGUF file {path}: {exc}")
+
+
 _GGUF_PARSE_LOCK = threading.Lock()
 
 
@@ -186,7 +190,7 @@ def _one_gguf_parse(gguf_lib, path: Path):
         try:
             parsed = library_reader(str(path))
         except Exception as exc:  # a truncated or foreign file: gguf raises many kinds
-            raise SlimGPTError(f"cannot read GGUF file {path}: {exc}") from None
+            raise unreadable_gguf(path, exc) from None
         here = os.path.realpath(path)
 
         def reader(file, mode="r"):
@@ -213,7 +217,7 @@ def _check_gguf_architecture(reader, path: Path) -> None:
         experts = reader.fields.get(f"{arch}.expert_count")
         n_experts = int(experts.parts[experts.data[0]][0]) if experts is not None else 0
     except Exception as exc:  # a truncated or foreign file: gguf raises many kinds
-        raise SlimGPTError(f"cannot read GGUF file {path}: {exc}") from None
+        raise unreadable_gguf(path, exc) from None
     supported = ", ".join(GGUF_ARCHITECTURES)
     if n_experts or "moe" in arch:
         raise SlimGPTError(f"{path.name} ({arch}) has mixture-of-experts FFN layers, which the engine cannot prune: "

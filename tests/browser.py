@@ -12,7 +12,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from playwright.sync_api import expect
+from playwright.sync_api import expect, sync_playwright
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("SLIMGPT_CHROMIUM", "/usr/bin/chromium")
@@ -70,8 +70,6 @@ def studio_server(env: dict | None = None, script: Path = ROOT / "app.py"):
 
 @contextmanager
 def browser_page(width: int = 1440, height: int = 900):
-    from playwright.sync_api import sync_playwright
-
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
